@@ -1,0 +1,34 @@
+# kache: one entry point for building and testing.
+#   make run    - start a local kache-node on 127.0.0.1:11211 (no cluster needed)
+#   make test   - install missing test dependencies, then fmt check, clippy, and every test
+
+CARGO ?= cargo
+PYTHON ?= /usr/bin/python3
+
+.PHONY: test deps fmt-check clippy cargo-test python-test run build bench
+
+test: deps fmt-check clippy cargo-test python-test
+
+deps:
+	./scripts/install-test-deps.sh
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+build:
+	$(CARGO) build --release -p kache-node
+
+cargo-test: build
+	KACHE_NODE_BIN=$(CURDIR)/target/release/kache-node $(CARGO) test --workspace --release
+
+python-test: build
+	KACHE_NODE_BIN=$(CURDIR)/target/release/kache-node $(PYTHON) -m pytest -q tests/python
+
+run:
+	$(CARGO) run --release -p kache-node -- -l 127.0.0.1 -p 11211
+
+bench: build
+	$(PYTHON) bench/compare.py

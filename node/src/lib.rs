@@ -1,0 +1,1 @@
+//! kache-node library.

@@ -1,0 +1,1 @@
+//! kache-operator: reconciles CacheCluster resources (see issue: operator).

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs the third-party programs the test suite talks to, only when they are missing.
+# Idempotent: a second run does nothing.
+set -euo pipefail
+
+need=()
+command -v memcached  >/dev/null 2>&1 || need+=(memcached)
+command -v memccapable >/dev/null 2>&1 || need+=(libmemcached-tools)
+command -v nutcracker >/dev/null 2>&1 || [ -x /usr/sbin/nutcracker ] || need+=(nutcracker)
+/usr/bin/python3 -c 'import pymemcache' >/dev/null 2>&1 || need+=(python3-pymemcache)
+/usr/bin/python3 -c 'import pylibmc'    >/dev/null 2>&1 || need+=(python3-pylibmc)
+/usr/bin/python3 -c 'import pytest'     >/dev/null 2>&1 || need+=(python3-pytest)
+
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing test dependencies: ${need[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# The distribution's memcached service is not wanted: tests start their own on free ports.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet memcached 2>/dev/null; then
+  systemctl stop memcached || true
+fi
+echo "test dependencies present"
