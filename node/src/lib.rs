@@ -1,1 +1,12 @@
-//! kache-node library.
+//! kache-node: a memcached-compatible cache node.
+//!
+//! - `protocol`: the text and meta protocols (pure parsing and reply composition).
+//! - `store`: the sharded in-memory item store.
+
+pub mod admin;
+pub mod config;
+pub mod engine;
+pub mod protocol;
+pub mod server;
+pub mod stats;
+pub mod store;

@@ -1,1 +1,158 @@
-fn main() {}
+//! `kache-node`: start-up and shutdown around the library.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use kache_node::admin::{self, Readiness};
+use kache_node::config::{Cli, ServeArgs};
+use kache_node::engine::{Engine, Settings};
+use kache_node::protocol::Limits;
+use kache_node::server;
+use kache_node::store::{Store, StoreConfig};
+
+fn main() -> ExitCode {
+    let args = Cli::parse().into_serve_args();
+    if let Err(message) = args.validate() {
+        eprintln!("kache-node: {message}");
+        return ExitCode::from(2);
+    }
+    init_logging(args.verbose);
+    let threads = args.threads.map_or_else(
+        || std::thread::available_parallelism().map_or(4, |n| n.get()),
+        |t| t as usize,
+    );
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(error) => {
+            eprintln!("kache-node: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args, threads)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("kache-node: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn bind(host: &str, port: u16) -> Result<TcpListener, String> {
+    let addr = format!("{host}:{port}");
+    let parsed: Result<SocketAddr, _> = addr.parse();
+    let result = match parsed {
+        Ok(sa) => TcpListener::bind(sa).await,
+        Err(_) => TcpListener::bind(addr.as_str()).await,
+    };
+    result.map_err(|e| format!("cannot listen on {addr}: {e}"))
+}
+
+async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
+    let listener = bind(&args.listen, args.port).await?;
+    let admin_listener = if args.admin_port != 0 {
+        Some(bind(&args.listen, args.admin_port).await?)
+    } else {
+        None
+    };
+    let store = Store::new(StoreConfig {
+        memory_limit: args.memory_limit_bytes(),
+        max_item_size: args.max_item_size,
+        max_shards: (threads * 16).next_power_of_two(),
+    });
+    let settings = Settings {
+        port: args.port,
+        listen: args.listen.clone(),
+        memory_limit: args.memory_limit_bytes(),
+        max_connections: args.conn_limit as usize,
+        threads,
+        max_item_size: args.max_item_size,
+    };
+    let engine = Arc::new(Engine::new(store, settings, u32::from(args.verbose)));
+    let limits = Limits {
+        max_item_size: args.max_item_size,
+        ..Limits::default()
+    };
+    let readiness = Arc::new(Readiness::default());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    if let Some(listener) = admin_listener {
+        tokio::spawn(admin::serve(
+            listener,
+            engine.clone(),
+            readiness.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
+    tokio::spawn(server::sweep_expired(engine.clone(), shutdown_rx.clone()));
+    {
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down: no new connections, finishing open ones");
+            readiness.set(false);
+            let _ = shutdown_tx.send(true);
+        });
+    }
+    tracing::info!(
+        port = args.port,
+        listen = %args.listen,
+        memory_mib = args.memory_limit_mb,
+        threads,
+        shards = engine.store.shard_count(),
+        "kache-node serving"
+    );
+    readiness.set(true);
+    server::serve(
+        listener,
+        engine,
+        limits,
+        args.conn_limit as usize,
+        shutdown_rx,
+        Duration::from_secs(args.shutdown_grace_secs),
+    )
+    .await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! Command line of `kache-node`, memcached-compatible where memcached has the flag.
+
+use clap::{Args, Parser, Subcommand};
+
+/// kache-node: a memcached-compatible cache node.
+#[derive(Debug, Parser)]
+#[command(name = "kache-node", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Options of `serve`, the default command.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the memcached protocol (the default).
+    Serve(ServeArgs),
+}
+
+impl Cli {
+    /// The serve options, whether given with or without the `serve` subcommand.
+    pub fn into_serve_args(self) -> ServeArgs {
+        match self.command {
+            Some(Command::Serve(args)) => args,
+            None => self.serve,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct ServeArgs {
+    /// TCP port to listen on.
+    #[arg(short = 'p', long = "port", default_value_t = 11211)]
+    pub port: u16,
+
+    /// Interface to listen on.
+    #[arg(short = 'l', long = "listen", default_value = "0.0.0.0")]
+    pub listen: String,
+
+    /// Item memory in megabytes (per-item overhead included).
+    #[arg(short = 'm', long = "memory-limit", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub memory_limit_mb: u64,
+
+    /// Maximum simultaneous client connections.
+    #[arg(short = 'c', long = "conn-limit", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub conn_limit: u64,
+
+    /// Worker threads (default: the number of CPUs).
+    #[arg(short = 't', long = "threads", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub threads: Option<u64>,
+
+    /// Largest item, with an optional k or m suffix (1k to 1g).
+    #[arg(short = 'I', long = "max-item-size", default_value = "1m", value_parser = parse_size)]
+    pub max_item_size: usize,
+
+    /// More logging; repeat for more.
+    #[arg(short = 'v', action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Port of the admin HTTP endpoint (/metrics, /healthz, /readyz); 0 disables it.
+    #[arg(long = "admin-port", default_value_t = 11280)]
+    pub admin_port: u16,
+
+    /// UDP port: kache serves TCP only, so only 0 (memcached's default) is accepted.
+    #[arg(short = 'U', long = "udp-port", default_value_t = 0, value_parser = parse_udp_port)]
+    pub udp_port: u16,
+
+    /// Seconds to let open connections finish after SIGTERM before exiting.
+    #[arg(long = "shutdown-grace", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+}
+
+/// Parses sizes like memcached's `-I`: bytes, or a number with a k/m/g suffix.
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&text[..i], c.to_ascii_lowercase()),
+        _ => (text, 'b'),
+    };
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}: expected a number with optional k, m or g"))?;
+    let bytes = match unit {
+        'b' => Some(n),
+        'k' => n.checked_mul(1024),
+        'm' => n.checked_mul(1024 * 1024),
+        'g' => n.checked_mul(1024 * 1024 * 1024),
+        _ => return Err(format!("invalid size unit in {text:?}: use k, m or g")),
+    }
+    .ok_or_else(|| format!("size {text:?} is too large"))?;
+    if !(1024..=1024 * 1024 * 1024).contains(&bytes) {
+        return Err(format!("item size {text:?} must be between 1k and 1g"));
+    }
+    Ok(bytes)
+}
+
+fn parse_udp_port(text: &str) -> Result<u16, String> {
+    match text.parse::<u16>() {
+        Ok(0) => Ok(0),
+        Ok(_) => Err("UDP is not supported by kache; use -U 0 (the default)".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl ServeArgs {
+    pub fn memory_limit_bytes(&self) -> usize {
+        usize::try_from(self.memory_limit_mb)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(1024 * 1024)
+    }
+
+    /// Checks combinations clap cannot: memcached refuses items larger than half the memory.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_item_size > self.memory_limit_bytes() / 2 {
+            return Err(format!(
+                "max item size ({} bytes) must be at most half the memory limit ({} MiB)",
+                self.max_item_size, self.memory_limit_mb
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_accept_memcached_suffixes() {
+        assert_eq!(parse_size("1m"), Ok(1024 * 1024));
+        assert_eq!(parse_size("512k"), Ok(512 * 1024));
+        assert_eq!(parse_size("2M"), Ok(2 * 1024 * 1024));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("1x").is_err());
+        assert!(parse_size("12").is_err());
+        assert!(parse_size("2g").is_err());
+    }
+
+    #[test]
+    fn serve_is_the_default_command() {
+        let cli = Cli::try_parse_from(["kache-node", "-p", "1234", "-m", "128", "-vv"]).unwrap();
+        let args = cli.into_serve_args();
+        assert_eq!(
+            (args.port, args.memory_limit_mb, args.verbose),
+            (1234, 128, 2)
+        );
+        let cli = Cli::try_parse_from(["kache-node", "serve", "-I", "2m"]).unwrap();
+        assert_eq!(cli.into_serve_args().max_item_size, 2 * 1024 * 1024);
+    }
+
+    #[test]
+    fn unknown_and_unsupported_flags_are_errors() {
+        assert!(Cli::try_parse_from(["kache-node", "-Z"]).is_err());
+        assert!(Cli::try_parse_from(["kache-node", "-U", "11211"]).is_err());
+        assert!(Cli::try_parse_from(["kache-node", "-U", "0"]).is_ok());
+    }
+}

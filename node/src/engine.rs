@@ -1,0 +1,922 @@
+//! Executes parsed requests against the store and composes memcached's replies.
+//!
+//! Every branch here mirrors what memcached 1.6 answers for the same request, including its
+//! corners (space-padded `decr` results, `noreply` silencing errors, meta flags echoed in
+//! request order); the differential tests hold it to that.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use bytes::{BufMut, BytesMut};
+
+use crate::protocol::{
+    meta_set_mode, numbers, reply, GetCommand, KeyList, MetaCommand, MetaRequest, Request,
+    StoreMode, StoreRequest,
+};
+use crate::stats::{Counters, Stats};
+use crate::store::{absolute_expiry, bits, Entry, Item, ItemMeta, Lookup, Store, StoreError};
+
+/// memcached protocol level kache speaks, reported by `version` so clients that parse it
+/// enable the features of that release.
+pub const PROTOCOL_VERSION: &str = "1.6.18";
+
+/// Settings reported by `stats settings`.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub port: u16,
+    pub listen: String,
+    pub memory_limit: usize,
+    pub max_connections: usize,
+    pub threads: usize,
+    pub max_item_size: usize,
+}
+
+/// What the connection does after a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    Continue,
+    /// Write what is buffered, then close (`quit`).
+    Close,
+}
+
+/// The request executor shared by all connections.
+pub struct Engine {
+    pub store: Store,
+    pub stats: Stats,
+    pub settings: Settings,
+    verbosity: AtomicU32,
+}
+
+/// Result of a storage operation, as memcached names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StoreResult {
+    Stored,
+    NotStored,
+    Exists,
+    NotFound,
+    NoMemory,
+}
+
+/// The outcome of `incr`/`decr` on an entry.
+enum Delta {
+    Value(u64),
+    NonNumeric,
+    NotFound,
+    CasMismatch,
+    NoMemory,
+}
+
+impl Engine {
+    pub fn new(store: Store, settings: Settings, verbosity: u32) -> Engine {
+        Engine {
+            store,
+            stats: Stats::default(),
+            settings,
+            verbosity: AtomicU32::new(verbosity),
+        }
+    }
+
+    /// Executes one request, appending its reply to `out`.
+    pub fn execute(
+        &self,
+        request: Request<'_>,
+        now: u32,
+        out: &mut BytesMut,
+        counters: &mut Counters,
+    ) -> Next {
+        let mark = out.len();
+        let mut silent = false;
+        match request {
+            Request::Get {
+                command,
+                exptime,
+                keys,
+            } => self.get(command, exptime, keys, now, out, counters),
+            Request::Store(req) => {
+                silent = req.noreply;
+                self.store_text(&req, now, out, counters);
+            }
+            Request::TooLarge {
+                key,
+                drop_existing,
+                noreply,
+            } => {
+                silent = noreply;
+                counters.store_too_large += 1;
+                if drop_existing {
+                    self.store.with_entry(&key, now, |e| e.remove());
+                }
+                reply::line(out, "SERVER_ERROR object too large for cache");
+            }
+            Request::Delete { key, noreply } => {
+                silent = noreply;
+                let found = self.store.with_entry(key, now, |e| e.remove().is_some());
+                if found {
+                    counters.delete_hits += 1;
+                    reply::line(out, "DELETED");
+                } else {
+                    counters.delete_misses += 1;
+                    reply::line(out, "NOT_FOUND");
+                }
+            }
+            Request::Arithmetic {
+                incr,
+                key,
+                delta,
+                noreply,
+            } => {
+                silent = noreply;
+                let result = self
+                    .store
+                    .with_entry(key, now, |e| apply_delta(e, incr, delta, None));
+                match result {
+                    Delta::Value(v) => {
+                        count_delta_hit(counters, incr);
+                        reply::number(out, v);
+                        out.put_slice(b"\r\n");
+                    }
+                    Delta::NonNumeric => reply::line(
+                        out,
+                        "CLIENT_ERROR cannot increment or decrement non-numeric value",
+                    ),
+                    Delta::NotFound | Delta::CasMismatch => {
+                        count_delta_miss(counters, incr);
+                        reply::line(out, "NOT_FOUND");
+                    }
+                    Delta::NoMemory => reply::line(out, "SERVER_ERROR out of memory"),
+                }
+            }
+            Request::Touch {
+                key,
+                exptime,
+                noreply,
+            } => {
+                silent = noreply;
+                let exptime = absolute_expiry(i64::from(exptime), now);
+                let found = self.store.with_entry(key, now, |e| {
+                    let found = e.item_mut().map(|it| it.set_exptime(exptime)).is_some();
+                    e.bump();
+                    found
+                });
+                counters.cmd_touch += 1;
+                if found {
+                    counters.touch_hits += 1;
+                    reply::line(out, "TOUCHED");
+                } else {
+                    counters.touch_misses += 1;
+                    reply::line(out, "NOT_FOUND");
+                }
+            }
+            Request::FlushAll { delay, noreply } => {
+                silent = noreply;
+                counters.cmd_flush += 1;
+                if delay > 0 {
+                    self.store
+                        .flush(Some(absolute_expiry(i64::from(delay), now)));
+                } else {
+                    self.store.flush(None);
+                }
+                reply::line(out, "OK");
+            }
+            Request::Version => {
+                out.put_slice(b"VERSION ");
+                out.put_slice(PROTOCOL_VERSION.as_bytes());
+                out.put_slice(b" kache-");
+                out.put_slice(env!("CARGO_PKG_VERSION").as_bytes());
+                out.put_slice(b"\r\n");
+            }
+            Request::Verbosity { level, noreply } => {
+                silent = noreply;
+                self.verbosity.store(level.min(2), Ordering::Relaxed);
+                reply::line(out, "OK");
+            }
+            Request::Quit => return Next::Close,
+            Request::Stats { sub, arg } => self.stats_command(sub, arg, now, out),
+            Request::ConfigGet { .. } => reply::line(out, "ERROR"),
+            Request::MetaNoop => reply::line(out, "MN"),
+            Request::Meta(req) => match req.command {
+                MetaCommand::Get => self.meta_get(&req, now, out, counters),
+                MetaCommand::Set => self.meta_set(&req, now, out, counters),
+                MetaCommand::Delete => self.meta_delete(&req, now, out, counters),
+                MetaCommand::Arithmetic => self.meta_arithmetic(&req, now, out, counters),
+            },
+            Request::MetaDebug { key } => {
+                counters.cmd_meta += 1;
+                self.meta_debug(&key, now, out);
+            }
+            Request::Error {
+                reply: text,
+                noreply,
+            } => {
+                silent = noreply;
+                reply::line(out, text);
+            }
+        }
+        if silent {
+            out.truncate(mark);
+        }
+        Next::Continue
+    }
+
+    pub fn verbosity(&self) -> u32 {
+        self.verbosity.load(Ordering::Relaxed)
+    }
+
+    fn get(
+        &self,
+        command: GetCommand,
+        exptime: i32,
+        keys: KeyList<'_>,
+        now: u32,
+        out: &mut BytesMut,
+        counters: &mut Counters,
+    ) {
+        let touch = command.touches();
+        let new_exptime = absolute_expiry(i64::from(exptime), now);
+        let with_cas = command.returns_cas();
+        for key in keys.iter() {
+            let lookup = self.store.with_entry(key, now, |e| {
+                if touch {
+                    if let Some(it) = e.item_mut() {
+                        it.set_exptime(new_exptime);
+                    }
+                }
+                e.bump();
+                if let Some(it) = e.item() {
+                    reply::value(
+                        out,
+                        key,
+                        it.client_flags(),
+                        it.value(),
+                        with_cas.then(|| it.cas()),
+                    );
+                }
+                e.lookup()
+            });
+            count_lookup(counters, lookup, touch);
+        }
+        out.put_slice(b"END\r\n");
+    }
+
+    fn store_text(
+        &self,
+        req: &StoreRequest<'_>,
+        now: u32,
+        out: &mut BytesMut,
+        counters: &mut Counters,
+    ) {
+        counters.cmd_set += 1;
+        let meta = ItemMeta {
+            client_flags: req.flags,
+            exptime: absolute_expiry(i64::from(req.exptime), now),
+            ..ItemMeta::default()
+        };
+        let (result, _) = self.store.with_entry(req.key, now, |e| {
+            store_item(e, req.mode, req.key, req.data, meta, req.cas, false)
+        });
+        count_store(counters, req.mode, result);
+        reply::line(
+            out,
+            match result {
+                StoreResult::Stored => "STORED",
+                StoreResult::NotStored => "NOT_STORED",
+                StoreResult::Exists => "EXISTS",
+                StoreResult::NotFound => "NOT_FOUND",
+                StoreResult::NoMemory => "SERVER_ERROR out of memory storing object",
+            },
+        );
+    }
+
+    fn meta_get(
+        &self,
+        req: &MetaRequest<'_>,
+        now: u32,
+        out: &mut BytesMut,
+        counters: &mut Counters,
+    ) {
+        let flags = &req.flags;
+        let key: &[u8] = &req.key;
+        let mut ttl_set = false;
+        let hit = self.store.with_entry(key, now, |e| {
+            let mut created = false;
+            if e.item().is_none() {
+                let Some(vivify) = flags.vivify else {
+                    return false;
+                };
+                let item = Item::new(
+                    key,
+                    &[],
+                    ItemMeta {
+                        exptime: absolute_expiry(i64::from(vivify), now),
+                        bits: if flags.base64_key {
+                            bits::KEY_BINARY
+                        } else {
+                            0
+                        },
+                        ..ItemMeta::default()
+                    },
+                );
+                if e.store(item).is_err() {
+                    return false;
+                }
+                created = true;
+            }
+            let next_now = e.now();
+            let Some(it) = e.item_mut() else {
+                return false;
+            };
+            let mut won = false;
+            if flags.value {
+                out.put_slice(b"VA ");
+                reply::number(out, it.value().len());
+            } else {
+                out.put_slice(b"HD");
+            }
+            for token in &flags.tokens {
+                match token.first() {
+                    Some(b'T') => {
+                        ttl_set = true;
+                        it.set_exptime(absolute_expiry(i64::from(flags.ttl.unwrap_or(0)), now));
+                    }
+                    Some(b'N') if created => won = true,
+                    Some(b'R') => {
+                        let recache = absolute_expiry(i64::from(flags.recache.unwrap_or(0)), now);
+                        if !it.has(bits::TOKEN_SENT)
+                            && !created
+                            && it.exptime() != 0
+                            && it.exptime() < recache
+                        {
+                            won = true;
+                        }
+                    }
+                    Some(b's') => reply::meta_number(out, b's', it.value().len()),
+                    Some(b't') => meta_ttl(out, it, next_now),
+                    Some(b'c') => reply::meta_number(out, b'c', it.cas()),
+                    Some(b'f') => reply::meta_number(out, b'f', it.client_flags()),
+                    Some(b'l') => reply::meta_number(out, b'l', next_now.saturating_sub(it.time())),
+                    Some(b'h') => {
+                        reply::meta_number(out, b'h', u8::from(it.has(bits::FETCHED)));
+                    }
+                    Some(b'O') => {
+                        out.put_u8(b' ');
+                        out.put_slice(token);
+                    }
+                    Some(b'k') => reply::meta_key(out, it.key(), it.has(bits::KEY_BINARY)),
+                    _ => {}
+                }
+            }
+            if it.has(bits::TOKEN_SENT) {
+                out.put_slice(b" Z");
+            }
+            if it.has(bits::STALE) {
+                out.put_slice(b" X");
+                if !it.has(bits::TOKEN_SENT) {
+                    won = true;
+                }
+            }
+            if won {
+                out.put_slice(b" W");
+                it.set_bits(bits::TOKEN_SENT);
+            }
+            out.put_slice(b"\r\n");
+            if flags.value {
+                out.put_slice(it.value());
+                out.put_slice(b"\r\n");
+            }
+            if !flags.no_update {
+                e.bump();
+            }
+            true
+        });
+        if ttl_set {
+            counters.cmd_touch += 1;
+            if hit {
+                counters.touch_hits += 1;
+            } else {
+                counters.touch_misses += 1;
+            }
+        } else {
+            counters.cmd_get += 1;
+            if hit {
+                counters.get_hits += 1;
+            } else {
+                counters.get_misses += 1;
+            }
+        }
+        if !hit && !flags.quiet {
+            out.put_slice(b"EN");
+            echo_opaque_and_key(out, req);
+            out.put_slice(b"\r\n");
+        }
+    }
+
+    fn meta_set(
+        &self,
+        req: &MetaRequest<'_>,
+        now: u32,
+        out: &mut BytesMut,
+        counters: &mut Counters,
+    ) {
+        let flags = &req.flags;
+        let mode = meta_set_mode(flags);
+        counters.cmd_set += 1;
+        let meta = ItemMeta {
+            client_flags: flags.client_flags,
+            exptime: absolute_expiry(i64::from(flags.ttl.unwrap_or(0)), now),
+            bits: if flags.base64_key {
+                bits::KEY_BINARY
+            } else {
+                0
+            },
+            ..ItemMeta::default()
+        };
+        let (result, cas) = self.store.with_entry(&req.key, now, |e| {
+            store_item(
+                e,
+                mode,
+                &req.key,
+                req.data,
+                meta,
+                flags.cas.unwrap_or(0),
+                flags.invalidate,
+            )
+        });
+        count_store(counters, mode, result);
+        if result == StoreResult::Stored && flags.quiet {
+            return;
+        }
+        out.put_slice(match result {
+            StoreResult::Stored => b"HD",
+            StoreResult::NotStored => b"NS",
+            StoreResult::Exists => b"EX",
+            StoreResult::NotFound => b"NF",
+            StoreResult::NoMemory => {
+                reply::line(out, "SERVER_ERROR out of memory storing object");
+                return;
+            }
+        });
+        for token in &flags.tokens {
+            match token.first() {
+                Some(b'O') => {
+                    out.put_u8(b' ');
+                    out.put_slice(token);
+                }
+                Some(b'k') => reply::meta_key(out, &req.key, flags.base64_key),
+                Some(b'c') => reply::meta_number(out, b'c', cas),
+                _ => {}
+            }
+        }
+        out.put_slice(b"\r\n");
+    }
+
+    fn meta_delete(
+        &self,
+        req: &MetaRequest<'_>,
+        now: u32,
+        out: &mut BytesMut,
+        counters: &mut Counters,
+    ) {
+        let flags = &req.flags;
+        let code: &[u8] = self.store.with_entry(&req.key, now, |e| {
+            let next_cas = e.next_cas();
+            let Some(it) = e.item_mut() else {
+                counters.delete_misses += 1;
+                return b"NF";
+            };
+            if flags.cas.is_some_and(|c| c != it.cas()) {
+                counters.delete_misses += 1;
+                return b"EX";
+            }
+            if flags.invalidate {
+                if let Some(ttl) = flags.ttl {
+                    it.set_exptime(absolute_expiry(i64::from(ttl), now));
+                }
+                it.set_bits(bits::STALE);
+                it.clear_bits(bits::TOKEN_SENT);
+                it.set_cas(next_cas);
+            } else {
+                counters.delete_hits += 1;
+                e.remove();
+            }
+            b"HD"
+        });
+        if code == b"HD" && flags.quiet {
+            return;
+        }
+        out.put_slice(code);
+        echo_opaque_and_key(out, req);
+        out.put_slice(b"\r\n");
+    }
+
+    fn meta_arithmetic(
+        &self,
+        req: &MetaRequest<'_>,
+        now: u32,
+        out: &mut BytesMut,
+        counters: &mut Counters,
+    ) {
+        let flags = &req.flags;
+        let incr = !matches!(flags.mode, Some(b'D' | b'-'));
+        let delta = flags.delta.unwrap_or(1);
+        let key: &[u8] = &req.key;
+        let mark = out.len();
+        let outcome = self.store.with_entry(key, now, |e| {
+            let mut created = false;
+            let value = match apply_delta(e, incr, delta, flags.cas) {
+                Delta::Value(v) => {
+                    count_delta_hit(counters, incr);
+                    v
+                }
+                Delta::NonNumeric => {
+                    return Err("CLIENT_ERROR cannot increment or decrement non-numeric value")
+                }
+                Delta::NoMemory => return Err("SERVER_ERROR out of memory"),
+                Delta::CasMismatch => return Ok(Some(&b"EX"[..])),
+                Delta::NotFound => {
+                    let Some(vivify) = flags.vivify else {
+                        count_delta_miss(counters, incr);
+                        return Ok(Some(&b"NF"[..]));
+                    };
+                    let mut digits = itoa::Buffer::new();
+                    let text = digits.format(flags.initial).as_bytes();
+                    let item = Item::new(key, &[text], ItemMeta::default());
+                    if e.store(item).is_err() {
+                        return Err("SERVER_ERROR Out of memory allocating new item");
+                    }
+                    let _ = vivify;
+                    created = true;
+                    flags.initial
+                }
+            };
+            let next_now = e.now();
+            let Some(it) = e.item_mut() else {
+                return Ok(Some(&b"NF"[..]));
+            };
+            let mut digits = itoa::Buffer::new();
+            let text = digits.format(value).as_bytes();
+            if flags.value {
+                out.put_slice(b"VA ");
+                reply::number(out, text.len());
+            } else {
+                out.put_slice(b"HD");
+            }
+            for token in &flags.tokens {
+                match token.first() {
+                    Some(b'c') => reply::meta_number(out, b'c', it.cas()),
+                    Some(b't') => meta_ttl(out, it, next_now),
+                    Some(b'T') => {
+                        it.set_exptime(absolute_expiry(i64::from(flags.ttl.unwrap_or(0)), now));
+                    }
+                    Some(b'N') if created => {
+                        it.set_exptime(absolute_expiry(i64::from(flags.vivify.unwrap_or(0)), now));
+                    }
+                    Some(b'O') => {
+                        out.put_u8(b' ');
+                        out.put_slice(token);
+                    }
+                    Some(b'k') => reply::meta_key(out, key, flags.base64_key),
+                    _ => {}
+                }
+            }
+            if flags.value {
+                out.put_slice(b"\r\n");
+                out.put_slice(text);
+            }
+            out.put_slice(b"\r\n");
+            Ok(None)
+        });
+        match outcome {
+            Err(error) => {
+                out.truncate(mark);
+                reply::line(out, error);
+            }
+            Ok(Some(code)) => {
+                out.put_slice(code);
+                echo_opaque_and_key(out, req);
+                out.put_slice(b"\r\n");
+            }
+            Ok(None) => {
+                if flags.quiet {
+                    out.truncate(mark);
+                }
+            }
+        }
+    }
+
+    fn meta_debug(&self, key: &[u8], now: u32, out: &mut BytesMut) {
+        self.store.with_entry(key, now, |e| {
+            let Some(it) = e.item() else {
+                reply::line(out, "EN");
+                return;
+            };
+            out.put_slice(b"ME ");
+            if it.has(bits::KEY_BINARY) {
+                use base64::Engine as _;
+                let encoded = base64::engine::general_purpose::STANDARD.encode(it.key());
+                out.put_slice(encoded.as_bytes());
+            } else {
+                out.put_slice(it.key());
+            }
+            // memcached 1.6 prints "exp" as now minus the expiry time; kept for parity.
+            let exp = if it.exptime() == 0 {
+                -1
+            } else {
+                i64::from(now) - i64::from(it.exptime())
+            };
+            let text = format!(
+                " exp={} la={} cas={} fetch={} cls=1 size={}\r\n",
+                exp,
+                now.saturating_sub(it.time()),
+                it.cas(),
+                if it.has(bits::FETCHED) { "yes" } else { "no" },
+                it.charge(),
+            );
+            out.put_slice(text.as_bytes());
+        });
+    }
+
+    fn stats_command(&self, sub: &[u8], arg: &[u8], now: u32, out: &mut BytesMut) {
+        match sub {
+            b"" => self.general_stats(now, out),
+            b"reset" => {
+                self.stats.reset();
+                reply::line(out, "RESET");
+                return;
+            }
+            b"settings" => self.settings_stats(out),
+            b"items" => self.item_stats(out),
+            b"slabs" => self.slab_stats(out),
+            b"sizes" => {}
+            b"conns" => {}
+            b"detail" => {
+                let reply = match arg {
+                    b"on" | b"off" => "OK",
+                    _ => "CLIENT_ERROR usage: stats detail on|off|dump",
+                };
+                reply::line(out, reply);
+                return;
+            }
+            b"cachedump" => {
+                reply::line(out, "CLIENT_ERROR stats cachedump not allowed");
+                return;
+            }
+            _ => {
+                reply::line(out, "ERROR");
+                return;
+            }
+        }
+        out.put_slice(b"END\r\n");
+    }
+
+    fn general_stats(&self, now: u32, out: &mut BytesMut) {
+        let c = self.stats.snapshot();
+        let items = self.store.stats();
+        let s = &self.stats;
+        reply::stat(out, "pid", std::process::id());
+        reply::stat(out, "uptime", s.uptime_secs());
+        reply::stat(out, "time", now);
+        reply::stat(
+            out,
+            "version",
+            format_args!("{PROTOCOL_VERSION} kache-{}", env!("CARGO_PKG_VERSION")),
+        );
+        reply::stat(out, "pointer_size", usize::BITS);
+        reply::stat(out, "max_connections", self.settings.max_connections);
+        reply::stat(
+            out,
+            "curr_connections",
+            s.curr_connections.load(Ordering::Relaxed),
+        );
+        reply::stat(
+            out,
+            "total_connections",
+            s.total_connections.load(Ordering::Relaxed),
+        );
+        reply::stat(
+            out,
+            "rejected_connections",
+            s.rejected_connections.load(Ordering::Relaxed),
+        );
+        c.for_each(|name, _, value| reply::stat(out, name, value));
+        reply::stat(out, "limit_maxbytes", items.limit);
+        reply::stat(out, "threads", self.settings.threads);
+        reply::stat(out, "bytes", items.bytes);
+        reply::stat(out, "curr_items", items.curr_items);
+        reply::stat(out, "total_items", items.total_items);
+        reply::stat(out, "expired_unfetched", items.expired_unfetched);
+        reply::stat(out, "evicted_unfetched", items.evicted_unfetched);
+        reply::stat(out, "evictions", items.evictions);
+        reply::stat(out, "reclaimed", items.reclaimed);
+    }
+
+    fn settings_stats(&self, out: &mut BytesMut) {
+        let s = &self.settings;
+        reply::stat(out, "maxbytes", s.memory_limit);
+        reply::stat(out, "maxconns", s.max_connections);
+        reply::stat(out, "tcpport", s.port);
+        reply::stat(out, "udpport", 0);
+        reply::stat(out, "inter", &s.listen);
+        reply::stat(out, "verbosity", self.verbosity());
+        reply::stat(out, "evictions", "on");
+        reply::stat(out, "num_threads", s.threads);
+        reply::stat(out, "cas_enabled", "yes");
+        reply::stat(out, "item_size_max", s.max_item_size);
+        reply::stat(out, "flush_enabled", "yes");
+        reply::stat(out, "shards", self.store.shard_count());
+    }
+
+    fn item_stats(&self, out: &mut BytesMut) {
+        let items = self.store.stats();
+        if items.curr_items == 0 {
+            return;
+        }
+        reply::stat(out, "items:1:number", items.curr_items);
+        reply::stat(out, "items:1:evicted", items.evictions);
+        reply::stat(out, "items:1:evicted_unfetched", items.evicted_unfetched);
+        reply::stat(out, "items:1:reclaimed", items.reclaimed);
+        reply::stat(out, "items:1:expired_unfetched", items.expired_unfetched);
+    }
+
+    fn slab_stats(&self, out: &mut BytesMut) {
+        let items = self.store.stats();
+        reply::stat(out, "active_slabs", u8::from(items.curr_items > 0));
+        reply::stat(out, "total_malloced", items.bytes);
+    }
+}
+
+/// `t` flag: remaining TTL in seconds, -1 for none.
+fn meta_ttl(out: &mut BytesMut, item: &Item, now: u32) {
+    if item.exptime() == 0 {
+        out.put_slice(b" t-1");
+    } else {
+        reply::meta_number(out, b't', item.exptime().saturating_sub(now));
+    }
+}
+
+/// Echoes the `O` and `k` flags of a meta request that did not find an item.
+fn echo_opaque_and_key(out: &mut BytesMut, req: &MetaRequest<'_>) {
+    for token in &req.flags.tokens {
+        match token.first() {
+            Some(b'O') => {
+                out.put_u8(b' ');
+                out.put_slice(token);
+            }
+            Some(b'k') => reply::meta_key(out, &req.key, req.flags.base64_key),
+            _ => {}
+        }
+    }
+}
+
+fn count_lookup(counters: &mut Counters, lookup: Lookup, touch: bool) {
+    if touch {
+        counters.cmd_touch += 1;
+        if lookup == Lookup::Hit {
+            counters.touch_hits += 1;
+        } else {
+            counters.touch_misses += 1;
+        }
+        return;
+    }
+    counters.cmd_get += 1;
+    match lookup {
+        Lookup::Hit => counters.get_hits += 1,
+        Lookup::Miss => counters.get_misses += 1,
+        Lookup::Expired => {
+            counters.get_misses += 1;
+            counters.get_expired += 1;
+        }
+        Lookup::Flushed => {
+            counters.get_misses += 1;
+            counters.get_flushed += 1;
+        }
+    }
+}
+
+fn count_store(counters: &mut Counters, mode: StoreMode, result: StoreResult) {
+    match (mode, result) {
+        (StoreMode::Cas, StoreResult::Stored) => counters.cas_hits += 1,
+        (StoreMode::Cas, StoreResult::Exists) => counters.cas_badval += 1,
+        (StoreMode::Cas, StoreResult::NotFound) => counters.cas_misses += 1,
+        (_, StoreResult::NoMemory) => counters.store_no_memory += 1,
+        _ => {}
+    }
+}
+
+fn count_delta_hit(counters: &mut Counters, incr: bool) {
+    if incr {
+        counters.incr_hits += 1;
+    } else {
+        counters.decr_hits += 1;
+    }
+}
+
+fn count_delta_miss(counters: &mut Counters, incr: bool) {
+    if incr {
+        counters.incr_misses += 1;
+    } else {
+        counters.decr_misses += 1;
+    }
+}
+
+/// memcached's `do_store_item`: applies a storage command to an entry. Returns the outcome
+/// and the CAS of the stored item (0 when nothing was stored).
+fn store_item(
+    e: &mut Entry<'_>,
+    mode: StoreMode,
+    key: &[u8],
+    data: &[u8],
+    meta: ItemMeta,
+    req_cas: u64,
+    allow_stale: bool,
+) -> (StoreResult, u64) {
+    let mut meta = meta;
+    let existing = e.item().map(|it| (it.cas(), it.meta()));
+    let new_item = match (existing, mode) {
+        (None, StoreMode::Set | StoreMode::Add) => Item::new(key, &[data], meta),
+        (None, StoreMode::Cas) => return (StoreResult::NotFound, 0),
+        (None, _) => return (StoreResult::NotStored, 0),
+        (Some(_), StoreMode::Add) => {
+            e.bump();
+            return (StoreResult::NotStored, 0);
+        }
+        (Some(_), StoreMode::Set | StoreMode::Replace) => Item::new(key, &[data], meta),
+        (Some((cas, old)), StoreMode::Cas) => {
+            if req_cas == cas {
+                Item::new(key, &[data], meta)
+            } else if allow_stale && req_cas != 0 && req_cas < cas {
+                // Invalidation mode: accept an older CAS but mark the value stale, keeping
+                // the current TTL and any win token already handed out.
+                meta.exptime = old.exptime;
+                meta.bits |= bits::STALE | (old.bits & bits::TOKEN_SENT);
+                Item::new(key, &[data], meta)
+            } else {
+                return (StoreResult::Exists, 0);
+            }
+        }
+        (Some((cas, old)), StoreMode::Append | StoreMode::Prepend) => {
+            if req_cas != 0 && req_cas != cas {
+                return (StoreResult::Exists, 0);
+            }
+            let Some(current) = e.item().map(|it| it.value()) else {
+                return (StoreResult::NotStored, 0);
+            };
+            let parts: [&[u8]; 2] = if mode == StoreMode::Append {
+                [current, data]
+            } else {
+                [data, current]
+            };
+            let mut keep = old;
+            keep.bits &= bits::KEY_BINARY;
+            Item::new(key, &parts, keep)
+        }
+    };
+    match e.store(new_item) {
+        Ok(cas) => (StoreResult::Stored, cas),
+        Err(StoreError::OutOfMemory) => {
+            if mode == StoreMode::Set {
+                // Like memcached: a failed set must not leave the old value readable.
+                e.remove();
+            }
+            (StoreResult::NoMemory, 0)
+        }
+    }
+}
+
+/// memcached's `do_add_delta`: incr/decr in place when the result fits (space-padded, as
+/// memcached does), otherwise by storing a new value.
+fn apply_delta(e: &mut Entry<'_>, incr: bool, delta: u64, cas: Option<u64>) -> Delta {
+    let next_cas = e.next_cas();
+    let Some(it) = e.item_mut() else {
+        return Delta::NotFound;
+    };
+    if it.value().is_empty() {
+        return Delta::NonNumeric;
+    }
+    if cas.is_some_and(|c| c != 0 && c != it.cas()) {
+        return Delta::CasMismatch;
+    }
+    let Some(current) = numbers::parse_u64(it.value()) else {
+        return Delta::NonNumeric;
+    };
+    let value = if incr {
+        current.wrapping_add(delta)
+    } else {
+        current.saturating_sub(delta)
+    };
+    let mut digits = itoa::Buffer::new();
+    let text = digits.format(value).as_bytes();
+    if text.len() <= it.value().len() {
+        let slot = it.value_mut();
+        slot[..text.len()].copy_from_slice(text);
+        slot[text.len()..].fill(b' ');
+        it.set_cas(next_cas);
+        e.bump();
+        return Delta::Value(value);
+    }
+    let mut meta = it.meta();
+    meta.bits &= bits::KEY_BINARY;
+    let key = it.key().to_vec();
+    match e.store(Item::new(&key, &[text], meta)) {
+        Ok(_) => Delta::Value(value),
+        Err(StoreError::OutOfMemory) => Delta::NoMemory,
+    }
+}

@@ -1,0 +1,224 @@
+//! The client-facing TCP server: accepting under a connection limit, one task per
+//! connection, batched reads and writes, graceful shutdown.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+use crate::engine::{Engine, Next};
+use crate::protocol::{parse, Limits, ParseOutcome};
+use crate::stats::Counters;
+use crate::store::now_secs;
+
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 16 * 1024;
+/// Replies buffered before they are written out mid-batch, so a long pipeline of large
+/// values cannot grow the write buffer without bound.
+const WRITE_HIGH_WATER: usize = 1024 * 1024;
+/// How often expired items are swept, and how many slots per shard each sweep looks at.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+const SWEEP_BUDGET: usize = 4096;
+
+/// Accepts clients until `shutdown` turns true, then waits up to `drain` for open
+/// connections to finish what they were doing.
+pub async fn serve(
+    listener: TcpListener,
+    engine: Arc<Engine>,
+    limits: Limits,
+    max_connections: usize,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let permits = Arc::new(Semaphore::new(max_connections));
+    let mut next_id: usize = 0;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(error) => {
+                // Typically EMFILE: back off briefly instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            engine
+                .stats
+                .rejected_connections
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "connection limit reached");
+            tokio::spawn(reject(stream));
+            continue;
+        };
+        next_id = next_id.wrapping_add(1);
+        let id = next_id;
+        let engine = engine.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            engine
+                .stats
+                .curr_connections
+                .fetch_add(1, Ordering::Relaxed);
+            engine
+                .stats
+                .total_connections
+                .fetch_add(1, Ordering::Relaxed);
+            if let Err(error) = Connection::new(stream, &engine, limits, id)
+                .run(shutdown)
+                .await
+            {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+            engine
+                .stats
+                .curr_connections
+                .fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    // Every connection holds a permit: having them all back means every connection is done.
+    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(drain, permits.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the drain period; closing them");
+    }
+}
+
+/// Tells a client over the connection limit why it is being turned away, as memcached does.
+async fn reject(mut stream: TcpStream) {
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        stream.write_all(b"ERROR Too many open connections\r\n"),
+    )
+    .await;
+}
+
+/// Periodically reclaims expired items until `shutdown`.
+pub async fn sweep_expired(engine: Arc<Engine>, mut shutdown: watch::Receiver<bool>) {
+    let mut cursors = Vec::new();
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        engine.store.sweep(now_secs(), SWEEP_BUDGET, &mut cursors);
+    }
+}
+
+struct Connection<'a> {
+    stream: TcpStream,
+    engine: &'a Engine,
+    limits: Limits,
+    id: usize,
+    read: BytesMut,
+    write: BytesMut,
+    /// Bytes still to discard after a refused data block.
+    swallow: usize,
+    counters: Counters,
+}
+
+impl<'a> Connection<'a> {
+    fn new(stream: TcpStream, engine: &'a Engine, limits: Limits, id: usize) -> Self {
+        let _ = stream.set_nodelay(true);
+        Connection {
+            stream,
+            engine,
+            limits,
+            id,
+            read: BytesMut::with_capacity(READ_CHUNK),
+            write: BytesMut::with_capacity(READ_CHUNK),
+            swallow: 0,
+            counters: Counters::default(),
+        }
+    }
+
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+        let mut draining = *shutdown.borrow();
+        loop {
+            if draining && self.read.is_empty() && self.swallow == 0 {
+                return Ok(());
+            }
+            if self.read.capacity() - self.read.len() < READ_CHUNK / 4 {
+                self.read.reserve(READ_CHUNK);
+            }
+            let n = tokio::select! {
+                n = self.stream.read_buf(&mut self.read) => n?,
+                _ = shutdown.changed(), if !draining => {
+                    draining = true;
+                    continue;
+                }
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            self.counters.bytes_read += n as u64;
+            let next = self.process().await?;
+            self.flush().await?;
+            if next == Next::Close {
+                let _ = self.stream.shutdown().await;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Executes every complete request in the read buffer.
+    async fn process(&mut self) -> std::io::Result<Next> {
+        let now = now_secs();
+        loop {
+            if self.swallow > 0 {
+                let n = self.swallow.min(self.read.len());
+                self.read.advance(n);
+                self.swallow -= n;
+                if self.swallow > 0 {
+                    return Ok(Next::Continue);
+                }
+            }
+            let (next, consumed) = match parse(&self.read, &self.limits) {
+                ParseOutcome::Request {
+                    request,
+                    consumed,
+                    swallow,
+                } => {
+                    self.swallow = swallow;
+                    let next =
+                        self.engine
+                            .execute(request, now, &mut self.write, &mut self.counters);
+                    (next, consumed)
+                }
+                ParseOutcome::Incomplete => return Ok(Next::Continue),
+                ParseOutcome::Close => return Ok(Next::Close),
+            };
+            self.read.advance(consumed);
+            if next == Next::Close {
+                return Ok(Next::Close);
+            }
+            if self.write.len() >= WRITE_HIGH_WATER {
+                self.flush().await?;
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        self.counters.bytes_written += self.write.len() as u64;
+        // Counters become visible before the replies they describe.
+        self.engine.stats.merge(self.id, &mut self.counters);
+        if !self.write.is_empty() {
+            self.stream.write_all(&self.write).await?;
+            self.write.clear();
+        }
+        Ok(())
+    }
+}

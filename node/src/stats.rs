@@ -1,0 +1,136 @@
+//! Server counters, named as memcached names them in `stats`.
+//!
+//! Connections count into a plain local `Counters` while they handle a batch of requests and
+//! add it to the shared, sharded atomics once per batch, before the batch's replies are
+//! written: no atomic operation on the per-request path, and `stats` never lags a reply a
+//! client has already seen.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+use crossbeam_utils::CachePadded;
+
+macro_rules! counters {
+    ($($name:ident: $help:literal),* $(,)?) => {
+        /// Command counters of one connection's batch, or a snapshot of the whole server.
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct Counters {
+            $(#[doc = $help] pub $name: u64,)*
+        }
+
+        #[derive(Default)]
+        struct AtomicCounters {
+            $($name: AtomicU64,)*
+        }
+
+        impl AtomicCounters {
+            fn add(&self, c: &Counters) {
+                $(if c.$name != 0 { self.$name.fetch_add(c.$name, Relaxed); })*
+            }
+            fn add_into(&self, total: &mut Counters) {
+                $(total.$name += self.$name.load(Relaxed);)*
+            }
+            fn reset(&self) {
+                $(self.$name.store(0, Relaxed);)*
+            }
+        }
+
+        impl Counters {
+            /// Calls `f` with each counter's memcached name, help text and value.
+            pub fn for_each(&self, mut f: impl FnMut(&'static str, &'static str, u64)) {
+                $(f(stringify!($name), $help, self.$name);)*
+            }
+        }
+    };
+}
+
+counters! {
+    cmd_get: "Retrieval requests (keys looked up by get, gets, mg).",
+    cmd_set: "Storage requests.",
+    cmd_flush: "flush_all requests.",
+    cmd_touch: "Touch requests (touch, gat, gats, mg with T).",
+    cmd_meta: "Meta debug (me) requests.",
+    get_hits: "Keys found by retrieval requests.",
+    get_misses: "Keys not found by retrieval requests.",
+    get_expired: "Keys found but expired.",
+    get_flushed: "Keys found but invalidated by flush_all.",
+    delete_misses: "Deletes of keys that were not found.",
+    delete_hits: "Deletes of keys that were found.",
+    incr_misses: "incr of keys that were not found.",
+    incr_hits: "incr of keys that were found.",
+    decr_misses: "decr of keys that were not found.",
+    decr_hits: "decr of keys that were found.",
+    cas_misses: "cas of keys that were not found.",
+    cas_hits: "cas that stored.",
+    cas_badval: "cas refused because the CAS value differed.",
+    touch_hits: "Touches of keys that were found.",
+    touch_misses: "Touches of keys that were not found.",
+    store_too_large: "Stores refused as larger than the item size limit.",
+    store_no_memory: "Stores refused for lack of memory.",
+    bytes_read: "Bytes read from clients.",
+    bytes_written: "Bytes written to clients.",
+}
+
+const SHARDS: usize = 16;
+
+/// Server-wide counters.
+pub struct Stats {
+    shards: Box<[CachePadded<AtomicCounters>]>,
+    pub curr_connections: AtomicU64,
+    pub total_connections: AtomicU64,
+    pub rejected_connections: AtomicU64,
+    started: Instant,
+    started_unix: u32,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            shards: (0..SHARDS)
+                .map(|_| CachePadded::new(AtomicCounters::default()))
+                .collect(),
+            curr_connections: AtomicU64::new(0),
+            total_connections: AtomicU64::new(0),
+            rejected_connections: AtomicU64::new(0),
+            started: Instant::now(),
+            started_unix: crate::store::now_secs(),
+        }
+    }
+}
+
+impl Stats {
+    /// Adds a connection's batch counters (`shard_hint` spreads connections over shards) and
+    /// zeroes them.
+    pub fn merge(&self, shard_hint: usize, local: &mut Counters) {
+        if *local != Counters::default() {
+            self.shards[shard_hint % SHARDS].add(local);
+            *local = Counters::default();
+        }
+    }
+
+    /// Sum of all counters.
+    pub fn snapshot(&self) -> Counters {
+        let mut total = Counters::default();
+        for shard in self.shards.iter() {
+            shard.add_into(&mut total);
+        }
+        total
+    }
+
+    /// `stats reset`.
+    pub fn reset(&self) {
+        for shard in self.shards.iter() {
+            shard.reset();
+        }
+        self.total_connections.store(0, Relaxed);
+        self.rejected_connections.store(0, Relaxed);
+    }
+
+    pub fn uptime_secs(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+
+    pub fn started_unix(&self) -> u32 {
+        self.started_unix
+    }
+}

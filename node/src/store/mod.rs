@@ -1,0 +1,603 @@
+//! The in-memory item store: sharded hash tables under a byte budget, CLOCK eviction, TTLs.
+//!
+//! Each shard is a hash table of slot numbers plus a slot vector of items, behind its own
+//! mutex; a key's hash picks its shard, so requests for different keys rarely meet on a lock.
+//! The memory limit is split evenly across shards and each shard evicts by CLOCK (an
+//! approximate LRU: an accessed item gets a second chance) until a new item fits. Expired
+//! items are removed when looked up and by `sweep`, which a background task runs.
+
+mod item;
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crossbeam_utils::CachePadded;
+use hashbrown::HashTable;
+use parking_lot::Mutex;
+
+pub use item::{bits, Item, ItemMeta, HEADER_LEN, OVERHEAD};
+
+/// memcached's largest relative expiry (30 days); larger values are absolute Unix times.
+pub const REALTIME_MAXDELTA: i64 = 60 * 60 * 24 * 30;
+
+/// Current Unix time in seconds.
+pub fn now_secs() -> u32 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as u32)
+        .unwrap_or(0)
+}
+
+/// Converts a protocol exptime to an absolute expiry (0 = never), as memcached's `realtime()`:
+/// negative means already expired, up to 30 days is relative, beyond is a Unix time.
+pub fn absolute_expiry(exptime: i64, now: u32) -> u32 {
+    if exptime < 0 {
+        return 1;
+    }
+    if exptime == 0 {
+        return 0;
+    }
+    if exptime > REALTIME_MAXDELTA {
+        let at = u32::try_from(exptime).unwrap_or(u32::MAX);
+        return if at <= now { 1 } else { at };
+    }
+    now.saturating_add(exptime as u32)
+}
+
+/// Store sizing.
+#[derive(Clone, Copy, Debug)]
+pub struct StoreConfig {
+    /// Total bytes items may use, per-item overhead included.
+    pub memory_limit: usize,
+    /// Largest item accepted; each shard's budget is kept at least twice this.
+    pub max_item_size: usize,
+    /// Upper bound on the number of shards (rounded to a power of two).
+    pub max_shards: usize,
+}
+
+/// Why an item could not be stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("SERVER_ERROR out of memory storing object")]
+    OutOfMemory,
+}
+
+/// What a lookup found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    Hit,
+    Miss,
+    /// The key was present but its TTL had run out.
+    Expired,
+    /// The key was present but a `flush_all` invalidated it.
+    Flushed,
+}
+
+/// Item counters of the whole store, summed over shards.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ItemStats {
+    pub curr_items: u64,
+    pub total_items: u64,
+    pub bytes: u64,
+    pub evictions: u64,
+    pub reclaimed: u64,
+    pub expired_unfetched: u64,
+    pub evicted_unfetched: u64,
+    pub limit: u64,
+}
+
+/// Shared, read-mostly state every shard operation needs.
+struct Shared {
+    hasher: ahash::RandomState,
+    next_cas: AtomicU64,
+    /// Unix second from which items last touched before it count as flushed (0 = none).
+    flush_at: AtomicU32,
+}
+
+impl Shared {
+    fn hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
+    }
+}
+
+#[derive(Default)]
+struct Shard {
+    table: HashTable<u32>,
+    slots: Vec<Option<Item>>,
+    free: Vec<u32>,
+    hand: usize,
+    used: usize,
+    limit: usize,
+    counters: ItemStats,
+}
+
+impl Shard {
+    fn find(&self, hash: u64, key: &[u8]) -> Option<u32> {
+        let slots = &self.slots;
+        self.table
+            .find(hash, |&idx| {
+                slots
+                    .get(idx as usize)
+                    .and_then(|s| s.as_ref())
+                    .is_some_and(|it| it.key() == key)
+            })
+            .copied()
+    }
+
+    fn item(&self, slot: u32) -> Option<&Item> {
+        self.slots.get(slot as usize).and_then(|s| s.as_ref())
+    }
+
+    fn item_mut(&mut self, slot: u32) -> Option<&mut Item> {
+        self.slots.get_mut(slot as usize).and_then(|s| s.as_mut())
+    }
+
+    /// Unlinks the item in `slot` and returns it.
+    fn remove_slot(&mut self, slot: u32, shared: &Shared) -> Option<Item> {
+        let item = self.slots.get_mut(slot as usize)?.take()?;
+        let hash = shared.hash(item.key());
+        if let Ok(entry) = self.table.find_entry(hash, |&idx| idx == slot) {
+            entry.remove();
+        }
+        self.free.push(slot);
+        self.used = self.used.saturating_sub(item.charge());
+        self.counters.curr_items = self.counters.curr_items.saturating_sub(1);
+        Some(item)
+    }
+
+    /// Removes an item found dead (expired) by a lookup or the sweeper.
+    fn reclaim(&mut self, slot: u32, shared: &Shared) {
+        if let Some(item) = self.remove_slot(slot, shared) {
+            self.counters.reclaimed += 1;
+            if !item.has(bits::FETCHED) {
+                self.counters.expired_unfetched += 1;
+            }
+        }
+    }
+
+    fn is_flushed(item: &Item, flush_at: u32, now: u32) -> bool {
+        flush_at != 0 && flush_at <= now && item.time() < flush_at
+    }
+
+    /// Finds a live item, reclaiming it if it has expired or been flushed.
+    fn lookup(
+        &mut self,
+        hash: u64,
+        key: &[u8],
+        now: u32,
+        shared: &Shared,
+    ) -> (Option<u32>, Lookup) {
+        let Some(slot) = self.find(hash, key) else {
+            return (None, Lookup::Miss);
+        };
+        let flush_at = shared.flush_at.load(Ordering::Relaxed);
+        let state = match self.item(slot) {
+            Some(it) if it.is_expired(now) => Lookup::Expired,
+            Some(it) if Self::is_flushed(it, flush_at, now) => Lookup::Flushed,
+            Some(_) => return (Some(slot), Lookup::Hit),
+            None => return (None, Lookup::Miss),
+        };
+        self.reclaim(slot, shared);
+        (None, state)
+    }
+
+    /// Evicts by CLOCK until `needed` more bytes fit, never touching `protect`.
+    fn make_room(
+        &mut self,
+        needed: usize,
+        protect: Option<u32>,
+        now: u32,
+        shared: &Shared,
+    ) -> bool {
+        let flush_at = shared.flush_at.load(Ordering::Relaxed);
+        // Two full turns of the hand: the first may only clear reference bits.
+        let mut budget = self.slots.len().saturating_mul(2) + 1;
+        while self.used + needed > self.limit {
+            if budget == 0 || self.slots.is_empty() {
+                return false;
+            }
+            budget -= 1;
+            if self.hand >= self.slots.len() {
+                self.hand = 0;
+            }
+            let slot = self.hand as u32;
+            self.hand += 1;
+            if Some(slot) == protect {
+                continue;
+            }
+            let Some(item) = self.item_mut(slot) else {
+                continue;
+            };
+            if item.is_expired(now) || Self::is_flushed(item, flush_at, now) {
+                self.reclaim(slot, shared);
+                continue;
+            }
+            if item.has(bits::REFERENCED) {
+                item.clear_bits(bits::REFERENCED);
+                continue;
+            }
+            if let Some(victim) = self.remove_slot(slot, shared) {
+                self.counters.evictions += 1;
+                if !victim.has(bits::FETCHED) {
+                    self.counters.evicted_unfetched += 1;
+                }
+            }
+        }
+        true
+    }
+
+    /// Installs `item` under `hash`, replacing the item in `existing` if given.
+    fn install(
+        &mut self,
+        hash: u64,
+        existing: Option<u32>,
+        item: Item,
+        now: u32,
+        shared: &Shared,
+    ) -> Result<u32, StoreError> {
+        let old = existing
+            .and_then(|s| self.item(s))
+            .map_or(0, |it| it.charge());
+        let new = item.charge();
+        let needed = new.saturating_sub(old);
+        if new > self.limit || !self.make_room(needed, existing, now, shared) {
+            return Err(StoreError::OutOfMemory);
+        }
+        self.counters.total_items += 1;
+        if let Some(slot) = existing {
+            if let Some(place) = self.slots.get_mut(slot as usize) {
+                *place = Some(item);
+                self.used = self.used.saturating_sub(old) + new;
+                return Ok(slot);
+            }
+        }
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = Some(item);
+                slot
+            }
+            None => {
+                self.slots.push(Some(item));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let slots = &self.slots;
+        self.table.insert_unique(hash, slot, |&idx| {
+            slots
+                .get(idx as usize)
+                .and_then(|s| s.as_ref())
+                .map_or(0, |it| shared.hash(it.key()))
+        });
+        self.used += new;
+        self.counters.curr_items += 1;
+        Ok(slot)
+    }
+
+    fn clear(&mut self) {
+        self.table = HashTable::new();
+        self.slots = Vec::new();
+        self.free = Vec::new();
+        self.hand = 0;
+        self.used = 0;
+        self.counters.curr_items = 0;
+    }
+}
+
+/// A key's place in its (locked) shard: the live item if there is one, and the operations
+/// the command layer builds memcached's semantics from.
+pub struct Entry<'a> {
+    shard: &'a mut Shard,
+    shared: &'a Shared,
+    hash: u64,
+    slot: Option<u32>,
+    now: u32,
+    lookup: Lookup,
+}
+
+impl Entry<'_> {
+    /// What the lookup found.
+    pub fn lookup(&self) -> Lookup {
+        self.lookup
+    }
+
+    pub fn now(&self) -> u32 {
+        self.now
+    }
+
+    pub fn item(&self) -> Option<&Item> {
+        self.slot.and_then(|s| self.shard.item(s))
+    }
+
+    pub fn item_mut(&mut self) -> Option<&mut Item> {
+        self.slot.and_then(|s| self.shard.item_mut(s))
+    }
+
+    /// A fresh CAS unique.
+    pub fn next_cas(&self) -> u64 {
+        self.shared.next_cas.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Marks the item as used now: second chance for CLOCK, fetched, access time.
+    pub fn bump(&mut self) {
+        let now = self.now;
+        if let Some(item) = self.item_mut() {
+            item.set_bits(bits::REFERENCED | bits::FETCHED);
+            item.set_time(now);
+        }
+    }
+
+    /// Stores `item` under this key with a new CAS, replacing any live item.
+    pub fn store(&mut self, mut item: Item) -> Result<u64, StoreError> {
+        let cas = self.next_cas();
+        item.set_cas(cas);
+        item.set_time(self.now);
+        let slot = self
+            .shard
+            .install(self.hash, self.slot, item, self.now, self.shared)?;
+        self.slot = Some(slot);
+        Ok(cas)
+    }
+
+    /// Removes the live item, if any.
+    pub fn remove(&mut self) -> Option<Item> {
+        let slot = self.slot.take()?;
+        self.shard.remove_slot(slot, self.shared)
+    }
+}
+
+/// The sharded store. Shareable across threads.
+pub struct Store {
+    shards: Box<[CachePadded<Mutex<Shard>>]>,
+    shared: Shared,
+    limit: usize,
+}
+
+impl Store {
+    pub fn new(config: StoreConfig) -> Store {
+        // The largest power of two that keeps every shard's budget at twice the item limit.
+        let cap = (config.memory_limit / (2 * config.max_item_size.max(1)))
+            .min(config.max_shards)
+            .max(1);
+        let count = if cap.is_power_of_two() {
+            cap
+        } else {
+            cap.next_power_of_two() / 2
+        };
+        let per_shard = config.memory_limit / count;
+        let shards = (0..count)
+            .map(|_| {
+                CachePadded::new(Mutex::new(Shard {
+                    limit: per_shard,
+                    ..Shard::default()
+                }))
+            })
+            .collect();
+        Store {
+            shards,
+            shared: Shared {
+                hasher: ahash::RandomState::new(),
+                next_cas: AtomicU64::new(0),
+                flush_at: AtomicU32::new(0),
+            },
+            limit: config.memory_limit,
+        }
+    }
+
+    /// Number of shards.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    fn shard_for(&self, hash: u64) -> &Mutex<Shard> {
+        // High bits pick the shard; the table uses the low bits.
+        let idx = (hash >> 40) as usize & (self.shards.len() - 1);
+        &self.shards[idx]
+    }
+
+    /// Runs `f` with the key's entry while holding its shard's lock.
+    pub fn with_entry<R>(&self, key: &[u8], now: u32, f: impl FnOnce(&mut Entry<'_>) -> R) -> R {
+        let hash = self.shared.hash(key);
+        let mut shard = self.shard_for(hash).lock();
+        let (slot, lookup) = shard.lookup(hash, key, now, &self.shared);
+        let mut entry = Entry {
+            shard: &mut shard,
+            shared: &self.shared,
+            hash,
+            slot,
+            now,
+            lookup,
+        };
+        f(&mut entry)
+    }
+
+    /// `flush_all`: with no delay, drops every item now; with a delay, items not touched
+    /// again before that time become invisible then.
+    pub fn flush(&self, at: Option<u32>) {
+        match at {
+            None => {
+                self.shared.flush_at.store(0, Ordering::Relaxed);
+                for shard in self.shards.iter() {
+                    shard.lock().clear();
+                }
+            }
+            Some(at) => self.shared.flush_at.store(at, Ordering::Relaxed),
+        }
+    }
+
+    /// Reclaims expired and flushed items, looking at no more than `budget` slots per shard.
+    /// Returns how many items were reclaimed.
+    pub fn sweep(&self, now: u32, budget: usize, cursors: &mut Vec<usize>) -> usize {
+        cursors.resize(self.shards.len(), 0);
+        let flush_at = self.shared.flush_at.load(Ordering::Relaxed);
+        let mut reclaimed = 0;
+        for (shard, cursor) in self.shards.iter().zip(cursors.iter_mut()) {
+            let mut shard = shard.lock();
+            for _ in 0..budget.min(shard.slots.len()) {
+                if *cursor >= shard.slots.len() {
+                    *cursor = 0;
+                }
+                let slot = *cursor as u32;
+                *cursor += 1;
+                let dead = shard
+                    .item(slot)
+                    .is_some_and(|it| it.is_expired(now) || Shard::is_flushed(it, flush_at, now));
+                if dead {
+                    shard.reclaim(slot, &self.shared);
+                    reclaimed += 1;
+                }
+            }
+        }
+        reclaimed
+    }
+
+    /// Item counters summed over shards.
+    pub fn stats(&self) -> ItemStats {
+        let mut total = ItemStats {
+            limit: self.limit as u64,
+            ..ItemStats::default()
+        };
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            let c = &shard.counters;
+            total.curr_items += c.curr_items;
+            total.total_items += c.total_items;
+            total.bytes += shard.used as u64;
+            total.evictions += c.evictions;
+            total.reclaimed += c.reclaimed;
+            total.expired_unfetched += c.expired_unfetched;
+            total.evicted_unfetched += c.evicted_unfetched;
+        }
+        total
+    }
+
+    /// Total memory limit in bytes.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(limit: usize) -> Store {
+        Store::new(StoreConfig {
+            memory_limit: limit,
+            max_item_size: 1024,
+            max_shards: 4,
+        })
+    }
+
+    fn set(store: &Store, key: &[u8], value: &[u8], now: u32) {
+        store
+            .with_entry(key, now, |e| {
+                e.store(Item::new(key, &[value], ItemMeta::default()))
+            })
+            .unwrap();
+    }
+
+    fn get(store: &Store, key: &[u8], now: u32) -> Option<Vec<u8>> {
+        store.with_entry(key, now, |e| {
+            e.bump();
+            e.item().map(|it| it.value().to_vec())
+        })
+    }
+
+    #[test]
+    fn stores_replaces_and_removes() {
+        let s = store(1 << 20);
+        set(&s, b"a", b"1", 10);
+        set(&s, b"a", b"22", 10);
+        assert_eq!(get(&s, b"a", 10).as_deref(), Some(&b"22"[..]));
+        assert_eq!(s.stats().curr_items, 1);
+        assert_eq!(s.stats().total_items, 2);
+        assert!(s.with_entry(b"a", 10, |e| e.remove()).is_some());
+        assert_eq!(get(&s, b"a", 10), None);
+        assert_eq!(s.stats().bytes, 0);
+    }
+
+    #[test]
+    fn never_exceeds_the_memory_limit_and_counts_evictions() {
+        let limit = 64 * 1024;
+        let s = store(limit);
+        for i in 0..10_000u32 {
+            set(&s, format!("key{i}").as_bytes(), &[b'x'; 100], 10);
+            assert!(s.stats().bytes as usize <= limit);
+        }
+        let stats = s.stats();
+        assert!(stats.evictions > 0);
+        assert!(stats.curr_items > 100);
+        // The most recent write survives.
+        assert!(get(&s, b"key9999", 10).is_some());
+    }
+
+    #[test]
+    fn recently_read_items_survive_eviction() {
+        let s = store(64 * 1024);
+        set(&s, b"hot", b"v", 10);
+        for i in 0..5_000u32 {
+            let _ = get(&s, b"hot", 10);
+            set(&s, format!("cold{i}").as_bytes(), &[b'x'; 100], 10);
+        }
+        assert!(get(&s, b"hot", 10).is_some());
+    }
+
+    #[test]
+    fn expiry_follows_memcached_rules() {
+        assert_eq!(absolute_expiry(0, 1000), 0);
+        assert_eq!(absolute_expiry(-1, 1000), 1);
+        assert_eq!(absolute_expiry(10, 1000), 1010);
+        assert_eq!(absolute_expiry(REALTIME_MAXDELTA + 1, 1_000_000_000), 1);
+        assert_eq!(absolute_expiry(2_000_000_000, 1_000_000_000), 2_000_000_000);
+        let s = store(1 << 20);
+        s.with_entry(b"t", 100, |e| {
+            e.store(Item::new(
+                b"t",
+                &[b"v"],
+                ItemMeta {
+                    exptime: 105,
+                    ..ItemMeta::default()
+                },
+            ))
+        })
+        .unwrap();
+        assert!(get(&s, b"t", 104).is_some());
+        assert_eq!(s.with_entry(b"t", 105, |e| e.lookup()), Lookup::Expired);
+        assert_eq!(s.stats().reclaimed, 1);
+    }
+
+    #[test]
+    fn sweep_reclaims_expired_items() {
+        let s = store(1 << 20);
+        for i in 0..100u32 {
+            s.with_entry(format!("k{i}").as_bytes(), 100, |e| {
+                e.store(Item::new(
+                    b"k",
+                    &[b"v"],
+                    ItemMeta {
+                        exptime: 101,
+                        ..ItemMeta::default()
+                    },
+                ))
+            })
+            .unwrap();
+        }
+        let mut cursors = Vec::new();
+        assert_eq!(s.sweep(200, 1000, &mut cursors), 100);
+        assert_eq!(s.stats().curr_items, 0);
+    }
+
+    #[test]
+    fn flush_now_and_later() {
+        let s = store(1 << 20);
+        set(&s, b"a", b"1", 10);
+        s.flush(None);
+        assert_eq!(get(&s, b"a", 10), None);
+        set(&s, b"b", b"1", 10);
+        s.flush(Some(20));
+        assert!(get(&s, b"b", 19).is_some());
+        assert_eq!(s.with_entry(b"b", 20, |e| e.lookup()), Lookup::Flushed);
+        set(&s, b"c", b"1", 21);
+        assert!(get(&s, b"c", 22).is_some());
+    }
+}
