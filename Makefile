@@ -21,8 +21,8 @@ clippy:
 build:
 	$(CARGO) build --release -p kache-node
 
-cargo-test: build
-	KACHE_NODE_BIN=$(CURDIR)/target/release/kache-node $(CARGO) test --workspace --release
+cargo-test:
+	$(CARGO) test --workspace
 
 python-test: build
 	KACHE_NODE_BIN=$(CURDIR)/target/release/kache-node $(PYTHON) -m pytest -q tests/python

@@ -1,0 +1,227 @@
+//! Tests of the real `kache-node` binary over TCP: pipelining, graceful shutdown, admin
+//! endpoint, connection limit.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Node {
+    child: Child,
+    port: u16,
+    admin_port: u16,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Node {
+    fn start(extra: &[&str]) -> Node {
+        let port = free_port();
+        let admin_port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_kache-node"))
+            .args(["-l", "127.0.0.1", "-p", &port.to_string()])
+            .args(["--admin-port", &admin_port.to_string()])
+            .args(extra)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start kache-node");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "kache-node did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Node {
+            child,
+            port,
+            admin_port,
+        }
+    }
+
+    fn connect(&self) -> TcpStream {
+        let s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    }
+
+    fn terminate(&mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads until `expected_len` bytes arrived or the peer closed.
+fn read_exact_len(s: &mut TcpStream, expected_len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; 0];
+    let mut buf = [0u8; 65536];
+    while out.len() < expected_len {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("read failed after {} bytes: {e}", out.len()),
+        }
+    }
+    out
+}
+
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text[9..12].parse().unwrap();
+    (status, text)
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let node = Node::start(&[]);
+    let mut s = node.connect();
+    let mut request = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..500 {
+        request.extend_from_slice(
+            format!("set k{i} {i} 0 {}\r\nv{i}\r\n", format!("v{i}").len()).as_bytes(),
+        );
+        expected.extend_from_slice(b"STORED\r\n");
+        request.extend_from_slice(format!("get k{i}\r\n").as_bytes());
+        expected.extend_from_slice(
+            format!(
+                "VALUE k{i} {i} {}\r\nv{i}\r\nEND\r\n",
+                format!("v{i}").len()
+            )
+            .as_bytes(),
+        );
+        request.extend_from_slice(format!("incr k{i} 1\r\n").as_bytes());
+        expected
+            .extend_from_slice(b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n");
+    }
+    s.write_all(&request).unwrap();
+    let got = read_exact_len(&mut s, expected.len());
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&expected)
+    );
+}
+
+#[test]
+fn requests_split_byte_by_byte_get_the_same_reply() {
+    let node = Node::start(&[]);
+    let mut s = node.connect();
+    s.set_nodelay(true).unwrap();
+    for b in b"set split 7 0 5\r\nhello\r\nget split\r\n" {
+        s.write_all(&[*b]).unwrap();
+    }
+    let expected = b"STORED\r\nVALUE split 7 5\r\nhello\r\nEND\r\n";
+    assert_eq!(read_exact_len(&mut s, expected.len()), expected);
+}
+
+#[test]
+fn sigterm_finishes_the_request_in_flight_and_exits_zero() {
+    let mut node = Node::start(&[]);
+    let mut busy = node.connect();
+    let _idle = node.connect();
+    // Half a request: the line and part of the data block.
+    busy.write_all(b"set inflight 0 0 10\r\n01234").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    node.terminate();
+    std::thread::sleep(Duration::from_millis(200));
+    // New connections are refused once shutdown began.
+    assert!(TcpStream::connect(("127.0.0.1", node.port)).is_err());
+    busy.write_all(b"56789\r\n").unwrap();
+    assert_eq!(read_exact_len(&mut busy, 8), b"STORED\r\n");
+    drop(busy);
+    let status = node
+        .wait_exit(Duration::from_secs(5))
+        .expect("kache-node did not exit after SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[test]
+fn admin_endpoint_reports_health_readiness_and_metrics() {
+    let node = Node::start(&[]);
+    let mut s = node.connect();
+    s.write_all(b"set m 0 0 1\r\nx\r\nget m\r\nget nope\r\n")
+        .unwrap();
+    read_exact_len(
+        &mut s,
+        b"STORED\r\nVALUE m 0 1\r\nx\r\nEND\r\nEND\r\n".len(),
+    );
+    assert_eq!(http_get(node.admin_port, "/healthz").0, 200);
+    assert_eq!(http_get(node.admin_port, "/readyz").0, 200);
+    let (status, body) = http_get(node.admin_port, "/metrics");
+    assert_eq!(status, 200);
+    assert!(body.contains("kache_cmd_get_total 2"), "{body}");
+    assert!(body.contains("kache_get_hits_total 1"), "{body}");
+    assert!(body.contains("kache_get_misses_total 1"), "{body}");
+    assert!(body.contains("kache_curr_items 1"), "{body}");
+    assert_eq!(http_get(node.admin_port, "/nope").0, 404);
+}
+
+#[test]
+fn connections_over_the_limit_are_refused_without_harming_others() {
+    let node = Node::start(&["-c", "2"]);
+    let mut a = node.connect();
+    let _b = node.connect();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut c = node.connect();
+    let mut reply = String::new();
+    c.read_to_string(&mut reply).unwrap();
+    assert_eq!(reply, "ERROR Too many open connections\r\n");
+    a.write_all(b"version\r\n").unwrap();
+    let got = read_exact_len(&mut a, 9);
+    assert!(got.starts_with(b"VERSION "), "{got:?}");
+}
+
+#[test]
+fn invalid_command_lines_fail_at_start_up() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kache-node"))
+        .args(["-Z"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("-Z"));
+    let out = Command::new(env!("CARGO_BIN_EXE_kache-node"))
+        .args(["-m", "1", "-I", "1m"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("half the memory limit"));
+}
