@@ -59,30 +59,32 @@ pub async fn serve(
             tokio::spawn(reject(stream));
             continue;
         };
+        // Counted here, in accept order, so `curr_connections` never shows a connection
+        // whose slot is not taken; on the way out the slot is freed before the count drops.
+        engine
+            .stats
+            .curr_connections
+            .fetch_add(1, Ordering::Relaxed);
+        engine
+            .stats
+            .total_connections
+            .fetch_add(1, Ordering::Relaxed);
         next_id = next_id.wrapping_add(1);
         let id = next_id;
         let engine = engine.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            engine
-                .stats
-                .curr_connections
-                .fetch_add(1, Ordering::Relaxed);
-            engine
-                .stats
-                .total_connections
-                .fetch_add(1, Ordering::Relaxed);
             if let Err(error) = Connection::new(stream, &engine, limits, id)
                 .run(shutdown)
                 .await
             {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
+            drop(permit);
             engine
                 .stats
                 .curr_connections
                 .fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
         });
     }
     drop(listener);

@@ -195,12 +195,48 @@ fn admin_endpoint_reports_health_readiness_and_metrics() {
     assert_eq!(http_get(node.admin_port, "/nope").0, 404);
 }
 
+/// Polls `stats` on `conn` until every `(name, value)` holds at once (bounded).
+fn wait_for_stats(conn: &mut TcpStream, expected: &[(&str, &str)]) {
+    let wanted: Vec<String> = expected
+        .iter()
+        .map(|(name, value)| format!("STAT {name} {value}\r\n"))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        conn.write_all(b"stats\r\n").unwrap();
+        let mut text = Vec::new();
+        let mut buf = [0u8; 8192];
+        while !text.ends_with(b"END\r\n") {
+            let n = conn.read(&mut buf).unwrap();
+            assert!(n > 0, "connection closed");
+            text.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&text);
+        if wanted.iter().all(|w| text.contains(w.as_str())) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never saw {expected:?} in {text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn connections_over_the_limit_are_refused_without_harming_others() {
     let node = Node::start(&["-c", "2"]);
     let mut a = node.connect();
+    // The start-up probe's connection may still hold a slot: wait until only a does.
+    wait_for_stats(
+        &mut a,
+        &[("curr_connections", "1"), ("total_connections", "2")],
+    );
     let _b = node.connect();
-    std::thread::sleep(Duration::from_millis(100));
+    wait_for_stats(
+        &mut a,
+        &[("curr_connections", "2"), ("total_connections", "3")],
+    );
     let mut c = node.connect();
     let mut reply = String::new();
     c.read_to_string(&mut reply).unwrap();
