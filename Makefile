@@ -5,9 +5,9 @@
 CARGO ?= cargo
 PYTHON ?= /usr/bin/python3
 
-.PHONY: test deps fmt-check clippy cargo-test python-test run build bench
+.PHONY: test deps fmt-check clippy cargo-test python-test chart-check run build bench
 
-test: deps fmt-check clippy cargo-test python-test
+test: deps fmt-check clippy cargo-test chart-check python-test
 
 deps:
 	./scripts/install-test-deps.sh
@@ -23,6 +23,9 @@ build:
 
 cargo-test:
 	$(CARGO) test --workspace
+
+chart-check:
+	bash scripts/check-chart.sh
 
 python-test: build
 	KACHE_NODE_BIN=$(CURDIR)/target/release/kache-node $(PYTHON) -m pytest -q tests/python

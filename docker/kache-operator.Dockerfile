@@ -1,0 +1,30 @@
+# syntax=docker/dockerfile:1.7
+# kache operator: reconciles CacheCluster resources.
+#
+# Build from the repository root:
+#   docker build -f docker/kache-operator.Dockerfile -t ghcr.io/kache-dev/kache-operator:dev .
+# (docker/kache-operator.Dockerfile.dockerignore keeps target/ and .git out of the context.)
+
+ARG RUST_IMAGE=rust:1-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+
+FROM ${RUST_IMAGE} AS builder
+WORKDIR /src
+COPY . .
+# Cache the registry and the target dir between builds; copy the binary out of
+# the cache mount so the next stage can use it.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --locked --release -p kache-operator --bin kache-operator \
+ && install -D -m 0755 target/release/kache-operator /out/kache-operator
+
+# distroless/cc: glibc, libgcc, CA certificates, no shell; "nonroot" is UID/GID 65532.
+FROM ${RUNTIME_IMAGE}
+LABEL org.opencontainers.image.title="kache-operator" \
+      org.opencontainers.image.description="kache operator: reconciles CacheCluster resources" \
+      org.opencontainers.image.source="https://github.com/kache-dev/kache" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=builder /out/kache-operator /usr/local/bin/kache-operator
+USER 65532:65532
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/kache-operator"]

@@ -1,0 +1,457 @@
+//! The StatefulSet `<name>` of kache-node pods.
+
+use super::{object_meta, BuildError};
+use crate::crd::CacheCluster;
+use k8s_openapi::api::apps::v1::{
+    RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecurityContext, TopologySpreadConstraint,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kache_cluster::names;
+use kube::ResourceExt;
+use std::collections::BTreeMap;
+
+/// Name of the cache container in every pod.
+pub const CONTAINER_NAME: &str = "kache-node";
+/// UID and GID the nodes run as (distroless `nonroot`).
+pub const RUN_AS_USER: i64 = 65532;
+/// Long enough for a node to leave the member list and drain its connections.
+pub const TERMINATION_GRACE_PERIOD_SECONDS: i64 = 60;
+/// Smallest memory headroom on top of the cache memory, in MiB.
+pub const MIN_HEADROOM_MIB: i64 = 64;
+/// CPU request per worker thread, in millicores.
+pub const CPU_MILLIS_PER_THREAD: i64 = 100;
+
+/// kache-node's command line, derived from the spec; `extraArgs` come last.
+pub fn container_args(cc: &CacheCluster) -> Vec<String> {
+    let s = &cc.spec;
+    let mut args = vec![
+        "serve".to_string(),
+        "--listen".into(),
+        "0.0.0.0".into(),
+        "--port".into(),
+        s.port.to_string(),
+        "--memory-limit".into(),
+        s.memory_mib.to_string(),
+        "--conn-limit".into(),
+        s.max_connections.to_string(),
+        "--threads".into(),
+        s.threads.to_string(),
+        "--max-item-size".into(),
+        s.max_item_size.clone(),
+        "--admin-port".into(),
+        names::ADMIN_PORT.to_string(),
+        "--peer-port".into(),
+        names::PEER_PORT.to_string(),
+        "--cluster".into(),
+        cc.name_any(),
+    ];
+    args.extend(s.extra_args.iter().cloned());
+    args
+}
+
+/// Resources when the spec sets none: memory request = limit = `memoryMiB`
+/// plus 25% (at least 64 MiB) headroom for connections and allocator
+/// overhead; a CPU request of 100m per thread and no CPU limit (throttling
+/// hurts tail latency more than it protects neighbours).
+pub fn default_resources(memory_mib: i32, threads: i32) -> ResourceRequirements {
+    let mem = i64::from(memory_mib.max(0));
+    let total = mem + (mem / 4).max(MIN_HEADROOM_MIB);
+    let memory = Quantity(format!("{total}Mi"));
+    let cpu = Quantity(format!(
+        "{}m",
+        i64::from(threads.max(1)) * CPU_MILLIS_PER_THREAD
+    ));
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), cpu),
+            ("memory".to_string(), memory.clone()),
+        ])),
+        limits: Some(BTreeMap::from([("memory".to_string(), memory)])),
+        ..ResourceRequirements::default()
+    }
+}
+
+fn default_topology_spread(cluster: &str) -> Vec<TopologySpreadConstraint> {
+    vec![TopologySpreadConstraint {
+        max_skew: 1,
+        topology_key: "kubernetes.io/hostname".into(),
+        when_unsatisfiable: "ScheduleAnyway".into(),
+        label_selector: Some(LabelSelector {
+            match_labels: Some(names::selector_labels(cluster)),
+            ..LabelSelector::default()
+        }),
+        ..TopologySpreadConstraint::default()
+    }]
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn port(name: &str, port: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: port,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String(names::PORT_NAME_ADMIN.into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}
+
+/// The StatefulSet `<name>`: one kache-node pod per replica, each with a
+/// stable DNS name behind the `<name>-peers` headless Service.
+pub fn statefulset(cc: &CacheCluster, default_image: &str) -> Result<StatefulSet, BuildError> {
+    let name = cc.name_any();
+    let spec = &cc.spec;
+    let selector = names::selector_labels(&name);
+    let container = Container {
+        name: CONTAINER_NAME.into(),
+        image: Some(cc.node_image(default_image).to_string()),
+        args: Some(container_args(cc)),
+        env: Some(vec![
+            field_env(names::ENV_POD_NAME, "metadata.name"),
+            field_env(names::ENV_POD_NAMESPACE, "metadata.namespace"),
+        ]),
+        ports: Some(vec![
+            port(names::PORT_NAME_MEMCACHE, spec.port),
+            port(names::PORT_NAME_PEER, i32::from(names::PEER_PORT)),
+            port(names::PORT_NAME_ADMIN, i32::from(names::ADMIN_PORT)),
+        ]),
+        readiness_probe: Some(http_probe("/readyz", 5, 2)),
+        liveness_probe: Some(Probe {
+            initial_delay_seconds: Some(5),
+            ..http_probe("/healthz", 10, 3)
+        }),
+        resources: Some(
+            spec.resources
+                .clone()
+                .unwrap_or_else(|| default_resources(spec.memory_mib, spec.threads)),
+        ),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUN_AS_USER),
+            run_as_group: Some(RUN_AS_USER),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    let pod_spec = PodSpec {
+        service_account_name: Some(names::node_service_account_name(&name)),
+        automount_service_account_token: Some(true),
+        termination_grace_period_seconds: Some(TERMINATION_GRACE_PERIOD_SECONDS),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUN_AS_USER),
+            run_as_group: Some(RUN_AS_USER),
+            fs_group: Some(RUN_AS_USER),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
+            ..PodSecurityContext::default()
+        }),
+        containers: vec![container],
+        node_selector: spec.node_selector.clone(),
+        tolerations: spec.tolerations.clone(),
+        affinity: spec.affinity.clone(),
+        topology_spread_constraints: Some(
+            spec.topology_spread_constraints
+                .clone()
+                .unwrap_or_else(|| default_topology_spread(&name)),
+        ),
+        priority_class_name: spec.priority_class_name.clone(),
+        ..PodSpec::default()
+    };
+    let template_labels = names::common_labels(&name);
+    Ok(StatefulSet {
+        metadata: object_meta(cc, name.clone())?,
+        spec: Some(StatefulSetSpec {
+            replicas: Some(spec.replicas),
+            service_name: names::peers_service_name(&name),
+            // Cache nodes are independent: start and stop them all at once.
+            pod_management_policy: Some("Parallel".into()),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateStatefulSetStrategy {
+                    partition: Some(0),
+                    ..RollingUpdateStatefulSetStrategy::default()
+                }),
+            }),
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(template_labels),
+                    annotations: spec.pod_annotations.clone(),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod_spec),
+            },
+            ..StatefulSetSpec::default()
+        }),
+        status: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::testing::cluster;
+    use crate::crd::CacheClusterSpec;
+
+    fn pod_spec(sts: &StatefulSet) -> &PodSpec {
+        sts.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+    }
+
+    #[test]
+    fn defaults_give_three_hardened_nodes() {
+        let cc = cluster("web", CacheClusterSpec::default());
+        let sts = statefulset(&cc, "img:1").unwrap();
+        let spec = sts.spec.as_ref().unwrap();
+        assert_eq!(sts.metadata.name.as_deref(), Some("web"));
+        assert_eq!(spec.replicas, Some(3));
+        assert_eq!(spec.service_name, "web-peers");
+        assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+        assert_eq!(
+            spec.selector.match_labels.as_ref(),
+            Some(&names::selector_labels("web"))
+        );
+        let labels = spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref()
+            .unwrap();
+        for (k, v) in names::selector_labels("web") {
+            assert_eq!(labels.get(&k), Some(&v), "template must match selector");
+        }
+
+        let pod = pod_spec(&sts);
+        assert_eq!(pod.service_account_name.as_deref(), Some("web-node"));
+        assert_eq!(pod.termination_grace_period_seconds, Some(60));
+        let psc = pod.security_context.as_ref().unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(
+            psc.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault"
+        );
+
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("img:1"));
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop,
+            Some(vec!["ALL".into()])
+        );
+
+        let ports: Vec<_> = c
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| (p.name.as_deref().unwrap(), p.container_port))
+            .collect();
+        assert_eq!(
+            ports,
+            [("memcache", 11211), ("peer", 11212), ("admin", 11280)]
+        );
+
+        let env: Vec<_> = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect();
+        assert_eq!(env, ["POD_NAME", "POD_NAMESPACE"]);
+
+        let ready = c
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(ready.path.as_deref(), Some("/readyz"));
+        assert_eq!(ready.port, IntOrString::String("admin".into()));
+        let live = c
+            .liveness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(live.path.as_deref(), Some("/healthz"));
+
+        // 64 MiB cache + 64 MiB minimum headroom.
+        let res = c.resources.as_ref().unwrap();
+        assert_eq!(
+            res.limits.as_ref().unwrap()["memory"],
+            Quantity("128Mi".into())
+        );
+        assert_eq!(
+            res.requests.as_ref().unwrap()["memory"],
+            Quantity("128Mi".into())
+        );
+        assert_eq!(
+            res.requests.as_ref().unwrap()["cpu"],
+            Quantity("400m".into())
+        );
+        assert!(!res.limits.as_ref().unwrap().contains_key("cpu"));
+
+        let tsc = &pod.topology_spread_constraints.as_ref().unwrap()[0];
+        assert_eq!(tsc.topology_key, "kubernetes.io/hostname");
+        assert_eq!(tsc.when_unsatisfiable, "ScheduleAnyway");
+    }
+
+    #[test]
+    fn args_come_from_the_spec() {
+        let cc = cluster(
+            "web",
+            CacheClusterSpec {
+                memory_mib: 1024,
+                max_item_size: "4m".into(),
+                threads: 8,
+                max_connections: 4096,
+                port: 11300,
+                extra_args: vec!["-v".into()],
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            container_args(&cc).join(" "),
+            "serve --listen 0.0.0.0 --port 11300 --memory-limit 1024 --conn-limit 4096 \
+             --threads 8 --max-item-size 4m --admin-port 11280 --peer-port 11212 --cluster web -v"
+        );
+    }
+
+    #[test]
+    fn headroom_scales_with_memory() {
+        let r = default_resources(4096, 2);
+        assert_eq!(r.limits.unwrap()["memory"], Quantity("5120Mi".into()));
+        assert_eq!(r.requests.unwrap()["cpu"], Quantity("200m".into()));
+    }
+
+    #[test]
+    fn scheduling_overrides_are_passed_through() {
+        let custom_tsc = TopologySpreadConstraint {
+            max_skew: 2,
+            topology_key: "topology.kubernetes.io/zone".into(),
+            when_unsatisfiable: "DoNotSchedule".into(),
+            ..Default::default()
+        };
+        let resources = ResourceRequirements {
+            limits: Some(BTreeMap::from([("memory".into(), Quantity("1Gi".into()))])),
+            ..Default::default()
+        };
+        let cc = cluster(
+            "web",
+            CacheClusterSpec {
+                image: Some("mine:2".into()),
+                node_selector: Some(BTreeMap::from([("pool".into(), "cache".into())])),
+                priority_class_name: Some("high".into()),
+                pod_annotations: Some(BTreeMap::from([("a".into(), "b".into())])),
+                topology_spread_constraints: Some(vec![custom_tsc.clone()]),
+                resources: Some(resources.clone()),
+                ..Default::default()
+            },
+        );
+        let sts = statefulset(&cc, "img:1").unwrap();
+        let tmpl = &sts.spec.as_ref().unwrap().template;
+        assert_eq!(
+            tmpl.metadata
+                .as_ref()
+                .unwrap()
+                .annotations
+                .as_ref()
+                .unwrap()["a"],
+            "b"
+        );
+        let pod = pod_spec(&sts);
+        assert_eq!(pod.containers[0].image.as_deref(), Some("mine:2"));
+        assert_eq!(pod.containers[0].resources.as_ref(), Some(&resources));
+        assert_eq!(pod.node_selector.as_ref().unwrap()["pool"], "cache");
+        assert_eq!(pod.priority_class_name.as_deref(), Some("high"));
+        assert_eq!(pod.topology_spread_constraints, Some(vec![custom_tsc]));
+    }
+
+    #[test]
+    fn spec_change_changes_the_pod_template() {
+        let a = statefulset(&cluster("web", Default::default()), "img:1").unwrap();
+        let b = statefulset(
+            &cluster(
+                "web",
+                CacheClusterSpec {
+                    memory_mib: 128,
+                    ..Default::default()
+                },
+            ),
+            "img:1",
+        )
+        .unwrap();
+        assert_ne!(
+            a.spec.as_ref().unwrap().template,
+            b.spec.as_ref().unwrap().template,
+            "a changed template is what makes the StatefulSet roll"
+        );
+        // Only replicas changing must not roll the pods.
+        let c = statefulset(
+            &cluster(
+                "web",
+                CacheClusterSpec {
+                    replicas: 5,
+                    ..Default::default()
+                },
+            ),
+            "img:1",
+        )
+        .unwrap();
+        assert_eq!(
+            a.spec.as_ref().unwrap().template,
+            c.spec.as_ref().unwrap().template
+        );
+    }
+}

@@ -1,0 +1,654 @@
+//! The `CacheCluster` custom resource (`kache.dev/v1alpha1`): types, defaults
+//! and validation.
+//!
+//! Every field is documented: the doc comments become the OpenAPI descriptions
+//! that `kubectl explain cachecluster.spec` shows. Defaults are declared with
+//! serde so they appear in the schema (and so the API server fills them in),
+//! and [`CacheClusterSpec::validate`] repeats every rule the schema cannot
+//! express, so an invalid object that slipped past an older CRD still gets a
+//! clear `Degraded` condition instead of a retry loop.
+
+use k8s_openapi::api::core::v1::{
+    Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
+};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, ValidationRule,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kache_cluster::names;
+use kube::{CustomResource, CustomResourceExt};
+use schemars::gen::SchemaGenerator;
+use schemars::schema::Schema;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// API group of the CacheCluster resource.
+pub const GROUP: &str = "kache.dev";
+/// API version of the CacheCluster resource.
+pub const VERSION: &str = "v1alpha1";
+
+/// Default number of cache nodes.
+pub const DEFAULT_REPLICAS: i32 = 3;
+/// Default cache memory per node, in MiB (memcached's default).
+pub const DEFAULT_MEMORY_MIB: i32 = 64;
+/// Default largest item size.
+pub const DEFAULT_MAX_ITEM_SIZE: &str = "1m";
+/// Default worker threads per node.
+pub const DEFAULT_THREADS: i32 = 4;
+/// Default maximum simultaneous client connections per node.
+pub const DEFAULT_MAX_CONNECTIONS: i32 = 1024;
+/// Default replication factor.
+pub const DEFAULT_REPLICATION_FACTOR: i32 = 1;
+/// Highest replication factor.
+pub const MAX_REPLICATION_FACTOR: i32 = kache_cluster::member_list::MAX_REPLICATION_FACTOR as i32;
+/// Default PodDisruptionBudget `maxUnavailable`.
+pub const DEFAULT_PDB_MAX_UNAVAILABLE: i32 = 1;
+
+/// Most nodes one CacheCluster may have.
+pub const MAX_REPLICAS: i32 = 1000;
+/// Most cache memory per node, in MiB (1 TiB).
+pub const MAX_MEMORY_MIB: i32 = 1024 * 1024;
+/// Most worker threads per node.
+pub const MAX_THREADS: i32 = 256;
+/// Most client connections per node.
+pub const MAX_CONNECTIONS: i32 = 1_000_000;
+
+fn default_replicas() -> i32 {
+    DEFAULT_REPLICAS
+}
+fn default_memory_mib() -> i32 {
+    DEFAULT_MEMORY_MIB
+}
+fn default_max_item_size() -> String {
+    DEFAULT_MAX_ITEM_SIZE.to_string()
+}
+fn default_threads() -> i32 {
+    DEFAULT_THREADS
+}
+fn default_max_connections() -> i32 {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn default_replication_factor() -> i32 {
+    DEFAULT_REPLICATION_FACTOR
+}
+fn default_port() -> i32 {
+    i32::from(names::MEMCACHE_PORT)
+}
+fn default_pdb_max_unavailable() -> i32 {
+    DEFAULT_PDB_MAX_UNAVAILABLE
+}
+
+/// Desired state of a CacheCluster. Every field is optional and has a default,
+/// so `spec: {}` gives a working 3-node cluster.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "kache.dev",
+    version = "v1alpha1",
+    kind = "CacheCluster",
+    plural = "cacheclusters",
+    singular = "cachecluster",
+    shortname = "kc",
+    category = "kache",
+    namespaced,
+    doc = "A memcached-compatible distributed cache: a set of kache-node pods, their Services, and a published member list.",
+    status = "CacheClusterStatus",
+    scale = r#"{"specReplicasPath":".spec.replicas","statusReplicasPath":".status.replicas","labelSelectorPath":".status.selector"}"#,
+    printcolumn = r#"{"name":"Replicas","type":"integer","description":"Desired cache nodes","jsonPath":".spec.replicas"}"#,
+    printcolumn = r#"{"name":"Ready","type":"integer","description":"Ready cache nodes","jsonPath":".status.readyReplicas"}"#,
+    printcolumn = r#"{"name":"Config","type":"integer","description":"Member-list version","jsonPath":".status.configVersion"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheClusterSpec {
+    /// Number of cache nodes (pods). Scalable with `kubectl scale` and a
+    /// HorizontalPodAutoscaler. 0 suspends the cluster.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+
+    /// Container image of the cache nodes. Defaults to the kache-node image
+    /// matching the operator's version (operator flag `--node-image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub image: Option<String>,
+
+    /// Cache memory per node in MiB, passed to kache-node as `-m`. The pod's
+    /// memory request and limit default to this plus headroom.
+    #[serde(rename = "memoryMiB", default = "default_memory_mib")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub memory_mib: i32,
+
+    /// Largest storable item, passed as `-I`: a byte count with an optional
+    /// `k` or `m` suffix, between 1k and 1024m (e.g. `1m`, `512k`).
+    #[serde(default = "default_max_item_size")]
+    #[schemars(regex(pattern = r"^[1-9][0-9]*[kKmM]?$"))]
+    pub max_item_size: String,
+
+    /// Worker threads per node, passed as `-t`.
+    #[serde(default = "default_threads")]
+    #[schemars(range(min = 1, max = 256))]
+    pub threads: i32,
+
+    /// Maximum simultaneous client connections per node, passed as `-c`.
+    #[serde(default = "default_max_connections")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_connections: i32,
+
+    /// How many nodes hold each key (1-3). Must not exceed `replicas` (unless
+    /// `replicas` is 0).
+    #[serde(default = "default_replication_factor")]
+    #[schemars(range(min = 1, max = 3))]
+    pub replication_factor: i32,
+
+    /// Memcache port the nodes listen on and the client Service exposes.
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+
+    /// Compute resources of the cache container. Defaults to a memory request
+    /// and limit of `memoryMiB` plus 25% (at least 64Mi) headroom, and a CPU
+    /// request of 100m per thread.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Node labels the pods must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+
+    /// Tolerations of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+
+    /// Scheduling affinity of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+
+    /// Topology spread of the pods. Defaults to a soft spread across nodes
+    /// (`kubernetes.io/hostname`, maxSkew 1, ScheduleAnyway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
+
+    /// Extra annotations on the pods (e.g. for scraping or service meshes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_annotations: Option<BTreeMap<String, String>>,
+
+    /// PriorityClass of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+
+    /// The PodDisruptionBudget the operator keeps for the pods.
+    #[serde(default)]
+    pub pod_disruption_budget: PodDisruptionBudgetConfig,
+
+    /// Extra command-line arguments appended to kache-node's. Must not repeat a
+    /// flag the operator sets from this spec.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_args: Vec<String>,
+}
+
+/// PodDisruptionBudget settings.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodDisruptionBudgetConfig {
+    /// How many cache nodes a voluntary disruption (drain, eviction) may take
+    /// down at once.
+    #[serde(default = "default_pdb_max_unavailable")]
+    #[schemars(range(min = 0))]
+    pub max_unavailable: i32,
+}
+
+impl Default for PodDisruptionBudgetConfig {
+    fn default() -> Self {
+        Self {
+            max_unavailable: DEFAULT_PDB_MAX_UNAVAILABLE,
+        }
+    }
+}
+
+impl Default for CacheClusterSpec {
+    fn default() -> Self {
+        Self {
+            replicas: DEFAULT_REPLICAS,
+            image: None,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            max_item_size: default_max_item_size(),
+            threads: DEFAULT_THREADS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            replication_factor: DEFAULT_REPLICATION_FACTOR,
+            port: default_port(),
+            resources: None,
+            node_selector: None,
+            tolerations: None,
+            affinity: None,
+            topology_spread_constraints: None,
+            pod_annotations: None,
+            priority_class_name: None,
+            pod_disruption_budget: PodDisruptionBudgetConfig::default(),
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// Observed state of a CacheCluster.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheClusterStatus {
+    /// The `metadata.generation` this status was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Current number of cache-node pods.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Number of Ready cache-node pods.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Label selector of the pods (for the scale subresource and HPAs).
+    #[serde(default)]
+    pub selector: String,
+    /// Every cache-node pod and its state, in ordinal order.
+    #[serde(default)]
+    pub members: Vec<MemberStatus>,
+    /// Version of the published member list (the `<name>-members` ConfigMap).
+    /// Rises by one on every change of the member list, never on a no-op.
+    #[serde(default)]
+    pub config_version: i64,
+    /// `Ready`, `Progressing` and `Degraded`.
+    #[serde(default)]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+}
+
+/// One cache-node pod as seen by the operator.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberStatus {
+    /// Pod name.
+    pub name: String,
+    /// Stable DNS name (`<pod>.<name>-peers.<namespace>.svc`).
+    pub host: String,
+    /// Pod IP, once assigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// Memcache port.
+    pub port: i32,
+    /// Pending, Ready, NotReady or Terminating. Only Ready members are published.
+    pub state: MemberState,
+}
+
+/// Lifecycle state of one cache node.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum MemberState {
+    /// Scheduled or starting, no IP or not yet running.
+    Pending,
+    /// Running and passing its readiness probe: listed in the member list.
+    Ready,
+    /// Running but not ready.
+    NotReady,
+    /// Being deleted.
+    Terminating,
+}
+
+fn conditions_schema(gen: &mut SchemaGenerator) -> Schema {
+    let mut schema = gen.subschema_for::<Vec<Condition>>().into_object();
+    schema
+        .extensions
+        .insert("x-kubernetes-list-type".into(), "map".into());
+    schema.extensions.insert(
+        "x-kubernetes-list-map-keys".into(),
+        serde_json::json!(["type"]),
+    );
+    Schema::Object(schema)
+}
+
+/// The CustomResourceDefinition, including the cross-field CEL rule that
+/// schemars cannot express. This is what `crdgen` prints.
+pub fn crd() -> CustomResourceDefinition {
+    let mut crd = CacheCluster::crd();
+    let spec_schema = crd
+        .spec
+        .versions
+        .iter_mut()
+        .filter_map(|v| v.schema.as_mut())
+        .filter_map(|s| s.open_api_v3_schema.as_mut())
+        .filter_map(|s| s.properties.as_mut())
+        .filter_map(|p| p.get_mut("spec"));
+    for spec in spec_schema {
+        spec.x_kubernetes_validations = Some(vec![ValidationRule {
+            rule: "self.replicas == 0 || self.replicationFactor <= self.replicas".into(),
+            message: Some("replicationFactor must not exceed replicas".into()),
+            ..ValidationRule::default()
+        }]);
+    }
+    crd
+}
+
+/// The CRD as YAML, with a header saying where it comes from.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    let body = serde_yaml::to_string(&crd())?;
+    Ok(format!(
+        "# Generated by `cargo run -p kache-operator --bin crdgen` from operator/src/crd.rs.\n\
+         # Do not edit: change the Rust types and regenerate.\n{body}"
+    ))
+}
+
+/// Flags the operator derives from the spec; `extraArgs` must not repeat them.
+const MANAGED_FLAGS: &[(&str, &str)] = &[
+    ("--port", "-p"),
+    ("--listen", "-l"),
+    ("--memory-limit", "-m"),
+    ("--conn-limit", "-c"),
+    ("--threads", "-t"),
+    ("--max-item-size", "-I"),
+    ("--admin-port", ""),
+    ("--peer-port", ""),
+    ("--cluster", ""),
+];
+
+/// Parses a memcached-style size (`1m`, `512k`, `1048576`) into bytes.
+pub fn parse_item_size(s: &str) -> Option<u64> {
+    let (digits, mult) = match s.chars().last()? {
+        'k' | 'K' => (&s[..s.len() - 1], 1024),
+        'm' | 'M' => (&s[..s.len() - 1], 1024 * 1024),
+        _ => (s, 1),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+impl CacheClusterSpec {
+    /// Every problem with this spec, as messages fit for a condition.
+    /// Empty when the spec is valid.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errs = Vec::new();
+        let mut range = |field: &str, v: i32, lo: i32, hi: i32| {
+            if v < lo || v > hi {
+                errs.push(format!("{field} must be between {lo} and {hi}, got {v}"));
+            }
+        };
+        range("replicas", self.replicas, 0, MAX_REPLICAS);
+        range("memoryMiB", self.memory_mib, 1, MAX_MEMORY_MIB);
+        range("threads", self.threads, 1, MAX_THREADS);
+        range("maxConnections", self.max_connections, 1, MAX_CONNECTIONS);
+        range(
+            "replicationFactor",
+            self.replication_factor,
+            1,
+            MAX_REPLICATION_FACTOR,
+        );
+        range("port", self.port, 1, 65535);
+        range(
+            "podDisruptionBudget.maxUnavailable",
+            self.pod_disruption_budget.max_unavailable,
+            0,
+            i32::MAX,
+        );
+        if self.replicas > 0 && self.replication_factor > self.replicas {
+            errs.push(format!(
+                "replicationFactor ({}) must not exceed replicas ({})",
+                self.replication_factor, self.replicas
+            ));
+        }
+        if self.port == i32::from(names::PEER_PORT) || self.port == i32::from(names::ADMIN_PORT) {
+            errs.push(format!(
+                "port {} is reserved (peer port {}, admin port {})",
+                self.port,
+                names::PEER_PORT,
+                names::ADMIN_PORT
+            ));
+        }
+        match parse_item_size(&self.max_item_size) {
+            None => errs.push(format!(
+                "maxItemSize {:?} is not a size like 1m, 512k or 1048576",
+                self.max_item_size
+            )),
+            Some(b) if !(1024..=1024 * 1024 * 1024).contains(&b) => errs.push(format!(
+                "maxItemSize {:?} must be between 1k and 1024m",
+                self.max_item_size
+            )),
+            Some(b)
+                if self.memory_mib > 0
+                    && b > u64::from(self.memory_mib.unsigned_abs()) * 1024 * 1024 =>
+            {
+                errs.push(format!(
+                    "maxItemSize {:?} must not exceed memoryMiB ({} MiB)",
+                    self.max_item_size, self.memory_mib
+                ))
+            }
+            Some(_) => {}
+        }
+        if matches!(&self.image, Some(i) if i.trim().is_empty()) {
+            errs.push("image must not be empty".into());
+        }
+        for arg in &self.extra_args {
+            let flag = arg.split('=').next().unwrap_or(arg);
+            for (long, short) in MANAGED_FLAGS {
+                let clash = flag == *long
+                    || (!short.is_empty()
+                        && (arg == short || (arg.starts_with(short) && !arg.starts_with("--"))));
+                if clash {
+                    errs.push(format!(
+                        "extraArgs must not set {long}: the operator sets it from the spec"
+                    ));
+                }
+            }
+        }
+        errs
+    }
+}
+
+impl CacheCluster {
+    /// The node image: the spec's, else the operator's default.
+    pub fn node_image<'a>(&'a self, default: &'a str) -> &'a str {
+        self.spec.image.as_deref().unwrap_or(default)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_spec_gets_documented_defaults() {
+        let spec: CacheClusterSpec = serde_json::from_str("{}").unwrap();
+        assert_eq!(spec, CacheClusterSpec::default());
+        assert_eq!(spec.replicas, 3);
+        assert_eq!(spec.memory_mib, 64);
+        assert_eq!(spec.max_item_size, "1m");
+        assert_eq!(spec.replication_factor, 1);
+        assert_eq!(spec.port, 11211);
+        assert_eq!(spec.pod_disruption_budget.max_unavailable, 1);
+        assert!(spec.validate().is_empty());
+    }
+
+    #[test]
+    fn spec_is_camel_case() {
+        let spec: CacheClusterSpec = serde_json::from_value(serde_json::json!({
+            "replicas": 5, "memoryMiB": 256, "maxItemSize": "2m", "threads": 2,
+            "maxConnections": 10, "replicationFactor": 2, "port": 11300,
+            "podDisruptionBudget": {"maxUnavailable": 2}, "extraArgs": ["-v"],
+            "priorityClassName": "high", "podAnnotations": {"a": "b"}
+        }))
+        .unwrap();
+        assert_eq!(spec.memory_mib, 256);
+        assert_eq!(spec.pod_disruption_budget.max_unavailable, 2);
+        assert!(spec.validate().is_empty(), "{:?}", spec.validate());
+        let back = serde_json::to_value(&spec).unwrap();
+        assert_eq!(back["memoryMiB"], 256);
+        assert_eq!(back["replicationFactor"], 2);
+    }
+
+    #[test]
+    fn invalid_specs_are_explained() {
+        let check = |spec: CacheClusterSpec, needle: &str| {
+            let errs = spec.validate();
+            assert!(
+                errs.iter().any(|e| e.contains(needle)),
+                "expected {needle:?} in {errs:?}"
+            );
+        };
+        check(
+            CacheClusterSpec {
+                replication_factor: 3,
+                replicas: 2,
+                ..Default::default()
+            },
+            "replicationFactor (3) must not exceed replicas (2)",
+        );
+        check(
+            CacheClusterSpec {
+                replication_factor: 4,
+                ..Default::default()
+            },
+            "replicationFactor must be between 1 and 3",
+        );
+        check(
+            CacheClusterSpec {
+                replicas: -1,
+                ..Default::default()
+            },
+            "replicas must be between",
+        );
+        check(
+            CacheClusterSpec {
+                memory_mib: 0,
+                ..Default::default()
+            },
+            "memoryMiB",
+        );
+        check(
+            CacheClusterSpec {
+                threads: 0,
+                ..Default::default()
+            },
+            "threads",
+        );
+        check(
+            CacheClusterSpec {
+                port: 70000,
+                ..Default::default()
+            },
+            "port must be between",
+        );
+        check(
+            CacheClusterSpec {
+                port: 11212,
+                ..Default::default()
+            },
+            "reserved",
+        );
+        check(
+            CacheClusterSpec {
+                max_item_size: "lots".into(),
+                ..Default::default()
+            },
+            "is not a size",
+        );
+        check(
+            CacheClusterSpec {
+                max_item_size: "10".into(),
+                ..Default::default()
+            },
+            "between 1k and 1024m",
+        );
+        check(
+            CacheClusterSpec {
+                max_item_size: "128m".into(),
+                ..Default::default()
+            },
+            "must not exceed memoryMiB",
+        );
+        check(
+            CacheClusterSpec {
+                extra_args: vec!["--port=1".into()],
+                ..Default::default()
+            },
+            "must not set --port",
+        );
+        check(
+            CacheClusterSpec {
+                extra_args: vec!["-m1024".into()],
+                ..Default::default()
+            },
+            "must not set --memory-limit",
+        );
+        check(
+            CacheClusterSpec {
+                image: Some(" ".into()),
+                ..Default::default()
+            },
+            "image must not be empty",
+        );
+        // Scaled to zero is fine whatever the replication factor.
+        let zero = CacheClusterSpec {
+            replicas: 0,
+            replication_factor: 3,
+            ..Default::default()
+        };
+        assert!(zero.validate().is_empty());
+        // Harmless extra args pass.
+        let ok = CacheClusterSpec {
+            extra_args: vec!["-v".into(), "--verbose".into()],
+            ..Default::default()
+        };
+        assert!(ok.validate().is_empty(), "{:?}", ok.validate());
+    }
+
+    #[test]
+    fn item_sizes_parse() {
+        assert_eq!(parse_item_size("1m"), Some(1 << 20));
+        assert_eq!(parse_item_size("512k"), Some(512 << 10));
+        assert_eq!(parse_item_size("1048576"), Some(1 << 20));
+        assert_eq!(parse_item_size("m"), None);
+        assert_eq!(parse_item_size(""), None);
+        assert_eq!(parse_item_size("1g"), None);
+        assert_eq!(parse_item_size("-1"), None);
+    }
+
+    #[test]
+    fn crd_has_scale_printer_columns_and_rule() {
+        let crd = crd();
+        assert_eq!(
+            crd.metadata.name.as_deref(),
+            Some("cacheclusters.kache.dev")
+        );
+        assert_eq!(crd.spec.names.short_names, Some(vec!["kc".to_string()]));
+        let v = &crd.spec.versions[0];
+        assert_eq!(v.name, "v1alpha1");
+        let scale = v.subresources.as_ref().unwrap().scale.as_ref().unwrap();
+        assert_eq!(scale.spec_replicas_path, ".spec.replicas");
+        assert_eq!(
+            scale.label_selector_path.as_deref(),
+            Some(".status.selector")
+        );
+        let cols: Vec<_> = v
+            .additional_printer_columns
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(cols, ["Replicas", "Ready", "Config", "Age"]);
+        let json = serde_json::to_value(&crd).unwrap();
+        let spec = &json["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        assert_eq!(spec["properties"]["replicas"]["default"], 3);
+        assert_eq!(spec["properties"]["memoryMiB"]["default"], 64);
+        assert_eq!(
+            spec["properties"]["podDisruptionBudget"]["default"]["maxUnavailable"],
+            1
+        );
+        assert!(spec["properties"]["replicas"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("kubectl scale"));
+        assert!(spec["x-kubernetes-validations"][0]["rule"]
+            .as_str()
+            .unwrap()
+            .contains("replicationFactor <= self.replicas"));
+        let conditions = &json["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+            ["status"]["properties"]["conditions"];
+        assert_eq!(conditions["x-kubernetes-list-type"], "map");
+    }
+}

@@ -1,0 +1,410 @@
+//! The reconciler: read → build desired objects → apply (server-side apply,
+//! one field manager) → compute status → patch status → record events.
+//!
+//! All decisions are made by the pure functions in [`crate::build`] and
+//! [`crate::status`]; this module only performs the I/O around them.
+
+use crate::build::{self, BuildError};
+use crate::crd::{CacheCluster, CacheClusterStatus};
+use crate::metrics::Metrics;
+use crate::status::{self, CONDITION_DEGRADED, REASON_INVALID_SPEC};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::chrono::Utc;
+use k8s_openapi::NamespaceResourceScope;
+use kache_cluster::names;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Requeue interval of a settled cluster (a safety net; watches drive the rest).
+pub const REQUEUE_SETTLED: Duration = Duration::from_secs(300);
+/// Requeue interval while a cluster is still converging.
+pub const REQUEUE_CONVERGING: Duration = Duration::from_secs(15);
+/// First retry delay after an error; doubles per consecutive failure.
+pub const ERROR_BACKOFF_BASE: Duration = Duration::from_secs(2);
+/// Longest retry delay after errors.
+pub const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// Why a reconciliation failed. Failures are retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An API request failed.
+    #[error("kubernetes API request failed: {0}")]
+    Kube(#[from] kube::Error),
+    /// A desired object could not be built.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+}
+
+impl Error {
+    /// Short label for the error metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Build(_) => "build",
+        }
+    }
+}
+
+/// Operator-wide settings the reconciler needs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Image for CacheClusters that do not set `spec.image`.
+    pub node_image: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            node_image: build::DEFAULT_NODE_IMAGE.to_string(),
+        }
+    }
+}
+
+/// Shared state of the reconciler.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: Client,
+    /// Settings from flags.
+    pub settings: Settings,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Event recorder.
+    pub recorder: Recorder,
+    /// Clock (injected so tests are deterministic).
+    pub now: fn() -> Time,
+    failures: Mutex<HashMap<ObjectRef<CacheCluster>, u32>>,
+}
+
+fn wall_clock() -> Time {
+    Time(Utc::now())
+}
+
+impl Context {
+    /// A context with the real clock.
+    pub fn new(
+        client: Client,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        reporter: Reporter,
+    ) -> Self {
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            settings,
+            metrics,
+            now: wall_clock,
+            failures: Mutex::default(),
+        }
+    }
+
+    fn record_failure(&self, obj: ObjectRef<CacheCluster>) -> u32 {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = f.entry(obj).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    fn clear_failures(&self, obj: &ObjectRef<CacheCluster>) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(obj);
+    }
+}
+
+/// Delay before retry number `failures` (1-based): 2s, 4s, 8s … capped at 5 min.
+pub fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    ERROR_BACKOFF_BASE
+        .saturating_mul(1u32 << exp)
+        .min(ERROR_BACKOFF_MAX)
+}
+
+/// Server-side apply of one namespaced object under the operator's field manager.
+async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<K, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let params = PatchParams::apply(names::MANAGER).force();
+    Ok(api
+        .patch(&obj.name_any(), &params, &Patch::Apply(obj))
+        .await?)
+}
+
+async fn patch_status(
+    client: &Client,
+    cc: &CacheCluster,
+    status: &CacheClusterStatus,
+) -> Result<(), Error> {
+    let ns = build::namespace(cc)?;
+    let api: Api<CacheCluster> = Api::namespaced(client.clone(), &ns);
+    let patch = serde_json::json!({
+        "apiVersion": CacheCluster::api_version(&()),
+        "kind": CacheCluster::kind(&()),
+        "status": status,
+    });
+    let params = PatchParams::apply(names::MANAGER).force();
+    api.patch_status(&cc.name_any(), &params, &Patch::Apply(&patch))
+        .await?;
+    Ok(())
+}
+
+async fn publish(
+    ctx: &Context,
+    cc: &CacheCluster,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    // Events are best effort: failing to record one must not fail the reconcile.
+    if let Err(e) = ctx.recorder.publish(&event, &cc.object_ref(&())).await {
+        tracing::warn!(error = %e, reason, "could not publish event");
+    }
+}
+
+/// Reconciles one CacheCluster. Idempotent: running it twice on an unchanged
+/// cluster makes no change.
+pub async fn reconcile(cc: Arc<CacheCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    ctx.metrics.reconciles.inc();
+    let result = reconcile_inner(&cc, &ctx).await;
+    ctx.metrics.observe(
+        started.elapsed(),
+        result.as_ref().err().map(Error::metric_label),
+    );
+    if result.is_ok() {
+        ctx.clear_failures(&ObjectRef::from_obj(cc.as_ref()));
+    }
+    result
+}
+
+async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Error> {
+    if cc.meta().deletion_timestamp.is_some() {
+        // Owner references let the garbage collector remove everything.
+        return Ok(Action::await_change());
+    }
+    let name = cc.name_any();
+    let ns = build::namespace(cc)?;
+    let client = &ctx.client;
+    let now = (ctx.now)();
+
+    let errors = cc.spec.validate();
+    if !errors.is_empty() {
+        ctx.metrics.invalid_specs.inc();
+        let status = status::invalid_spec_status(cc, &errors, now);
+        let already_reported = cc.status.as_ref().is_some_and(|s| {
+            s.observed_generation == cc.metadata.generation
+                && status::find_condition(s, CONDITION_DEGRADED)
+                    .is_some_and(|c| c.reason == REASON_INVALID_SPEC)
+        });
+        tracing::warn!(%ns, %name, ?errors, "invalid CacheCluster spec");
+        if cc.status.as_ref() != Some(&status) {
+            patch_status(client, cc, &status).await?;
+        }
+        if !already_reported {
+            let note = format!("invalid spec, nothing changed: {}", errors.join("; "));
+            publish(
+                ctx,
+                cc,
+                EventType::Warning,
+                REASON_INVALID_SPEC,
+                "Validate",
+                note,
+            )
+            .await;
+        }
+        // No retry loop: the next spec change triggers a new reconcile.
+        return Ok(Action::await_change());
+    }
+
+    // Identity and networking first, so pods find them when they start.
+    apply(client, &ns, &build::node_service_account(cc)?).await?;
+    apply(client, &ns, &build::node_role(cc)?).await?;
+    apply(client, &ns, &build::node_role_binding(cc)?).await?;
+    apply(client, &ns, &build::peers_service(cc)?).await?;
+    apply(client, &ns, &build::client_service(cc)?).await?;
+
+    // Observe the pods and the published member list.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pods = pods
+        .list(&ListParams::default().labels(&names::selector_string(&name)))
+        .await?
+        .items;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let current_cm = cms.get_opt(&names::members_configmap_name(&name)).await?;
+    let published = status::published_member_list(current_cm.as_ref());
+    let previous_version = cc.status.as_ref().map_or(0, |s| s.config_version);
+    let list = status::next_member_list(
+        status::ready_members(cc, &pods),
+        status::replication_factor(cc),
+        published.as_ref(),
+        previous_version,
+    );
+    let desired_cm = build::members_configmap(cc, &list)?;
+    let cm_changed = current_cm.as_ref().map(|c| &c.data) != Some(&desired_cm.data)
+        || current_cm.as_ref().map(|c| &c.metadata.annotations)
+            != Some(&desired_cm.metadata.annotations);
+    if cm_changed {
+        apply(client, &ns, &desired_cm).await?;
+    }
+
+    let sts = apply(
+        client,
+        &ns,
+        &build::statefulset(cc, &ctx.settings.node_image)?,
+    )
+    .await?;
+    apply(client, &ns, &build::pod_disruption_budget(cc)?).await?;
+
+    let new_status = status::compute_status(cc, &pods, Some(&sts), &list, now);
+    if cc.status.as_ref() != Some(&new_status) {
+        patch_status(client, cc, &new_status).await?;
+    }
+
+    // Events: what the operator did.
+    let first = cc
+        .status
+        .as_ref()
+        .and_then(|s| s.observed_generation)
+        .is_none();
+    if first {
+        let note = format!(
+            "created StatefulSet {name} ({} nodes), Services {name} and {}, ConfigMap {}, PodDisruptionBudget and RBAC",
+            cc.spec.replicas,
+            names::peers_service_name(&name),
+            names::members_configmap_name(&name)
+        );
+        publish(ctx, cc, EventType::Normal, "Created", "Reconcile", note).await;
+    } else if cc.status.as_ref().and_then(|s| s.observed_generation) != cc.metadata.generation {
+        let note = format!(
+            "applied generation {} to StatefulSet {name} ({} nodes)",
+            cc.metadata.generation.unwrap_or_default(),
+            cc.spec.replicas
+        );
+        publish(ctx, cc, EventType::Normal, "SpecApplied", "Reconcile", note).await;
+    }
+    if published.as_ref().map(|p| p.version) != Some(list.version) {
+        let note = format!(
+            "published member list version {} with {} member(s)",
+            list.version,
+            list.members.len()
+        );
+        publish(
+            ctx,
+            cc,
+            EventType::Normal,
+            "MembersChanged",
+            "PublishMembers",
+            note,
+        )
+        .await;
+    }
+
+    let settled = status::find_condition(&new_status, status::CONDITION_READY)
+        .is_some_and(|c| c.status == "True");
+    Ok(Action::requeue(if settled {
+        REQUEUE_SETTLED
+    } else {
+        REQUEUE_CONVERGING
+    }))
+}
+
+/// Failed reconciliations are retried with exponential backoff per object.
+pub fn error_policy(cc: Arc<CacheCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    let failures = ctx.record_failure(ObjectRef::from_obj(cc.as_ref()));
+    let delay = backoff(failures);
+    tracing::warn!(
+        namespace = cc.namespace().unwrap_or_default(),
+        name = cc.name_any(),
+        %error,
+        failures,
+        retry_in = ?delay,
+        "reconcile failed"
+    );
+    Action::requeue(delay)
+}
+
+/// Maps a cache-node pod to the CacheCluster it belongs to.
+fn pod_owner(pod: Pod) -> Option<ObjectRef<CacheCluster>> {
+    let cluster = pod.labels().get(names::LABEL_INSTANCE)?;
+    let ns = pod.namespace()?;
+    Some(ObjectRef::new(cluster).within(&ns))
+}
+
+/// Runs the controller until `shutdown` resolves: watches CacheClusters, the
+/// objects they own, and their pods (readiness changes change the member list).
+pub async fn run_controller(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let client = &ctx.client;
+    let managed = watcher::Config::default().labels(&format!(
+        "{}={}",
+        names::LABEL_MANAGED_BY,
+        names::MANAGER
+    ));
+    Controller::new(
+        api::<CacheCluster>(client, &namespace),
+        watcher::Config::default(),
+    )
+    .owns(api::<StatefulSet>(client, &namespace), managed.clone())
+    .owns(api::<Service>(client, &namespace), managed.clone())
+    .owns(api::<ConfigMap>(client, &namespace), managed.clone())
+    .owns(
+        api::<PodDisruptionBudget>(client, &namespace),
+        managed.clone(),
+    )
+    .watches(api::<Pod>(client, &namespace), managed, pod_owner)
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile, error_policy, ctx.clone())
+    .for_each(|res| async move {
+        match res {
+            Ok((obj, _)) => {
+                tracing::debug!(name = %obj.name, namespace = ?obj.namespace, "reconciled")
+            }
+            Err(e) => tracing::debug!(error = %e, "reconcile stream error"),
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,488 @@
+//! `reconcile()` against a scripted mock API server (`tower_test`): every test
+//! lists the exact requests the reconciler must make, in order, and what the
+//! "API server" answers.
+
+use super::*;
+use crate::build::testing::cluster;
+use crate::crd::{CacheClusterSpec, CacheClusterStatus};
+use crate::status::tests::{pod, settled_sts, t};
+use http::{Method, Request, Response, StatusCode};
+use kache_cluster::MemberList;
+use kube::client::Body;
+use serde_json::{json, Value};
+use tower_test::mock;
+
+type Handle = mock::Handle<Request<Body>, Response<Body>>;
+
+const APPLY_QS: &str = "?&force=true&fieldManager=kache-operator";
+
+fn fixed_now() -> Time {
+    t(0)
+}
+
+fn test_context() -> (Arc<Context>, Handle) {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let reporter = Reporter {
+        controller: "kache-operator".into(),
+        instance: Some("kache-operator-0".into()),
+    };
+    let mut ctx = Context::new(
+        client,
+        Settings::default(),
+        Arc::new(Metrics::default()),
+        reporter,
+    );
+    ctx.now = fixed_now;
+    ctx.settings.node_image = "kache-node:test".into();
+    (Arc::new(ctx), handle)
+}
+
+/// One expected request and the answer to it.
+struct Exchange {
+    method: Method,
+    uri: String,
+    /// Checks the request body (parsed as JSON; `Null` when empty).
+    check: Box<dyn Fn(&Value) + Send>,
+    status: StatusCode,
+    /// Builds the response body from the request body (default: echo it).
+    response: Box<dyn Fn(&Value) -> Value + Send>,
+}
+
+fn expect(method: Method, uri: impl Into<String>) -> Exchange {
+    Exchange {
+        method,
+        uri: uri.into(),
+        check: Box::new(|_| {}),
+        status: StatusCode::OK,
+        response: Box::new(Value::clone),
+    }
+}
+
+impl Exchange {
+    fn body_eq(mut self, expected: Value) -> Self {
+        self.check = Box::new(move |actual| assert_eq!(actual, &expected, "request body"));
+        self
+    }
+    fn check(mut self, f: impl Fn(&Value) + Send + 'static) -> Self {
+        self.check = Box::new(f);
+        self
+    }
+    fn respond(mut self, status: StatusCode, body: Value) -> Self {
+        self.status = status;
+        self.response = Box::new(move |_| body.clone());
+        self
+    }
+    fn respond_with(mut self, f: impl Fn(&Value) -> Value + Send + 'static) -> Self {
+        self.response = Box::new(f);
+        self
+    }
+}
+
+/// An apply (server-side apply PATCH) whose body must be exactly `obj`.
+fn apply_of<T: Serialize>(path: &str, obj: &T) -> Exchange {
+    expect(Method::PATCH, format!("{path}{APPLY_QS}")).body_eq(serde_json::to_value(obj).unwrap())
+}
+
+fn not_found() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "reason": "NotFound", "message": "not found", "code": 404})
+}
+
+fn pod_list(pods: &[Pod]) -> Value {
+    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": pods})
+}
+
+fn event(reason: &'static str, type_: &'static str) -> Exchange {
+    expect(
+        Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/prod/events?",
+    )
+    .check(move |body| {
+        assert_eq!(body["reason"], reason, "event reason in {body}");
+        assert_eq!(body["type"], type_, "event type in {body}");
+        assert_eq!(body["regarding"]["kind"], "CacheCluster");
+        assert_eq!(body["regarding"]["name"], "web");
+        assert_eq!(body["reportingController"], "kache-operator");
+    })
+}
+
+/// Plays the script against the reconciler, then checks it made no more requests.
+async fn run(cc: CacheCluster, script: Vec<Exchange>) -> Result<Action, Error> {
+    let (ctx, mut handle) = test_context();
+    let task = tokio::spawn(reconcile(Arc::new(cc), ctx.clone()));
+    for (i, ex) in script.into_iter().enumerate() {
+        let next = tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await;
+        let (req, send) = match next {
+            Ok(Some(r)) => r,
+            _ => panic!("request #{i} ({} {}) was never made", ex.method, ex.uri),
+        };
+        assert_eq!(
+            (req.method(), req.uri().to_string()),
+            (&ex.method, ex.uri.clone()),
+            "request #{i}"
+        );
+        let bytes = req.into_body().collect_bytes().await.unwrap();
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        (ex.check)(&body);
+        let response = (ex.response)(&body);
+        send.send_response(
+            Response::builder()
+                .status(ex.status)
+                .body(Body::from(serde_json::to_vec(&response).unwrap()))
+                .unwrap(),
+        );
+    }
+    let result = task.await.unwrap();
+    drop(ctx);
+    if let Ok(Some((req, _))) =
+        tokio::time::timeout(Duration::from_millis(100), handle.next_request()).await
+    {
+        panic!("unexpected extra request {} {}", req.method(), req.uri());
+    }
+    result
+}
+
+const NS: &str = "/api/v1/namespaces/prod";
+const RBAC: &str = "/apis/rbac.authorization.k8s.io/v1/namespaces/prod";
+const STS: &str = "/apis/apps/v1/namespaces/prod/statefulsets/web";
+const PDB: &str = "/apis/policy/v1/namespaces/prod/poddisruptionbudgets/web";
+const STATUS: &str = "/apis/kache.dev/v1alpha1/namespaces/prod/cacheclusters/web/status";
+const PODS: &str = "/api/v1/namespaces/prod/pods?&labelSelector=app.kubernetes.io%2Fcomponent%3Dcache-node%2Capp.kubernetes.io%2Finstance%3Dweb%2Capp.kubernetes.io%2Fname%3Dkache";
+
+/// The requests every valid reconcile starts with: RBAC and Services applied,
+/// pods listed, the member-list ConfigMap read.
+fn preamble(cc: &CacheCluster, pods: &[Pod], cm: Option<&ConfigMap>) -> Vec<Exchange> {
+    vec![
+        apply_of(
+            &format!("{NS}/serviceaccounts/web-node"),
+            &build::node_service_account(cc).unwrap(),
+        ),
+        apply_of(
+            &format!("{RBAC}/roles/web-node"),
+            &build::node_role(cc).unwrap(),
+        ),
+        apply_of(
+            &format!("{RBAC}/rolebindings/web-node"),
+            &build::node_role_binding(cc).unwrap(),
+        ),
+        apply_of(
+            &format!("{NS}/services/web-peers"),
+            &build::peers_service(cc).unwrap(),
+        ),
+        apply_of(
+            &format!("{NS}/services/web"),
+            &build::client_service(cc).unwrap(),
+        ),
+        expect(Method::GET, PODS).respond(StatusCode::OK, pod_list(pods)),
+        match cm {
+            Some(cm) => expect(Method::GET, format!("{NS}/configmaps/web-members"))
+                .respond(StatusCode::OK, serde_json::to_value(cm).unwrap()),
+            None => expect(Method::GET, format!("{NS}/configmaps/web-members"))
+                .respond(StatusCode::NOT_FOUND, not_found()),
+        },
+    ]
+}
+
+/// A server-side-apply patch of the status subresource; the "API server"
+/// answers with the CacheCluster carrying the new status.
+fn status_patch(
+    cc: &CacheCluster,
+    check: impl Fn(&CacheClusterStatus) + Send + 'static,
+) -> Exchange {
+    let cc = cc.clone();
+    expect(Method::PATCH, format!("{STATUS}{APPLY_QS}"))
+        .check(move |body| {
+            assert_eq!(body["apiVersion"], "kache.dev/v1alpha1");
+            assert_eq!(body["kind"], "CacheCluster");
+            let status: CacheClusterStatus =
+                serde_json::from_value(body["status"].clone()).unwrap();
+            check(&status);
+        })
+        .respond_with(move |body| {
+            let mut obj = serde_json::to_value(&cc).unwrap();
+            obj["status"] = body["status"].clone();
+            obj
+        })
+}
+
+fn three_ready() -> Vec<Pod> {
+    vec![
+        pod("web-0", Some("10.0.0.1"), true),
+        pod("web-1", Some("10.0.0.2"), true),
+        pod("web-2", Some("10.0.0.3"), true),
+    ]
+}
+
+fn published(cc: &CacheCluster, pods: &[Pod], version: u64) -> MemberList {
+    MemberList {
+        version,
+        ..status::next_member_list(status::ready_members(cc, pods), 1, None, 0)
+    }
+}
+
+#[tokio::test]
+async fn first_reconcile_creates_everything_and_publishes_version_one() {
+    let cc = cluster("web", CacheClusterSpec::default());
+    let empty = MemberList {
+        version: 1,
+        replication_factor: 1,
+        members: vec![],
+    };
+    let sts = build::statefulset(&cc, "kache-node:test").unwrap();
+    let mut script = preamble(&cc, &[], None);
+    script.extend([
+        apply_of(
+            &format!("{NS}/configmaps/web-members"),
+            &build::members_configmap(&cc, &empty).unwrap(),
+        ),
+        apply_of(STS, &sts),
+        apply_of(PDB, &build::pod_disruption_budget(&cc).unwrap()),
+        status_patch(&cc, |s| {
+            assert_eq!(s.observed_generation, Some(1));
+            assert_eq!(s.config_version, 1);
+            assert_eq!(s.replicas, 0);
+            assert_eq!(s.selector, names::selector_string("web"));
+            let ready = status::find_condition(s, "Ready").unwrap();
+            assert_eq!(
+                (ready.status.as_str(), ready.message.as_str()),
+                ("False", "0/3 nodes ready")
+            );
+            let prog = status::find_condition(s, "Progressing").unwrap();
+            assert_eq!(prog.status, "True");
+        }),
+        event("Created", "Normal"),
+        event("MembersChanged", "Normal"),
+    ]);
+    let action = run(cc, script).await.unwrap();
+    assert_eq!(action, Action::requeue(REQUEUE_CONVERGING));
+}
+
+#[tokio::test]
+async fn settled_cluster_reconcile_is_a_no_op() {
+    let mut cc = cluster("web", CacheClusterSpec::default());
+    let pods = three_ready();
+    let list = published(&cc, &pods, 4);
+    let cm = build::members_configmap(&cc, &list).unwrap();
+    let mut sts = build::statefulset(&cc, "kache-node:test").unwrap();
+    sts.metadata.generation = Some(1);
+    sts.status = settled_sts(3).status;
+    cc.status = Some(status::compute_status(
+        &cc,
+        &pods,
+        Some(&sts),
+        &list,
+        fixed_now(),
+    ));
+
+    let mut script = preamble(&cc, &pods, Some(&cm));
+    script.extend([
+        // No ConfigMap write: the published list is unchanged.
+        apply_of(STS, &build::statefulset(&cc, "kache-node:test").unwrap())
+            .respond(StatusCode::OK, serde_json::to_value(&sts).unwrap()),
+        apply_of(PDB, &build::pod_disruption_budget(&cc).unwrap()),
+        // No status patch, no events.
+    ]);
+    let action = run(cc, script).await.unwrap();
+    assert_eq!(action, Action::requeue(REQUEUE_SETTLED));
+}
+
+#[tokio::test]
+async fn pod_becoming_ready_bumps_config_version_by_one() {
+    let mut cc = cluster("web", CacheClusterSpec::default());
+    let mut pods = three_ready();
+    pods[2] = pod("web-2", Some("10.0.0.3"), false);
+    let old = published(&cc, &pods, 4);
+    let old_cm = build::members_configmap(&cc, &old).unwrap();
+    let mut sts = build::statefulset(&cc, "kache-node:test").unwrap();
+    sts.metadata.generation = Some(1);
+    sts.status = settled_sts(3).status;
+    cc.status = Some(status::compute_status(
+        &cc,
+        &pods,
+        Some(&sts),
+        &old,
+        fixed_now(),
+    ));
+
+    // web-2 turns Ready.
+    let pods = three_ready();
+    let new = published(&cc, &pods, 5);
+    let mut script = preamble(&cc, &pods, Some(&old_cm));
+    script.extend([
+        apply_of(
+            &format!("{NS}/configmaps/web-members"),
+            &build::members_configmap(&cc, &new).unwrap(),
+        ),
+        apply_of(STS, &build::statefulset(&cc, "kache-node:test").unwrap())
+            .respond(StatusCode::OK, serde_json::to_value(&sts).unwrap()),
+        apply_of(PDB, &build::pod_disruption_budget(&cc).unwrap()),
+        status_patch(&cc, |s| {
+            assert_eq!(s.config_version, 5);
+            assert_eq!(s.ready_replicas, 3);
+            assert_eq!(status::find_condition(s, "Ready").unwrap().status, "True");
+        }),
+        event("MembersChanged", "Normal").check(|body| {
+            assert_eq!(
+                body["note"],
+                "published member list version 5 with 3 member(s)"
+            );
+        }),
+    ]);
+    let action = run(cc, script).await.unwrap();
+    assert_eq!(action, Action::requeue(REQUEUE_SETTLED));
+}
+
+#[tokio::test]
+async fn spec_change_rolls_statefulset_and_records_event() {
+    let mut cc = cluster("web", CacheClusterSpec::default());
+    let pods = three_ready();
+    let list = published(&cc, &pods, 2);
+    let cm = build::members_configmap(&cc, &list).unwrap();
+    let mut sts = build::statefulset(&cc, "kache-node:test").unwrap();
+    sts.status = settled_sts(3).status;
+    cc.status = Some(status::compute_status(
+        &cc,
+        &pods,
+        Some(&sts),
+        &list,
+        fixed_now(),
+    ));
+    // The user raises memory: generation 2.
+    cc.spec.memory_mib = 256;
+    cc.metadata.generation = Some(2);
+    let desired = build::statefulset(&cc, "kache-node:test").unwrap();
+    let mut rolled = desired.clone();
+    rolled.metadata.generation = Some(2);
+    rolled.status = settled_sts(3).status; // controller has not observed generation 2 yet
+
+    let mut script = preamble(&cc, &pods, Some(&cm));
+    script.extend([
+        apply_of(STS, &desired)
+            .check(|body| {
+                let args = &body["spec"]["template"]["spec"]["containers"][0]["args"];
+                assert!(
+                    args.as_array().unwrap().iter().any(|a| a == "256"),
+                    "{args}"
+                );
+            })
+            .respond(StatusCode::OK, serde_json::to_value(&rolled).unwrap()),
+        apply_of(PDB, &build::pod_disruption_budget(&cc).unwrap()),
+        status_patch(&cc, |s| {
+            assert_eq!(s.observed_generation, Some(2));
+            assert_eq!(s.config_version, 2, "no membership change, no version bump");
+            let prog = status::find_condition(s, "Progressing").unwrap();
+            assert_eq!(
+                (prog.status.as_str(), prog.reason.as_str()),
+                ("True", "RollingOut")
+            );
+        }),
+        event("SpecApplied", "Normal"),
+    ]);
+    let action = run(cc, script).await.unwrap();
+    assert_eq!(action, Action::requeue(REQUEUE_CONVERGING));
+}
+
+#[tokio::test]
+async fn invalid_spec_sets_degraded_once_and_does_not_retry() {
+    let cc = cluster(
+        "web",
+        CacheClusterSpec {
+            replicas: 2,
+            replication_factor: 3,
+            ..Default::default()
+        },
+    );
+    let script = vec![
+        status_patch(&cc, |s| {
+            let deg = status::find_condition(s, "Degraded").unwrap();
+            assert_eq!(
+                (deg.status.as_str(), deg.reason.as_str()),
+                ("True", "InvalidSpec")
+            );
+            assert!(deg
+                .message
+                .contains("replicationFactor (3) must not exceed replicas (2)"));
+        }),
+        event("InvalidSpec", "Warning").check(|body| {
+            assert!(body["note"]
+                .as_str()
+                .unwrap()
+                .contains("must not exceed replicas"));
+        }),
+    ];
+    let action = run(cc.clone(), script).await.unwrap();
+    assert_eq!(action, Action::await_change());
+
+    // Reconciling again (e.g. a pod event) makes no request at all.
+    let mut reported = cc.clone();
+    reported.status = Some(status::invalid_spec_status(
+        &cc,
+        &cc.spec.validate(),
+        fixed_now(),
+    ));
+    let action = run(reported, vec![]).await.unwrap();
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn api_errors_fail_the_reconcile_and_back_off() {
+    let cc = cluster("web", CacheClusterSpec::default());
+    let script = vec![expect(
+        Method::PATCH,
+        format!("{NS}/serviceaccounts/web-node{APPLY_QS}"),
+    )
+    .respond(
+        StatusCode::FORBIDDEN,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "reason": "Forbidden", "message": "forbidden", "code": 403}),
+    )];
+    let err = run(cc.clone(), script).await.unwrap_err();
+    assert!(matches!(err, Error::Kube(_)), "{err}");
+    assert_eq!(err.metric_label(), "kube");
+
+    let (ctx, _handle) = test_context();
+    let cc = Arc::new(cc);
+    assert_eq!(
+        error_policy(cc.clone(), &err, ctx.clone()),
+        Action::requeue(Duration::from_secs(2))
+    );
+    assert_eq!(
+        error_policy(cc.clone(), &err, ctx.clone()),
+        Action::requeue(Duration::from_secs(4))
+    );
+    assert_eq!(
+        error_policy(cc, &err, ctx),
+        Action::requeue(Duration::from_secs(8))
+    );
+}
+
+#[tokio::test]
+async fn deleted_cluster_is_left_to_garbage_collection() {
+    let mut cc = cluster("web", CacheClusterSpec::default());
+    cc.metadata.deletion_timestamp = Some(t(0));
+    assert_eq!(run(cc, vec![]).await.unwrap(), Action::await_change());
+}
+
+#[test]
+fn backoff_doubles_and_caps() {
+    assert_eq!(backoff(1), Duration::from_secs(2));
+    assert_eq!(backoff(2), Duration::from_secs(4));
+    assert_eq!(backoff(5), Duration::from_secs(32));
+    assert_eq!(backoff(9), ERROR_BACKOFF_MAX);
+    assert_eq!(backoff(u32::MAX), ERROR_BACKOFF_MAX);
+}
+
+#[test]
+fn pods_map_to_their_cluster() {
+    let mut p = pod("web-0", Some("10.0.0.1"), true);
+    p.metadata.labels = Some(names::common_labels("web"));
+    let r = pod_owner(p).unwrap();
+    assert_eq!(r.name, "web");
+    assert_eq!(r.namespace.as_deref(), Some("prod"));
+    assert!(pod_owner(pod("stray", None, false)).is_none());
+}

@@ -1,0 +1,80 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Golden-file tests: the objects built for `examples/cachecluster.yaml` must
+//! match `operator/tests/fixtures/my-cache.yaml` exactly, so every change to
+//! what the operator applies shows up in review.
+//!
+//! After an intended change, regenerate the fixture with
+//! `KACHE_UPDATE_FIXTURES=1 cargo test -p kache-operator --test builders`.
+
+use kache_cluster::{Member, MemberList};
+use kache_operator::build;
+use kache_operator::crd::CacheCluster;
+use std::path::PathBuf;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The example, as the API server would hand it to the operator.
+fn example() -> CacheCluster {
+    let text = std::fs::read_to_string(root().join("examples/cachecluster.yaml")).unwrap();
+    let mut cc: CacheCluster = serde_yaml::from_str(&text).unwrap();
+    cc.metadata.namespace = Some("default".into());
+    cc.metadata.uid = Some("00000000-0000-4000-8000-000000000001".into());
+    cc.metadata.generation = Some(1);
+    cc
+}
+
+#[test]
+fn example_is_a_valid_minimal_cachecluster() {
+    let cc = example();
+    assert_eq!(cc.metadata.name.as_deref(), Some("my-cache"));
+    assert!(cc.spec.validate().is_empty(), "{:?}", cc.spec.validate());
+    assert_eq!(cc.spec.replicas, 3);
+    assert_eq!(cc.spec.memory_mib, 64);
+}
+
+#[test]
+fn built_objects_match_fixture() {
+    let cc = example();
+    let list = MemberList {
+        version: 2,
+        replication_factor: 1,
+        members: vec![Member {
+            name: "my-cache-0".into(),
+            host: "my-cache-0.my-cache-peers.default.svc".into(),
+            ip: "10.244.0.5".into(),
+            port: 11211,
+            peer_port: 11212,
+        }],
+    };
+    let docs = [
+        serde_yaml::to_string(&build::node_service_account(&cc).unwrap()).unwrap(),
+        serde_yaml::to_string(&build::node_role(&cc).unwrap()).unwrap(),
+        serde_yaml::to_string(&build::node_role_binding(&cc).unwrap()).unwrap(),
+        serde_yaml::to_string(&build::peers_service(&cc).unwrap()).unwrap(),
+        serde_yaml::to_string(&build::client_service(&cc).unwrap()).unwrap(),
+        serde_yaml::to_string(&build::members_configmap(&cc, &list).unwrap()).unwrap(),
+        serde_yaml::to_string(
+            &build::statefulset(&cc, "ghcr.io/kache-dev/kache-node:0.1.0").unwrap(),
+        )
+        .unwrap(),
+        serde_yaml::to_string(&build::pod_disruption_budget(&cc).unwrap()).unwrap(),
+    ];
+    let rendered = format!(
+        "# Objects the operator applies for examples/cachecluster.yaml (golden file).\n\
+         # Regenerate: KACHE_UPDATE_FIXTURES=1 cargo test -p kache-operator --test builders\n---\n{}",
+        docs.join("---\n")
+    );
+    let path = root().join("operator/tests/fixtures/my-cache.yaml");
+    if std::env::var_os("KACHE_UPDATE_FIXTURES").is_some() {
+        std::fs::write(&path, &rendered).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == rendered,
+        "{} is out of date; regenerate it with\n  KACHE_UPDATE_FIXTURES=1 cargo test -p kache-operator --test builders\n\
+         rendered:\n{rendered}",
+        path.display()
+    );
+}
