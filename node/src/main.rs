@@ -108,7 +108,9 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
             shutdown_rx.clone(),
         ));
     }
-    tokio::spawn(server::sweep_expired(engine.clone(), shutdown_rx.clone()));
+    let sweeper_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sweeper = server::spawn_sweeper(engine.clone(), sweeper_stop.clone())
+        .map_err(|e| format!("cannot start the expiry sweeper: {e}"))?;
     {
         let readiness = readiness.clone();
         tokio::spawn(async move {
@@ -136,6 +138,8 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
         Duration::from_secs(args.shutdown_grace_secs),
     )
     .await;
+    sweeper_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = sweeper.join();
     Ok(())
 }
 

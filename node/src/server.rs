@@ -20,9 +20,10 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Replies buffered before they are written out mid-batch, so a long pipeline of large
 /// values cannot grow the write buffer without bound.
 const WRITE_HIGH_WATER: usize = 1024 * 1024;
-/// How often expired items are swept, and how many slots per shard each sweep looks at.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
-const SWEEP_BUDGET: usize = 4096;
+/// The expiry sweeper wakes this often and looks at this many slots per shard each time,
+/// holding a shard's lock only for one small chunk.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+const SWEEP_BUDGET: usize = 512;
 
 /// Accepts clients until `shutdown` turns true, then waits up to `drain` for open
 /// connections to finish what they were doing.
@@ -107,17 +108,20 @@ async fn reject(mut stream: TcpStream) {
     .await;
 }
 
-/// Periodically reclaims expired items until `shutdown`.
-pub async fn sweep_expired(engine: Arc<Engine>, mut shutdown: watch::Receiver<bool>) {
-    let mut cursors = Vec::new();
-    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        engine.store.sweep(now_secs(), SWEEP_BUDGET, &mut cursors);
-    }
+/// Reclaims expired items on a thread of its own (not a request worker), until `stop`.
+pub fn spawn_sweeper(
+    engine: Arc<Engine>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("kache-sweeper".into())
+        .spawn(move || {
+            let mut cursors = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(SWEEP_INTERVAL);
+                engine.store.sweep(now_secs(), SWEEP_BUDGET, &mut cursors);
+            }
+        })
 }
 
 struct Connection<'a> {
