@@ -28,6 +28,7 @@ chart-check:
 	bash scripts/check-chart.sh
 
 python-test: build
+	KACHE_NODE_BIN=$(CURDIR)/target/release/kache-node $(PYTHON) -m pytest -q -p no:cacheprovider tests/cluster
 	KACHE_NODE_BIN=$(CURDIR)/target/release/kache-node $(PYTHON) -m pytest -q tests/python
 
 run:

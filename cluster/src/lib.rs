@@ -7,5 +7,7 @@
 
 pub mod member_list;
 pub mod names;
+pub mod ring;
 
 pub use member_list::{Member, MemberList, MemberListError};
+pub use ring::{Ring, RingNode};

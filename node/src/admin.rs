@@ -19,7 +19,52 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::cluster::ClusterView;
 use crate::engine::Engine;
+
+/// `GET /cluster`: this node's view of the ring.
+fn cluster_json(node: &str, view: &ClusterView) -> serde_json::Value {
+    serde_json::json!({
+        "node": node,
+        "member": view.me.is_some(),
+        "version": view.list.version,
+        "replicationFactor": view.list.replication_factor,
+        "members": view.list.members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+    })
+}
+
+/// The percent-decoded value of `name` in a query string.
+fn query_param(query: &str, name: &str) -> Vec<u8> {
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == name {
+            return percent_decode(v.as_bytes());
+        }
+    }
+    Vec::new()
+}
+
+fn percent_decode(s: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        match s[i] {
+            b'%' if i + 2 < s.len() => match (hex(s[i + 1]), hex(s[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
+}
 
 /// Whether the node should receive traffic: true once serving, false while shutting down.
 #[derive(Debug, Default)]
@@ -132,7 +177,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut registry = Registry::with_prefix("kache");
-    registry.register_collector(Box::new(StatsCollector(engine)));
+    registry.register_collector(Box::new(StatsCollector(engine.clone())));
     let registry = Arc::new(registry);
     loop {
         let (stream, _) = tokio::select! {
@@ -148,11 +193,13 @@ pub async fn serve(
         };
         let registry = registry.clone();
         let readiness = readiness.clone();
+        let engine = engine.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let registry = registry.clone();
                 let readiness = readiness.clone();
-                async move { Ok::<_, Infallible>(route(&req, &registry, &readiness)) }
+                let engine = engine.clone();
+                async move { Ok::<_, Infallible>(route(&req, &registry, &readiness, &engine)) }
             });
             let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conn).await;
@@ -164,6 +211,7 @@ fn route(
     req: &Request<Incoming>,
     registry: &Registry,
     readiness: &Readiness,
+    engine: &Engine,
 ) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: String| {
         let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -197,6 +245,21 @@ fn route(
                 ),
             }
         }
+        "/cluster" | "/cluster/owners" => match &engine.cluster {
+            None => text(StatusCode::NOT_FOUND, "not part of a cluster\n".into()),
+            Some(cluster) => {
+                let view = cluster.view();
+                let body = if req.uri().path() == "/cluster" {
+                    cluster_json(cluster.node_name(), &view)
+                } else {
+                    let key = query_param(req.uri().query().unwrap_or(""), "key");
+                    let owners: Vec<&str> =
+                        view.owners(&key).iter().map(|m| m.name.as_str()).collect();
+                    serde_json::json!({ "key": String::from_utf8_lossy(&key), "owners": owners })
+                };
+                text(StatusCode::OK, format!("{body}\n"))
+            }
+        },
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }

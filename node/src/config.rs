@@ -70,6 +70,58 @@ pub struct ServeArgs {
     /// Seconds to let open connections finish after SIGTERM before exiting.
     #[arg(long = "shutdown-grace", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
+
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// How a node finds its cluster's member list.
+#[derive(Clone, Debug, Args)]
+pub struct ClusterArgs {
+    /// Name of the CacheCluster: the node follows the `<name>-members` ConfigMap in
+    /// `--namespace` through the Kubernetes API.
+    #[arg(
+        long = "cluster",
+        env = "KACHE_CLUSTER",
+        conflicts_with = "members_file"
+    )]
+    pub cluster: Option<String>,
+
+    /// Namespace of the cluster's ConfigMap.
+    #[arg(long = "namespace", env = "POD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+
+    /// Read the member-list JSON document from this file and follow its changes
+    /// (for runs without Kubernetes).
+    #[arg(long = "members-file")]
+    pub members_file: Option<std::path::PathBuf>,
+
+    /// Which member this node is (default: $POD_NAME, else the host name).
+    #[arg(long = "node-name", env = "POD_NAME")]
+    pub node_name: Option<String>,
+
+    /// Port for node-to-node traffic (replication and hand-off).
+    #[arg(long = "peer-port", default_value_t = kache_cluster::names::PEER_PORT)]
+    pub peer_port: u16,
+}
+
+impl ClusterArgs {
+    /// Whether the node runs as part of a cluster.
+    pub fn enabled(&self) -> bool {
+        self.cluster.is_some() || self.members_file.is_some()
+    }
+
+    /// This node's member name.
+    pub fn node_name(&self) -> String {
+        if let Some(name) = &self.node_name {
+            return name.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "kache-node".into())
+    }
 }
 
 /// Parses sizes like memcached's `-I`: bytes, or a number with a k/m/g suffix.
@@ -148,6 +200,32 @@ mod tests {
         );
         let cli = Cli::try_parse_from(["kache-node", "serve", "-I", "2m"]).unwrap();
         assert_eq!(cli.into_serve_args().max_item_size, 2 * 1024 * 1024);
+    }
+
+    #[test]
+    fn cluster_flags() {
+        let cli = Cli::try_parse_from([
+            "kache-node",
+            "--members-file",
+            "/tmp/m.json",
+            "--node-name",
+            "n1",
+            "--peer-port",
+            "4000",
+        ])
+        .unwrap();
+        let args = cli.into_serve_args();
+        assert!(args.cluster.enabled());
+        assert_eq!(args.cluster.node_name(), "n1");
+        assert_eq!(args.cluster.peer_port, 4000);
+        assert!(Cli::try_parse_from([
+            "kache-node",
+            "--members-file",
+            "/tmp/m.json",
+            "--cluster",
+            "c"
+        ])
+        .is_err());
     }
 
     #[test]

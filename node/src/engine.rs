@@ -5,9 +5,11 @@
 //! request order); the differential tests hold it to that.
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 
+use crate::cluster::Cluster;
 use crate::protocol::{
     meta_set_mode, numbers, reply, GetCommand, KeyList, MetaCommand, MetaRequest, Request,
     StoreMode, StoreRequest,
@@ -43,8 +45,13 @@ pub struct Engine {
     pub store: Store,
     pub stats: Stats,
     pub settings: Settings,
+    /// The cluster this node belongs to, if any.
+    pub cluster: Option<Arc<Cluster>>,
     verbosity: AtomicU32,
 }
+
+/// The key ElastiCache auto-discovery clients of old engines read the cluster from.
+const ELASTICACHE_CLUSTER_KEY: &[u8] = b"AmazonElastiCache:cluster";
 
 /// Result of a storage operation, as memcached names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,11 +73,17 @@ enum Delta {
 }
 
 impl Engine {
-    pub fn new(store: Store, settings: Settings, verbosity: u32) -> Engine {
+    pub fn new(
+        store: Store,
+        settings: Settings,
+        verbosity: u32,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Engine {
         Engine {
             store,
             stats: Stats::default(),
             settings,
+            cluster,
             verbosity: AtomicU32::new(verbosity),
         }
     }
@@ -191,7 +204,14 @@ impl Engine {
             }
             Request::Quit => return Next::Close,
             Request::Stats { sub, arg } => self.stats_command(sub, arg, now, out),
-            Request::ConfigGet { .. } => reply::line(out, "ERROR"),
+            Request::ConfigGet { what } => match (&self.cluster, what) {
+                (Some(cluster), b"cluster") => {
+                    out.put_slice(cluster.view().list.elasticache_config_reply().as_bytes());
+                }
+                // memcached has no `config` command; a node outside a cluster answers as it.
+                (None, _) => reply::line(out, "ERROR"),
+                (Some(_), _) => reply::line(out, "CLIENT_ERROR unknown config key"),
+            },
             Request::MetaNoop => reply::line(out, "MN"),
             Request::Meta(req) => match req.command {
                 MetaCommand::Get => self.meta_get(&req, now, out, counters),
@@ -234,6 +254,13 @@ impl Engine {
         let new_exptime = absolute_expiry(i64::from(exptime), now);
         let with_cas = command.returns_cas();
         for key in keys.iter() {
+            if key == ELASTICACHE_CLUSTER_KEY {
+                if let Some(cluster) = &self.cluster {
+                    let payload = cluster.view().list.elasticache_payload();
+                    reply::value(out, key, 0, payload.as_bytes(), with_cas.then_some(0));
+                    continue;
+                }
+            }
             let lookup = self.store.with_entry(key, now, |e| {
                 if touch {
                     if let Some(it) = e.item_mut() {

@@ -10,7 +10,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use kache_node::admin::{self, Readiness};
-use kache_node::config::{Cli, ServeArgs};
+use kache_node::cluster::{membership, Cluster};
+use kache_node::config::{Cli, ClusterArgs, ServeArgs};
 use kache_node::engine::{Engine, Settings};
 use kache_node::protocol::Limits;
 use kache_node::server;
@@ -92,13 +93,19 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
         threads,
         max_item_size: args.max_item_size,
     };
-    let engine = Arc::new(Engine::new(store, settings, u32::from(args.verbose)));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let cluster = start_membership(&args.cluster, &shutdown_rx).await?;
+    let engine = Arc::new(Engine::new(
+        store,
+        settings,
+        u32::from(args.verbose),
+        cluster,
+    ));
     let limits = Limits {
         max_item_size: args.max_item_size,
         ..Limits::default()
     };
     let readiness = Arc::new(Readiness::default());
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     if let Some(listener) = admin_listener {
         tokio::spawn(admin::serve(
@@ -141,6 +148,40 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
     sweeper_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = sweeper.join();
     Ok(())
+}
+
+/// Starts following the member list when the node is part of a cluster.
+async fn start_membership(
+    args: &ClusterArgs,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<Option<Arc<Cluster>>, String> {
+    if !args.enabled() {
+        return Ok(None);
+    }
+    let cluster = Arc::new(Cluster::new(args.node_name()));
+    if let Some(path) = &args.members_file {
+        tokio::spawn(membership::follow_file(
+            cluster.clone(),
+            path.clone(),
+            shutdown.clone(),
+        ));
+    } else if let Some(name) = &args.cluster {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| format!("cannot reach the Kubernetes API for --cluster {name}: {e}"))?;
+        tokio::spawn(membership::follow_configmap(
+            cluster.clone(),
+            client,
+            args.namespace.clone(),
+            kache_cluster::names::members_configmap_name(name),
+            shutdown.clone(),
+        ));
+    }
+    tracing::info!(
+        node = cluster.node_name(),
+        "following the cluster member list"
+    );
+    Ok(Some(cluster))
 }
 
 async fn wait_for_signal() {
