@@ -133,7 +133,12 @@ mod tests {
     use super::*;
 
     fn ring(ports: &[u16]) -> Ring {
-        Ring::new(ports.iter().map(|&p| RingNode::new("127.0.0.1", p)).collect())
+        Ring::new(
+            ports
+                .iter()
+                .map(|&p| RingNode::new("127.0.0.1", p))
+                .collect(),
+        )
     }
 
     #[test]

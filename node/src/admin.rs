@@ -23,13 +23,25 @@ use crate::cluster::ClusterView;
 use crate::engine::Engine;
 
 /// `GET /cluster`: this node's view of the ring.
-fn cluster_json(node: &str, view: &ClusterView) -> serde_json::Value {
+fn cluster_json(node: &str, view: &ClusterView, engine: &Engine) -> serde_json::Value {
+    let h = &engine.handoff;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     serde_json::json!({
         "node": node,
         "member": view.me.is_some(),
         "version": view.list.version,
         "replicationFactor": view.list.replication_factor,
         "members": view.list.members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+        "handoff": {
+            "version": load(&h.version),
+            "running": h.running.load(Ordering::Relaxed),
+            "done": h.done.load(Ordering::Relaxed),
+            "sent": load(&h.sent),
+            "acked": load(&h.acked),
+            "failed": load(&h.failed),
+            "refilled": load(&h.refilled),
+        },
+        "items": engine.store.stats().curr_items,
     })
 }
 
@@ -165,6 +177,62 @@ impl Collector for StatsCollector {
             "Client connections refused at the connection limit.",
             s.rejected_connections.load(Ordering::Relaxed),
         )?;
+        let p = &engine.peer_stats;
+        counter(
+            &mut enc,
+            "peer_received",
+            "Records applied from peers.",
+            p.received.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut enc,
+            "peer_rejected",
+            "Peer connections closed for protocol errors.",
+            p.rejected.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut enc,
+            "replication_timeouts",
+            "Write batches answered before all replicas acknowledged.",
+            p.replication_timeouts.load(Ordering::Relaxed),
+        )?;
+        if let Some(links) = &engine.links {
+            let m = &links.metrics;
+            gauge(
+                &mut enc,
+                "peer_queued",
+                "Records queued for peers.",
+                as_i64(m.queued.load(Ordering::Relaxed)),
+            )?;
+            counter(
+                &mut enc,
+                "peer_sent",
+                "Records sent to peers.",
+                m.sent.load(Ordering::Relaxed),
+            )?;
+            counter(
+                &mut enc,
+                "peer_acked",
+                "Records peers acknowledged.",
+                m.acked.load(Ordering::Relaxed),
+            )?;
+            counter(
+                &mut enc,
+                "peer_dropped",
+                "Records dropped because a peer queue was full.",
+                m.dropped.load(Ordering::Relaxed),
+            )?;
+            gauge(
+                &mut enc,
+                "peer_lag",
+                "Records sent to peers and not yet acknowledged.",
+                as_i64(
+                    m.sent
+                        .load(Ordering::Relaxed)
+                        .saturating_sub(m.acked.load(Ordering::Relaxed)),
+                ),
+            )?;
+        }
         Ok(())
     }
 }
@@ -250,7 +318,7 @@ fn route(
             Some(cluster) => {
                 let view = cluster.view();
                 let body = if req.uri().path() == "/cluster" {
-                    cluster_json(cluster.node_name(), &view)
+                    cluster_json(cluster.node_name(), &view, engine)
                 } else {
                     let key = query_param(req.uri().query().unwrap_or(""), "key");
                     let owners: Vec<&str> =

@@ -4,12 +4,16 @@
 //! corners (space-padded `decr` results, `noreply` silencing errors, meta flags echoed in
 //! request order); the differential tests hold it to that.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 
 use crate::cluster::Cluster;
+use crate::peer::handoff::HandoffState;
+use crate::peer::link::Links;
+use crate::peer::wire::{Op, Record};
+use crate::peer::{record_of, TOMBSTONE_TTL};
 use crate::protocol::{
     meta_set_mode, numbers, reply, GetCommand, KeyList, MetaCommand, MetaRequest, Request,
     StoreMode, StoreRequest,
@@ -47,7 +51,83 @@ pub struct Engine {
     pub settings: Settings,
     /// The cluster this node belongs to, if any.
     pub cluster: Option<Arc<Cluster>>,
+    /// Outgoing peer links (replication, hand-off), in a cluster.
+    pub links: Option<Arc<Links>>,
+    /// Progress of hand-offs and refills.
+    pub handoff: HandoffState,
+    /// Peer-port counters.
+    pub peer_stats: PeerStats,
     verbosity: AtomicU32,
+}
+
+/// Counters of the peer port.
+#[derive(Debug, Default)]
+pub struct PeerStats {
+    /// Records applied from peers.
+    pub received: AtomicU64,
+    /// Peer connections closed for protocol errors.
+    pub rejected: AtomicU64,
+    /// Replicated writes whose acknowledgement did not arrive in time.
+    pub replication_timeouts: AtomicU64,
+}
+
+/// Per-connection state the engine writes into: counters, and the changes to replicate.
+#[derive(Debug, Default)]
+pub struct Context {
+    pub counters: Counters,
+    pub outbox: Outbox,
+}
+
+/// The changes a batch of requests made, to be sent to the keys' other owners.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    enabled: bool,
+    pub records: Vec<Record>,
+}
+
+impl Outbox {
+    /// An outbox that collects records only when `enabled` (the node is in a cluster).
+    pub fn new(enabled: bool) -> Outbox {
+        Outbox {
+            enabled,
+            records: Vec::new(),
+        }
+    }
+
+    /// Records what the entry holds now (a value, or a delete's tombstone).
+    fn push_current(&mut self, e: &Entry<'_>) {
+        if self.enabled {
+            if let Some(item) = e.current() {
+                self.records.push(record_of(item));
+            }
+        }
+    }
+
+    fn push_touch(&mut self, key: &[u8], exptime: u32) {
+        if self.enabled {
+            self.records.push(Record {
+                op: Op::Touch,
+                key: key.to_vec(),
+                version: 0,
+                flags: 0,
+                exptime,
+                value: Vec::new(),
+            });
+        }
+    }
+
+    fn push_flush(&mut self, at: u32) {
+        if self.enabled {
+            self.records.push(Record {
+                op: Op::Flush,
+                key: Vec::new(),
+                version: 0,
+                flags: 0,
+                exptime: at,
+                value: Vec::new(),
+            });
+        }
+    }
 }
 
 /// The key ElastiCache auto-discovery clients of old engines read the cluster from.
@@ -83,7 +163,12 @@ impl Engine {
             store,
             stats: Stats::default(),
             settings,
+            links: cluster
+                .as_ref()
+                .map(|c| Arc::new(Links::new(c.node_name()))),
             cluster,
+            handoff: HandoffState::default(),
+            peer_stats: PeerStats::default(),
             verbosity: AtomicU32::new(verbosity),
         }
     }
@@ -94,8 +179,9 @@ impl Engine {
         request: Request<'_>,
         now: u32,
         out: &mut BytesMut,
-        counters: &mut Counters,
+        ctx: &mut Context,
     ) -> Next {
+        let Context { counters, outbox } = ctx;
         let mark = out.len();
         let mut silent = false;
         match request {
@@ -103,10 +189,10 @@ impl Engine {
                 command,
                 exptime,
                 keys,
-            } => self.get(command, exptime, keys, now, out, counters),
+            } => self.get(command, exptime, keys, now, out, counters, outbox),
             Request::Store(req) => {
                 silent = req.noreply;
-                self.store_text(&req, now, out, counters);
+                self.store_text(&req, now, out, counters, outbox);
             }
             Request::TooLarge {
                 key,
@@ -116,13 +202,16 @@ impl Engine {
                 silent = noreply;
                 counters.store_too_large += 1;
                 if drop_existing {
-                    self.store.with_entry(&key, now, |e| e.remove());
+                    self.store
+                        .with_entry(&key, now, |e| self.delete_entry(e, &key, outbox));
                 }
                 reply::line(out, "SERVER_ERROR object too large for cache");
             }
             Request::Delete { key, noreply } => {
                 silent = noreply;
-                let found = self.store.with_entry(key, now, |e| e.remove().is_some());
+                let found = self
+                    .store
+                    .with_entry(key, now, |e| self.delete_entry(e, key, outbox));
                 if found {
                     counters.delete_hits += 1;
                     reply::line(out, "DELETED");
@@ -138,9 +227,13 @@ impl Engine {
                 noreply,
             } => {
                 silent = noreply;
-                let result = self
-                    .store
-                    .with_entry(key, now, |e| apply_delta(e, incr, delta, None));
+                let result = self.store.with_entry(key, now, |e| {
+                    let result = apply_delta(e, incr, delta, None);
+                    if matches!(result, Delta::Value(_)) {
+                        outbox.push_current(e);
+                    }
+                    result
+                });
                 match result {
                     Delta::Value(v) => {
                         count_delta_hit(counters, incr);
@@ -168,6 +261,9 @@ impl Engine {
                 let found = self.store.with_entry(key, now, |e| {
                     let found = e.item_mut().map(|it| it.set_exptime(exptime)).is_some();
                     e.bump();
+                    if found {
+                        outbox.push_touch(key, exptime);
+                    }
                     found
                 });
                 counters.cmd_touch += 1;
@@ -182,12 +278,9 @@ impl Engine {
             Request::FlushAll { delay, noreply } => {
                 silent = noreply;
                 counters.cmd_flush += 1;
-                if delay > 0 {
-                    self.store
-                        .flush(Some(absolute_expiry(i64::from(delay), now)));
-                } else {
-                    self.store.flush(None);
-                }
+                let at = (delay > 0).then(|| absolute_expiry(i64::from(delay), now));
+                self.store.flush(at);
+                outbox.push_flush(at.unwrap_or(0));
                 reply::line(out, "OK");
             }
             Request::Version => {
@@ -214,10 +307,10 @@ impl Engine {
             },
             Request::MetaNoop => reply::line(out, "MN"),
             Request::Meta(req) => match req.command {
-                MetaCommand::Get => self.meta_get(&req, now, out, counters),
-                MetaCommand::Set => self.meta_set(&req, now, out, counters),
-                MetaCommand::Delete => self.meta_delete(&req, now, out, counters),
-                MetaCommand::Arithmetic => self.meta_arithmetic(&req, now, out, counters),
+                MetaCommand::Get => self.meta_get(&req, now, out, counters, outbox),
+                MetaCommand::Set => self.meta_set(&req, now, out, counters, outbox),
+                MetaCommand::Delete => self.meta_delete(&req, now, out, counters, outbox),
+                MetaCommand::Arithmetic => self.meta_arithmetic(&req, now, out, counters, outbox),
             },
             Request::MetaDebug { key } => {
                 counters.cmd_meta += 1;
@@ -237,10 +330,26 @@ impl Engine {
         Next::Continue
     }
 
+    /// Deletes the key's item. In a cluster the delete leaves a tombstone (and a record for
+    /// the other owners) so older copies cannot come back. Returns whether there was one.
+    fn delete_entry(&self, e: &mut Entry<'_>, key: &[u8], outbox: &mut Outbox) -> bool {
+        if self.cluster.is_some() {
+            let deleted = e.delete_with_tombstone(key, TOMBSTONE_TTL).is_some();
+            if deleted {
+                outbox.push_current(e);
+            }
+            deleted
+        } else {
+            e.remove().is_some()
+        }
+    }
+
     pub fn verbosity(&self) -> u32 {
         self.verbosity.load(Ordering::Relaxed)
     }
 
+    // The request's three parts plus the connection's state.
+    #[allow(clippy::too_many_arguments)]
     fn get(
         &self,
         command: GetCommand,
@@ -249,6 +358,7 @@ impl Engine {
         now: u32,
         out: &mut BytesMut,
         counters: &mut Counters,
+        outbox: &mut Outbox,
     ) {
         let touch = command.touches();
         let new_exptime = absolute_expiry(i64::from(exptime), now);
@@ -265,6 +375,7 @@ impl Engine {
                 if touch {
                     if let Some(it) = e.item_mut() {
                         it.set_exptime(new_exptime);
+                        outbox.push_touch(key, new_exptime);
                     }
                 }
                 e.bump();
@@ -290,6 +401,7 @@ impl Engine {
         now: u32,
         out: &mut BytesMut,
         counters: &mut Counters,
+        outbox: &mut Outbox,
     ) {
         counters.cmd_set += 1;
         let meta = ItemMeta {
@@ -298,7 +410,11 @@ impl Engine {
             ..ItemMeta::default()
         };
         let (result, _) = self.store.with_entry(req.key, now, |e| {
-            store_item(e, req.mode, req.key, req.data, meta, req.cas, false)
+            let result = store_item(e, req.mode, req.key, req.data, meta, req.cas, false);
+            if result.0 == StoreResult::Stored {
+                outbox.push_current(e);
+            }
+            result
         });
         count_store(counters, req.mode, result);
         reply::line(
@@ -319,6 +435,7 @@ impl Engine {
         now: u32,
         out: &mut BytesMut,
         counters: &mut Counters,
+        outbox: &mut Outbox,
     ) {
         let flags = &req.flags;
         let key: &[u8] = &req.key;
@@ -409,6 +526,13 @@ impl Engine {
                 out.put_slice(it.value());
                 out.put_slice(b"\r\n");
             }
+            if created {
+                outbox.push_current(e);
+            } else if ttl_set {
+                if let Some(it) = e.item() {
+                    outbox.push_touch(key, it.exptime());
+                }
+            }
             if !flags.no_update {
                 e.bump();
             }
@@ -442,6 +566,7 @@ impl Engine {
         now: u32,
         out: &mut BytesMut,
         counters: &mut Counters,
+        outbox: &mut Outbox,
     ) {
         let flags = &req.flags;
         let mode = meta_set_mode(flags);
@@ -457,7 +582,7 @@ impl Engine {
             ..ItemMeta::default()
         };
         let (result, cas) = self.store.with_entry(&req.key, now, |e| {
-            store_item(
+            let result = store_item(
                 e,
                 mode,
                 &req.key,
@@ -465,7 +590,11 @@ impl Engine {
                 meta,
                 flags.cas.unwrap_or(0),
                 flags.invalidate,
-            )
+            );
+            if result.0 == StoreResult::Stored {
+                outbox.push_current(e);
+            }
+            result
         });
         count_store(counters, mode, result);
         if result == StoreResult::Stored && flags.quiet {
@@ -501,6 +630,7 @@ impl Engine {
         now: u32,
         out: &mut BytesMut,
         counters: &mut Counters,
+        outbox: &mut Outbox,
     ) {
         let flags = &req.flags;
         let code: &[u8] = self.store.with_entry(&req.key, now, |e| {
@@ -520,9 +650,10 @@ impl Engine {
                 it.set_bits(bits::STALE);
                 it.clear_bits(bits::TOKEN_SENT);
                 it.set_cas(next_cas);
+                outbox.push_current(e);
             } else {
                 counters.delete_hits += 1;
-                e.remove();
+                self.delete_entry(e, &req.key, outbox);
             }
             b"HD"
         });
@@ -540,6 +671,7 @@ impl Engine {
         now: u32,
         out: &mut BytesMut,
         counters: &mut Counters,
+        outbox: &mut Outbox,
     ) {
         let flags = &req.flags;
         let incr = !matches!(flags.mode, Some(b'D' | b'-'));
@@ -609,6 +741,7 @@ impl Engine {
                 out.put_slice(text);
             }
             out.put_slice(b"\r\n");
+            outbox.push_current(e);
             Ok(None)
         });
         match outcome {

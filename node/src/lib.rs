@@ -7,6 +7,7 @@ pub mod admin;
 pub mod cluster;
 pub mod config;
 pub mod engine;
+pub mod peer;
 pub mod protocol;
 pub mod server;
 pub mod stats;

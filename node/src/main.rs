@@ -14,8 +14,8 @@ use kache_node::cluster::{membership, Cluster};
 use kache_node::config::{Cli, ClusterArgs, ServeArgs};
 use kache_node::engine::{Engine, Settings};
 use kache_node::protocol::Limits;
-use kache_node::server;
 use kache_node::store::{Store, StoreConfig};
+use kache_node::{peer, server};
 
 fn main() -> ExitCode {
     let args = Cli::parse().into_serve_args();
@@ -80,10 +80,16 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
     } else {
         None
     };
+    let peer_listener = if args.cluster.enabled() {
+        Some(bind(&args.listen, args.cluster.peer_port).await?)
+    } else {
+        None
+    };
     let store = Store::new(StoreConfig {
         memory_limit: args.memory_limit_bytes(),
         max_item_size: args.max_item_size,
         max_shards: (threads * 16).next_power_of_two(),
+        node_id: kache_node::store::node_id(&args.cluster.node_name()),
     });
     let settings = Settings {
         port: args.port,
@@ -135,7 +141,34 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
         shards = engine.store.shard_count(),
         "kache-node serving"
     );
-    readiness.set(true);
+    match (peer_listener, engine.cluster.clone(), engine.links.clone()) {
+        (Some(peer_listener), Some(cluster), Some(links)) => {
+            tokio::spawn(peer::server::serve(
+                peer_listener,
+                engine.clone(),
+                shutdown_rx.clone(),
+            ));
+            tokio::spawn(peer::handoff::run(
+                engine.clone(),
+                cluster.clone(),
+                links,
+                shutdown_rx.clone(),
+            ));
+            // Ready once the node holds what it owns: a node that restarts empty while
+            // still listed pulls its share back from its peers first.
+            let engine = engine.clone();
+            let readiness = readiness.clone();
+            tokio::spawn(async move {
+                let mut changes = cluster.subscribe();
+                let _ = tokio::time::timeout(FIRST_LIST_WAIT, changes.changed()).await;
+                if cluster.view().me.is_some() {
+                    peer::handoff::refill(&engine, &cluster).await;
+                }
+                readiness.set(true);
+            });
+        }
+        _ => readiness.set(true),
+    }
     server::serve(
         listener,
         engine,
@@ -183,6 +216,9 @@ async fn start_membership(
     );
     Ok(Some(cluster))
 }
+
+/// How long a cluster node waits for its first member list before declaring itself ready.
+const FIRST_LIST_WAIT: Duration = Duration::from_secs(10);
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};

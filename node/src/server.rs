@@ -10,10 +10,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use crate::engine::{Engine, Next};
+use crate::engine::{Context, Engine, Next, Outbox};
+use crate::peer::wire::Op;
 use crate::protocol::{parse, Limits, ParseOutcome};
 use crate::stats::Counters;
 use crate::store::now_secs;
+use futures::future::join_all;
+use tokio::sync::oneshot;
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -24,6 +27,8 @@ const WRITE_HIGH_WATER: usize = 1024 * 1024;
 /// holding a shard's lock only for one small chunk.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 const SWEEP_BUDGET: usize = 512;
+/// How long a write waits for its replicas to acknowledge before it is answered anyway.
+const REPLICATION_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Accepts clients until `shutdown` turns true, then waits up to `drain` for open
 /// connections to finish what they were doing.
@@ -133,7 +138,7 @@ struct Connection<'a> {
     write: BytesMut,
     /// Bytes still to discard after a refused data block.
     swallow: usize,
-    counters: Counters,
+    ctx: Context,
 }
 
 impl<'a> Connection<'a> {
@@ -147,7 +152,10 @@ impl<'a> Connection<'a> {
             read: BytesMut::with_capacity(READ_CHUNK),
             write: BytesMut::with_capacity(READ_CHUNK),
             swallow: 0,
-            counters: Counters::default(),
+            ctx: Context {
+                counters: Counters::default(),
+                outbox: Outbox::new(engine.cluster.is_some()),
+            },
         }
     }
 
@@ -170,8 +178,9 @@ impl<'a> Connection<'a> {
             if n == 0 {
                 return Ok(());
             }
-            self.counters.bytes_read += n as u64;
+            self.ctx.counters.bytes_read += n as u64;
             let next = self.process().await?;
+            self.replicate().await;
             self.flush().await?;
             if next == Next::Close {
                 let _ = self.stream.shutdown().await;
@@ -199,9 +208,9 @@ impl<'a> Connection<'a> {
                     swallow,
                 } => {
                     self.swallow = swallow;
-                    let next =
-                        self.engine
-                            .execute(request, now, &mut self.write, &mut self.counters);
+                    let next = self
+                        .engine
+                        .execute(request, now, &mut self.write, &mut self.ctx);
                     (next, consumed)
                 }
                 ParseOutcome::Incomplete => return Ok(Next::Continue),
@@ -217,10 +226,48 @@ impl<'a> Connection<'a> {
         }
     }
 
+    /// Sends this batch's changes to the keys' other owners and waits (bounded) until they
+    /// have applied them, so a write is acknowledged only once it has its replicas.
+    async fn replicate(&mut self) {
+        if self.ctx.outbox.records.is_empty() {
+            return;
+        }
+        let records = std::mem::take(&mut self.ctx.outbox.records);
+        let (Some(cluster), Some(links)) = (&self.engine.cluster, &self.engine.links) else {
+            return;
+        };
+        let view = cluster.view();
+        let me = cluster.node_name();
+        let mut acks = Vec::new();
+        for record in records {
+            let targets: Vec<&kache_cluster::Member> = if record.op == Op::Flush {
+                view.list.members.iter().collect()
+            } else {
+                view.owners(&record.key)
+            };
+            for member in targets.into_iter().filter(|m| m.name != me) {
+                let (tx, rx) = oneshot::channel();
+                if links.send(member, record.clone(), Some(tx)) {
+                    acks.push(rx);
+                }
+            }
+        }
+        if !acks.is_empty()
+            && tokio::time::timeout(REPLICATION_TIMEOUT, join_all(acks))
+                .await
+                .is_err()
+        {
+            self.engine
+                .peer_stats
+                .replication_timeouts
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     async fn flush(&mut self) -> std::io::Result<()> {
-        self.counters.bytes_written += self.write.len() as u64;
+        self.ctx.counters.bytes_written += self.write.len() as u64;
         // Counters become visible before the replies they describe.
-        self.engine.stats.merge(self.id, &mut self.counters);
+        self.engine.stats.merge(self.id, &mut self.ctx.counters);
         if !self.write.is_empty() {
             self.stream.write_all(&self.write).await?;
             self.write.clear();

@@ -15,6 +15,8 @@ pub mod bits {
     pub const STALE: u8 = 8;
     /// The key was sent base64-encoded and is binary (meta `b` flag).
     pub const KEY_BINARY: u8 = 16;
+    /// Not an item but the record of a delete, kept briefly to order late replicas.
+    pub const TOMBSTONE: u8 = 32;
 }
 
 const CAS: usize = 0;

@@ -7,8 +7,9 @@
 //! items are removed when looked up and by `sweep`, which a background task runs.
 
 mod item;
+mod version;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crossbeam_utils::CachePadded;
@@ -16,6 +17,7 @@ use hashbrown::HashTable;
 use parking_lot::Mutex;
 
 pub use item::{bits, Item, ItemMeta, HEADER_LEN, OVERHEAD};
+pub use version::{node_id, VersionClock};
 
 /// memcached's largest relative expiry (30 days); larger values are absolute Unix times.
 pub const REALTIME_MAXDELTA: i64 = 60 * 60 * 24 * 30;
@@ -53,6 +55,8 @@ pub struct StoreConfig {
     pub max_item_size: usize,
     /// Upper bound on the number of shards (rounded to a power of two).
     pub max_shards: usize,
+    /// Low byte of every version (CAS) this store issues; distinct per cluster member.
+    pub node_id: u64,
 }
 
 /// Why an item could not be stored.
@@ -89,7 +93,7 @@ pub struct ItemStats {
 /// Shared, read-mostly state every shard operation needs.
 struct Shared {
     hasher: ahash::RandomState,
-    next_cas: AtomicU64,
+    versions: VersionClock,
     /// Unix second from which items last touched before it count as flushed (0 = none).
     flush_at: AtomicU32,
 }
@@ -173,6 +177,8 @@ impl Shard {
         let flush_at = shared.flush_at.load(Ordering::Relaxed);
         let state = match self.item(slot) {
             Some(it) if it.is_expired(now) => Lookup::Expired,
+            // A tombstone stays (it orders late replicas of older writes) but is a miss.
+            Some(it) if it.has(bits::TOMBSTONE) => return (Some(slot), Lookup::Miss),
             Some(it) if Self::is_flushed(it, flush_at, now) => Lookup::Flushed,
             Some(_) => return (Some(slot), Lookup::Hit),
             None => return (None, Lookup::Miss),
@@ -292,6 +298,8 @@ pub struct Entry<'a> {
     slot: Option<u32>,
     now: u32,
     lookup: Lookup,
+    /// Whether `slot` holds a live item (not a tombstone).
+    live: bool,
 }
 
 impl Entry<'_> {
@@ -305,16 +313,31 @@ impl Entry<'_> {
     }
 
     pub fn item(&self) -> Option<&Item> {
-        self.slot.and_then(|s| self.shard.item(s))
+        self.slot
+            .filter(|_| self.live)
+            .and_then(|s| self.shard.item(s))
     }
 
     pub fn item_mut(&mut self) -> Option<&mut Item> {
+        if !self.live {
+            return None;
+        }
         self.slot.and_then(|s| self.shard.item_mut(s))
     }
 
-    /// A fresh CAS unique.
+    /// What the key holds now: the live item or a tombstone.
+    pub fn current(&self) -> Option<&Item> {
+        self.slot.and_then(|s| self.shard.item(s))
+    }
+
+    /// Version of what the key holds now, item or tombstone.
+    pub fn version(&self) -> Option<u64> {
+        self.slot.and_then(|s| self.shard.item(s)).map(Item::cas)
+    }
+
+    /// A fresh CAS unique (a new version).
     pub fn next_cas(&self) -> u64 {
-        self.shared.next_cas.fetch_add(1, Ordering::Relaxed) + 1
+        self.shared.versions.next()
     }
 
     /// Marks the item as used now: second chance for CLOCK, fetched, access time.
@@ -330,18 +353,47 @@ impl Entry<'_> {
     pub fn store(&mut self, mut item: Item) -> Result<u64, StoreError> {
         let cas = self.next_cas();
         item.set_cas(cas);
+        self.store_versioned(item)
+    }
+
+    /// Stores `item` keeping its CAS (a version decided elsewhere, e.g. by a peer).
+    pub fn store_versioned(&mut self, mut item: Item) -> Result<u64, StoreError> {
+        let cas = item.cas();
+        self.shared.versions.observe(cas);
         item.set_time(self.now);
+        let live = !item.has(bits::TOMBSTONE);
         let slot = self
             .shard
             .install(self.hash, self.slot, item, self.now, self.shared)?;
         self.slot = Some(slot);
+        self.live = live;
         Ok(cas)
     }
 
     /// Removes the live item, if any.
     pub fn remove(&mut self) -> Option<Item> {
+        if !self.live {
+            return None;
+        }
         let slot = self.slot.take()?;
+        self.live = false;
         self.shard.remove_slot(slot, self.shared)
+    }
+
+    /// Deletes the live item, leaving a tombstone for `ttl` seconds so that older copies
+    /// arriving later from peers cannot bring it back. Returns the tombstone's version.
+    pub fn delete_with_tombstone(&mut self, key: &[u8], ttl: u32) -> Option<u64> {
+        self.item()?;
+        let tombstone = Item::new(
+            key,
+            &[],
+            ItemMeta {
+                exptime: self.now.saturating_add(ttl),
+                bits: bits::TOMBSTONE,
+                ..ItemMeta::default()
+            },
+        );
+        self.store(tombstone).ok()
     }
 }
 
@@ -376,7 +428,7 @@ impl Store {
             shards,
             shared: Shared {
                 hasher: ahash::RandomState::new(),
-                next_cas: AtomicU64::new(0),
+                versions: VersionClock::new(config.node_id),
                 flush_at: AtomicU32::new(0),
             },
             limit: config.memory_limit,
@@ -406,6 +458,7 @@ impl Store {
             slot,
             now,
             lookup,
+            live: lookup == Lookup::Hit,
         };
         f(&mut entry)
     }
@@ -450,6 +503,31 @@ impl Store {
         reclaimed
     }
 
+    /// Calls `f` with up to `max` live items of shard `shard` starting at slot `start`, under
+    /// the shard's lock. Returns where to continue, or `None` once the shard is done.
+    pub fn scan(
+        &self,
+        shard: usize,
+        start: usize,
+        max: usize,
+        now: u32,
+        mut f: impl FnMut(&Item),
+    ) -> Option<usize> {
+        let shard = self.shards.get(shard)?.lock();
+        let end = start.saturating_add(max).min(shard.slots.len());
+        for slot in shard.slots.get(start..end)?.iter().flatten() {
+            if !slot.has(bits::TOMBSTONE) && !slot.is_expired(now) {
+                f(slot);
+            }
+        }
+        (end < shard.slots.len()).then_some(end)
+    }
+
+    /// A new version from this store's clock.
+    pub fn next_version(&self) -> u64 {
+        self.shared.versions.next()
+    }
+
     /// Item counters summed over shards.
     pub fn stats(&self) -> ItemStats {
         let mut total = ItemStats {
@@ -485,6 +563,7 @@ mod tests {
             memory_limit: limit,
             max_item_size: 1024,
             max_shards: 4,
+            node_id: 0,
         })
     }
 

@@ -1,0 +1,247 @@
+//! Moving data when the ring changes, so scaling keeps the cache warm.
+//!
+//! After every member-list change each node walks its store in small chunks and sends every
+//! item to the members that own it under the new ring but did not under the old one. Each
+//! chunk waits for its acknowledgements before the next starts, which bounds the data in
+//! flight and keeps hand-off traffic from crowding out clients. A departing member (no
+//! longer in the list) owns nothing, so it hands everything over; the operator waits for
+//! its `GET /cluster` to report the hand-off done before removing its pod.
+//!
+//! A node that restarts empty while still listed pulls back what it owns (`refill`).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use futures::future::join_all;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, watch};
+
+use super::link::Links;
+use super::wire::{self, Decoded, Frame, Record};
+use super::{apply, record_of};
+use crate::cluster::{Cluster, ClusterView};
+use crate::engine::Engine;
+use crate::store::now_secs;
+
+/// Items looked at per chunk (one shard lock each).
+const CHUNK: usize = 256;
+/// How long a chunk waits for its acknowledgements before counting them failed.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on a refill from one peer.
+const REFILL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Progress of hand-offs, reported on `GET /cluster`.
+#[derive(Debug, Default)]
+pub struct HandoffState {
+    /// Member-list version of the hand-off under way or last finished.
+    pub version: AtomicU64,
+    pub running: AtomicBool,
+    /// Whether the hand-off for `version` has finished.
+    pub done: AtomicBool,
+    pub sent: AtomicU64,
+    pub acked: AtomicU64,
+    pub failed: AtomicU64,
+    /// Items received by refills.
+    pub refilled: AtomicU64,
+}
+
+/// Follows member-list changes until `shutdown`, handing items to their new owners.
+pub async fn run(
+    engine: Arc<Engine>,
+    cluster: Arc<Cluster>,
+    links: Arc<Links>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut changes = cluster.subscribe();
+    let mut previous = cluster.view();
+    loop {
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
+        let next = cluster.view();
+        links.retain(&next.list.members);
+        if !previous.list.members.is_empty() {
+            hand_off(&engine, &cluster, &links, &previous, &next).await;
+        } else {
+            engine.handoff.version.store(next.list.version, Relaxed);
+            engine.handoff.done.store(true, Relaxed);
+        }
+        previous = next;
+    }
+}
+
+async fn hand_off(
+    engine: &Engine,
+    cluster: &Cluster,
+    links: &Links,
+    previous: &ClusterView,
+    next: &ClusterView,
+) {
+    let state = &engine.handoff;
+    let version = next.list.version;
+    state.version.store(version, Relaxed);
+    state.done.store(false, Relaxed);
+    state.running.store(true, Relaxed);
+    let me = cluster.node_name();
+    tracing::info!(version, "hand-off started");
+    for shard in 0..engine.store.shard_count() {
+        let mut cursor = Some(0);
+        while let Some(start) = cursor {
+            if cluster.view().list.version != version {
+                // Superseded: the next change starts a hand-off of its own.
+                state.running.store(false, Relaxed);
+                return;
+            }
+            let mut batch: Vec<(kache_cluster::Member, Record)> = Vec::new();
+            cursor = engine.store.scan(shard, start, CHUNK, now_secs(), |item| {
+                let key = item.key();
+                let before = previous.owners(key);
+                for owner in next.owners(key) {
+                    if owner.name != me && !before.iter().any(|b| b.name == owner.name) {
+                        batch.push((owner.clone(), record_of(item)));
+                    }
+                }
+            });
+            if batch.is_empty() {
+                continue;
+            }
+            let mut acks = Vec::with_capacity(batch.len());
+            for (owner, record) in batch {
+                let (tx, rx) = oneshot::channel();
+                if links.send(&owner, record, Some(tx)) {
+                    acks.push(rx);
+                } else {
+                    state.failed.fetch_add(1, Relaxed);
+                }
+            }
+            state.sent.fetch_add(acks.len() as u64, Relaxed);
+            let results = tokio::time::timeout(ACK_TIMEOUT, join_all(acks)).await;
+            match results {
+                Ok(results) => {
+                    let ok = results.iter().filter(|r| r.is_ok()).count() as u64;
+                    state.acked.fetch_add(ok, Relaxed);
+                    state.failed.fetch_add(results.len() as u64 - ok, Relaxed);
+                }
+                Err(_) => {
+                    state.failed.fetch_add(1, Relaxed);
+                }
+            }
+        }
+    }
+    state.running.store(false, Relaxed);
+    state.done.store(true, Relaxed);
+    tracing::info!(
+        version,
+        sent = state.sent.load(Relaxed),
+        acked = state.acked.load(Relaxed),
+        failed = state.failed.load(Relaxed),
+        "hand-off finished"
+    );
+}
+
+/// Answers a refill pull: streams every item the calling member owns, in batches.
+pub async fn stream_owned_by(
+    engine: &Engine,
+    stream: &mut TcpStream,
+    seq: u64,
+    caller: &str,
+) -> Result<u64, String> {
+    let Some(cluster) = &engine.cluster else {
+        return Ok(0);
+    };
+    let view = cluster.view();
+    let mut sent = 0u64;
+    let mut out = BytesMut::new();
+    for shard in 0..engine.store.shard_count() {
+        let mut cursor = Some(0);
+        while let Some(start) = cursor {
+            let mut records = Vec::new();
+            cursor = engine.store.scan(shard, start, CHUNK, now_secs(), |item| {
+                if view.owners(item.key()).iter().any(|m| m.name == caller) {
+                    records.push(record_of(item));
+                }
+            });
+            if records.is_empty() {
+                continue;
+            }
+            sent += records.len() as u64;
+            out.clear();
+            wire::encode(&Frame::Records { seq, records }, &mut out);
+            stream.write_all(&out).await.map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(sent)
+}
+
+/// Pulls back, from every other member, the items this node owns. Used when a node starts
+/// empty while the member list already names it.
+pub async fn refill(engine: &Engine, cluster: &Cluster) {
+    let view = cluster.view();
+    let me = cluster.node_name().to_string();
+    let peers: Vec<_> = view
+        .list
+        .members
+        .iter()
+        .filter(|m| m.name != me)
+        .cloned()
+        .collect();
+    let pulls = peers.iter().map(|peer| async {
+        let result = tokio::time::timeout(REFILL_TIMEOUT, pull_from(engine, &me, peer)).await;
+        match result {
+            Ok(Ok(n)) => {
+                engine.handoff.refilled.fetch_add(n, Relaxed);
+                tracing::info!(peer = %peer.name, items = n, "refilled");
+            }
+            Ok(Err(error)) => tracing::warn!(peer = %peer.name, %error, "refill failed"),
+            Err(_) => tracing::warn!(peer = %peer.name, "refill timed out"),
+        }
+    });
+    join_all(pulls).await;
+}
+
+async fn pull_from(engine: &Engine, me: &str, peer: &kache_cluster::Member) -> Result<u64, String> {
+    let mut stream = TcpStream::connect((peer.host.as_str(), peer.peer_port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = BytesMut::new();
+    wire::encode(
+        &Frame::Hello {
+            node: me.to_string(),
+            ring_version: 0,
+        },
+        &mut out,
+    );
+    wire::encode(
+        &Frame::Pull {
+            seq: 1,
+            ring_version: 0,
+        },
+        &mut out,
+    );
+    stream.write_all(&out).await.map_err(|e| e.to_string())?;
+    let mut buf = BytesMut::with_capacity(256 * 1024);
+    let mut received = 0u64;
+    loop {
+        while let Decoded::Frame(frame, used) = wire::decode(&buf).map_err(|e| e.to_string())? {
+            buf.advance(used);
+            match frame {
+                Frame::Records { records, .. } => {
+                    let now = now_secs();
+                    for record in &records {
+                        apply(&engine.store, record, now);
+                    }
+                    received += records.len() as u64;
+                }
+                Frame::PullDone { .. } => return Ok(received),
+                other => return Err(format!("unexpected frame {other:?}")),
+            }
+        }
+        if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err("peer closed during refill".into());
+        }
+    }
+}

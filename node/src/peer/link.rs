@@ -1,0 +1,251 @@
+//! Outgoing peer connections: one task per peer, fed by a bounded queue, sending records
+//! in batches and resolving each record's acknowledgement when the peer has applied it.
+//!
+//! Nothing here blocks a client request: when a peer's queue is full the record is dropped
+//! and counted, and a writer waiting for an acknowledgement gives up after its own timeout.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use kache_cluster::Member;
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use super::wire::{self, Decoded, Frame, Record, BATCH_BYTES, BATCH_RECORDS};
+
+/// Records waiting per peer before new ones are dropped.
+pub const QUEUE_CAPACITY: usize = 65_536;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Peer traffic counters, exported on `/metrics`.
+#[derive(Debug, Default)]
+pub struct LinkMetrics {
+    pub queued: AtomicU64,
+    pub sent: AtomicU64,
+    pub acked: AtomicU64,
+    pub dropped: AtomicU64,
+    pub reconnects: AtomicU64,
+}
+
+enum Outgoing {
+    Record(Record, Option<oneshot::Sender<()>>),
+    Fetch(Vec<u8>, oneshot::Sender<Option<Record>>),
+}
+
+struct Link {
+    addr: (String, u16),
+    tx: mpsc::Sender<Outgoing>,
+}
+
+/// All outgoing links of this node.
+pub struct Links {
+    node_name: String,
+    links: Mutex<HashMap<String, Link>>,
+    pub metrics: Arc<LinkMetrics>,
+}
+
+impl Links {
+    pub fn new(node_name: impl Into<String>) -> Links {
+        Links {
+            node_name: node_name.into(),
+            links: Mutex::new(HashMap::new()),
+            metrics: Arc::new(LinkMetrics::default()),
+        }
+    }
+
+    fn sender(&self, member: &Member) -> mpsc::Sender<Outgoing> {
+        let addr = (member.host.clone(), member.peer_port);
+        let mut links = self.links.lock();
+        if let Some(link) = links.get(&member.name) {
+            if link.addr == addr && !link.tx.is_closed() {
+                return link.tx.clone();
+            }
+        }
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        tokio::spawn(run(
+            addr.clone(),
+            self.node_name.clone(),
+            rx,
+            self.metrics.clone(),
+        ));
+        links.insert(
+            member.name.clone(),
+            Link {
+                addr,
+                tx: tx.clone(),
+            },
+        );
+        tx
+    }
+
+    /// Queues `record` for `member`. With `ack`, the sender learns when it was applied.
+    /// Returns false (and counts a drop) when the peer's queue is full.
+    pub fn send(&self, member: &Member, record: Record, ack: Option<oneshot::Sender<()>>) -> bool {
+        match self.sender(member).try_send(Outgoing::Record(record, ack)) {
+            Ok(()) => {
+                self.metrics.queued.fetch_add(1, Relaxed);
+                true
+            }
+            Err(_) => {
+                self.metrics.dropped.fetch_add(1, Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Asks `member` for its copy of `key`.
+    pub fn fetch(&self, member: &Member, key: &[u8]) -> oneshot::Receiver<Option<Record>> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self
+            .sender(member)
+            .try_send(Outgoing::Fetch(key.to_vec(), tx));
+        rx
+    }
+
+    /// Closes links to peers that are no longer members.
+    pub fn retain(&self, members: &[Member]) {
+        self.links
+            .lock()
+            .retain(|name, _| members.iter().any(|m| &m.name == name));
+    }
+}
+
+#[derive(Default)]
+struct Pending {
+    acks: HashMap<u64, Vec<oneshot::Sender<()>>>,
+    fetches: HashMap<u64, oneshot::Sender<Option<Record>>>,
+}
+
+/// Drives one link until its queue is closed (the peer left the member list).
+async fn run(
+    addr: (String, u16),
+    node_name: String,
+    mut rx: mpsc::Receiver<Outgoing>,
+    metrics: Arc<LinkMetrics>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    let mut seq: u64 = 0;
+    // A message taken from the queue but not yet sent when the connection broke.
+    let mut carry: Option<Outgoing> = None;
+    loop {
+        let stream = match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            TcpStream::connect((addr.0.as_str(), addr.1)),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => stream,
+            _ => {
+                if rx.is_closed() && rx.is_empty() {
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        let _ = stream.set_nodelay(true);
+        let (mut reader, mut writer) = stream.into_split();
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let reader_task = {
+            let pending = pending.clone();
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let mut buf = BytesMut::with_capacity(4096);
+                loop {
+                    match wire::decode(&buf) {
+                        Ok(Decoded::Frame(frame, used)) => {
+                            bytes::Buf::advance(&mut buf, used);
+                            match frame {
+                                Frame::Ack { seq } => {
+                                    let waiters = pending.lock().acks.remove(&seq);
+                                    for w in waiters.into_iter().flatten() {
+                                        metrics.acked.fetch_add(1, Relaxed);
+                                        let _ = w.send(());
+                                    }
+                                }
+                                Frame::Fetched { seq, record } => {
+                                    if let Some(w) = pending.lock().fetches.remove(&seq) {
+                                        let _ = w.send(record);
+                                    }
+                                }
+                                _ => return,
+                            }
+                            continue;
+                        }
+                        Ok(Decoded::Incomplete) => {}
+                        Err(_) => return,
+                    }
+                    match reader.read_buf(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            })
+        };
+        let mut out = BytesMut::with_capacity(64 * 1024);
+        wire::encode(
+            &Frame::Hello {
+                node: node_name.clone(),
+                ring_version: 0,
+            },
+            &mut out,
+        );
+        let mut broken = writer.write_all(&out).await.is_err();
+        while !broken {
+            let first = match carry.take() {
+                Some(m) => m,
+                None => match rx.recv().await {
+                    Some(m) => m,
+                    None => {
+                        reader_task.abort();
+                        return;
+                    }
+                },
+            };
+            out.clear();
+            let mut records = Vec::new();
+            let mut acks = Vec::new();
+            let mut bytes = 0;
+            let mut next = Some(first);
+            while let Some(message) = next.take() {
+                match message {
+                    Outgoing::Record(record, ack) => {
+                        bytes += record.key.len() + record.value.len() + 32;
+                        records.push(record);
+                        acks.extend(ack);
+                    }
+                    Outgoing::Fetch(key, reply) => {
+                        seq += 1;
+                        pending.lock().fetches.insert(seq, reply);
+                        wire::encode(&Frame::Fetch { seq, key }, &mut out);
+                    }
+                }
+                if records.len() < BATCH_RECORDS && bytes < BATCH_BYTES {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !records.is_empty() {
+                seq += 1;
+                let count = records.len() as u64;
+                pending.lock().acks.insert(seq, acks);
+                wire::encode(&Frame::Records { seq, records }, &mut out);
+                metrics.sent.fetch_add(count, Relaxed);
+                metrics
+                    .queued
+                    .fetch_sub(count.min(metrics.queued.load(Relaxed)), Relaxed);
+            }
+            broken = writer.write_all(&out).await.is_err() || reader_task.is_finished();
+        }
+        reader_task.abort();
+        metrics.reconnects.fetch_add(1, Relaxed);
+        tracing::debug!(peer = %addr.0, port = addr.1, "peer link broken; reconnecting");
+    }
+}

@@ -1,0 +1,118 @@
+//! The peer port: applies what peers send (replication, hand-off, refill) and answers
+//! read-through fetches and refill pulls. Garbage closes the connection that sent it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+use super::wire::{self, Decoded, Frame};
+use super::{apply, handoff, record_of};
+use crate::engine::Engine;
+use crate::store::now_secs;
+
+/// Simultaneous peer connections accepted.
+const MAX_PEER_CONNECTIONS: usize = 256;
+/// A peer must say hello this soon after connecting.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub async fn serve(
+    listener: TcpListener,
+    engine: Arc<Engine>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let permits = Arc::new(Semaphore::new(MAX_PEER_CONNECTIONS));
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(error) => {
+                    tracing::warn!(%error, "peer accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "too many peer connections");
+            continue;
+        };
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            if let Err(error) = handle(stream, &engine).await {
+                engine
+                    .peer_stats
+                    .rejected
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(%peer, %error, "peer connection closed");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn handle(mut stream: TcpStream, engine: &Engine) -> Result<(), String> {
+    let _ = stream.set_nodelay(true);
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut out = BytesMut::with_capacity(4096);
+    let mut caller: Option<String> = None;
+    loop {
+        loop {
+            let decoded = wire::decode(&buf).map_err(|e| e.to_string())?;
+            let Decoded::Frame(frame, used) = decoded else {
+                break;
+            };
+            buf.advance(used);
+            let now = now_secs();
+            match frame {
+                Frame::Hello { node, .. } => caller = Some(node),
+                _ if caller.is_none() => return Err("peer spoke before hello".into()),
+                Frame::Records { seq, records } => {
+                    for record in &records {
+                        apply(&engine.store, record, now);
+                    }
+                    engine
+                        .peer_stats
+                        .received
+                        .fetch_add(records.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    wire::encode(&Frame::Ack { seq }, &mut out);
+                }
+                Frame::Fetch { seq, key } => {
+                    let record = engine
+                        .store
+                        .with_entry(&key, now, |e| e.item().map(record_of));
+                    wire::encode(&Frame::Fetched { seq, record }, &mut out);
+                }
+                Frame::Pull { seq, .. } => {
+                    // Refill: stream what this node holds for the caller, then say done.
+                    stream.write_all(&out).await.map_err(|e| e.to_string())?;
+                    out.clear();
+                    let name = caller.clone().unwrap_or_default();
+                    let sent = handoff::stream_owned_by(engine, &mut stream, seq, &name).await?;
+                    wire::encode(&Frame::PullDone { seq, sent }, &mut out);
+                }
+                other => return Err(format!("unexpected peer frame {other:?}")),
+            }
+        }
+        if !out.is_empty() {
+            stream.write_all(&out).await.map_err(|e| e.to_string())?;
+            out.clear();
+        }
+        let read = if caller.is_some() {
+            stream.read_buf(&mut buf).await
+        } else {
+            tokio::time::timeout(HELLO_TIMEOUT, stream.read_buf(&mut buf))
+                .await
+                .map_err(|_| "no hello from peer".to_string())?
+        };
+        match read {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
