@@ -184,8 +184,17 @@ async fn publish(
         action: action.into(),
         secondary: None,
     };
+    // The reference carries the resourceVersion, as client-go's does. kube's
+    // Recorder folds events with the same type, reason, action and reference
+    // into one series that keeps the FIRST note, so without it a second
+    // "published member list version N" within minutes would only bump the
+    // count of the first one and `kubectl describe` would show a stale note.
+    // Every event here reports a distinct change (which itself changes the
+    // CacheCluster), so none must be folded.
+    let mut regarding = cc.object_ref(&());
+    regarding.resource_version = cc.meta().resource_version.clone();
     // Events are best effort: failing to record one must not fail the reconcile.
-    if let Err(e) = ctx.recorder.publish(&event, &cc.object_ref(&())).await {
+    if let Err(e) = ctx.recorder.publish(&event, &regarding).await {
         tracing::warn!(error = %e, reason, "could not publish event");
     }
 }

@@ -1,122 +1,213 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 //! End-to-end tests against a real Kubernetes API server (1.28+).
 //!
-//! Runs only when `KACHE_E2E_KUBECONFIG` names a kubeconfig file; otherwise it
-//! prints why it skipped and passes. Nothing here is faked: the CRD, the
-//! operator's controller (run in-process, watching one fresh namespace) and
-//! every object live in the real API server.
+//! Runs only when `KACHE_E2E_KUBECONFIG` names a kubeconfig file (of a user
+//! allowed to do everything, e.g. `cluster-admin`); otherwise every test
+//! prints why it skipped and passes. Nothing here is faked: the CRD comes from
+//! `crds/cachecluster.yaml`, the RBAC from the Helm chart, and the operator's
+//! real controller (watches, reconcile loop, leader election) runs in-process
+//! **as the chart's ServiceAccount** (the client impersonates it), so the
+//! chart's ClusterRole is proven sufficient for everything exercised here.
 //!
-//! The suite needs only an API server. A cluster without a kubelet or image
-//! registry is enough: where no kubelet runs the pods, the suite plays the
-//! kubelet's part for one pod by writing its status (Ready, with an IP)
-//! through the pods/status subresource, exactly as a kubelet would.
+//! The suite needs an API server and a controller-manager (StatefulSet
+//! controller, garbage collector, namespace controller); no kubelet,
+//! scheduler or image registry. Where no kubelet runs the pods, the suite
+//! plays the kubelet's part by writing pod status (Ready, with an IP) through
+//! the `pods/status` subresource, exactly as a kubelet would.
+//!
+//! The chart is rendered with `helm template` (`$KACHE_E2E_HELM`, else `helm`
+//! on `PATH`, else the copy `scripts/check-chart.sh` installs); without helm
+//! the few template expressions of the RBAC templates are substituted directly.
+//!
+//! Every test works in its own namespace, deleted at the end whatever
+//! happens, together with the cluster-scoped ClusterRole and
+//! ClusterRoleBinding it created. The CRD is left installed (other tests may
+//! be using it). Every wait has a timeout and every test a time budget.
 //!
 //! ```sh
 //! KACHE_E2E_KUBECONFIG=$HOME/.kube/config cargo test -p kache-operator --test e2e -- --nocapture
 //! ```
 
+use futures::FutureExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, Namespace, Pod, PodCondition, PodSpec, PodStatus, Service, ServiceAccount,
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kache_cluster::{names, MemberList};
-use kache_operator::crd::{self, CacheCluster, CacheClusterSpec};
-use kache_operator::metrics::Metrics;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
+use kache_cluster::{names, Member, MemberList};
+use kache_operator::build;
+use kache_operator::crd::{self, CacheCluster, MemberState};
+use kache_operator::leader::{LeaderElector, LeaseConfig};
+use kache_operator::metrics::{ErrorLabels, Metrics};
 use kache_operator::reconcile::{run_controller, Context, Settings};
-use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::events::Reporter;
 use kube::{Api, Client, Config, ResourceExt};
-use serde_json::json;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize as _, Serialize};
+use serde_json::{json, Value};
+use std::fmt::Debug;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 const ENV: &str = "KACHE_E2E_KUBECONFIG";
+const HELM_ENV: &str = "KACHE_E2E_HELM";
+/// Longest wait for any one condition.
 const TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a whole test may run (cleanup not included).
+const TEST_BUDGET: Duration = Duration::from_secs(300);
+/// Longest the cleanup may wait for the namespace to disappear.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(90);
+/// Image the in-process operator gives CacheClusters that set none.
+const NODE_IMAGE: &str = "ghcr.io/kache-dev/kache-node:e2e";
+/// Field manager of objects this suite writes itself.
+const E2E_MANAGER: &str = "kache-e2e";
 
-async fn client_from_env() -> Option<Client> {
-    let Ok(path) = std::env::var(ENV) else {
-        println!("skipping e2e tests: {ENV} is not set (point it at a kubeconfig to run them)");
-        return None;
-    };
-    let kubeconfig =
-        Kubeconfig::read_from(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("valid kubeconfig");
-    Some(Client::try_from(config).expect("client"))
+// ------------------------------------------------------------------ plumbing
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Polls `f` every 250ms until it yields `Some`, or panics after `TIMEOUT`.
+/// The kubeconfig path, or `None` (after printing why) when the suite is off.
+fn kubeconfig_path(test: &str) -> Option<String> {
+    match std::env::var(ENV) {
+        Ok(p) if !p.is_empty() => Some(p),
+        _ => {
+            println!(
+                "skipping e2e test {test}: {ENV} is not set (point it at the kubeconfig of a \
+                 Kubernetes 1.28+ cluster-admin to run it)"
+            );
+            None
+        }
+    }
+}
+
+fn init_tracing() {
+    // Operator logs, only when asked for with RUST_LOG.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+async fn config_from(path: &str) -> Config {
+    let kubeconfig =
+        Kubeconfig::read_from(path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+    Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("valid kubeconfig")
+}
+
+async fn admin_client(path: &str) -> Client {
+    Client::try_from(config_from(path).await).expect("client")
+}
+
+fn service_account_user(ns: &str, sa: &str) -> (String, Vec<String>) {
+    (
+        format!("system:serviceaccount:{ns}:{sa}"),
+        vec![
+            "system:serviceaccounts".into(),
+            format!("system:serviceaccounts:{ns}"),
+            "system:authenticated".into(),
+        ],
+    )
+}
+
+/// A client that acts as ServiceAccount `ns/sa` (user and groups exactly as
+/// the API server authenticates a ServiceAccount token).
+async fn impersonating_client(path: &str, ns: &str, sa: &str) -> Client {
+    let mut config = config_from(path).await;
+    let (user, groups) = service_account_user(ns, sa);
+    config.auth_info.impersonate = Some(user);
+    config.auth_info.impersonate_groups = Some(groups);
+    Client::try_from(config).expect("impersonating client")
+}
+
+/// Polls `f` every 250ms until it yields `Ok`, or panics after `TIMEOUT`
+/// with the last reason it gave for not being there yet.
 async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
+    Fut: Future<Output = Result<T, String>>,
 {
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     loop {
-        if let Some(v) = f().await {
-            return v;
-        }
+        let last = match f().await {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
         assert!(
             tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
+            "timed out after {TIMEOUT:?} waiting for {what}; last seen: {last}"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
-async fn install_crd(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = crd::crd();
-    let name = crd.name_any();
-    crds.patch(
-        &name,
-        &PatchParams::apply("kache-e2e").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .expect("apply CRD");
-    eventually("CRD established", || {
-        let crds = crds.clone();
-        let name = name.clone();
-        async move {
-            let c = crds.get(&name).await.ok()?;
-            let established = c
-                .status?
-                .conditions?
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            established.then_some(())
+/// Aborts a spawned task when dropped (also when a test panics).
+struct AbortOnDrop<T>(Option<tokio::task::JoinHandle<T>>);
+
+impl<T> AbortOnDrop<T> {
+    async fn join(mut self, what: &str) -> T {
+        let handle = self.0.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(30), handle)
+            .await
+            .unwrap_or_else(|_| panic!("{what} did not stop within 30s"))
+            .unwrap_or_else(|e| panic!("{what} failed: {e}"))
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
         }
-    })
-    .await;
+    }
 }
 
-fn members_of(cm: &ConfigMap) -> MemberList {
-    MemberList::from_json(&cm.data.as_ref().unwrap()[names::MEMBERS_JSON_KEY]).unwrap()
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(r) if r.code == 404)
 }
 
-#[tokio::test]
-async fn e2e_operator_against_real_apiserver() {
-    let Some(client) = client_from_env().await else {
-        return;
-    };
-    install_crd(&client).await;
+/// Name of the chart's operator objects (ClusterRole, ClusterRoleBinding,
+/// ServiceAccount, Lease) when the Helm release is named after the namespace.
+fn operator_name(ns: &str) -> String {
+    // The namespace contains "kache", so the chart's fullname is the release name.
+    format!("{ns}-operator")
+}
 
-    // A fresh namespace, deleted at the end whatever happens.
-    let ns_name = format!("kache-e2e-{}", std::process::id());
+/// Runs `body` in a fresh namespace `<prefix>-<pid>` within `TEST_BUDGET`,
+/// then deletes the namespace and the chart's cluster-scoped objects named
+/// after it, whether `body` passed, failed or timed out.
+async fn in_namespace<F, Fut>(client: &Client, prefix: &str, body: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let ns = format!("{prefix}-{}", std::process::id());
     let namespaces: Api<Namespace> = Api::all(client.clone());
+    if namespaces.get_opt(&ns).await.unwrap().is_some() {
+        // Left over from a killed run with the same pid: start clean.
+        cleanup(client, &ns).await;
+    }
     namespaces
         .create(
             &PostParams::default(),
             &Namespace {
                 metadata: ObjectMeta {
-                    name: Some(ns_name.clone()),
+                    name: Some(ns.clone()),
+                    labels: Some([("kache.dev/e2e".to_string(), "true".to_string())].into()),
                     ..Default::default()
                 },
                 ..Default::default()
@@ -124,61 +215,891 @@ async fn e2e_operator_against_real_apiserver() {
         )
         .await
         .expect("create namespace");
-    struct Cleanup(Api<Namespace>, String);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let (api, name) = (self.0.clone(), self.1.clone());
-            // Best effort, on a fresh runtime since the test's may be gone.
-            let _ = std::thread::spawn(move || {
-                if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    let _ = rt.block_on(api.delete(&name, &DeleteParams::default()));
-                }
-            })
-            .join();
+    println!("[{ns}] namespace created");
+    let outcome = tokio::time::timeout(
+        TEST_BUDGET,
+        AssertUnwindSafe(body(ns.clone())).catch_unwind(),
+    )
+    .await;
+    let gone = cleanup(client, &ns).await;
+    match outcome {
+        Err(_) => panic!("test in namespace {ns} exceeded its budget of {TEST_BUDGET:?}"),
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Ok(Ok(())) => assert!(
+            gone,
+            "namespace {ns} was not deleted within {CLEANUP_TIMEOUT:?}"
+        ),
+    }
+}
+
+/// Deletes the namespace and the chart's cluster-scoped objects; returns
+/// whether the namespace was gone within `CLEANUP_TIMEOUT`.
+async fn cleanup(client: &Client, ns: &str) -> bool {
+    let name = operator_name(ns);
+    let dp = DeleteParams::default();
+    let crbs: Api<ClusterRoleBinding> = Api::all(client.clone());
+    let crs: Api<ClusterRole> = Api::all(client.clone());
+    for r in [
+        crbs.delete(&name, &dp).await.err(),
+        crs.delete(&name, &dp).await.err(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if !is_not_found(&r) {
+            println!("[{ns}] cleanup: {r}");
         }
     }
-    let _cleanup = Cleanup(namespaces.clone(), ns_name.clone());
-    let ns = ns_name.as_str();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    if let Err(e) = namespaces.delete(ns, &dp).await {
+        if !is_not_found(&e) {
+            println!("[{ns}] cleanup: cannot delete namespace: {e}");
+        }
+    }
+    let deadline = tokio::time::Instant::now() + CLEANUP_TIMEOUT;
+    while tokio::time::Instant::now() < deadline {
+        match namespaces.get_opt(ns).await {
+            Ok(None) => {
+                println!("[{ns}] namespace deleted");
+                return true;
+            }
+            Ok(Some(_)) | Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+    println!("[{ns}] cleanup: namespace still there after {CLEANUP_TIMEOUT:?}");
+    false
+}
 
-    // The operator, in-process, watching only this namespace.
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        Settings {
-            node_image: "ghcr.io/kache-dev/kache-node:e2e".into(),
+// ------------------------------------------------------------------ CRD
+
+/// Installs the CRD exactly as committed in `crds/cachecluster.yaml` and
+/// waits until it is Established.
+async fn install_crd(client: &Client) -> CustomResourceDefinition {
+    let path = repo_root().join("crds/cachecluster.yaml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let committed: CustomResourceDefinition = serde_yaml::from_str(&text).expect("CRD YAML");
+    assert_eq!(
+        serde_json::to_value(&committed).unwrap(),
+        serde_json::to_value(crd::crd()).unwrap(),
+        "crds/cachecluster.yaml is out of date with operator/src/crd.rs"
+    );
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let name = committed.name_any();
+    crds.patch(
+        &name,
+        &PatchParams::apply(E2E_MANAGER).force(),
+        &Patch::Apply(&committed),
+    )
+    .await
+    .expect("apply CRD");
+    eventually("CRD established", || {
+        let crds = crds.clone();
+        let name = name.clone();
+        async move {
+            let c = crds.get(&name).await.map_err(|e| e.to_string())?;
+            let conditions = c
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.clone())
+                .unwrap_or_default();
+            let established = conditions
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            // The new schema must also be in effect (a previous run may have
+            // installed an older one).
+            let current = c.metadata.generation.is_some()
+                && c.status
+                    .as_ref()
+                    .and_then(|s| s.accepted_names.as_ref())
+                    .is_some_and(|n| n.kind == "CacheCluster");
+            if established && current {
+                Ok(c)
+            } else {
+                Err(format!("{conditions:?}"))
+            }
+        }
+    })
+    .await
+}
+
+// ------------------------------------------------------------------ Helm chart RBAC
+
+const CHART_RBAC_TEMPLATES: &[&str] = &[
+    "templates/serviceaccount.yaml",
+    "templates/clusterrole.yaml",
+    "templates/clusterrolebinding.yaml",
+    "templates/leader-election-rbac.yaml",
+];
+
+fn find_helm() -> Option<PathBuf> {
+    let works = |p: &Path| {
+        std::process::Command::new(p)
+            .arg("version")
+            .arg("--short")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let mut candidates = Vec::new();
+    if let Ok(p) = std::env::var(HELM_ENV) {
+        candidates.push(PathBuf::from(p));
+    }
+    candidates.push(PathBuf::from("helm"));
+    let tools = std::env::var("KACHE_TOOLS_DIR")
+        .map(PathBuf::from)
+        .ok()
+        .or_else(|| {
+            std::env::var("HOME")
+                .ok()
+                .map(|h| PathBuf::from(h).join(".cache/kache"))
+        });
+    if let Some(t) = tools {
+        candidates.push(t.join("helm/helm"));
+    }
+    candidates.into_iter().find(|p| works(p))
+}
+
+/// The chart's operator RBAC (ServiceAccount, ClusterRole,
+/// ClusterRoleBinding, leader-election Role and RoleBinding) for a release
+/// named `ns` installed in namespace `ns`, with the chart's default values.
+fn render_chart_rbac(ns: &str) -> Vec<Value> {
+    let chart = repo_root().join("charts/kache");
+    let yaml = if let Some(helm) = find_helm() {
+        let home = std::env::temp_dir().join(format!("kache-e2e-helm-{}", std::process::id()));
+        let mut cmd = std::process::Command::new(&helm);
+        cmd.arg("template")
+            .arg(ns)
+            .arg(&chart)
+            .arg("--namespace")
+            .arg(ns)
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"));
+        for t in CHART_RBAC_TEMPLATES {
+            cmd.arg("--show-only").arg(t);
+        }
+        let out = cmd.output().expect("run helm template");
+        assert!(
+            out.status.success(),
+            "helm template failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("[{ns}] chart RBAC rendered with {}", helm.display());
+        String::from_utf8(out.stdout).unwrap()
+    } else {
+        // No helm: substitute the few expressions these templates use (with
+        // the chart's defaults: rbac.create, serviceAccount.create and
+        // operator.leaderElection are all true) and drop the control lines.
+        println!(
+            "[{ns}] helm not found (set {HELM_ENV}): rendering the chart RBAC templates directly"
+        );
+        let name = operator_name(ns);
+        let mut docs = Vec::new();
+        for t in CHART_RBAC_TEMPLATES {
+            let text = std::fs::read_to_string(chart.join(t)).unwrap();
+            let text = text
+                .replace(
+                    r#"{{ include "kache.operatorName" . | quote }}"#,
+                    &format!("{name:?}"),
+                )
+                .replace(r#"{{ include "kache.operatorName" . }}"#, &name)
+                .replace(r#"{{ include "kache.serviceAccountName" . }}"#, &name)
+                .replace("{{ .Release.Namespace }}", ns);
+            let kept: Vec<&str> = text.lines().filter(|l| !l.contains("{{")).collect();
+            docs.push(kept.join("\n"));
+        }
+        docs.join("\n---\n")
+    };
+    serde_yaml::Deserializer::from_str(&yaml)
+        .map(|doc| Value::deserialize(doc).expect("rendered YAML"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Creates the chart's operator RBAC in `ns`; returns the ClusterRole.
+async fn install_chart_rbac(client: &Client, ns: &str) -> ClusterRole {
+    let docs = render_chart_rbac(ns);
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding"
+        ],
+        "rendered chart RBAC"
+    );
+    async fn create<K>(api: Api<K>, doc: &Value) -> K
+    where
+        K: Clone + DeserializeOwned + Serialize + Debug,
+    {
+        let obj: K = serde_json::from_value(doc.clone()).expect("chart object");
+        api.create(&PostParams::default(), &obj)
+            .await
+            .unwrap_or_else(|e| panic!("create {}: {e}", doc["kind"]))
+    }
+    let mut cluster_role = None;
+    for doc in &docs {
+        match doc["kind"].as_str().unwrap() {
+            "ServiceAccount" => {
+                create::<ServiceAccount>(Api::namespaced(client.clone(), ns), doc).await;
+            }
+            "ClusterRole" => {
+                cluster_role = Some(create::<ClusterRole>(Api::all(client.clone()), doc).await);
+            }
+            "ClusterRoleBinding" => {
+                create::<ClusterRoleBinding>(Api::all(client.clone()), doc).await;
+            }
+            "Role" => {
+                create::<Role>(Api::namespaced(client.clone(), ns), doc).await;
+            }
+            "RoleBinding" => {
+                create::<RoleBinding>(Api::namespaced(client.clone(), ns), doc).await;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    let cluster_role = cluster_role.unwrap();
+    assert_eq!(cluster_role.name_any(), operator_name(ns));
+    cluster_role
+}
+
+/// One access check: may `user` do `verb` on `resource` (`group`,
+/// optional `subresource`, `namespace` ("" = all namespaces), `name`)?
+#[derive(Clone, Copy, Debug)]
+struct Access {
+    verb: &'static str,
+    group: &'static str,
+    resource: &'static str,
+    subresource: &'static str,
+    namespaced: bool,
+}
+
+const fn access(
+    verb: &'static str,
+    group: &'static str,
+    resource: &'static str,
+    subresource: &'static str,
+    namespaced: bool,
+) -> Access {
+    Access {
+        verb,
+        group,
+        resource,
+        subresource,
+        namespaced,
+    }
+}
+
+async fn allowed(
+    client: &Client,
+    (user, groups): &(String, Vec<String>),
+    a: Access,
+    ns: &str,
+    name: Option<&str>,
+) -> bool {
+    let sar = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user.clone()),
+            groups: Some(groups.clone()),
+            resource_attributes: Some(ResourceAttributes {
+                namespace: a.namespaced.then(|| ns.to_string()),
+                verb: Some(a.verb.into()),
+                group: Some(a.group.into()),
+                resource: Some(a.resource.into()),
+                subresource: (!a.subresource.is_empty()).then(|| a.subresource.into()),
+                name: name.map(Into::into),
+                ..Default::default()
+            }),
+            ..Default::default()
         },
-        Arc::new(Metrics::default()),
+        ..Default::default()
+    };
+    let api: Api<SubjectAccessReview> = Api::all(client.clone());
+    let r = api
+        .create(&PostParams::default(), &sar)
+        .await
+        .expect("SubjectAccessReview");
+    r.status.is_some_and(|s| s.allowed)
+}
+
+/// Every request the operator makes (see `reconcile.rs` and `leader.rs`):
+/// list+watch across all namespaces (the chart's default), writes in the
+/// CacheCluster's namespace.
+const OPERATOR_NEEDS: &[Access] = &[
+    // Controller watches (all namespaces).
+    access("list", "kache.dev", "cacheclusters", "", false),
+    access("watch", "kache.dev", "cacheclusters", "", false),
+    access("list", "apps", "statefulsets", "", false),
+    access("watch", "apps", "statefulsets", "", false),
+    access("list", "", "services", "", false),
+    access("watch", "", "services", "", false),
+    access("list", "", "configmaps", "", false),
+    access("watch", "", "configmaps", "", false),
+    access("list", "policy", "poddisruptionbudgets", "", false),
+    access("watch", "policy", "poddisruptionbudgets", "", false),
+    access("list", "", "pods", "", false),
+    access("watch", "", "pods", "", false),
+    // Reconcile: server-side apply (create on first apply, then patch).
+    access("patch", "kache.dev", "cacheclusters", "status", true),
+    access("create", "", "serviceaccounts", "", true),
+    access("patch", "", "serviceaccounts", "", true),
+    access("create", "rbac.authorization.k8s.io", "roles", "", true),
+    access("patch", "rbac.authorization.k8s.io", "roles", "", true),
+    access(
+        "create",
+        "rbac.authorization.k8s.io",
+        "rolebindings",
+        "",
+        true,
+    ),
+    access(
+        "patch",
+        "rbac.authorization.k8s.io",
+        "rolebindings",
+        "",
+        true,
+    ),
+    access("create", "", "services", "", true),
+    access("patch", "", "services", "", true),
+    access("list", "", "pods", "", true),
+    access("get", "", "configmaps", "", true),
+    access("create", "", "configmaps", "", true),
+    access("patch", "", "configmaps", "", true),
+    access("create", "apps", "statefulsets", "", true),
+    access("patch", "apps", "statefulsets", "", true),
+    access("create", "policy", "poddisruptionbudgets", "", true),
+    access("patch", "policy", "poddisruptionbudgets", "", true),
+    // The nodes' Role grants get/list/watch on a ConfigMap: RBAC only lets
+    // the operator create it if it holds those permissions itself.
+    access("list", "", "configmaps", "", true),
+    access("watch", "", "configmaps", "", true),
+    // Events (the recorder patches repeated events into a series).
+    access("create", "events.k8s.io", "events", "", true),
+    access("patch", "events.k8s.io", "events", "", true),
+];
+
+/// What the chart promises the operator cannot do.
+const OPERATOR_MUST_NOT: &[Access] = &[
+    access("get", "", "secrets", "", true),
+    access("list", "", "secrets", "", false),
+    access("delete", "apps", "statefulsets", "", true),
+    access("delete", "", "services", "", true),
+    access("delete", "", "configmaps", "", true),
+    access("delete", "", "pods", "", true),
+    access("delete", "kache.dev", "cacheclusters", "", true),
+    access("update", "kache.dev", "cacheclusters", "", true),
+    access("patch", "kache.dev", "cacheclusters", "", true),
+    access("create", "kache.dev", "cacheclusters", "", true),
+    access("patch", "", "pods", "status", true),
+    access("create", "", "pods", "", true),
+    access("escalate", "rbac.authorization.k8s.io", "roles", "", true),
+    access("bind", "rbac.authorization.k8s.io", "roles", "", true),
+    access(
+        "create",
+        "rbac.authorization.k8s.io",
+        "clusterroles",
+        "",
+        false,
+    ),
+    access("update", "coordination.k8s.io", "leases", "", true),
+];
+
+// ------------------------------------------------------------------ object checks
+
+/// Asserts that everything in `want` (as JSON) is in `got` with the same
+/// value: the API server kept every field the operator set (it may add
+/// defaults). Lists must have the same length.
+fn assert_subset(want: &Value, got: &Value, path: &str) {
+    match (want, got) {
+        (Value::Object(w), Value::Object(g)) => {
+            for (k, wv) in w {
+                if wv.is_null() {
+                    continue;
+                }
+                let gv = g
+                    .get(k)
+                    .unwrap_or_else(|| panic!("{path}.{k} is missing from the server's object"));
+                assert_subset(wv, gv, &format!("{path}.{k}"));
+            }
+        }
+        (Value::Array(w), Value::Array(g)) => {
+            assert_eq!(w.len(), g.len(), "{path}: {want} vs {got}");
+            for (i, (wv, gv)) in w.iter().zip(g).enumerate() {
+                assert_subset(wv, gv, &format!("{path}[{i}]"));
+            }
+        }
+        _ => assert_eq!(want, got, "{path}"),
+    }
+}
+
+/// The spec (and metadata) the operator would build is what the server holds.
+fn assert_built<K: Serialize>(want: &K, got: &K, what: &str) {
+    let mut want = serde_json::to_value(want).unwrap();
+    want.as_object_mut().unwrap().remove("status");
+    assert_subset(&want, &serde_json::to_value(got).unwrap(), what);
+}
+
+/// Labels, the controller owner reference and the operator's field manager.
+fn assert_owned(meta: &ObjectMeta, cc: &CacheCluster, what: &str) {
+    let labels = meta.labels.clone().unwrap_or_default();
+    for (k, v) in names::common_labels(&cc.name_any()) {
+        assert_eq!(labels.get(&k), Some(&v), "{what}: label {k}");
+    }
+    let owners = meta.owner_references.clone().unwrap_or_default();
+    assert_eq!(owners.len(), 1, "{what}: exactly one owner: {owners:?}");
+    let o = &owners[0];
+    assert_eq!(o.api_version, "kache.dev/v1alpha1", "{what}");
+    assert_eq!(o.kind, "CacheCluster", "{what}");
+    assert_eq!(o.name, cc.name_any(), "{what}");
+    assert_eq!(Some(&o.uid), cc.metadata.uid.as_ref(), "{what}");
+    assert_eq!(o.controller, Some(true), "{what}: controller owner");
+    // Not blocking: with blockOwnerDeletion the operator would need `update`
+    // on cacheclusters/finalizers wherever the OwnerReferencesPermission-
+    // Enforcement admission plugin runs, and the chart does not grant it.
+    assert_ne!(o.block_owner_deletion, Some(true), "{what}");
+    assert_applied_by_operator(meta, None, what);
+}
+
+/// `managedFields` shows a server-side apply by `kache-operator`.
+fn assert_applied_by_operator(meta: &ObjectMeta, subresource: Option<&str>, what: &str) {
+    let mf = meta.managed_fields.clone().unwrap_or_default();
+    assert!(
+        mf.iter()
+            .any(|m| m.manager.as_deref() == Some(names::MANAGER)
+                && m.operation.as_deref() == Some("Apply")
+                && m.subresource.as_deref() == subresource),
+        "{what}: no Apply entry of field manager {} (subresource {subresource:?}) in {:?}",
+        names::MANAGER,
+        mf.iter()
+            .map(|m| (&m.manager, &m.operation, &m.subresource))
+            .collect::<Vec<_>>()
+    );
+}
+
+fn condition<'a>(conds: &'a [Condition], type_: &str) -> &'a Condition {
+    conds
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {conds:?}"))
+}
+
+fn members_of(cm: &ConfigMap) -> MemberList {
+    MemberList::from_json(&cm.data.as_ref().unwrap()[names::MEMBERS_JSON_KEY]).unwrap()
+}
+
+fn member(ns: &str, ordinal: u32, ip: &str) -> Member {
+    Member {
+        name: format!("e2e-{ordinal}"),
+        host: format!("e2e-{ordinal}.e2e-peers.{ns}.svc"),
+        ip: ip.into(),
+        port: 11211,
+        peer_port: 11212,
+    }
+}
+
+/// The operator's events about CacheCluster `name`: (type, reason, note).
+async fn events_of(client: &Client, ns: &str, name: &str) -> Vec<(String, String, String)> {
+    let api: Api<Event> = Api::namespaced(client.clone(), ns);
+    let mut out: Vec<_> = api
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reporting_controller.as_deref() == Some(names::MANAGER)
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                && e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("CacheCluster")
+        })
+        .map(|e| {
+            (
+                e.type_.unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+async fn wait_event(client: &Client, ns: &str, type_: &str, reason: &str, note_has: &str) {
+    eventually(
+        &format!("{type_} event {reason} with note containing {note_has:?}"),
+        || async move {
+            let evs = events_of(client, ns, "e2e").await;
+            if evs
+                .iter()
+                .any(|(t, r, n)| t == type_ && r == reason && n.contains(note_has))
+            {
+                Ok(())
+            } else {
+                Err(format!("{evs:?}"))
+            }
+        },
+    )
+    .await;
+}
+
+/// `kubectl get cacheclusters` as the server renders it (the Table API):
+/// column names and the cells of the row of `e2e`.
+async fn printed_columns(client: &Client, ns: &str) -> (Vec<String>, Vec<Value>) {
+    let req = http::Request::get(format!(
+        "/apis/kache.dev/v1alpha1/namespaces/{ns}/cacheclusters"
+    ))
+    .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+    .body(Vec::new())
+    .unwrap();
+    let table: Value = client.request(req).await.expect("table");
+    assert_eq!(table["kind"], "Table", "{table}");
+    let columns = table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    let row = table["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["cells"][0] == "e2e")
+        .unwrap_or_else(|| panic!("no row for e2e in {table}"));
+    (columns, row["cells"].as_array().unwrap().clone())
+}
+
+/// Writes pod status as a kubelet would: Running, an IP, Ready or not.
+async fn set_pod_ready(pods: &Api<Pod>, name: &str, ip: &str, ready: bool) {
+    let status = json!({"status": {
+        "phase": "Running",
+        "podIP": ip,
+        "podIPs": [{"ip": ip}],
+        "conditions": [
+            {"type": "Ready", "status": if ready { "True" } else { "False" }},
+            {"type": "ContainersReady", "status": if ready { "True" } else { "False" }},
+        ],
+    }});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap_or_else(|e| panic!("write status of pod {name}: {e}"));
+}
+
+fn reconcile_errors(metrics: &Metrics) -> u64 {
+    ["kube", "build"]
+        .iter()
+        .map(|e| {
+            metrics
+                .errors
+                .get_or_create(&ErrorLabels {
+                    error: (*e).to_string(),
+                })
+                .get()
+        })
+        .sum()
+}
+
+struct Observed {
+    cc: CacheCluster,
+    cm: ConfigMap,
+    list: MemberList,
+}
+
+/// Waits until the operator has published a member list with exactly
+/// `want` (and status agrees with the ConfigMap), and checks its version.
+async fn wait_members(
+    ccs: &Api<CacheCluster>,
+    cms: &Api<ConfigMap>,
+    want: &[Member],
+    version: u64,
+) -> Observed {
+    let names_wanted: Vec<&str> = want.iter().map(|m| m.name.as_str()).collect();
+    let o = eventually(
+        &format!("member list {names_wanted:?} published in ConfigMap and status"),
+        || async move {
+            let cm = cms.get("e2e-members").await.map_err(|e| e.to_string())?;
+            let list = members_of(&cm);
+            let cc = ccs.get("e2e").await.map_err(|e| e.to_string())?;
+            let st = cc.status.clone().unwrap_or_default();
+            if list.members == want
+                && st.config_version == i64::try_from(list.version).unwrap()
+                && st.observed_generation == cc.metadata.generation
+            {
+                Ok(Observed { cc, cm, list })
+            } else {
+                Err(format!(
+                    "ConfigMap v{} {:?}; status configVersion {}",
+                    list.version,
+                    list.members.iter().map(|m| &m.name).collect::<Vec<_>>(),
+                    st.config_version
+                ))
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        o.list.version, version,
+        "configVersion rises by exactly one per member-list change"
+    );
+    let data = o.cm.data.as_ref().unwrap();
+    assert_eq!(
+        data[names::CLUSTER_CONFIG_KEY],
+        o.list.elasticache_payload()
+    );
+    let nodes: Vec<String> = want
+        .iter()
+        .map(|m| format!("{}|{}|{}", m.host, m.ip, m.port))
+        .collect();
+    assert_eq!(
+        data[names::CLUSTER_CONFIG_KEY],
+        format!("{version}\n{}\n", nodes.join(" ")),
+        "ElastiCache payload"
+    );
+    assert_eq!(
+        o.cm.metadata.annotations.as_ref().unwrap()[names::CONFIG_VERSION_ANNOTATION],
+        version.to_string()
+    );
+    o
+}
+
+// ------------------------------------------------------------------ tests
+
+/// The chart's ClusterRole and leader-election Role grant every request the
+/// operator makes, and none of what the chart says it must not do. Checked
+/// by the real RBAC authorizer (SubjectAccessReview).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_chart_rbac_grants_exactly_what_the_operator_uses() {
+    let Some(path) = kubeconfig_path("e2e_chart_rbac_grants_exactly_what_the_operator_uses") else {
+        return;
+    };
+    init_tracing();
+    let client = admin_client(&path).await;
+    install_crd(&client).await;
+    in_namespace(&client, "kache-e2e-rbac", |ns| {
+        check_chart_rbac(client.clone(), ns)
+    })
+    .await;
+}
+
+async fn check_chart_rbac(client: Client, ns: String) {
+    let ns = ns.as_str();
+    let cluster_role = install_chart_rbac(&client, ns).await;
+    // Every permission the ClusterRole grants is one the operator uses.
+    let mut unused = Vec::new();
+    for rule in cluster_role.rules.clone().unwrap_or_default() {
+        assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
+        for group in rule.api_groups.clone().unwrap_or_default() {
+            for resource in rule.resources.clone().unwrap_or_default() {
+                let (res, sub) = resource.split_once('/').unwrap_or((&resource, ""));
+                for verb in &rule.verbs {
+                    let used = OPERATOR_NEEDS.iter().any(|a| {
+                        a.group == group
+                            && a.resource == res
+                            && a.subresource == sub
+                            && a.verb == verb
+                    });
+                    if !used {
+                        unused.push(format!("{verb} {group}/{resource}"));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        unused.is_empty(),
+        "the chart's ClusterRole grants what the operator never uses: {unused:?}"
+    );
+    let sa = service_account_user(ns, &operator_name(ns));
+    // RBAC changes reach the authorizer through an informer: wait for it.
+    eventually("chart RBAC in effect", || {
+        let (client, sa) = (&client, &sa);
+        async move {
+            if allowed(client, sa, OPERATOR_NEEDS[0], ns, None).await {
+                Ok(())
+            } else {
+                Err("not yet allowed".into())
+            }
+        }
+    })
+    .await;
+    let mut missing = Vec::new();
+    for a in OPERATOR_NEEDS {
+        if !allowed(&client, &sa, *a, ns, None).await {
+            missing.push(*a);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "the chart's ClusterRole lacks {missing:#?}"
+    );
+    let mut excess = Vec::new();
+    for a in OPERATOR_MUST_NOT {
+        if allowed(&client, &sa, *a, ns, None).await {
+            excess.push(*a);
+        }
+    }
+    assert!(excess.is_empty(), "the chart's RBAC grants {excess:#?}");
+
+    // Leader election: its own Lease only, in its own namespace only.
+    let lease = operator_name(ns);
+    for verb in ["get", "update"] {
+        let a = access(verb, "coordination.k8s.io", "leases", "", true);
+        assert!(
+            allowed(&client, &sa, a, ns, Some(&lease)).await,
+            "{verb} own Lease"
+        );
+        assert!(
+            !allowed(&client, &sa, a, ns, Some("someone-else")).await,
+            "{verb} another Lease"
+        );
+        assert!(
+            !allowed(&client, &sa, a, "kube-system", Some(&lease)).await,
+            "{verb} a Lease in another namespace"
+        );
+    }
+    let create = access("create", "coordination.k8s.io", "leases", "", true);
+    assert!(allowed(&client, &sa, create, ns, None).await);
+    assert!(!allowed(&client, &sa, create, "kube-system", None).await);
+    println!(
+        "[{ns}] chart RBAC: {} required permissions granted, {} forbidden ones denied",
+        OPERATOR_NEEDS.len(),
+        OPERATOR_MUST_NOT.len()
+    );
+}
+
+/// The whole life of a CacheCluster, with the operator running as the chart's
+/// ServiceAccount: creation of every child, status, member list and
+/// configVersion, printer columns, the scale subresource, an invalid spec,
+/// deletion and garbage collection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_cachecluster_lifecycle() {
+    let Some(path) = kubeconfig_path("e2e_cachecluster_lifecycle") else {
+        return;
+    };
+    init_tracing();
+    let client = admin_client(&path).await;
+    let crd = install_crd(&client).await;
+    // The served CRD keeps what the operator relies on.
+    let v = &crd.spec.versions[0];
+    let sub = v.subresources.as_ref().unwrap();
+    assert!(sub.status.is_some());
+    assert_eq!(
+        sub.scale.as_ref().unwrap().label_selector_path.as_deref(),
+        Some(".status.selector")
+    );
+    in_namespace(&client, "kache-e2e-life", |ns| {
+        lifecycle(client.clone(), path.clone(), ns)
+    })
+    .await;
+}
+
+async fn lifecycle(client: Client, path: String, ns: String) {
+    let ns = ns.as_str();
+    let log = |msg: &str| println!("[{ns}] {msg}");
+
+    // ---- The operator, in-process, as the chart's ServiceAccount.
+    install_chart_rbac(&client, ns).await;
+    let sa_name = operator_name(ns);
+    let sa_user = service_account_user(ns, &sa_name);
+    eventually("chart RBAC in effect", || {
+        let (client, sa_user) = (&client, &sa_user);
+        async move {
+            if allowed(client, sa_user, OPERATOR_NEEDS[0], ns, None).await {
+                Ok(())
+            } else {
+                Err("not yet allowed".into())
+            }
+        }
+    })
+    .await;
+    let operator_client = impersonating_client(&path, ns, &sa_name).await;
+
+    // Leader election first, as main.rs does: the chart's Role must allow it.
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let (leader_tx, mut leader_rx) = tokio::sync::watch::channel(false);
+    let elector = LeaderElector::new(
+        operator_client.clone(),
+        LeaseConfig {
+            name: sa_name.clone(),
+            namespace: ns.to_string(),
+            identity: "e2e-operator-0".into(),
+            lease_duration: Duration::from_secs(15),
+            renew_interval: Duration::from_secs(5),
+        },
+    );
+    let elector = AbortOnDrop(Some(tokio::spawn(elector.run(leader_tx, shutdown_rx))));
+    tokio::time::timeout(TIMEOUT, leader_rx.wait_for(|l| *l))
+        .await
+        .expect("operator becomes leader (chart leader-election Role)")
+        .unwrap();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    let lease = leases.get(&sa_name).await.unwrap();
+    assert_eq!(
+        lease.spec.unwrap().holder_identity.as_deref(),
+        Some("e2e-operator-0")
+    );
+    log("operator holds the leader Lease");
+
+    let metrics = Arc::new(Metrics::default());
+    let ctx = Arc::new(Context::new(
+        operator_client,
+        Settings {
+            node_image: NODE_IMAGE.into(),
+        },
+        metrics.clone(),
         Reporter {
             controller: names::MANAGER.into(),
-            instance: Some("e2e".into()),
+            instance: Some("e2e-operator-0".into()),
         },
     ));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let controller = tokio::spawn(run_controller(ctx, Some(ns_name.clone()), async move {
+    // All namespaces, as the chart deploys it by default.
+    let controller = AbortOnDrop(Some(tokio::spawn(run_controller(ctx, None, async move {
         let _ = stop_rx.await;
-    }));
+    }))));
 
     let ccs: Api<CacheCluster> = Api::namespaced(client.clone(), ns);
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), ns);
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let roles: Api<Role> = Api::namespaced(client.clone(), ns);
+    let rbs: Api<RoleBinding> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
 
-    // 1. The CRD's own validation rejects replicationFactor > replicas.
-    let bad = CacheCluster::new(
-        "bad",
-        CacheClusterSpec {
-            replicas: 1,
-            replication_factor: 2,
-            ..Default::default()
-        },
-    );
+    // ---- 1. The CRD's CEL rule rejects replicationFactor > replicas.
+    let bad: CacheCluster = serde_json::from_value(json!({
+        "apiVersion": "kache.dev/v1alpha1", "kind": "CacheCluster",
+        "metadata": {"name": "bad"}, "spec": {"replicas": 1, "replicationFactor": 2}
+    }))
+    .unwrap();
     let err = ccs.create(&PostParams::default(), &bad).await.unwrap_err();
     assert!(
-        err.to_string()
-            .contains("replicationFactor must not exceed replicas"),
+        matches!(&err, kube::Error::Api(r) if r.code == 422)
+            && err
+                .to_string()
+                .contains("replicationFactor must not exceed replicas"),
         "CEL rule must reject it: {err}"
     );
+    // The schema rejects out-of-range values and bad sizes.
+    for (spec, needle) in [
+        (json!({"replicas": -1}), "spec.replicas"),
+        (json!({"maxItemSize": "1g"}), "spec.maxItemSize"),
+        (json!({"replicationFactor": 4}), "spec.replicationFactor"),
+    ] {
+        let bad: CacheCluster = serde_json::from_value(json!({
+            "apiVersion": "kache.dev/v1alpha1", "kind": "CacheCluster",
+            "metadata": {"name": "bad"}, "spec": spec
+        }))
+        .unwrap();
+        let err = ccs.create(&PostParams::default(), &bad).await.unwrap_err();
+        assert!(err.to_string().contains(needle), "{spec}: {err}");
+    }
+    log("CRD validation rejects invalid specs");
 
-    // 2. A minimal CacheCluster: the API server fills in the defaults.
+    // ---- 2. A minimal CacheCluster: the API server fills in the defaults.
     let cc: CacheCluster = serde_json::from_value(json!({
         "apiVersion": "kache.dev/v1alpha1", "kind": "CacheCluster",
         "metadata": {"name": "e2e"}, "spec": {"replicas": 1}
@@ -188,161 +1109,671 @@ async fn e2e_operator_against_real_apiserver() {
         .create(&PostParams::default(), &cc)
         .await
         .expect("create CacheCluster");
-    assert_eq!(created.spec.memory_mib, 64, "default from the schema");
-    assert_eq!(created.spec.port, 11211);
-
-    // 3. The operator creates every owned object, each owned by the CacheCluster.
-    let uid = created.uid().unwrap();
-    let owned = |meta: &ObjectMeta| {
-        meta.owner_references
-            .as_ref()
-            .is_some_and(|o| o.iter().any(|r| r.uid == uid && r.controller == Some(true)))
-    };
-    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
-    let s = eventually("StatefulSet", || {
-        let sts = sts.clone();
-        async move { sts.get_opt("e2e").await.ok().flatten() }
-    })
-    .await;
-    assert!(owned(&s.metadata));
-    assert_eq!(s.spec.as_ref().unwrap().replicas, Some(1));
-    let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
-    let peers = svcs.get("e2e-peers").await.expect("peers service");
-    assert!(owned(&peers.metadata));
     assert_eq!(
-        peers.spec.as_ref().unwrap().cluster_ip.as_deref(),
-        Some("None")
+        created.spec,
+        crd::CacheClusterSpec {
+            replicas: 1,
+            ..Default::default()
+        },
+        "every default comes from the schema"
     );
-    let client_svc = svcs.get("e2e").await.expect("client service");
-    assert!(owned(&client_svc.metadata));
-    let pdb: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), ns);
-    assert!(owned(&pdb.get("e2e").await.expect("pdb").metadata));
-    let sa: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
-    assert!(owned(
-        &sa.get("e2e-node").await.expect("service account").metadata
-    ));
-    let roles: Api<Role> = Api::namespaced(client.clone(), ns);
-    assert!(owned(&roles.get("e2e-node").await.expect("role").metadata));
-    let rbs: Api<RoleBinding> = Api::namespaced(client.clone(), ns);
-    assert!(owned(
-        &rbs.get("e2e-node").await.expect("role binding").metadata
-    ));
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    let cm = cms.get("e2e-members").await.expect("members configmap");
-    assert!(owned(&cm.metadata));
+    let generation = created.metadata.generation;
 
-    // 4. Status: configVersion 1 (empty list) equals the ConfigMap's version.
-    let status = eventually("status with configVersion", || {
+    // ---- 3. Status of the new cluster (its one pod is Pending).
+    let cc = eventually("first status", || {
         let ccs = ccs.clone();
         async move {
-            let st = ccs.get("e2e").await.ok()?.status?;
-            (st.config_version >= 1).then_some(st)
+            let cc = ccs.get("e2e").await.map_err(|e| e.to_string())?;
+            let st = cc.status.clone().unwrap_or_default();
+            // Wait for the pod the StatefulSet controller creates.
+            if st.observed_generation == generation && st.members.len() == 1 {
+                Ok(cc)
+            } else {
+                Err(format!("{:?}", cc.status))
+            }
         }
     })
     .await;
-    let list = members_of(&cms.get("e2e-members").await.unwrap());
-    assert_eq!(status.config_version, i64::try_from(list.version).unwrap());
-    assert_eq!(status.selector, names::selector_string("e2e"));
-    assert!(status.conditions.iter().any(|c| c.type_ == "Ready"));
-
-    // 5. A Ready pod is published: the member list version rises by one.
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    if pods.get_opt("e2e-0").await.unwrap().is_none() {
-        // No StatefulSet controller here: create the pod it would have created.
-        let pod = Pod {
-            metadata: ObjectMeta {
-                name: Some("e2e-0".into()),
-                labels: Some(names::common_labels("e2e")),
-                ..Default::default()
-            },
-            spec: Some(PodSpec {
-                containers: vec![Container {
-                    name: "kache-node".into(),
-                    image: Some("ghcr.io/kache-dev/kache-node:e2e".into()),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let _ = pods.create(&PostParams::default(), &pod).await;
-    }
-    let before = list.version;
-    let ready_status = json!({"status": PodStatus {
-        phase: Some("Running".into()),
-        pod_ip: Some("10.244.0.10".into()),
-        conditions: Some(vec![PodCondition { type_: "Ready".into(), status: "True".into(), ..Default::default() }]),
-        ..Default::default()
-    }});
-    pods.patch_status(
-        "e2e-0",
-        &PatchParams::default(),
-        &Patch::Merge(&ready_status),
-    )
-    .await
-    .expect("mark pod ready");
-    let published = eventually("member list with e2e-0", || {
-        let cms = cms.clone();
-        async move {
-            let list = members_of(&cms.get("e2e-members").await.ok()?);
-            list.members
-                .iter()
-                .any(|m| m.name == "e2e-0")
-                .then_some(list)
-        }
-    })
-    .await;
-    assert_eq!(published.version, before + 1);
-    let m = &published.members[0];
-    assert_eq!(m.host, format!("e2e-0.e2e-peers.{ns}.svc"));
-    assert_eq!(m.ip, "10.244.0.10");
-    let cfg = &cms.get("e2e-members").await.unwrap().data.unwrap()[names::CLUSTER_CONFIG_KEY];
+    let st = cc.status.clone().unwrap();
+    assert_eq!(st.selector, names::selector_string("e2e"));
     assert_eq!(
-        cfg,
-        &format!(
-            "{}\ne2e-0.e2e-peers.{ns}.svc|10.244.0.10|11211\n",
-            published.version
+        st.selector,
+        "app.kubernetes.io/component=cache-node,app.kubernetes.io/instance=e2e,app.kubernetes.io/name=kache"
+    );
+    assert_eq!(st.config_version, 1, "first list: version 1, no members");
+    assert_eq!((st.replicas, st.ready_replicas), (1, 0));
+    assert_eq!(st.members[0].name, "e2e-0");
+    assert_eq!(st.members[0].host, format!("e2e-0.e2e-peers.{ns}.svc"));
+    assert_eq!(st.members[0].state, MemberState::Pending);
+    assert_eq!(st.members[0].port, 11211);
+    let ready = condition(&st.conditions, "Ready");
+    assert_eq!(
+        (
+            ready.status.as_str(),
+            ready.reason.as_str(),
+            ready.message.as_str()
+        ),
+        ("False", "NodesNotReady", "0/1 nodes ready")
+    );
+    assert_eq!(condition(&st.conditions, "Progressing").status, "True");
+    let degraded = condition(&st.conditions, "Degraded");
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("False", "AsExpected")
+    );
+    for c in &st.conditions {
+        assert_eq!(c.observed_generation, generation, "{c:?}");
+    }
+    assert_applied_by_operator(&cc.metadata, Some("status"), "CacheCluster status");
+    wait_event(
+        &client,
+        ns,
+        "Normal",
+        "Created",
+        "created StatefulSet e2e (1 nodes)",
+    )
+    .await;
+    log("status: observedGeneration, selector, members, conditions, configVersion 1");
+
+    // ---- 4. Every child object, exactly as built, owned by the CacheCluster.
+    let s = sts_api.get("e2e").await.expect("StatefulSet");
+    assert_owned(&s.metadata, &cc, "StatefulSet");
+    assert_built(
+        &build::statefulset(&cc, NODE_IMAGE).unwrap(),
+        &s,
+        "StatefulSet",
+    );
+    let spec = s.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(1));
+    assert_eq!(spec.service_name, "e2e-peers");
+    assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+    assert_eq!(
+        spec.selector.match_labels.as_ref(),
+        Some(&names::selector_labels("e2e"))
+    );
+    let pod_spec = spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod_spec.service_account_name.as_deref(), Some("e2e-node"));
+    let psc = pod_spec.security_context.as_ref().unwrap();
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert_eq!(psc.run_as_user, Some(65532));
+    assert_eq!(
+        psc.seccomp_profile.as_ref().unwrap().type_,
+        "RuntimeDefault"
+    );
+    let c = &pod_spec.containers[0];
+    assert_eq!(c.name, "kache-node");
+    assert_eq!(c.image.as_deref(), Some(NODE_IMAGE));
+    assert_eq!(
+        c.args.as_ref().unwrap().join(" "),
+        "serve --listen 0.0.0.0 --port 11211 --memory-limit 64 --conn-limit 1024 --threads 4 \
+         --max-item-size 1m --admin-port 11280 --peer-port 11212 --cluster e2e"
+    );
+    let ports: Vec<_> = c
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p.name.clone().unwrap(),
+                p.container_port,
+                p.protocol.clone().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            ("memcache".to_string(), 11211, "TCP".to_string()),
+            ("peer".to_string(), 11212, "TCP".to_string()),
+            ("admin".to_string(), 11280, "TCP".to_string())
+        ]
+    );
+    let probe = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        let p = p.clone().unwrap();
+        let h = p.http_get.unwrap();
+        (
+            h.path.unwrap(),
+            serde_json::to_value(&h.port).unwrap(),
+            p.period_seconds,
+            p.failure_threshold,
+            p.initial_delay_seconds,
+        )
+    };
+    assert_eq!(
+        probe(&c.readiness_probe),
+        (
+            "/readyz".to_string(),
+            json!("admin"),
+            Some(5),
+            Some(2),
+            None
         )
     );
+    assert_eq!(
+        probe(&c.liveness_probe),
+        (
+            "/healthz".to_string(),
+            json!("admin"),
+            Some(10),
+            Some(3),
+            Some(5)
+        )
+    );
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(
+        sc.capabilities.as_ref().unwrap().drop,
+        Some(vec!["ALL".into()])
+    );
+    let res = c.resources.as_ref().unwrap();
+    assert_eq!(res.limits.as_ref().unwrap()["memory"].0, "128Mi");
+    assert_eq!(res.requests.as_ref().unwrap()["cpu"].0, "400m");
 
-    // 6. The scale subresource drives the StatefulSet (what kubectl scale and HPAs use).
-    let scale = json!({"spec": {"replicas": 2}});
-    ccs.patch_scale("e2e", &PatchParams::default(), &Patch::Merge(&scale))
-        .await
-        .expect("scale subresource");
-    eventually("StatefulSet scaled to 2", || {
-        let sts = sts.clone();
-        async move {
-            let s = sts.get("e2e").await.ok()?;
-            (s.spec?.replicas == Some(2)).then_some(())
-        }
-    })
-    .await;
+    let peers = svcs.get("e2e-peers").await.expect("peers Service");
+    assert_owned(&peers.metadata, &cc, "Service e2e-peers");
+    assert_built(
+        &build::peers_service(&cc).unwrap(),
+        &peers,
+        "Service e2e-peers",
+    );
+    let ps = peers.spec.as_ref().unwrap();
+    assert_eq!(ps.cluster_ip.as_deref(), Some("None"), "headless");
+    assert_eq!(ps.publish_not_ready_addresses, Some(true));
+    let port_names: Vec<_> = ps
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| (p.name.clone().unwrap(), p.port))
+        .collect();
+    assert_eq!(
+        port_names,
+        [
+            ("memcache".to_string(), 11211),
+            ("peer".to_string(), 11212),
+            ("admin".to_string(), 11280)
+        ]
+    );
+    let client_svc = svcs.get("e2e").await.expect("client Service");
+    assert_owned(&client_svc.metadata, &cc, "Service e2e");
+    assert_built(
+        &build::client_service(&cc).unwrap(),
+        &client_svc,
+        "Service e2e",
+    );
+    let cs = client_svc.spec.as_ref().unwrap();
+    assert_eq!(cs.type_.as_deref(), Some("ClusterIP"));
+    assert!(cs.cluster_ip.as_deref().is_some_and(|ip| ip != "None"));
+    assert_eq!(cs.selector, Some(names::selector_labels("e2e")));
+    assert_eq!(cs.ports.as_ref().unwrap().len(), 1);
 
-    // 7. A spec the schema accepts but the operator rejects: Degraded, not a retry loop.
-    let bad_args = json!({"spec": {"extraArgs": ["--port=1"]}});
-    ccs.patch("e2e", &PatchParams::default(), &Patch::Merge(&bad_args))
-        .await
-        .unwrap();
-    let degraded = eventually("Degraded InvalidSpec", || {
-        let ccs = ccs.clone();
-        async move {
-            let st = ccs.get("e2e").await.ok()?.status?;
-            st.conditions
-                .into_iter()
-                .find(|c| c.type_ == "Degraded" && c.status == "True" && c.reason == "InvalidSpec")
+    let cm = cms.get("e2e-members").await.expect("members ConfigMap");
+    assert_owned(&cm.metadata, &cc, "ConfigMap e2e-members");
+    assert_eq!(
+        members_of(&cm),
+        MemberList {
+            version: 1,
+            replication_factor: 1,
+            members: vec![]
         }
-    })
-    .await;
-    assert!(
-        degraded.message.contains("must not set --port"),
-        "{}",
-        degraded.message
+    );
+    assert_eq!(
+        cm.data.as_ref().unwrap()[names::CLUSTER_CONFIG_KEY],
+        "1\n\n"
+    );
+    assert_eq!(
+        cm.metadata.annotations.as_ref().unwrap()[names::CONFIG_VERSION_ANNOTATION],
+        "1"
     );
 
-    let _ = stop_tx.send(());
-    tokio::time::timeout(Duration::from_secs(30), controller)
+    let pdb = pdbs.get("e2e").await.expect("PodDisruptionBudget");
+    assert_owned(&pdb.metadata, &cc, "PodDisruptionBudget");
+    assert_built(
+        &build::pod_disruption_budget(&cc).unwrap(),
+        &pdb,
+        "PodDisruptionBudget",
+    );
+    assert_eq!(
+        serde_json::to_value(&pdb.spec.as_ref().unwrap().max_unavailable).unwrap(),
+        json!(1)
+    );
+
+    let sa = sas.get("e2e-node").await.expect("ServiceAccount");
+    assert_owned(&sa.metadata, &cc, "ServiceAccount");
+    let role = roles.get("e2e-node").await.expect("Role");
+    assert_owned(&role.metadata, &cc, "Role");
+    assert_built(&build::node_role(&cc).unwrap(), &role, "Role");
+    let rb = rbs.get("e2e-node").await.expect("RoleBinding");
+    assert_owned(&rb.metadata, &cc, "RoleBinding");
+    assert_built(&build::node_role_binding(&cc).unwrap(), &rb, "RoleBinding");
+    assert_eq!(rb.role_ref.name, "e2e-node");
+    // The nodes may read their own member list, and nothing else.
+    let node = service_account_user(ns, "e2e-node");
+    let get_cm = access("get", "", "configmaps", "", true);
+    eventually("node Role in effect", || {
+        let (client, node) = (&client, &node);
+        async move {
+            if allowed(client, node, get_cm, ns, Some("e2e-members")).await {
+                Ok(())
+            } else {
+                Err("not yet allowed".into())
+            }
+        }
+    })
+    .await;
+    assert!(!allowed(&client, &node, get_cm, ns, Some("other")).await);
+    assert!(
+        !allowed(
+            &client,
+            &node,
+            access("get", "", "secrets", "", true),
+            ns,
+            None
+        )
         .await
-        .expect("controller stops on shutdown")
+    );
+    log("children: StatefulSet, 2 Services, ConfigMap, PDB, ServiceAccount, Role, RoleBinding");
+
+    // ---- 5. Printer columns.
+    let (columns, cells) = printed_columns(&client, ns).await;
+    assert_eq!(columns, ["Name", "Replicas", "Ready", "Config", "Age"]);
+    assert_eq!(cells[..4], [json!("e2e"), json!(1), json!(0), json!(1)]);
+    assert!(cells[4]
+        .as_str()
+        .is_some_and(|a| a.ends_with('s') || a.ends_with('m')));
+
+    // ---- 6. A Ready pod is published; the version rises by exactly one.
+    let pod = pods
+        .get("e2e-0")
+        .await
+        .expect("pod e2e-0 from the StatefulSet controller");
+    assert!(pod
+        .owner_references()
+        .iter()
+        .any(|o| o.kind == "StatefulSet" && o.name == "e2e"));
+    set_pod_ready(&pods, "e2e-0", "10.244.0.10", true).await;
+    let m0 = member(ns, 0, "10.244.0.10");
+    let o = wait_members(&ccs, &cms, std::slice::from_ref(&m0), 2).await;
+    let st = o.cc.status.clone().unwrap();
+    assert_eq!(st.members[0].state, MemberState::Ready);
+    assert_eq!(st.members[0].ip.as_deref(), Some("10.244.0.10"));
+    assert_eq!(st.ready_replicas, 1);
+    // Ready once the StatefulSet controller has counted the pod as well.
+    let cc = eventually("Ready condition", || {
+        let ccs = ccs.clone();
+        async move {
+            let cc = ccs.get("e2e").await.map_err(|e| e.to_string())?;
+            let conds = cc.status.clone().unwrap_or_default().conditions;
+            let r = condition(&conds, "Ready");
+            if r.status == "True" {
+                Ok(cc)
+            } else {
+                Err(format!("{conds:?}"))
+            }
+        }
+    })
+    .await;
+    let st = cc.status.clone().unwrap();
+    assert_eq!(condition(&st.conditions, "Ready").reason, "AllNodesReady");
+    assert_eq!(condition(&st.conditions, "Progressing").status, "False");
+    assert_eq!(st.config_version, 2);
+    wait_event(
+        &client,
+        ns,
+        "Normal",
+        "MembersChanged",
+        "published member list version 2 with 1 member(s)",
+    )
+    .await;
+    let (_, cells) = printed_columns(&client, ns).await;
+    assert_eq!(cells[1..4], [json!(1), json!(1), json!(2)]);
+    log("pod e2e-0 Ready: member list version 2, status Ready, printer columns 1/1/2");
+
+    // ---- 7. Reconciles that change nothing change nothing.
+    let cm_rv = cms.get("e2e-members").await.unwrap().resource_version();
+    let children_rvs = || async {
+        vec![
+            sts_api.get("e2e").await.unwrap().resource_version(),
+            svcs.get("e2e").await.unwrap().resource_version(),
+            svcs.get("e2e-peers").await.unwrap().resource_version(),
+            pdbs.get("e2e").await.unwrap().resource_version(),
+            sas.get("e2e-node").await.unwrap().resource_version(),
+            roles.get("e2e-node").await.unwrap().resource_version(),
+            rbs.get("e2e-node").await.unwrap().resource_version(),
+        ]
+    };
+    let rvs = children_rvs().await;
+    let before = metrics.reconciles.get();
+    // A metadata-only change of the CacheCluster and a pod label change both
+    // trigger reconciles (CacheCluster and pod watches).
+    let note = json!({"metadata": {"annotations": {"e2e.kache.dev/poke": "1"}}});
+    ccs.patch("e2e", &PatchParams::default(), &Patch::Merge(&note))
+        .await
         .unwrap();
+    let cc_rv = ccs.get("e2e").await.unwrap().resource_version();
+    let label = json!({"metadata": {"labels": {"e2e.kache.dev/poke": "1"}}});
+    pods.patch("e2e-0", &PatchParams::default(), &Patch::Merge(&label))
+        .await
+        .unwrap();
+    eventually("two more reconciles", || {
+        let m = metrics.clone();
+        async move {
+            let n = m.reconciles.get();
+            if n >= before + 2 {
+                Ok(())
+            } else {
+                Err(format!("{} reconciles", n - before))
+            }
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cc = ccs.get("e2e").await.unwrap();
+    assert_eq!(
+        cc.resource_version(),
+        cc_rv,
+        "no-op reconcile wrote the CacheCluster"
+    );
+    assert_eq!(cc.status.as_ref().unwrap().config_version, 2);
+    assert_eq!(
+        cms.get("e2e-members").await.unwrap().resource_version(),
+        cm_rv,
+        "no-op reconcile wrote the ConfigMap"
+    );
+    assert_eq!(
+        children_rvs().await,
+        rvs,
+        "server-side applies of unchanged objects must not write them"
+    );
+    log(&format!(
+        "{} no-op reconciles: configVersion, ConfigMap and status unchanged",
+        metrics.reconciles.get() - before
+    ));
+
+    // ---- 8. The scale subresource drives the StatefulSet.
+    let scale = ccs.get_scale("e2e").await.expect("get scale");
+    assert_eq!(scale.spec.as_ref().unwrap().replicas, Some(1));
+    let scale_status = scale.status.as_ref().unwrap();
+    assert_eq!(scale_status.replicas, 1);
+    assert_eq!(
+        scale_status.selector.as_deref(),
+        Some(names::selector_string("e2e").as_str())
+    );
+    ccs.patch_scale(
+        "e2e",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"replicas": 3}})),
+    )
+    .await
+    .expect("patch scale");
+    eventually("StatefulSet scaled to 3 and 3 members in status", || {
+        let (sts_api, ccs) = (sts_api.clone(), ccs.clone());
+        async move {
+            let s = sts_api.get("e2e").await.map_err(|e| e.to_string())?;
+            let cc = ccs.get("e2e").await.map_err(|e| e.to_string())?;
+            let st = cc.status.unwrap_or_default();
+            let replicas = s.spec.and_then(|s| s.replicas);
+            if replicas == Some(3)
+                && st.members.len() == 3
+                && st.observed_generation == cc.metadata.generation
+            {
+                Ok(())
+            } else {
+                Err(format!(
+                    "StatefulSet replicas {replicas:?}, status members {:?}",
+                    st.members.iter().map(|m| &m.name).collect::<Vec<_>>()
+                ))
+            }
+        }
+    })
+    .await;
+    let st = ccs.get("e2e").await.unwrap().status.unwrap();
+    assert_eq!(
+        st.config_version, 2,
+        "Pending pods are not members: the list did not change"
+    );
+    assert_eq!(
+        st.members.iter().map(|m| m.state).collect::<Vec<_>>(),
+        [
+            MemberState::Ready,
+            MemberState::Pending,
+            MemberState::Pending
+        ]
+    );
+    wait_event(
+        &client,
+        ns,
+        "Normal",
+        "SpecApplied",
+        "StatefulSet e2e (3 nodes)",
+    )
+    .await;
+    let (_, cells) = printed_columns(&client, ns).await;
+    assert_eq!(cells[1..4], [json!(3), json!(1), json!(2)]);
+    log("scaled to 3 through /scale: StatefulSet follows, configVersion unchanged");
+
+    // A second Ready pod: +1. It becoming NotReady again: +1.
+    set_pod_ready(&pods, "e2e-1", "10.244.0.11", true).await;
+    let m1 = member(ns, 1, "10.244.0.11");
+    wait_members(&ccs, &cms, &[m0.clone(), m1], 3).await;
+    set_pod_ready(&pods, "e2e-1", "10.244.0.11", false).await;
+    let o = wait_members(&ccs, &cms, std::slice::from_ref(&m0), 4).await;
+    let states: Vec<_> =
+        o.cc.status
+            .unwrap()
+            .members
+            .iter()
+            .map(|m| (m.name.clone(), m.state))
+            .collect();
+    assert_eq!(states[1], ("e2e-1".to_string(), MemberState::NotReady));
+    wait_event(
+        &client,
+        ns,
+        "Normal",
+        "MembersChanged",
+        "published member list version 4 with 1 member(s)",
+    )
+    .await;
+    log("e2e-1 Ready then NotReady: versions 3 and 4");
+
+    // Back to 1: the extra pods go, the member list (only e2e-0) stays.
+    ccs.patch_scale(
+        "e2e",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"replicas": 1}})),
+    )
+    .await
+    .expect("patch scale");
+    eventually("scaled down to 1", || {
+        let (sts_api, ccs) = (sts_api.clone(), ccs.clone());
+        async move {
+            let s = sts_api.get("e2e").await.map_err(|e| e.to_string())?;
+            let st = ccs
+                .get("e2e")
+                .await
+                .map_err(|e| e.to_string())?
+                .status
+                .unwrap_or_default();
+            let replicas = s.spec.and_then(|s| s.replicas);
+            if replicas == Some(1) && st.members.len() == 1 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "StatefulSet replicas {replicas:?}, {} members",
+                    st.members.len()
+                ))
+            }
+        }
+    })
+    .await;
+    let o = wait_members(&ccs, &cms, std::slice::from_ref(&m0), 4).await;
+    assert_eq!(o.cc.status.unwrap().ready_replicas, 1);
+    log("scaled back to 1: configVersion still 4");
+
+    // ---- 9. Invalid specs.
+    // The CEL rule also guards updates.
+    let err = ccs
+        .patch(
+            "e2e",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"replicationFactor": 2}})),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("replicationFactor must not exceed replicas"),
+        "{err}"
+    );
+    // A spec the schema accepts but the operator rejects: Degraded and a
+    // Warning event, nothing changed, no retry loop.
+    let sts_before = sts_api.get("e2e").await.unwrap();
+    ccs.patch(
+        "e2e",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"extraArgs": ["--port=1"]}})),
+    )
+    .await
+    .expect("the schema accepts extraArgs");
+    let bad_generation = ccs.get("e2e").await.unwrap().metadata.generation;
+    let st = eventually("Degraded InvalidSpec", || {
+        let ccs = ccs.clone();
+        async move {
+            let st = ccs
+                .get("e2e")
+                .await
+                .map_err(|e| e.to_string())?
+                .status
+                .unwrap_or_default();
+            let d = st.conditions.iter().find(|c| c.type_ == "Degraded");
+            if d.is_some_and(|c| c.status == "True" && c.reason == "InvalidSpec")
+                && st.observed_generation == bad_generation
+            {
+                Ok(st)
+            } else {
+                Err(format!("{:?}", st.conditions))
+            }
+        }
+    })
+    .await;
+    let d = condition(&st.conditions, "Degraded");
+    assert!(d.message.contains("must not set --port"), "{}", d.message);
+    assert_eq!(condition(&st.conditions, "Ready").status, "False");
+    assert_eq!(condition(&st.conditions, "Ready").reason, "InvalidSpec");
+    assert_eq!(condition(&st.conditions, "Progressing").status, "False");
+    assert_eq!(st.config_version, 4, "the member list is kept");
+    wait_event(&client, ns, "Warning", "InvalidSpec", "must not set --port").await;
+    let reconciles = metrics.reconciles.get();
+    let errors = reconcile_errors(&metrics);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let sts_after = sts_api.get("e2e").await.unwrap();
+    assert_eq!(
+        sts_after.metadata.generation, sts_before.metadata.generation,
+        "the invalid spec was not applied"
+    );
+    assert!(
+        !sts_after.spec.unwrap().template.spec.unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap()
+            .contains(&"--port=1".to_string())
+    );
+    assert_eq!(
+        reconcile_errors(&metrics),
+        errors,
+        "an invalid spec is reported, not retried as an error"
+    );
+    assert!(
+        metrics.reconciles.get() - reconciles <= 2,
+        "an invalid spec must not cause a retry loop"
+    );
+    let warnings = events_of(&client, ns, "e2e")
+        .await
+        .into_iter()
+        .filter(|(t, r, _)| t == "Warning" && r == "InvalidSpec")
+        .count();
+    assert_eq!(warnings, 1, "one Warning per invalid generation");
+    log("invalid extraArgs: Degraded/InvalidSpec, Warning event, StatefulSet untouched");
+
+    // Fixing the spec clears Degraded.
+    ccs.patch(
+        "e2e",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"extraArgs": null}})),
+    )
+    .await
+    .unwrap();
+    eventually("Degraded cleared", || {
+        let ccs = ccs.clone();
+        async move {
+            let cc = ccs.get("e2e").await.map_err(|e| e.to_string())?;
+            let st = cc.status.clone().unwrap_or_default();
+            let ok = st.observed_generation == cc.metadata.generation
+                && st
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Degraded" && c.status == "False")
+                && st
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+            if ok {
+                Ok(())
+            } else {
+                Err(format!("{:?}", st.conditions))
+            }
+        }
+    })
+    .await;
+    log("valid spec again: Degraded False, Ready True");
+
+    // No reconcile failed so far (e.g. for lack of a permission).
+    assert_eq!(
+        reconcile_errors(&metrics),
+        0,
+        "{}",
+        metrics.encode().unwrap()
+    );
+
+    // ---- 10. Deletion: the garbage collector removes every child.
+    ccs.delete("e2e", &DeleteParams::default()).await.unwrap();
+    async fn gone<K>(api: &Api<K>, name: &str, what: &str)
+    where
+        K: Clone + DeserializeOwned + Debug,
+    {
+        eventually(&format!("{what} {name} garbage-collected"), || async move {
+            match api.get_opt(name).await {
+                Ok(None) => Ok(()),
+                Ok(Some(_)) => Err("still there".into()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await;
+    }
+    gone(&ccs, "e2e", "CacheCluster").await;
+    gone(&sts_api, "e2e", "StatefulSet").await;
+    gone(&svcs, "e2e", "Service").await;
+    gone(&svcs, "e2e-peers", "Service").await;
+    gone(&cms, "e2e-members", "ConfigMap").await;
+    gone(&pdbs, "e2e", "PodDisruptionBudget").await;
+    gone(&sas, "e2e-node", "ServiceAccount").await;
+    gone(&roles, "e2e-node", "Role").await;
+    gone(&rbs, "e2e-node", "RoleBinding").await;
+    gone(&pods, "e2e-0", "Pod").await;
+    log("CacheCluster deleted: every child garbage-collected");
+
+    // ---- 11. Shutdown: the controller stops, the Lease is released.
+    let _ = stop_tx.send(());
+    controller.join("controller").await;
+    shutdown_tx.send_replace(true);
+    elector.join("leader elector").await;
+    let lease = leases.get(&sa_name).await.unwrap();
+    assert_eq!(lease.spec.unwrap().holder_identity, None, "Lease released");
+    log(&format!(
+        "operator stopped, Lease released; {} reconciles",
+        metrics.reconciles.get()
+    ));
 }

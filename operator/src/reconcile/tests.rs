@@ -309,6 +309,8 @@ async fn pod_becoming_ready_bumps_config_version_by_one() {
         fixed_now(),
     ));
 
+    cc.metadata.resource_version = Some("7".into());
+
     // web-2 turns Ready.
     let pods = three_ready();
     let new = published(&cc, &pods, 5);
@@ -331,6 +333,11 @@ async fn pod_becoming_ready_bumps_config_version_by_one() {
                 body["note"],
                 "published member list version 5 with 3 member(s)"
             );
+            // The reference pins the resourceVersion, so kube's Recorder
+            // does not fold this event into an earlier MembersChanged (whose
+            // note, "version 4", it would keep).
+            assert_eq!(body["regarding"]["name"], "web");
+            assert_eq!(body["regarding"]["resourceVersion"], "7");
         }),
     ]);
     let action = run(cc, script).await.unwrap();
