@@ -41,6 +41,7 @@ fn cluster_json(node: &str, view: &ClusterView, engine: &Engine) -> serde_json::
             "failed": load(&h.failed),
             "refilled": load(&h.refilled),
         },
+        "readThroughHits": load(&engine.peer_stats.read_through_hits),
         "items": engine.store.stats().curr_items,
     })
 }
@@ -189,6 +190,12 @@ impl Collector for StatsCollector {
             "peer_rejected",
             "Peer connections closed for protocol errors.",
             p.rejected.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut enc,
+            "read_through_hits",
+            "Misses answered from a key's previous owner during a hand-off.",
+            p.read_through_hits.load(Ordering::Relaxed),
         )?;
         counter(
             &mut enc,

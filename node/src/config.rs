@@ -103,6 +103,10 @@ pub struct ClusterArgs {
     /// Port for node-to-node traffic (replication and hand-off).
     #[arg(long = "peer-port", default_value_t = kache_cluster::names::PEER_PORT)]
     pub peer_port: u16,
+
+    /// Most items per second a hand-off sends, so client traffic keeps its latency.
+    #[arg(long = "handoff-rate", default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub handoff_rate: u64,
 }
 
 impl ClusterArgs {

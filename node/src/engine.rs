@@ -69,6 +69,8 @@ pub struct PeerStats {
     pub rejected: AtomicU64,
     /// Replicated writes whose acknowledgement did not arrive in time.
     pub replication_timeouts: AtomicU64,
+    /// Misses answered by fetching the key from its previous owner during a hand-off.
+    pub read_through_hits: AtomicU64,
 }
 
 /// Per-connection state the engine writes into: counters, and the changes to replicate.
@@ -328,6 +330,35 @@ impl Engine {
             out.truncate(mark);
         }
         Next::Continue
+    }
+
+    /// Keys of `request` this node should fetch from their previous owners before answering:
+    /// keys it misses and has only just become an owner of, while a hand-off may still be
+    /// bringing them. Empty (and cheap) outside the window after a ring change.
+    pub fn read_through_candidates(
+        &self,
+        request: &Request<'_>,
+        now: u32,
+    ) -> Vec<(Vec<u8>, Vec<kache_cluster::Member>)> {
+        let Some(cluster) = &self.cluster else {
+            return Vec::new();
+        };
+        if !cluster.in_read_through_window() {
+            return Vec::new();
+        }
+        let keys: Vec<&[u8]> = match request {
+            Request::Get { keys, .. } => keys.iter().collect(),
+            Request::Meta(m) if m.command == MetaCommand::Get => vec![&m.key[..]],
+            _ => return Vec::new(),
+        };
+        keys.into_iter()
+            // A tombstone means deleted here: nothing to fetch.
+            .filter(|key| self.store.with_entry(key, now, |e| e.current().is_none()))
+            .filter_map(|key| {
+                let sources = cluster.read_through_sources(key);
+                (!sources.is_empty()).then(|| (key.to_vec(), sources))
+            })
+            .collect()
     }
 
     /// Deletes the key's item. In a cluster the delete leaves a tombstone (and a record for

@@ -152,6 +152,7 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
                 engine.clone(),
                 cluster.clone(),
                 links,
+                args.cluster.handoff_rate,
                 shutdown_rx.clone(),
             ));
             // Ready once the node holds what it owns: a node that restarts empty while

@@ -27,6 +27,8 @@ const WRITE_HIGH_WATER: usize = 1024 * 1024;
 /// holding a shard's lock only for one small chunk.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 const SWEEP_BUDGET: usize = 512;
+/// How long a read-through waits for one previous owner.
+const READ_THROUGH_TIMEOUT: Duration = Duration::from_millis(250);
 /// How long a write waits for its replicas to acknowledge before it is answered anyway.
 const REPLICATION_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -102,6 +104,29 @@ pub async fn serve(
     {
         tracing::warn!("connections still open after the drain period; closing them");
     }
+}
+
+/// Fetches keys from their previous owners and stores what they return, so the request
+/// that missed them is answered with a hit. Bounded by `READ_THROUGH_TIMEOUT` per source.
+async fn read_through(engine: &Engine, candidates: Vec<(Vec<u8>, Vec<kache_cluster::Member>)>) {
+    let Some(links) = &engine.links else {
+        return;
+    };
+    let fetches = candidates.into_iter().map(|(key, sources)| async move {
+        for source in sources {
+            let reply =
+                tokio::time::timeout(READ_THROUGH_TIMEOUT, links.fetch(&source, &key)).await;
+            if let Ok(Ok(Some(record))) = reply {
+                crate::peer::apply(&engine.store, &record, now_secs());
+                engine
+                    .peer_stats
+                    .read_through_hits
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    });
+    join_all(fetches).await;
 }
 
 /// Tells a client over the connection limit why it is being turned away, as memcached does.
@@ -208,6 +233,10 @@ impl<'a> Connection<'a> {
                     swallow,
                 } => {
                     self.swallow = swallow;
+                    let candidates = self.engine.read_through_candidates(&request, now);
+                    if !candidates.is_empty() {
+                        read_through(self.engine, candidates).await;
+                    }
                     let next = self
                         .engine
                         .execute(request, now, &mut self.write, &mut self.ctx);

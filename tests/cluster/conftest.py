@@ -100,8 +100,9 @@ class LocalCluster:
         self.nodes = []
         self.published = []
 
-    def add_node(self, name=None, start=True):
-        node = Node(name or f"kache-{len(self.nodes)}", self.members_file, self.replication_factor)
+    def add_node(self, name=None, start=True, extra=()):
+        node = Node(name or f"kache-{len(self.nodes)}", self.members_file,
+                    self.replication_factor, extra)
         self.nodes.append(node)
         if start:
             node.start()

@@ -153,3 +153,34 @@ def test_replicas_survive_a_killed_node_and_a_restarted_node_refills(local_clust
     sample = keys[:3000]
     mine = [k for k in sample if victim.name in nodes[0].admin(f"/cluster/owners?key={k}")["owners"]]
     assert mine and len(direct.get_multi(mine)) == len(mine)
+
+
+def test_new_owners_read_through_while_a_hand_off_is_under_way(local_cluster):
+    """Clients keep hitting during a (deliberately slow) hand-off: a new owner that misses a
+    key fetches it from the previous owner."""
+    cluster = local_cluster(replication_factor=1)
+    slow = ["--handoff-rate", "300"]
+    nodes = [cluster.add_node(extra=slow) for _ in range(3)]
+    cluster.publish(nodes)
+    cluster.wait_version()
+    keys = KEYS[:12_000]
+    client = pylibmc.Client([n.address for n in nodes], behaviors=KETAMA)
+    for i in range(0, len(keys), 2000):
+        assert not client.set_multi({k: VALUE for k in keys[i:i + 2000]})
+
+    new = cluster.add_node(extra=slow)
+    nodes.append(new)
+    cluster.publish(nodes)
+    cluster.wait_version()
+    assert any(n.admin("/cluster")["handoff"]["running"] for n in nodes[:3]), \
+        "hand-off finished before the reads; the test proves nothing"
+    reader = pylibmc.Client([n.address for n in nodes], behaviors=KETAMA)
+    found = 0
+    for i in range(0, len(keys), 500):
+        found += len(reader.get_multi(keys[i:i + 500]))
+    still_running = any(n.admin("/cluster")["handoff"]["running"] for n in nodes[:3])
+    print(f"\nhits during hand-off: {found / len(keys):.4f} "
+          f"(read-through hits {new.admin('/cluster')['readThroughHits']}, "
+          f"hand-off still running after the reads: {still_running})")
+    assert found == len(keys)
+    assert new.admin("/cluster")["readThroughHits"] > 0

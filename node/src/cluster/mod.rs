@@ -6,7 +6,9 @@ pub mod membership;
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
 use kache_cluster::{Member, MemberList, Ring, RingNode};
 use tokio::sync::watch;
 
@@ -45,8 +47,14 @@ impl ClusterView {
 pub struct Cluster {
     node_name: String,
     view: ArcSwap<ClusterView>,
+    /// The view before the last change, while keys may still be on their way from it.
+    previous: ArcSwapOption<ClusterView>,
+    changed_at: parking_lot::Mutex<Option<Instant>>,
     changed: watch::Sender<u64>,
 }
+
+/// How long after a ring change a new owner asks the previous owners for keys it misses.
+pub const READ_THROUGH_WINDOW: Duration = Duration::from_secs(300);
 
 impl Cluster {
     /// A cluster with no members yet (until the first member list arrives).
@@ -57,6 +65,8 @@ impl Cluster {
         Cluster {
             node_name,
             view: ArcSwap::from_pointee(view),
+            previous: ArcSwapOption::empty(),
+            changed_at: parking_lot::Mutex::new(None),
             changed,
         }
     }
@@ -83,10 +93,48 @@ impl Cluster {
             replication_factor = list.replication_factor,
             "member list changed"
         );
-        self.view
-            .store(Arc::new(ClusterView::new(list, &self.node_name)));
+        let old = self
+            .view
+            .swap(Arc::new(ClusterView::new(list, &self.node_name)));
+        if !old.list.members.is_empty() {
+            self.previous.store(Some(old));
+            *self.changed_at.lock() = Some(Instant::now());
+        }
         self.changed.send_replace(version);
         true
+    }
+
+    /// The members that held `key` under the previous ring and may still have it while a
+    /// hand-off to this node is under way: empty unless this node has just become one of
+    /// the key's owners.
+    pub fn read_through_sources(&self, key: &[u8]) -> Vec<Member> {
+        let recent = self
+            .changed_at
+            .lock()
+            .is_some_and(|at| at.elapsed() < READ_THROUGH_WINDOW);
+        if !recent {
+            return Vec::new();
+        }
+        let Some(previous) = self.previous.load_full() else {
+            return Vec::new();
+        };
+        let current = self.view();
+        let me = self.node_name.as_str();
+        if !current.owners(key).iter().any(|m| m.name == me) {
+            return Vec::new();
+        }
+        let before = previous.owners(key);
+        if before.iter().any(|m| m.name == me) {
+            return Vec::new();
+        }
+        before.into_iter().cloned().collect()
+    }
+
+    /// Whether a ring change happened recently enough for read-through.
+    pub fn in_read_through_window(&self) -> bool {
+        self.changed_at
+            .lock()
+            .is_some_and(|at| at.elapsed() < READ_THROUGH_WINDOW)
     }
 
     /// Notified with the new version on every change.

@@ -53,6 +53,7 @@ pub async fn run(
     engine: Arc<Engine>,
     cluster: Arc<Cluster>,
     links: Arc<Links>,
+    rate: u64,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut changes = cluster.subscribe();
@@ -65,7 +66,7 @@ pub async fn run(
         let next = cluster.view();
         links.retain(&next.list.members);
         if !previous.list.members.is_empty() {
-            hand_off(&engine, &cluster, &links, &previous, &next).await;
+            hand_off(&engine, &cluster, &links, &previous, &next, rate).await;
         } else {
             engine.handoff.version.store(next.list.version, Relaxed);
             engine.handoff.done.store(true, Relaxed);
@@ -80,8 +81,11 @@ async fn hand_off(
     links: &Links,
     previous: &ClusterView,
     next: &ClusterView,
+    rate: u64,
 ) {
     let state = &engine.handoff;
+    let started = std::time::Instant::now();
+    let mut sent_here: u64 = 0;
     let version = next.list.version;
     state.version.store(version, Relaxed);
     state.done.store(false, Relaxed);
@@ -119,6 +123,7 @@ async fn hand_off(
                 }
             }
             state.sent.fetch_add(acks.len() as u64, Relaxed);
+            sent_here += acks.len() as u64;
             let results = tokio::time::timeout(ACK_TIMEOUT, join_all(acks)).await;
             match results {
                 Ok(results) => {
@@ -129,6 +134,11 @@ async fn hand_off(
                 Err(_) => {
                     state.failed.fetch_add(1, Relaxed);
                 }
+            }
+            // Throttle to `rate` items per second.
+            let due = Duration::from_secs_f64(sent_here as f64 / rate.max(1) as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
             }
         }
     }
