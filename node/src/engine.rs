@@ -15,15 +15,22 @@ use crate::peer::link::Links;
 use crate::peer::wire::{Op, Record};
 use crate::peer::{record_of, TOMBSTONE_TTL};
 use crate::protocol::{
-    meta_set_mode, numbers, reply, GetCommand, KeyList, MetaCommand, MetaRequest, Request,
-    StoreMode, StoreRequest,
+    exceeds_item_size, meta_set_mode, numbers, reply, GetCommand, KeyList, MetaCommand,
+    MetaRequest, Request, StoreMode, StoreRequest,
 };
-use crate::stats::{Counters, Stats};
+use crate::stats::{Counters, PrefixOp, PrefixStats, Stats};
 use crate::store::{absolute_expiry, bits, Entry, Item, ItemMeta, Lookup, Store, StoreError};
 
 /// memcached protocol level kache speaks, reported by `version` so clients that parse it
 /// enable the features of that release.
 pub const PROTOCOL_VERSION: &str = "1.6.18";
+
+/// What `version` and `stats` report: the memcached release kache answers like, then
+/// kache's own version (one token, so `STAT` lines keep three fields and clients that read
+/// `major.minor.patch` see memcached's).
+pub fn version_string() -> String {
+    format!("{PROTOCOL_VERSION}-kache-{}", env!("CARGO_PKG_VERSION"))
+}
 
 /// Settings reported by `stats settings`.
 #[derive(Clone, Debug)]
@@ -57,6 +64,8 @@ pub struct Engine {
     pub handoff: HandoffState,
     /// Peer-port counters.
     pub peer_stats: PeerStats,
+    /// `stats detail` per-prefix counters.
+    pub prefixes: PrefixStats,
     verbosity: AtomicU32,
 }
 
@@ -171,6 +180,7 @@ impl Engine {
             cluster,
             handoff: HandoffState::default(),
             peer_stats: PeerStats::default(),
+            prefixes: PrefixStats::default(),
             verbosity: AtomicU32::new(verbosity),
         }
     }
@@ -211,6 +221,7 @@ impl Engine {
             }
             Request::Delete { key, noreply } => {
                 silent = noreply;
+                self.prefixes.record(key, PrefixOp::Delete);
                 let found = self
                     .store
                     .with_entry(key, now, |e| self.delete_entry(e, key, outbox));
@@ -287,9 +298,7 @@ impl Engine {
             }
             Request::Version => {
                 out.put_slice(b"VERSION ");
-                out.put_slice(PROTOCOL_VERSION.as_bytes());
-                out.put_slice(b" kache-");
-                out.put_slice(env!("CARGO_PKG_VERSION").as_bytes());
+                out.put_slice(version_string().as_bytes());
                 out.put_slice(b"\r\n");
             }
             Request::Verbosity { level, noreply } => {
@@ -299,6 +308,18 @@ impl Engine {
             }
             Request::Quit => return Next::Close,
             Request::Stats { sub, arg } => self.stats_command(sub, arg, now, out),
+            Request::CacheMemlimit { megabytes, noreply } => {
+                silent = noreply;
+                if megabytes < 8 {
+                    reply::line(
+                        out,
+                        "MEMLIMIT_TOO_SMALL cannot set maxbytes to less than 8m",
+                    );
+                } else {
+                    self.store.set_limit(megabytes as usize * 1024 * 1024);
+                    reply::line(out, "OK");
+                }
+            }
             Request::ConfigGet { what } => match (&self.cluster, what) {
                 (Some(cluster), b"cluster") => {
                     out.put_slice(cluster.view().list.elasticache_config_reply().as_bytes());
@@ -421,6 +442,12 @@ impl Engine {
                 }
                 e.lookup()
             });
+            self.prefixes.record(
+                key,
+                PrefixOp::Get {
+                    hit: lookup == Lookup::Hit,
+                },
+            );
             count_lookup(counters, lookup, touch);
         }
         out.put_slice(b"END\r\n");
@@ -435,13 +462,19 @@ impl Engine {
         outbox: &mut Outbox,
     ) {
         counters.cmd_set += 1;
+        self.prefixes.record(req.key, PrefixOp::Set);
         let meta = ItemMeta {
             client_flags: req.flags,
             exptime: absolute_expiry(i64::from(req.exptime), now),
             ..ItemMeta::default()
         };
         let (result, _) = self.store.with_entry(req.key, now, |e| {
-            let result = store_item(e, req.mode, req.key, req.data, meta, req.cas, false);
+            let cas = CasCheck {
+                value: req.cas,
+                allow_stale: false,
+            };
+            let max = self.settings.max_item_size;
+            let result = store_item(e, req.mode, req.key, req.data, meta, cas, max);
             if result.0 == StoreResult::Stored {
                 outbox.push_current(e);
             }
@@ -613,15 +646,12 @@ impl Engine {
             ..ItemMeta::default()
         };
         let (result, cas) = self.store.with_entry(&req.key, now, |e| {
-            let result = store_item(
-                e,
-                mode,
-                &req.key,
-                req.data,
-                meta,
-                flags.cas.unwrap_or(0),
-                flags.invalidate,
-            );
+            let cas = CasCheck {
+                value: flags.cas.unwrap_or(0),
+                allow_stale: flags.invalidate,
+            };
+            let max = self.settings.max_item_size;
+            let result = store_item(e, mode, &req.key, req.data, meta, cas, max);
             if result.0 == StoreResult::Stored {
                 outbox.push_current(e);
             }
@@ -838,14 +868,18 @@ impl Engine {
             b"slabs" => self.slab_stats(out),
             b"sizes" => {}
             b"conns" => {}
-            b"detail" => {
-                let reply = match arg {
-                    b"on" | b"off" => "OK",
-                    _ => "CLIENT_ERROR usage: stats detail on|off|dump",
-                };
-                reply::line(out, reply);
-                return;
-            }
+            b"detail" => match arg {
+                b"on" | b"off" => {
+                    self.prefixes.set_enabled(arg == b"on");
+                    reply::line(out, "OK");
+                    return;
+                }
+                b"dump" => self.prefixes.dump(out),
+                _ => {
+                    reply::line(out, "CLIENT_ERROR usage: stats detail on|off|dump");
+                    return;
+                }
+            },
             b"cachedump" => {
                 reply::line(out, "CLIENT_ERROR stats cachedump not allowed");
                 return;
@@ -865,11 +899,7 @@ impl Engine {
         reply::stat(out, "pid", std::process::id());
         reply::stat(out, "uptime", s.uptime_secs());
         reply::stat(out, "time", now);
-        reply::stat(
-            out,
-            "version",
-            format_args!("{PROTOCOL_VERSION} kache-{}", env!("CARGO_PKG_VERSION")),
-        );
+        reply::stat(out, "version", version_string());
         reply::stat(out, "pointer_size", usize::BITS);
         reply::stat(out, "max_connections", self.settings.max_connections);
         reply::stat(
@@ -901,7 +931,7 @@ impl Engine {
 
     fn settings_stats(&self, out: &mut BytesMut) {
         let s = &self.settings;
-        reply::stat(out, "maxbytes", s.memory_limit);
+        reply::stat(out, "maxbytes", self.store.limit());
         reply::stat(out, "maxconns", s.max_connections);
         reply::stat(out, "tcpport", s.port);
         reply::stat(out, "udpport", 0);
@@ -1010,15 +1040,28 @@ fn count_delta_miss(counters: &mut Counters, incr: bool) {
 
 /// memcached's `do_store_item`: applies a storage command to an entry. Returns the outcome
 /// and the CAS of the stored item (0 when nothing was stored).
+/// The CAS condition of a storage command.
+#[derive(Clone, Copy, Debug)]
+struct CasCheck {
+    /// 0 for none.
+    value: u64,
+    /// Meta `I` flag: an older CAS is accepted and marks the value stale.
+    allow_stale: bool,
+}
+
 fn store_item(
     e: &mut Entry<'_>,
     mode: StoreMode,
     key: &[u8],
     data: &[u8],
     meta: ItemMeta,
-    req_cas: u64,
-    allow_stale: bool,
+    cas_check: CasCheck,
+    max_item_size: usize,
 ) -> (StoreResult, u64) {
+    let CasCheck {
+        value: req_cas,
+        allow_stale,
+    } = cas_check;
     let mut meta = meta;
     let existing = e.item().map(|it| (it.cas(), it.meta()));
     let new_item = match (existing, mode) {
@@ -1026,7 +1069,8 @@ fn store_item(
         (None, StoreMode::Cas) => return (StoreResult::NotFound, 0),
         (None, _) => return (StoreResult::NotStored, 0),
         (Some(_), StoreMode::Add) => {
-            e.bump();
+            // memcached moves the item up the LRU but does not mark it fetched.
+            e.touch_lru();
             return (StoreResult::NotStored, 0);
         }
         (Some(_), StoreMode::Set | StoreMode::Replace) => Item::new(key, &[data], meta),
@@ -1050,13 +1094,21 @@ fn store_item(
             let Some(current) = e.item().map(|it| it.value()) else {
                 return (StoreResult::NotStored, 0);
             };
+            if exceeds_item_size(
+                key.len(),
+                old.client_flags,
+                current.len() + data.len(),
+                max_item_size,
+            ) {
+                return (StoreResult::NotStored, 0);
+            }
             let parts: [&[u8]; 2] = if mode == StoreMode::Append {
                 [current, data]
             } else {
                 [data, current]
             };
-            let mut keep = old;
-            keep.bits &= bits::KEY_BINARY;
+            // A new item: flags and expiry carry over, state bits (fetched, binary key) do not.
+            let keep = ItemMeta { bits: 0, ..old };
             Item::new(key, &parts, keep)
         }
     };
@@ -1100,11 +1152,13 @@ fn apply_delta(e: &mut Entry<'_>, incr: bool, delta: u64, cas: Option<u64>) -> D
         slot[..text.len()].copy_from_slice(text);
         slot[text.len()..].fill(b' ');
         it.set_cas(next_cas);
-        e.bump();
+        e.touch_lru();
         return Delta::Value(value);
     }
-    let mut meta = it.meta();
-    meta.bits &= bits::KEY_BINARY;
+    let meta = ItemMeta {
+        bits: 0,
+        ..it.meta()
+    };
     let key = it.key().to_vec();
     match e.store(Item::new(&key, &[text], meta)) {
         Ok(_) => Delta::Value(value),

@@ -5,7 +5,8 @@
 //! written: no atomic operation on the per-request path, and `stats` never lags a reply a
 //! client has already seen.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
 use crossbeam_utils::CachePadded;
@@ -132,5 +133,79 @@ impl Stats {
 
     pub fn started_unix(&self) -> u32 {
         self.started_unix
+    }
+}
+
+/// Most distinct key prefixes `stats detail` tracks; later ones are not counted.
+const MAX_PREFIXES: usize = 10_000;
+/// memcached's default prefix delimiter (`-D`).
+const PREFIX_DELIMITER: u8 = b':';
+
+/// What a prefix counter counts.
+#[derive(Clone, Copy, Debug)]
+pub enum PrefixOp {
+    Get { hit: bool },
+    Set,
+    Delete,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct PrefixCounts {
+    get: u64,
+    hit: u64,
+    set: u64,
+    del: u64,
+}
+
+/// Per-key-prefix counters of `stats detail on|off|dump`, off by default.
+#[derive(Debug, Default)]
+pub struct PrefixStats {
+    enabled: AtomicBool,
+    table: parking_lot::Mutex<BTreeMap<Vec<u8>, PrefixCounts>>,
+}
+
+impl PrefixStats {
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Relaxed);
+    }
+
+    /// Counts an operation on `key` under its prefix (the part before the first `:`);
+    /// keys without a prefix are not counted, as in memcached.
+    pub fn record(&self, key: &[u8], op: PrefixOp) {
+        if !self.enabled.load(Relaxed) {
+            return;
+        }
+        let Some(end) = key.iter().position(|&b| b == PREFIX_DELIMITER) else {
+            return;
+        };
+        let mut table = self.table.lock();
+        if table.len() >= MAX_PREFIXES && !table.contains_key(&key[..end]) {
+            return;
+        }
+        let counts = table.entry(key[..end].to_vec()).or_default();
+        match op {
+            PrefixOp::Get { hit } => {
+                counts.get += 1;
+                counts.hit += u64::from(hit);
+            }
+            PrefixOp::Set => counts.set += 1,
+            PrefixOp::Delete => counts.del += 1,
+        }
+    }
+
+    /// `stats detail dump`: one `PREFIX` line per prefix.
+    pub fn dump(&self, out: &mut bytes::BytesMut) {
+        use bytes::BufMut;
+        for (prefix, c) in self.table.lock().iter() {
+            out.put_slice(b"PREFIX ");
+            out.put_slice(prefix);
+            out.put_slice(
+                format!(
+                    " get {} hit {} set {} del {}\r\n",
+                    c.get, c.hit, c.set, c.del
+                )
+                .as_bytes(),
+            );
+        }
     }
 }

@@ -136,6 +136,7 @@ pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> ParseOutcome<'a> {
             },
             consumed,
         ),
+        b"cache_memlimit" => parse_memlimit(&tokens, consumed),
         b"shutdown" => error("ERROR: shutdown not enabled", false, consumed),
         _ if command.len() == 2 && command[0] == b'm' => error("ERROR", false, consumed),
         _ => {
@@ -392,6 +393,17 @@ fn parse_verbosity<'a>(tokens: &Tokens<'a>, consumed: usize) -> ParseOutcome<'a>
     match parse_u32(tokens.get(1)) {
         Some(level) => done(Request::Verbosity { level, noreply }, consumed),
         None => error(BAD_FORMAT, noreply, consumed),
+    }
+}
+
+fn parse_memlimit<'a>(tokens: &Tokens<'a>, consumed: usize) -> ParseOutcome<'a> {
+    if tokens.ntokens() != 3 && tokens.ntokens() != 4 {
+        return error("ERROR", false, consumed);
+    }
+    let noreply = tokens.noreply();
+    match parse_u32(tokens.get(1)) {
+        Some(megabytes) => done(Request::CacheMemlimit { megabytes, noreply }, consumed),
+        None => error("ERROR", noreply, consumed),
     }
 }
 

@@ -125,6 +125,11 @@ pub enum Request<'a> {
         sub: &'a [u8],
         arg: &'a [u8],
     },
+    /// `cache_memlimit <megabytes> [noreply]`: change the memory limit at run time.
+    CacheMemlimit {
+        megabytes: u32,
+        noreply: bool,
+    },
     /// `config get <what>` / `get AmazonElastiCache:cluster`: ElastiCache auto discovery.
     ConfigGet {
         what: &'a [u8],

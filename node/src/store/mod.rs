@@ -2,14 +2,15 @@
 //!
 //! Each shard is a hash table of slot numbers plus a slot vector of items, behind its own
 //! mutex; a key's hash picks its shard, so requests for different keys rarely meet on a lock.
-//! The memory limit is split evenly across shards and each shard evicts by CLOCK (an
-//! approximate LRU: an accessed item gets a second chance) until a new item fits. Expired
-//! items are removed when looked up and by `sweep`, which a background task runs.
+//! One byte budget covers the whole store. A shard that needs room evicts its own items by
+//! CLOCK (an approximate LRU: an accessed item gets a second chance) and, if it has nothing
+//! left to give, takes from other shards it can lock without waiting. Expired items are
+//! removed when looked up and by `sweep`, which a background thread runs.
 
 mod item;
 mod version;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crossbeam_utils::CachePadded;
@@ -92,6 +93,11 @@ pub struct ItemStats {
 
 /// Shared, read-mostly state every shard operation needs.
 struct Shared {
+    shards: Box<[CachePadded<Mutex<Shard>>]>,
+    /// Bytes charged by all items (and tombstones) together.
+    used: AtomicUsize,
+    /// The memory limit (`-m`, or `cache_memlimit`).
+    limit: AtomicUsize,
     hasher: ahash::RandomState,
     versions: VersionClock,
     /// Unix second from which items last touched before it count as flushed (0 = none).
@@ -102,6 +108,10 @@ impl Shared {
     fn hash(&self, key: &[u8]) -> u64 {
         self.hasher.hash_one(key)
     }
+
+    fn over_budget(&self, needed: usize) -> bool {
+        self.used.load(Ordering::Relaxed) + needed > self.limit.load(Ordering::Relaxed)
+    }
 }
 
 #[derive(Default)]
@@ -111,7 +121,6 @@ struct Shard {
     free: Vec<u32>,
     hand: usize,
     used: usize,
-    limit: usize,
     counters: ItemStats,
 }
 
@@ -145,6 +154,7 @@ impl Shard {
         }
         self.free.push(slot);
         self.used = self.used.saturating_sub(item.charge());
+        shared.used.fetch_sub(item.charge(), Ordering::Relaxed);
         self.counters.curr_items = self.counters.curr_items.saturating_sub(1);
         Some(item)
     }
@@ -187,21 +197,13 @@ impl Shard {
         (None, state)
     }
 
-    /// Evicts by CLOCK until `needed` more bytes fit, never touching `protect`.
-    fn make_room(
-        &mut self,
-        needed: usize,
-        protect: Option<u32>,
-        now: u32,
-        shared: &Shared,
-    ) -> bool {
+    /// Frees one item by CLOCK (expired ones first come free), never touching `protect`.
+    /// Returns false when the shard has nothing it can give up.
+    fn evict_one(&mut self, protect: Option<u32>, now: u32, shared: &Shared) -> bool {
         let flush_at = shared.flush_at.load(Ordering::Relaxed);
         // Two full turns of the hand: the first may only clear reference bits.
         let mut budget = self.slots.len().saturating_mul(2) + 1;
-        while self.used + needed > self.limit {
-            if budget == 0 || self.slots.is_empty() {
-                return false;
-            }
+        while budget > 0 && !self.slots.is_empty() {
             budget -= 1;
             if self.hand >= self.slots.len() {
                 self.hand = 0;
@@ -216,7 +218,7 @@ impl Shard {
             };
             if item.is_expired(now) || Self::is_flushed(item, flush_at, now) {
                 self.reclaim(slot, shared);
-                continue;
+                return true;
             }
             if item.has(bits::REFERENCED) {
                 item.clear_bits(bits::REFERENCED);
@@ -227,9 +229,37 @@ impl Shard {
                 if !victim.has(bits::FETCHED) {
                     self.counters.evicted_unfetched += 1;
                 }
+                return true;
             }
         }
-        true
+        false
+    }
+
+    /// Evicts until `needed` more bytes fit the store's budget: from this shard first, then
+    /// from any other shard whose lock is free (never waiting, so shards cannot deadlock).
+    fn make_room(
+        &mut self,
+        needed: usize,
+        protect: Option<u32>,
+        now: u32,
+        shared: &Shared,
+        me: usize,
+    ) -> bool {
+        while shared.over_budget(needed) {
+            if !self.evict_one(protect, now, shared) {
+                break;
+            }
+        }
+        let count = shared.shards.len();
+        for step in 1..count {
+            if !shared.over_budget(needed) {
+                break;
+            }
+            if let Some(mut other) = shared.shards[(me + step) % count].try_lock() {
+                while shared.over_budget(needed) && other.evict_one(None, now, shared) {}
+            }
+        }
+        !shared.over_budget(needed)
     }
 
     /// Installs `item` under `hash`, replacing the item in `existing` if given.
@@ -240,20 +270,23 @@ impl Shard {
         item: Item,
         now: u32,
         shared: &Shared,
+        me: usize,
     ) -> Result<u32, StoreError> {
         let old = existing
             .and_then(|s| self.item(s))
             .map_or(0, |it| it.charge());
         let new = item.charge();
         let needed = new.saturating_sub(old);
-        if new > self.limit || !self.make_room(needed, existing, now, shared) {
+        if !self.make_room(needed, existing, now, shared, me) {
             return Err(StoreError::OutOfMemory);
         }
         self.counters.total_items += 1;
+        shared.used.fetch_add(new, Ordering::Relaxed);
         if let Some(slot) = existing {
             if let Some(place) = self.slots.get_mut(slot as usize) {
                 *place = Some(item);
                 self.used = self.used.saturating_sub(old) + new;
+                shared.used.fetch_sub(old, Ordering::Relaxed);
                 return Ok(slot);
             }
         }
@@ -279,7 +312,8 @@ impl Shard {
         Ok(slot)
     }
 
-    fn clear(&mut self) {
+    fn clear(&mut self, shared: &Shared) {
+        shared.used.fetch_sub(self.used, Ordering::Relaxed);
         self.table = HashTable::new();
         self.slots = Vec::new();
         self.free = Vec::new();
@@ -293,6 +327,7 @@ impl Shard {
 /// the command layer builds memcached's semantics from.
 pub struct Entry<'a> {
     shard: &'a mut Shard,
+    shard_index: usize,
     shared: &'a Shared,
     hash: u64,
     slot: Option<u32>,
@@ -349,6 +384,15 @@ impl Entry<'_> {
         }
     }
 
+    /// Moves the item up the LRU without marking it fetched (memcached's `do_item_update`).
+    pub fn touch_lru(&mut self) {
+        let now = self.now;
+        if let Some(item) = self.item_mut() {
+            item.set_bits(bits::REFERENCED);
+            item.set_time(now);
+        }
+    }
+
     /// Stores `item` under this key with a new CAS, replacing any live item.
     pub fn store(&mut self, mut item: Item) -> Result<u64, StoreError> {
         let cas = self.next_cas();
@@ -362,9 +406,14 @@ impl Entry<'_> {
         self.shared.versions.observe(cas);
         item.set_time(self.now);
         let live = !item.has(bits::TOMBSTONE);
-        let slot = self
-            .shard
-            .install(self.hash, self.slot, item, self.now, self.shared)?;
+        let slot = self.shard.install(
+            self.hash,
+            self.slot,
+            item,
+            self.now,
+            self.shared,
+            self.shard_index,
+        )?;
         self.slot = Some(slot);
         self.live = live;
         Ok(cas)
@@ -399,60 +448,51 @@ impl Entry<'_> {
 
 /// The sharded store. Shareable across threads.
 pub struct Store {
-    shards: Box<[CachePadded<Mutex<Shard>>]>,
     shared: Shared,
-    limit: usize,
 }
 
 impl Store {
     pub fn new(config: StoreConfig) -> Store {
-        // The largest power of two that keeps every shard's budget at twice the item limit.
-        let cap = (config.memory_limit / (2 * config.max_item_size.max(1)))
-            .min(config.max_shards)
-            .max(1);
-        let count = if cap.is_power_of_two() {
-            cap
-        } else {
-            cap.next_power_of_two() / 2
-        };
-        let per_shard = config.memory_limit / count;
+        let count = config.max_shards.max(1).next_power_of_two();
         let shards = (0..count)
-            .map(|_| {
-                CachePadded::new(Mutex::new(Shard {
-                    limit: per_shard,
-                    ..Shard::default()
-                }))
-            })
+            .map(|_| CachePadded::new(Mutex::new(Shard::default())))
             .collect();
         Store {
-            shards,
             shared: Shared {
+                shards,
+                used: AtomicUsize::new(0),
+                limit: AtomicUsize::new(config.memory_limit),
                 hasher: ahash::RandomState::new(),
                 versions: VersionClock::new(config.node_id),
                 flush_at: AtomicU32::new(0),
             },
-            limit: config.memory_limit,
         }
+    }
+
+    /// Changes the memory limit (`cache_memlimit`); items beyond it go as new ones arrive.
+    pub fn set_limit(&self, bytes: usize) {
+        self.shared.limit.store(bytes, Ordering::Relaxed);
     }
 
     /// Number of shards.
     pub fn shard_count(&self) -> usize {
-        self.shards.len()
+        self.shared.shards.len()
     }
 
-    fn shard_for(&self, hash: u64) -> &Mutex<Shard> {
+    fn shard_index(&self, hash: u64) -> usize {
         // High bits pick the shard; the table uses the low bits.
-        let idx = (hash >> 40) as usize & (self.shards.len() - 1);
-        &self.shards[idx]
+        (hash >> 40) as usize & (self.shared.shards.len() - 1)
     }
 
     /// Runs `f` with the key's entry while holding its shard's lock.
     pub fn with_entry<R>(&self, key: &[u8], now: u32, f: impl FnOnce(&mut Entry<'_>) -> R) -> R {
         let hash = self.shared.hash(key);
-        let mut shard = self.shard_for(hash).lock();
+        let shard_index = self.shard_index(hash);
+        let mut shard = self.shared.shards[shard_index].lock();
         let (slot, lookup) = shard.lookup(hash, key, now, &self.shared);
         let mut entry = Entry {
             shard: &mut shard,
+            shard_index,
             shared: &self.shared,
             hash,
             slot,
@@ -469,8 +509,8 @@ impl Store {
         match at {
             None => {
                 self.shared.flush_at.store(0, Ordering::Relaxed);
-                for shard in self.shards.iter() {
-                    shard.lock().clear();
+                for shard in self.shared.shards.iter() {
+                    shard.lock().clear(&self.shared);
                 }
             }
             Some(at) => self.shared.flush_at.store(at, Ordering::Relaxed),
@@ -480,10 +520,10 @@ impl Store {
     /// Reclaims expired and flushed items, looking at no more than `budget` slots per shard.
     /// Returns how many items were reclaimed.
     pub fn sweep(&self, now: u32, budget: usize, cursors: &mut Vec<usize>) -> usize {
-        cursors.resize(self.shards.len(), 0);
+        cursors.resize(self.shared.shards.len(), 0);
         let flush_at = self.shared.flush_at.load(Ordering::Relaxed);
         let mut reclaimed = 0;
-        for (shard, cursor) in self.shards.iter().zip(cursors.iter_mut()) {
+        for (shard, cursor) in self.shared.shards.iter().zip(cursors.iter_mut()) {
             let mut shard = shard.lock();
             for _ in 0..budget.min(shard.slots.len()) {
                 if *cursor >= shard.slots.len() {
@@ -513,7 +553,7 @@ impl Store {
         now: u32,
         mut f: impl FnMut(&Item),
     ) -> Option<usize> {
-        let shard = self.shards.get(shard)?.lock();
+        let shard = self.shared.shards.get(shard)?.lock();
         let end = start.saturating_add(max).min(shard.slots.len());
         for slot in shard.slots.get(start..end)?.iter().flatten() {
             if !slot.has(bits::TOMBSTONE) && !slot.is_expired(now) {
@@ -531,10 +571,10 @@ impl Store {
     /// Item counters summed over shards.
     pub fn stats(&self) -> ItemStats {
         let mut total = ItemStats {
-            limit: self.limit as u64,
+            limit: self.shared.limit.load(Ordering::Relaxed) as u64,
             ..ItemStats::default()
         };
-        for shard in self.shards.iter() {
+        for shard in self.shared.shards.iter() {
             let shard = shard.lock();
             let c = &shard.counters;
             total.curr_items += c.curr_items;
@@ -550,7 +590,7 @@ impl Store {
 
     /// Total memory limit in bytes.
     pub fn limit(&self) -> usize {
-        self.limit
+        self.shared.limit.load(Ordering::Relaxed)
     }
 }
 
@@ -608,6 +648,30 @@ mod tests {
         assert!(stats.curr_items > 100);
         // The most recent write survives.
         assert!(get(&s, b"key9999", 10).is_some());
+    }
+
+    #[test]
+    fn large_items_use_the_whole_budget_whatever_their_shard() {
+        // 40 items of 900 KiB fit in 64 MiB even though several land in the same shard.
+        let s = Store::new(StoreConfig {
+            memory_limit: 64 << 20,
+            max_item_size: 1 << 20,
+            max_shards: 32,
+            node_id: 0,
+        });
+        let big = vec![b'x'; 900 * 1024];
+        for i in 0..40u32 {
+            set(&s, format!("big{i}").as_bytes(), &big, 10);
+        }
+        assert_eq!(s.stats().evictions, 0);
+        assert_eq!(s.stats().curr_items, 40);
+        // Past the budget, the oldest go, from whichever shards hold them.
+        for i in 40..100u32 {
+            set(&s, format!("big{i}").as_bytes(), &big, 10);
+            assert!(s.stats().bytes <= 64 << 20);
+        }
+        assert!(s.stats().evictions > 0);
+        assert!(get(&s, b"big99", 10).is_some());
     }
 
     #[test]
