@@ -275,9 +275,15 @@ impl<'a> Connection<'a> {
                 view.owners(&record.key)
             };
             for member in targets.into_iter().filter(|m| m.name != me) {
-                let (tx, rx) = oneshot::channel();
-                if links.send(member, record.clone(), Some(tx)) {
-                    acks.push(rx);
+                // A peer that is down gets the record when it reconnects (or refills), but
+                // the client does not wait for it.
+                if !links.is_down(member) {
+                    let (tx, rx) = oneshot::channel();
+                    if links.send(member, record.clone(), Some(tx)) {
+                        acks.push(rx);
+                    }
+                } else {
+                    links.send(member, record.clone(), None);
                 }
             }
         }

@@ -5,7 +5,7 @@
 //! and counted, and a writer waiting for an acknowledgement gives up after its own timeout.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +41,8 @@ enum Outgoing {
 struct Link {
     addr: (String, u16),
     tx: mpsc::Sender<Outgoing>,
+    /// Set once a connection attempt to the peer failed, until one succeeds again.
+    down: Arc<AtomicBool>,
 }
 
 /// All outgoing links of this node.
@@ -59,35 +61,45 @@ impl Links {
         }
     }
 
-    fn sender(&self, member: &Member) -> mpsc::Sender<Outgoing> {
+    fn sender(&self, member: &Member) -> (mpsc::Sender<Outgoing>, Arc<AtomicBool>) {
         let addr = (member.host.clone(), member.peer_port);
         let mut links = self.links.lock();
         if let Some(link) = links.get(&member.name) {
             if link.addr == addr && !link.tx.is_closed() {
-                return link.tx.clone();
+                return (link.tx.clone(), link.down.clone());
             }
         }
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let down = Arc::new(AtomicBool::new(false));
         tokio::spawn(run(
             addr.clone(),
             self.node_name.clone(),
             rx,
             self.metrics.clone(),
+            down.clone(),
         ));
-        links.insert(
-            member.name.clone(),
-            Link {
-                addr,
-                tx: tx.clone(),
-            },
-        );
-        tx
+        let link = Link {
+            addr,
+            tx: tx.clone(),
+            down: down.clone(),
+        };
+        links.insert(member.name.clone(), link);
+        (tx, down)
+    }
+
+    /// Whether the last attempt to reach `member` failed (a new link is presumed up).
+    pub fn is_down(&self, member: &Member) -> bool {
+        self.sender(member).1.load(Relaxed)
     }
 
     /// Queues `record` for `member`. With `ack`, the sender learns when it was applied.
     /// Returns false (and counts a drop) when the peer's queue is full.
     pub fn send(&self, member: &Member, record: Record, ack: Option<oneshot::Sender<()>>) -> bool {
-        match self.sender(member).try_send(Outgoing::Record(record, ack)) {
+        match self
+            .sender(member)
+            .0
+            .try_send(Outgoing::Record(record, ack))
+        {
             Ok(()) => {
                 self.metrics.queued.fetch_add(1, Relaxed);
                 true
@@ -104,6 +116,7 @@ impl Links {
         let (tx, rx) = oneshot::channel();
         let _ = self
             .sender(member)
+            .0
             .try_send(Outgoing::Fetch(key.to_vec(), tx));
         rx
     }
@@ -128,6 +141,7 @@ async fn run(
     node_name: String,
     mut rx: mpsc::Receiver<Outgoing>,
     metrics: Arc<LinkMetrics>,
+    down: Arc<AtomicBool>,
 ) {
     let mut backoff = Duration::from_millis(50);
     let mut seq: u64 = 0;
@@ -142,6 +156,7 @@ async fn run(
         {
             Ok(Ok(stream)) => stream,
             _ => {
+                down.store(true, Relaxed);
                 if rx.is_closed() && rx.is_empty() {
                     return;
                 }
@@ -151,6 +166,7 @@ async fn run(
             }
         };
         backoff = Duration::from_millis(50);
+        down.store(false, Relaxed);
         let _ = stream.set_nodelay(true);
         let (mut reader, mut writer) = stream.into_split();
         let pending = Arc::new(Mutex::new(Pending::default()));
