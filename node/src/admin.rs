@@ -249,10 +249,99 @@ pub async fn serve(
     listener: TcpListener,
     engine: Arc<Engine>,
     readiness: Arc<Readiness>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let mut registry = Registry::with_prefix("kache");
     registry.register_collector(Box::new(StatsCollector(engine.clone())));
+    serve_registry(listener, registry, Some(engine), readiness, shutdown).await;
+}
+
+/// Serves the admin endpoint of the proxy: `/metrics` with its counters, health, readiness.
+pub async fn serve_proxy(
+    listener: TcpListener,
+    proxy: Arc<crate::proxy::Proxy>,
+    readiness: Arc<Readiness>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut registry = Registry::with_prefix("kache_proxy");
+    registry.register_collector(Box::new(ProxyCollector(proxy)));
+    serve_registry(listener, registry, None, readiness, shutdown).await;
+}
+
+/// Exposes the proxy's counters.
+struct ProxyCollector(Arc<crate::proxy::Proxy>);
+
+impl std::fmt::Debug for ProxyCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProxyCollector")
+    }
+}
+
+impl Collector for ProxyCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let p = &self.0;
+        let s = &p.stats;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        counter(
+            &mut enc,
+            "requests",
+            "Client requests handled.",
+            load(&s.requests),
+        )?;
+        counter(
+            &mut enc,
+            "failovers",
+            "Requests sent to a replica because the owner was unreachable.",
+            load(&s.failovers),
+        )?;
+        counter(
+            &mut enc,
+            "backend_errors",
+            "Failed connections and exchanges with cache nodes.",
+            p.backend_errors(),
+        )?;
+        counter(
+            &mut enc,
+            "total_connections",
+            "Client connections accepted.",
+            load(&s.total_connections),
+        )?;
+        counter(
+            &mut enc,
+            "rejected_connections",
+            "Client connections refused at the limit.",
+            load(&s.rejected_connections),
+        )?;
+        gauge(
+            &mut enc,
+            "curr_connections",
+            "Open client connections.",
+            i64::try_from(load(&s.curr_connections)).unwrap_or(i64::MAX),
+        )?;
+        let view = p.cluster().view();
+        gauge(
+            &mut enc,
+            "members",
+            "Cache nodes in the member list.",
+            view.list.members.len() as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "config_version",
+            "Version of the member list in use.",
+            i64::try_from(view.list.version).unwrap_or(i64::MAX),
+        )?;
+        Ok(())
+    }
+}
+
+async fn serve_registry(
+    listener: TcpListener,
+    registry: Registry,
+    engine: Option<Arc<Engine>>,
+    readiness: Arc<Readiness>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let registry = Arc::new(registry);
     loop {
         let (stream, _) = tokio::select! {
@@ -274,7 +363,7 @@ pub async fn serve(
                 let registry = registry.clone();
                 let readiness = readiness.clone();
                 let engine = engine.clone();
-                async move { Ok::<_, Infallible>(route(&req, &registry, &readiness, &engine)) }
+                async move { Ok::<_, Infallible>(route(&req, &registry, &readiness, engine.as_deref())) }
             });
             let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conn).await;
@@ -286,7 +375,7 @@ fn route(
     req: &Request<Incoming>,
     registry: &Registry,
     readiness: &Readiness,
-    engine: &Engine,
+    engine: Option<&Engine>,
 ) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: String| {
         let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -320,21 +409,23 @@ fn route(
                 ),
             }
         }
-        "/cluster" | "/cluster/owners" => match &engine.cluster {
-            None => text(StatusCode::NOT_FOUND, "not part of a cluster\n".into()),
-            Some(cluster) => {
-                let view = cluster.view();
-                let body = if req.uri().path() == "/cluster" {
-                    cluster_json(cluster.node_name(), &view, engine)
-                } else {
-                    let key = query_param(req.uri().query().unwrap_or(""), "key");
-                    let owners: Vec<&str> =
-                        view.owners(&key).iter().map(|m| m.name.as_str()).collect();
-                    serde_json::json!({ "key": String::from_utf8_lossy(&key), "owners": owners })
-                };
-                text(StatusCode::OK, format!("{body}\n"))
+        "/cluster" | "/cluster/owners" => {
+            match engine.and_then(|e| e.cluster.as_ref().map(|c| (e, c))) {
+                None => text(StatusCode::NOT_FOUND, "not part of a cluster\n".into()),
+                Some((engine, cluster)) => {
+                    let view = cluster.view();
+                    let body = if req.uri().path() == "/cluster" {
+                        cluster_json(cluster.node_name(), &view, engine)
+                    } else {
+                        let key = query_param(req.uri().query().unwrap_or(""), "key");
+                        let owners: Vec<&str> =
+                            view.owners(&key).iter().map(|m| m.name.as_str()).collect();
+                        serde_json::json!({ "key": String::from_utf8_lossy(&key), "owners": owners })
+                    };
+                    text(StatusCode::OK, format!("{body}\n"))
+                }
             }
-        },
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }

@@ -17,14 +17,89 @@ pub struct Cli {
 pub enum Command {
     /// Serve the memcached protocol (the default).
     Serve(ServeArgs),
+    /// Run as a cluster-aware proxy in front of the cluster's nodes.
+    Proxy(ProxyArgs),
+}
+
+/// Options of `kache-node proxy`.
+#[derive(Clone, Debug, Args)]
+pub struct ProxyArgs {
+    /// TCP port the application connects to.
+    #[arg(short = 'p', long = "port", default_value_t = 11211)]
+    pub port: u16,
+
+    /// Interface to listen on (a sidecar listens on loopback only).
+    #[arg(short = 'l', long = "listen", default_value = "127.0.0.1")]
+    pub listen: String,
+
+    /// Maximum simultaneous client connections.
+    #[arg(short = 'c', long = "conn-limit", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub conn_limit: u64,
+
+    /// Worker threads (default: the number of CPUs).
+    #[arg(short = 't', long = "threads", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub threads: Option<u64>,
+
+    /// Largest item accepted (as the nodes' -I); larger values are refused by the proxy.
+    #[arg(short = 'I', long = "max-item-size", default_value = "1m", value_parser = parse_size)]
+    pub max_item_size: usize,
+
+    /// Idle connections kept per cache node.
+    #[arg(long = "pool-size", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub pool_size: u64,
+
+    /// Port of the proxy's admin HTTP endpoint (/metrics, /healthz, /readyz); 0 disables it.
+    #[arg(long = "admin-port", default_value_t = 11290)]
+    pub admin_port: u16,
+
+    /// More logging; repeat for more.
+    #[arg(short = 'v', action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Seconds to let open connections finish after SIGTERM before exiting.
+    #[arg(long = "shutdown-grace", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+
+    /// Name of the CacheCluster whose `<name>-members` ConfigMap lists the nodes.
+    #[arg(
+        long = "cluster",
+        env = "KACHE_CLUSTER",
+        conflicts_with = "members_file",
+        required_unless_present = "members_file"
+    )]
+    pub cluster: Option<String>,
+
+    /// Namespace of the cluster's ConfigMap.
+    #[arg(long = "namespace", env = "POD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+
+    /// Read the member-list document from this file and follow its changes.
+    #[arg(long = "members-file")]
+    pub members_file: Option<std::path::PathBuf>,
+}
+
+/// What to run.
+pub enum Mode {
+    Serve(ServeArgs),
+    Proxy(ProxyArgs),
 }
 
 impl Cli {
-    /// The serve options, whether given with or without the `serve` subcommand.
-    pub fn into_serve_args(self) -> ServeArgs {
+    /// The command to run (`serve` when none is named).
+    pub fn into_mode(self) -> Mode {
         match self.command {
-            Some(Command::Serve(args)) => args,
-            None => self.serve,
+            Some(Command::Serve(args)) => Mode::Serve(args),
+            Some(Command::Proxy(args)) => Mode::Proxy(args),
+            None => Mode::Serve(self.serve),
+        }
+    }
+
+    /// The serve options, whether given with or without the `serve` subcommand.
+    #[cfg(test)]
+    fn into_serve_args(self) -> ServeArgs {
+        match self.into_mode() {
+            Mode::Serve(args) => args,
+            Mode::Proxy(_) => panic!("not serve"),
         }
     }
 }
@@ -230,6 +305,19 @@ mod tests {
             "c"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn proxy_needs_a_member_list_source() {
+        let cli =
+            Cli::try_parse_from(["kache-node", "proxy", "--members-file", "/m.json"]).unwrap();
+        match cli.into_mode() {
+            Mode::Proxy(args) => {
+                assert_eq!((args.port, args.listen.as_str()), (11211, "127.0.0.1"))
+            }
+            Mode::Serve(_) => panic!("expected proxy"),
+        }
+        assert!(Cli::try_parse_from(["kache-node", "proxy"]).is_err());
     }
 
     #[test]

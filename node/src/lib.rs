@@ -9,6 +9,7 @@ pub mod config;
 pub mod engine;
 pub mod peer;
 pub mod protocol;
+pub mod proxy;
 pub mod server;
 pub mod stats;
 pub mod store;

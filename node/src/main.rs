@@ -11,20 +11,27 @@ use tokio::sync::watch;
 
 use kache_node::admin::{self, Readiness};
 use kache_node::cluster::{membership, Cluster};
-use kache_node::config::{Cli, ClusterArgs, ServeArgs};
+use kache_node::config::{Cli, Mode, ProxyArgs, ServeArgs};
 use kache_node::engine::{Engine, Settings};
 use kache_node::protocol::Limits;
+use kache_node::proxy::Proxy;
 use kache_node::store::{Store, StoreConfig};
 use kache_node::{peer, server};
 
 fn main() -> ExitCode {
-    let args = Cli::parse().into_serve_args();
-    if let Err(message) = args.validate() {
-        eprintln!("kache-node: {message}");
-        return ExitCode::from(2);
-    }
-    init_logging(args.verbose);
-    let threads = args.threads.map_or_else(
+    let mode = Cli::parse().into_mode();
+    let (verbose, threads) = match &mode {
+        Mode::Serve(args) => {
+            if let Err(message) = args.validate() {
+                eprintln!("kache-node: {message}");
+                return ExitCode::from(2);
+            }
+            (args.verbose, args.threads)
+        }
+        Mode::Proxy(args) => (args.verbose, args.threads),
+    };
+    init_logging(verbose);
+    let threads = threads.map_or_else(
         || std::thread::available_parallelism().map_or(4, |n| n.get()),
         |t| t as usize,
     );
@@ -39,7 +46,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args, threads)) {
+    let result = runtime.block_on(async move {
+        match mode {
+            Mode::Serve(args) => run(args, threads).await,
+            Mode::Proxy(args) => run_proxy(args).await,
+        }
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("kache-node: {message}");
@@ -100,7 +113,20 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
         max_item_size: args.max_item_size,
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let cluster = start_membership(&args.cluster, &shutdown_rx).await?;
+    let cluster = if args.cluster.enabled() {
+        Some(
+            start_membership(
+                args.cluster.cluster.as_deref(),
+                &args.cluster.namespace,
+                args.cluster.members_file.as_deref(),
+                args.cluster.node_name(),
+                &shutdown_rx,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     let engine = Arc::new(Engine::new(
         store,
         settings,
@@ -186,27 +212,27 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
 
 /// Starts following the member list when the node is part of a cluster.
 async fn start_membership(
-    args: &ClusterArgs,
+    cluster_name: Option<&str>,
+    namespace: &str,
+    members_file: Option<&std::path::Path>,
+    node_name: String,
     shutdown: &watch::Receiver<bool>,
-) -> Result<Option<Arc<Cluster>>, String> {
-    if !args.enabled() {
-        return Ok(None);
-    }
-    let cluster = Arc::new(Cluster::new(args.node_name()));
-    if let Some(path) = &args.members_file {
+) -> Result<Arc<Cluster>, String> {
+    let cluster = Arc::new(Cluster::new(node_name));
+    if let Some(path) = members_file {
         tokio::spawn(membership::follow_file(
             cluster.clone(),
-            path.clone(),
+            path.to_path_buf(),
             shutdown.clone(),
         ));
-    } else if let Some(name) = &args.cluster {
+    } else if let Some(name) = cluster_name {
         let client = kube::Client::try_default()
             .await
             .map_err(|e| format!("cannot reach the Kubernetes API for --cluster {name}: {e}"))?;
         tokio::spawn(membership::follow_configmap(
             cluster.clone(),
             client,
-            args.namespace.clone(),
+            namespace.to_string(),
             kache_cluster::names::members_configmap_name(name),
             shutdown.clone(),
         ));
@@ -215,7 +241,72 @@ async fn start_membership(
         node = cluster.node_name(),
         "following the cluster member list"
     );
-    Ok(Some(cluster))
+    Ok(cluster)
+}
+
+/// `kache-node proxy`: route a local endpoint over the cluster's ring.
+async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
+    let listener = bind(&args.listen, args.port).await?;
+    let admin_listener = if args.admin_port != 0 {
+        Some(bind(&args.listen, args.admin_port).await?)
+    } else {
+        None
+    };
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let cluster = start_membership(
+        args.cluster.as_deref(),
+        &args.namespace,
+        args.members_file.as_deref(),
+        "kache-proxy".to_string(),
+        &shutdown_rx,
+    )
+    .await?;
+    let limits = Limits {
+        max_item_size: args.max_item_size,
+        ..Limits::default()
+    };
+    let proxy = Arc::new(Proxy::new(cluster.clone(), limits, args.pool_size as usize));
+    let readiness = Arc::new(Readiness::default());
+    if let Some(listener) = admin_listener {
+        tokio::spawn(admin::serve_proxy(
+            listener,
+            proxy.clone(),
+            readiness.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
+    {
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            readiness.set(false);
+            let _ = shutdown_tx.send(true);
+        });
+    }
+    {
+        // Ready once there is a member list to route over.
+        let readiness = readiness.clone();
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            let mut changes = cluster.subscribe();
+            while cluster.view().list.members.is_empty() {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+            readiness.set(true);
+        });
+    }
+    tracing::info!(port = args.port, listen = %args.listen, "kache proxy serving");
+    proxy
+        .serve(
+            listener,
+            args.conn_limit as usize,
+            shutdown_rx,
+            Duration::from_secs(args.shutdown_grace_secs),
+        )
+        .await;
+    Ok(())
 }
 
 /// How long a cluster node waits for its first member list before declaring itself ready.

@@ -64,7 +64,8 @@ class Node:
             [NODE_BIN, "-l", "127.0.0.1", "-p", str(self.port), "-t", "2", "-m", "256",
              "--admin-port", str(self.admin_port), "--peer-port", str(self.peer_port),
              "--members-file", self.members_file, "--node-name", self.name] + self.extra,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            # A file, not a pipe: a pipe nobody reads would block the node once full.
+            stdout=subprocess.DEVNULL, stderr=open(f"{self.members_file}.{self.name}.log", "ab"))
         wait_port(self.port)
         return self
 

@@ -1,0 +1,182 @@
+"""`kache-node proxy`: a plain memcached client made cluster-aware."""
+import os
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+
+import pymemcache.client.base as pmc
+import pytest
+
+from conftest import NODE_BIN, free_port, request, wait_port
+
+
+class ProxyProcess:
+    def __init__(self, members_file):
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.proc = subprocess.Popen(
+            [NODE_BIN, "proxy", "-l", "127.0.0.1", "-p", str(self.port), "--admin-port",
+             str(self.admin_port), "--members-file", members_file, "-t", "2"],
+            stdout=subprocess.DEVNULL, stderr=open(os.environ.get("KACHE_TEST_LOGS", "/dev/null") if "KACHE_TEST_LOGS" in os.environ else os.devnull, "ab"),
+            env={**os.environ, "RUST_LOG": os.environ.get("KACHE_PROXY_LOG", "warn")})
+        wait_port(self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "proxy never became ready"
+            time.sleep(0.05)
+
+    def client(self):
+        return pmc.Client(("127.0.0.1", self.port), connect_timeout=2, timeout=5)
+
+    def metrics(self):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                assert self.proc.wait(timeout=10) == 0
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                raise
+
+
+@pytest.fixture
+def proxied(local_cluster):
+    started = []
+
+    def make(nodes=3, replication_factor=1):
+        cluster = local_cluster(replication_factor)
+        members = [cluster.add_node() for _ in range(nodes)]
+        cluster.publish(members)
+        cluster.wait_version()
+        proxy = ProxyProcess(cluster.members_file)
+        started.append(proxy)
+        return cluster, members, proxy
+
+    yield make
+    for p in started:
+        p.stop()
+
+
+def owner(node, key):
+    return node.admin(f"/cluster/owners?key={key}")["owners"][0]
+
+
+def test_keys_land_where_the_ring_says(proxied):
+    cluster, nodes, proxy = proxied()
+    client = proxy.client()
+    keys = [f"acct:{i}" for i in range(2000)]
+    for k in keys:
+        assert client.set(k, k.encode(), noreply=False)
+    direct = {n.name: pmc.Client(("127.0.0.1", n.port)) for n in nodes}
+    for k in keys[:600]:
+        holders = [name for name, c in direct.items() if c.get(k) is not None]
+        assert holders == [owner(nodes[0], k)], k
+    assert all(client.get(k) == k.encode() for k in keys)
+    # stats through the proxy add up every node's counters.
+    assert int(client.stats()[b"cmd_set"]) == len(keys)
+
+
+def test_multi_get_answers_in_the_clients_key_order(proxied):
+    cluster, nodes, proxy = proxied()
+    client = proxy.client()
+    keys = [f"k{i}" for i in range(60)]
+    for k in keys[::2]:
+        assert client.set(k, k, noreply=False)
+    asked = keys + ["k4", "missing", "k0"]
+    reply = request(proxy.port, ("get " + " ".join(asked) + "\r\n").encode())
+    expected = b"".join(b"VALUE %s 0 %d\r\n%s\r\n" % (k.encode(), len(k), k.encode())
+                        for k in asked if k in keys[::2]) + b"END\r\n"
+    assert reply == expected
+    # Pipelined mixed requests come back in order.
+    batch = b"set p1 0 0 1\r\na\r\nget k0 k2\r\nincr nope 1\r\ndelete p1\r\nversion\r\nmn\r\n"
+    reply = request(proxy.port, batch, until=b"MN\r\n")
+    assert reply.startswith(b"STORED\r\nVALUE k0 0 2\r\nk0\r\nVALUE k2 0 2\r\nk2\r\nEND\r\n"
+                            b"NOT_FOUND\r\nDELETED\r\nVERSION ")
+
+
+def test_bad_input_gets_the_replies_a_node_gives(proxied):
+    cluster, nodes, proxy = proxied()
+    cases = [b"bogus\r\n", b"set k 0 0 notanumber\r\n", b"get " + b"k" * 251 + b"\r\n",
+             b"incr k abc\r\n", b"mg k !\r\n", b"set k 0 0 3\r\nabcde\r\n",
+             b"set big 0 0 2000000 noreply\r\n" + b"x" * 2000000 + b"\r\n",
+             b"flush_all 0 noreply\r\n", b"verbosity 1 noreply\r\n", b"delete k 5\r\n"]
+    for case in cases:
+        via_node = request(nodes[0].port, case + b"mn\r\n", until=b"MN\r\n")
+        via_proxy = request(proxy.port, case + b"mn\r\n", until=b"MN\r\n")
+        assert via_proxy == via_node, case[:40]
+    assert request(proxy.port, b"config get cluster\r\n") == request(nodes[1].port, b"config get cluster\r\n")
+
+
+def run_traffic(proxy, keys, stop, errors, misses):
+    client = proxy.client()
+    i = 0
+    while not stop.is_set():
+        k = keys[i % len(keys)]
+        try:
+            if i % 5 == 0:
+                client.set(k, b"v", noreply=False)
+            elif client.get(k) is None:
+                misses.append(k)
+        except Exception as e:  # any client-visible error fails the test
+            errors.append(repr(e))
+        i += 1
+
+
+def test_member_list_changes_mid_traffic_cause_no_client_error(proxied):
+    cluster, nodes, proxy = proxied()
+    keys = [f"live:{i}" for i in range(3000)]
+    client = proxy.client()
+    for k in keys:
+        assert client.set(k, b"v", noreply=False)
+    stop, errors, misses = threading.Event(), [], []
+    workers = [threading.Thread(target=run_traffic, args=(proxy, keys, stop, errors, misses)) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        time.sleep(0.5)
+        nodes.append(cluster.add_node())
+        cluster.publish(nodes)            # 3 -> 4 under traffic
+        time.sleep(1.5)
+        cluster.publish(nodes[:3])        # and back, while traffic continues
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=10)
+    assert not errors, errors[:5]
+    print(f"\nmember-list changes under traffic: 0 errors, {len(misses)} misses")
+
+
+def test_a_killed_node_with_two_replicas_causes_no_client_error(proxied):
+    cluster, nodes, proxy = proxied(nodes=3, replication_factor=2)
+    keys = [f"ha:{i}" for i in range(3000)]
+    client = proxy.client()
+    for k in keys:
+        assert client.set(k, b"v", noreply=False)
+    stop, errors, misses = threading.Event(), [], []
+    workers = [threading.Thread(target=run_traffic, args=(proxy, keys, stop, errors, misses)) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        time.sleep(0.5)
+        nodes[1].stop()                   # kill -9, member list unchanged
+        time.sleep(2.0)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=10)
+    assert not errors, errors[:5]
+    assert not misses, f"{len(misses)} misses after failover, e.g. {misses[:5]}"
+    assert all(client.get(k) == b"v" for k in keys)
+    assert "kache_proxy_failovers_total" in proxy.metrics()
