@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, ValidationRule,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kache_cluster::names;
 use kube::{CustomResource, CustomResourceExt};
 use schemars::gen::SchemaGenerator;
@@ -44,6 +44,11 @@ pub const DEFAULT_REPLICATION_FACTOR: i32 = 1;
 pub const MAX_REPLICATION_FACTOR: i32 = kache_cluster::member_list::MAX_REPLICATION_FACTOR as i32;
 /// Default PodDisruptionBudget `maxUnavailable`.
 pub const DEFAULT_PDB_MAX_UNAVAILABLE: i32 = 1;
+
+/// Default seconds a scale-in waits for departing nodes to hand their data off.
+pub const DEFAULT_SCALE_DOWN_TIMEOUT_SECONDS: i32 = 300;
+/// Longest `scaleDownTimeoutSeconds` (one day).
+pub const MAX_SCALE_DOWN_TIMEOUT_SECONDS: i32 = 86_400;
 
 /// Most nodes one CacheCluster may have.
 pub const MAX_REPLICAS: i32 = 1000;
@@ -77,6 +82,9 @@ fn default_port() -> i32 {
 }
 fn default_pdb_max_unavailable() -> i32 {
     DEFAULT_PDB_MAX_UNAVAILABLE
+}
+fn default_scale_down_timeout_seconds() -> i32 {
+    DEFAULT_SCALE_DOWN_TIMEOUT_SECONDS
 }
 
 /// Desired state of a CacheCluster. Every field is optional and has a default,
@@ -181,6 +189,17 @@ pub struct CacheClusterSpec {
     #[serde(default)]
     pub pod_disruption_budget: PodDisruptionBudgetConfig,
 
+    /// Longest wait, in seconds, for departing nodes to hand their data off
+    /// when `replicas` is lowered. The operator first publishes the member
+    /// list without the departing nodes (the highest ordinals) while their
+    /// pods keep running, waits until each reports on its admin port that it
+    /// handed everything to the new owners, and only then shrinks the
+    /// StatefulSet. When this timeout passes first it shrinks anyway (Warning
+    /// event `HandoffTimeout`); items not yet moved are lost. 0 does not wait.
+    #[serde(default = "default_scale_down_timeout_seconds")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub scale_down_timeout_seconds: i32,
+
     /// Extra command-line arguments appended to kache-node's. Must not repeat a
     /// flag the operator sets from this spec.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -225,6 +244,7 @@ impl Default for CacheClusterSpec {
             pod_annotations: None,
             priority_class_name: None,
             pod_disruption_budget: PodDisruptionBudgetConfig::default(),
+            scale_down_timeout_seconds: DEFAULT_SCALE_DOWN_TIMEOUT_SECONDS,
             extra_args: Vec::new(),
         }
     }
@@ -253,10 +273,60 @@ pub struct CacheClusterStatus {
     /// Rises by one on every change of the member list, never on a no-op.
     #[serde(default)]
     pub config_version: i64,
-    /// `Ready`, `Progressing` and `Degraded`.
+    /// `Ready`, `Progressing`, `Degraded` and `Rebalancing`.
     #[serde(default)]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
+    /// The scale-in under way, if any: the departing nodes hand their data
+    /// to the remaining ones before the StatefulSet shrinks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebalance: Option<RebalanceStatus>,
+}
+
+/// Progress of a scale-in: which nodes are leaving and how far their
+/// hand-off got.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RebalanceStatus {
+    /// Replicas the StatefulSet shrinks to once the hand-off is done.
+    pub target_replicas: i32,
+    /// Replicas the StatefulSet keeps until then.
+    pub current_replicas: i32,
+    /// Member-list version (without the departing nodes) they hand off for.
+    pub config_version: i64,
+    /// When the scale-in started.
+    pub started_at: Time,
+    /// When the operator stops waiting and shrinks the StatefulSet anyway
+    /// (`startedAt` + `spec.scaleDownTimeoutSeconds`).
+    pub deadline: Time,
+    /// The departing nodes, in ordinal order.
+    pub departing: Vec<DepartingMember>,
+}
+
+/// One departing node's hand-off, as its admin port reported it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DepartingMember {
+    /// Pod name.
+    pub name: String,
+    /// True once the node finished handing off for `configVersion` (or
+    /// holds nothing: no running pod).
+    pub done: bool,
+    /// Member-list version of the node's latest hand-off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff_version: Option<i64>,
+    /// Items sent to their new owners.
+    #[serde(default)]
+    pub sent: i64,
+    /// Items the new owners acknowledged.
+    #[serde(default)]
+    pub acked: i64,
+    /// Items that could not be handed off.
+    #[serde(default)]
+    pub failed: i64,
+    /// Why the node's progress is unknown (e.g. its admin port did not answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// One cache-node pod as seen by the operator.
@@ -380,6 +450,12 @@ impl CacheClusterSpec {
         );
         range("port", self.port, 1, 65535);
         range(
+            "scaleDownTimeoutSeconds",
+            self.scale_down_timeout_seconds,
+            0,
+            MAX_SCALE_DOWN_TIMEOUT_SECONDS,
+        );
+        range(
             "podDisruptionBudget.maxUnavailable",
             self.pod_disruption_budget.max_unavailable,
             0,
@@ -460,6 +536,7 @@ mod tests {
         assert_eq!(spec.replication_factor, 1);
         assert_eq!(spec.port, 11211);
         assert_eq!(spec.pod_disruption_budget.max_unavailable, 1);
+        assert_eq!(spec.scale_down_timeout_seconds, 300);
         assert!(spec.validate().is_empty());
     }
 
@@ -538,6 +615,13 @@ mod tests {
                 ..Default::default()
             },
             "reserved",
+        );
+        check(
+            CacheClusterSpec {
+                scale_down_timeout_seconds: -1,
+                ..Default::default()
+            },
+            "scaleDownTimeoutSeconds must be between 0 and 86400",
         );
         check(
             CacheClusterSpec {
@@ -635,6 +719,13 @@ mod tests {
         let spec = &json["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
         assert_eq!(spec["properties"]["replicas"]["default"], 3);
         assert_eq!(spec["properties"]["memoryMiB"]["default"], 64);
+        let timeout = &spec["properties"]["scaleDownTimeoutSeconds"];
+        assert_eq!(timeout["default"], 300);
+        assert_eq!(timeout["maximum"], 86400.0);
+        assert!(timeout["description"]
+            .as_str()
+            .unwrap()
+            .contains("hand their data off"));
         assert_eq!(
             spec["properties"]["podDisruptionBudget"]["default"]["maxUnavailable"],
             1

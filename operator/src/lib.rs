@@ -5,7 +5,10 @@
 //! * [`crd`]: the resource types, defaults and validation.
 //! * [`build`]: pure builders, spec → desired Kubernetes objects.
 //! * [`status`]: pure functions, observed state → member list, status, conditions.
+//! * [`scale`]: pure decisions of a warm scale-in (hold the StatefulSet
+//!   until departing nodes have handed their data off).
 //! * [`reconcile`]: the reconciler that reads, applies and patches.
+//! * [`probe`]: asks departing nodes for their hand-off progress.
 //! * [`leader`], [`metrics`], [`admin`]: the operator process's plumbing.
 
 pub mod admin;
@@ -13,5 +16,7 @@ pub mod build;
 pub mod crd;
 pub mod leader;
 pub mod metrics;
+pub mod probe;
 pub mod reconcile;
+pub mod scale;
 pub mod status;

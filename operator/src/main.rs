@@ -45,6 +45,11 @@ struct Args {
     #[arg(long, env = "KACHE_NODE_IMAGE", default_value = DEFAULT_NODE_IMAGE)]
     node_image: String,
 
+    /// Admin port of the kache nodes; a scale-in asks departing nodes for their
+    /// hand-off progress at `http://<pod IP>:<port>/cluster`.
+    #[arg(long, env = "KACHE_NODE_ADMIN_PORT", default_value_t = kache_cluster::names::ADMIN_PORT)]
+    node_admin_port: u16,
+
     /// Only watch CacheClusters in this namespace (default: all namespaces).
     #[arg(long, env = "KACHE_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
@@ -185,6 +190,7 @@ async fn main() -> anyhow::Result<()> {
             client.clone(),
             Settings {
                 node_image: args.node_image.clone(),
+                node_admin_port: args.node_admin_port,
             },
             metrics.clone(),
             Reporter {

@@ -7,6 +7,8 @@
 use crate::build::{self, BuildError};
 use crate::crd::{CacheCluster, CacheClusterStatus};
 use crate::metrics::Metrics;
+use crate::probe::{HandoffProbe, HttpProbe};
+use crate::scale::{self, ProbeResults, ScaleOutcome};
 use crate::status::{self, CONDITION_DEGRADED, REASON_INVALID_SPEC};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -34,6 +36,8 @@ use std::time::{Duration, Instant};
 pub const REQUEUE_SETTLED: Duration = Duration::from_secs(300);
 /// Requeue interval while a cluster is still converging.
 pub const REQUEUE_CONVERGING: Duration = Duration::from_secs(15);
+/// Requeue interval while departing nodes hand their data off (scale-in).
+pub const REQUEUE_REBALANCING: Duration = Duration::from_secs(2);
 /// First retry delay after an error; doubles per consecutive failure.
 pub const ERROR_BACKOFF_BASE: Duration = Duration::from_secs(2);
 /// Longest retry delay after errors.
@@ -65,12 +69,16 @@ impl Error {
 pub struct Settings {
     /// Image for CacheClusters that do not set `spec.image`.
     pub node_image: String,
+    /// Admin port of the nodes, where a scale-in asks departing nodes for
+    /// their hand-off progress (`GET /cluster`).
+    pub node_admin_port: u16,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Self {
             node_image: build::DEFAULT_NODE_IMAGE.to_string(),
+            node_admin_port: names::ADMIN_PORT,
         }
     }
 }
@@ -87,6 +95,9 @@ pub struct Context {
     pub recorder: Recorder,
     /// Clock (injected so tests are deterministic).
     pub now: fn() -> Time,
+    /// Asks departing nodes for their hand-off progress (injected so tests
+    /// can script it).
+    pub probe: Arc<dyn HandoffProbe>,
     failures: Mutex<HashMap<ObjectRef<CacheCluster>, u32>>,
 }
 
@@ -105,6 +116,7 @@ impl Context {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
+            probe: Arc::new(HttpProbe::new(settings.node_admin_port)),
             settings,
             metrics,
             now: wall_clock,
@@ -269,6 +281,15 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
         .items;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let current_cm = cms.get_opt(&names::members_configmap_name(&name)).await?;
+    // The StatefulSet as it is (its replicas tell a scale-in under way). Read
+    // with a list by name: the chart grants list, not get, on StatefulSets.
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let current_sts = sts_api
+        .list(&ListParams::default().fields(&format!("metadata.name={name}")))
+        .await?
+        .items
+        .into_iter()
+        .find(|s| s.name_any() == name);
     let published = status::published_member_list(current_cm.as_ref());
     let previous_version = cc.status.as_ref().map_or(0, |s| s.config_version);
     let list = status::next_member_list(
@@ -281,19 +302,32 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
     let cm_changed = current_cm.as_ref().map(|c| &c.data) != Some(&desired_cm.data)
         || current_cm.as_ref().map(|c| &c.metadata.annotations)
             != Some(&desired_cm.metadata.annotations);
+    // The member list goes first: on a scale-in it no longer lists the
+    // departing nodes, which start handing their data off.
     if cm_changed {
         apply(client, &ns, &desired_cm).await?;
     }
 
-    let sts = apply(
-        client,
-        &ns,
-        &build::statefulset(cc, &ctx.settings.node_image)?,
-    )
-    .await?;
+    // Scale-in: the StatefulSet keeps the departing pods until they report
+    // their hand-off done (or the timeout passes).
+    let targets = scale::pods_to_probe(cc, current_sts.as_ref(), &pods);
+    let probes = probe_all(ctx.probe.as_ref(), &targets).await;
+    let decision = scale::decide(cc, current_sts.as_ref(), &pods, &list, &probes, &now);
+    let mut desired_sts = build::statefulset(cc, &ctx.settings.node_image)?;
+    if let Some(spec) = desired_sts.spec.as_mut() {
+        spec.replicas = Some(decision.statefulset_replicas);
+    }
+    let sts = apply(client, &ns, &desired_sts).await?;
     apply(client, &ns, &build::pod_disruption_budget(cc)?).await?;
 
-    let new_status = status::compute_status(cc, &pods, Some(&sts), &list, now);
+    let new_status = status::compute_status_rebalancing(
+        cc,
+        &pods,
+        Some(&sts),
+        &list,
+        decision.status_rebalance(),
+        now,
+    );
     if cc.status.as_ref() != Some(&new_status) {
         patch_status(client, cc, &new_status).await?;
     }
@@ -336,6 +370,10 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
         )
         .await;
     }
+    rebalance_events(ctx, cc, &decision).await;
+    if decision.waiting() {
+        return Ok(Action::requeue(REQUEUE_REBALANCING));
+    }
 
     let settled = status::find_condition(&new_status, status::CONDITION_READY)
         .is_some_and(|c| c.status == "True");
@@ -344,6 +382,77 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
     } else {
         REQUEUE_CONVERGING
     }))
+}
+
+/// Asks every target for its hand-off progress, all at once.
+async fn probe_all(probe: &dyn HandoffProbe, targets: &[scale::ProbeTarget]) -> ProbeResults {
+    let answers = futures::future::join_all(targets.iter().map(|t| probe.handoff(&t.ip))).await;
+    targets
+        .iter()
+        .map(|t| t.name.clone())
+        .zip(answers)
+        .collect()
+}
+
+/// Events of a scale-in: started, timed out, finished.
+async fn rebalance_events(ctx: &Context, cc: &CacheCluster, decision: &scale::ScaleDecision) {
+    let Some(r) = decision.rebalance.as_ref() else {
+        return;
+    };
+    let timeout = cc.spec.scale_down_timeout_seconds;
+    let previous = cc.status.as_ref().and_then(|s| s.rebalance.as_ref());
+    let same_as_before = previous.is_some_and(|p| {
+        p.target_replicas == r.target_replicas && p.current_replicas == r.current_replicas
+    });
+    match &decision.outcome {
+        ScaleOutcome::Waiting if !same_as_before => {
+            let note = scale::started_note(r, timeout);
+            publish(
+                ctx,
+                cc,
+                EventType::Normal,
+                "RebalanceStarted",
+                "ScaleIn",
+                note,
+            )
+            .await;
+        }
+        ScaleOutcome::TimedOut { unfinished } => {
+            let note = scale::timeout_note(r, unfinished, timeout);
+            publish(
+                ctx,
+                cc,
+                EventType::Warning,
+                "HandoffTimeout",
+                "ScaleIn",
+                note,
+            )
+            .await;
+            let note = scale::finished_note(r, &decision.outcome);
+            publish(
+                ctx,
+                cc,
+                EventType::Normal,
+                "RebalanceFinished",
+                "ScaleIn",
+                note,
+            )
+            .await;
+        }
+        ScaleOutcome::HandedOff => {
+            let note = scale::finished_note(r, &decision.outcome);
+            publish(
+                ctx,
+                cc,
+                EventType::Normal,
+                "RebalanceFinished",
+                "ScaleIn",
+                note,
+            )
+            .await;
+        }
+        ScaleOutcome::Waiting | ScaleOutcome::Steady => {}
+    }
 }
 
 /// Failed reconciliations are retried with exponential backoff per object.

@@ -6,7 +6,7 @@
 //! last published (ignoring the version) it is published with the previous
 //! version plus one; a no-op never bumps it.
 
-use crate::crd::{CacheCluster, CacheClusterStatus, MemberState, MemberStatus};
+use crate::crd::{CacheCluster, CacheClusterStatus, MemberState, MemberStatus, RebalanceStatus};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -19,6 +19,11 @@ pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_PROGRESSING: &str = "Progressing";
 /// Condition type: something needs a human (invalid spec, failing nodes).
 pub const CONDITION_DEGRADED: &str = "Degraded";
+/// Condition type: a scale-in is under way; departing nodes hand their data
+/// to the remaining ones before their pods are removed.
+pub const CONDITION_REBALANCING: &str = "Rebalancing";
+/// Reason of a True `Rebalancing` condition.
+pub const REASON_HANDING_OFF: &str = "HandingOff";
 
 /// Reason: the spec failed validation.
 pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
@@ -228,12 +233,26 @@ fn rollout_in_progress(sts: Option<&StatefulSet>, desired: i32) -> Option<String
     None
 }
 
-/// Status of a valid CacheCluster from what the operator observed.
+/// Status of a valid CacheCluster from what the operator observed, with no
+/// scale-in under way.
 pub fn compute_status(
     cc: &CacheCluster,
     pods: &[Pod],
     sts: Option<&StatefulSet>,
     published: &MemberList,
+    now: Time,
+) -> CacheClusterStatus {
+    compute_status_rebalancing(cc, pods, sts, published, None, now)
+}
+
+/// Status of a valid CacheCluster from what the operator observed;
+/// `rebalance` is the scale-in it is waiting on, if any (see [`crate::scale`]).
+pub fn compute_status_rebalancing(
+    cc: &CacheCluster,
+    pods: &[Pod],
+    sts: Option<&StatefulSet>,
+    published: &MemberList,
+    rebalance: Option<&RebalanceStatus>,
     now: Time,
 ) -> CacheClusterStatus {
     let generation = cc.metadata.generation;
@@ -243,13 +262,23 @@ pub fn compute_status(
         .iter()
         .filter(|m| m.state != MemberState::Terminating)
         .count();
-    let ready = members
+    let ready_total = members
         .iter()
         .filter(|m| m.state == MemberState::Ready)
         .count();
+    let ready_total = i32::try_from(ready_total).unwrap_or(i32::MAX);
+    // Readiness of the nodes the spec asks for (departing ones do not count).
+    let ready = ordered_pods(cc, pods)
+        .iter()
+        .filter(|(o, p)| {
+            i64::from(*o) < i64::from(desired) && member_state(p) == MemberState::Ready
+        })
+        .count();
     let ready = i32::try_from(ready).unwrap_or(i32::MAX);
     let live = i32::try_from(live).unwrap_or(i32::MAX);
-    let rollout = rollout_in_progress(sts, desired);
+    // While departing nodes hand off, the StatefulSet is held at its size on purpose.
+    let held = rebalance.map_or(desired, |r| r.current_replicas);
+    let rollout = rollout_in_progress(sts, held);
     let failing = failing_pods(&ordered_pods(cc, pods));
 
     let all_ready = ready >= desired && rollout.is_none();
@@ -283,6 +312,24 @@ pub fn compute_status(
     };
 
     let progressing = match (&rollout, ready < desired) {
+        _ if rebalance.is_some() => condition(
+            CONDITION_PROGRESSING,
+            true,
+            CONDITION_REBALANCING,
+            format!(
+                "waiting for {} to hand off before scaling from {held} to {desired} nodes",
+                rebalance
+                    .map(|r| r
+                        .departing
+                        .iter()
+                        .map(|d| d.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "))
+                    .unwrap_or_default()
+            ),
+            generation,
+            &now,
+        ),
         (Some(what), _) => condition(
             CONDITION_PROGRESSING,
             true,
@@ -335,6 +382,25 @@ pub fn compute_status(
         )
     };
 
+    let rebalancing = match rebalance {
+        Some(r) => condition(
+            CONDITION_REBALANCING,
+            true,
+            REASON_HANDING_OFF,
+            crate::scale::progress_message(r),
+            generation,
+            &now,
+        ),
+        None => condition(
+            CONDITION_REBALANCING,
+            false,
+            "Idle",
+            "no scale-in under way".into(),
+            generation,
+            &now,
+        ),
+    };
+
     let previous = cc
         .status
         .as_ref()
@@ -343,11 +409,15 @@ pub fn compute_status(
     CacheClusterStatus {
         observed_generation: generation,
         replicas: live,
-        ready_replicas: ready,
+        ready_replicas: ready_total,
         selector: names::selector_string(&cc.name_any()),
         members,
         config_version: i64::try_from(published.version).unwrap_or(i64::MAX),
-        conditions: merge_conditions(previous, vec![ready_cond, progressing, degraded]),
+        conditions: merge_conditions(
+            previous,
+            vec![ready_cond, progressing, degraded, rebalancing],
+        ),
+        rebalance: rebalance.cloned(),
     }
 }
 
@@ -357,7 +427,7 @@ pub fn invalid_spec_status(cc: &CacheCluster, errors: &[String], now: Time) -> C
     let generation = cc.metadata.generation;
     let prev = cc.status.clone().unwrap_or_default();
     let message = format!("invalid spec: {}", errors.join("; "));
-    let conditions = vec![
+    let mut conditions = vec![
         condition(
             CONDITION_READY,
             false,
@@ -383,6 +453,13 @@ pub fn invalid_spec_status(cc: &CacheCluster, errors: &[String], now: Time) -> C
             &now,
         ),
     ];
+    // Nothing changes while the spec is invalid: a scale-in under way stays as it was.
+    conditions.extend(
+        prev.conditions
+            .iter()
+            .filter(|c| c.type_ == CONDITION_REBALANCING)
+            .cloned(),
+    );
     CacheClusterStatus {
         observed_generation: generation,
         selector: names::selector_string(&cc.name_any()),

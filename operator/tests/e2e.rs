@@ -565,6 +565,8 @@ const OPERATOR_NEEDS: &[Access] = &[
     access("create", "", "services", "", true),
     access("patch", "", "services", "", true),
     access("list", "", "pods", "", true),
+    // The StatefulSet is read with a list by name (scale-in state).
+    access("list", "apps", "statefulsets", "", true),
     access("get", "", "configmaps", "", true),
     access("create", "", "configmaps", "", true),
     access("patch", "", "configmaps", "", true),
@@ -798,6 +800,73 @@ fn reconcile_errors(metrics: &Metrics) -> u64 {
                 .get()
         })
         .sum()
+}
+
+/// A fake kache node admin endpoint on 127.0.0.1: answers every
+/// `GET /cluster` with the hand-off state the test sets, and counts requests.
+#[derive(Clone)]
+struct FakeNode {
+    port: u16,
+    handoff: Arc<std::sync::Mutex<Value>>,
+    hits: Arc<std::sync::atomic::AtomicU64>,
+    _task: Arc<AbortOnDrop<()>>,
+}
+
+impl FakeNode {
+    async fn start() -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let handoff = Arc::new(std::sync::Mutex::new(
+            json!({"version": 0, "running": false, "done": false}),
+        ));
+        let hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (h, n) = (handoff.clone(), hits.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let (h, n) = (h.clone(), n.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                        }
+                    }
+                    let ok = buf.starts_with(b"GET /cluster ");
+                    n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let body = json!({"node": "fake", "member": false, "version": 0,
+                        "handoff": h.lock().unwrap().clone(), "items": 0})
+                    .to_string();
+                    let status = if ok { "200 OK" } else { "404 Not Found" };
+                    let resp = format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        Self {
+            port,
+            handoff,
+            hits,
+            _task: Arc::new(AbortOnDrop(Some(task))),
+        }
+    }
+
+    fn set(&self, handoff: Value) {
+        *self.handoff.lock().unwrap() = handoff;
+    }
+
+    fn hits(&self) -> u64 {
+        self.hits.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 struct Observed {
@@ -1041,11 +1110,14 @@ async fn lifecycle(client: Client, path: String, ns: String) {
     );
     log("operator holds the leader Lease");
 
+    // Stands in for the nodes' admin port (no kubelet runs them here).
+    let fake_node = FakeNode::start().await;
     let metrics = Arc::new(Metrics::default());
     let ctx = Arc::new(Context::new(
         operator_client,
         Settings {
             node_image: NODE_IMAGE.into(),
+            node_admin_port: fake_node.port,
         },
         metrics.clone(),
         Reporter {
@@ -1579,7 +1651,20 @@ async fn lifecycle(client: Client, path: String, ns: String) {
     .await;
     log("e2e-1 Ready then NotReady: versions 3 and 4");
 
-    // Back to 1: the extra pods go, the member list (only e2e-0) stays.
+    // ---- 8b. Warm scale-in. e2e-1 and e2e-2 become Ready "nodes" whose admin
+    // port is this test's fake /cluster endpoint (pod IP 127.0.0.1).
+    set_pod_ready(&pods, "e2e-1", "127.0.0.1", true).await;
+    let m1 = member(ns, 1, "127.0.0.1");
+    wait_members(&ccs, &cms, &[m0.clone(), m1.clone()], 5).await;
+    set_pod_ready(&pods, "e2e-2", "127.0.0.1", true).await;
+    let m2 = member(ns, 2, "127.0.0.1");
+    wait_members(&ccs, &cms, &[m0.clone(), m1, m2], 6).await;
+    fake_node.set(
+        json!({"version": 6, "running": false, "done": true, "sent": 0, "acked": 0, "failed": 0}),
+    );
+
+    // Back to 1 through /scale: the member list drops e2e-1 and e2e-2 first,
+    // while the StatefulSet keeps 3 pods and Rebalancing is True.
     ccs.patch_scale(
         "e2e",
         &PatchParams::default(),
@@ -1587,7 +1672,78 @@ async fn lifecycle(client: Client, path: String, ns: String) {
     )
     .await
     .expect("patch scale");
-    eventually("scaled down to 1", || {
+    let o = wait_members(&ccs, &cms, std::slice::from_ref(&m0), 7).await;
+    let probes_before = fake_node.hits();
+    let st = eventually("Rebalancing True with status.rebalance", || {
+        let ccs = ccs.clone();
+        async move {
+            let st = ccs
+                .get("e2e")
+                .await
+                .map_err(|e| e.to_string())?
+                .status
+                .unwrap_or_default();
+            let reb = st.conditions.iter().find(|c| c.type_ == "Rebalancing");
+            if reb.is_some_and(|c| c.status == "True") && st.rebalance.is_some() {
+                Ok(st)
+            } else {
+                Err(format!("{:?} {:?}", st.conditions, st.rebalance))
+            }
+        }
+    })
+    .await;
+    let reb = condition(&st.conditions, "Rebalancing");
+    assert_eq!(reb.reason, "HandingOff");
+    assert!(reb.message.contains("e2e-1, e2e-2"), "{}", reb.message);
+    let r = st.rebalance.clone().unwrap();
+    assert_eq!((r.target_replicas, r.current_replicas), (1, 3));
+    assert_eq!(r.config_version, 7);
+    assert_eq!(
+        r.departing
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect::<Vec<_>>(),
+        ["e2e-1", "e2e-2"]
+    );
+    assert!(r.departing.iter().all(|d| !d.done));
+    wait_event(
+        &client,
+        ns,
+        "Normal",
+        "RebalanceStarted",
+        "without e2e-1, e2e-2",
+    )
+    .await;
+    // The operator keeps asking (requeue every 2s) and keeps the pods.
+    eventually("the operator probes the departing nodes", || {
+        let fake_node = fake_node.clone();
+        async move {
+            if fake_node.hits() >= probes_before + 2 {
+                Ok(())
+            } else {
+                Err(format!("{} probes", fake_node.hits()))
+            }
+        }
+    })
+    .await;
+    let s = sts_api.get("e2e").await.unwrap();
+    assert_eq!(
+        s.spec.unwrap().replicas,
+        Some(3),
+        "the StatefulSet keeps the departing pods while they hand off"
+    );
+    assert_eq!(
+        pods.get("e2e-2").await.unwrap().metadata.deletion_timestamp,
+        None
+    );
+    assert_eq!(o.cc.status.unwrap().members.len(), 3);
+    log("scale to 1: member list v7 without e2e-1/e2e-2, StatefulSet held at 3, Rebalancing True");
+
+    // The departing nodes report their hand-off done: the StatefulSet shrinks.
+    fake_node.set(
+        json!({"version": 7, "running": false, "done": true, "sent": 21, "acked": 21, "failed": 0}),
+    );
+    eventually("scaled down to 1 after the hand-off", || {
         let (sts_api, ccs) = (sts_api.clone(), ccs.clone());
         async move {
             let s = sts_api.get("e2e").await.map_err(|e| e.to_string())?;
@@ -1598,7 +1754,91 @@ async fn lifecycle(client: Client, path: String, ns: String) {
                 .status
                 .unwrap_or_default();
             let replicas = s.spec.and_then(|s| s.replicas);
-            if replicas == Some(1) && st.members.len() == 1 {
+            let idle = st
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Rebalancing" && c.status == "False");
+            if replicas == Some(1) && st.members.len() == 1 && idle && st.rebalance.is_none() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "StatefulSet replicas {replicas:?}, {} members, rebalance {:?}",
+                    st.members.len(),
+                    st.rebalance
+                ))
+            }
+        }
+    })
+    .await;
+    wait_event(
+        &client,
+        ns,
+        "Normal",
+        "RebalanceFinished",
+        "hand-off done (42 items sent, 42 acked, 0 failed); scaling StatefulSet from 3 to 1 nodes",
+    )
+    .await;
+    let o = wait_members(&ccs, &cms, std::slice::from_ref(&m0), 7).await;
+    assert_eq!(o.cc.status.unwrap().ready_replicas, 1);
+    log("hand-off done: StatefulSet scaled to 1, Rebalancing False, RebalanceFinished");
+
+    // Timeout path: 2 nodes, a 3s timeout, a node that never finishes.
+    ccs.patch(
+        "e2e",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"replicas": 2, "scaleDownTimeoutSeconds": 3}})),
+    )
+    .await
+    .unwrap();
+    let _pod = eventually("pod e2e-1 recreated", || {
+        let pods = pods.clone();
+        async move {
+            pods.get_opt("e2e-1")
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "not yet".to_string())
+        }
+    })
+    .await;
+    set_pod_ready(&pods, "e2e-1", "127.0.0.1", true).await;
+    wait_members(&ccs, &cms, &[m0.clone(), member(ns, 1, "127.0.0.1")], 8).await;
+    ccs.patch_scale(
+        "e2e",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"replicas": 1}})),
+    )
+    .await
+    .expect("patch scale");
+    // The node still reports version 7: it never finishes version 9.
+    wait_members(&ccs, &cms, std::slice::from_ref(&m0), 9).await;
+    wait_event(
+        &client,
+        ns,
+        "Warning",
+        "HandoffTimeout",
+        "e2e-1 did not finish handing off within 3s",
+    )
+    .await;
+    wait_event(
+        &client,
+        ns,
+        "Normal",
+        "RebalanceFinished",
+        "hand-off timed out on e2e-1",
+    )
+    .await;
+    eventually("scaled down to 1 after the timeout", || {
+        let (sts_api, ccs) = (sts_api.clone(), ccs.clone());
+        async move {
+            let s = sts_api.get("e2e").await.map_err(|e| e.to_string())?;
+            let st = ccs
+                .get("e2e")
+                .await
+                .map_err(|e| e.to_string())?
+                .status
+                .unwrap_or_default();
+            let replicas = s.spec.and_then(|s| s.replicas);
+            if replicas == Some(1) && st.members.len() == 1 && st.rebalance.is_none() {
                 Ok(())
             } else {
                 Err(format!(
@@ -1609,9 +1849,7 @@ async fn lifecycle(client: Client, path: String, ns: String) {
         }
     })
     .await;
-    let o = wait_members(&ccs, &cms, std::slice::from_ref(&m0), 4).await;
-    assert_eq!(o.cc.status.unwrap().ready_replicas, 1);
-    log("scaled back to 1: configVersion still 4");
+    log("hand-off timeout: HandoffTimeout warning, StatefulSet scaled to 1 anyway");
 
     // ---- 9. Invalid specs.
     // The CEL rule also guards updates.
@@ -1664,7 +1902,7 @@ async fn lifecycle(client: Client, path: String, ns: String) {
     assert_eq!(condition(&st.conditions, "Ready").status, "False");
     assert_eq!(condition(&st.conditions, "Ready").reason, "InvalidSpec");
     assert_eq!(condition(&st.conditions, "Progressing").status, "False");
-    assert_eq!(st.config_version, 4, "the member list is kept");
+    assert_eq!(st.config_version, 9, "the member list is kept");
     wait_event(&client, ns, "Warning", "InvalidSpec", "must not set --port").await;
     let reconciles = metrics.reconciles.get();
     let errors = reconcile_errors(&metrics);

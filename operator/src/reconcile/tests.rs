@@ -5,6 +5,7 @@
 use super::*;
 use crate::build::testing::cluster;
 use crate::crd::{CacheClusterSpec, CacheClusterStatus};
+use crate::probe::HandoffReport;
 use crate::status::tests::{pod, settled_sts, t};
 use http::{Method, Request, Response, StatusCode};
 use kache_cluster::MemberList;
@@ -107,9 +108,52 @@ fn event(reason: &'static str, type_: &'static str) -> Exchange {
     })
 }
 
+/// Hand-off probe answers by pod IP; every call is logged.
+#[derive(Default)]
+struct ScriptedProbe {
+    answers: HashMap<String, Result<HandoffReport, String>>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl ScriptedProbe {
+    fn answer(mut self, ip: &str, r: Result<HandoffReport, String>) -> Self {
+        self.answers.insert(ip.into(), r);
+        self
+    }
+}
+
+impl HandoffProbe for ScriptedProbe {
+    fn handoff<'a>(
+        &'a self,
+        pod_ip: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<HandoffReport, String>> {
+        self.log.lock().unwrap().push(format!("probe {pod_ip}"));
+        let r = self
+            .answers
+            .get(pod_ip)
+            .cloned()
+            .unwrap_or_else(|| panic!("unscripted probe of {pod_ip}"));
+        Box::pin(async move { r })
+    }
+}
+
 /// Plays the script against the reconciler, then checks it made no more requests.
 async fn run(cc: CacheCluster, script: Vec<Exchange>) -> Result<Action, Error> {
+    run_probed(cc, script, ScriptedProbe::default()).await.0
+}
+
+/// As [`run`], with a scripted hand-off probe. Also returns every API
+/// request ("METHOD path") and probe ("probe IP") in the order they happened.
+async fn run_probed(
+    cc: CacheCluster,
+    script: Vec<Exchange>,
+    probe: ScriptedProbe,
+) -> (Result<Action, Error>, Vec<String>) {
     let (ctx, mut handle) = test_context();
+    let log = probe.log.clone();
+    let mut ctx = Arc::try_unwrap(ctx).unwrap_or_else(|_| unreachable!());
+    ctx.probe = Arc::new(probe);
+    let ctx = Arc::new(ctx);
     let task = tokio::spawn(reconcile(Arc::new(cc), ctx.clone()));
     for (i, ex) in script.into_iter().enumerate() {
         let next = tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await;
@@ -117,6 +161,9 @@ async fn run(cc: CacheCluster, script: Vec<Exchange>) -> Result<Action, Error> {
             Ok(Some(r)) => r,
             _ => panic!("request #{i} ({} {}) was never made", ex.method, ex.uri),
         };
+        log.lock()
+            .unwrap()
+            .push(format!("{} {}", req.method(), req.uri().path()));
         assert_eq!(
             (req.method(), req.uri().to_string()),
             (&ex.method, ex.uri.clone()),
@@ -144,19 +191,32 @@ async fn run(cc: CacheCluster, script: Vec<Exchange>) -> Result<Action, Error> {
     {
         panic!("unexpected extra request {} {}", req.method(), req.uri());
     }
-    result
+    let log = log.lock().unwrap().clone();
+    (result, log)
 }
 
 const NS: &str = "/api/v1/namespaces/prod";
 const RBAC: &str = "/apis/rbac.authorization.k8s.io/v1/namespaces/prod";
 const STS: &str = "/apis/apps/v1/namespaces/prod/statefulsets/web";
+const STS_LIST: &str =
+    "/apis/apps/v1/namespaces/prod/statefulsets?&fieldSelector=metadata.name%3Dweb";
 const PDB: &str = "/apis/policy/v1/namespaces/prod/poddisruptionbudgets/web";
 const STATUS: &str = "/apis/kache.dev/v1alpha1/namespaces/prod/cacheclusters/web/status";
 const PODS: &str = "/api/v1/namespaces/prod/pods?&labelSelector=app.kubernetes.io%2Fcomponent%3Dcache-node%2Capp.kubernetes.io%2Finstance%3Dweb%2Capp.kubernetes.io%2Fname%3Dkache";
 
+fn sts_list(sts: Option<&StatefulSet>) -> Value {
+    json!({"apiVersion": "apps/v1", "kind": "StatefulSetList", "metadata": {"resourceVersion": "1"},
+           "items": sts.into_iter().collect::<Vec<_>>()})
+}
+
 /// The requests every valid reconcile starts with: RBAC and Services applied,
-/// pods listed, the member-list ConfigMap read.
-fn preamble(cc: &CacheCluster, pods: &[Pod], cm: Option<&ConfigMap>) -> Vec<Exchange> {
+/// pods listed, the member-list ConfigMap and the StatefulSet read.
+fn preamble(
+    cc: &CacheCluster,
+    pods: &[Pod],
+    cm: Option<&ConfigMap>,
+    sts: Option<&StatefulSet>,
+) -> Vec<Exchange> {
     vec![
         apply_of(
             &format!("{NS}/serviceaccounts/web-node"),
@@ -185,6 +245,7 @@ fn preamble(cc: &CacheCluster, pods: &[Pod], cm: Option<&ConfigMap>) -> Vec<Exch
             None => expect(Method::GET, format!("{NS}/configmaps/web-members"))
                 .respond(StatusCode::NOT_FOUND, not_found()),
         },
+        expect(Method::GET, STS_LIST).respond(StatusCode::OK, sts_list(sts)),
     ]
 }
 
@@ -234,7 +295,7 @@ async fn first_reconcile_creates_everything_and_publishes_version_one() {
         members: vec![],
     };
     let sts = build::statefulset(&cc, "kache-node:test").unwrap();
-    let mut script = preamble(&cc, &[], None);
+    let mut script = preamble(&cc, &[], None, None);
     script.extend([
         apply_of(
             &format!("{NS}/configmaps/web-members"),
@@ -279,7 +340,7 @@ async fn settled_cluster_reconcile_is_a_no_op() {
         fixed_now(),
     ));
 
-    let mut script = preamble(&cc, &pods, Some(&cm));
+    let mut script = preamble(&cc, &pods, Some(&cm), Some(&sts));
     script.extend([
         // No ConfigMap write: the published list is unchanged.
         apply_of(STS, &build::statefulset(&cc, "kache-node:test").unwrap())
@@ -314,7 +375,7 @@ async fn pod_becoming_ready_bumps_config_version_by_one() {
     // web-2 turns Ready.
     let pods = three_ready();
     let new = published(&cc, &pods, 5);
-    let mut script = preamble(&cc, &pods, Some(&old_cm));
+    let mut script = preamble(&cc, &pods, Some(&old_cm), Some(&sts));
     script.extend([
         apply_of(
             &format!("{NS}/configmaps/web-members"),
@@ -367,7 +428,7 @@ async fn spec_change_rolls_statefulset_and_records_event() {
     rolled.metadata.generation = Some(2);
     rolled.status = settled_sts(3).status; // controller has not observed generation 2 yet
 
-    let mut script = preamble(&cc, &pods, Some(&cm));
+    let mut script = preamble(&cc, &pods, Some(&cm), Some(&sts));
     script.extend([
         apply_of(STS, &desired)
             .check(|body| {
@@ -492,4 +553,216 @@ fn pods_map_to_their_cluster() {
     assert_eq!(r.name, "web");
     assert_eq!(r.namespace.as_deref(), Some("prod"));
     assert!(pod_owner(pod("stray", None, false)).is_none());
+}
+
+// ------------------------------------------------------------------ scale-in
+
+fn handoff(version: u64, done: bool, sent: u64) -> Result<HandoffReport, String> {
+    Ok(HandoffReport {
+        version,
+        running: !done,
+        done,
+        sent,
+        acked: sent,
+        failed: 0,
+        refilled: 0,
+    })
+}
+
+/// `web` settled at 3 Ready nodes with member list version 4, then scaled
+/// to 2 (generation 2). Returns it, its pods, the ConfigMap as published
+/// before the scale-in, and the StatefulSet (3 replicas).
+fn scaled_in_to_two() -> (CacheCluster, Vec<Pod>, ConfigMap, StatefulSet) {
+    let mut cc = cluster("web", CacheClusterSpec::default());
+    let pods = three_ready();
+    let list = published(&cc, &pods, 4);
+    let cm = build::members_configmap(&cc, &list).unwrap();
+    let mut sts = build::statefulset(&cc, "kache-node:test").unwrap();
+    sts.metadata.generation = Some(1);
+    sts.status = settled_sts(3).status;
+    cc.status = Some(status::compute_status(
+        &cc,
+        &pods,
+        Some(&sts),
+        &list,
+        fixed_now(),
+    ));
+    cc.spec.replicas = 2;
+    cc.metadata.generation = Some(2);
+    cc.metadata.resource_version = Some("9".into());
+    (cc, pods, cm, sts)
+}
+
+/// The StatefulSet the operator applies for `cc`, with `replicas`.
+fn sts_with(cc: &CacheCluster, replicas: i32) -> StatefulSet {
+    let mut s = build::statefulset(cc, "kache-node:test").unwrap();
+    s.spec.as_mut().unwrap().replicas = Some(replicas);
+    s
+}
+
+fn members_cm(cc: &CacheCluster, pods: &[Pod], version: u64) -> ConfigMap {
+    build::members_configmap(cc, &published(cc, pods, version)).unwrap()
+}
+
+#[tokio::test]
+async fn scale_in_publishes_members_first_and_holds_the_statefulset() {
+    let (cc, pods, old_cm, sts) = scaled_in_to_two();
+    let new_cm = members_cm(&cc, &pods, 5);
+    let mut script = preamble(&cc, &pods, Some(&old_cm), Some(&sts));
+    script.extend([
+        // 1. The member list without web-2, version +1.
+        apply_of(&format!("{NS}/configmaps/web-members"), &new_cm).check(|body| {
+            let list = MemberList::from_json(body["data"]["members.json"].as_str().unwrap())
+                .unwrap();
+            assert_eq!(list.version, 5);
+            assert_eq!(
+                list.members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+                ["web-0", "web-1"]
+            );
+        }),
+        // 2. (probe of web-2: still at version 4) 3. StatefulSet kept at 3.
+        apply_of(STS, &sts_with(&cc, 3))
+            .check(|body| assert_eq!(body["spec"]["replicas"], 3))
+            .respond(StatusCode::OK, serde_json::to_value(&sts).unwrap()),
+        apply_of(PDB, &build::pod_disruption_budget(&cc).unwrap()),
+        status_patch(&cc, |s| {
+            assert_eq!(s.config_version, 5);
+            let r = s.rebalance.as_ref().expect("status.rebalance");
+            assert_eq!((r.target_replicas, r.current_replicas), (2, 3));
+            assert_eq!(r.config_version, 5);
+            assert_eq!(r.started_at, t(0));
+            assert_eq!(r.deadline, t(300));
+            assert_eq!(r.departing.len(), 1);
+            assert_eq!(r.departing[0].name, "web-2");
+            assert!(!r.departing[0].done);
+            let reb = status::find_condition(s, "Rebalancing").unwrap();
+            assert_eq!(
+                (reb.status.as_str(), reb.reason.as_str()),
+                ("True", "HandingOff")
+            );
+            assert!(reb.message.contains("web-2"), "{}", reb.message);
+            assert!(reb.message.contains("(0/1 done"), "{}", reb.message);
+        }),
+        event("SpecApplied", "Normal"),
+        event("MembersChanged", "Normal"),
+        event("RebalanceStarted", "Normal").check(|body| {
+            assert_eq!(
+                body["note"],
+                "scaling in from 3 to 2 nodes: published member list version 5 without web-2; \
+                 they keep running and hand their data to the remaining nodes (waiting at most 300s)"
+            );
+        }),
+    ]);
+    let probe = ScriptedProbe::default().answer("10.0.0.3", handoff(4, true, 0));
+    let (action, log) = run_probed(cc, script, probe).await;
+    assert_eq!(action.unwrap(), Action::requeue(REQUEUE_REBALANCING));
+    // The order that matters: ConfigMap, then the probe, then the StatefulSet.
+    let pos = |needle: &str| {
+        log.iter()
+            .position(|l| l == needle)
+            .unwrap_or_else(|| panic!("{needle} not in {log:?}"))
+    };
+    let cm = pos(&format!("PATCH {NS}/configmaps/web-members"));
+    let probe = pos("probe 10.0.0.3");
+    let sts = pos(&format!("PATCH {STS}"));
+    assert!(cm < probe && probe < sts, "{log:?}");
+}
+
+/// `cc` as the API server holds it after the first scale-in reconcile.
+fn waiting_on_web_2(started: i64) -> (CacheCluster, Vec<Pod>, ConfigMap, StatefulSet) {
+    let (mut cc, pods, _, sts) = scaled_in_to_two();
+    let cm = members_cm(&cc, &pods, 5);
+    let list = published(&cc, &pods, 5);
+    let probes: scale::ProbeResults = [("web-2".to_string(), handoff(5, false, 10))].into();
+    let d = scale::decide(&cc, Some(&sts), &pods, &list, &probes, &t(started));
+    assert!(d.waiting());
+    cc.status = Some(status::compute_status_rebalancing(
+        &cc,
+        &pods,
+        Some(&sts),
+        &list,
+        d.status_rebalance(),
+        t(started),
+    ));
+    (cc, pods, cm, sts)
+}
+
+#[tokio::test]
+async fn restarted_mid_scale_in_keeps_waiting_without_writes() {
+    // A fresh operator: nothing in memory; the StatefulSet has 3, the spec 2,
+    // the ConfigMap already excludes web-2, the status holds the start time.
+    let (cc, pods, cm, sts) = waiting_on_web_2(-60);
+    let mut script = preamble(&cc, &pods, Some(&cm), Some(&sts));
+    script.extend([
+        // No ConfigMap write; the StatefulSet stays at 3.
+        apply_of(STS, &sts_with(&cc, 3))
+            .respond(StatusCode::OK, serde_json::to_value(&sts).unwrap()),
+        apply_of(PDB, &build::pod_disruption_budget(&cc).unwrap()),
+        // Same progress: no status patch, no event.
+    ]);
+    let probe = ScriptedProbe::default().answer("10.0.0.3", handoff(5, false, 10));
+    let (action, log) = run_probed(cc, script, probe).await;
+    assert_eq!(action.unwrap(), Action::requeue(REQUEUE_REBALANCING));
+    assert!(log.contains(&"probe 10.0.0.3".to_string()), "{log:?}");
+}
+
+#[tokio::test]
+async fn scale_in_shrinks_the_statefulset_once_the_handoff_is_done() {
+    let (cc, pods, cm, sts) = waiting_on_web_2(-60);
+    let mut script = preamble(&cc, &pods, Some(&cm), Some(&sts));
+    script.extend([
+        apply_of(STS, &sts_with(&cc, 2))
+            .check(|body| assert_eq!(body["spec"]["replicas"], 2))
+            .respond(StatusCode::OK, serde_json::to_value(&sts).unwrap()),
+        apply_of(PDB, &build::pod_disruption_budget(&cc).unwrap()),
+        status_patch(&cc, |s| {
+            assert!(s.rebalance.is_none());
+            let reb = status::find_condition(s, "Rebalancing").unwrap();
+            assert_eq!(reb.status, "False");
+        }),
+        event("RebalanceFinished", "Normal").check(|body| {
+            assert_eq!(
+                body["note"],
+                "hand-off done (42 items sent, 42 acked, 0 failed); scaling StatefulSet from 3 to 2 nodes, removing web-2"
+            );
+        }),
+    ]);
+    let probe = ScriptedProbe::default().answer("10.0.0.3", handoff(5, true, 42));
+    let (action, log) = run_probed(cc, script, probe).await;
+    // The StatefulSet controller has not removed the pod yet: converging.
+    assert_eq!(action.unwrap(), Action::requeue(REQUEUE_CONVERGING));
+    let probe = log.iter().position(|l| l == "probe 10.0.0.3").unwrap();
+    let sts = log
+        .iter()
+        .position(|l| l == &format!("PATCH {STS}"))
+        .unwrap();
+    assert!(probe < sts, "{log:?}");
+}
+
+#[tokio::test]
+async fn scale_in_timeout_warns_and_shrinks() {
+    let (cc, pods, cm, sts) = waiting_on_web_2(-301);
+    let mut script = preamble(&cc, &pods, Some(&cm), Some(&sts));
+    script.extend([
+        apply_of(STS, &sts_with(&cc, 2))
+            .respond(StatusCode::OK, serde_json::to_value(&sts).unwrap()),
+        apply_of(PDB, &build::pod_disruption_budget(&cc).unwrap()),
+        status_patch(&cc, |s| assert!(s.rebalance.is_none())),
+        event("HandoffTimeout", "Warning").check(|body| {
+            assert_eq!(
+                body["note"],
+                "web-2 did not finish handing off within 300s (web-2: no answer within 2s); \
+                 removing them anyway, items not yet moved are lost"
+            );
+        }),
+        event("RebalanceFinished", "Normal").check(|body| {
+            assert!(body["note"]
+                .as_str()
+                .unwrap()
+                .starts_with("hand-off timed out on web-2"));
+        }),
+    ]);
+    let probe = ScriptedProbe::default().answer("10.0.0.3", Err("no answer within 2s".into()));
+    let (action, _) = run_probed(cc, script, probe).await;
+    assert_eq!(action.unwrap(), Action::requeue(REQUEUE_CONVERGING));
 }
