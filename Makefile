@@ -29,7 +29,7 @@ chart-check:
 
 python-test: build
 	KACHE_NODE_BIN=$(CURDIR)/target/release/kache-node $(PYTHON) -m pytest -q -p no:cacheprovider tests/cluster
-	KACHE_NODE_BIN=$(CURDIR)/target/release/kache-node $(PYTHON) -m pytest -q tests/python
+	KACHE_NODE_BIN=$(CURDIR)/target/release/kache-node $(PYTHON) -m pytest -q -p no:cacheprovider tests/python
 
 run:
 	$(CARGO) run --release -p kache-node -- -l 127.0.0.1 -p 11211

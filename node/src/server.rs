@@ -106,6 +106,11 @@ pub async fn serve(
     }
 }
 
+/// Whether a connection opens with the binary protocol's request magic byte.
+pub fn is_binary_protocol(first_bytes: &[u8]) -> bool {
+    first_bytes.first() == Some(&0x80)
+}
+
 /// Fetches keys from their previous owners and stores what they return, so the request
 /// that missed them is answered with a hit. Bounded by `READ_THROUGH_TIMEOUT` per source.
 async fn read_through(engine: &Engine, candidates: Vec<(Vec<u8>, Vec<kache_cluster::Member>)>) {
@@ -201,6 +206,11 @@ impl<'a> Connection<'a> {
                 }
             };
             if n == 0 {
+                return Ok(());
+            }
+            if self.ctx.counters.bytes_read == 0 && is_binary_protocol(&self.read) {
+                // memcached's binary protocol is not served: hang up at once rather than
+                // leave a binary client waiting for its timeout.
                 return Ok(());
             }
             self.ctx.counters.bytes_read += n as u64;

@@ -190,6 +190,7 @@ impl Proxy {
         let mut write = BytesMut::with_capacity(READ_CHUNK);
         let mut swallow = 0usize;
         let mut draining = *shutdown.borrow();
+        let mut first_read = true;
         loop {
             if draining && read.is_empty() && swallow == 0 {
                 return Ok(());
@@ -207,6 +208,10 @@ impl Proxy {
             if n == 0 {
                 return Ok(());
             }
+            if first_read && crate::server::is_binary_protocol(&read) {
+                return Ok(());
+            }
+            first_read = false;
             let view = self.cluster.view();
             let mut jobs = Vec::new();
             let mut close = false;
