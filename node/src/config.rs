@@ -146,6 +146,11 @@ pub struct ServeArgs {
     #[arg(long = "shutdown-grace", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
 
+    /// Require clients to authenticate with memcached's text-protocol auth; the file holds
+    /// `user:password` lines and is re-read when it changes.
+    #[arg(short = 'Y', long = "auth-file")]
+    pub auth_file: Option<std::path::PathBuf>,
+
     #[command(flatten)]
     pub cluster: ClusterArgs,
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 
+use crate::auth::AuthFile;
 use crate::cluster::Cluster;
 use crate::peer::handoff::HandoffState;
 use crate::peer::link::Links;
@@ -66,6 +67,8 @@ pub struct Engine {
     pub peer_stats: PeerStats,
     /// `stats detail` per-prefix counters.
     pub prefixes: PrefixStats,
+    /// Credentials clients must present first (`--auth-file`), if any.
+    pub auth: Option<Arc<AuthFile>>,
     verbosity: AtomicU32,
 }
 
@@ -181,6 +184,7 @@ impl Engine {
             handoff: HandoffState::default(),
             peer_stats: PeerStats::default(),
             prefixes: PrefixStats::default(),
+            auth: None,
             verbosity: AtomicU32::new(verbosity),
         }
     }

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use kache_node::admin::{self, Readiness};
+use kache_node::auth::AuthFile;
 use kache_node::cluster::{membership, Cluster};
 use kache_node::config::{Cli, Mode, ProxyArgs, ServeArgs};
 use kache_node::engine::{Engine, Settings};
@@ -127,12 +128,13 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
     } else {
         None
     };
-    let engine = Arc::new(Engine::new(
-        store,
-        settings,
-        u32::from(args.verbose),
-        cluster,
-    ));
+    let mut engine = Engine::new(store, settings, u32::from(args.verbose), cluster);
+    if let Some(path) = &args.auth_file {
+        let auth = Arc::new(AuthFile::load(path)?);
+        tokio::spawn(auth.clone().follow(shutdown_rx.clone()));
+        engine.auth = Some(auth);
+    }
+    let engine = Arc::new(engine);
     let limits = Limits {
         max_item_size: args.max_item_size,
         ..Limits::default()

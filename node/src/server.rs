@@ -12,7 +12,8 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::engine::{Context, Engine, Next, Outbox};
 use crate::peer::wire::Op;
-use crate::protocol::{parse, Limits, ParseOutcome};
+use crate::protocol::auth::{parse_auth, AuthStep};
+use crate::protocol::{parse, reply, Limits, ParseOutcome};
 use crate::stats::Counters;
 use crate::store::now_secs;
 use futures::future::join_all;
@@ -169,6 +170,8 @@ struct Connection<'a> {
     /// Bytes still to discard after a refused data block.
     swallow: usize,
     ctx: Context,
+    /// False until the client authenticates, when the node requires it.
+    authenticated: bool,
 }
 
 impl<'a> Connection<'a> {
@@ -182,6 +185,7 @@ impl<'a> Connection<'a> {
             read: BytesMut::with_capacity(READ_CHUNK),
             write: BytesMut::with_capacity(READ_CHUNK),
             swallow: 0,
+            authenticated: engine.auth.is_none(),
             ctx: Context {
                 counters: Counters::default(),
                 outbox: Outbox::new(engine.cluster.is_some()),
@@ -224,8 +228,46 @@ impl<'a> Connection<'a> {
         }
     }
 
+    /// Handles what an unauthenticated client sent: only the auth `set` is accepted.
+    /// Returns `None` to go on with normal requests, or what to do next.
+    fn authenticate(&mut self) -> Option<Next> {
+        let Some(auth) = &self.engine.auth else {
+            self.authenticated = true;
+            return None;
+        };
+        while !self.authenticated {
+            let (reply, consumed) = match parse_auth(&self.read) {
+                AuthStep::Incomplete => return Some(Next::Continue),
+                AuthStep::Close => return Some(Next::Close),
+                AuthStep::Reply { reply, consumed } => (reply, consumed),
+                AuthStep::Credentials {
+                    user,
+                    password,
+                    consumed,
+                } => {
+                    self.ctx.counters.auth_cmds += 1;
+                    if auth.check(user, password) {
+                        self.authenticated = true;
+                        ("STORED", consumed)
+                    } else {
+                        self.ctx.counters.auth_errors += 1;
+                        ("CLIENT_ERROR authentication failure", consumed)
+                    }
+                }
+            };
+            reply::line(&mut self.write, reply);
+            self.read.advance(consumed);
+        }
+        None
+    }
+
     /// Executes every complete request in the read buffer.
     async fn process(&mut self) -> std::io::Result<Next> {
+        if !self.authenticated {
+            if let Some(next) = self.authenticate() {
+                return Ok(next);
+            }
+        }
         let now = now_secs();
         loop {
             if self.swallow > 0 {

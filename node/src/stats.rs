@@ -68,6 +68,8 @@ counters! {
     touch_misses: "Touches of keys that were not found.",
     store_too_large: "Stores refused as larger than the item size limit.",
     store_no_memory: "Stores refused for lack of memory.",
+    auth_cmds: "Authentication attempts.",
+    auth_errors: "Failed authentication attempts.",
     bytes_read: "Bytes read from clients.",
     bytes_written: "Bytes written to clients.",
 }
