@@ -10,6 +10,7 @@ command -v nutcracker >/dev/null 2>&1 || [ -x /usr/sbin/nutcracker ] || need+=(n
 /usr/bin/python3 -c 'import pymemcache' >/dev/null 2>&1 || need+=(python3-pymemcache)
 /usr/bin/python3 -c 'import pylibmc'    >/dev/null 2>&1 || need+=(python3-pylibmc)
 /usr/bin/python3 -c 'import pytest'     >/dev/null 2>&1 || need+=(python3-pytest)
+command -v openssl    >/dev/null 2>&1 || need+=(openssl)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing test dependencies: ${need[*]}"

@@ -151,6 +151,18 @@ pub struct ServeArgs {
     #[arg(short = 'Y', long = "auth-file")]
     pub auth_file: Option<std::path::PathBuf>,
 
+    /// Serve TLS on the client port with this PEM certificate (chain); re-read on change.
+    #[arg(long = "tls-cert", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of `--tls-cert`.
+    #[arg(long = "tls-key", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// Require client certificates signed by the CAs in this PEM file.
+    #[arg(long = "tls-client-ca", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+
     #[command(flatten)]
     pub cluster: ClusterArgs,
 }

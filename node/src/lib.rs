@@ -14,3 +14,4 @@ pub mod proxy;
 pub mod server;
 pub mod stats;
 pub mod store;
+pub mod tls;

@@ -17,6 +17,7 @@ use kache_node::engine::{Engine, Settings};
 use kache_node::protocol::Limits;
 use kache_node::proxy::Proxy;
 use kache_node::store::{Store, StoreConfig};
+use kache_node::tls::{Tls, TlsFiles};
 use kache_node::{peer, server};
 
 fn main() -> ExitCode {
@@ -135,6 +136,18 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
         engine.auth = Some(auth);
     }
     let engine = Arc::new(engine);
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = Arc::new(Tls::load(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_client_ca.clone(),
+            })?);
+            tokio::spawn(tls.clone().follow(shutdown_rx.clone()));
+            Some(tls)
+        }
+        _ => None,
+    };
     let limits = Limits {
         max_item_size: args.max_item_size,
         ..Limits::default()
@@ -203,6 +216,7 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
         engine,
         limits,
         args.conn_limit as usize,
+        tls,
         shutdown_rx,
         Duration::from_secs(args.shutdown_grace_secs),
     )

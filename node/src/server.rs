@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
@@ -16,6 +16,7 @@ use crate::protocol::auth::{parse_auth, AuthStep};
 use crate::protocol::{parse, reply, Limits, ParseOutcome};
 use crate::stats::Counters;
 use crate::store::now_secs;
+use crate::tls::Tls;
 use futures::future::join_all;
 use tokio::sync::oneshot;
 
@@ -30,6 +31,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 const SWEEP_BUDGET: usize = 512;
 /// How long a read-through waits for one previous owner.
 const READ_THROUGH_TIMEOUT: Duration = Duration::from_millis(250);
+/// A client must finish its TLS handshake this soon.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a write waits for its replicas to acknowledge before it is answered anyway.
 const REPLICATION_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -40,6 +43,7 @@ pub async fn serve(
     engine: Arc<Engine>,
     limits: Limits,
     max_connections: usize,
+    tls: Option<Arc<Tls>>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
@@ -82,11 +86,32 @@ pub async fn serve(
         let id = next_id;
         let engine = engine.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
-            if let Err(error) = Connection::new(stream, &engine, limits, id)
-                .run(shutdown)
-                .await
-            {
+            let _ = stream.set_nodelay(true);
+            let result = match tls {
+                None => {
+                    Connection::new(stream, &engine, limits, id)
+                        .run(shutdown)
+                        .await
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(stream)) => {
+                            Connection::new(stream, &engine, limits, id)
+                                .run(shutdown)
+                                .await
+                        }
+                        Ok(Err(error)) => Err(error),
+                        Err(_) => Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "TLS handshake timed out",
+                        )),
+                    }
+                }
+            };
+            if let Err(error) = result {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
             drop(permit);
@@ -160,8 +185,8 @@ pub fn spawn_sweeper(
         })
 }
 
-struct Connection<'a> {
-    stream: TcpStream,
+struct Connection<'a, S> {
+    stream: S,
     engine: &'a Engine,
     limits: Limits,
     id: usize,
@@ -174,9 +199,8 @@ struct Connection<'a> {
     authenticated: bool,
 }
 
-impl<'a> Connection<'a> {
-    fn new(stream: TcpStream, engine: &'a Engine, limits: Limits, id: usize) -> Self {
-        let _ = stream.set_nodelay(true);
+impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
+    fn new(stream: S, engine: &'a Engine, limits: Limits, id: usize) -> Self {
         Connection {
             stream,
             engine,

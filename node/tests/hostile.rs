@@ -496,6 +496,12 @@ fn connections_beyond_the_limit_are_refused_while_others_keep_working() {
     }
 }
 
+/// `-m 64` under ~320 MiB of maximum-size sets (half the writers pipelining) must keep the
+/// node's resident memory within the idle process plus `-m` plus 48 MiB. The 48 MiB cover
+/// each writer connection's read buffer (up to two items while a data block arrives), the item
+/// being built while an old one is evicted, and allocator slack for 1 MiB blocks. Measured on
+/// a debug build, 2 cores: idle RSS ~13.5 MiB, peak 86-106 MiB (22-42 MiB above `-m`, idle
+/// process included).
 #[test]
 fn a_flood_of_maximum_size_sets_keeps_memory_bounded() {
     const LIMIT_MIB: u64 = 64;
@@ -562,8 +568,8 @@ fn a_flood_of_maximum_size_sets_keeps_memory_bounded() {
     assert_eq!(limit, LIMIT_MIB * MIB);
     assert!(evictions > 0, "no evictions after {total} bytes of sets");
     assert!(
-        peak <= (LIMIT_MIB + OVERHEAD_MIB) * MIB,
-        "RSS peaked at {peak} bytes with -m {LIMIT_MIB}"
+        peak <= idle + (LIMIT_MIB + OVERHEAD_MIB) * MIB,
+        "RSS peaked at {peak} bytes with -m {LIMIT_MIB} (idle {idle})"
     );
     // Whatever survived eviction is intact, and `curr_items` counts exactly that.
     let mut present = 0;
