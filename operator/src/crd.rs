@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, ValidationRule,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kache_cluster::names;
 use kube::{CustomResource, CustomResourceExt};
 use schemars::gen::SchemaGenerator;
@@ -204,6 +204,122 @@ pub struct CacheClusterSpec {
     /// flag the operator sets from this spec.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_args: Vec<String>,
+
+    /// TLS on the memcache (client) port and the peer port. Unset: both are
+    /// plain TCP. The admin port (probes, `/metrics`) stays plain HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+
+    /// Client authentication on the memcache port (memcached's text-protocol
+    /// authentication). Unset: clients need no credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthConfig>,
+
+    /// A shared secret the nodes present to each other on the peer port.
+    /// Unset: the peer port accepts any node that can reach it (restrict it
+    /// with `networkPolicy`, or require client certificates with
+    /// `tls.clientAuth`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_auth: Option<PeerAuthConfig>,
+
+    /// A NetworkPolicy `<name>` the operator keeps for the pods. Unset or
+    /// `enabled: false`: none (an existing one is deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<NetworkPolicyConfig>,
+}
+
+/// TLS settings. The Secret is mounted into the pods by name (the operator
+/// never reads it); kache-node reloads the files when the Secret changes, so
+/// certificates rotate (e.g. by cert-manager) without restarting the pods.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsConfig {
+    /// Secret in the CacheCluster's namespace (type `kubernetes.io/tls`, e.g.
+    /// one cert-manager issues) with the keys `tls.crt` (PEM certificate
+    /// chain) and `tls.key` (PEM private key), and `ca.crt` (PEM CA bundle)
+    /// when `clientAuth` is true. The certificate must name the client
+    /// Service (`<name>.<namespace>.svc`) and the pods
+    /// (`*.<name>-peers.<namespace>.svc`). Pods do not start until it exists.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub secret_name: String,
+
+    /// Require client certificates signed by the Secret's `ca.crt` on both
+    /// ports (mutual TLS). The nodes present their own certificate to each
+    /// other, so it must also be valid for client authentication.
+    #[serde(default)]
+    pub client_auth: bool,
+}
+
+/// Client authentication settings. The Secret is mounted into the pods by
+/// name (the operator never reads it). The kubelet updates the mounted file
+/// within about a minute of a change to the Secret and kache-node reloads
+/// it; `kubectl rollout restart statefulset/<name>` applies a change at once.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthConfig {
+    /// Secret in the CacheCluster's namespace with the key `auth-file`:
+    /// memcached's format, one `user:password` per line. A client
+    /// authenticates by sending `set <any key> 0 0 <length>` with the data
+    /// `<user> <password>`; until then nothing else is accepted.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub secret_name: String,
+}
+
+/// Peer authentication settings. The Secret is mounted into the pods by name
+/// (the operator never reads it).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerAuthConfig {
+    /// Secret in the CacheCluster's namespace with the key `secret`: the
+    /// shared secret every node presents on the peer port. While the pods
+    /// hold different secrets they cannot replicate to each other;
+    /// `kubectl rollout restart statefulset/<name>` makes every pod pick up
+    /// a change.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub secret_name: String,
+}
+
+/// NetworkPolicy settings. The policy selects the cluster's pods and allows
+/// ingress (egress is not restricted) only: on the peer port from the
+/// cluster's own pods; on the memcache port from the clients selected below;
+/// on the admin port from every pod in the operator's namespace (the
+/// operator asks departing nodes for their hand-off progress there; run
+/// Prometheus there too, or allow it with a NetworkPolicy of your own:
+/// policies add up). Kubelet health probes are not affected.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicyConfig {
+    /// Keep the NetworkPolicy `<name>`. false: none (an existing one is
+    /// deleted).
+    #[serde(default)]
+    pub enabled: bool,
+
+    /// Namespaces whose pods may connect to the memcache port. With
+    /// `clientPodSelector` too: only the pods matching it in these
+    /// namespaces. Neither set: every pod in the CacheCluster's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_namespace_selector: Option<LabelSelector>,
+
+    /// Pods that may connect to the memcache port: in the CacheCluster's
+    /// namespace, or in the namespaces `clientNamespaceSelector` selects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_pod_selector: Option<LabelSelector>,
+}
+
+impl NetworkPolicyConfig {
+    /// The settings, when the NetworkPolicy is enabled.
+    pub fn enabled(spec: &CacheClusterSpec) -> Option<&Self> {
+        spec.network_policy.as_ref().filter(|n| n.enabled)
+    }
 }
 
 /// PodDisruptionBudget settings.
@@ -246,6 +362,10 @@ impl Default for CacheClusterSpec {
             pod_disruption_budget: PodDisruptionBudgetConfig::default(),
             scale_down_timeout_seconds: DEFAULT_SCALE_DOWN_TIMEOUT_SECONDS,
             extra_args: Vec::new(),
+            tls: None,
+            auth: None,
+            peer_auth: None,
+            network_policy: None,
         }
     }
 }
@@ -413,7 +533,51 @@ const MANAGED_FLAGS: &[(&str, &str)] = &[
     ("--admin-port", ""),
     ("--peer-port", ""),
     ("--cluster", ""),
+    ("--tls-cert", ""),
+    ("--tls-key", ""),
+    ("--tls-client-ca", ""),
+    ("--auth-file", "-Y"),
+    ("--peer-secret-file", ""),
 ];
+
+/// Whether `s` is a valid object name (an RFC 1123 DNS subdomain), as
+/// Secret names must be.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(label_ok)
+}
+
+/// Problems with a label selector the API server would reject in the
+/// NetworkPolicy (operators and their values).
+fn label_selector_errors(field: &str, sel: &LabelSelector) -> Vec<String> {
+    let mut errs = Vec::new();
+    for (i, e) in sel.match_expressions.iter().flatten().enumerate() {
+        let values = e.values.as_ref().map_or(0, Vec::len);
+        let at = format!("{field}.matchExpressions[{i}]");
+        match e.operator.as_str() {
+            "In" | "NotIn" if values == 0 => {
+                errs.push(format!("{at}: operator {} needs values", e.operator));
+            }
+            "Exists" | "DoesNotExist" if values > 0 => {
+                errs.push(format!("{at}: operator {} takes no values", e.operator));
+            }
+            "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
+            other => errs.push(format!(
+                "{at}: operator {other:?} is not In, NotIn, Exists or DoesNotExist"
+            )),
+        }
+        if e.key.is_empty() {
+            errs.push(format!("{at}: key must not be empty"));
+        }
+    }
+    errs
+}
 
 /// Parses a memcached-style size (`1m`, `512k`, `1048576`) into bytes.
 pub fn parse_item_size(s: &str) -> Option<u64> {
@@ -497,6 +661,36 @@ impl CacheClusterSpec {
         }
         if matches!(&self.image, Some(i) if i.trim().is_empty()) {
             errs.push("image must not be empty".into());
+        }
+        let secrets = [
+            ("tls.secretName", self.tls.as_ref().map(|t| &t.secret_name)),
+            (
+                "auth.secretName",
+                self.auth.as_ref().map(|a| &a.secret_name),
+            ),
+            (
+                "peerAuth.secretName",
+                self.peer_auth.as_ref().map(|p| &p.secret_name),
+            ),
+        ];
+        for (field, name) in secrets {
+            if let Some(name) = name.filter(|n| !is_dns_subdomain(n)) {
+                errs.push(format!("{field} {name:?} is not a valid Secret name"));
+            }
+        }
+        if let Some(np) = &self.network_policy {
+            if let Some(sel) = &np.client_namespace_selector {
+                errs.extend(label_selector_errors(
+                    "networkPolicy.clientNamespaceSelector",
+                    sel,
+                ));
+            }
+            if let Some(sel) = &np.client_pod_selector {
+                errs.extend(label_selector_errors(
+                    "networkPolicy.clientPodSelector",
+                    sel,
+                ));
+            }
         }
         for arg in &self.extra_args {
             let flag = arg.split('=').next().unwrap_or(arg);
@@ -665,6 +859,63 @@ mod tests {
             },
             "image must not be empty",
         );
+        check(
+            CacheClusterSpec {
+                extra_args: vec!["--auth-file=/x".into()],
+                ..Default::default()
+            },
+            "must not set --auth-file",
+        );
+        check(
+            CacheClusterSpec {
+                extra_args: vec!["-Y".into(), "/x".into()],
+                ..Default::default()
+            },
+            "must not set --auth-file",
+        );
+        check(
+            CacheClusterSpec {
+                tls: Some(TlsConfig {
+                    secret_name: "Bad_Name".into(),
+                    client_auth: false,
+                }),
+                ..Default::default()
+            },
+            "tls.secretName \"Bad_Name\" is not a valid Secret name",
+        );
+        check(
+            CacheClusterSpec {
+                peer_auth: Some(PeerAuthConfig {
+                    secret_name: "-x".into(),
+                }),
+                ..Default::default()
+            },
+            "peerAuth.secretName",
+        );
+        let bad_selector: LabelSelector = serde_json::from_value(serde_json::json!({
+            "matchExpressions": [
+                {"key": "team", "operator": "In"},
+                {"key": "app", "operator": "Exists", "values": ["x"]},
+                {"key": "tier", "operator": "Equals", "values": ["x"]},
+            ]
+        }))
+        .unwrap();
+        let errs = CacheClusterSpec {
+            network_policy: Some(NetworkPolicyConfig {
+                enabled: true,
+                client_namespace_selector: Some(bad_selector.clone()),
+                client_pod_selector: Some(bad_selector),
+            }),
+            ..Default::default()
+        }
+        .validate();
+        assert_eq!(errs.len(), 6, "{errs:?}");
+        assert!(errs[0].contains(
+            "networkPolicy.clientNamespaceSelector.matchExpressions[0]: operator In needs values"
+        ));
+        assert!(errs[1].contains("operator Exists takes no values"));
+        assert!(errs[2].contains("\"Equals\" is not In, NotIn, Exists or DoesNotExist"));
+        assert!(errs[3].starts_with("networkPolicy.clientPodSelector"));
         // Scaled to zero is fine whatever the replication factor.
         let zero = CacheClusterSpec {
             replicas: 0,
@@ -678,6 +929,45 @@ mod tests {
             ..Default::default()
         };
         assert!(ok.validate().is_empty(), "{:?}", ok.validate());
+    }
+
+    #[test]
+    fn security_settings_parse_and_validate() {
+        let spec: CacheClusterSpec = serde_json::from_value(serde_json::json!({
+            "tls": {"secretName": "web-tls"},
+            "auth": {"secretName": "web-auth"},
+            "peerAuth": {"secretName": "web-peer"},
+            "networkPolicy": {
+                "enabled": true,
+                "clientNamespaceSelector": {"matchLabels": {"team": "web"}},
+                "clientPodSelector": {"matchExpressions": [
+                    {"key": "app", "operator": "In", "values": ["shop"]}]}
+            }
+        }))
+        .unwrap();
+        assert!(spec.validate().is_empty(), "{:?}", spec.validate());
+        assert!(
+            !spec.tls.as_ref().unwrap().client_auth,
+            "clientAuth defaults to false"
+        );
+        assert!(NetworkPolicyConfig::enabled(&spec).is_some());
+        let off: CacheClusterSpec =
+            serde_json::from_value(serde_json::json!({"networkPolicy": {}})).unwrap();
+        assert!(!off.network_policy.as_ref().unwrap().enabled);
+        assert!(NetworkPolicyConfig::enabled(&off).is_none());
+        let back = serde_json::to_value(&spec).unwrap();
+        assert_eq!(back["peerAuth"]["secretName"], "web-peer");
+        assert_eq!(back["tls"]["clientAuth"], false);
+    }
+
+    #[test]
+    fn secret_names_are_dns_subdomains() {
+        for ok in ["a", "web-tls", "web.tls", "0abc", &"a".repeat(253)] {
+            assert!(is_dns_subdomain(ok), "{ok}");
+        }
+        for bad in ["", "A", "a_b", "-a", "a-", "a..b", ".a", &"a".repeat(254)] {
+            assert!(!is_dns_subdomain(bad), "{bad}");
+        }
     }
 
     #[test]
@@ -738,6 +1028,24 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("replicationFactor <= self.replicas"));
+        let tls = &spec["properties"]["tls"];
+        assert_eq!(tls["required"], serde_json::json!(["secretName"]));
+        assert_eq!(tls["properties"]["clientAuth"]["default"], false);
+        assert!(tls["properties"]["secretName"]["pattern"].is_string());
+        assert!(tls["properties"]["secretName"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("tls.crt"));
+        assert!(
+            spec["properties"]["auth"]["properties"]["secretName"]["description"]
+                .as_str()
+                .unwrap()
+                .contains("auth-file")
+        );
+        let np = &spec["properties"]["networkPolicy"]["properties"];
+        assert_eq!(np["enabled"]["default"], false);
+        assert!(np["clientPodSelector"]["properties"]["matchLabels"].is_object());
+        assert!(np["clientNamespaceSelector"]["properties"]["matchExpressions"].is_object());
         let conditions = &json["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
             ["status"]["properties"]["conditions"];
         assert_eq!(conditions["x-kubernetes-list-type"], "map");

@@ -62,6 +62,12 @@ struct Args {
     #[arg(long, env = "KACHE_LEASE_NAME", default_value = "kache-operator")]
     lease_name: String,
 
+    /// The operator's own namespace: a CacheCluster's NetworkPolicy admits
+    /// every pod of it to the nodes' admin port (default: the namespace of
+    /// the in-cluster configuration or kubeconfig).
+    #[arg(long, env = "POD_NAMESPACE")]
+    operator_namespace: Option<String>,
+
     /// Namespace of the Lease (default: the operator's own namespace).
     #[arg(long, env = "POD_NAMESPACE")]
     lease_namespace: Option<String>,
@@ -143,10 +149,15 @@ async fn main() -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("cannot configure a Kubernetes client")?;
+    let operator_namespace = args
+        .operator_namespace
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| client.default_namespace().to_string());
     let lease_namespace = args
         .lease_namespace
         .clone()
-        .unwrap_or_else(|| client.default_namespace().to_string());
+        .unwrap_or_else(|| operator_namespace.clone());
 
     // Signals flip the shared shutdown flag.
     {
@@ -191,6 +202,7 @@ async fn main() -> anyhow::Result<()> {
             Settings {
                 node_image: args.node_image.clone(),
                 node_admin_port: args.node_admin_port,
+                operator_namespace: operator_namespace.clone(),
             },
             metrics.clone(),
             Reporter {

@@ -13,12 +13,13 @@ use crate::status::{self, CONDITION_DEGRADED, REASON_INVALID_SPEC};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::chrono::Utc;
 use k8s_openapi::NamespaceResourceScope;
 use kache_cluster::names;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -72,13 +73,20 @@ pub struct Settings {
     /// Admin port of the nodes, where a scale-in asks departing nodes for
     /// their hand-off progress (`GET /cluster`).
     pub node_admin_port: u16,
+    /// The operator's own namespace: a CacheCluster's NetworkPolicy admits
+    /// every pod of it to the nodes' admin port.
+    pub operator_namespace: String,
 }
+
+/// Operator namespace when none is configured (the chart's usual one).
+pub const DEFAULT_OPERATOR_NAMESPACE: &str = "kache-system";
 
 impl Default for Settings {
     fn default() -> Self {
         Self {
             node_image: build::DEFAULT_NODE_IMAGE.to_string(),
             node_admin_port: names::ADMIN_PORT,
+            operator_namespace: DEFAULT_OPERATOR_NAMESPACE.to_string(),
         }
     }
 }
@@ -272,6 +280,12 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
     apply(client, &ns, &build::node_role_binding(cc)?).await?;
     apply(client, &ns, &build::peers_service(cc)?).await?;
     apply(client, &ns, &build::client_service(cc)?).await?;
+    match build::network_policy(cc, &ctx.settings.operator_namespace)? {
+        Some(np) => {
+            apply(client, &ns, &np).await?;
+        }
+        None => remove_network_policy(ctx, cc, &ns).await?,
+    }
 
     // Observe the pods and the published member list.
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -339,8 +353,13 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
         .and_then(|s| s.observed_generation)
         .is_none();
     if first {
+        let np = if crate::crd::NetworkPolicyConfig::enabled(&cc.spec).is_some() {
+            ", NetworkPolicy"
+        } else {
+            ""
+        };
         let note = format!(
-            "created StatefulSet {name} ({} nodes), Services {name} and {}, ConfigMap {}, PodDisruptionBudget and RBAC",
+            "created StatefulSet {name} ({} nodes), Services {name} and {}, ConfigMap {}, PodDisruptionBudget{np} and RBAC",
             cc.spec.replicas,
             names::peers_service_name(&name),
             names::members_configmap_name(&name)
@@ -382,6 +401,57 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
     } else {
         REQUEUE_CONVERGING
     }))
+}
+
+/// Deletes the NetworkPolicy `<name>` when it exists and this CacheCluster
+/// controls it (`spec.networkPolicy` was disabled or removed). A policy of
+/// the same name that someone else made is left alone. Read with a list by
+/// name: the chart grants list, not get, on NetworkPolicies.
+async fn remove_network_policy(ctx: &Context, cc: &CacheCluster, ns: &str) -> Result<(), Error> {
+    let name = cc.name_any();
+    let api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), ns);
+    let existing = api
+        .list(&ListParams::default().fields(&format!("metadata.name={name}")))
+        .await?
+        .items
+        .into_iter()
+        .find(|np| np.name_any() == name);
+    let Some(np) = existing else {
+        return Ok(());
+    };
+    let ours = np
+        .owner_references()
+        .iter()
+        .any(|o| o.controller == Some(true) && Some(&o.uid) == cc.metadata.uid.as_ref());
+    if !ours {
+        return Ok(());
+    }
+    // The uid precondition makes sure it is the policy just read.
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: np.metadata.uid.clone(),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(&name, &params).await {
+        Ok(_) => {}
+        // Already gone, or replaced by another object since.
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => return Ok(()),
+        Err(e) => return Err(e.into()),
+    }
+    tracing::info!(%ns, %name, "deleted NetworkPolicy (spec.networkPolicy disabled)");
+    let note = format!("deleted NetworkPolicy {name}: spec.networkPolicy is not enabled");
+    publish(
+        ctx,
+        cc,
+        EventType::Normal,
+        "NetworkPolicyDeleted",
+        "Reconcile",
+        note,
+    )
+    .await;
+    Ok(())
 }
 
 /// Asks every target for its hand-off progress, all at once.
@@ -510,6 +580,7 @@ pub async fn run_controller(
         api::<PodDisruptionBudget>(client, &namespace),
         managed.clone(),
     )
+    .owns(api::<NetworkPolicy>(client, &namespace), managed.clone())
     .watches(api::<Pod>(client, &namespace), managed, pod_owner)
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, ctx.clone())

@@ -78,3 +78,84 @@ fn built_objects_match_fixture() {
         path.display()
     );
 }
+
+/// `examples/cachecluster-secure.yaml`: its Secrets and its CacheCluster.
+fn secure_example() -> (Vec<k8s_openapi::api::core::v1::Secret>, CacheCluster) {
+    use serde::Deserialize;
+    let text = std::fs::read_to_string(root().join("examples/cachecluster-secure.yaml")).unwrap();
+    let mut secrets = Vec::new();
+    let mut cluster = None;
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v = serde_yaml::Value::deserialize(doc).unwrap();
+        match v["kind"].as_str().unwrap() {
+            "Secret" => secrets.push(serde_yaml::from_value(v).unwrap()),
+            "CacheCluster" => cluster = Some(serde_yaml::from_value::<CacheCluster>(v).unwrap()),
+            other => panic!("unexpected {other} in the secure example"),
+        }
+    }
+    let mut cc = cluster.expect("a CacheCluster");
+    cc.metadata.namespace = Some("default".into());
+    cc.metadata.uid = Some("00000000-0000-4000-8000-000000000002".into());
+    cc.metadata.generation = Some(1);
+    (secrets, cc)
+}
+
+#[test]
+fn secure_example_uses_every_security_setting_and_its_secrets_fit() {
+    let (secrets, cc) = secure_example();
+    assert!(cc.spec.validate().is_empty(), "{:?}", cc.spec.validate());
+    let s = &cc.spec;
+    let tls = s.tls.as_ref().expect("tls");
+    assert!(tls.client_auth);
+    let np = s.network_policy.as_ref().expect("networkPolicy");
+    assert!(
+        np.enabled && np.client_namespace_selector.is_some() && np.client_pod_selector.is_some()
+    );
+    // Every Secret the spec names exists in the file with the keys mounted.
+    let keys = |name: &str| -> Vec<String> {
+        let secret = secrets
+            .iter()
+            .find(|x| x.metadata.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("the example lacks Secret {name}"));
+        secret.string_data.clone().unwrap().into_keys().collect()
+    };
+    assert_eq!(keys(&tls.secret_name), ["ca.crt", "tls.crt", "tls.key"]);
+    assert_eq!(keys(&s.auth.as_ref().unwrap().secret_name), ["auth-file"]);
+    assert_eq!(keys(&s.peer_auth.as_ref().unwrap().secret_name), ["secret"]);
+    // The secrets are placeholders, never real key material.
+    for secret in &secrets {
+        for v in secret.string_data.as_ref().unwrap().values() {
+            assert!(v.contains("placeholder"), "{v}");
+        }
+    }
+}
+
+#[test]
+fn secure_example_objects_match_fixture() {
+    let (_, cc) = secure_example();
+    let docs = [
+        serde_yaml::to_string(
+            &build::statefulset(&cc, "ghcr.io/kache-dev/kache-node:0.1.0").unwrap(),
+        )
+        .unwrap(),
+        serde_yaml::to_string(&build::network_policy(&cc, "kache-system").unwrap().unwrap())
+            .unwrap(),
+    ];
+    let rendered = format!(
+        "# StatefulSet and NetworkPolicy the operator applies for examples/cachecluster-secure.yaml\n\
+         # (operator namespace kache-system; golden file).\n\
+         # Regenerate: KACHE_UPDATE_FIXTURES=1 cargo test -p kache-operator --test builders\n---\n{}",
+        docs.join("---\n")
+    );
+    let path = root().join("operator/tests/fixtures/secure-cache.yaml");
+    if std::env::var_os("KACHE_UPDATE_FIXTURES").is_some() {
+        std::fs::write(&path, &rendered).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == rendered,
+        "{} is out of date; regenerate it with\n  KACHE_UPDATE_FIXTURES=1 cargo test -p kache-operator --test builders\n\
+         rendered:\n{rendered}",
+        path.display()
+    );
+}

@@ -19,7 +19,9 @@
 //! on `PATH`, else the copy `scripts/check-chart.sh` installs); without helm
 //! the few template expressions of the RBAC templates are substituted directly.
 //!
-//! Every test works in its own namespace, deleted at the end whatever
+//! Every test works in its own namespace, which enforces the "restricted"
+//! Pod Security Standard (so the pods the StatefulSet controller creates
+//! from the operator's template must meet it), deleted at the end whatever
 //! happens, together with the cluster-scoped ClusterRole and
 //! ClusterRoleBinding it created. The CRD is left installed (other tests may
 //! be using it). Every wait has a timeout and every test a time budget.
@@ -72,6 +74,11 @@ const CLEANUP_TIMEOUT: Duration = Duration::from_secs(90);
 const NODE_IMAGE: &str = "ghcr.io/kache-dev/kache-node:e2e";
 /// Field manager of objects this suite writes itself.
 const E2E_MANAGER: &str = "kache-e2e";
+
+/// Held by every test that runs an in-process operator: each watches all
+/// namespaces (as the chart deploys it), so two at once would both reconcile
+/// every CacheCluster, with different settings.
+static ONE_OPERATOR: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // ------------------------------------------------------------------ plumbing
 
@@ -187,6 +194,21 @@ fn operator_name(ns: &str) -> String {
     format!("{ns}-operator")
 }
 
+/// Labels of every test namespace: the API server's PodSecurity admission
+/// enforces the "restricted" Pod Security Standard there, so the
+/// StatefulSet controller's pod creations fail unless the operator's pod
+/// template meets it.
+fn namespace_labels() -> std::collections::BTreeMap<String, String> {
+    [
+        ("kache.dev/e2e", "true"),
+        ("pod-security.kubernetes.io/enforce", "restricted"),
+        ("pod-security.kubernetes.io/enforce-version", "latest"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
 /// Runs `body` in a fresh namespace `<prefix>-<pid>` within `TEST_BUDGET`,
 /// then deletes the namespace and the chart's cluster-scoped objects named
 /// after it, whether `body` passed, failed or timed out.
@@ -207,7 +229,7 @@ where
             &Namespace {
                 metadata: ObjectMeta {
                     name: Some(ns.clone()),
-                    labels: Some([("kache.dev/e2e".to_string(), "true".to_string())].into()),
+                    labels: Some(namespace_labels()),
                     ..Default::default()
                 },
                 ..Default::default()
@@ -542,6 +564,8 @@ const OPERATOR_NEEDS: &[Access] = &[
     access("watch", "policy", "poddisruptionbudgets", "", false),
     access("list", "", "pods", "", false),
     access("watch", "", "pods", "", false),
+    access("list", "networking.k8s.io", "networkpolicies", "", false),
+    access("watch", "networking.k8s.io", "networkpolicies", "", false),
     // Reconcile: server-side apply (create on first apply, then patch).
     access("patch", "kache.dev", "cacheclusters", "status", true),
     access("create", "", "serviceaccounts", "", true),
@@ -574,6 +598,12 @@ const OPERATOR_NEEDS: &[Access] = &[
     access("patch", "apps", "statefulsets", "", true),
     access("create", "policy", "poddisruptionbudgets", "", true),
     access("patch", "policy", "poddisruptionbudgets", "", true),
+    // spec.networkPolicy: applied while enabled; when disabled, looked up
+    // with a list by name and deleted.
+    access("create", "networking.k8s.io", "networkpolicies", "", true),
+    access("patch", "networking.k8s.io", "networkpolicies", "", true),
+    access("list", "networking.k8s.io", "networkpolicies", "", true),
+    access("delete", "networking.k8s.io", "networkpolicies", "", true),
     // The nodes' Role grants get/list/watch on a ConfigMap: RBAC only lets
     // the operator create it if it holds those permissions itself.
     access("list", "", "configmaps", "", true),
@@ -585,8 +615,20 @@ const OPERATOR_NEEDS: &[Access] = &[
 
 /// What the chart promises the operator cannot do.
 const OPERATOR_MUST_NOT: &[Access] = &[
+    // The TLS, auth and peer Secrets are mounted by name, never read.
     access("get", "", "secrets", "", true),
     access("list", "", "secrets", "", false),
+    access("watch", "", "secrets", "", false),
+    access("get", "", "secrets", "", false),
+    access("update", "networking.k8s.io", "networkpolicies", "", true),
+    access(
+        "deletecollection",
+        "networking.k8s.io",
+        "networkpolicies",
+        "",
+        true,
+    ),
+    access("delete", "policy", "poddisruptionbudgets", "", true),
     access("delete", "apps", "statefulsets", "", true),
     access("delete", "", "services", "", true),
     access("delete", "", "configmaps", "", true),
@@ -1057,6 +1099,7 @@ async fn e2e_cachecluster_lifecycle() {
         sub.scale.as_ref().unwrap().label_selector_path.as_deref(),
         Some(".status.selector")
     );
+    let _one_operator = ONE_OPERATOR.lock().await;
     in_namespace(&client, "kache-e2e-life", |ns| {
         lifecycle(client.clone(), path.clone(), ns)
     })
@@ -1118,6 +1161,7 @@ async fn lifecycle(client: Client, path: String, ns: String) {
         Settings {
             node_image: NODE_IMAGE.into(),
             node_admin_port: fake_node.port,
+            operator_namespace: ns.to_string(),
         },
         metrics.clone(),
         Reporter {
@@ -2014,4 +2058,345 @@ async fn lifecycle(client: Client, path: String, ns: String) {
         "operator stopped, Lease released; {} reconciles",
         metrics.reconciles.get()
     ));
+}
+
+/// The security settings against a real API server: Secrets mounted by name
+/// (the operator, as the chart's ServiceAccount, cannot read them), pods
+/// admitted in a namespace enforcing the "restricted" Pod Security Standard,
+/// and the NetworkPolicy created with the right rules, deleted when
+/// disabled, recreated when enabled again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_security_settings() {
+    let Some(path) = kubeconfig_path("e2e_security_settings") else {
+        return;
+    };
+    init_tracing();
+    let client = admin_client(&path).await;
+    install_crd(&client).await;
+    let _one_operator = ONE_OPERATOR.lock().await;
+    in_namespace(&client, "kache-e2e-sec", |ns| {
+        security(client.clone(), path.clone(), ns)
+    })
+    .await;
+}
+
+async fn security(client: Client, path: String, ns: String) {
+    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    let ns = ns.as_str();
+    let log = |msg: &str| println!("[{ns}] {msg}");
+    const OPERATOR_NS: &str = "kache-operator-home";
+
+    // The namespace really enforces "restricted": a root pod is rejected.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let root_pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "root"},
+        "spec": {"containers": [{"name": "c", "image": "busybox",
+            "securityContext": {"runAsUser": 0}}]}
+    }))
+    .unwrap();
+    let err = pods
+        .create(&PostParams::default(), &root_pod)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(r) if r.code == 403)
+            && err.to_string().contains("restricted"),
+        "PodSecurity must reject a non-compliant pod: {err}"
+    );
+    log("namespace enforces the restricted Pod Security Standard");
+
+    // ---- The operator, in-process, as the chart's ServiceAccount.
+    install_chart_rbac(&client, ns).await;
+    let sa_name = operator_name(ns);
+    let sa_user = service_account_user(ns, &sa_name);
+    eventually("chart RBAC in effect", || {
+        let (client, sa_user) = (&client, &sa_user);
+        async move {
+            if allowed(client, sa_user, OPERATOR_NEEDS[0], ns, None).await {
+                Ok(())
+            } else {
+                Err("not yet allowed".into())
+            }
+        }
+    })
+    .await;
+    let operator_client = impersonating_client(&path, ns, &sa_name).await;
+    let metrics = Arc::new(Metrics::default());
+    let ctx = Arc::new(Context::new(
+        operator_client,
+        Settings {
+            node_image: NODE_IMAGE.into(),
+            node_admin_port: names::ADMIN_PORT,
+            operator_namespace: OPERATOR_NS.into(),
+        },
+        metrics.clone(),
+        Reporter {
+            controller: names::MANAGER.into(),
+            instance: Some("e2e-operator-0".into()),
+        },
+    ));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let controller = AbortOnDrop(Some(tokio::spawn(run_controller(ctx, None, async move {
+        let _ = stop_rx.await;
+    }))));
+
+    // ---- The Secrets (placeholder data: no kubelet runs the pods here).
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    for (name, data) in [
+        (
+            "e2e-tls",
+            json!({"tls.crt": "placeholder", "tls.key": "placeholder", "ca.crt": "placeholder"}),
+        ),
+        ("e2e-auth", json!({"auth-file": "app:placeholder\n"})),
+        ("e2e-peer", json!({"secret": "placeholder"})),
+    ] {
+        let secret: Secret = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
+            "stringData": data
+        }))
+        .unwrap();
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+    }
+
+    // ---- A CacheCluster with every security setting.
+    let ccs: Api<CacheCluster> = Api::namespaced(client.clone(), ns);
+    let cc: CacheCluster = serde_json::from_value(json!({
+        "apiVersion": "kache.dev/v1alpha1", "kind": "CacheCluster",
+        "metadata": {"name": "e2e"},
+        "spec": {
+            "replicas": 2,
+            "tls": {"secretName": "e2e-tls", "clientAuth": true},
+            "auth": {"secretName": "e2e-auth"},
+            "peerAuth": {"secretName": "e2e-peer"},
+            "networkPolicy": {
+                "enabled": true,
+                "clientNamespaceSelector": {"matchLabels": {"team": "web"}},
+                "clientPodSelector": {"matchLabels": {"app": "shop"}}
+            }
+        }
+    }))
+    .unwrap();
+    let created = ccs.create(&PostParams::default(), &cc).await.unwrap();
+    assert!(
+        !created.spec.tls.as_ref().unwrap().secret_name.is_empty()
+            && created.spec.network_policy.as_ref().unwrap().enabled
+    );
+    // The schema rejects a bad Secret name.
+    let bad: CacheCluster = serde_json::from_value(json!({
+        "apiVersion": "kache.dev/v1alpha1", "kind": "CacheCluster",
+        "metadata": {"name": "bad"}, "spec": {"auth": {"secretName": "Not_A_Name"}}
+    }))
+    .unwrap();
+    let err = ccs.create(&PostParams::default(), &bad).await.unwrap_err();
+    assert!(err.to_string().contains("spec.auth.secretName"), "{err}");
+
+    // ---- The NetworkPolicy, exactly as built, owned by the CacheCluster.
+    let nps: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
+    let np = eventually("NetworkPolicy e2e", || {
+        let nps = nps.clone();
+        async move {
+            nps.get_opt("e2e")
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "not there yet".to_string())
+        }
+    })
+    .await;
+    let cc = ccs.get("e2e").await.unwrap();
+    assert_owned(&np.metadata, &cc, "NetworkPolicy");
+    assert_built(
+        &build::network_policy(&cc, OPERATOR_NS).unwrap().unwrap(),
+        &np,
+        "NetworkPolicy",
+    );
+    let spec = serde_json::to_value(np.spec.as_ref().unwrap()).unwrap();
+    let own = json!({"matchLabels": names::selector_labels("e2e")});
+    assert_eq!(spec["podSelector"], own);
+    assert_eq!(spec["policyTypes"], json!(["Ingress"]));
+    assert_eq!(
+        spec["ingress"],
+        json!([
+            {"from": [{"podSelector": own}], "ports": [{"protocol": "TCP", "port": 11212}]},
+            {"from": [{"namespaceSelector": {"matchLabels": {"team": "web"}},
+                       "podSelector": {"matchLabels": {"app": "shop"}}}],
+             "ports": [{"protocol": "TCP", "port": 11211}]},
+            {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": OPERATOR_NS}}}],
+             "ports": [{"protocol": "TCP", "port": 11280}]},
+        ])
+    );
+    wait_event(&client, ns, "Normal", "Created", "NetworkPolicy").await;
+    log("NetworkPolicy e2e: peers from own pods, clients by selector, admin from the operator's namespace");
+
+    // ---- The pods: admitted under "restricted", Secrets mounted read-only.
+    for name in ["e2e-0", "e2e-1"] {
+        let pod = eventually(
+            &format!("pod {name} created (PodSecurity admits it)"),
+            || {
+                let pods = pods.clone();
+                async move {
+                    pods.get_opt(name)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .ok_or_else(|| {
+                            "not created (see the StatefulSet's FailedCreate events)".into()
+                        })
+                }
+            },
+        )
+        .await;
+        let spec = pod.spec.unwrap();
+        let volumes: Vec<_> = spec
+            .volumes
+            .iter()
+            .flatten()
+            .filter_map(|v| v.secret.as_ref().map(|s| (v.name.clone(), s.clone())))
+            .collect();
+        let named: Vec<_> = volumes
+            .iter()
+            .map(|(v, s)| (v.as_str(), s.secret_name.as_deref().unwrap()))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                ("tls", "e2e-tls"),
+                ("auth", "e2e-auth"),
+                ("peer-secret", "e2e-peer")
+            ]
+        );
+        for (_, s) in &volumes {
+            assert_eq!(s.default_mode, Some(0o440));
+        }
+        let c = &spec.containers[0];
+        let args = c.args.as_ref().unwrap().join(" ");
+        for flag in [
+            "--tls-cert /etc/kache/tls/tls.crt",
+            "--tls-key /etc/kache/tls/tls.key",
+            "--tls-client-ca /etc/kache/tls/ca.crt",
+            "--auth-file /etc/kache/auth/auth-file",
+            "--peer-secret-file /etc/kache/peer/secret",
+        ] {
+            assert!(args.contains(flag), "{name}: {flag} in {args}");
+        }
+        assert!(c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .all(|m| m.read_only == Some(true)));
+    }
+    log("pods e2e-0 and e2e-1 admitted under restricted, Secrets mounted read-only");
+
+    // ---- Disabling deletes the NetworkPolicy; enabling brings it back.
+    async fn np_gone(nps: &Api<NetworkPolicy>, what: &str) {
+        eventually(what, || async move {
+            match nps.get_opt("e2e").await {
+                Ok(None) => Ok(()),
+                Ok(Some(_)) => Err("still there".into()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await;
+    }
+    let set_np = |np: Value| {
+        let ccs = ccs.clone();
+        async move {
+            ccs.patch(
+                "e2e",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"spec": {"networkPolicy": np}})),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    set_np(json!({"enabled": false})).await;
+    np_gone(&nps, "NetworkPolicy deleted after enabled: false").await;
+    wait_event(
+        &client,
+        ns,
+        "Normal",
+        "NetworkPolicyDeleted",
+        "deleted NetworkPolicy e2e",
+    )
+    .await;
+    log("networkPolicy.enabled=false: NetworkPolicy deleted");
+
+    set_np(json!({"enabled": true, "clientNamespaceSelector": null, "clientPodSelector": null}))
+        .await;
+    let np = eventually("NetworkPolicy recreated", || {
+        let nps = nps.clone();
+        async move {
+            nps.get_opt("e2e")
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "not there yet".to_string())
+        }
+    })
+    .await;
+    let spec = serde_json::to_value(np.spec.unwrap()).unwrap();
+    assert_eq!(
+        spec["ingress"][1]["from"],
+        json!([{"podSelector": {}}]),
+        "no client selector: every pod of the namespace"
+    );
+    set_np(Value::Null).await;
+    np_gone(
+        &nps,
+        "NetworkPolicy deleted after removing spec.networkPolicy",
+    )
+    .await;
+    log("re-enabled (clients: same namespace), then removed: created, then deleted");
+
+    // A NetworkPolicy the operator does not control is left alone.
+    let foreign: NetworkPolicy = serde_json::from_value(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "e2e"}, "spec": {"podSelector": {}}
+    }))
+    .unwrap();
+    nps.create(&PostParams::default(), &foreign).await.unwrap();
+    let before = ccs.get("e2e").await.unwrap().status.unwrap();
+    // A spec change forces a reconcile; wait until it was observed.
+    ccs.patch(
+        "e2e",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"replicas": 1}})),
+    )
+    .await
+    .unwrap();
+    eventually("spec change observed", || {
+        let ccs = ccs.clone();
+        async move {
+            let cc = ccs.get("e2e").await.map_err(|e| e.to_string())?;
+            let st = cc.status.clone().unwrap_or_default();
+            if st.observed_generation == cc.metadata.generation {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{:?} vs {:?}",
+                    st.observed_generation, cc.metadata.generation
+                ))
+            }
+        }
+    })
+    .await;
+    assert_ne!(before.observed_generation, None);
+    assert!(
+        nps.get_opt("e2e").await.unwrap().is_some(),
+        "someone else's NetworkPolicy must survive"
+    );
+    log("a NetworkPolicy of someone else is left alone");
+
+    // Nothing failed (e.g. for lack of a permission: the chart's ClusterRole
+    // grants no access to Secrets at all).
+    assert_eq!(
+        reconcile_errors(&metrics),
+        0,
+        "{}",
+        metrics.encode().unwrap()
+    );
+    let _ = stop_tx.send(());
+    controller.join("controller").await;
 }

@@ -5,16 +5,23 @@
 //! results with server-side apply under a single field manager.
 
 mod configmap;
+mod networkpolicy;
 mod pdb;
+#[cfg(test)]
+pub(crate) mod pss;
 mod rbac;
 mod services;
 mod statefulset;
 
 pub use configmap::members_configmap;
+pub use networkpolicy::{network_policy, NAMESPACE_NAME_LABEL};
 pub use pdb::pod_disruption_budget;
 pub use rbac::{node_role, node_role_binding, node_service_account};
 pub use services::{client_service, peers_service};
-pub use statefulset::{container_args, default_resources, statefulset};
+pub use statefulset::{
+    container_args, default_resources, statefulset, AUTH_DIR, PEER_SECRET_DIR, SECRET_FILE_MODE,
+    TLS_DIR,
+};
 
 use crate::crd::CacheCluster;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};

@@ -6,9 +6,10 @@ use k8s_openapi::api::apps::v1::{
     RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
     ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, SecurityContext, TopologySpreadConstraint,
+    SeccompProfile, SecretVolumeSource, SecurityContext, TopologySpreadConstraint, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -27,6 +28,126 @@ pub const TERMINATION_GRACE_PERIOD_SECONDS: i64 = 60;
 pub const MIN_HEADROOM_MIB: i64 = 64;
 /// CPU request per worker thread, in millicores.
 pub const CPU_MILLIS_PER_THREAD: i64 = 100;
+
+/// Where the `spec.tls` Secret is mounted.
+pub const TLS_DIR: &str = "/etc/kache/tls";
+/// Where the `spec.auth` Secret is mounted.
+pub const AUTH_DIR: &str = "/etc/kache/auth";
+/// Where the `spec.peerAuth` Secret is mounted.
+pub const PEER_SECRET_DIR: &str = "/etc/kache/peer";
+/// Mode of every mounted Secret file: read-only, for the owner (root) and
+/// the group (`fsGroup`, the nodes' GID) only.
+pub const SECRET_FILE_MODE: i32 = 0o440;
+
+/// Keys of the `spec.tls` Secret (those of a `kubernetes.io/tls` Secret).
+pub const TLS_CERT_KEY: &str = "tls.crt";
+/// Private-key key of the `spec.tls` Secret.
+pub const TLS_KEY_KEY: &str = "tls.key";
+/// CA-bundle key of the `spec.tls` Secret (with `clientAuth`).
+pub const TLS_CA_KEY: &str = "ca.crt";
+/// Key of the `spec.auth` Secret: memcached's `user:password` lines.
+pub const AUTH_FILE_KEY: &str = "auth-file";
+/// Key of the `spec.peerAuth` Secret: the shared peer secret.
+pub const PEER_SECRET_KEY: &str = "secret";
+
+/// One Secret the pods mount: volume name, Secret name, mount directory, and
+/// the keys it maps to files of the same name, each with the kache-node flag
+/// that names the file.
+struct SecretMount {
+    volume: &'static str,
+    secret: String,
+    dir: &'static str,
+    keys: Vec<(&'static str, &'static str)>,
+}
+
+impl SecretMount {
+    fn path(&self, key: &str) -> String {
+        format!("{}/{key}", self.dir)
+    }
+
+    fn volume(&self) -> Volume {
+        Volume {
+            name: self.volume.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(self.secret.clone()),
+                default_mode: Some(SECRET_FILE_MODE),
+                // A missing key fails the mount: the pod does not start
+                // without the files its flags name.
+                items: Some(
+                    self.keys
+                        .iter()
+                        .map(|(k, _)| KeyToPath {
+                            key: (*k).into(),
+                            path: (*k).into(),
+                            mode: None,
+                        })
+                        .collect(),
+                ),
+                optional: Some(false),
+            }),
+            ..Volume::default()
+        }
+    }
+
+    fn mount(&self) -> VolumeMount {
+        // A whole-directory mount (no subPath): the kubelet updates the files
+        // when the Secret changes, and kache-node reloads certificates.
+        VolumeMount {
+            name: self.volume.into(),
+            mount_path: self.dir.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }
+    }
+}
+
+/// The Secrets `spec.tls`, `spec.auth` and `spec.peerAuth` name, mounted by
+/// name: the operator never reads them.
+fn secret_mounts(cc: &CacheCluster) -> Vec<SecretMount> {
+    let s = &cc.spec;
+    let mut mounts = Vec::new();
+    if let Some(tls) = &s.tls {
+        let mut keys = vec![(TLS_CERT_KEY, "--tls-cert"), (TLS_KEY_KEY, "--tls-key")];
+        if tls.client_auth {
+            keys.push((TLS_CA_KEY, "--tls-client-ca"));
+        }
+        mounts.push(SecretMount {
+            volume: "tls",
+            secret: tls.secret_name.clone(),
+            dir: TLS_DIR,
+            keys,
+        });
+    }
+    if let Some(auth) = &s.auth {
+        mounts.push(SecretMount {
+            volume: "auth",
+            secret: auth.secret_name.clone(),
+            dir: AUTH_DIR,
+            keys: vec![(AUTH_FILE_KEY, "--auth-file")],
+        });
+    }
+    if let Some(peer) = &s.peer_auth {
+        mounts.push(SecretMount {
+            volume: "peer-secret",
+            secret: peer.secret_name.clone(),
+            dir: PEER_SECRET_DIR,
+            keys: vec![(PEER_SECRET_KEY, "--peer-secret-file")],
+        });
+    }
+    mounts
+}
+
+/// The security flags: the files of the mounted Secrets.
+fn security_args(cc: &CacheCluster) -> Vec<String> {
+    let mut args = Vec::new();
+    for m in secret_mounts(cc) {
+        for (key, flag) in &m.keys {
+            args.push((*flag).to_string());
+            args.push(m.path(key));
+        }
+    }
+    args
+}
 
 /// kache-node's command line, derived from the spec; `extraArgs` come last.
 pub fn container_args(cc: &CacheCluster) -> Vec<String> {
@@ -52,6 +173,7 @@ pub fn container_args(cc: &CacheCluster) -> Vec<String> {
         "--cluster".into(),
         cc.name_any(),
     ];
+    args.extend(security_args(cc));
     args.extend(s.extra_args.iter().cloned());
     args
 }
@@ -134,6 +256,7 @@ pub fn statefulset(cc: &CacheCluster, default_image: &str) -> Result<StatefulSet
     let name = cc.name_any();
     let spec = &cc.spec;
     let selector = names::selector_labels(&name);
+    let mounts = secret_mounts(cc);
     let container = Container {
         name: CONTAINER_NAME.into(),
         image: Some(cc.node_image(default_image).to_string()),
@@ -169,6 +292,8 @@ pub fn statefulset(cc: &CacheCluster, default_image: &str) -> Result<StatefulSet
             }),
             ..SecurityContext::default()
         }),
+        volume_mounts: (!mounts.is_empty())
+            .then(|| mounts.iter().map(SecretMount::mount).collect()),
         ..Container::default()
     };
     let pod_spec = PodSpec {
@@ -187,6 +312,7 @@ pub fn statefulset(cc: &CacheCluster, default_image: &str) -> Result<StatefulSet
             ..PodSecurityContext::default()
         }),
         containers: vec![container],
+        volumes: (!mounts.is_empty()).then(|| mounts.iter().map(SecretMount::volume).collect()),
         node_selector: spec.node_selector.clone(),
         tolerations: spec.tolerations.clone(),
         affinity: spec.affinity.clone(),
@@ -366,6 +492,126 @@ mod tests {
             "serve --listen 0.0.0.0 --port 11300 --memory-limit 1024 --conn-limit 4096 \
              --threads 8 --max-item-size 4m --admin-port 11280 --peer-port 11212 --cluster web -v"
         );
+    }
+
+    fn secure(client_auth: bool) -> CacheClusterSpec {
+        use crate::crd::{AuthConfig, PeerAuthConfig, TlsConfig};
+        CacheClusterSpec {
+            tls: Some(TlsConfig {
+                secret_name: "web-tls".into(),
+                client_auth,
+            }),
+            auth: Some(AuthConfig {
+                secret_name: "web-auth".into(),
+            }),
+            peer_auth: Some(PeerAuthConfig {
+                secret_name: "web-peer".into(),
+            }),
+            extra_args: vec!["-v".into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn security_flags_name_the_mounted_files() {
+        let args = container_args(&cluster("web", secure(true))).join(" ");
+        assert!(
+            args.ends_with(
+                "--cluster web --tls-cert /etc/kache/tls/tls.crt --tls-key /etc/kache/tls/tls.key \
+                 --tls-client-ca /etc/kache/tls/ca.crt --auth-file /etc/kache/auth/auth-file \
+                 --peer-secret-file /etc/kache/peer/secret -v"
+            ),
+            "{args}"
+        );
+        // Without clientAuth no CA; without the sections no flags at all.
+        let args = container_args(&cluster("web", secure(false))).join(" ");
+        assert!(!args.contains("--tls-client-ca"), "{args}");
+        assert!(args.contains("--tls-cert /etc/kache/tls/tls.crt"));
+        let plain = container_args(&cluster("web", Default::default())).join(" ");
+        for flag in ["--tls", "--auth-file", "--peer-secret-file"] {
+            assert!(!plain.contains(flag), "{plain}");
+        }
+        let only_peer = CacheClusterSpec {
+            peer_auth: secure(false).peer_auth,
+            ..Default::default()
+        };
+        let args = container_args(&cluster("web", only_peer)).join(" ");
+        assert!(
+            args.ends_with("--cluster web --peer-secret-file /etc/kache/peer/secret"),
+            "{args}"
+        );
+    }
+
+    #[test]
+    fn secrets_are_mounted_read_only_by_name() {
+        let sts = statefulset(&cluster("web", secure(true)), "img:1").unwrap();
+        let pod = pod_spec(&sts);
+        let volumes = serde_json::to_value(pod.volumes.as_ref().unwrap()).unwrap();
+        assert_eq!(
+            volumes,
+            serde_json::json!([
+                {"name": "tls", "secret": {"secretName": "web-tls", "defaultMode": 0o440,
+                    "optional": false, "items": [
+                        {"key": "tls.crt", "path": "tls.crt"},
+                        {"key": "tls.key", "path": "tls.key"},
+                        {"key": "ca.crt", "path": "ca.crt"}]}},
+                {"name": "auth", "secret": {"secretName": "web-auth", "defaultMode": 0o440,
+                    "optional": false, "items": [{"key": "auth-file", "path": "auth-file"}]}},
+                {"name": "peer-secret", "secret": {"secretName": "web-peer", "defaultMode": 0o440,
+                    "optional": false, "items": [{"key": "secret", "path": "secret"}]}},
+            ])
+        );
+        let mounts: Vec<_> = pod.containers[0]
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                assert_eq!(m.read_only, Some(true));
+                assert_eq!(m.sub_path, None, "subPath mounts are never updated");
+                (m.name.as_str(), m.mount_path.as_str())
+            })
+            .collect();
+        assert_eq!(
+            mounts,
+            [
+                ("tls", "/etc/kache/tls"),
+                ("auth", "/etc/kache/auth"),
+                ("peer-secret", "/etc/kache/peer")
+            ]
+        );
+        // fsGroup makes the 0440 files readable by the nodes' group.
+        assert_eq!(
+            pod.security_context.as_ref().unwrap().fs_group,
+            Some(RUN_AS_USER)
+        );
+        // Without clientAuth the CA is not mapped (the Secret need not have it).
+        let sts = statefulset(&cluster("web", secure(false)), "img:1").unwrap();
+        let tls = &pod_spec(&sts).volumes.as_ref().unwrap()[0];
+        let keys: Vec<_> = tls
+            .secret
+            .as_ref()
+            .unwrap()
+            .items
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|i| i.key.as_str())
+            .collect();
+        assert_eq!(keys, ["tls.crt", "tls.key"]);
+        // No security settings: no volumes, no mounts.
+        let sts = statefulset(&cluster("web", Default::default()), "img:1").unwrap();
+        assert_eq!(pod_spec(&sts).volumes, None);
+        assert_eq!(pod_spec(&sts).containers[0].volume_mounts, None);
+    }
+
+    #[test]
+    fn changing_a_secret_name_rolls_the_pods() {
+        let a = statefulset(&cluster("web", secure(false)), "img:1").unwrap();
+        let mut spec = secure(false);
+        spec.auth.as_mut().unwrap().secret_name = "web-auth-2".into();
+        let b = statefulset(&cluster("web", spec), "img:1").unwrap();
+        assert_ne!(a.spec.unwrap().template, b.spec.unwrap().template);
     }
 
     #[test]

@@ -201,8 +201,24 @@ const STS: &str = "/apis/apps/v1/namespaces/prod/statefulsets/web";
 const STS_LIST: &str =
     "/apis/apps/v1/namespaces/prod/statefulsets?&fieldSelector=metadata.name%3Dweb";
 const PDB: &str = "/apis/policy/v1/namespaces/prod/poddisruptionbudgets/web";
+const NP: &str = "/apis/networking.k8s.io/v1/namespaces/prod/networkpolicies/web";
+const NP_LIST: &str =
+    "/apis/networking.k8s.io/v1/namespaces/prod/networkpolicies?&fieldSelector=metadata.name%3Dweb";
 const STATUS: &str = "/apis/kache.dev/v1alpha1/namespaces/prod/cacheclusters/web/status";
 const PODS: &str = "/api/v1/namespaces/prod/pods?&labelSelector=app.kubernetes.io%2Fcomponent%3Dcache-node%2Capp.kubernetes.io%2Finstance%3Dweb%2Capp.kubernetes.io%2Fname%3Dkache";
+
+fn np_list(np: Option<&NetworkPolicy>) -> Value {
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicyList",
+           "metadata": {"resourceVersion": "1"}, "items": np.into_iter().collect::<Vec<_>>()})
+}
+
+/// The NetworkPolicy step: applied when enabled, else looked for (none there).
+fn network_policy_step(cc: &CacheCluster) -> Exchange {
+    match build::network_policy(cc, DEFAULT_OPERATOR_NAMESPACE).unwrap() {
+        Some(np) => apply_of(NP, &np),
+        None => expect(Method::GET, NP_LIST).respond(StatusCode::OK, np_list(None)),
+    }
+}
 
 fn sts_list(sts: Option<&StatefulSet>) -> Value {
     json!({"apiVersion": "apps/v1", "kind": "StatefulSetList", "metadata": {"resourceVersion": "1"},
@@ -210,7 +226,8 @@ fn sts_list(sts: Option<&StatefulSet>) -> Value {
 }
 
 /// The requests every valid reconcile starts with: RBAC and Services applied,
-/// pods listed, the member-list ConfigMap and the StatefulSet read.
+/// the NetworkPolicy applied (or looked for when disabled), pods listed, the
+/// member-list ConfigMap and the StatefulSet read.
 fn preamble(
     cc: &CacheCluster,
     pods: &[Pod],
@@ -238,6 +255,7 @@ fn preamble(
             &format!("{NS}/services/web"),
             &build::client_service(cc).unwrap(),
         ),
+        network_policy_step(cc),
         expect(Method::GET, PODS).respond(StatusCode::OK, pod_list(pods)),
         match cm {
             Some(cm) => expect(Method::GET, format!("{NS}/configmaps/web-members"))
@@ -348,6 +366,149 @@ async fn settled_cluster_reconcile_is_a_no_op() {
         apply_of(PDB, &build::pod_disruption_budget(&cc).unwrap()),
         // No status patch, no events.
     ]);
+    let action = run(cc, script).await.unwrap();
+    assert_eq!(action, Action::requeue(REQUEUE_SETTLED));
+}
+
+/// A settled cluster with `spec` (status computed, so nothing else changes).
+fn settled(spec: CacheClusterSpec) -> (CacheCluster, Vec<Pod>, ConfigMap, StatefulSet) {
+    let mut cc = cluster("web", spec);
+    let pods = three_ready();
+    let list = published(&cc, &pods, 4);
+    let cm = build::members_configmap(&cc, &list).unwrap();
+    let mut sts = build::statefulset(&cc, "kache-node:test").unwrap();
+    sts.metadata.generation = Some(1);
+    sts.status = settled_sts(3).status;
+    cc.status = Some(status::compute_status(
+        &cc,
+        &pods,
+        Some(&sts),
+        &list,
+        fixed_now(),
+    ));
+    (cc, pods, cm, sts)
+}
+
+fn np_enabled(enabled: bool) -> CacheClusterSpec {
+    CacheClusterSpec {
+        network_policy: Some(crate::crd::NetworkPolicyConfig {
+            enabled,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The rest of a settled reconcile after the preamble: StatefulSet and PDB.
+fn settled_tail(cc: &CacheCluster, sts: &StatefulSet) -> [Exchange; 2] {
+    [
+        apply_of(STS, &build::statefulset(cc, "kache-node:test").unwrap())
+            .respond(StatusCode::OK, serde_json::to_value(sts).unwrap()),
+        apply_of(PDB, &build::pod_disruption_budget(cc).unwrap()),
+    ]
+}
+
+#[tokio::test]
+async fn enabled_network_policy_is_applied_before_the_pods() {
+    let (cc, pods, cm, sts) = settled(np_enabled(true));
+    let script = preamble(&cc, &pods, Some(&cm), Some(&sts));
+    // The preamble applies it right after the Services, before the StatefulSet.
+    let np_at = script
+        .iter()
+        .position(|e| e.uri.starts_with(NP))
+        .expect("NetworkPolicy applied");
+    assert_eq!(script[np_at].method, Method::PATCH);
+    assert_eq!(np_at, 5);
+    let np = build::network_policy(&cc, DEFAULT_OPERATOR_NAMESPACE)
+        .unwrap()
+        .unwrap();
+    let admin_from = &np.spec.as_ref().unwrap().ingress.as_ref().unwrap()[2]
+        .from
+        .as_ref()
+        .unwrap()[0];
+    assert_eq!(
+        admin_from
+            .namespace_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap()["kubernetes.io/metadata.name"],
+        "kache-system",
+        "the operator's namespace (Settings::operator_namespace)"
+    );
+    let mut script = script;
+    script.extend(settled_tail(&cc, &sts));
+    let action = run(cc, script).await.unwrap();
+    assert_eq!(action, Action::requeue(REQUEUE_SETTLED));
+}
+
+/// A NetworkPolicy `web` as the API server holds it, controlled by `owner_uid`.
+fn existing_np(owner_uid: &str) -> NetworkPolicy {
+    let owned = cluster("web", np_enabled(true));
+    let mut np = build::network_policy(&owned, "kache-system")
+        .unwrap()
+        .unwrap();
+    np.metadata.uid = Some("np-uid-1".into());
+    np.metadata.owner_references.as_mut().unwrap()[0].uid = owner_uid.into();
+    np
+}
+
+#[tokio::test]
+async fn disabling_the_network_policy_deletes_it() {
+    for spec in [np_enabled(false), CacheClusterSpec::default()] {
+        let (cc, pods, cm, sts) = settled(spec);
+        let uid = cc.metadata.uid.clone().unwrap();
+        let np = existing_np(&uid);
+        let mut script = preamble(&cc, &pods, Some(&cm), Some(&sts));
+        let at = script.iter().position(|e| e.uri == NP_LIST).unwrap();
+        script[at] = expect(Method::GET, NP_LIST).respond(StatusCode::OK, np_list(Some(&np)));
+        let np_json = serde_json::to_value(&np).unwrap();
+        script.insert(
+            at + 1,
+            expect(Method::DELETE, format!("{NP}?"))
+                .check(|body| {
+                    assert_eq!(
+                        body["preconditions"]["uid"], "np-uid-1",
+                        "deletes exactly the policy it read: {body}"
+                    );
+                })
+                .respond(StatusCode::OK, np_json),
+        );
+        script.insert(at + 2, event("NetworkPolicyDeleted", "Normal"));
+        script.extend(settled_tail(&cc, &sts));
+        let action = run(cc, script).await.unwrap();
+        assert_eq!(action, Action::requeue(REQUEUE_SETTLED));
+    }
+}
+
+#[tokio::test]
+async fn a_network_policy_of_someone_else_is_left_alone() {
+    let (cc, pods, cm, sts) = settled(np_enabled(false));
+    let np = existing_np("another-owner");
+    let mut script = preamble(&cc, &pods, Some(&cm), Some(&sts));
+    let at = script.iter().position(|e| e.uri == NP_LIST).unwrap();
+    script[at] = expect(Method::GET, NP_LIST).respond(StatusCode::OK, np_list(Some(&np)));
+    // No DELETE.
+    script.extend(settled_tail(&cc, &sts));
+    let action = run(cc, script).await.unwrap();
+    assert_eq!(action, Action::requeue(REQUEUE_SETTLED));
+}
+
+#[tokio::test]
+async fn a_network_policy_already_gone_is_fine() {
+    let (cc, pods, cm, sts) = settled(np_enabled(false));
+    let uid = cc.metadata.uid.clone().unwrap();
+    let np = existing_np(&uid);
+    let mut script = preamble(&cc, &pods, Some(&cm), Some(&sts));
+    let at = script.iter().position(|e| e.uri == NP_LIST).unwrap();
+    script[at] = expect(Method::GET, NP_LIST).respond(StatusCode::OK, np_list(Some(&np)));
+    script.insert(
+        at + 1,
+        expect(Method::DELETE, format!("{NP}?")).respond(StatusCode::NOT_FOUND, not_found()),
+    );
+    // No event: nothing was deleted.
+    script.extend(settled_tail(&cc, &sts));
     let action = run(cc, script).await.unwrap();
     assert_eq!(action, Action::requeue(REQUEUE_SETTLED));
 }
