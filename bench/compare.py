@@ -7,6 +7,7 @@ first) or directly:
 
     /usr/bin/python3 bench/compare.py            # full run (~5 minutes)
     /usr/bin/python3 bench/compare.py --quick    # smoke test (~40 seconds)
+    /usr/bin/python3 bench/compare.py --proxy    # proxy benchmark instead: see proxy_compare.py
 
 What it measures, for every target, in one run:
 
@@ -857,6 +858,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--proxy" in argv:
+        # The proxy benchmark (direct node vs kache proxy vs twemproxy): bench/proxy_compare.py.
+        import proxy_compare
+        return proxy_compare.main([a for a in argv if a != "--proxy"])
     args = parse_args(argv)
     global STAT
     STAT = args.stat

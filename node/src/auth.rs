@@ -20,6 +20,11 @@ pub struct Credentials {
     entries: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+/// Whether a peer's hello carries the cluster's secret (constant time).
+pub fn same_secret(presented: &[u8], expected: &[u8]) -> bool {
+    same(presented, expected)
+}
+
 /// Compares without an early exit, so timing does not tell how much matched.
 fn same(a: &[u8], b: &[u8]) -> bool {
     let mut diff = a.len() ^ b.len();

@@ -196,6 +196,10 @@ pub struct ClusterArgs {
     #[arg(long = "peer-port", default_value_t = kache_cluster::names::PEER_PORT)]
     pub peer_port: u16,
 
+    /// File holding a secret every peer must present on the peer port (re-read at start).
+    #[arg(long = "peer-secret-file")]
+    pub peer_secret_file: Option<std::path::PathBuf>,
+
     /// Most items per second a hand-off sends, so client traffic keeps its latency.
     #[arg(long = "handoff-rate", default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub handoff_rate: u64,
@@ -261,6 +265,12 @@ impl ServeArgs {
 
     /// Checks combinations clap cannot: memcached refuses items larger than half the memory.
     pub fn validate(&self) -> Result<(), String> {
+        if self.cluster.enabled() && self.max_item_size > crate::peer::wire::MAX_PEER_ITEM {
+            return Err(format!(
+                "in a cluster the max item size is at most {} bytes (items must fit a peer frame)",
+                crate::peer::wire::MAX_PEER_ITEM
+            ));
+        }
         if self.max_item_size > self.memory_limit_bytes() / 2 {
             return Err(format!(
                 "max item size ({} bytes) must be at most half the memory limit ({} MiB)",

@@ -69,6 +69,8 @@ pub struct Engine {
     pub prefixes: PrefixStats,
     /// Credentials clients must present first (`--auth-file`), if any.
     pub auth: Option<Arc<AuthFile>>,
+    /// The secret peers present on the peer port (`--peer-secret-file`); empty for none.
+    pub peer_secret: Arc<[u8]>,
     verbosity: AtomicU32,
 }
 
@@ -173,18 +175,30 @@ impl Engine {
         verbosity: u32,
         cluster: Option<Arc<Cluster>>,
     ) -> Engine {
+        Self::with_peer_secret(store, settings, verbosity, cluster, Arc::from(Vec::new()))
+    }
+
+    /// An engine whose peer links present `peer_secret` (and whose peer port requires it).
+    pub fn with_peer_secret(
+        store: Store,
+        settings: Settings,
+        verbosity: u32,
+        cluster: Option<Arc<Cluster>>,
+        peer_secret: Arc<[u8]>,
+    ) -> Engine {
         Engine {
             store,
             stats: Stats::default(),
             settings,
             links: cluster
                 .as_ref()
-                .map(|c| Arc::new(Links::new(c.node_name()))),
+                .map(|c| Arc::new(Links::new(c.node_name(), peer_secret.clone()))),
             cluster,
             handoff: HandoffState::default(),
             peer_stats: PeerStats::default(),
             prefixes: PrefixStats::default(),
             auth: None,
+            peer_secret,
             verbosity: AtomicU32::new(verbosity),
         }
     }

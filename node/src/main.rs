@@ -129,7 +129,29 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
     } else {
         None
     };
-    let mut engine = Engine::new(store, settings, u32::from(args.verbose), cluster);
+    let peer_secret: Arc<[u8]> = match &args.cluster.peer_secret_file {
+        Some(path) => {
+            let text =
+                std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let secret = text.trim_ascii().to_vec();
+            if secret.is_empty() || secret.len() > kache_node::peer::wire::MAX_SECRET {
+                return Err(format!(
+                    "{}: the peer secret must be 1 to {} bytes",
+                    path.display(),
+                    kache_node::peer::wire::MAX_SECRET
+                ));
+            }
+            Arc::from(secret)
+        }
+        None => Arc::from(Vec::new()),
+    };
+    let mut engine = Engine::with_peer_secret(
+        store,
+        settings,
+        u32::from(args.verbose),
+        cluster,
+        peer_secret,
+    );
     if let Some(path) = &args.auth_file {
         let auth = Arc::new(AuthFile::load(path)?);
         tokio::spawn(auth.clone().follow(shutdown_rx.clone()));

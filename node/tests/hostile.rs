@@ -601,6 +601,7 @@ fn garbage_on_the_peer_port_closes_only_that_connection() {
     let hello = frame(Frame::Hello {
         node: "intruder".into(),
         ring_version: 0,
+        secret: Vec::new(),
     });
     let mut noise = Vec::new();
     let mut x: u32 = 0x9e37_79b9;

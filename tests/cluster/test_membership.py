@@ -67,3 +67,43 @@ def test_pylibmc_ketama_sends_each_key_to_the_owner_kache_computes(local_cluster
     assert not mismatches, mismatches[:10]
     # Every node owns part of the keyspace.
     assert owners_seen == {n.name for n in nodes}
+
+
+def test_peers_must_present_the_cluster_secret(local_cluster, tmp_path):
+    import socket
+    import struct
+    import urllib.request
+
+    secret = tmp_path / "peer-secret"
+    secret.write_text("s3cret-shared\n")
+    cluster = local_cluster(replication_factor=2)
+    nodes = [cluster.add_node(extra=["--peer-secret-file", str(secret)]) for _ in range(2)]
+    cluster.publish(nodes)
+    cluster.wait_version()
+    # Nodes holding the secret replicate to each other.
+    client = pylibmc.Client([n.address for n in nodes], behaviors={"ketama_weighted": True})
+    assert not client.set_multi({f"s:{i}": "v" for i in range(200)})
+    assert all(n.admin("/cluster")["items"] == 200 for n in nodes)
+
+    def hello(secret_bytes):
+        name = b"intruder"
+        body = bytes([1]) + struct.pack(">Q", 0) + bytes([len(name)]) + name \
+            + struct.pack(">H", len(secret_bytes)) + secret_bytes
+        return struct.pack(">I", len(body)) + body
+
+    def rejected():
+        with urllib.request.urlopen(f"http://127.0.0.1:{nodes[0].admin_port}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("kache_peer_rejected_total "):
+                    return int(line.split()[1])
+        return 0
+
+    before = rejected()
+    for wrong in (b"", b"guess", b"s3cret-shared-not"):
+        with socket.create_connection(("127.0.0.1", nodes[0].peer_port), timeout=5) as s:
+            s.sendall(hello(wrong))
+            assert s.recv(100) == b""  # closed without an answer
+    deadline = time.monotonic() + 5
+    while rejected() < before + 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)

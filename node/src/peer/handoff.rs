@@ -222,6 +222,7 @@ async fn pull_from(engine: &Engine, me: &str, peer: &kache_cluster::Member) -> R
         &Frame::Hello {
             node: me.to_string(),
             ring_version: 0,
+            secret: engine.peer_secret.to_vec(),
         },
         &mut out,
     );

@@ -48,14 +48,17 @@ struct Link {
 /// All outgoing links of this node.
 pub struct Links {
     node_name: String,
+    /// The shared peer secret sent in every hello (empty for none).
+    secret: Arc<[u8]>,
     links: Mutex<HashMap<String, Link>>,
     pub metrics: Arc<LinkMetrics>,
 }
 
 impl Links {
-    pub fn new(node_name: impl Into<String>) -> Links {
+    pub fn new(node_name: impl Into<String>, secret: Arc<[u8]>) -> Links {
         Links {
             node_name: node_name.into(),
+            secret,
             links: Mutex::new(HashMap::new()),
             metrics: Arc::new(LinkMetrics::default()),
         }
@@ -77,6 +80,7 @@ impl Links {
             rx,
             self.metrics.clone(),
             down.clone(),
+            self.secret.clone(),
         ));
         let link = Link {
             addr,
@@ -142,6 +146,7 @@ async fn run(
     mut rx: mpsc::Receiver<Outgoing>,
     metrics: Arc<LinkMetrics>,
     down: Arc<AtomicBool>,
+    secret: Arc<[u8]>,
 ) {
     let mut backoff = Duration::from_millis(50);
     let mut seq: u64 = 0;
@@ -211,6 +216,7 @@ async fn run(
             &Frame::Hello {
                 node: node_name.clone(),
                 ring_version: 0,
+                secret: secret.to_vec(),
             },
             &mut out,
         );

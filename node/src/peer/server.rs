@@ -69,7 +69,12 @@ async fn handle(mut stream: TcpStream, engine: &Engine) -> Result<(), String> {
             buf.advance(used);
             let now = now_secs();
             match frame {
-                Frame::Hello { node, .. } => caller = Some(node),
+                Frame::Hello { node, secret, .. } => {
+                    if !crate::auth::same_secret(&secret, &engine.peer_secret) {
+                        return Err(format!("peer {node:?} presented a wrong secret"));
+                    }
+                    caller = Some(node);
+                }
                 _ if caller.is_none() => return Err("peer spoke before hello".into()),
                 Frame::Records { seq, records } => {
                     for record in &records {

@@ -5,7 +5,7 @@
 //! buffered and refuses frames over `MAX_FRAME` or with malformed bodies, so garbage on the
 //! peer port closes that connection and nothing else.
 //!
-//! - `Hello` opens a connection: who is calling (and later, its credentials).
+//! - `Hello` opens a connection: who is calling, and the cluster's shared peer secret.
 //! - `Records` carries a batch of item changes (replication, hand-off, refill), acknowledged
 //!   by `Ack` with the same sequence number once applied.
 //! - `Fetch` asks for one key (read-through while a hand-off is under way); `Fetched`
@@ -16,12 +16,16 @@
 use bytes::{Buf, BufMut, BytesMut};
 
 /// Largest frame accepted: a batch, or one item of the largest allowed size plus headers.
-pub const MAX_FRAME: usize = 8 * 1024 * 1024;
+pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+/// Largest item a cluster node accepts (`-I`): a full batch plus one such item fits a frame.
+pub const MAX_PEER_ITEM: usize = 8 * 1024 * 1024;
 /// Records per batch a sender aims for; batches also stop at `BATCH_BYTES`.
 pub const BATCH_RECORDS: usize = 512;
 pub const BATCH_BYTES: usize = 1024 * 1024;
 
 const HEADER: usize = 5;
+/// Longest peer secret carried in a hello.
+pub const MAX_SECRET: usize = 1024;
 
 /// What a record does to its key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,13 +72,35 @@ impl Record {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
-    Hello { node: String, ring_version: u64 },
-    Records { seq: u64, records: Vec<Record> },
-    Ack { seq: u64 },
-    Fetch { seq: u64, key: Vec<u8> },
-    Fetched { seq: u64, record: Option<Record> },
-    Pull { seq: u64, ring_version: u64 },
-    PullDone { seq: u64, sent: u64 },
+    Hello {
+        node: String,
+        ring_version: u64,
+        /// The shared peer secret (empty when the cluster has none).
+        secret: Vec<u8>,
+    },
+    Records {
+        seq: u64,
+        records: Vec<Record>,
+    },
+    Ack {
+        seq: u64,
+    },
+    Fetch {
+        seq: u64,
+        key: Vec<u8>,
+    },
+    Fetched {
+        seq: u64,
+        record: Option<Record>,
+    },
+    Pull {
+        seq: u64,
+        ring_version: u64,
+    },
+    PullDone {
+        seq: u64,
+        sent: u64,
+    },
 }
 
 const KIND_HELLO: u8 = 1;
@@ -119,12 +145,19 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
     let start = out.len();
     out.put_u32(0);
     match frame {
-        Frame::Hello { node, ring_version } => {
+        Frame::Hello {
+            node,
+            ring_version,
+            secret,
+        } => {
             out.put_u8(KIND_HELLO);
             out.put_u64(*ring_version);
             let name = &node.as_bytes()[..node.len().min(255)];
             out.put_u8(name.len() as u8);
             out.put_slice(name);
+            let secret = &secret[..secret.len().min(MAX_SECRET)];
+            out.put_u16(secret.len() as u16);
+            out.put_slice(secret);
         }
         Frame::Records { seq, records } => {
             out.put_u8(KIND_RECORDS);
@@ -185,6 +218,10 @@ impl<'a> Body<'a> {
     fn u8(&mut self) -> Result<u8, WireError> {
         self.need(1)?;
         Ok(self.0.get_u8())
+    }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        self.need(2)?;
+        Ok(self.0.get_u16())
     }
     fn u32(&mut self) -> Result<u32, WireError> {
         self.need(4)?;
@@ -250,7 +287,16 @@ pub fn decode(buf: &[u8]) -> Result<Decoded, WireError> {
             let n = usize::from(body.u8()?);
             let node =
                 String::from_utf8(body.bytes(n)?.to_vec()).map_err(|_| WireError::Malformed)?;
-            Frame::Hello { node, ring_version }
+            let len = usize::from(body.u16()?);
+            if len > MAX_SECRET {
+                return Err(WireError::Malformed);
+            }
+            let secret = body.bytes(len)?.to_vec();
+            Frame::Hello {
+                node,
+                ring_version,
+                secret,
+            }
         }
         KIND_RECORDS => {
             let seq = body.u64()?;
@@ -317,6 +363,7 @@ mod tests {
             Frame::Hello {
                 node: "kache-0".into(),
                 ring_version: 3,
+                secret: b"s3cret".to_vec(),
             },
             Frame::Records {
                 seq: 9,

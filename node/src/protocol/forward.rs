@@ -221,7 +221,11 @@ pub fn reply_len(buf: &[u8], kind: ReplyKind) -> Result<Option<usize>, Malformed
                 return Ok(Some(end));
             }
             let size = data_size(&buf[3..end]).ok_or(MalformedReply)?;
-            let total = end + size + 2;
+            // Sizes come from the node: never trust them not to overflow.
+            let total = end
+                .checked_add(size)
+                .and_then(|t| t.checked_add(2))
+                .ok_or(MalformedReply)?;
             Ok((buf.len() >= total).then_some(total))
         }
         ReplyKind::Retrieval | ReplyKind::Stats => {
@@ -236,7 +240,10 @@ pub fn reply_len(buf: &[u8], kind: ReplyKind) -> Result<Option<usize>, Malformed
                 }
                 if kind == ReplyKind::Retrieval && line.starts_with(b"VALUE ") {
                     let size = value_size(line).ok_or(MalformedReply)?;
-                    let next = end + size + 2;
+                    let next = end
+                        .checked_add(size)
+                        .and_then(|n| n.checked_add(2))
+                        .ok_or(MalformedReply)?;
                     if buf.len() < next {
                         return Ok(None);
                     }
@@ -281,7 +288,7 @@ pub fn value_blocks(reply: &[u8]) -> Vec<(&[u8], &[u8])> {
             break;
         }
         let Some(size) = value_size(line) else { break };
-        let next = (end + size + 2).min(reply.len());
+        let next = end.saturating_add(size).saturating_add(2).min(reply.len());
         let key = line[6..].split(|&b| b == b' ').next().unwrap_or_default();
         blocks.push((key, &reply[at..next]));
         at = next;
