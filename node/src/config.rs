@@ -44,8 +44,8 @@ pub struct ProxyArgs {
     #[arg(short = 'I', long = "max-item-size", default_value = "1m", value_parser = parse_size)]
     pub max_item_size: usize,
 
-    /// Idle connections kept per cache node.
-    #[arg(long = "pool-size", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
+    /// Persistent connections per cache node, shared by all clients.
+    #[arg(long = "pool-size", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub pool_size: u64,
 
     /// Port of the proxy's admin HTTP endpoint (/metrics, /healthz, /readyz); 0 disables it.

@@ -1,60 +1,88 @@
-//! Connections from the proxy to one cache node: a small pool, reconnection with backoff,
-//! and pipelined exchange of a batch of requests framed by `protocol::forward`.
+//! Connections from the proxy to one cache node.
+//!
+//! A few persistent connections per node are shared by every client: requests from all
+//! clients are queued to a connection's task, which writes whatever has gathered in one
+//! write and hands the replies back, in order, through one channel per request. This keeps
+//! the number of node connections (and the node's syscalls per request) small however many
+//! clients the proxy has, as twemproxy does.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures::future::join_all;
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::protocol::forward::{reply_len, ReplyKind};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
-/// How long a node may take to answer a batch before the proxy gives up on it.
+/// How long a node may take to answer before the proxy gives up on a request.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Largest reply buffered from a node (values are bounded by the item size limit).
 const MAX_REPLY_BUFFER: usize = 64 * 1024 * 1024;
+/// Requests queued per connection before senders wait.
+const QUEUE: usize = 4096;
+/// Bytes gathered into one write.
+const MAX_WRITE: usize = 256 * 1024;
 
-/// How one attempt on one connection failed.
-#[derive(Debug)]
-enum Attempt {
-    /// Nothing came back (not even part of a reply): the connection may have been stale.
-    NothingReceived,
-    Failed,
+/// Why a request failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExchangeError {
+    /// The node could not be reached, or went away before answering anything on the
+    /// connection: the request may go to a replica.
+    Unreachable,
+    /// The connection failed after the node had answered part of the traffic: the outcome
+    /// of this request is unknown.
+    Broken,
 }
 
-/// Why a batch failed.
-#[derive(Debug)]
-pub enum ExchangeError {
-    /// The node could not be reached: nothing was sent, the batch may go elsewhere.
-    Unreachable,
-    /// The connection failed after sending: the outcome is unknown.
-    Broken,
+struct Request {
+    bytes: Bytes,
+    kind: ReplyKind,
+    reply: oneshot::Sender<Result<Bytes, ExchangeError>>,
 }
 
 pub struct Backend {
     pub addr: String,
-    idle: Mutex<Vec<TcpStream>>,
-    max_idle: usize,
+    lanes: Vec<mpsc::Sender<Request>>,
+    next_lane: AtomicUsize,
     down_until: Mutex<Option<Instant>>,
     backoff: Mutex<Duration>,
     pub errors: AtomicU64,
+    pub connects: AtomicU64,
 }
 
 impl Backend {
-    pub fn new(addr: String, max_idle: usize) -> Backend {
-        Backend {
+    /// A backend with `connections` persistent connections (opened on first use).
+    pub fn new(addr: String, connections: usize) -> std::sync::Arc<Backend> {
+        let mut receivers = Vec::new();
+        let lanes = (0..connections.max(1))
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(QUEUE);
+                receivers.push(rx);
+                tx
+            })
+            .collect();
+        let backend = std::sync::Arc::new(Backend {
             addr,
-            idle: Mutex::new(Vec::new()),
-            max_idle,
+            lanes,
+            next_lane: AtomicUsize::new(0),
             down_until: Mutex::new(None),
             backoff: Mutex::new(MIN_BACKOFF),
             errors: AtomicU64::new(0),
+            connects: AtomicU64::new(0),
+        });
+        for rx in receivers {
+            // The lane task holds only a weak reference: it ends with the backend.
+            tokio::spawn(lane(std::sync::Arc::downgrade(&backend), rx));
         }
+        backend
     }
 
     /// Whether a recent connection attempt failed and the backoff has not passed yet.
@@ -76,127 +104,163 @@ impl Backend {
         *self.backoff.lock() = MIN_BACKOFF;
     }
 
-    /// A pooled connection, or a new one.
-    async fn checkout(&self) -> Result<TcpStream, ExchangeError> {
-        if let Some(stream) = self.idle.lock().pop() {
-            return Ok(stream);
-        }
-        self.connect().await
-    }
-
-    async fn connect(&self) -> Result<TcpStream, ExchangeError> {
-        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.addr.as_str())).await {
-            Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
-                self.mark_up();
-                Ok(stream)
-            }
-            _ => {
-                self.mark_down();
-                Err(ExchangeError::Unreachable)
-            }
-        }
-    }
-
-    fn checkin(&self, stream: TcpStream) {
-        let mut idle = self.idle.lock();
-        if idle.len() < self.max_idle {
-            idle.push(stream);
-        }
-    }
-
-    /// Sends `requests` in one write and reads one reply per request, in order.
-    ///
-    /// A connection that fails before any reply byte arrives is taken to be stale (the node
-    /// restarted or died): the pool is emptied and the batch goes once more over a new
-    /// connection, which reports the node unreachable if it is down, so the caller can fail
-    /// over to a replica.
+    /// Sends `requests` (in order, on one connection) and returns one reply per request.
     pub async fn exchange(
         &self,
         requests: &[(Bytes, ReplyKind)],
     ) -> Result<Vec<Bytes>, ExchangeError> {
-        let stream = self.checkout().await?;
-        match self.exchange_on(stream, requests).await {
-            Err(Attempt::NothingReceived) => {
-                self.idle.lock().clear();
-                let stream = self.connect().await?;
-                match self.exchange_on(stream, requests).await {
-                    Ok(replies) => Ok(replies),
-                    // Silent twice, on a fresh connection too: the node is going away (a
-                    // dying process can still complete a handshake). Treat it as down.
-                    Err(Attempt::NothingReceived) => {
-                        tracing::debug!(addr = %self.addr, "node accepts but does not answer");
-                        self.mark_down();
-                        Err(ExchangeError::Unreachable)
-                    }
-                    Err(Attempt::Failed) => {
-                        self.errors.fetch_add(1, Relaxed);
-                        Err(ExchangeError::Broken)
-                    }
-                }
+        let lane = &self.lanes[self.next_lane.fetch_add(1, Relaxed) % self.lanes.len()];
+        let mut waiting = Vec::with_capacity(requests.len());
+        for (bytes, kind) in requests {
+            let (tx, rx) = oneshot::channel();
+            let request = Request {
+                bytes: bytes.clone(),
+                kind: *kind,
+                reply: tx,
+            };
+            if lane.send(request).await.is_err() {
+                return Err(ExchangeError::Unreachable);
             }
-            Err(e) => {
-                tracing::debug!(addr = %self.addr, failure = ?e, "exchange failed");
+            waiting.push(rx);
+        }
+        let replies = tokio::time::timeout(REPLY_TIMEOUT, join_all(waiting))
+            .await
+            .map_err(|_| {
                 self.errors.fetch_add(1, Relaxed);
-                Err(ExchangeError::Broken)
-            }
-            Ok(replies) => Ok(replies),
-        }
+                ExchangeError::Broken
+            })?;
+        replies
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(ExchangeError::Broken)))
+            .collect()
     }
+}
 
-    async fn exchange_on(
-        &self,
-        mut stream: TcpStream,
-        requests: &[(Bytes, ReplyKind)],
-    ) -> Result<Vec<Bytes>, Attempt> {
-        let mut out = BytesMut::with_capacity(requests.iter().map(|(b, _)| b.len()).sum());
-        for (bytes, _) in requests {
-            out.extend_from_slice(bytes);
+/// One persistent connection: writes queued requests in batches and matches replies to
+/// them in order. Reconnects on demand; when the node cannot be reached, queued requests
+/// fail as `Unreachable` so the proxy can fail over.
+async fn lane(backend: std::sync::Weak<Backend>, mut rx: mpsc::Receiver<Request>) {
+    let mut first: Option<Request> = None;
+    loop {
+        let request = match first.take() {
+            Some(r) => r,
+            None => match rx.recv().await {
+                Some(r) => r,
+                None => return,
+            },
+        };
+        let Some(b) = backend.upgrade() else { return };
+        let connected =
+            tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(b.addr.as_str())).await;
+        let stream = match connected {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                b.mark_up();
+                b.connects.fetch_add(1, Relaxed);
+                stream
+            }
+            _ => {
+                b.mark_down();
+                let _ = request.reply.send(Err(ExchangeError::Unreachable));
+                // Everything already queued would meet the same fate.
+                while let Ok(r) = rx.try_recv() {
+                    let _ = r.reply.send(Err(ExchangeError::Unreachable));
+                }
+                continue;
+            }
+        };
+        drop(b);
+        first = serve_connection(stream, request, &mut rx).await;
+    }
+}
+
+/// Drives one connection until it breaks. Returns a request taken from the queue but not
+/// yet written, if any, for the next connection.
+async fn serve_connection(
+    stream: TcpStream,
+    first: Request,
+    rx: &mut mpsc::Receiver<Request>,
+) -> Option<Request> {
+    let (mut reader, mut writer) = stream.into_split();
+    let mut inflight: VecDeque<(ReplyKind, oneshot::Sender<Result<Bytes, ExchangeError>>)> =
+        VecDeque::new();
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut pending = Some(first);
+    // When the connection breaks, requests that got no byte of their reply may go to a
+    // replica; the one whose reply was cut off midway has an unknown outcome.
+    let fail = |inflight: &mut VecDeque<(ReplyKind, oneshot::Sender<_>)>, partial: bool| {
+        for (i, (_, reply)) in inflight.drain(..).enumerate() {
+            let error = if i == 0 && partial {
+                ExchangeError::Broken
+            } else {
+                ExchangeError::Unreachable
+            };
+            let _ = reply.send(Err(error));
         }
-        let mut received = false;
-        let result = tokio::time::timeout(REPLY_TIMEOUT, async {
-            stream
-                .write_all(&out)
-                .await
-                .map_err(|_| Attempt::NothingReceived)?;
-            let mut buf = BytesMut::with_capacity(16 * 1024);
-            let mut replies = Vec::with_capacity(requests.len());
-            for (_, kind) in requests {
-                loop {
-                    match reply_len(&buf, *kind) {
-                        Ok(Some(n)) => {
-                            replies.push(buf.split_to(n).freeze());
-                            break;
-                        }
-                        Ok(None) => {}
-                        Err(_) => return Err(Attempt::Failed),
+    };
+    loop {
+        // Gather what is queued into one write.
+        if let Some(request) = pending.take() {
+            out.clear();
+            out.extend_from_slice(&request.bytes);
+            inflight.push_back((request.kind, request.reply));
+            while out.len() < MAX_WRITE {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        out.extend_from_slice(&r.bytes);
+                        inflight.push_back((r.kind, r.reply));
                     }
-                    if buf.len() > MAX_REPLY_BUFFER {
-                        return Err(Attempt::Failed);
-                    }
-                    buf.reserve(16 * 1024);
-                    match stream.read_buf(&mut buf).await {
-                        Ok(0) | Err(_) if !received && replies.is_empty() => {
-                            return Err(Attempt::NothingReceived)
-                        }
-                        Ok(0) | Err(_) => return Err(Attempt::Failed),
-                        Ok(_) => received = true,
-                    }
+                    Err(_) => break,
                 }
             }
-            if buf.has_remaining() {
-                return Err(Attempt::Failed);
+            if writer.write_all(&out).await.is_err() {
+                fail(&mut inflight, !buf.is_empty());
+                return None;
             }
-            Ok(replies)
-        })
-        .await;
-        match result {
-            Ok(Ok(replies)) => {
-                self.checkin(stream);
-                Ok(replies)
+        }
+        // Deliver complete replies.
+        while let Some((kind, _)) = inflight.front() {
+            match reply_len(&buf, *kind) {
+                Ok(Some(n)) => {
+                    let reply = buf.split_to(n).freeze();
+                    if let Some((_, tx)) = inflight.pop_front() {
+                        let _ = tx.send(Ok(reply));
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    fail(&mut inflight, true);
+                    return None;
+                }
             }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(Attempt::Failed),
+        }
+        if inflight.is_empty() && buf.has_remaining() {
+            // Bytes nobody asked for: the stream is out of step.
+            return None;
+        }
+        if buf.len() > MAX_REPLY_BUFFER {
+            fail(&mut inflight, true);
+            return None;
+        }
+        if buf.capacity() - buf.len() < 16 * 1024 {
+            buf.reserve(64 * 1024);
+        }
+        tokio::select! {
+            read = reader.read_buf(&mut buf), if !inflight.is_empty() => match read {
+                Ok(0) | Err(_) => {
+                    fail(&mut inflight, !buf.is_empty());
+                    return None;
+                }
+                Ok(_) => {}
+            },
+            next = rx.recv() => match next {
+                Some(r) => pending = Some(r),
+                None => {
+                    fail(&mut inflight, !buf.is_empty());
+                    return None;
+                }
+            },
         }
     }
 }

@@ -118,7 +118,7 @@ impl Proxy {
         match backends.get(&member.name) {
             Some(b) if b.addr == addr => b.clone(),
             _ => {
-                let b = Arc::new(Backend::new(addr, self.pool_size));
+                let b = Backend::new(addr, self.pool_size);
                 backends.insert(member.name.clone(), b.clone());
                 b
             }
