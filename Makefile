@@ -36,3 +36,4 @@ run:
 
 bench: build
 	$(PYTHON) bench/compare.py
+	$(PYTHON) bench/proxy_compare.py
