@@ -169,6 +169,8 @@ def test_new_owners_read_through_while_a_hand_off_is_under_way(local_cluster):
         assert not client.set_multi({k: VALUE for k in keys[i:i + 2000]})
 
     new = cluster.add_node(extra=slow)
+    # As in Kubernetes: the new node runs (and has read the current list) before it joins.
+    cluster.wait_version([new])
     nodes.append(new)
     cluster.publish(nodes)
     cluster.wait_version()
@@ -184,3 +186,34 @@ def test_new_owners_read_through_while_a_hand_off_is_under_way(local_cluster):
           f"hand-off still running after the reads: {still_running})")
     assert found == len(keys)
     assert new.admin("/cluster")["readThroughHits"] > 0
+
+
+def test_a_node_killed_during_a_hand_off_loses_nothing_that_had_another_copy(local_cluster):
+    """R=2: scale 3 -> 4 with a slow hand-off, kill -9 an old node in the middle of it, then
+    publish the ring without it (as the operator would once its pod is gone). Every key had
+    two copies, so every key must still be readable from the surviving members."""
+    cluster = local_cluster(replication_factor=2)
+    slow = ["--handoff-rate", "2000"]
+    nodes = [cluster.add_node(extra=slow) for _ in range(3)]
+    cluster.publish(nodes)
+    cluster.wait_version()
+    keys = KEYS[:15_000]
+    client = pylibmc.Client([n.address for n in nodes], behaviors=KETAMA)
+    for i in range(0, len(keys), 1000):
+        assert not client.set_multi({k: VALUE for k in keys[i:i + 1000]})
+
+    nodes.append(cluster.add_node(extra=slow))
+    cluster.publish(nodes)
+    cluster.wait_version()
+    victim = nodes[0]
+    assert any(n.admin("/cluster")["handoff"]["running"] for n in nodes[:3]), \
+        "hand-off already over: the kill would not land in the middle of it"
+    victim.stop()  # kill -9 mid-hand-off
+    survivors = nodes[1:]
+    cluster.publish(survivors)
+    cluster.wait_version(survivors)
+    wait_handoff(survivors, cluster.version)
+    found = pylibmc.Client([n.address for n in survivors], behaviors=KETAMA).get_multi(keys)
+    missing = [k for k in keys if k not in found]
+    print(f"\nkill -9 during hand-off: {len(keys) - len(missing)}/{len(keys)} keys readable")
+    assert not missing, f"{len(missing)} keys lost, e.g. {missing[:5]}"

@@ -93,20 +93,31 @@ impl Cluster {
             replication_factor = list.replication_factor,
             "member list changed"
         );
-        let old = self
-            .view
-            .swap(Arc::new(ClusterView::new(list, &self.node_name)));
-        if !old.list.members.is_empty() {
-            self.previous.store(Some(old));
+        let new = Arc::new(ClusterView::new(list, &self.node_name));
+        let old = self.view.swap(new.clone());
+        let previous = if !old.list.members.is_empty() {
+            Some(old)
+        } else if new.me.is_some() {
+            // The first list this node sees already names it: it has joined (or restarted
+            // into) a running cluster, whose ring was this list without it.
+            let mut without_me = new.list.clone();
+            without_me.members.retain(|m| m.name != self.node_name);
+            (!without_me.members.is_empty())
+                .then(|| Arc::new(ClusterView::new(without_me, &self.node_name)))
+        } else {
+            None
+        };
+        if let Some(previous) = previous {
+            self.previous.store(Some(previous));
             *self.changed_at.lock() = Some(Instant::now());
         }
         self.changed.send_replace(version);
         true
     }
 
-    /// The members that held `key` under the previous ring and may still have it while a
-    /// hand-off to this node is under way: empty unless this node has just become one of
-    /// the key's owners.
+    /// Where an owner that misses `key` shortly after a ring change may find it: the key's
+    /// owners under the previous ring, then its other current owners. Empty outside the
+    /// window after a change, or when this node does not own the key.
     pub fn read_through_sources(&self, key: &[u8]) -> Vec<Member> {
         let recent = self
             .changed_at
@@ -120,14 +131,20 @@ impl Cluster {
         };
         let current = self.view();
         let me = self.node_name.as_str();
-        if !current.owners(key).iter().any(|m| m.name == me) {
+        let owners = current.owners(key);
+        if !owners.iter().any(|m| m.name == me) {
             return Vec::new();
         }
-        let before = previous.owners(key);
-        if before.iter().any(|m| m.name == me) {
-            return Vec::new();
+        // The key's previous owners first (a hand-off may still be bringing it), then its
+        // other current owners (a replica may have it when this node missed a hand-off cut
+        // short by a failure).
+        let mut sources: Vec<Member> = Vec::new();
+        for m in previous.owners(key).into_iter().chain(owners) {
+            if m.name != me && !sources.iter().any(|s| s.name == m.name) {
+                sources.push(m.clone());
+            }
         }
-        before.into_iter().cloned().collect()
+        sources
     }
 
     /// Whether a ring change happened recently enough for read-through.
@@ -155,6 +172,26 @@ mod tests {
             port: 20000 + i,
             peer_port: 21000 + i,
         }
+    }
+
+    #[test]
+    fn a_node_whose_first_list_names_it_reads_through_from_the_others() {
+        let cluster = Cluster::new("n4");
+        let list = MemberList {
+            version: 9,
+            replication_factor: 1,
+            members: (1..=4).map(member).collect(),
+        };
+        cluster.update(list);
+        let view = cluster.view();
+        // Some key this node owns now must have somewhere to come from.
+        let key = (0..1000)
+            .map(|i| format!("k{i}"))
+            .find(|k| view.owners(k.as_bytes())[0].name == "n4")
+            .unwrap();
+        let sources = cluster.read_through_sources(key.as_bytes());
+        assert!(!sources.is_empty());
+        assert!(sources.iter().all(|m| m.name != "n4"));
     }
 
     #[test]

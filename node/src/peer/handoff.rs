@@ -57,7 +57,10 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut changes = cluster.subscribe();
-    let mut previous = cluster.view();
+    // The ring whose hand-off last completed. A hand-off cut short by a newer change does
+    // not move it: the next one compares against what was really delivered, so owners
+    // added by the interrupted change still get their items.
+    let mut delivered = cluster.view();
     loop {
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
@@ -65,16 +68,18 @@ pub async fn run(
         }
         let next = cluster.view();
         links.retain(&next.list.members);
-        if !previous.list.members.is_empty() {
-            hand_off(&engine, &cluster, &links, &previous, &next, rate).await;
-        } else {
+        if delivered.list.members.is_empty() {
             engine.handoff.version.store(next.list.version, Relaxed);
             engine.handoff.done.store(true, Relaxed);
+            delivered = next;
+        } else if hand_off(&engine, &cluster, &links, &delivered, &next, rate).await {
+            delivered = next;
         }
-        previous = next;
     }
 }
 
+/// Sends every item to its owners under `next` that were not its owners under `previous`.
+/// Returns false when a newer member list cut it short.
 async fn hand_off(
     engine: &Engine,
     cluster: &Cluster,
@@ -82,7 +87,7 @@ async fn hand_off(
     previous: &ClusterView,
     next: &ClusterView,
     rate: u64,
-) {
+) -> bool {
     let state = &engine.handoff;
     let started = std::time::Instant::now();
     let mut sent_here: u64 = 0;
@@ -98,7 +103,7 @@ async fn hand_off(
             if cluster.view().list.version != version {
                 // Superseded: the next change starts a hand-off of its own.
                 state.running.store(false, Relaxed);
-                return;
+                return false;
             }
             let mut batch: Vec<(kache_cluster::Member, Record)> = Vec::new();
             cursor = engine.store.scan(shard, start, CHUNK, now_secs(), |item| {
@@ -151,6 +156,7 @@ async fn hand_off(
         failed = state.failed.load(Relaxed),
         "hand-off finished"
     );
+    true
 }
 
 /// Answers a refill pull: streams every item the calling member owns, in batches.
