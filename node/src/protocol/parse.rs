@@ -263,14 +263,7 @@ fn parse_store<'a>(
             swallow: vlen + 2,
         };
     }
-    let Some(data) = data_block(after_line, vlen) else {
-        return ParseOutcome::Incomplete;
-    };
-    let consumed = consumed + vlen + 2;
-    let Some(data) = data else {
-        return error(BAD_CHUNK, noreply, consumed);
-    };
-    done(
+    with_data_block(after_line, vlen, consumed, noreply, |data| {
         Request::Store(StoreRequest {
             mode,
             key,
@@ -279,9 +272,28 @@ fn parse_store<'a>(
             data,
             cas,
             noreply,
-        }),
-        consumed,
-    )
+        })
+    })
+}
+
+/// Completes a storage request once its data block has arrived: `Incomplete` until then,
+/// memcached's "bad data chunk" when the block does not end in `\r\n` (the declared length
+/// is consumed either way), otherwise the request `build` makes of the data.
+fn with_data_block<'a>(
+    after_line: &'a [u8],
+    vlen: usize,
+    line_len: usize,
+    noreply: bool,
+    build: impl FnOnce(&'a [u8]) -> Request<'a>,
+) -> ParseOutcome<'a> {
+    let Some(data) = data_block(after_line, vlen) else {
+        return ParseOutcome::Incomplete;
+    };
+    let consumed = line_len + vlen + 2;
+    match data {
+        Some(data) => done(build(data), consumed),
+        None => error(BAD_CHUNK, noreply, consumed),
+    }
 }
 
 /// The `vlen` data bytes and their `\r\n`: `None` if not all received yet, `Some(None)` when
@@ -520,22 +532,14 @@ fn parse_meta_set<'a>(
             swallow: vlen + 2,
         };
     }
-    let Some(data) = data_block(after_line, vlen) else {
-        return ParseOutcome::Incomplete;
-    };
-    let consumed = consumed + vlen + 2;
-    let Some(data) = data else {
-        return error(BAD_CHUNK, false, consumed);
-    };
-    done(
+    with_data_block(after_line, vlen, consumed, false, |data| {
         Request::Meta(MetaRequest {
             command: MetaCommand::Set,
             key,
             flags,
             data,
-        }),
-        consumed,
-    )
+        })
+    })
 }
 
 /// The store mode of a parsed `ms` request.
