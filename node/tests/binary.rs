@@ -22,29 +22,39 @@ fn free_port() -> u16 {
 }
 
 impl Node {
+    /// Starts a node on free ports. Parallel tests can be handed the same "free" port; a
+    /// node that loses that race exits at once (it cannot listen), so a node that is still
+    /// running once its port answers is this test's own. Otherwise try other ports.
     fn start(extra: &[&str]) -> Node {
-        let port = free_port();
-        let admin_port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_kache-node"))
-            .args(["-l", "127.0.0.1", "-p", &port.to_string()])
-            .args(["--admin-port", &admin_port.to_string()])
-            .args(extra)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start kache-node");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "kache-node did not start listening"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        for _ in 0..5 {
+            let port = free_port();
+            let admin_port = free_port();
+            let mut child = Command::new(env!("CARGO_BIN_EXE_kache-node"))
+                .args(["-l", "127.0.0.1", "-p", &port.to_string()])
+                .args(["--admin-port", &admin_port.to_string()])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start kache-node");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "kache-node did not start listening"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            if child.try_wait().unwrap().is_none() {
+                return Node {
+                    child,
+                    port,
+                    admin_port,
+                };
+            }
         }
-        Node {
-            child,
-            port,
-            admin_port,
-        }
+        panic!("could not start kache-node on free ports");
     }
 
     fn connect(&self) -> TcpStream {
