@@ -250,16 +250,39 @@ impl Shard {
                 break;
             }
         }
+        // Nothing left here: take from the shard whose next victim is oldest (versions grow
+        // with write order), so a shard holding one fresh item does not lose it first.
         let count = shared.shards.len();
-        for step in 1..count {
-            if !shared.over_budget(needed) {
-                break;
+        while shared.over_budget(needed) {
+            let mut oldest: Option<(usize, u64)> = None;
+            for step in 1..count {
+                let j = (me + step) % count;
+                if let Some(other) = shared.shards[j].try_lock() {
+                    if let Some(version) = other.next_victim_version() {
+                        if oldest.is_none_or(|(_, v)| version < v) {
+                            oldest = Some((j, version));
+                        }
+                    }
+                }
             }
-            if let Some(mut other) = shared.shards[(me + step) % count].try_lock() {
-                while shared.over_budget(needed) && other.evict_one(None, now, shared) {}
+            let Some((j, _)) = oldest else { break };
+            let Some(mut other) = shared.shards[j].try_lock() else {
+                break;
+            };
+            if !other.evict_one(None, now, shared) {
+                break;
             }
         }
         !shared.over_budget(needed)
+    }
+
+    /// Version of the item the CLOCK hand reaches first, if any.
+    fn next_victim_version(&self) -> Option<u64> {
+        let n = self.slots.len();
+        (0..n)
+            .filter_map(|i| self.slots[(self.hand + i) % n].as_ref())
+            .map(Item::cas)
+            .next()
     }
 
     /// Installs `item` under `hash`, replacing the item in `existing` if given.
