@@ -636,9 +636,7 @@ impl Engine {
             }
         }
         if !hit && !flags.quiet {
-            out.put_slice(b"EN");
-            echo_opaque_and_key(out, req);
-            out.put_slice(b"\r\n");
+            meta_status(out, b"EN", req);
         }
     }
 
@@ -739,9 +737,7 @@ impl Engine {
         if code == b"HD" && flags.quiet {
             return;
         }
-        out.put_slice(code);
-        echo_opaque_and_key(out, req);
-        out.put_slice(b"\r\n");
+        meta_status(out, code, req);
     }
 
     fn meta_arithmetic(
@@ -829,9 +825,7 @@ impl Engine {
                 reply::line(out, error);
             }
             Ok(Some(code)) => {
-                out.put_slice(code);
-                echo_opaque_and_key(out, req);
-                out.put_slice(b"\r\n");
+                meta_status(out, code, req);
             }
             Ok(None) => {
                 if flags.quiet {
@@ -989,6 +983,13 @@ fn meta_ttl(out: &mut BytesMut, item: &Item, now: u32) {
     } else {
         reply::meta_number(out, b't', item.exptime().saturating_sub(now));
     }
+}
+
+/// A meta status line without an item: the code, the echoed `O` and `k` flags, CRLF.
+fn meta_status(out: &mut BytesMut, code: &[u8], req: &MetaRequest<'_>) {
+    out.put_slice(code);
+    echo_opaque_and_key(out, req);
+    out.put_slice(b"\r\n");
 }
 
 /// Echoes the `O` and `k` flags of a meta request that did not find an item.
