@@ -223,8 +223,13 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
             let engine = engine.clone();
             let readiness = readiness.clone();
             tokio::spawn(async move {
+                // Subscribe before looking, so a list that arrives in between still wakes us;
+                // a list that arrived earlier must not make us wait for the next change
+                // (which, for a joining node, is the list that adds it: no refill is due).
                 let mut changes = cluster.subscribe();
-                let _ = tokio::time::timeout(FIRST_LIST_WAIT, changes.changed()).await;
+                if cluster.view().list.members.is_empty() {
+                    let _ = tokio::time::timeout(FIRST_LIST_WAIT, changes.changed()).await;
+                }
                 if cluster.view().me.is_some() {
                     peer::handoff::refill(&engine, &cluster).await;
                 }

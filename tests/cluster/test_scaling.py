@@ -176,6 +176,9 @@ def test_new_owners_read_through_while_a_hand_off_is_under_way(local_cluster):
     cluster.wait_version()
     assert any(n.admin("/cluster")["handoff"]["running"] for n in nodes[:3]), \
         "hand-off finished before the reads; the test proves nothing"
+    # A joining node takes its share from the hand-off, not from a refill (which is only for
+    # a node that restarts empty while listed).
+    assert new.admin("/cluster")["handoff"]["refilled"] == 0
     reader = pylibmc.Client([n.address for n in nodes], behaviors=KETAMA)
     found = 0
     for i in range(0, len(keys), 500):
