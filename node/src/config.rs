@@ -151,7 +151,9 @@ pub struct ServeArgs {
     #[arg(short = 'Y', long = "auth-file")]
     pub auth_file: Option<std::path::PathBuf>,
 
-    /// Serve TLS on the client port with this PEM certificate (chain); re-read on change.
+    /// Serve TLS with this PEM certificate (chain); re-read on change. In a cluster it also
+    /// covers the peer port: the peer port then accepts TLS only, and the node connects to
+    /// its peers over TLS, verifying each for its member `host` (see --peer-tls-ca).
     #[arg(long = "tls-cert", requires = "tls_key")]
     pub tls_cert: Option<std::path::PathBuf>,
 
@@ -159,9 +161,19 @@ pub struct ServeArgs {
     #[arg(long = "tls-key", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
 
-    /// Require client certificates signed by the CAs in this PEM file.
+    /// Require client certificates signed by the CAs in this PEM file, on the client port
+    /// and the peer port (mutual TLS between nodes: each presents its --tls-cert, which must
+    /// then allow client authentication). Also verifies peers when --peer-tls-ca is not in
+    /// force.
     #[arg(long = "tls-client-ca", requires = "tls_cert")]
     pub tls_client_ca: Option<std::path::PathBuf>,
+
+    /// CAs (PEM) that peers' certificates must chain to when this node connects to them,
+    /// re-read on change. Used while the file exists; otherwise --tls-client-ca; with
+    /// neither, a peer must present this node's own certificate (the nodes of one cluster
+    /// share a Secret). The name verified is the member's `host` (DNS name or IP).
+    #[arg(long = "peer-tls-ca", requires = "tls_cert")]
+    pub peer_tls_ca: Option<std::path::PathBuf>,
 
     #[command(flatten)]
     pub cluster: ClusterArgs,

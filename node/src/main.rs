@@ -164,12 +164,18 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
                 cert: cert.clone(),
                 key: key.clone(),
                 client_ca: args.tls_client_ca.clone(),
+                peer_ca: args.peer_tls_ca.clone(),
             })?);
             tokio::spawn(tls.clone().follow(shutdown_rx.clone()));
             Some(tls)
         }
         _ => None,
     };
+    // The certificate covers the peer port too: links, refills and read-through use TLS.
+    if let (Some(tls), Some(links)) = (&tls, &engine.links) {
+        links.use_tls(tls.clone());
+        tracing::info!(peer_trust = %tls.peer_trust(), "TLS on the peer port");
+    }
     let limits = Limits {
         max_item_size: args.max_item_size,
         ..Limits::default()
@@ -209,6 +215,7 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
             tokio::spawn(peer::server::serve(
                 peer_listener,
                 engine.clone(),
+                tls.clone(),
                 shutdown_rx.clone(),
             ));
             tokio::spawn(peer::handoff::run(

@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use futures::future::join_all;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::sync::{oneshot, watch};
 
+use super::conn::{self, send};
 use super::link::Links;
 use super::wire::{self, Decoded, Frame, Record};
 use super::{apply, record_of};
@@ -160,9 +160,9 @@ async fn hand_off(
 }
 
 /// Answers a refill pull: streams every item the calling member owns, in batches.
-pub async fn stream_owned_by(
+pub async fn stream_owned_by<W: AsyncWrite + Unpin>(
     engine: &Engine,
-    stream: &mut TcpStream,
+    stream: &mut W,
     seq: u64,
     caller: &str,
 ) -> Result<u64, String> {
@@ -187,7 +187,7 @@ pub async fn stream_owned_by(
             sent += records.len() as u64;
             out.clear();
             wire::encode(&Frame::Records { seq, records }, &mut out);
-            stream.write_all(&out).await.map_err(|e| e.to_string())?;
+            send(stream, &out).await.map_err(|e| e.to_string())?;
         }
     }
     Ok(sent)
@@ -220,7 +220,9 @@ pub async fn refill(engine: &Engine, cluster: &Cluster) {
 }
 
 async fn pull_from(engine: &Engine, me: &str, peer: &kache_cluster::Member) -> Result<u64, String> {
-    let mut stream = TcpStream::connect((peer.host.as_str(), peer.peer_port))
+    // Over TLS when the node has it, like every connection to a peer.
+    let tls = engine.links.as_ref().and_then(|links| links.tls());
+    let mut stream = conn::connect(tls.as_deref(), &peer.host, peer.peer_port)
         .await
         .map_err(|e| e.to_string())?;
     let mut out = BytesMut::new();
@@ -239,7 +241,7 @@ async fn pull_from(engine: &Engine, me: &str, peer: &kache_cluster::Member) -> R
         },
         &mut out,
     );
-    stream.write_all(&out).await.map_err(|e| e.to_string())?;
+    send(&mut stream, &out).await.map_err(|e| e.to_string())?;
     let mut buf = BytesMut::with_capacity(256 * 1024);
     let mut received = 0u64;
     loop {

@@ -3,24 +3,27 @@
 //!
 //! Nothing here blocks a client request: when a peer's queue is full the record is dropped
 //! and counted, and a writer waiting for an acknowledgement gives up after its own timeout.
+//!
+//! With TLS configured every link is a TLS connection (see `conn`); a link whose handshake
+//! fails is down, like one whose peer cannot be reached, and retries with backoff.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use kache_cluster::Member;
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 
+use super::conn::{self, send, ConnectError, PeerStream};
 use super::wire::{self, Decoded, Frame, Record, BATCH_BYTES, BATCH_RECORDS};
+use crate::tls::Tls;
 
 /// Records waiting per peer before new ones are dropped.
 pub const QUEUE_CAPACITY: usize = 65_536;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Peer traffic counters, exported on `/metrics`.
@@ -50,6 +53,8 @@ pub struct Links {
     node_name: String,
     /// The shared peer secret sent in every hello (empty for none).
     secret: Arc<[u8]>,
+    /// Set (once, at start-up) when peers are reached over TLS.
+    tls: Arc<OnceLock<Arc<Tls>>>,
     links: Mutex<HashMap<String, Link>>,
     pub metrics: Arc<LinkMetrics>,
 }
@@ -59,9 +64,27 @@ impl Links {
         Links {
             node_name: node_name.into(),
             secret,
+            tls: Arc::new(OnceLock::new()),
             links: Mutex::new(HashMap::new()),
             metrics: Arc::new(LinkMetrics::default()),
         }
+    }
+
+    /// Makes every connection to a peer a TLS connection from now on. Called at start-up,
+    /// before any link is opened; a second call changes nothing.
+    pub fn use_tls(&self, tls: Arc<Tls>) {
+        let _ = self.tls.set(tls);
+    }
+
+    /// The TLS configuration peers are reached with, if any.
+    pub fn tls(&self) -> Option<Arc<Tls>> {
+        self.tls.get().cloned()
+    }
+
+    /// Opens a connection to `member`'s peer port (TLS when configured), for exchanges
+    /// outside the links (refill pulls).
+    pub async fn connect(&self, member: &Member) -> Result<PeerStream, ConnectError> {
+        conn::connect(self.tls.get().map(|t| &**t), &member.host, member.peer_port).await
     }
 
     fn sender(&self, member: &Member) -> (mpsc::Sender<Outgoing>, Arc<AtomicBool>) {
@@ -81,6 +104,7 @@ impl Links {
             self.metrics.clone(),
             down.clone(),
             self.secret.clone(),
+            self.tls.clone(),
         ));
         let link = Link {
             addr,
@@ -147,20 +171,34 @@ async fn run(
     metrics: Arc<LinkMetrics>,
     down: Arc<AtomicBool>,
     secret: Arc<[u8]>,
+    tls: Arc<OnceLock<Arc<Tls>>>,
 ) {
     let mut backoff = Duration::from_millis(50);
     let mut seq: u64 = 0;
     // A message taken from the queue but not yet sent when the connection broke.
     let mut carry: Option<Outgoing> = None;
+    // The last connection error logged, so a lasting problem is logged once.
+    let mut last_error: Option<ConnectError> = None;
     loop {
-        let stream = match tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            TcpStream::connect((addr.0.as_str(), addr.1)),
-        )
-        .await
-        {
-            Ok(Ok(stream)) => stream,
-            _ => {
+        let stream = match conn::connect(tls.get().map(|t| &**t), &addr.0, addr.1).await {
+            Ok(stream) => {
+                if last_error.take().is_some() {
+                    tracing::info!(peer = %addr.0, port = addr.1, "peer link up");
+                }
+                stream
+            }
+            Err(error) => {
+                if last_error.as_ref() != Some(&error) {
+                    match &error {
+                        ConnectError::Tls(_) => {
+                            tracing::warn!(peer = %addr.0, %error, "peer link down")
+                        }
+                        ConnectError::Tcp(_) => {
+                            tracing::debug!(peer = %addr.0, %error, "peer link down")
+                        }
+                    }
+                    last_error = Some(error);
+                }
                 down.store(true, Relaxed);
                 if rx.is_closed() && rx.is_empty() {
                     return;
@@ -172,8 +210,7 @@ async fn run(
         };
         backoff = Duration::from_millis(50);
         down.store(false, Relaxed);
-        let _ = stream.set_nodelay(true);
-        let (mut reader, mut writer) = stream.into_split();
+        let (mut reader, mut writer) = tokio::io::split(stream);
         let pending = Arc::new(Mutex::new(Pending::default()));
         let reader_task = {
             let pending = pending.clone();
@@ -220,7 +257,7 @@ async fn run(
             },
             &mut out,
         );
-        let mut broken = writer.write_all(&out).await.is_err();
+        let mut broken = send(&mut writer, &out).await.is_err();
         while !broken {
             let first = match carry.take() {
                 Some(m) => m,
@@ -264,7 +301,7 @@ async fn run(
                     .queued
                     .fetch_sub(count.min(metrics.queued.load(Relaxed)), Relaxed);
             }
-            broken = writer.write_all(&out).await.is_err() || reader_task.is_finished();
+            broken = send(&mut writer, &out).await.is_err() || reader_task.is_finished();
         }
         reader_task.abort();
         metrics.reconnects.fetch_add(1, Relaxed);

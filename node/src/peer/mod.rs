@@ -2,10 +2,12 @@
 //! to their new owners when the ring changes, refill of a restarted node, read-through.
 //!
 //! - `wire`: the frame format (the one definition of the peer protocol).
+//! - `conn`: opening and accepting peer connections, plain TCP or TLS, as one stream type.
 //! - `link`: outgoing connections to each peer, with bounded queues and acknowledgements.
 //! - `server`: the peer port, applying what peers send.
 //! - `handoff`: streaming items to new owners after a ring change, and refilling.
 
+pub mod conn;
 pub mod handoff;
 pub mod link;
 pub mod server;

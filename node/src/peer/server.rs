@@ -1,27 +1,34 @@
 //! The peer port: applies what peers send (replication, hand-off, refill) and answers
-//! read-through fetches and refill pulls. Garbage closes the connection that sent it.
+//! read-through fetches and refill pulls. Garbage closes the connection that sent it. With
+//! TLS configured the port speaks TLS only: a peer that connects in plain TCP is refused,
+//! logged and counted (`kache_peer_rejected_total`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
+use super::conn::{self, send};
 use super::wire::{self, Decoded, Frame};
 use super::{apply, handoff, record_of};
 use crate::engine::Engine;
 use crate::store::now_secs;
+use crate::tls::Tls;
 
 /// Simultaneous peer connections accepted.
 const MAX_PEER_CONNECTIONS: usize = 256;
 /// A peer must say hello this soon after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Accepts peers until `shutdown`; with `tls`, only over TLS (the client port's certificate,
+/// and its client-certificate requirement when `--tls-client-ca` is set).
 pub async fn serve(
     listener: TcpListener,
     engine: Arc<Engine>,
+    tls: Option<Arc<Tls>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_PEER_CONNECTIONS));
@@ -42,8 +49,14 @@ pub async fn serve(
             continue;
         };
         let engine = engine.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(error) = handle(stream, &engine).await {
+            let result = match conn::accept(tls.as_deref(), stream).await {
+                Ok(Some(stream)) => handle(stream, &engine).await,
+                Ok(None) => Ok(()),
+                Err(error) => Err(error),
+            };
+            if let Err(error) = result {
                 engine
                     .peer_stats
                     .rejected
@@ -55,8 +68,11 @@ pub async fn serve(
     }
 }
 
-async fn handle(mut stream: TcpStream, engine: &Engine) -> Result<(), String> {
-    let _ = stream.set_nodelay(true);
+/// Serves one peer connection, plain or TLS.
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    engine: &Engine,
+) -> Result<(), String> {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut out = BytesMut::with_capacity(4096);
     let mut caller: Option<String> = None;
@@ -94,7 +110,7 @@ async fn handle(mut stream: TcpStream, engine: &Engine) -> Result<(), String> {
                 }
                 Frame::Pull { seq, .. } => {
                     // Refill: stream what this node holds for the caller, then say done.
-                    stream.write_all(&out).await.map_err(|e| e.to_string())?;
+                    send(&mut stream, &out).await.map_err(|e| e.to_string())?;
                     out.clear();
                     let name = caller.clone().unwrap_or_default();
                     let sent = handoff::stream_owned_by(engine, &mut stream, seq, &name).await?;
@@ -104,7 +120,7 @@ async fn handle(mut stream: TcpStream, engine: &Engine) -> Result<(), String> {
             }
         }
         if !out.is_empty() {
-            stream.write_all(&out).await.map_err(|e| e.to_string())?;
+            send(&mut stream, &out).await.map_err(|e| e.to_string())?;
             out.clear();
         }
         let read = if caller.is_some() {

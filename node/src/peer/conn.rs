@@ -1,0 +1,313 @@
+//! Peer connections, plain TCP or TLS, behind one stream type, so the peer protocol is
+//! written once for both. With TLS configured (`--tls-cert`), every connection to a peer
+//! (links, refill pulls, read-through fetches over the links) is a TLS client verifying the
+//! member's `host`, and the peer port accepts TLS only.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::tls::{peer_server_name, Tls};
+
+/// A TCP connection to a peer must be established this soon.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// A TLS handshake with a peer, on either side, must finish this soon.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// First byte of every TLS connection: a record of content type "handshake".
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// What the peer protocol needs of a connection.
+pub trait PeerIo: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> PeerIo for T {}
+
+/// A connection to or from a peer: TCP, or TLS over TCP.
+pub type PeerStream = Box<dyn PeerIo>;
+
+/// Why a connection to a peer could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    /// The peer cannot be reached (down, restarting, not resolvable yet).
+    #[error("{0}")]
+    Tcp(String),
+    /// The peer was reached but TLS failed: a configuration problem worth a warning.
+    #[error("{0}")]
+    Tls(String),
+}
+
+/// Opens a connection to a peer's port: TCP, then, when `tls` is set, a TLS handshake that
+/// verifies the peer's certificate for `host` (the member's DNS name or IP).
+pub async fn connect(tls: Option<&Tls>, host: &str, port: u16) -> Result<PeerStream, ConnectError> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| ConnectError::Tcp(format!("connecting to {host}:{port} timed out")))?
+        .map_err(|e| ConnectError::Tcp(format!("cannot connect to {host}:{port}: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    let Some(tls) = tls else {
+        return Ok(Box::new(stream));
+    };
+    let name = peer_server_name(host).map_err(ConnectError::Tls)?;
+    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.connector().connect(name, stream))
+        .await
+        .map_err(|_| ConnectError::Tls(format!("TLS handshake with {host}:{port} timed out")))?
+        .map_err(|e| ConnectError::Tls(format!("TLS handshake with {host}:{port} failed: {e}")))?;
+    Ok(Box::new(stream))
+}
+
+/// Takes a connection accepted on the peer port: as it is, or, when `tls` is set, once its
+/// TLS handshake has completed. A caller that does not open with a TLS handshake (a node
+/// without TLS, or garbage) is refused at once. `Ok(None)`: closed before saying anything.
+pub async fn accept(tls: Option<&Tls>, stream: TcpStream) -> Result<Option<PeerStream>, String> {
+    let _ = stream.set_nodelay(true);
+    let Some(tls) = tls else {
+        return Ok(Some(Box::new(stream)));
+    };
+    let acceptor = tls.acceptor();
+    let handshake = async move {
+        let mut first = [0u8; 1];
+        if stream.peek(&mut first).await.map_err(|e| e.to_string())? == 0 {
+            return Ok(None);
+        }
+        if first[0] != TLS_HANDSHAKE_RECORD {
+            return Err(
+                "plain-TCP peer on the TLS peer port (it did not start a TLS \
+                        handshake: is TLS configured on every node?)"
+                    .to_string(),
+            );
+        }
+        let stream = acceptor
+            .accept(stream)
+            .await
+            .map_err(|e| format!("peer TLS handshake failed: {e}"))?;
+        Ok(Some(Box::new(stream) as PeerStream))
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| "peer TLS handshake timed out".to_string())?
+}
+
+/// Writes `bytes` and flushes them: TLS may hold written data back until flushed.
+pub async fn send<W: AsyncWrite + Unpin + ?Sized>(
+    stream: &mut W,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::sync::Arc;
+
+    use bytes::BytesMut;
+    use kache_cluster::Member;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+    use tokio::sync::{oneshot, watch};
+
+    use crate::engine::{Engine, Settings};
+    use crate::peer::link::Links;
+    use crate::peer::server;
+    use crate::peer::wire::{self, Frame, Op, Record};
+    use crate::store::{Store, StoreConfig};
+    use crate::tls::test_pki;
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn engine() -> Arc<Engine> {
+        let store = Store::new(StoreConfig {
+            memory_limit: 4 << 20,
+            max_item_size: 1024,
+            max_shards: 2,
+            node_id: 2,
+        });
+        let settings = Settings {
+            port: 0,
+            listen: "127.0.0.1".into(),
+            memory_limit: 4 << 20,
+            max_connections: 16,
+            threads: 1,
+            max_item_size: 1024,
+        };
+        Arc::new(Engine::new(store, settings, 0, None))
+    }
+
+    /// A peer port on loopback, and the member that names it.
+    async fn peer_port(tls: Option<Arc<Tls>>) -> (Arc<Engine>, Member, watch::Sender<bool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer_port = listener.local_addr().unwrap().port();
+        let engine = engine();
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(server::serve(listener, engine.clone(), tls, stopped));
+        let member = Member {
+            name: "b".into(),
+            host: "127.0.0.1".into(),
+            ip: "127.0.0.1".into(),
+            port: 1,
+            peer_port,
+        };
+        (engine, member, stop)
+    }
+
+    fn tls(dir: &std::path::Path) -> Arc<Tls> {
+        // --tls-client-ca: mutual TLS, the CA verifying both directions.
+        Arc::new(Tls::load(test_pki::files(dir, false, true, false)).unwrap())
+    }
+
+    fn record() -> Record {
+        Record {
+            op: Op::Set,
+            key: b"k".to_vec(),
+            version: 7,
+            flags: 3,
+            exptime: 0,
+            value: b"value".to_vec(),
+        }
+    }
+
+    async fn rejected_reaches(engine: &Engine, n: u64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while engine.peer_stats.rejected.load(Relaxed) < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "rejections not counted"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn links_replicate_and_fetch_over_mutual_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, member, _stop) = peer_port(Some(tls(dir.path()))).await;
+        let links = Links::new("a", Arc::from(Vec::new()));
+        links.use_tls(tls(dir.path()));
+        let (ack, acked) = oneshot::channel();
+        assert!(links.send(&member, record(), Some(ack)));
+        tokio::time::timeout(WAIT, acked).await.unwrap().unwrap();
+        let stored = engine
+            .store
+            .with_entry(b"k", crate::store::now_secs(), |e| {
+                e.item().map(|i| i.value().to_vec())
+            });
+        assert_eq!(stored.as_deref(), Some(&b"value"[..]));
+        // Read-through travels over the same TLS link.
+        let fetched = tokio::time::timeout(WAIT, links.fetch(&member, b"k"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(fetched, Some(record()));
+        // So does a refill pull's connection.
+        let mut stream = links.connect(&member).await.unwrap();
+        let mut out = BytesMut::new();
+        wire::encode(
+            &Frame::Hello {
+                node: "a".into(),
+                ring_version: 0,
+                secret: Vec::new(),
+            },
+            &mut out,
+        );
+        wire::encode(
+            &Frame::Fetch {
+                seq: 9,
+                key: b"k".to_vec(),
+            },
+            &mut out,
+        );
+        send(&mut stream, &out).await.unwrap();
+        let mut buf = BytesMut::new();
+        let frame = loop {
+            if let wire::Decoded::Frame(frame, _) = wire::decode(&buf).unwrap() {
+                break frame;
+            }
+            let n = tokio::time::timeout(WAIT, stream.read_buf(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "peer closed");
+        };
+        assert_eq!(
+            frame,
+            Frame::Fetched {
+                seq: 9,
+                record: Some(record())
+            }
+        );
+        assert_eq!(engine.peer_stats.rejected.load(Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_tls_peer_port_refuses_plain_peers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, member, _stop) = peer_port(Some(tls(dir.path()))).await;
+        // A raw hello, as a node without TLS sends it: closed without an answer, counted.
+        let mut plain = TcpStream::connect(("127.0.0.1", member.peer_port))
+            .await
+            .unwrap();
+        let mut hello = BytesMut::new();
+        wire::encode(
+            &Frame::Hello {
+                node: "plain".into(),
+                ring_version: 0,
+                secret: Vec::new(),
+            },
+            &mut hello,
+        );
+        plain.write_all(&hello).await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(WAIT, plain.read_to_end(&mut answer)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+        rejected_reaches(&engine, 1).await;
+        // A plain link gets no acknowledgement and is refused again.
+        let links = Links::new("plain", Arc::from(Vec::new()));
+        let (ack, acked) = oneshot::channel();
+        assert!(links.send(&member, record(), Some(ack)));
+        assert!(tokio::time::timeout(Duration::from_secs(1), acked)
+            .await
+            .map_or(true, |r| r.is_err()));
+        rejected_reaches(&engine, 2).await;
+        // A connection that closes without a word is not a rejection.
+        drop(
+            TcpStream::connect(("127.0.0.1", member.peer_port))
+                .await
+                .unwrap(),
+        );
+        // The port still serves TLS peers.
+        let links = Links::new("a", Arc::from(Vec::new()));
+        links.use_tls(tls(dir.path()));
+        let (ack, acked) = oneshot::channel();
+        assert!(links.send(&member, record(), Some(ack)));
+        tokio::time::timeout(WAIT, acked).await.unwrap().unwrap();
+        assert_eq!(engine.peer_stats.rejected.load(Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn a_tls_link_to_a_plain_peer_port_is_down_not_stuck() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, member, _stop) = peer_port(None).await;
+        let links = Links::new("a", Arc::from(Vec::new()));
+        links.use_tls(tls(dir.path()));
+        let (ack, acked) = oneshot::channel();
+        assert!(links.send(&member, record(), Some(ack)));
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !links.is_down(&member) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "link never marked down"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The plain port saw a TLS hello as garbage and closed it.
+        rejected_reaches(&engine, 1).await;
+        drop(acked);
+        let refused = connect(Some(&tls(dir.path())), "127.0.0.1", member.peer_port).await;
+        assert!(
+            matches!(refused, Err(ConnectError::Tls(_))),
+            "{:?}",
+            refused.err()
+        );
+    }
+}
