@@ -86,6 +86,11 @@ pub async fn accept(tls: Option<&Tls>, stream: TcpStream) -> Result<Option<PeerS
         .map_err(|_| "peer TLS handshake timed out".to_string())?
 }
 
+/// Hangs up: over TLS, says so first (close_notify), for at most `CONNECT_TIMEOUT`.
+pub async fn close<W: AsyncWrite + Unpin + ?Sized>(stream: &mut W) {
+    let _ = tokio::time::timeout(CONNECT_TIMEOUT, stream.shutdown()).await;
+}
+
 /// Writes `bytes` and flushes them: TLS may hold written data back until flushed.
 pub async fn send<W: AsyncWrite + Unpin + ?Sized>(
     stream: &mut W,
@@ -236,6 +241,9 @@ mod tests {
                 record: Some(record())
             }
         );
+        // Hanging up without close_notify (a dropped connection) is no rejection.
+        drop(stream);
+        tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(engine.peer_stats.rejected.load(Relaxed), 0);
     }
 

@@ -255,7 +255,10 @@ async fn pull_from(engine: &Engine, me: &str, peer: &kache_cluster::Member) -> R
                     }
                     received += records.len() as u64;
                 }
-                Frame::PullDone { .. } => return Ok(received),
+                Frame::PullDone { .. } => {
+                    conn::close(&mut stream).await;
+                    return Ok(received);
+                }
                 other => return Err(format!("unexpected frame {other:?}")),
             }
         }

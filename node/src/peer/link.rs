@@ -264,7 +264,9 @@ async fn run(
                 None => match rx.recv().await {
                     Some(m) => m,
                     None => {
+                        // The peer left the member list: hang up properly.
                         reader_task.abort();
+                        conn::close(&mut writer).await;
                         return;
                     }
                 },

@@ -133,6 +133,9 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         match read {
             Ok(0) => return Ok(()),
             Ok(_) => {}
+            // A TLS peer that hangs up without close_notify (a dropped link) has closed,
+            // as a plain one whose read returns 0.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e.to_string()),
         }
     }
