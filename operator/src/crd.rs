@@ -206,7 +206,9 @@ pub struct CacheClusterSpec {
     pub extra_args: Vec<String>,
 
     /// TLS on the memcache (client) port and the peer port. Unset: both are
-    /// plain TCP. The admin port (probes, `/metrics`) stays plain HTTP.
+    /// plain TCP. The admin port (probes, `/metrics`) stays plain HTTP. Set:
+    /// both ports accept TLS only, and the nodes connect to each other over
+    /// TLS, each verifying the other's certificate for its pod DNS name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
 
@@ -236,10 +238,14 @@ pub struct CacheClusterSpec {
 pub struct TlsConfig {
     /// Secret in the CacheCluster's namespace (type `kubernetes.io/tls`, e.g.
     /// one cert-manager issues) with the keys `tls.crt` (PEM certificate
-    /// chain) and `tls.key` (PEM private key), and `ca.crt` (PEM CA bundle)
-    /// when `clientAuth` is true. The certificate must name the client
-    /// Service (`<name>.<namespace>.svc`) and the pods
-    /// (`*.<name>-peers.<namespace>.svc`). Pods do not start until it exists.
+    /// chain) and `tls.key` (PEM private key), and `ca.crt` (PEM CA bundle):
+    /// required when `clientAuth` is true, optional otherwise. The
+    /// certificate must name the client Service (`<name>.<namespace>.svc`)
+    /// and the pods (`*.<name>-peers.<namespace>.svc`), which the nodes
+    /// verify when they connect to each other: against `ca.crt`, or, when
+    /// the Secret has none, by requiring the peer to present this same
+    /// certificate (rotation is smoother with a CA). Pods do not start until
+    /// the Secret exists.
     #[schemars(
         length(min = 1, max = 253),
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -536,6 +542,7 @@ const MANAGED_FLAGS: &[(&str, &str)] = &[
     ("--tls-cert", ""),
     ("--tls-key", ""),
     ("--tls-client-ca", ""),
+    ("--peer-tls-ca", ""),
     ("--auth-file", "-Y"),
     ("--peer-secret-file", ""),
 ];
@@ -872,6 +879,13 @@ mod tests {
                 ..Default::default()
             },
             "must not set --auth-file",
+        );
+        check(
+            CacheClusterSpec {
+                extra_args: vec!["--peer-tls-ca=/x".into()],
+                ..Default::default()
+            },
+            "must not set --peer-tls-ca",
         );
         check(
             CacheClusterSpec {

@@ -159,3 +159,51 @@ fn secure_example_objects_match_fixture() {
         path.display()
     );
 }
+
+#[test]
+fn without_client_auth_the_ca_is_mounted_optionally_for_peer_tls() {
+    let (secrets, mut cc) = secure_example();
+    cc.spec.tls.as_mut().unwrap().client_auth = false;
+    let sts = build::statefulset(&cc, "ghcr.io/kache-dev/kache-node:0.1.0").unwrap();
+    let pod = sts.spec.unwrap().template.spec.unwrap();
+    let args = pod.containers[0].args.clone().unwrap().join(" ");
+    assert!(!args.contains("--tls-client-ca"), "{args}");
+    assert!(
+        args.contains("--peer-tls-ca /etc/kache/tls-ca/ca.crt"),
+        "{args}"
+    );
+    // The keys a pod cannot start without, per Secret, and the optional ones.
+    let mut required = Vec::new();
+    let mut optional = Vec::new();
+    for volume in pod.volumes.unwrap() {
+        let secret = volume.secret.unwrap();
+        let name = secret.secret_name.unwrap();
+        for item in secret.items.unwrap() {
+            let entry = (name.clone(), item.key);
+            if secret.optional == Some(true) {
+                optional.push(entry);
+            } else {
+                required.push(entry);
+            }
+        }
+    }
+    let tls = "secure-cache-tls".to_string();
+    assert_eq!(optional, [(tls.clone(), "ca.crt".to_string())]);
+    // A plain `kubectl create secret tls` Secret (no ca.crt) is enough to start.
+    let tls_required: Vec<_> = required.iter().filter(|(s, _)| *s == tls).collect();
+    assert_eq!(
+        tls_required,
+        [
+            &(tls.clone(), "tls.crt".to_string()),
+            &(tls.clone(), "tls.key".to_string())
+        ]
+    );
+    // Every other required key is in the example's Secrets.
+    for (name, key) in &required {
+        let secret = secrets
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some(name.as_str()))
+            .unwrap();
+        assert!(secret.string_data.as_ref().unwrap().contains_key(key));
+    }
+}

@@ -31,6 +31,9 @@ pub const CPU_MILLIS_PER_THREAD: i64 = 100;
 
 /// Where the `spec.tls` Secret is mounted.
 pub const TLS_DIR: &str = "/etc/kache/tls";
+/// Where the `spec.tls` Secret's optional `ca.crt` is mounted without
+/// `clientAuth` (a volume of its own, so a Secret without it still mounts).
+pub const TLS_CA_DIR: &str = "/etc/kache/tls-ca";
 /// Where the `spec.auth` Secret is mounted.
 pub const AUTH_DIR: &str = "/etc/kache/auth";
 /// Where the `spec.peerAuth` Secret is mounted.
@@ -43,7 +46,8 @@ pub const SECRET_FILE_MODE: i32 = 0o440;
 pub const TLS_CERT_KEY: &str = "tls.crt";
 /// Private-key key of the `spec.tls` Secret.
 pub const TLS_KEY_KEY: &str = "tls.key";
-/// CA-bundle key of the `spec.tls` Secret (with `clientAuth`).
+/// CA-bundle key of the `spec.tls` Secret: required with `clientAuth`,
+/// optional without (it then only verifies peers).
 pub const TLS_CA_KEY: &str = "ca.crt";
 /// Key of the `spec.auth` Secret: memcached's `user:password` lines.
 pub const AUTH_FILE_KEY: &str = "auth-file";
@@ -58,6 +62,9 @@ struct SecretMount {
     secret: String,
     dir: &'static str,
     keys: Vec<(&'static str, &'static str)>,
+    /// Whether the pod starts without the keys (kache-node then does without
+    /// the files).
+    optional: bool,
 }
 
 impl SecretMount {
@@ -71,8 +78,9 @@ impl SecretMount {
             secret: Some(SecretVolumeSource {
                 secret_name: Some(self.secret.clone()),
                 default_mode: Some(SECRET_FILE_MODE),
-                // A missing key fails the mount: the pod does not start
-                // without the files its flags name.
+                // Unless optional, a missing key fails the mount: the pod
+                // does not start without the files its flags name. An
+                // optional key that is missing is skipped (no file).
                 items: Some(
                     self.keys
                         .iter()
@@ -83,7 +91,7 @@ impl SecretMount {
                         })
                         .collect(),
                 ),
-                optional: Some(false),
+                optional: Some(self.optional),
             }),
             ..Volume::default()
         }
@@ -107,8 +115,11 @@ fn secret_mounts(cc: &CacheCluster) -> Vec<SecretMount> {
     let s = &cc.spec;
     let mut mounts = Vec::new();
     if let Some(tls) = &s.tls {
+        // The certificate serves the memcache port and the peer port, and
+        // the nodes present it to each other.
         let mut keys = vec![(TLS_CERT_KEY, "--tls-cert"), (TLS_KEY_KEY, "--tls-key")];
         if tls.client_auth {
+            // Required, and it also verifies peers (kache-node's default).
             keys.push((TLS_CA_KEY, "--tls-client-ca"));
         }
         mounts.push(SecretMount {
@@ -116,7 +127,19 @@ fn secret_mounts(cc: &CacheCluster) -> Vec<SecretMount> {
             secret: tls.secret_name.clone(),
             dir: TLS_DIR,
             keys,
+            optional: false,
         });
+        if !tls.client_auth {
+            // Verifies peers when the Secret has it; without it a node trusts
+            // only peers presenting its own certificate (they share it).
+            mounts.push(SecretMount {
+                volume: "tls-ca",
+                secret: tls.secret_name.clone(),
+                dir: TLS_CA_DIR,
+                keys: vec![(TLS_CA_KEY, "--peer-tls-ca")],
+                optional: true,
+            });
+        }
     }
     if let Some(auth) = &s.auth {
         mounts.push(SecretMount {
@@ -124,6 +147,7 @@ fn secret_mounts(cc: &CacheCluster) -> Vec<SecretMount> {
             secret: auth.secret_name.clone(),
             dir: AUTH_DIR,
             keys: vec![(AUTH_FILE_KEY, "--auth-file")],
+            optional: false,
         });
     }
     if let Some(peer) = &s.peer_auth {
@@ -132,6 +156,7 @@ fn secret_mounts(cc: &CacheCluster) -> Vec<SecretMount> {
             secret: peer.secret_name.clone(),
             dir: PEER_SECRET_DIR,
             keys: vec![(PEER_SECRET_KEY, "--peer-secret-file")],
+            optional: false,
         });
     }
     mounts
@@ -523,10 +548,19 @@ mod tests {
             ),
             "{args}"
         );
-        // Without clientAuth no CA; without the sections no flags at all.
+        // With clientAuth the client CA also verifies peers: no peer CA flag.
+        assert!(!args.contains("--peer-tls-ca"), "{args}");
+        // Without clientAuth no client CA, but the optional CA verifies peers;
+        // without the sections no flags at all.
         let args = container_args(&cluster("web", secure(false))).join(" ");
         assert!(!args.contains("--tls-client-ca"), "{args}");
-        assert!(args.contains("--tls-cert /etc/kache/tls/tls.crt"));
+        assert!(
+            args.contains(
+                "--tls-cert /etc/kache/tls/tls.crt --tls-key /etc/kache/tls/tls.key \
+                 --peer-tls-ca /etc/kache/tls-ca/ca.crt --auth-file"
+            ),
+            "{args}"
+        );
         let plain = container_args(&cluster("web", Default::default())).join(" ");
         for flag in ["--tls", "--auth-file", "--peer-secret-file"] {
             assert!(!plain.contains(flag), "{plain}");
@@ -585,20 +619,32 @@ mod tests {
             pod.security_context.as_ref().unwrap().fs_group,
             Some(RUN_AS_USER)
         );
-        // Without clientAuth the CA is not mapped (the Secret need not have it).
+        // Without clientAuth the Secret need not have the CA: it is not in the
+        // required volume but in an optional one of its own, for the peers.
         let sts = statefulset(&cluster("web", secure(false)), "img:1").unwrap();
-        let tls = &pod_spec(&sts).volumes.as_ref().unwrap()[0];
-        let keys: Vec<_> = tls
-            .secret
-            .as_ref()
-            .unwrap()
-            .items
-            .as_ref()
-            .unwrap()
-            .iter()
-            .map(|i| i.key.as_str())
-            .collect();
-        assert_eq!(keys, ["tls.crt", "tls.key"]);
+        let pod = pod_spec(&sts);
+        let volumes = serde_json::to_value(&pod.volumes.as_ref().unwrap()[..2]).unwrap();
+        assert_eq!(
+            volumes,
+            serde_json::json!([
+                {"name": "tls", "secret": {"secretName": "web-tls", "defaultMode": 0o440,
+                    "optional": false, "items": [
+                        {"key": "tls.crt", "path": "tls.crt"},
+                        {"key": "tls.key", "path": "tls.key"}]}},
+                {"name": "tls-ca", "secret": {"secretName": "web-tls", "defaultMode": 0o440,
+                    "optional": true, "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            ])
+        );
+        let mount = &pod.containers[0].volume_mounts.as_ref().unwrap()[1];
+        assert_eq!(
+            (
+                mount.name.as_str(),
+                mount.mount_path.as_str(),
+                mount.read_only
+            ),
+            ("tls-ca", "/etc/kache/tls-ca", Some(true))
+        );
+        assert_eq!(mount.sub_path, None);
         // No security settings: no volumes, no mounts.
         let sts = statefulset(&cluster("web", Default::default()), "img:1").unwrap();
         assert_eq!(pod_spec(&sts).volumes, None);
