@@ -44,8 +44,11 @@ def request(port, data, until=b"END\r\n", timeout=5.0):
 
 
 class Node:
-    def __init__(self, name, members_file, replication_factor, extra=()):
+    def __init__(self, name, members_file, replication_factor, extra=(), host="127.0.0.1"):
         self.name = name
+        # The member's `host` in the list (what peers connect to and verify over TLS); the
+        # node always listens on 127.0.0.1.
+        self.host = host
         self.port = free_port()
         self.peer_port = free_port()
         self.admin_port = free_port()
@@ -54,7 +57,7 @@ class Node:
         self.proc = None
 
     def member(self):
-        return {"name": self.name, "host": "127.0.0.1", "ip": "127.0.0.1",
+        return {"name": self.name, "host": self.host, "ip": "127.0.0.1",
                 "port": self.port, "peerPort": self.peer_port}
 
     def start(self):
@@ -101,9 +104,9 @@ class LocalCluster:
         self.nodes = []
         self.published = []
 
-    def add_node(self, name=None, start=True, extra=()):
+    def add_node(self, name=None, start=True, extra=(), host="127.0.0.1"):
         node = Node(name or f"kache-{len(self.nodes)}", self.members_file,
-                    self.replication_factor, extra)
+                    self.replication_factor, extra, host)
         self.nodes.append(node)
         if start:
             node.start()
