@@ -430,8 +430,14 @@ async fn restart_mid_scale_in(client: Client, path: String, ns: String) {
         })
         .await;
     }
+    // Make b look again at the settled cluster (a metadata-only change of
+    // the CacheCluster triggers a reconcile that has nothing to do).
     let settled = b.metrics.reconciles.get();
-    wait_reconciles(&b, settled, 2).await;
+    let poke = json!({"metadata": {"annotations": {"e2e.kache.dev/poke": "1"}}});
+    ccs.patch("e2e", &PatchParams::default(), &Patch::Merge(&poke))
+        .await
+        .unwrap();
+    wait_reconciles(&b, settled, 1).await;
     let o = wait_members(&ccs, &cms, std::slice::from_ref(&m0), 5).await;
     let st = o.cc.status.unwrap();
     assert_eq!(st.members.len(), 1, "{:?}", st.members);
