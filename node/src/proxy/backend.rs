@@ -7,11 +7,10 @@
 //! clients the proxy has, as twemproxy does.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures::future::join_all;
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -21,7 +20,7 @@ use crate::protocol::forward::{reply_len, ReplyKind};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a node may take to answer before the proxy gives up on a request.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Largest reply buffered from a node (values are bounded by the item size limit).
@@ -51,7 +50,6 @@ struct Request {
 pub struct Backend {
     pub addr: String,
     lanes: Vec<mpsc::Sender<Request>>,
-    next_lane: AtomicUsize,
     down_until: Mutex<Option<Instant>>,
     backoff: Mutex<Duration>,
     pub errors: AtomicU64,
@@ -72,7 +70,6 @@ impl Backend {
         let backend = std::sync::Arc::new(Backend {
             addr,
             lanes,
-            next_lane: AtomicUsize::new(0),
             down_until: Mutex::new(None),
             backoff: Mutex::new(MIN_BACKOFF),
             errors: AtomicU64::new(0),
@@ -104,35 +101,49 @@ impl Backend {
         *self.backoff.lock() = MIN_BACKOFF;
     }
 
-    /// Sends `requests` (in order, on one connection) and returns one reply per request.
+    /// Queues one request on connection `lane` (taken modulo the pool size: callers pass
+    /// a number of their own, so their requests keep their order). Waits while that
+    /// connection's queue is full. The receiver yields the reply.
+    pub async fn enqueue(
+        &self,
+        lane: usize,
+        bytes: Bytes,
+        kind: ReplyKind,
+    ) -> Result<oneshot::Receiver<Result<Bytes, ExchangeError>>, ExchangeError> {
+        let (tx, rx) = oneshot::channel();
+        let request = Request {
+            bytes,
+            kind,
+            reply: tx,
+        };
+        self.lanes[lane % self.lanes.len()]
+            .send(request)
+            .await
+            .map_err(|_| ExchangeError::Unreachable)?;
+        Ok(rx)
+    }
+
+    /// Sends one request on connection `lane` and waits (up to `REPLY_TIMEOUT`) for its reply.
     pub async fn exchange(
         &self,
-        requests: &[(Bytes, ReplyKind)],
-    ) -> Result<Vec<Bytes>, ExchangeError> {
-        let lane = &self.lanes[self.next_lane.fetch_add(1, Relaxed) % self.lanes.len()];
-        let mut waiting = Vec::with_capacity(requests.len());
-        for (bytes, kind) in requests {
-            let (tx, rx) = oneshot::channel();
-            let request = Request {
-                bytes: bytes.clone(),
-                kind: *kind,
-                reply: tx,
-            };
-            if lane.send(request).await.is_err() {
-                return Err(ExchangeError::Unreachable);
+        lane: usize,
+        bytes: Bytes,
+        kind: ReplyKind,
+    ) -> Result<Bytes, ExchangeError> {
+        let reply = self.enqueue(lane, bytes, kind).await?;
+        match tokio::time::timeout(REPLY_TIMEOUT, reply).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(ExchangeError::Broken),
+            Err(_) => {
+                self.count_error();
+                Err(ExchangeError::Broken)
             }
-            waiting.push(rx);
         }
-        let replies = tokio::time::timeout(REPLY_TIMEOUT, join_all(waiting))
-            .await
-            .map_err(|_| {
-                self.errors.fetch_add(1, Relaxed);
-                ExchangeError::Broken
-            })?;
-        replies
-            .into_iter()
-            .map(|r| r.unwrap_or(Err(ExchangeError::Broken)))
-            .collect()
+    }
+
+    /// Counts a failed request (for metrics).
+    pub fn count_error(&self) {
+        self.errors.fetch_add(1, Relaxed);
     }
 }
 
