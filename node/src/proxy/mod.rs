@@ -624,6 +624,17 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
             if parts.iter().any(|(o, _)| o.is_empty()) {
                 return Job::Local(Bytes::from_static(UNAVAILABLE));
             }
+            if let [(owners, keys)] = parts.as_mut_slice() {
+                // One node holds every key: it answers in the client's order itself.
+                let mut out = BytesMut::new();
+                encode_get(*command, *exptime, keys, &mut out);
+                return Job::Keyed {
+                    owners: std::mem::take(owners),
+                    bytes: out.freeze(),
+                    kind: ReplyKind::Retrieval,
+                    quiet: Quiet::None,
+                };
+            }
             let parts = parts
                 .into_iter()
                 .map(|(o, keys)| {
