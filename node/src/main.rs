@@ -317,7 +317,20 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
         max_item_size: args.max_item_size,
         ..Limits::default()
     };
-    let proxy = Arc::new(Proxy::new(cluster.clone(), limits, args.pool_size as usize));
+    let login = match &args.node_auth_file {
+        Some(path) => {
+            let file = Arc::new(AuthFile::load(path)?);
+            tokio::spawn(file.clone().follow(shutdown_rx.clone()));
+            Some(file)
+        }
+        None => None,
+    };
+    let proxy = Arc::new(Proxy::new(
+        cluster.clone(),
+        limits,
+        args.pool_size as usize,
+        login,
+    ));
     let readiness = Arc::new(Readiness::default());
     if let Some(listener) = admin_listener {
         tokio::spawn(admin::serve_proxy(

@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -16,9 +17,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::auth::AuthFile;
 use crate::protocol::forward::{reply_len, ReplyKind};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a node may take to answer the login.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a node may take to answer before the proxy gives up on a request.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -49,6 +53,8 @@ struct Request {
 
 pub struct Backend {
     pub addr: String,
+    /// Credentials to log in with on every new connection, for nodes that require them.
+    login: Option<Arc<AuthFile>>,
     lanes: Vec<mpsc::Sender<Request>>,
     down_until: Mutex<Option<Instant>>,
     backoff: Mutex<Duration>,
@@ -58,7 +64,11 @@ pub struct Backend {
 
 impl Backend {
     /// A backend with `connections` persistent connections (opened on first use).
-    pub fn new(addr: String, connections: usize) -> std::sync::Arc<Backend> {
+    pub fn new(
+        addr: String,
+        connections: usize,
+        login: Option<Arc<AuthFile>>,
+    ) -> std::sync::Arc<Backend> {
         let mut receivers = Vec::new();
         let lanes = (0..connections.max(1))
             .map(|_| {
@@ -69,6 +79,7 @@ impl Backend {
             .collect();
         let backend = std::sync::Arc::new(Backend {
             addr,
+            login,
             lanes,
             down_until: Mutex::new(None),
             backoff: Mutex::new(MIN_BACKOFF),
@@ -161,16 +172,16 @@ async fn lane(backend: std::sync::Weak<Backend>, mut rx: mpsc::Receiver<Request>
             },
         };
         let Some(b) = backend.upgrade() else { return };
-        let connected =
-            tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(b.addr.as_str())).await;
-        let stream = match connected {
-            Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
+        let stream = match connect(&b).await {
+            Ok(stream) => {
                 b.mark_up();
                 b.connects.fetch_add(1, Relaxed);
                 stream
             }
-            _ => {
+            Err(error) => {
+                if !b.is_down() {
+                    tracing::warn!(node = %b.addr, %error, "cannot use cache node");
+                }
                 b.mark_down();
                 let _ = request.reply.send(Err(ExchangeError::Unreachable));
                 // Everything already queued would meet the same fate.
@@ -183,6 +194,47 @@ async fn lane(backend: std::sync::Weak<Backend>, mut rx: mpsc::Receiver<Request>
         drop(b);
         first = serve_connection(stream, request, &mut rx).await;
     }
+}
+
+/// Opens a connection to the node and, when it requires authentication, logs in.
+async fn connect(backend: &Backend) -> Result<TcpStream, String> {
+    let mut stream =
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend.addr.as_str()))
+            .await
+        {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => return Err(error.to_string()),
+            Err(_) => return Err("connect timed out".into()),
+        };
+    let _ = stream.set_nodelay(true);
+    if let Some(login) = &backend.login {
+        let reply = tokio::time::timeout(LOGIN_TIMEOUT, async {
+            stream.write_all(&login.login_request()).await?;
+            // The reply is one short line; read it without taking bytes beyond it.
+            let mut line = Vec::with_capacity(64);
+            while !line.ends_with(b"\r\n") && line.len() < 1024 {
+                let mut byte = [0u8; 1];
+                if stream.read(&mut byte).await? == 0 {
+                    break;
+                }
+                line.push(byte[0]);
+            }
+            Ok::<_, std::io::Error>(line)
+        })
+        .await;
+        match reply {
+            Ok(Ok(line)) if line == b"STORED\r\n" => {}
+            Ok(Ok(line)) => {
+                return Err(format!(
+                    "login refused: {}",
+                    String::from_utf8_lossy(&line).trim_end()
+                ))
+            }
+            Ok(Err(error)) => return Err(format!("login failed: {error}")),
+            Err(_) => return Err("login timed out".into()),
+        }
+    }
+    Ok(stream)
 }
 
 /// Drives one connection until it breaks. Returns a request taken from the queue but not

@@ -31,6 +31,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+use crate::auth::AuthFile;
 use crate::cluster::{Cluster, ClusterView};
 use crate::engine::version_string;
 use crate::protocol::forward::{encode_get, encode_keyed, value_blocks, Quiet, ReplyKind};
@@ -97,6 +98,8 @@ pub struct Proxy {
     rebuild: Mutex<()>,
     limits: Limits,
     pool_size: usize,
+    /// Credentials for nodes that require authentication.
+    login: Option<Arc<AuthFile>>,
     pub stats: ProxyStats,
 }
 
@@ -110,7 +113,12 @@ struct Routes {
 impl Routes {
     /// The backends for `view`, reusing those of `old` whose member kept its address (so
     /// their open connections survive the change).
-    fn new(view: Arc<ClusterView>, old: &Routes, pool_size: usize) -> Routes {
+    fn new(
+        view: Arc<ClusterView>,
+        old: &Routes,
+        pool_size: usize,
+        login: &Option<Arc<AuthFile>>,
+    ) -> Routes {
         let backends = view
             .list
             .members
@@ -124,7 +132,7 @@ impl Routes {
                     .zip(&old.backends)
                     .find(|(m, b)| m.name == member.name && b.addr == addr)
                     .map(|(_, b)| b.clone())
-                    .unwrap_or_else(|| Backend::new(addr, pool_size))
+                    .unwrap_or_else(|| Backend::new(addr, pool_size, login.clone()))
             })
             .collect();
         Routes { view, backends }
@@ -132,18 +140,26 @@ impl Routes {
 }
 
 impl Proxy {
-    pub fn new(cluster: Arc<Cluster>, limits: Limits, pool_size: usize) -> Proxy {
+    /// A proxy over `cluster` keeping `pool_size` connections per node, logging in to the
+    /// nodes with the first entry of `login` when given.
+    pub fn new(
+        cluster: Arc<Cluster>,
+        limits: Limits,
+        pool_size: usize,
+        login: Option<Arc<AuthFile>>,
+    ) -> Proxy {
         let routes = Routes {
             view: cluster.view(),
             backends: Vec::new(),
         };
-        let routes = Routes::new(routes.view.clone(), &routes, pool_size);
+        let routes = Routes::new(routes.view.clone(), &routes, pool_size, &login);
         Proxy {
             cluster,
             routes: ArcSwap::from_pointee(routes),
             rebuild: Mutex::new(()),
             limits,
             pool_size,
+            login,
             stats: ProxyStats::default(),
         }
     }
@@ -165,7 +181,7 @@ impl Proxy {
         if Arc::ptr_eq(&routes.view, &view) {
             return routes;
         }
-        let fresh = Arc::new(Routes::new(view, &routes, self.pool_size));
+        let fresh = Arc::new(Routes::new(view, &routes, self.pool_size, &self.login));
         self.routes.store(fresh.clone());
         fresh
     }
