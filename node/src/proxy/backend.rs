@@ -265,6 +265,10 @@ async fn serve_connection(
     loop {
         // Gather what is queued into one write.
         if let Some(request) = pending.take() {
+            // Let the other ready tasks (clients whose requests arrived in the same turn
+            // of the event loop) queue theirs first, as an event loop that writes on the
+            // next turn does.
+            tokio::task::yield_now().await;
             out.clear();
             out.extend_from_slice(&request.bytes);
             inflight.push_back((request.kind, request.reply));

@@ -603,6 +603,12 @@ fn sum_stats(replies: &[Bytes]) -> Bytes {
     out.freeze()
 }
 
+/// Room for a request line naming `keys` (command, numbers and flags included), so
+/// encoding it allocates once.
+fn line_capacity(keys: &[&[u8]]) -> usize {
+    keys.iter().map(|k| k.len() + 1).sum::<usize>() + 96
+}
+
 fn local_line(text: &str) -> Job {
     let mut out = BytesMut::new();
     reply::line(&mut out, text);
@@ -642,7 +648,7 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
             }
             if let [(owners, keys)] = parts.as_mut_slice() {
                 // One node holds every key: it answers in the client's order itself.
-                let mut out = BytesMut::new();
+                let mut out = BytesMut::with_capacity(line_capacity(keys));
                 encode_get(*command, *exptime, keys, &mut out);
                 return Job::Keyed {
                     owners: std::mem::take(owners),
@@ -654,7 +660,7 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
             let parts = parts
                 .into_iter()
                 .map(|(o, keys)| {
-                    let mut out = BytesMut::new();
+                    let mut out = BytesMut::with_capacity(line_capacity(&keys));
                     encode_get(*command, *exptime, &keys, &mut out);
                     (o, out.freeze())
                 })
@@ -676,7 +682,11 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
                 Request::MetaDebug { key } => key,
                 _ => &[],
             };
-            let mut out = BytesMut::new();
+            let data = match request {
+                Request::Store(s) => s.data.len(),
+                _ => 0,
+            };
+            let mut out = BytesMut::with_capacity(line_capacity(&[key]) + data);
             let Some((kind, quiet)) = encode_keyed(request, &mut out) else {
                 return local_line("ERROR");
             };
