@@ -58,6 +58,11 @@ impl Credentials {
         Ok(Credentials { entries })
     }
 
+    /// The first entry: what a client of the nodes (the proxy) logs in with.
+    pub fn first(&self) -> Option<&(Vec<u8>, Vec<u8>)> {
+        self.entries.first()
+    }
+
     pub fn check(&self, user: &[u8], password: &[u8]) -> bool {
         // Every entry is compared, so the time taken does not depend on which one matched.
         self.entries
@@ -91,6 +96,22 @@ impl AuthFile {
 
     pub fn check(&self, user: &[u8], password: &[u8]) -> bool {
         self.current.load().check(user, password)
+    }
+
+    /// The login request memcached's text-protocol authentication expects, made from the
+    /// file's first entry: `set <key> 0 0 <length>` with the data `<user> <password>`.
+    pub fn login_request(&self) -> Vec<u8> {
+        let credentials = self.current.load();
+        let (user, password) = credentials
+            .first()
+            .map_or((&[][..], &[][..]), |(u, p)| (u.as_slice(), p.as_slice()));
+        let mut data = user.to_vec();
+        data.push(b' ');
+        data.extend_from_slice(password);
+        let mut request = format!("set kache-auth 0 0 {}\r\n", data.len()).into_bytes();
+        request.extend_from_slice(&data);
+        request.extend_from_slice(b"\r\n");
+        request
     }
 
     /// Re-reads the file whenever it changes, until `shutdown`. A bad new version is logged

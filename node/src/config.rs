@@ -76,6 +76,12 @@ pub struct ProxyArgs {
     /// Read the member-list document from this file and follow its changes.
     #[arg(long = "members-file")]
     pub members_file: Option<std::path::PathBuf>,
+
+    /// Log in to nodes that require authentication (their `--auth-file`) with the first
+    /// `user:password` line of this file: memcached's `-Y` format, so the CacheCluster's
+    /// auth Secret can be mounted as is. Re-read when it changes; used on new connections.
+    #[arg(long = "node-auth-file")]
+    pub node_auth_file: Option<std::path::PathBuf>,
 }
 
 /// What to run.

@@ -37,11 +37,20 @@ fn main() -> ExitCode {
         || std::thread::available_parallelism().map_or(4, |n| n.get()),
         |t| t as usize,
     );
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-    {
+    // One thread: run every task on it (as twemproxy's event loop does). A task woken by
+    // another then runs after the rest of the ready tasks, so a connection to a node
+    // gathers the requests of every client served in that turn into one write.
+    let built = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    };
+    let runtime = match built {
         Ok(rt) => rt,
         Err(error) => {
             eprintln!("kache-node: cannot start the runtime: {error}");
@@ -315,7 +324,20 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
         max_item_size: args.max_item_size,
         ..Limits::default()
     };
-    let proxy = Arc::new(Proxy::new(cluster.clone(), limits, args.pool_size as usize));
+    let login = match &args.node_auth_file {
+        Some(path) => {
+            let file = Arc::new(AuthFile::load(path)?);
+            tokio::spawn(file.clone().follow(shutdown_rx.clone()));
+            Some(file)
+        }
+        None => None,
+    };
+    let proxy = Arc::new(Proxy::new(
+        cluster.clone(),
+        limits,
+        args.pool_size as usize,
+        login,
+    ));
     let readiness = Arc::new(Readiness::default());
     if let Some(listener) = admin_listener {
         tokio::spawn(admin::serve_proxy(

@@ -13,12 +13,12 @@ from conftest import NODE_BIN, free_port, request, wait_port
 
 
 class ProxyProcess:
-    def __init__(self, members_file):
+    def __init__(self, members_file, extra=()):
         self.port = free_port()
         self.admin_port = free_port()
         self.proc = subprocess.Popen(
             [NODE_BIN, "proxy", "-l", "127.0.0.1", "-p", str(self.port), "--admin-port",
-             str(self.admin_port), "--members-file", members_file, "-t", "2"],
+             str(self.admin_port), "--members-file", members_file, "-t", "2", *extra],
             stdout=subprocess.DEVNULL, stderr=open(os.environ.get("KACHE_TEST_LOGS", "/dev/null") if "KACHE_TEST_LOGS" in os.environ else os.devnull, "ab"),
             env={**os.environ, "RUST_LOG": os.environ.get("KACHE_PROXY_LOG", "warn")})
         wait_port(self.port)
@@ -54,12 +54,12 @@ class ProxyProcess:
 def proxied(local_cluster):
     started = []
 
-    def make(nodes=3, replication_factor=1):
+    def make(nodes=3, replication_factor=1, node_extra=(), proxy_extra=()):
         cluster = local_cluster(replication_factor)
-        members = [cluster.add_node() for _ in range(nodes)]
+        members = [cluster.add_node(extra=node_extra) for _ in range(nodes)]
         cluster.publish(members)
         cluster.wait_version()
-        proxy = ProxyProcess(cluster.members_file)
+        proxy = ProxyProcess(cluster.members_file, proxy_extra)
         started.append(proxy)
         return cluster, members, proxy
 
@@ -180,3 +180,34 @@ def test_a_killed_node_with_two_replicas_causes_no_client_error(proxied):
     assert not misses, f"{len(misses)} misses after failover, e.g. {misses[:5]}"
     assert all(client.get(k) == b"v" for k in keys)
     assert "kache_proxy_failovers_total" in proxy.metrics()
+
+
+def test_the_proxy_logs_in_to_nodes_that_require_authentication(proxied, tmp_path):
+    """Nodes run with memcached's -Y auth; the proxy logs in with --node-auth-file, so the
+    application's client needs no credentials. A wrong password gets an error, not data."""
+    auth = tmp_path / "auth"
+    auth.write_text("app:s3cret\n")
+    cluster, nodes, proxy = proxied(node_extra=["--auth-file", str(auth)],
+                                    proxy_extra=["--node-auth-file", str(auth)])
+    client = proxy.client()
+    keys = [f"secure:{i}" for i in range(300)]
+    for k in keys:
+        assert client.set(k, k.encode(), noreply=False)
+    assert client.get_many(keys) == {k: k.encode() for k in keys}
+    # Every node holds some of them, and refuses a client that has not logged in.
+    for node in nodes:
+        assert request(node.port, b"get secure:1\r\n", until=b"\r\n") == \
+            b"CLIENT_ERROR unauthenticated\r\n"
+
+    wrong = tmp_path / "wrong"
+    wrong.write_text("app:nope\n")
+    refused = ProxyProcess(cluster.members_file, ["--node-auth-file", str(wrong)])
+    try:
+        for line in (b"get secure:1\r\n", b"set x 0 0 1\r\nx\r\n"):
+            assert request(refused.port, line, until=b"\r\n") == \
+                b"SERVER_ERROR no cache node available\r\n"
+
+    finally:
+        refused.stop()
+    # The refused logins harmed nothing.
+    assert client.get_many(keys[:50]) == {k: k.encode() for k in keys[:50]}

@@ -7,21 +7,24 @@
 //! clients the proxy has, as twemproxy does.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures::future::join_all;
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::auth::AuthFile;
 use crate::protocol::forward::{reply_len, ReplyKind};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a node may take to answer the login.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a node may take to answer before the proxy gives up on a request.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Largest reply buffered from a node (values are bounded by the item size limit).
@@ -50,8 +53,9 @@ struct Request {
 
 pub struct Backend {
     pub addr: String,
+    /// Credentials to log in with on every new connection, for nodes that require them.
+    login: Option<Arc<AuthFile>>,
     lanes: Vec<mpsc::Sender<Request>>,
-    next_lane: AtomicUsize,
     down_until: Mutex<Option<Instant>>,
     backoff: Mutex<Duration>,
     pub errors: AtomicU64,
@@ -60,7 +64,11 @@ pub struct Backend {
 
 impl Backend {
     /// A backend with `connections` persistent connections (opened on first use).
-    pub fn new(addr: String, connections: usize) -> std::sync::Arc<Backend> {
+    pub fn new(
+        addr: String,
+        connections: usize,
+        login: Option<Arc<AuthFile>>,
+    ) -> std::sync::Arc<Backend> {
         let mut receivers = Vec::new();
         let lanes = (0..connections.max(1))
             .map(|_| {
@@ -71,8 +79,8 @@ impl Backend {
             .collect();
         let backend = std::sync::Arc::new(Backend {
             addr,
+            login,
             lanes,
-            next_lane: AtomicUsize::new(0),
             down_until: Mutex::new(None),
             backoff: Mutex::new(MIN_BACKOFF),
             errors: AtomicU64::new(0),
@@ -104,35 +112,49 @@ impl Backend {
         *self.backoff.lock() = MIN_BACKOFF;
     }
 
-    /// Sends `requests` (in order, on one connection) and returns one reply per request.
+    /// Queues one request on connection `lane` (taken modulo the pool size: callers pass
+    /// a number of their own, so their requests keep their order). Waits while that
+    /// connection's queue is full. The receiver yields the reply.
+    pub async fn enqueue(
+        &self,
+        lane: usize,
+        bytes: Bytes,
+        kind: ReplyKind,
+    ) -> Result<oneshot::Receiver<Result<Bytes, ExchangeError>>, ExchangeError> {
+        let (tx, rx) = oneshot::channel();
+        let request = Request {
+            bytes,
+            kind,
+            reply: tx,
+        };
+        self.lanes[lane % self.lanes.len()]
+            .send(request)
+            .await
+            .map_err(|_| ExchangeError::Unreachable)?;
+        Ok(rx)
+    }
+
+    /// Sends one request on connection `lane` and waits (up to `REPLY_TIMEOUT`) for its reply.
     pub async fn exchange(
         &self,
-        requests: &[(Bytes, ReplyKind)],
-    ) -> Result<Vec<Bytes>, ExchangeError> {
-        let lane = &self.lanes[self.next_lane.fetch_add(1, Relaxed) % self.lanes.len()];
-        let mut waiting = Vec::with_capacity(requests.len());
-        for (bytes, kind) in requests {
-            let (tx, rx) = oneshot::channel();
-            let request = Request {
-                bytes: bytes.clone(),
-                kind: *kind,
-                reply: tx,
-            };
-            if lane.send(request).await.is_err() {
-                return Err(ExchangeError::Unreachable);
+        lane: usize,
+        bytes: Bytes,
+        kind: ReplyKind,
+    ) -> Result<Bytes, ExchangeError> {
+        let reply = self.enqueue(lane, bytes, kind).await?;
+        match tokio::time::timeout(REPLY_TIMEOUT, reply).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(ExchangeError::Broken),
+            Err(_) => {
+                self.count_error();
+                Err(ExchangeError::Broken)
             }
-            waiting.push(rx);
         }
-        let replies = tokio::time::timeout(REPLY_TIMEOUT, join_all(waiting))
-            .await
-            .map_err(|_| {
-                self.errors.fetch_add(1, Relaxed);
-                ExchangeError::Broken
-            })?;
-        replies
-            .into_iter()
-            .map(|r| r.unwrap_or(Err(ExchangeError::Broken)))
-            .collect()
+    }
+
+    /// Counts a failed request (for metrics).
+    pub fn count_error(&self) {
+        self.errors.fetch_add(1, Relaxed);
     }
 }
 
@@ -150,16 +172,16 @@ async fn lane(backend: std::sync::Weak<Backend>, mut rx: mpsc::Receiver<Request>
             },
         };
         let Some(b) = backend.upgrade() else { return };
-        let connected =
-            tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(b.addr.as_str())).await;
-        let stream = match connected {
-            Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
+        let stream = match connect(&b).await {
+            Ok(stream) => {
                 b.mark_up();
                 b.connects.fetch_add(1, Relaxed);
                 stream
             }
-            _ => {
+            Err(error) => {
+                if !b.is_down() {
+                    tracing::warn!(node = %b.addr, %error, "cannot use cache node");
+                }
                 b.mark_down();
                 let _ = request.reply.send(Err(ExchangeError::Unreachable));
                 // Everything already queued would meet the same fate.
@@ -172,6 +194,47 @@ async fn lane(backend: std::sync::Weak<Backend>, mut rx: mpsc::Receiver<Request>
         drop(b);
         first = serve_connection(stream, request, &mut rx).await;
     }
+}
+
+/// Opens a connection to the node and, when it requires authentication, logs in.
+async fn connect(backend: &Backend) -> Result<TcpStream, String> {
+    let mut stream =
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend.addr.as_str()))
+            .await
+        {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => return Err(error.to_string()),
+            Err(_) => return Err("connect timed out".into()),
+        };
+    let _ = stream.set_nodelay(true);
+    if let Some(login) = &backend.login {
+        let reply = tokio::time::timeout(LOGIN_TIMEOUT, async {
+            stream.write_all(&login.login_request()).await?;
+            // The reply is one short line; read it without taking bytes beyond it.
+            let mut line = Vec::with_capacity(64);
+            while !line.ends_with(b"\r\n") && line.len() < 1024 {
+                let mut byte = [0u8; 1];
+                if stream.read(&mut byte).await? == 0 {
+                    break;
+                }
+                line.push(byte[0]);
+            }
+            Ok::<_, std::io::Error>(line)
+        })
+        .await;
+        match reply {
+            Ok(Ok(line)) if line == b"STORED\r\n" => {}
+            Ok(Ok(line)) => {
+                return Err(format!(
+                    "login refused: {}",
+                    String::from_utf8_lossy(&line).trim_end()
+                ))
+            }
+            Ok(Err(error)) => return Err(format!("login failed: {error}")),
+            Err(_) => return Err("login timed out".into()),
+        }
+    }
+    Ok(stream)
 }
 
 /// Drives one connection until it breaks. Returns a request taken from the queue but not
@@ -202,6 +265,10 @@ async fn serve_connection(
     loop {
         // Gather what is queued into one write.
         if let Some(request) = pending.take() {
+            // Let the other ready tasks (clients whose requests arrived in the same turn
+            // of the event loop) queue theirs first, as an event loop that writes on the
+            // next turn does.
+            tokio::task::yield_now().await;
             out.clear();
             out.extend_from_slice(&request.bytes);
             inflight.push_back((request.kind, request.reply));

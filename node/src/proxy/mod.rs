@@ -23,19 +23,20 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::future::join_all;
-use kache_cluster::Member;
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+use crate::auth::AuthFile;
 use crate::cluster::{Cluster, ClusterView};
 use crate::engine::version_string;
 use crate::protocol::forward::{encode_get, encode_keyed, value_blocks, Quiet, ReplyKind};
 use crate::protocol::{parse, reply, Limits, ParseOutcome, Request};
-use backend::{Backend, ExchangeError};
+use backend::{Backend, ExchangeError, REPLY_TIMEOUT};
 
 const READ_CHUNK: usize = 16 * 1024;
 const UNAVAILABLE: &[u8] = b"SERVER_ERROR no cache node available\r\n";
@@ -66,16 +67,16 @@ enum Combine {
 enum Job {
     /// Answered by the proxy.
     Local(Bytes),
-    /// One request for a key's owners, tried in order.
+    /// One request for a key's owners (indices into the member list), tried in order.
     Keyed {
-        owners: Vec<Member>,
+        owners: Vec<usize>,
         bytes: Bytes,
         kind: ReplyKind,
         quiet: Quiet,
     },
     /// A retrieval split by owner, reassembled in `order`.
     Split {
-        parts: Vec<(Vec<Member>, Bytes)>,
+        parts: Vec<(Vec<usize>, Bytes)>,
         order: Vec<Vec<u8>>,
     },
     /// The same request to every member.
@@ -91,19 +92,74 @@ enum Job {
 
 pub struct Proxy {
     cluster: Arc<Cluster>,
-    backends: Mutex<HashMap<String, Arc<Backend>>>,
+    /// The backends of the current member list, rebuilt when the list changes.
+    routes: ArcSwap<Routes>,
+    /// Serialises rebuilds of `routes`.
+    rebuild: Mutex<()>,
     limits: Limits,
     pool_size: usize,
+    /// Credentials for nodes that require authentication.
+    login: Option<Arc<AuthFile>>,
     pub stats: ProxyStats,
 }
 
+/// A member list and its members' backends, by member index: resolved once per list
+/// rather than once per request.
+struct Routes {
+    view: Arc<ClusterView>,
+    backends: Vec<Arc<Backend>>,
+}
+
+impl Routes {
+    /// The backends for `view`, reusing those of `old` whose member kept its address (so
+    /// their open connections survive the change).
+    fn new(
+        view: Arc<ClusterView>,
+        old: &Routes,
+        pool_size: usize,
+        login: &Option<Arc<AuthFile>>,
+    ) -> Routes {
+        let backends = view
+            .list
+            .members
+            .iter()
+            .map(|member| {
+                let addr = format!("{}:{}", member.host, member.port);
+                old.view
+                    .list
+                    .members
+                    .iter()
+                    .zip(&old.backends)
+                    .find(|(m, b)| m.name == member.name && b.addr == addr)
+                    .map(|(_, b)| b.clone())
+                    .unwrap_or_else(|| Backend::new(addr, pool_size, login.clone()))
+            })
+            .collect();
+        Routes { view, backends }
+    }
+}
+
 impl Proxy {
-    pub fn new(cluster: Arc<Cluster>, limits: Limits, pool_size: usize) -> Proxy {
+    /// A proxy over `cluster` keeping `pool_size` connections per node, logging in to the
+    /// nodes with the first entry of `login` when given.
+    pub fn new(
+        cluster: Arc<Cluster>,
+        limits: Limits,
+        pool_size: usize,
+        login: Option<Arc<AuthFile>>,
+    ) -> Proxy {
+        let routes = Routes {
+            view: cluster.view(),
+            backends: Vec::new(),
+        };
+        let routes = Routes::new(routes.view.clone(), &routes, pool_size, &login);
         Proxy {
             cluster,
-            backends: Mutex::new(HashMap::new()),
+            routes: ArcSwap::from_pointee(routes),
+            rebuild: Mutex::new(()),
             limits,
             pool_size,
+            login,
             stats: ProxyStats::default(),
         }
     }
@@ -112,24 +168,30 @@ impl Proxy {
         &self.cluster
     }
 
-    fn backend(&self, member: &Member) -> Arc<Backend> {
-        let addr = format!("{}:{}", member.host, member.port);
-        let mut backends = self.backends.lock();
-        match backends.get(&member.name) {
-            Some(b) if b.addr == addr => b.clone(),
-            _ => {
-                let b = Backend::new(addr, self.pool_size);
-                backends.insert(member.name.clone(), b.clone());
-                b
-            }
+    /// The routes for the current member list.
+    fn routes(&self) -> Arc<Routes> {
+        let routes = self.routes.load_full();
+        let view = self.cluster.view();
+        if Arc::ptr_eq(&routes.view, &view) {
+            return routes;
         }
+        let _guard = self.rebuild.lock();
+        let routes = self.routes.load_full();
+        let view = self.cluster.view();
+        if Arc::ptr_eq(&routes.view, &view) {
+            return routes;
+        }
+        let fresh = Arc::new(Routes::new(view, &routes, self.pool_size, &self.login));
+        self.routes.store(fresh.clone());
+        fresh
     }
 
     /// Total backend errors (for metrics).
     pub fn backend_errors(&self) -> u64 {
-        self.backends
-            .lock()
-            .values()
+        self.routes
+            .load()
+            .backends
+            .iter()
             .map(|b| b.errors.load(Relaxed))
             .sum()
     }
@@ -166,11 +228,11 @@ impl Proxy {
                 continue;
             };
             self.stats.curr_connections.fetch_add(1, Relaxed);
-            self.stats.total_connections.fetch_add(1, Relaxed);
+            let id = self.stats.total_connections.fetch_add(1, Relaxed) as usize;
             let proxy = self.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                let _ = proxy.client(stream, shutdown).await;
+                let _ = proxy.client(stream, id, shutdown).await;
                 drop(permit);
                 proxy.stats.curr_connections.fetch_sub(1, Relaxed);
             });
@@ -183,11 +245,14 @@ impl Proxy {
     async fn client(
         &self,
         mut stream: TcpStream,
+        id: usize,
         mut shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<()> {
         let _ = stream.set_nodelay(true);
         let mut read = BytesMut::with_capacity(READ_CHUNK);
         let mut write = BytesMut::with_capacity(READ_CHUNK);
+        let mut jobs = Vec::new();
+        let mut replies = Vec::new();
         let mut swallow = 0usize;
         let mut draining = *shutdown.borrow();
         let mut first_read = true;
@@ -212,8 +277,7 @@ impl Proxy {
                 return Ok(());
             }
             first_read = false;
-            let view = self.cluster.view();
-            let mut jobs = Vec::new();
+            let routes = self.routes();
             let mut close = false;
             loop {
                 if swallow > 0 {
@@ -231,7 +295,7 @@ impl Proxy {
                         swallow: s,
                     } => {
                         swallow = s;
-                        jobs.push(plan(&request, &view));
+                        jobs.push(plan(&request, &routes.view));
                         consumed
                     }
                     ParseOutcome::Incomplete => break,
@@ -246,14 +310,15 @@ impl Proxy {
                 }
             }
             self.stats.requests.fetch_add(jobs.len() as u64, Relaxed);
-            let replies = self.run(&jobs, &view).await;
-            for (job, reply) in jobs.iter().zip(replies) {
+            self.run(&jobs, &routes, id, &mut replies).await;
+            for (job, reply) in jobs.iter().zip(replies.drain(..)) {
                 if matches!(job, Job::Close) {
                     close = true;
                     break;
                 }
                 write.put_slice(&reply);
             }
+            jobs.clear();
             stream.write_all(&write).await?;
             write.clear();
             if close {
@@ -263,137 +328,189 @@ impl Proxy {
         }
     }
 
-    /// Executes a batch of jobs and returns one reply per job, in order.
-    async fn run(&self, jobs: &[Job], view: &ClusterView) -> Vec<Bytes> {
-        // The calls bound for one node in one round, with their attempt numbers.
-        type Group = (Arc<Backend>, Vec<(Call, usize)>);
-        // Every request a node must answer: (job, part) and where it may go, in order.
-        struct Call {
-            job: usize,
-            part: usize,
-            candidates: Vec<Member>,
-            bytes: Bytes,
-            kind: ReplyKind,
+    /// Executes a batch of jobs and appends one reply per job, in order, to `replies`.
+    ///
+    /// Every request of one client connection to one node goes through the same backend
+    /// connection (`lane`), so a node sees a client's requests in the client's order.
+    async fn run(&self, jobs: &[Job], routes: &Routes, lane: usize, replies: &mut Vec<Bytes>) {
+        // The common case, a lone request for one key, needs no bookkeeping.
+        if let [Job::Keyed {
+            owners,
+            bytes,
+            kind,
+            quiet,
+        }] = jobs
+        {
+            let reply = self.call(routes, lane, owners, bytes, *kind).await;
+            replies.push(if quiet.delivers(&reply) {
+                reply
+            } else {
+                Bytes::new()
+            });
+            return;
         }
-        let mut calls = Vec::new();
-        for (j, job) in jobs.iter().enumerate() {
+        // Every request a node must answer, in job order: where it may go, and which
+        // candidate it is at.
+        struct Call<'j> {
+            candidates: &'j [usize],
+            bytes: &'j Bytes,
+            kind: ReplyKind,
+            attempt: usize,
+        }
+        let everyone: Vec<usize> = (0..routes.backends.len()).collect();
+        let mut calls: Vec<Call<'_>> = Vec::new();
+        // Calls of job j: calls[spans[j]..spans[j + 1]].
+        let mut spans = Vec::with_capacity(jobs.len() + 1);
+        for job in jobs {
+            spans.push(calls.len());
+            let call = |candidates, bytes, kind| Call {
+                candidates,
+                bytes,
+                kind,
+                attempt: 0,
+            };
             match job {
                 Job::Keyed {
                     owners,
                     bytes,
                     kind,
                     ..
-                } => calls.push(Call {
-                    job: j,
-                    part: 0,
-                    candidates: owners.clone(),
-                    bytes: bytes.clone(),
-                    kind: *kind,
-                }),
-                Job::Split { parts, .. } => {
-                    for (p, (owners, bytes)) in parts.iter().enumerate() {
-                        calls.push(Call {
-                            job: j,
-                            part: p,
-                            candidates: owners.clone(),
-                            bytes: bytes.clone(),
-                            kind: ReplyKind::Retrieval,
-                        });
-                    }
-                }
-                Job::All { bytes, kind, .. } => {
-                    for (p, member) in view.list.members.iter().enumerate() {
-                        calls.push(Call {
-                            job: j,
-                            part: p,
-                            candidates: vec![member.clone()],
-                            bytes: bytes.clone(),
-                            kind: *kind,
-                        });
-                    }
-                }
+                } => calls.push(call(owners, bytes, *kind)),
+                Job::Split { parts, .. } => calls.extend(
+                    parts
+                        .iter()
+                        .map(|(owners, bytes)| call(owners, bytes, ReplyKind::Retrieval)),
+                ),
+                Job::All { bytes, kind, .. } => calls.extend(
+                    everyone
+                        .iter()
+                        .map(|m| call(std::slice::from_ref(m), bytes, *kind)),
+                ),
                 Job::Local(_) | Job::Close => {}
             }
         }
-        let mut results: HashMap<(usize, usize), Bytes> = HashMap::new();
-        let mut pending: Vec<(Call, usize)> = calls.into_iter().map(|c| (c, 0)).collect();
-        // Each round sends every pending call to its current candidate; calls whose node
-        // was unreachable move on to their next candidate (the next owner on the ring).
+        spans.push(calls.len());
+        let mut results: Vec<Option<Bytes>> = vec![None; calls.len()];
+        let mut pending: Vec<usize> = (0..calls.len()).collect();
+        // Each round queues every pending call on its current candidate, in order; calls
+        // whose node was unreachable move on to their next candidate (the next owner on
+        // the ring, which holds a replica).
         while !pending.is_empty() {
-            let mut groups: HashMap<String, Group> = HashMap::new();
-            for (call, mut attempt) in pending.drain(..) {
-                // Skip candidates known to be down while others remain.
-                while attempt + 1 < call.candidates.len()
-                    && self.backend(&call.candidates[attempt]).is_down()
-                {
-                    attempt += 1;
-                }
-                let Some(member) = call.candidates.get(attempt) else {
-                    results.insert((call.job, call.part), Bytes::from_static(UNAVAILABLE));
+            let mut waiting = Vec::with_capacity(pending.len());
+            for i in pending.drain(..) {
+                let call = &mut calls[i];
+                call.attempt = skip_down(routes, call.candidates, call.attempt);
+                let Some(backend) = call
+                    .candidates
+                    .get(call.attempt)
+                    .and_then(|&m| routes.backends.get(m))
+                else {
+                    results[i] = Some(Bytes::from_static(UNAVAILABLE));
                     continue;
                 };
-                let backend = self.backend(member);
-                groups
-                    .entry(member.name.clone())
-                    .or_insert_with(|| (backend, Vec::new()))
-                    .1
-                    .push((call, attempt));
+                waiting.push((i, backend.enqueue(lane, call.bytes.clone(), call.kind).await));
             }
-            let exchanges = groups.into_values().map(|(backend, calls)| async move {
-                let requests: Vec<(Bytes, ReplyKind)> = calls
-                    .iter()
-                    .map(|(c, _)| (c.bytes.clone(), c.kind))
-                    .collect();
-                let outcome = backend.exchange(&requests).await;
-                (calls, outcome)
-            });
-            for (calls, outcome) in join_all(exchanges).await {
-                match outcome {
-                    Ok(replies) => {
-                        for ((call, _), reply) in calls.into_iter().zip(replies) {
-                            results.insert((call.job, call.part), reply);
+            let outcomes = tokio::time::timeout(
+                REPLY_TIMEOUT,
+                join_all(waiting.into_iter().map(|(i, queued)| async move {
+                    let outcome = match queued {
+                        Ok(reply) => reply.await.unwrap_or(Err(ExchangeError::Broken)),
+                        Err(error) => Err(error),
+                    };
+                    (i, outcome)
+                })),
+            )
+            .await;
+            let Ok(outcomes) = outcomes else {
+                // Whatever did not arrive in time has an unknown outcome.
+                for (i, call) in calls.iter().enumerate() {
+                    if results[i].is_none() {
+                        if let Some(b) = call.candidates.get(call.attempt) {
+                            routes.backends[*b].count_error();
                         }
+                        results[i] = Some(Bytes::from_static(BROKEN));
+                    }
+                }
+                break;
+            };
+            for (i, outcome) in outcomes {
+                match outcome {
+                    Ok(reply) => results[i] = Some(reply),
+                    Err(ExchangeError::Unreachable)
+                        if calls[i].attempt + 1 < calls[i].candidates.len() =>
+                    {
+                        self.stats.failovers.fetch_add(1, Relaxed);
+                        calls[i].attempt += 1;
+                        pending.push(i);
                     }
                     Err(ExchangeError::Unreachable) => {
-                        for (call, attempt) in calls {
-                            if attempt + 1 < call.candidates.len() {
-                                self.stats.failovers.fetch_add(1, Relaxed);
-                                pending.push((call, attempt + 1));
-                            } else {
-                                results
-                                    .insert((call.job, call.part), Bytes::from_static(UNAVAILABLE));
-                            }
-                        }
+                        results[i] = Some(Bytes::from_static(UNAVAILABLE))
                     }
-                    Err(ExchangeError::Broken) => {
-                        for (call, _) in calls {
-                            results.insert((call.job, call.part), Bytes::from_static(BROKEN));
-                        }
-                    }
+                    Err(ExchangeError::Broken) => results[i] = Some(Bytes::from_static(BROKEN)),
                 }
             }
         }
-        jobs.iter()
-            .enumerate()
-            .map(|(j, job)| assemble(j, job, &mut results, view.list.members.len()))
-            .collect()
+        for (j, job) in jobs.iter().enumerate() {
+            replies.push(assemble(job, &mut results[spans[j]..spans[j + 1]]));
+        }
+    }
+
+    /// One request to a key's owners, failing over along `candidates` while the node it
+    /// went to could not be reached.
+    async fn call(
+        &self,
+        routes: &Routes,
+        lane: usize,
+        candidates: &[usize],
+        bytes: &Bytes,
+        kind: ReplyKind,
+    ) -> Bytes {
+        let mut attempt = skip_down(routes, candidates, 0);
+        loop {
+            let Some(backend) = candidates.get(attempt).and_then(|&m| routes.backends.get(m))
+            else {
+                return Bytes::from_static(UNAVAILABLE);
+            };
+            match backend.exchange(lane, bytes.clone(), kind).await {
+                Ok(reply) => return reply,
+                Err(ExchangeError::Unreachable) if attempt + 1 < candidates.len() => {
+                    self.stats.failovers.fetch_add(1, Relaxed);
+                    attempt += 1;
+                }
+                Err(ExchangeError::Unreachable) => return Bytes::from_static(UNAVAILABLE),
+                Err(ExchangeError::Broken) => return Bytes::from_static(BROKEN),
+            }
+        }
     }
 }
 
-/// The reply to one job from the node replies gathered for it.
-fn assemble(
-    j: usize,
-    job: &Job,
-    results: &mut HashMap<(usize, usize), Bytes>,
-    members: usize,
-) -> Bytes {
+/// The first candidate from `attempt` on whose node is not known to be down, or the last
+/// one when all are.
+fn skip_down(routes: &Routes, candidates: &[usize], mut attempt: usize) -> usize {
+    while attempt + 1 < candidates.len()
+        && routes
+            .backends
+            .get(candidates[attempt])
+            .is_none_or(|b| b.is_down())
+    {
+        attempt += 1;
+    }
+    attempt
+}
+
+/// The reply to one job from the node replies gathered for its calls, in call order.
+fn assemble(job: &Job, results: &mut [Option<Bytes>]) -> Bytes {
+    let mut take = |i: usize| {
+        results
+            .get_mut(i)
+            .and_then(Option::take)
+            .unwrap_or_else(|| Bytes::from_static(BROKEN))
+    };
     match job {
         Job::Local(bytes) => bytes.clone(),
         Job::Close => Bytes::new(),
         Job::Keyed { quiet, .. } => {
-            let reply = results
-                .remove(&(j, 0))
-                .unwrap_or_else(|| Bytes::from_static(BROKEN));
+            let reply = take(0);
             if quiet.delivers(&reply) {
                 reply
             } else {
@@ -401,13 +518,7 @@ fn assemble(
             }
         }
         Job::Split { parts, order } => {
-            let replies: Vec<Bytes> = (0..parts.len())
-                .map(|p| {
-                    results
-                        .remove(&(j, p))
-                        .unwrap_or_else(|| Bytes::from_static(BROKEN))
-                })
-                .collect();
+            let replies: Vec<Bytes> = (0..parts.len()).map(take).collect();
             // An error from any part answers the whole request, as one node would.
             if let Some(err) = replies
                 .iter()
@@ -431,9 +542,7 @@ fn assemble(
             out.freeze()
         }
         Job::All { combine, quiet, .. } => {
-            let replies: Vec<Bytes> = (0..members)
-                .filter_map(|p| results.remove(&(j, p)))
-                .collect();
+            let replies: Vec<Bytes> = results.iter_mut().filter_map(Option::take).collect();
             let combined = match combine {
                 Combine::Agree => replies
                     .iter()
@@ -494,6 +603,12 @@ fn sum_stats(replies: &[Bytes]) -> Bytes {
     out.freeze()
 }
 
+/// Room for a request line naming `keys` (command, numbers and flags included), so
+/// encoding it allocates once.
+fn line_capacity(keys: &[&[u8]]) -> usize {
+    keys.iter().map(|k| k.len() + 1).sum::<usize>() + 96
+}
+
 fn local_line(text: &str) -> Job {
     let mut out = BytesMut::new();
     reply::line(&mut out, text);
@@ -502,21 +617,25 @@ fn local_line(text: &str) -> Job {
 
 /// Decides where a request goes. Pure: depends only on the request and the ring.
 fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
-    let owners = |key: &[u8]| -> Vec<Member> { view.owners(key).into_iter().cloned().collect() };
+    let owners = |key: &[u8]| -> Vec<usize> {
+        view.ring
+            .owners(key, usize::from(view.list.replication_factor.max(1)))
+    };
     match request {
         Request::Get {
             command,
             exptime,
             keys,
         } => {
-            let mut parts: Vec<(Vec<Member>, Vec<&[u8]>)> = Vec::new();
+            let mut parts: Vec<(Vec<usize>, Vec<&[u8]>)> = Vec::new();
             let mut order = Vec::new();
             for key in keys.iter() {
                 order.push(key.to_vec());
                 let key_owners = owners(key);
-                match parts.iter_mut().find(|(o, _)| {
-                    o.first().map(|m| &m.name) == key_owners.first().map(|m| &m.name)
-                }) {
+                match parts
+                    .iter_mut()
+                    .find(|(o, _)| o.first() == key_owners.first())
+                {
                     Some((_, keys)) => keys.push(key),
                     None => parts.push((key_owners, vec![key])),
                 }
@@ -527,10 +646,21 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
             if parts.iter().any(|(o, _)| o.is_empty()) {
                 return Job::Local(Bytes::from_static(UNAVAILABLE));
             }
+            if let [(owners, keys)] = parts.as_mut_slice() {
+                // One node holds every key: it answers in the client's order itself.
+                let mut out = BytesMut::with_capacity(line_capacity(keys));
+                encode_get(*command, *exptime, keys, &mut out);
+                return Job::Keyed {
+                    owners: std::mem::take(owners),
+                    bytes: out.freeze(),
+                    kind: ReplyKind::Retrieval,
+                    quiet: Quiet::None,
+                };
+            }
             let parts = parts
                 .into_iter()
                 .map(|(o, keys)| {
-                    let mut out = BytesMut::new();
+                    let mut out = BytesMut::with_capacity(line_capacity(&keys));
                     encode_get(*command, *exptime, &keys, &mut out);
                     (o, out.freeze())
                 })
@@ -552,7 +682,11 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
                 Request::MetaDebug { key } => key,
                 _ => &[],
             };
-            let mut out = BytesMut::new();
+            let data = match request {
+                Request::Store(s) => s.data.len(),
+                _ => 0,
+            };
+            let mut out = BytesMut::with_capacity(line_capacity(&[key]) + data);
             let Some((kind, quiet)) = encode_keyed(request, &mut out) else {
                 return local_line("ERROR");
             };
@@ -607,11 +741,11 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
                         out.put_slice(arg);
                     }
                     out.put_slice(b"\r\n");
-                    let Some(first) = view.list.members.first() else {
+                    if view.list.members.is_empty() {
                         return Job::Local(Bytes::from_static(UNAVAILABLE));
-                    };
+                    }
                     return Job::Keyed {
-                        owners: vec![first.clone()],
+                        owners: vec![0],
                         bytes: out.freeze(),
                         kind: ReplyKind::Stats,
                         quiet: Quiet::None,
@@ -658,7 +792,7 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kache_cluster::MemberList;
+    use kache_cluster::{Member, MemberList};
 
     fn view(n: u16, rf: u8) -> ClusterView {
         let members = (0..n)
@@ -700,7 +834,10 @@ mod tests {
                 let expected: Vec<String> =
                     v.owners(b"user:1").iter().map(|m| m.name.clone()).collect();
                 assert_eq!(
-                    owners.iter().map(|m| m.name.clone()).collect::<Vec<_>>(),
+                    owners
+                        .iter()
+                        .map(|&i| v.list.members[i].name.clone())
+                        .collect::<Vec<_>>(),
                     expected
                 );
                 assert_eq!(owners.len(), 2);
@@ -732,10 +869,11 @@ mod tests {
             parts: vec![(vec![], Bytes::new()), (vec![], Bytes::new())],
             order: vec![b"b".to_vec(), b"a".to_vec(), b"c".to_vec()],
         };
-        let mut results = HashMap::new();
-        results.insert((0, 0), Bytes::from_static(b"VALUE a 0 1\r\n1\r\nEND\r\n"));
-        results.insert((0, 1), Bytes::from_static(b"VALUE b 0 1\r\n2\r\nEND\r\n"));
-        let reply = assemble(0, &job, &mut results, 2);
+        let mut results = [
+            Some(Bytes::from_static(b"VALUE a 0 1\r\n1\r\nEND\r\n")),
+            Some(Bytes::from_static(b"VALUE b 0 1\r\n2\r\nEND\r\n")),
+        ];
+        let reply = assemble(&job, &mut results);
         assert_eq!(
             &reply[..],
             b"VALUE b 0 1\r\n2\r\nVALUE a 0 1\r\n1\r\nEND\r\n"
