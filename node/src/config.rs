@@ -82,6 +82,25 @@ pub struct ProxyArgs {
     /// auth Secret can be mounted as is. Re-read when it changes; used on new connections.
     #[arg(long = "node-auth-file")]
     pub node_auth_file: Option<std::path::PathBuf>,
+
+    /// Connect to the nodes over TLS (clusters with `spec.tls`), verifying each node's
+    /// certificate against this PEM CA bundle for the member's host
+    /// (`<pod>.<cluster>-peers.<namespace>.svc`). Re-read on every new node connection.
+    #[arg(long = "node-tls-ca")]
+    pub node_tls_ca: Option<std::path::PathBuf>,
+
+    /// PEM certificate the proxy presents to nodes that require client certificates
+    /// (`spec.tls.clientAuth`).
+    #[arg(
+        long = "node-tls-cert",
+        requires = "node_tls_key",
+        requires = "node_tls_ca"
+    )]
+    pub node_tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of `--node-tls-cert`.
+    #[arg(long = "node-tls-key", requires = "node_tls_cert")]
+    pub node_tls_key: Option<std::path::PathBuf>,
 }
 
 /// What to run.

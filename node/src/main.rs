@@ -15,9 +15,9 @@ use kache_node::cluster::{membership, Cluster};
 use kache_node::config::{Cli, Mode, ProxyArgs, ServeArgs};
 use kache_node::engine::{Engine, Settings};
 use kache_node::protocol::Limits;
-use kache_node::proxy::Proxy;
+use kache_node::proxy::{NodeAccess, Proxy};
 use kache_node::store::{Store, StoreConfig};
-use kache_node::tls::{Tls, TlsFiles};
+use kache_node::tls::{NodeTlsFiles, Tls, TlsFiles};
 use kache_node::{peer, server};
 
 fn main() -> ExitCode {
@@ -332,11 +332,19 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
         }
         None => None,
     };
+    let tls = args.node_tls_ca.clone().map(|ca| NodeTlsFiles {
+        ca,
+        identity: args.node_tls_cert.clone().zip(args.node_tls_key.clone()),
+    });
+    if let Some(files) = &tls {
+        // Bad files are a start-up error, not a string of failed connections.
+        files.connector()?;
+    }
     let proxy = Arc::new(Proxy::new(
         cluster.clone(),
         limits,
         args.pool_size as usize,
-        login,
+        NodeAccess { login, tls },
     ));
     let readiness = Arc::new(Readiness::default());
     if let Some(listener) = admin_listener {

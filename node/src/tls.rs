@@ -170,6 +170,38 @@ impl TlsFiles {
     }
 }
 
+/// How `kache-node proxy` reaches nodes whose client port speaks TLS: their certificate
+/// verified against `ca` for the member's `host`, and `cert`/`key` presented when the nodes
+/// require client certificates.
+#[derive(Clone, Debug)]
+pub struct NodeTlsFiles {
+    pub ca: PathBuf,
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+impl NodeTlsFiles {
+    /// A connector built from the files as they are now. The proxy builds one per new node
+    /// connection (they are few and long-lived), so rotated files apply without a restart.
+    pub fn connector(&self) -> Result<TlsConnector, String> {
+        let builder = ClientConfig::builder_with_provider(Arc::new(default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(read_roots(&self.ca, "node CA")?);
+        let config = match &self.identity {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let certs = read_certs(cert, "certificate")?;
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| format!("key {}: {e}", key.display()))?;
+                builder
+                    .with_client_auth_cert(certs, key)
+                    .map_err(|e| format!("certificate and key do not match: {e}"))?
+            }
+        };
+        Ok(TlsConnector::from(Arc::new(config)))
+    }
+}
+
 /// Trusts a peer only if it presents exactly this node's certificate, valid for the name
 /// asked for; the handshake still proves the peer holds the private key.
 #[derive(Debug)]

@@ -10,6 +10,7 @@ import pymemcache.client.base as pmc
 import pytest
 
 from conftest import NODE_BIN, free_port, request, wait_port
+from test_peer_tls import client as tls_client, pki, tls_args  # noqa: F401  (pki: fixture)
 
 
 class ProxyProcess:
@@ -211,3 +212,36 @@ def test_the_proxy_logs_in_to_nodes_that_require_authentication(proxied, tmp_pat
         refused.stop()
     # The refused logins harmed nothing.
     assert client.get_many(keys[:50]) == {k: k.encode() for k in keys[:50]}
+
+
+@pytest.mark.parametrize("mode", ["peer-ca", "mutual"])
+def test_the_proxy_reaches_tls_nodes(proxied, pki, mode):
+    """Nodes with TLS on their client port (and, with `mutual`, client certificates
+    required): the proxy connects over TLS, verifying them against --node-tls-ca and
+    presenting --node-tls-cert when asked; the application still speaks plain TCP to it."""
+    proxy_tls = ["--node-tls-ca", pki["ca"]]
+    if mode == "mutual":
+        proxy_tls += ["--node-tls-cert", pki["node"][0], "--node-tls-key", pki["node"][1]]
+    cluster, nodes, proxy = proxied(node_extra=tls_args(pki, mode), proxy_extra=proxy_tls)
+    client = proxy.client()
+    keys = [f"tls:{i}" for i in range(300)]
+    for k in keys:
+        assert client.set(k, k.encode(), noreply=False)
+    assert client.get_many(keys) == {k: k.encode() for k in keys}
+    # Every node got its share: the proxy spoke TLS to each of them.
+    for node in nodes:
+        assert int(tls_client(node, pki).stats()[b"curr_items"]) > 0
+
+    # A proxy that does not trust the nodes' CA gets errors, never data; so does one without
+    # a certificate when the nodes require one.
+    refused = [["--node-tls-ca", pki["intruder"][0]]]
+    if mode == "mutual":
+        refused.append(["--node-tls-ca", pki["ca"]])
+    for extra in refused:
+        other = ProxyProcess(cluster.members_file, extra)
+        try:
+            reply = request(other.port, b"get tls:1\r\n", until=b"\r\n")
+            assert reply.startswith(b"SERVER_ERROR "), (extra, reply)
+        finally:
+            other.stop()
+    assert client.get_many(keys[:20]) == {k: k.encode() for k in keys[:20]}

@@ -13,14 +13,17 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::AuthFile;
 use crate::protocol::forward::{reply_len, ReplyKind};
+use crate::tls::{peer_server_name, NodeTlsFiles};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a TLS handshake with a node may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a node may take to answer the login.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a node may take to answer before the proxy gives up on a request.
@@ -51,10 +54,21 @@ struct Request {
     reply: oneshot::Sender<Result<Bytes, ExchangeError>>,
 }
 
-pub struct Backend {
-    pub addr: String,
+/// How the proxy connects to nodes: the same for every node.
+#[derive(Default)]
+pub struct NodeAccess {
     /// Credentials to log in with on every new connection, for nodes that require them.
-    login: Option<Arc<AuthFile>>,
+    pub login: Option<Arc<AuthFile>>,
+    /// TLS, for nodes whose client port speaks it.
+    pub tls: Option<NodeTlsFiles>,
+}
+
+pub struct Backend {
+    /// `host:port`, for logs.
+    pub addr: String,
+    host: String,
+    port: u16,
+    access: Arc<NodeAccess>,
     lanes: Vec<mpsc::Sender<Request>>,
     down_until: Mutex<Option<Instant>>,
     backoff: Mutex<Duration>,
@@ -65,9 +79,10 @@ pub struct Backend {
 impl Backend {
     /// A backend with `connections` persistent connections (opened on first use).
     pub fn new(
-        addr: String,
+        host: &str,
+        port: u16,
         connections: usize,
-        login: Option<Arc<AuthFile>>,
+        access: Arc<NodeAccess>,
     ) -> std::sync::Arc<Backend> {
         let mut receivers = Vec::new();
         let lanes = (0..connections.max(1))
@@ -78,8 +93,10 @@ impl Backend {
             })
             .collect();
         let backend = std::sync::Arc::new(Backend {
-            addr,
-            login,
+            addr: format!("{host}:{port}"),
+            host: host.to_string(),
+            port,
+            access,
             lanes,
             down_until: Mutex::new(None),
             backoff: Mutex::new(MIN_BACKOFF),
@@ -196,18 +213,58 @@ async fn lane(backend: std::sync::Weak<Backend>, mut rx: mpsc::Receiver<Request>
     }
 }
 
-/// Opens a connection to the node and, when it requires authentication, logs in.
-async fn connect(backend: &Backend) -> Result<TcpStream, String> {
-    let mut stream =
-        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend.addr.as_str()))
-            .await
-        {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => return Err(error.to_string()),
-            Err(_) => return Err("connect timed out".into()),
-        };
-    let _ = stream.set_nodelay(true);
-    if let Some(login) = &backend.login {
+/// A connection to a node: plain TCP (split without locking) or TLS.
+enum NodeStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl NodeStream {
+    async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            NodeStream::Plain(s) => s.write_all(bytes).await,
+            NodeStream::Tls(s) => {
+                s.write_all(bytes).await?;
+                s.flush().await
+            }
+        }
+    }
+
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            NodeStream::Plain(s) => s.read(buf).await,
+            NodeStream::Tls(s) => s.read(buf).await,
+        }
+    }
+}
+
+/// Opens a connection to the node (over TLS when configured) and, when the node requires
+/// authentication, logs in.
+async fn connect(backend: &Backend) -> Result<NodeStream, String> {
+    let tcp = match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        TcpStream::connect((backend.host.as_str(), backend.port)),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => return Err(error.to_string()),
+        Err(_) => return Err("connect timed out".into()),
+    };
+    let _ = tcp.set_nodelay(true);
+    let mut stream = match &backend.access.tls {
+        None => NodeStream::Plain(tcp),
+        Some(files) => {
+            let connector = files.connector()?;
+            let name = peer_server_name(&backend.host)?;
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp)).await {
+                Ok(Ok(tls)) => NodeStream::Tls(Box::new(tls)),
+                Ok(Err(error)) => return Err(format!("TLS handshake failed: {error}")),
+                Err(_) => return Err("TLS handshake timed out".into()),
+            }
+        }
+    };
+    if let Some(login) = &backend.access.login {
         let reply = tokio::time::timeout(LOGIN_TIMEOUT, async {
             stream.write_all(&login.login_request()).await?;
             // The reply is one short line; read it without taking bytes beyond it.
@@ -240,11 +297,29 @@ async fn connect(backend: &Backend) -> Result<TcpStream, String> {
 /// Drives one connection until it breaks. Returns a request taken from the queue but not
 /// yet written, if any, for the next connection.
 async fn serve_connection(
-    stream: TcpStream,
+    stream: NodeStream,
     first: Request,
     rx: &mut mpsc::Receiver<Request>,
 ) -> Option<Request> {
-    let (mut reader, mut writer) = stream.into_split();
+    match stream {
+        NodeStream::Plain(tcp) => {
+            let (reader, writer) = tcp.into_split();
+            drive(reader, writer, first, rx).await
+        }
+        NodeStream::Tls(tls) => {
+            let (reader, writer) = tokio::io::split(tls);
+            drive(reader, writer, first, rx).await
+        }
+    }
+}
+
+/// The request/reply loop of `serve_connection` over either kind of stream.
+async fn drive<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut reader: R,
+    mut writer: W,
+    first: Request,
+    rx: &mut mpsc::Receiver<Request>,
+) -> Option<Request> {
     let mut inflight: VecDeque<(ReplyKind, oneshot::Sender<Result<Bytes, ExchangeError>>)> =
         VecDeque::new();
     let mut out = BytesMut::with_capacity(64 * 1024);
@@ -281,7 +356,8 @@ async fn serve_connection(
                     Err(_) => break,
                 }
             }
-            if writer.write_all(&out).await.is_err() {
+            // The flush matters for TLS, which may hold written records back.
+            if writer.write_all(&out).await.is_err() || writer.flush().await.is_err() {
                 fail(&mut inflight, !buf.is_empty());
                 return None;
             }

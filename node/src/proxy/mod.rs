@@ -31,11 +31,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use crate::auth::AuthFile;
 use crate::cluster::{Cluster, ClusterView};
 use crate::engine::version_string;
 use crate::protocol::forward::{encode_get, encode_keyed, value_blocks, Quiet, ReplyKind};
 use crate::protocol::{parse, reply, Limits, ParseOutcome, Request};
+pub use backend::NodeAccess;
 use backend::{Backend, ExchangeError, REPLY_TIMEOUT};
 
 const READ_CHUNK: usize = 16 * 1024;
@@ -98,8 +98,8 @@ pub struct Proxy {
     rebuild: Mutex<()>,
     limits: Limits,
     pool_size: usize,
-    /// Credentials for nodes that require authentication.
-    login: Option<Arc<AuthFile>>,
+    /// How to connect to the nodes (TLS, login).
+    access: Arc<NodeAccess>,
     pub stats: ProxyStats,
 }
 
@@ -117,7 +117,7 @@ impl Routes {
         view: Arc<ClusterView>,
         old: &Routes,
         pool_size: usize,
-        login: &Option<Arc<AuthFile>>,
+        access: &Arc<NodeAccess>,
     ) -> Routes {
         let backends = view
             .list
@@ -132,7 +132,9 @@ impl Routes {
                     .zip(&old.backends)
                     .find(|(m, b)| m.name == member.name && b.addr == addr)
                     .map(|(_, b)| b.clone())
-                    .unwrap_or_else(|| Backend::new(addr, pool_size, login.clone()))
+                    .unwrap_or_else(|| {
+                        Backend::new(&member.host, member.port, pool_size, access.clone())
+                    })
             })
             .collect();
         Routes { view, backends }
@@ -141,25 +143,26 @@ impl Routes {
 
 impl Proxy {
     /// A proxy over `cluster` keeping `pool_size` connections per node, logging in to the
-    /// nodes with the first entry of `login` when given.
+    /// nodes as `access` says.
     pub fn new(
         cluster: Arc<Cluster>,
         limits: Limits,
         pool_size: usize,
-        login: Option<Arc<AuthFile>>,
+        access: NodeAccess,
     ) -> Proxy {
+        let access = Arc::new(access);
         let routes = Routes {
             view: cluster.view(),
             backends: Vec::new(),
         };
-        let routes = Routes::new(routes.view.clone(), &routes, pool_size, &login);
+        let routes = Routes::new(routes.view.clone(), &routes, pool_size, &access);
         Proxy {
             cluster,
             routes: ArcSwap::from_pointee(routes),
             rebuild: Mutex::new(()),
             limits,
             pool_size,
-            login,
+            access,
             stats: ProxyStats::default(),
         }
     }
@@ -181,7 +184,7 @@ impl Proxy {
         if Arc::ptr_eq(&routes.view, &view) {
             return routes;
         }
-        let fresh = Arc::new(Routes::new(view, &routes, self.pool_size, &self.login));
+        let fresh = Arc::new(Routes::new(view, &routes, self.pool_size, &self.access));
         self.routes.store(fresh.clone());
         fresh
     }
@@ -408,7 +411,10 @@ impl Proxy {
                     results[i] = Some(Bytes::from_static(UNAVAILABLE));
                     continue;
                 };
-                waiting.push((i, backend.enqueue(lane, call.bytes.clone(), call.kind).await));
+                waiting.push((
+                    i,
+                    backend.enqueue(lane, call.bytes.clone(), call.kind).await,
+                ));
             }
             let outcomes = tokio::time::timeout(
                 REPLY_TIMEOUT,
@@ -467,7 +473,9 @@ impl Proxy {
     ) -> Bytes {
         let mut attempt = skip_down(routes, candidates, 0);
         loop {
-            let Some(backend) = candidates.get(attempt).and_then(|&m| routes.backends.get(m))
+            let Some(backend) = candidates
+                .get(attempt)
+                .and_then(|&m| routes.backends.get(m))
             else {
                 return Bytes::from_static(UNAVAILABLE);
             };
