@@ -1327,17 +1327,7 @@ async fn lifecycle(client: Client, path: String, ns: String) {
 /// disabled, recreated when enabled again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_security_settings() {
-    let Some(path) = kubeconfig_path("e2e_security_settings") else {
-        return;
-    };
-    init_tracing();
-    let client = admin_client(&path).await;
-    install_crd(&client).await;
-    let _one_operator = ONE_OPERATOR.lock().await;
-    in_namespace(&client, "kache-e2e-sec", |ns| {
-        security(client.clone(), path.clone(), ns)
-    })
-    .await;
+    with_operator_namespace("e2e_security_settings", "kache-e2e-sec", security).await;
 }
 
 async fn security(client: Client, path: String, ns: String) {

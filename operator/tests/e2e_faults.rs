@@ -224,17 +224,7 @@ async fn wait_reconciles(op: &OperatorProcess, before: u64, n: u64) {
 /// StatefulSet when the nodes report their hand-off done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_operator_restart_mid_scale_in() {
-    let Some(path) = kubeconfig_path("e2e_operator_restart_mid_scale_in") else {
-        return;
-    };
-    init_tracing();
-    let client = admin_client(&path).await;
-    install_crd(&client).await;
-    let _one_operator = ONE_OPERATOR.lock().await;
-    in_namespace(&client, "kache-e2e-restart", |ns| {
-        restart_mid_scale_in(client.clone(), path.clone(), ns)
-    })
-    .await;
+    with_operator_namespace("e2e_operator_restart_mid_scale_in", "kache-e2e-restart", restart_mid_scale_in).await;
 }
 
 async fn restart_mid_scale_in(client: Client, path: String, ns: String) {
@@ -478,17 +468,7 @@ async fn restart_mid_scale_in(client: Client, path: String, ns: String) {
 /// node never finishes removes the node at the original deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_operator_restart_keeps_scale_in_deadline() {
-    let Some(path) = kubeconfig_path("e2e_operator_restart_keeps_scale_in_deadline") else {
-        return;
-    };
-    init_tracing();
-    let client = admin_client(&path).await;
-    install_crd(&client).await;
-    let _one_operator = ONE_OPERATOR.lock().await;
-    in_namespace(&client, "kache-e2e-deadline", |ns| {
-        restart_keeps_deadline(client.clone(), path.clone(), ns)
-    })
-    .await;
+    with_operator_namespace("e2e_operator_restart_keeps_scale_in_deadline", "kache-e2e-deadline", restart_keeps_deadline).await;
 }
 
 async fn restart_keeps_deadline(client: Client, path: String, ns: String) {

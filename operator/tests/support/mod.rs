@@ -175,6 +175,24 @@ pub fn namespace_labels() -> std::collections::BTreeMap<String, String> {
     .collect()
 }
 
+/// The start every operator e2e test shares: skipped, with the reason printed, when no
+/// cluster is configured; otherwise the CRD installed, the one-operator lock held, and
+/// `body(client, kubeconfig path, namespace)` run by `in_namespace`.
+pub async fn with_operator_namespace<F, Fut>(test: &str, prefix: &str, body: F)
+where
+    F: FnOnce(Client, String, String) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let Some(path) = kubeconfig_path(test) else {
+        return;
+    };
+    init_tracing();
+    let client = admin_client(&path).await;
+    install_crd(&client).await;
+    let _one_operator = ONE_OPERATOR.lock().await;
+    in_namespace(&client, prefix, |ns| body(client.clone(), path.clone(), ns)).await;
+}
+
 /// Runs `body` in a fresh namespace `<prefix>-<pid>` within `TEST_BUDGET`,
 /// then deletes the namespace and the chart's cluster-scoped objects named
 /// after it, whether `body` passed, failed or timed out.
