@@ -3,66 +3,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-struct Node {
-    child: Child,
-    port: u16,
-    admin_port: u16,
-}
+mod common;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::Node;
 
 impl Node {
-    /// Starts a node on free ports. Parallel tests can be handed the same "free" port; a
-    /// node that loses that race exits at once (it cannot listen), so a node that is still
-    /// running once its port answers is this test's own. Otherwise try other ports.
-    fn start(extra: &[&str]) -> Node {
-        for _ in 0..5 {
-            let port = free_port();
-            let admin_port = free_port();
-            let mut child = Command::new(env!("CARGO_BIN_EXE_kache-node"))
-                .args(["-l", "127.0.0.1", "-p", &port.to_string()])
-                .args(["--admin-port", &admin_port.to_string()])
-                .args(extra)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start kache-node");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while TcpStream::connect(("127.0.0.1", port)).is_err() {
-                assert!(
-                    Instant::now() < deadline,
-                    "kache-node did not start listening"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-            if child.try_wait().unwrap().is_none() {
-                return Node {
-                    child,
-                    port,
-                    admin_port,
-                };
-            }
-        }
-        panic!("could not start kache-node on free ports");
-    }
-
-    fn connect(&self) -> TcpStream {
-        let s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s
-    }
-
     fn terminate(&mut self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -82,13 +31,6 @@ impl Node {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

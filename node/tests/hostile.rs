@@ -7,142 +7,24 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use bytes::BytesMut;
+use common::{connect, Node};
 use kache_node::peer::wire::{self, Frame};
 
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const MIB: u64 = 1024 * 1024;
 
-struct Node {
-    child: Child,
-    port: u16,
-    admin_port: u16,
-    peer_port: Option<u16>,
-    _dir: Option<tempfile::TempDir>,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_listening(port: u16, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1))
-        .is_err()
-    {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("kache-node exited at start-up: {status}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "kache-node did not listen on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 impl Node {
-    fn start(extra: &[&str]) -> Node {
-        let port = free_port();
-        let admin_port = free_port();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kache-node"))
-            .args(["-l", "127.0.0.1", "-p", &port.to_string()])
-            .args(["--admin-port", &admin_port.to_string()])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start kache-node");
-        wait_listening(port, &mut child);
-        Node {
-            child,
-            port,
-            admin_port,
-            peer_port: None,
-            _dir: None,
-        }
-    }
-
-    /// A one-member cluster node (`n0`) following a member-list file, with a peer port.
-    fn start_cluster() -> Node {
-        let port = free_port();
-        let admin_port = free_port();
-        let peer_port = free_port();
-        let dir = tempfile::tempdir().unwrap();
-        let members = dir.path().join("members.json");
-        std::fs::write(
-            &members,
-            format!(
-                r#"{{"version":1,"replicationFactor":1,"members":[{{"name":"n0","host":"127.0.0.1","ip":"127.0.0.1","port":{port},"peerPort":{peer_port}}}]}}"#
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kache-node"))
-            .args(["-l", "127.0.0.1", "-p", &port.to_string()])
-            .args(["--admin-port", &admin_port.to_string()])
-            .args(["--peer-port", &peer_port.to_string()])
-            .args(["--node-name", "n0"])
-            .arg("--members-file")
-            .arg(&members)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start kache-node");
-        wait_listening(port, &mut child);
-        wait_listening(peer_port, &mut child);
-        Node {
-            child,
-            port,
-            admin_port,
-            peer_port: Some(peer_port),
-            _dir: Some(dir),
-        }
-    }
-
-    fn connect(&self) -> TcpStream {
-        connect(self.port)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Resident memory of the node, in bytes.
     fn rss(&self) -> u64 {
         rss_of(self.pid())
     }
-
-    fn assert_alive(&mut self) {
-        assert!(
-            self.child.try_wait().unwrap().is_none(),
-            "kache-node exited"
-        );
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn connect(port: u16) -> TcpStream {
-    let s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), IO_TIMEOUT).unwrap();
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-    s.set_nodelay(true).unwrap();
-    s
 }
 
 fn rss_of(pid: u32) -> u64 {

@@ -224,7 +224,12 @@ async fn wait_reconciles(op: &OperatorProcess, before: u64, n: u64) {
 /// StatefulSet when the nodes report their hand-off done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_operator_restart_mid_scale_in() {
-    with_operator_namespace("e2e_operator_restart_mid_scale_in", "kache-e2e-restart", restart_mid_scale_in).await;
+    with_operator_namespace(
+        "e2e_operator_restart_mid_scale_in",
+        "kache-e2e-restart",
+        restart_mid_scale_in,
+    )
+    .await;
 }
 
 async fn restart_mid_scale_in(client: Client, path: String, ns: String) {
@@ -468,7 +473,12 @@ async fn restart_mid_scale_in(client: Client, path: String, ns: String) {
 /// node never finishes removes the node at the original deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_operator_restart_keeps_scale_in_deadline() {
-    with_operator_namespace("e2e_operator_restart_keeps_scale_in_deadline", "kache-e2e-deadline", restart_keeps_deadline).await;
+    with_operator_namespace(
+        "e2e_operator_restart_keeps_scale_in_deadline",
+        "kache-e2e-deadline",
+        restart_keeps_deadline,
+    )
+    .await;
 }
 
 async fn restart_keeps_deadline(client: Client, path: String, ns: String) {
