@@ -5,8 +5,11 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use super::wire::{self, Decoded, Frame};
 
 use crate::tls::{peer_server_name, Tls};
 
@@ -33,6 +36,50 @@ pub enum ConnectError {
     /// The peer was reached but TLS failed: a configuration problem worth a warning.
     #[error("{0}")]
     Tls(String),
+    /// The peer did not accept this node's hello (a wrong peer secret, a refused client
+    /// certificate, or not a kache peer port): also a configuration problem.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// How long a peer has to accept a hello.
+pub const HELLO_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Introduces this node on a fresh connection and waits for the peer to accept it (`Ack`
+/// with sequence number 0), so a link is reported up only once it really works.
+pub async fn greet(stream: &mut PeerStream, node: &str, secret: &[u8]) -> Result<(), ConnectError> {
+    let mut out = BytesMut::new();
+    wire::encode(
+        &Frame::Hello {
+            node: node.to_string(),
+            ring_version: 0,
+            secret: secret.to_vec(),
+        },
+        &mut out,
+    );
+    let accepted = async {
+        send(stream, &out).await.map_err(|e| e.to_string())?;
+        let mut buf = BytesMut::with_capacity(64);
+        loop {
+            match wire::decode(&buf).map_err(|e| e.to_string())? {
+                Decoded::Frame(Frame::Ack { seq: 0 }, _) => return Ok(()),
+                Decoded::Frame(other, _) => return Err(format!("unexpected answer {other:?}")),
+                Decoded::Incomplete => {}
+            }
+            if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+                return Err("closed the connection (wrong peer secret or certificate?)".into());
+            }
+        }
+    };
+    match tokio::time::timeout(HELLO_ACK_TIMEOUT, accepted).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(ConnectError::Refused(format!(
+            "peer refused the hello: {error}"
+        ))),
+        Err(_) => Err(ConnectError::Refused(
+            "peer did not answer the hello in time".into(),
+        )),
+    }
 }
 
 /// Opens a connection to a peer's port: TCP, then, when `tls` is set, a TLS handshake that
@@ -206,15 +253,8 @@ mod tests {
         assert_eq!(fetched, Some(record()));
         // So does a refill pull's connection.
         let mut stream = links.connect(&member).await.unwrap();
+        greet(&mut stream, "a", &[]).await.unwrap();
         let mut out = BytesMut::new();
-        wire::encode(
-            &Frame::Hello {
-                node: "a".into(),
-                ring_version: 0,
-                secret: Vec::new(),
-            },
-            &mut out,
-        );
         wire::encode(
             &Frame::Fetch {
                 seq: 9,
@@ -269,7 +309,7 @@ mod tests {
         let read = tokio::time::timeout(WAIT, plain.read_to_end(&mut answer)).await;
         assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
         rejected_reaches(&engine, 1).await;
-        // A plain link gets no acknowledgement and is refused again.
+        // A plain link gets no acknowledgement, is refused again, and is reported down.
         let links = Links::new("plain", Arc::from(Vec::new()));
         let (ack, acked) = oneshot::channel();
         assert!(links.send(&member, record(), Some(ack)));
@@ -277,6 +317,11 @@ mod tests {
             .await
             .map_or(true, |r| r.is_err()));
         rejected_reaches(&engine, 2).await;
+        assert!(links.is_down(&member));
+        // Its retries stop with it.
+        drop(links);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rejected = engine.peer_stats.rejected.load(Relaxed);
         // A connection that closes without a word is not a rejection.
         drop(
             TcpStream::connect(("127.0.0.1", member.peer_port))
@@ -289,7 +334,37 @@ mod tests {
         let (ack, acked) = oneshot::channel();
         assert!(links.send(&member, record(), Some(ack)));
         tokio::time::timeout(WAIT, acked).await.unwrap().unwrap();
-        assert_eq!(engine.peer_stats.rejected.load(Relaxed), 2);
+        assert_eq!(engine.peer_stats.rejected.load(Relaxed), rejected);
+    }
+
+    #[tokio::test]
+    async fn a_link_whose_hello_is_refused_is_down_at_once() {
+        let (engine, member, _stop) = peer_port(None).await;
+        let wrong = Links::new("a", Arc::from(b"not the secret".to_vec()));
+        let (ack, acked) = oneshot::channel();
+        assert!(wrong.send(&member, record(), Some(ack)));
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !wrong.is_down(&member) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "link never marked down"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        rejected_reaches(&engine, 1).await;
+        assert!(tokio::time::timeout(Duration::from_millis(500), acked)
+            .await
+            .map_or(true, |r| r.is_err()));
+        let stored = engine
+            .store
+            .with_entry(b"k", crate::store::now_secs(), |e| e.item().is_some());
+        assert!(!stored, "a refused peer's record was applied");
+        // The right secret gets through.
+        let right = Links::new("a", Arc::from(Vec::new()));
+        let (ack, acked) = oneshot::channel();
+        assert!(right.send(&member, record(), Some(ack)));
+        tokio::time::timeout(WAIT, acked).await.unwrap().unwrap();
+        assert!(!right.is_down(&member));
     }
 
     #[tokio::test]

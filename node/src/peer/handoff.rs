@@ -225,15 +225,10 @@ async fn pull_from(engine: &Engine, me: &str, peer: &kache_cluster::Member) -> R
     let mut stream = conn::connect(tls.as_deref(), &peer.host, peer.peer_port)
         .await
         .map_err(|e| e.to_string())?;
+    conn::greet(&mut stream, me, &engine.peer_secret)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut out = BytesMut::new();
-    wire::encode(
-        &Frame::Hello {
-            node: me.to_string(),
-            ring_version: 0,
-            secret: engine.peer_secret.to_vec(),
-        },
-        &mut out,
-    );
     wire::encode(
         &Frame::Pull {
             seq: 1,

@@ -180,7 +180,13 @@ async fn run(
     // The last connection error logged, so a lasting problem is logged once.
     let mut last_error: Option<ConnectError> = None;
     loop {
-        let stream = match conn::connect(tls.get().map(|t| &**t), &addr.0, addr.1).await {
+        let connected = match conn::connect(tls.get().map(|t| &**t), &addr.0, addr.1).await {
+            Ok(mut stream) => conn::greet(&mut stream, &node_name, &secret)
+                .await
+                .map(|()| stream),
+            Err(error) => Err(error),
+        };
+        let stream = match connected {
             Ok(stream) => {
                 if last_error.take().is_some() {
                     tracing::info!(peer = %addr.0, port = addr.1, "peer link up");
@@ -190,7 +196,7 @@ async fn run(
             Err(error) => {
                 if last_error.as_ref() != Some(&error) {
                     match &error {
-                        ConnectError::Tls(_) => {
+                        ConnectError::Tls(_) | ConnectError::Refused(_) => {
                             tracing::warn!(peer = %addr.0, %error, "peer link down")
                         }
                         ConnectError::Tcp(_) => {
@@ -249,15 +255,7 @@ async fn run(
             })
         };
         let mut out = BytesMut::with_capacity(64 * 1024);
-        wire::encode(
-            &Frame::Hello {
-                node: node_name.clone(),
-                ring_version: 0,
-                secret: secret.to_vec(),
-            },
-            &mut out,
-        );
-        let mut broken = send(&mut writer, &out).await.is_err();
+        let mut broken = false;
         while !broken {
             let first = match carry.take() {
                 Some(m) => m,

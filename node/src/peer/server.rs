@@ -90,6 +90,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                         return Err(format!("peer {node:?} presented a wrong secret"));
                     }
                     caller = Some(node);
+                    wire::encode(&Frame::Ack { seq: 0 }, &mut out);
                 }
                 _ if caller.is_none() => return Err("peer spoke before hello".into()),
                 Frame::Records { seq, records } => {

@@ -5,7 +5,10 @@
 //! buffered and refuses frames over `MAX_FRAME` or with malformed bodies, so garbage on the
 //! peer port closes that connection and nothing else.
 //!
-//! - `Hello` opens a connection: who is calling, and the cluster's shared peer secret.
+//! - `Hello` opens a connection: who is calling, and the cluster's shared peer secret. The
+//!   receiver answers `Ack` with sequence number 0 once it accepts the caller (a wrong secret
+//!   or a refused certificate closes the connection instead), so a caller knows at once
+//!   whether its link works; callers number their own requests from 1.
 //! - `Records` carries a batch of item changes (replication, hand-off, refill), acknowledged
 //!   by `Ack` with the same sequence number once applied.
 //! - `Fetch` asks for one key (read-through while a hand-off is under way); `Fetched`
