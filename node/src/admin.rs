@@ -302,6 +302,18 @@ impl Collector for ProxyCollector {
         )?;
         counter(
             &mut enc,
+            "node_connections_opened",
+            "Connections opened to the current members' nodes (persistent: a rising count means reconnects).",
+            p.node_connections_opened(),
+        )?;
+        gauge(
+            &mut enc,
+            "nodes_down",
+            "Members whose last connection attempt failed, within their retry backoff (their requests fail over to replicas).",
+            i64::try_from(p.nodes_down()).unwrap_or(i64::MAX),
+        )?;
+        counter(
+            &mut enc,
             "total_connections",
             "Client connections accepted.",
             load(&s.total_connections),

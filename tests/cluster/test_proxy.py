@@ -180,7 +180,10 @@ def test_a_killed_node_with_two_replicas_causes_no_client_error(proxied):
     assert not errors, errors[:5]
     assert not misses, f"{len(misses)} misses after failover, e.g. {misses[:5]}"
     assert all(client.get(k) == b"v" for k in keys)
-    assert "kache_proxy_failovers_total" in proxy.metrics()
+    metrics = dict(line.rsplit(" ", 1) for line in proxy.metrics().splitlines()
+                   if line.startswith("kache_proxy_"))
+    assert int(metrics["kache_proxy_failovers_total"]) > 0, metrics
+    assert "kache_proxy_nodes_down" in metrics
 
 
 def test_the_proxy_logs_in_to_nodes_that_require_authentication(proxied, tmp_path):

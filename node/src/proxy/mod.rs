@@ -189,6 +189,26 @@ impl Proxy {
         fresh
     }
 
+    /// Members whose node the proxy currently cannot reach (for metrics).
+    pub fn nodes_down(&self) -> usize {
+        self.routes
+            .load()
+            .backends
+            .iter()
+            .filter(|b| b.is_down())
+            .count()
+    }
+
+    /// Connections opened to nodes so far (for metrics).
+    pub fn node_connections_opened(&self) -> u64 {
+        self.routes
+            .load()
+            .backends
+            .iter()
+            .map(|b| b.connects.load(Relaxed))
+            .sum()
+    }
+
     /// Total backend errors (for metrics).
     pub fn backend_errors(&self) -> u64 {
         self.routes
