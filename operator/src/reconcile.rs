@@ -317,8 +317,15 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
         || current_cm.as_ref().map(|c| &c.metadata.annotations)
             != Some(&desired_cm.metadata.annotations);
     // The member list goes first: on a scale-in it no longer lists the
-    // departing nodes, which start handing their data off.
+    // departing nodes, which start handing their data off. Just before it,
+    // the scale-in's start goes into the status, so an operator restarted in
+    // between keeps its deadline.
     if cm_changed {
+        if let Some(start) = scale::unrecorded_start(cc, current_sts.as_ref(), &list, &now) {
+            let mut recorded = cc.status.clone().unwrap_or_default();
+            recorded.rebalance = Some(start);
+            patch_status(client, cc, &recorded).await?;
+        }
         apply(client, &ns, &desired_cm).await?;
     }
 
@@ -471,8 +478,12 @@ async fn rebalance_events(ctx: &Context, cc: &CacheCluster, decision: &scale::Sc
     };
     let timeout = cc.spec.scale_down_timeout_seconds;
     let previous = cc.status.as_ref().and_then(|s| s.rebalance.as_ref());
+    // A record without departing nodes is only the start, written before the member list
+    // went out: the scale-in has not been announced yet.
     let same_as_before = previous.is_some_and(|p| {
-        p.target_replicas == r.target_replicas && p.current_replicas == r.current_replicas
+        p.target_replicas == r.target_replicas
+            && p.current_replicas == r.current_replicas
+            && !p.departing.is_empty()
     });
     match &decision.outcome {
         ScaleOutcome::Waiting if !same_as_before => {

@@ -235,14 +235,8 @@ pub fn decide(
         .collect();
 
     // The same scale-in as the one in the status keeps its start time.
-    let started_at = cc
-        .status
-        .as_ref()
-        .and_then(|s| s.rebalance.as_ref())
-        .filter(|r| r.target_replicas == target && r.current_replicas == current)
-        .map_or_else(|| now.clone(), |r| r.started_at.clone());
-    let timeout = ChronoDuration::seconds(i64::from(cc.spec.scale_down_timeout_seconds.max(0)));
-    let deadline = Time(started_at.0 + timeout);
+    let started_at = recorded_start(cc, target, current).unwrap_or_else(|| now.clone());
+    let deadline = deadline_from(cc, &started_at);
     let rebalance = RebalanceStatus {
         target_replicas: target,
         current_replicas: current,
@@ -269,6 +263,50 @@ pub fn decide(
         rebalance: Some(rebalance),
         outcome,
     }
+}
+
+/// When the scale-in from `current` to `target` replicas started, if the status records it.
+fn recorded_start(cc: &CacheCluster, target: i32, current: i32) -> Option<Time> {
+    cc.status
+        .as_ref()
+        .and_then(|s| s.rebalance.as_ref())
+        .filter(|r| r.target_replicas == target && r.current_replicas == current)
+        .map(|r| r.started_at.clone())
+}
+
+/// `started_at` + `spec.scaleDownTimeoutSeconds`.
+fn deadline_from(cc: &CacheCluster, started_at: &Time) -> Time {
+    let timeout = ChronoDuration::seconds(i64::from(cc.spec.scale_down_timeout_seconds.max(0)));
+    Time(started_at.0 + timeout)
+}
+
+/// A scale-in that is starting and that the status does not record yet, as a first
+/// `status.rebalance` (no departing-node progress yet). The operator writes it before it
+/// publishes the member list without the departing nodes, so an operator restarted between
+/// the two keeps the start time, and so the deadline, instead of starting the clock again.
+pub fn unrecorded_start(
+    cc: &CacheCluster,
+    sts: Option<&StatefulSet>,
+    published: &MemberList,
+    now: &Time,
+) -> Option<RebalanceStatus> {
+    let departing = departing_ordinals(cc, sts);
+    if departing.is_empty() {
+        return None;
+    }
+    let target = cc.spec.replicas.max(0);
+    let current = i32::try_from(departing.end).unwrap_or(i32::MAX);
+    if recorded_start(cc, target, current).is_some() {
+        return None;
+    }
+    Some(RebalanceStatus {
+        target_replicas: target,
+        current_replicas: current,
+        config_version: to_i64(published.version),
+        started_at: now.clone(),
+        deadline: deadline_from(cc, now),
+        departing: Vec::new(),
+    })
 }
 
 /// Items sent, acknowledged and failed by the departing nodes together.

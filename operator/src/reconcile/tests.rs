@@ -771,6 +771,14 @@ async fn scale_in_publishes_members_first_and_holds_the_statefulset() {
     let new_cm = members_cm(&cc, &pods, 5);
     let mut script = preamble(&cc, &pods, Some(&old_cm), Some(&sts));
     script.extend([
+        // 0. The scale-in's start, recorded before anything moves.
+        status_patch(&cc, |s| {
+            assert_eq!(s.config_version, 4, "only the start is recorded yet");
+            let r = s.rebalance.as_ref().expect("status.rebalance");
+            assert_eq!((r.target_replicas, r.current_replicas), (2, 3));
+            assert_eq!((r.started_at.clone(), r.deadline.clone()), (t(0), t(300)));
+            assert_eq!(r.config_version, 5);
+        }),
         // 1. The member list without web-2, version +1.
         apply_of(&format!("{NS}/configmaps/web-members"), &new_cm).check(|body| {
             let list = MemberList::from_json(body["data"]["members.json"].as_str().unwrap())
@@ -827,6 +835,41 @@ async fn scale_in_publishes_members_first_and_holds_the_statefulset() {
     let probe = pos("probe 10.0.0.3");
     let sts = pos(&format!("PATCH {STS}"));
     assert!(cm < probe && probe < sts, "{log:?}");
+}
+
+#[tokio::test]
+async fn restarted_between_recording_the_start_and_publishing_keeps_the_deadline() {
+    // The previous operator recorded the start 100 s ago and stopped before it published
+    // the member list without web-2.
+    let (mut cc, pods, old_cm, sts) = scaled_in_to_two();
+    let start = scale::unrecorded_start(&cc, Some(&sts), &published(&cc, &pods, 5), &t(-100))
+        .expect("a scale-in is starting");
+    cc.status.as_mut().unwrap().rebalance = Some(start);
+    let new_cm = members_cm(&cc, &pods, 5);
+    let mut script = preamble(&cc, &pods, Some(&old_cm), Some(&sts));
+    script.extend([
+        // No second start record: the list goes out, the deadline stays.
+        apply_of(&format!("{NS}/configmaps/web-members"), &new_cm),
+        apply_of(STS, &sts_with(&cc, 3))
+            .check(|body| assert_eq!(body["spec"]["replicas"], 3))
+            .respond(StatusCode::OK, serde_json::to_value(&sts).unwrap()),
+        apply_of(PDB, &build::pod_disruption_budget(&cc).unwrap()),
+        status_patch(&cc, |s| {
+            let r = s.rebalance.as_ref().expect("status.rebalance");
+            assert_eq!(
+                (r.started_at.clone(), r.deadline.clone()),
+                (t(-100), t(200))
+            );
+            assert_eq!(r.departing.len(), 1);
+        }),
+        event("SpecApplied", "Normal"),
+        event("MembersChanged", "Normal"),
+        // Never announced by the stopped operator: announced now, with the original wait.
+        event("RebalanceStarted", "Normal"),
+    ]);
+    let probe = ScriptedProbe::default().answer("10.0.0.3", handoff(4, true, 0));
+    let (action, _) = run_probed(cc, script, probe).await;
+    assert_eq!(action.unwrap(), Action::requeue(REQUEUE_REBALANCING));
 }
 
 /// `cc` as the API server holds it after the first scale-in reconcile.
