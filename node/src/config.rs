@@ -101,6 +101,12 @@ pub struct ProxyArgs {
     /// PEM private key of `--node-tls-cert`.
     #[arg(long = "node-tls-key", requires = "node_tls_cert")]
     pub node_tls_key: Option<std::path::PathBuf>,
+
+    /// Milliseconds a node may take to answer before the proxy counts it as down: its
+    /// pending reads and plain sets go to the key's next owner (with replicationFactor
+    /// >= 2), other writes get `SERVER_ERROR` (their outcome is unknown).
+    #[arg(long = "node-timeout-ms", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub node_timeout_ms: u64,
 }
 
 /// What to run.

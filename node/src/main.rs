@@ -344,7 +344,12 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
         cluster.clone(),
         limits,
         args.pool_size as usize,
-        NodeAccess { login, tls },
+        NodeAccess {
+            login,
+            tls,
+            reply_timeout: Some(Duration::from_millis(args.node_timeout_ms)),
+            ..NodeAccess::default()
+        },
     ));
     let readiness = Arc::new(Readiness::default());
     if let Some(listener) = admin_listener {

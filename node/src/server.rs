@@ -145,6 +145,11 @@ async fn read_through(engine: &Engine, candidates: Vec<(Vec<u8>, Vec<kache_clust
     };
     let fetches = candidates.into_iter().map(|(key, sources)| async move {
         for source in sources {
+            // A peer known to be down cannot answer: asking it would only add the timeout
+            // to this miss (for every miss, while it stays down).
+            if links.is_down(&source) {
+                continue;
+            }
             let reply =
                 tokio::time::timeout(READ_THROUGH_TIMEOUT, links.fetch(&source, &key)).await;
             if let Ok(Ok(Some(record))) = reply {

@@ -26,8 +26,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a node may take to answer the login.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a node may take to answer before the proxy gives up on a request.
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a node may take to answer before the proxy gives up on it, by default
+/// (`--node-timeout-ms`).
+pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Largest reply buffered from a node (values are bounded by the item size limit).
@@ -40,18 +41,40 @@ const MAX_WRITE: usize = 256 * 1024;
 /// Why a request failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExchangeError {
-    /// The node could not be reached, or went away before answering anything on the
-    /// connection: the request may go to a replica.
+    /// The request did not take effect, or repeating it is harmless (a read, a plain `set`):
+    /// it may go to a replica.
     Unreachable,
-    /// The connection failed after the node had answered part of the traffic: the outcome
-    /// of this request is unknown.
+    /// The request was written to a node that then failed or stalled, and repeating it
+    /// could apply it twice (`incr`, `add`, `append`, …): its outcome is unknown.
     Broken,
 }
 
 struct Request {
     bytes: Bytes,
     kind: ReplyKind,
+    /// Whether sending it again, to a replica, is harmless even if the node applied it.
+    retry_safe: bool,
     reply: oneshot::Sender<Result<Bytes, ExchangeError>>,
+}
+
+/// A request written (or being written) to a node, waiting for its reply.
+struct Inflight {
+    kind: ReplyKind,
+    retry_safe: bool,
+    reply: oneshot::Sender<Result<Bytes, ExchangeError>>,
+    since: Instant,
+}
+
+impl Inflight {
+    /// Tells the caller the connection failed before this reply arrived.
+    fn fail(self) {
+        let error = if self.retry_safe {
+            ExchangeError::Unreachable
+        } else {
+            ExchangeError::Broken
+        };
+        let _ = self.reply.send(Err(error));
+    }
 }
 
 /// How the proxy connects to nodes: the same for every node.
@@ -61,6 +84,20 @@ pub struct NodeAccess {
     pub login: Option<Arc<AuthFile>>,
     /// TLS, for nodes whose client port speaks it.
     pub tls: Option<NodeTlsFiles>,
+    /// Failed connections and requests, over every node the proxy has used (a counter that
+    /// survives member-list changes).
+    pub errors: AtomicU64,
+    /// Connections opened to nodes, likewise.
+    pub connects: AtomicU64,
+    /// How long a node may take to answer a request before the proxy counts it as down
+    /// (its requests then fail over); `None`: `DEFAULT_REPLY_TIMEOUT`.
+    pub reply_timeout: Option<Duration>,
+}
+
+impl NodeAccess {
+    fn reply_timeout(&self) -> Duration {
+        self.reply_timeout.unwrap_or(DEFAULT_REPLY_TIMEOUT)
+    }
 }
 
 pub struct Backend {
@@ -72,8 +109,6 @@ pub struct Backend {
     lanes: Vec<mpsc::Sender<Request>>,
     down_until: Mutex<Option<Instant>>,
     backoff: Mutex<Duration>,
-    pub errors: AtomicU64,
-    pub connects: AtomicU64,
 }
 
 impl Backend {
@@ -100,8 +135,6 @@ impl Backend {
             lanes,
             down_until: Mutex::new(None),
             backoff: Mutex::new(MIN_BACKOFF),
-            errors: AtomicU64::new(0),
-            connects: AtomicU64::new(0),
         });
         for rx in receivers {
             // The lane task holds only a weak reference: it ends with the backend.
@@ -121,7 +154,7 @@ impl Backend {
         let mut backoff = self.backoff.lock();
         *self.down_until.lock() = Some(Instant::now() + *backoff);
         *backoff = (*backoff * 2).min(MAX_BACKOFF);
-        self.errors.fetch_add(1, Relaxed);
+        self.count_error();
     }
 
     fn mark_up(&self) {
@@ -130,54 +163,70 @@ impl Backend {
     }
 
     /// Queues one request on connection `lane` (taken modulo the pool size: callers pass
-    /// a number of their own, so their requests keep their order). Waits while that
-    /// connection's queue is full. The receiver yields the reply.
+    /// a number of their own, so their requests keep their order). Waits, at most
+    /// the reply timeout, while that connection's queue is full. The receiver yields the reply.
     pub async fn enqueue(
         &self,
         lane: usize,
         bytes: Bytes,
         kind: ReplyKind,
+        retry_safe: bool,
     ) -> Result<oneshot::Receiver<Result<Bytes, ExchangeError>>, ExchangeError> {
         let (tx, rx) = oneshot::channel();
         let request = Request {
             bytes,
             kind,
+            retry_safe,
             reply: tx,
         };
-        self.lanes[lane % self.lanes.len()]
-            .send(request)
-            .await
-            .map_err(|_| ExchangeError::Unreachable)?;
-        Ok(rx)
+        let queue = &self.lanes[lane % self.lanes.len()];
+        match tokio::time::timeout(self.access.reply_timeout(), queue.send(request)).await {
+            Ok(Ok(())) => Ok(rx),
+            Ok(Err(_)) => Err(ExchangeError::Unreachable),
+            Err(_) => {
+                // A queue that stays full belongs to a node that stopped answering; the
+                // request was never written.
+                self.count_error();
+                Err(ExchangeError::Unreachable)
+            }
+        }
     }
 
-    /// Sends one request on connection `lane` and waits (up to `REPLY_TIMEOUT`) for its reply.
+    /// Sends one request on connection `lane` and waits for its reply (the connection gives
+    /// up on a node after the reply timeout; this waits a little longer as a backstop).
     pub async fn exchange(
         &self,
         lane: usize,
         bytes: Bytes,
         kind: ReplyKind,
+        retry_safe: bool,
     ) -> Result<Bytes, ExchangeError> {
-        let reply = self.enqueue(lane, bytes, kind).await?;
-        match tokio::time::timeout(REPLY_TIMEOUT, reply).await {
+        let reply = self.enqueue(lane, bytes, kind, retry_safe).await?;
+        self.await_reply(reply).await
+    }
+
+    /// The reply to a queued request, or why there is none.
+    pub async fn await_reply(
+        &self,
+        reply: oneshot::Receiver<Result<Bytes, ExchangeError>>,
+    ) -> Result<Bytes, ExchangeError> {
+        match tokio::time::timeout(self.access.reply_timeout() * 2, reply).await {
             Ok(Ok(outcome)) => outcome,
-            Ok(Err(_)) => Err(ExchangeError::Broken),
-            Err(_) => {
-                self.count_error();
-                Err(ExchangeError::Broken)
-            }
+            Ok(Err(_)) | Err(_) => Err(ExchangeError::Broken),
         }
     }
 
-    /// Counts a failed request (for metrics).
+    /// Counts a failed connection or request (for metrics).
     pub fn count_error(&self) {
-        self.errors.fetch_add(1, Relaxed);
+        self.access.errors.fetch_add(1, Relaxed);
     }
 }
 
 /// One persistent connection: writes queued requests in batches and matches replies to
-/// them in order. Reconnects on demand; when the node cannot be reached, queued requests
-/// fail as `Unreachable` so the proxy can fail over.
+/// them in order. Reconnects on demand; when the node cannot be reached, or stops
+/// answering, queued requests fail as `Unreachable` (and written ones as their
+/// `retry_safe` allows) so the proxy can fail over, and the node counts as down for a
+/// backoff period.
 async fn lane(backend: std::sync::Weak<Backend>, mut rx: mpsc::Receiver<Request>) {
     let mut first: Option<Request> = None;
     loop {
@@ -192,7 +241,7 @@ async fn lane(backend: std::sync::Weak<Backend>, mut rx: mpsc::Receiver<Request>
         let stream = match connect(&b).await {
             Ok(stream) => {
                 b.mark_up();
-                b.connects.fetch_add(1, Relaxed);
+                b.access.connects.fetch_add(1, Relaxed);
                 stream
             }
             Err(error) => {
@@ -208,8 +257,16 @@ async fn lane(backend: std::sync::Weak<Backend>, mut rx: mpsc::Receiver<Request>
                 continue;
             }
         };
+        let timeout = b.access.reply_timeout();
         drop(b);
-        first = serve_connection(stream, request, &mut rx).await;
+        let ended = serve_connection(stream, request, &mut rx, timeout).await;
+        first = ended.carry;
+        if ended.stalled {
+            if let Some(b) = backend.upgrade() {
+                tracing::warn!(node = %b.addr, timeout = ?b.access.reply_timeout(), "cache node stopped answering; failing over");
+                b.mark_down();
+            }
+        }
     }
 }
 
@@ -294,114 +351,141 @@ async fn connect(backend: &Backend) -> Result<NodeStream, String> {
     Ok(stream)
 }
 
-/// Drives one connection until it breaks. Returns a request taken from the queue but not
-/// yet written, if any, for the next connection.
+/// How a connection ended.
+struct Ended {
+    /// A request taken from the queue but not written, for the next connection.
+    carry: Option<Request>,
+    /// The node stopped answering within the reply timeout.
+    stalled: bool,
+}
+
+/// Drives one connection until it breaks or stalls.
 async fn serve_connection(
     stream: NodeStream,
     first: Request,
     rx: &mut mpsc::Receiver<Request>,
-) -> Option<Request> {
+    timeout: Duration,
+) -> Ended {
     match stream {
         NodeStream::Plain(tcp) => {
             let (reader, writer) = tcp.into_split();
-            drive(reader, writer, first, rx).await
+            drive(reader, writer, first, rx, timeout).await
         }
         NodeStream::Tls(tls) => {
             let (reader, writer) = tokio::io::split(tls);
-            drive(reader, writer, first, rx).await
+            drive(reader, writer, first, rx, timeout).await
         }
     }
 }
 
-/// The request/reply loop of `serve_connection` over either kind of stream.
+/// Adds `request` to the write buffer and to the requests awaiting replies.
+fn queue_write(request: Request, out: &mut BytesMut, inflight: &mut VecDeque<Inflight>) {
+    out.extend_from_slice(&request.bytes);
+    inflight.push_back(Inflight {
+        kind: request.kind,
+        retry_safe: request.retry_safe,
+        reply: request.reply,
+        since: Instant::now(),
+    });
+}
+
+/// The request/reply loop of `serve_connection` over either kind of stream. It reads
+/// while it writes (a node answering a large pipeline never waits on the proxy), gathers
+/// the queued requests into one write, and gives up on a node whose oldest request has
+/// waited `timeout`.
 async fn drive<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     mut reader: R,
     mut writer: W,
     first: Request,
     rx: &mut mpsc::Receiver<Request>,
-) -> Option<Request> {
-    let mut inflight: VecDeque<(ReplyKind, oneshot::Sender<Result<Bytes, ExchangeError>>)> =
-        VecDeque::new();
+    timeout: Duration,
+) -> Ended {
+    let mut inflight: VecDeque<Inflight> = VecDeque::new();
     let mut out = BytesMut::with_capacity(64 * 1024);
+    // Bytes of `out` already written.
+    let mut written = 0usize;
     let mut buf = BytesMut::with_capacity(64 * 1024);
-    let mut pending = Some(first);
-    // When the connection breaks, requests that got no byte of their reply may go to a
-    // replica; the one whose reply was cut off midway has an unknown outcome.
-    let fail = |inflight: &mut VecDeque<(ReplyKind, oneshot::Sender<_>)>, partial: bool| {
-        for (i, (_, reply)) in inflight.drain(..).enumerate() {
-            let error = if i == 0 && partial {
-                ExchangeError::Broken
-            } else {
-                ExchangeError::Unreachable
-            };
-            let _ = reply.send(Err(error));
+    queue_write(first, &mut out, &mut inflight);
+    // Checked against the oldest request now and then, rather than re-armed per request.
+    let timer = tokio::time::sleep(timeout);
+    tokio::pin!(timer);
+    let ended = |inflight: &mut VecDeque<Inflight>, stalled: bool| {
+        inflight.drain(..).for_each(Inflight::fail);
+        Ended {
+            carry: None,
+            stalled,
         }
     };
     loop {
-        // Gather what is queued into one write.
-        if let Some(request) = pending.take() {
-            // Let the other ready tasks (clients whose requests arrived in the same turn
-            // of the event loop) queue theirs first, as an event loop that writes on the
-            // next turn does.
-            tokio::task::yield_now().await;
-            out.clear();
-            out.extend_from_slice(&request.bytes);
-            inflight.push_back((request.kind, request.reply));
-            while out.len() < MAX_WRITE {
-                match rx.try_recv() {
-                    Ok(r) => {
-                        out.extend_from_slice(&r.bytes);
-                        inflight.push_back((r.kind, r.reply));
-                    }
-                    Err(_) => break,
-                }
-            }
-            // The flush matters for TLS, which may hold written records back.
-            if writer.write_all(&out).await.is_err() || writer.flush().await.is_err() {
-                fail(&mut inflight, !buf.is_empty());
-                return None;
-            }
-        }
         // Deliver complete replies.
-        while let Some((kind, _)) = inflight.front() {
-            match reply_len(&buf, *kind) {
+        while let Some(front) = inflight.front() {
+            match reply_len(&buf, front.kind) {
                 Ok(Some(n)) => {
                     let reply = buf.split_to(n).freeze();
-                    if let Some((_, tx)) = inflight.pop_front() {
-                        let _ = tx.send(Ok(reply));
+                    if let Some(done) = inflight.pop_front() {
+                        let _ = done.reply.send(Ok(reply));
                     }
                 }
                 Ok(None) => break,
-                Err(_) => {
-                    fail(&mut inflight, true);
-                    return None;
-                }
+                // A reply that is not one: the stream is out of step.
+                Err(_) => return ended(&mut inflight, false),
             }
         }
         if inflight.is_empty() && buf.has_remaining() {
             // Bytes nobody asked for: the stream is out of step.
-            return None;
+            return ended(&mut inflight, false);
         }
         if buf.len() > MAX_REPLY_BUFFER {
-            fail(&mut inflight, true);
-            return None;
+            return ended(&mut inflight, false);
         }
         if buf.capacity() - buf.len() < 16 * 1024 {
             buf.reserve(64 * 1024);
         }
+        let writing = written < out.len();
         tokio::select! {
-            read = reader.read_buf(&mut buf), if !inflight.is_empty() => match read {
-                Ok(0) | Err(_) => {
-                    fail(&mut inflight, !buf.is_empty());
-                    return None;
+            result = writer.write(&out[written..]), if writing => match result {
+                Ok(0) | Err(_) => return ended(&mut inflight, false),
+                Ok(n) => {
+                    written += n;
+                    if written == out.len() {
+                        // The flush matters for TLS, which may hold written records back.
+                        if writer.flush().await.is_err() {
+                            return ended(&mut inflight, false);
+                        }
+                        out.clear();
+                        written = 0;
+                    }
                 }
+            },
+            read = reader.read_buf(&mut buf), if !inflight.is_empty() => match read {
+                Ok(0) | Err(_) => return ended(&mut inflight, false),
                 Ok(_) => {}
             },
-            next = rx.recv() => match next {
-                Some(r) => pending = Some(r),
-                None => {
-                    fail(&mut inflight, !buf.is_empty());
-                    return None;
+            next = rx.recv(), if !writing => match next {
+                Some(request) => {
+                    if inflight.is_empty() {
+                        timer.as_mut().reset(tokio::time::Instant::now() + timeout);
+                    }
+                    // Let the other ready tasks (clients whose requests arrived in the same
+                    // turn of the event loop) queue theirs first, as an event loop that
+                    // writes on the next turn does; then gather everything queued.
+                    tokio::task::yield_now().await;
+                    queue_write(request, &mut out, &mut inflight);
+                    while out.len() < MAX_WRITE {
+                        match rx.try_recv() {
+                            Ok(r) => queue_write(r, &mut out, &mut inflight),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                None => return ended(&mut inflight, false),
+            },
+            () = &mut timer, if !inflight.is_empty() => {
+                let oldest = inflight.front().map(|f| f.since + timeout);
+                match oldest {
+                    Some(due) if due <= Instant::now() => return ended(&mut inflight, true),
+                    Some(due) => timer.as_mut().reset(tokio::time::Instant::from_std(due)),
+                    None => {}
                 }
             },
         }

@@ -34,11 +34,14 @@ use tokio::sync::{watch, Semaphore};
 use crate::cluster::{Cluster, ClusterView};
 use crate::engine::version_string;
 use crate::protocol::forward::{encode_get, encode_keyed, value_blocks, Quiet, ReplyKind};
-use crate::protocol::{parse, reply, Limits, ParseOutcome, Request};
+use crate::protocol::{parse, reply, Limits, MetaCommand, ParseOutcome, Request, StoreMode};
 pub use backend::NodeAccess;
-use backend::{Backend, ExchangeError, REPLY_TIMEOUT};
+use backend::{Backend, ExchangeError};
 
 const READ_CHUNK: usize = 16 * 1024;
+/// Requests of one client run together at most: bounds the replies the proxy holds for a
+/// client that pipelines large reads.
+const MAX_BATCH: usize = 32;
 const UNAVAILABLE: &[u8] = b"SERVER_ERROR no cache node available\r\n";
 const BROKEN: &[u8] = b"SERVER_ERROR cache node connection failed\r\n";
 
@@ -73,6 +76,9 @@ enum Job {
         bytes: Bytes,
         kind: ReplyKind,
         quiet: Quiet,
+        /// Whether a replica may be asked when the owner failed after the request was
+        /// written to it (a read or a plain `set`: repeating it is harmless).
+        retry_safe: bool,
     },
     /// A retrieval split by owner, reassembled in `order`.
     Split {
@@ -201,22 +207,12 @@ impl Proxy {
 
     /// Connections opened to nodes so far (for metrics).
     pub fn node_connections_opened(&self) -> u64 {
-        self.routes
-            .load()
-            .backends
-            .iter()
-            .map(|b| b.connects.load(Relaxed))
-            .sum()
+        self.access.connects.load(Relaxed)
     }
 
-    /// Total backend errors (for metrics).
+    /// Failed node connections and requests so far (for metrics).
     pub fn backend_errors(&self) -> u64 {
-        self.routes
-            .load()
-            .backends
-            .iter()
-            .map(|b| b.errors.load(Relaxed))
-            .sum()
+        self.access.errors.load(Relaxed)
     }
 
     /// Accepts clients until `shutdown`, then lets open connections finish for `drain`.
@@ -300,55 +296,91 @@ impl Proxy {
                 return Ok(());
             }
             first_read = false;
-            let routes = self.routes();
-            let mut close = false;
             loop {
-                if swallow > 0 {
-                    let k = swallow.min(read.len());
-                    read.advance(k);
-                    swallow -= k;
-                    if swallow > 0 {
-                        break;
-                    }
+                let (close, more) = self
+                    .batch(
+                        &mut read,
+                        &mut swallow,
+                        id,
+                        &mut jobs,
+                        &mut replies,
+                        &mut write,
+                    )
+                    .await;
+                stream.write_all(&write).await?;
+                write.clear();
+                if close {
+                    let _ = stream.shutdown().await;
+                    return Ok(());
                 }
-                let consumed = match parse(&read, &self.limits) {
-                    ParseOutcome::Request {
-                        request,
-                        consumed,
-                        swallow: s,
-                    } => {
-                        swallow = s;
-                        jobs.push(plan(&request, &routes.view));
-                        consumed
-                    }
-                    ParseOutcome::Incomplete => break,
-                    ParseOutcome::Close => {
-                        close = true;
-                        break;
-                    }
-                };
-                read.advance(consumed);
-                if matches!(jobs.last(), Some(Job::Close)) {
+                if !more {
                     break;
                 }
             }
-            self.stats.requests.fetch_add(jobs.len() as u64, Relaxed);
-            self.run(&jobs, &routes, id, &mut replies).await;
-            for (job, reply) in jobs.iter().zip(replies.drain(..)) {
-                if matches!(job, Job::Close) {
+        }
+    }
+
+    /// Parses up to `MAX_BATCH` requests from `read`, runs them, and composes their replies
+    /// into `write`. Returns whether the connection is to close, and whether `read` holds
+    /// more complete requests than one batch takes (the cap bounds the replies held per
+    /// client).
+    async fn batch(
+        &self,
+        read: &mut BytesMut,
+        swallow: &mut usize,
+        id: usize,
+        jobs: &mut Vec<Job>,
+        replies: &mut Vec<Bytes>,
+        write: &mut BytesMut,
+    ) -> (bool, bool) {
+        let routes = self.routes();
+        let mut close = false;
+        let mut more = false;
+        loop {
+            if jobs.len() == MAX_BATCH {
+                more = true;
+                break;
+            }
+            if *swallow > 0 {
+                let k = (*swallow).min(read.len());
+                read.advance(k);
+                *swallow -= k;
+                if *swallow > 0 {
+                    break;
+                }
+            }
+            let consumed = match parse(read, &self.limits) {
+                ParseOutcome::Request {
+                    request,
+                    consumed,
+                    swallow: s,
+                } => {
+                    *swallow = s;
+                    jobs.push(plan(&request, &routes.view));
+                    consumed
+                }
+                ParseOutcome::Incomplete => break,
+                ParseOutcome::Close => {
                     close = true;
                     break;
                 }
-                write.put_slice(&reply);
-            }
-            jobs.clear();
-            stream.write_all(&write).await?;
-            write.clear();
-            if close {
-                let _ = stream.shutdown().await;
-                return Ok(());
+            };
+            read.advance(consumed);
+            if matches!(jobs.last(), Some(Job::Close)) {
+                break;
             }
         }
+        self.stats.requests.fetch_add(jobs.len() as u64, Relaxed);
+        self.run(jobs, &routes, id, replies).await;
+        for (job, reply) in jobs.iter().zip(replies.drain(..)) {
+            if matches!(job, Job::Close) {
+                close = true;
+                break;
+            }
+            write.put_slice(&reply);
+        }
+        jobs.clear();
+        (close, more && !close)
     }
 
     /// Executes a batch of jobs and appends one reply per job, in order, to `replies`.
@@ -362,9 +394,12 @@ impl Proxy {
             bytes,
             kind,
             quiet,
+            retry_safe,
         }] = jobs
         {
-            let reply = self.call(routes, lane, owners, bytes, *kind).await;
+            let reply = self
+                .call(routes, lane, owners, bytes, *kind, *retry_safe)
+                .await;
             replies.push(if quiet.delivers(&reply) {
                 reply
             } else {
@@ -378,18 +413,24 @@ impl Proxy {
             candidates: &'j [usize],
             bytes: &'j Bytes,
             kind: ReplyKind,
+            retry_safe: bool,
             attempt: usize,
         }
         let everyone: Vec<usize> = (0..routes.backends.len()).collect();
+        // Which nodes count as down is decided once for the batch: requests for one key
+        // then go to the same node, in the client's order, even if a node is found down
+        // midway (they all move on to the next owner together, in order).
+        let down: Vec<bool> = routes.backends.iter().map(|b| b.is_down()).collect();
         let mut calls: Vec<Call<'_>> = Vec::new();
         // Calls of job j: calls[spans[j]..spans[j + 1]].
         let mut spans = Vec::with_capacity(jobs.len() + 1);
         for job in jobs {
             spans.push(calls.len());
-            let call = |candidates, bytes, kind| Call {
+            let call = |candidates, bytes, kind, retry_safe| Call {
                 candidates,
                 bytes,
                 kind,
+                retry_safe,
                 attempt: 0,
             };
             match job {
@@ -397,17 +438,19 @@ impl Proxy {
                     owners,
                     bytes,
                     kind,
+                    retry_safe,
                     ..
-                } => calls.push(call(owners, bytes, *kind)),
+                } => calls.push(call(owners, bytes, *kind, *retry_safe)),
                 Job::Split { parts, .. } => calls.extend(
                     parts
                         .iter()
-                        .map(|(owners, bytes)| call(owners, bytes, ReplyKind::Retrieval)),
+                        .map(|(owners, bytes)| call(owners, bytes, ReplyKind::Retrieval, true)),
                 ),
+                // flush_all, cache_memlimit and stats are harmless to repeat.
                 Job::All { bytes, kind, .. } => calls.extend(
                     everyone
                         .iter()
-                        .map(|m| call(std::slice::from_ref(m), bytes, *kind)),
+                        .map(|m| call(std::slice::from_ref(m), bytes, *kind, true)),
                 ),
                 Job::Local(_) | Job::Close => {}
             }
@@ -422,7 +465,7 @@ impl Proxy {
             let mut waiting = Vec::with_capacity(pending.len());
             for i in pending.drain(..) {
                 let call = &mut calls[i];
-                call.attempt = skip_down(routes, call.candidates, call.attempt);
+                call.attempt = skip_down(&down, call.candidates, call.attempt);
                 let Some(backend) = call
                     .candidates
                     .get(call.attempt)
@@ -431,34 +474,21 @@ impl Proxy {
                     results[i] = Some(Bytes::from_static(UNAVAILABLE));
                     continue;
                 };
-                waiting.push((
-                    i,
-                    backend.enqueue(lane, call.bytes.clone(), call.kind).await,
-                ));
+                let queued = backend
+                    .enqueue(lane, call.bytes.clone(), call.kind, call.retry_safe)
+                    .await;
+                waiting.push((i, backend, queued));
             }
-            let outcomes = tokio::time::timeout(
-                REPLY_TIMEOUT,
-                join_all(waiting.into_iter().map(|(i, queued)| async move {
-                    let outcome = match queued {
-                        Ok(reply) => reply.await.unwrap_or(Err(ExchangeError::Broken)),
-                        Err(error) => Err(error),
-                    };
-                    (i, outcome)
-                })),
-            )
+            // Each reply is taken as it comes: a node that stalls costs only its own
+            // requests (its connection gives up on it and they fail over).
+            let outcomes = join_all(waiting.into_iter().map(|(i, backend, queued)| async move {
+                let outcome = match queued {
+                    Ok(reply) => backend.await_reply(reply).await,
+                    Err(error) => Err(error),
+                };
+                (i, outcome)
+            }))
             .await;
-            let Ok(outcomes) = outcomes else {
-                // Whatever did not arrive in time has an unknown outcome.
-                for (i, call) in calls.iter().enumerate() {
-                    if results[i].is_none() {
-                        if let Some(b) = call.candidates.get(call.attempt) {
-                            routes.backends[*b].count_error();
-                        }
-                        results[i] = Some(Bytes::from_static(BROKEN));
-                    }
-                }
-                break;
-            };
             for (i, outcome) in outcomes {
                 match outcome {
                     Ok(reply) => results[i] = Some(reply),
@@ -490,8 +520,13 @@ impl Proxy {
         candidates: &[usize],
         bytes: &Bytes,
         kind: ReplyKind,
+        retry_safe: bool,
     ) -> Bytes {
-        let mut attempt = skip_down(routes, candidates, 0);
+        let down: Vec<bool> = candidates
+            .iter()
+            .map(|&m| routes.backends.get(m).is_none_or(|b| b.is_down()))
+            .collect();
+        let mut attempt = skip_down_at(&down, 0);
         loop {
             let Some(backend) = candidates
                 .get(attempt)
@@ -499,7 +534,10 @@ impl Proxy {
             else {
                 return Bytes::from_static(UNAVAILABLE);
             };
-            match backend.exchange(lane, bytes.clone(), kind).await {
+            match backend
+                .exchange(lane, bytes.clone(), kind, retry_safe)
+                .await
+            {
                 Ok(reply) => return reply,
                 Err(ExchangeError::Unreachable) if attempt + 1 < candidates.len() => {
                     self.stats.failovers.fetch_add(1, Relaxed);
@@ -512,15 +550,19 @@ impl Proxy {
     }
 }
 
-/// The first candidate from `attempt` on whose node is not known to be down, or the last
-/// one when all are.
-fn skip_down(routes: &Routes, candidates: &[usize], mut attempt: usize) -> usize {
-    while attempt + 1 < candidates.len()
-        && routes
-            .backends
-            .get(candidates[attempt])
-            .is_none_or(|b| b.is_down())
-    {
+/// The first candidate from `attempt` on whose node `down` (by member index) does not
+/// mark down, or the last one when all are.
+fn skip_down(down: &[bool], candidates: &[usize], attempt: usize) -> usize {
+    let marks: Vec<bool> = candidates
+        .iter()
+        .map(|&m| down.get(m).copied().unwrap_or(true))
+        .collect();
+    skip_down_at(&marks, attempt)
+}
+
+/// As `skip_down`, with `down` given per candidate.
+fn skip_down_at(down: &[bool], mut attempt: usize) -> usize {
+    while attempt + 1 < down.len() && down[attempt] {
         attempt += 1;
     }
     attempt
@@ -660,10 +702,9 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
             for key in keys.iter() {
                 order.push(key.to_vec());
                 let key_owners = owners(key);
-                match parts
-                    .iter_mut()
-                    .find(|(o, _)| o.first() == key_owners.first())
-                {
+                // Keys go together only when every owner is the same, so a part that fails
+                // over asks a node that holds a replica of each of its keys.
+                match parts.iter_mut().find(|(o, _)| *o == key_owners) {
                     Some((_, keys)) => keys.push(key),
                     None => parts.push((key_owners, vec![key])),
                 }
@@ -683,6 +724,7 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
                     bytes: out.freeze(),
                     kind: ReplyKind::Retrieval,
                     quiet: Quiet::None,
+                    retry_safe: true,
                 };
             }
             let parts = parts
@@ -722,11 +764,20 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
             if owners.is_empty() {
                 return Job::Local(Bytes::from_static(UNAVAILABLE));
             }
+            // Reads and plain sets may be repeated on a replica; `incr`, `add`, `append`,
+            // deletes (a second one answers NOT_FOUND) and the like may not.
+            let retry_safe = match request {
+                Request::Store(s) => s.mode == StoreMode::Set,
+                Request::Touch { .. } | Request::MetaDebug { .. } => true,
+                Request::Meta(m) => m.command == MetaCommand::Get,
+                _ => false,
+            };
             Job::Keyed {
                 owners,
                 bytes: out.freeze(),
                 kind,
                 quiet,
+                retry_safe,
             }
         }
         Request::TooLarge { noreply, .. } => {
@@ -777,6 +828,7 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
                         bytes: out.freeze(),
                         kind: ReplyKind::Stats,
                         quiet: Quiet::None,
+                        retry_safe: true,
                     };
                 }
             };

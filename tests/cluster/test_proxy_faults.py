@@ -1,0 +1,178 @@
+"""`kache-node proxy` when a node misbehaves: dies in the middle of a request, stalls, or is
+down, with replicas to fail over to (replicationFactor 2)."""
+import signal
+import socket
+import threading
+import time
+
+from conftest import free_port, request
+from test_proxy import ProxyProcess, owner
+
+
+class HangUpNode:
+    """A member that reads whatever arrives and hangs up without answering: a node that
+    dies in the middle of a request (it may or may not have applied it)."""
+
+    def __init__(self, name):
+        self.name = name
+        self.port = free_port()
+        self.peer_port = free_port()
+        self.seen = []
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", self.port))
+        self.sock.listen(16)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    self.seen.append(conn.recv(65536))
+                except OSError:
+                    pass
+
+    def member(self):
+        return {"name": self.name, "host": "127.0.0.1", "ip": "127.0.0.1",
+                "port": self.port, "peerPort": self.peer_port}
+
+    def stop(self):
+        self.sock.close()
+
+
+class AbsentNode:
+    """A member nothing listens for: connections to it are refused."""
+
+    def __init__(self, name):
+        self.name = name
+        self.port = free_port()
+        self.peer_port = free_port()
+
+    def member(self):
+        return {"name": self.name, "host": "127.0.0.1", "ip": "127.0.0.1",
+                "port": self.port, "peerPort": self.peer_port}
+
+
+def keys_owned(node, owners, count, prefix):
+    """`count` keys whose owner list (per `node`'s ring) starts with `owners`."""
+    found = []
+    for i in range(100_000):
+        k = f"{prefix}{i}"
+        if node.admin(f"/cluster/owners?key={k}")["owners"][:len(owners)] == owners:
+            found.append(k)
+            if len(found) == count:
+                return found
+    raise AssertionError(f"no key owned by {owners}")
+
+
+def read_replies(port, payload, count, timeout=20.0):
+    """Sends `payload` on one connection and returns the first `count` reply lines
+    (values skipped: the test's values are one line)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(payload)
+        data = b""
+        deadline = time.monotonic() + timeout
+        while data.count(b"END\r\n") + data.count(b"STORED\r\n") + data.count(b"DELETED\r\n") \
+                + data.count(b"NOT_FOUND\r\n") < count:
+            assert time.monotonic() < deadline, data[-200:]
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def test_a_write_whose_node_hung_up_is_not_repeated_on_a_replica(local_cluster):
+    cluster = local_cluster(replication_factor=2)
+    dead = HangUpNode("kache-a")
+    real = cluster.add_node(name="kache-b")
+    cluster.publish([dead, real])
+    cluster.wait_version([real])
+    proxy = ProxyProcess(cluster.members_file)
+    try:
+        key = keys_owned(real, ["kache-a", "kache-b"], 1, "counter:")[0]
+        assert request(real.port, f"set {key} 0 0 2\r\n10\r\n".encode(), until=b"\r\n") \
+            == b"STORED\r\n"
+        # The owner took the incr and hung up: it may have applied it. Repeating it on the
+        # replica could count it twice, so the client gets an error instead.
+        reply = request(proxy.port, f"incr {key} 5\r\n".encode(), until=b"\r\n")
+        assert reply.startswith(b"SERVER_ERROR "), reply
+        assert any(b"incr" in seen for seen in dead.seen), dead.seen
+        assert request(real.port, f"get {key}\r\n".encode()) == \
+            f"VALUE {key} 0 2\r\n10\r\nEND\r\n".encode()
+        # A read is harmless to repeat: it is answered by the replica.
+        assert request(proxy.port, f"get {key}\r\n".encode()) == \
+            f"VALUE {key} 0 2\r\n10\r\nEND\r\n".encode()
+    finally:
+        proxy.stop()
+        dead.stop()
+
+
+def test_a_clients_requests_for_one_key_stay_in_order_while_its_owner_is_down(local_cluster):
+    cluster = local_cluster(replication_factor=2)
+    real = cluster.add_node(name="kache-b")
+    down = AbsentNode("kache-a")
+    cluster.publish([down, real])
+    cluster.wait_version([real])
+    proxy = ProxyProcess(cluster.members_file)
+    try:
+        key, other = keys_owned(real, ["kache-a"], 2, "order:")
+        for round_ in range(8):
+            payload = (f"delete {key}\r\nset {key} 0 0 1\r\n{round_ % 10}\r\n"
+                       + f"get {other}\r\n" * 20 + f"get {key}\r\n").encode()
+            data = read_replies(proxy.port, payload, 23)
+            assert data.endswith(f"VALUE {key} 0 1\r\n{round_ % 10}\r\nEND\r\n".encode()), \
+                (round_, data[-120:])
+    finally:
+        proxy.stop()
+
+
+def test_a_multi_get_fails_over_key_by_key(local_cluster):
+    cluster = local_cluster(replication_factor=2)
+    nodes = [cluster.add_node() for _ in range(3)]
+    cluster.publish(nodes)
+    cluster.wait_version()
+    proxy = ProxyProcess(cluster.members_file)
+    try:
+        a, b, c = (n.name for n in nodes)
+        x = keys_owned(nodes[1], [a, b], 1, "mx:")[0]
+        y = keys_owned(nodes[1], [a, c], 1, "my:")[0]
+        client = proxy.client()
+        assert client.set(x, b"1", noreply=False) and client.set(y, b"2", noreply=False)
+        nodes[0].stop()  # kill -9: both keys' owner
+        assert client.get_many([x, y]) == {x: b"1", y: b"2"}
+    finally:
+        proxy.stop()
+
+
+def test_a_stalled_node_fails_over_to_its_replica(local_cluster):
+    cluster = local_cluster(replication_factor=2)
+    nodes = [cluster.add_node() for _ in range(3)]
+    cluster.publish(nodes)
+    cluster.wait_version()
+    proxy = ProxyProcess(cluster.members_file)
+    stalled = nodes[0]
+    try:
+        keys = keys_owned(nodes[1], [stalled.name], 3, "stall:")
+        client = proxy.client()
+        for k in keys:
+            assert client.set(k, k.encode(), noreply=False)
+        stalled.proc.send_signal(signal.SIGSTOP)  # alive, listening, answering nothing
+        started = time.monotonic()
+        assert client.get(keys[0]) == keys[0].encode()
+        waited = time.monotonic() - started
+        assert waited < 9, f"failover took {waited:.1f}s"
+        # The node now counts as down: the next reads go straight to the replica.
+        started = time.monotonic()
+        assert client.get_many(keys[1:]) == {k: k.encode() for k in keys[1:]}
+        assert time.monotonic() - started < 1.0
+        print(f"\nfirst read after the stall: {waited:.2f}s; then "
+              f"{time.monotonic() - started:.3f}s")
+    finally:
+        stalled.proc.send_signal(signal.SIGCONT)
+        proxy.stop()
