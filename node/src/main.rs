@@ -285,7 +285,7 @@ async fn start_membership(
             shutdown.clone(),
         ));
     } else if let Some(name) = cluster_name {
-        let client = kube::Client::try_default()
+        let client = membership::api_client()
             .await
             .map_err(|e| format!("cannot reach the Kubernetes API for --cluster {name}: {e}"))?;
         tokio::spawn(membership::follow_configmap(

@@ -64,6 +64,22 @@ pub fn list_from_configmap(cm: &ConfigMap) -> Option<Result<MemberList, String>>
     Some(MemberList::from_json(text).map_err(|e| e.to_string()))
 }
 
+/// The API server ends each watch request after this long and the watcher starts the next
+/// one (from where it was: no re-list).
+const WATCH_TIMEOUT_SECS: u32 = 60;
+/// A response that sends nothing for this long counts as failed: longer than a watch
+/// request lasts, so only an API server that hangs (accepts, never answers) trips it, and
+/// then the node notices within this time instead of the client's default five minutes.
+const API_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// A Kubernetes client from the usual places (in-cluster service account, or `KUBECONFIG`),
+/// with a read timeout suited to `follow_configmap`.
+pub async fn api_client() -> Result<kube::Client, String> {
+    let mut config = kube::Config::infer().await.map_err(|e| e.to_string())?;
+    config.read_timeout = Some(API_READ_TIMEOUT);
+    kube::Client::try_from(config).map_err(|e| e.to_string())
+}
+
 /// Watches the `name` ConfigMap in `namespace` until `shutdown`. The watch restarts with
 /// backoff when the API server is unreachable; meanwhile the last list stays in force.
 pub async fn follow_configmap(
@@ -74,7 +90,9 @@ pub async fn follow_configmap(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
-    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let config = watcher::Config::default()
+        .fields(&format!("metadata.name={name}"))
+        .timeout(WATCH_TIMEOUT_SECS);
     let mut events = watcher::watcher(api, config).default_backoff().boxed();
     loop {
         let event = tokio::select! {
