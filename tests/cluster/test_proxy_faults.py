@@ -176,3 +176,43 @@ def test_a_stalled_node_fails_over_to_its_replica(local_cluster):
     finally:
         stalled.proc.send_signal(signal.SIGCONT)
         proxy.stop()
+
+
+def test_a_replica_waiting_on_a_stalled_peer_is_not_taken_for_stalled(local_cluster):
+    """B owns the keys and waits (up to 1 s per write) for the acks of its stalled replica A:
+    slow, but answering, so the proxy keeps using it."""
+    cluster = local_cluster(replication_factor=2)
+    nodes = [cluster.add_node() for _ in range(3)]
+    cluster.publish(nodes)
+    cluster.wait_version()
+    proxy = ProxyProcess(cluster.members_file)
+    a, b = nodes[0], nodes[1]
+    try:
+        keys = keys_owned(b, [b.name, a.name], 4, "slow:")
+        a.proc.send_signal(signal.SIGSTOP)
+        payload = "".join(f"set {k} 0 0 1\r\nx\r\n" for k in keys).encode()
+        data = read_replies(proxy.port, payload, len(keys))
+        assert data == b"STORED\r\n" * len(keys), data
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+        proxy.stop()
+
+
+def test_a_restarted_node_is_reconnected_without_a_false_error(local_cluster):
+    """The node closes the proxy's idle connection when it restarts; the next request, even
+    one that may not be repeated, goes over a new connection."""
+    cluster = local_cluster(replication_factor=1)
+    node = cluster.add_node()
+    cluster.publish([node])
+    cluster.wait_version()
+    proxy = ProxyProcess(cluster.members_file)
+    try:
+        assert request(proxy.port, b"set n 0 0 1\r\n5\r\n", until=b"\r\n") == b"STORED\r\n"
+        node.stop()
+        node.start()
+        cluster.wait_version([node])
+        time.sleep(0.2)
+        # The restarted node lost the value (one copy): NOT_FOUND, not a connection error.
+        assert request(proxy.port, b"incr n 1\r\n", until=b"\r\n") == b"NOT_FOUND\r\n"
+    finally:
+        proxy.stop()

@@ -62,7 +62,6 @@ struct Inflight {
     kind: ReplyKind,
     retry_safe: bool,
     reply: oneshot::Sender<Result<Bytes, ExchangeError>>,
-    since: Instant,
 }
 
 impl Inflight {
@@ -163,9 +162,11 @@ impl Backend {
     }
 
     /// Queues one request on connection `lane` (taken modulo the pool size: callers pass
-    /// a number of their own, so their requests keep their order). Waits, at most
-    /// the reply timeout, while that connection's queue is full. The receiver yields the reply.
-    pub async fn enqueue(
+    /// a number of their own, so their requests keep their order). A full queue (4096
+    /// requests waiting on one connection) means the node is not keeping up: the request is
+    /// refused at once, unwritten. The receiver yields the reply: the connection answers
+    /// every request it takes, within about the reply timeout.
+    pub fn enqueue(
         &self,
         lane: usize,
         bytes: Bytes,
@@ -179,21 +180,16 @@ impl Backend {
             retry_safe,
             reply: tx,
         };
-        let queue = &self.lanes[lane % self.lanes.len()];
-        match tokio::time::timeout(self.access.reply_timeout(), queue.send(request)).await {
-            Ok(Ok(())) => Ok(rx),
-            Ok(Err(_)) => Err(ExchangeError::Unreachable),
-            Err(_) => {
-                // A queue that stays full belongs to a node that stopped answering; the
-                // request was never written.
+        self.lanes[lane % self.lanes.len()]
+            .try_send(request)
+            .map_err(|_| {
                 self.count_error();
-                Err(ExchangeError::Unreachable)
-            }
-        }
+                ExchangeError::Unreachable
+            })?;
+        Ok(rx)
     }
 
-    /// Sends one request on connection `lane` and waits for its reply (the connection gives
-    /// up on a node after the reply timeout; this waits a little longer as a backstop).
+    /// Sends one request on connection `lane` and waits for its reply.
     pub async fn exchange(
         &self,
         lane: usize,
@@ -201,19 +197,8 @@ impl Backend {
         kind: ReplyKind,
         retry_safe: bool,
     ) -> Result<Bytes, ExchangeError> {
-        let reply = self.enqueue(lane, bytes, kind, retry_safe).await?;
-        self.await_reply(reply).await
-    }
-
-    /// The reply to a queued request, or why there is none.
-    pub async fn await_reply(
-        &self,
-        reply: oneshot::Receiver<Result<Bytes, ExchangeError>>,
-    ) -> Result<Bytes, ExchangeError> {
-        match tokio::time::timeout(self.access.reply_timeout() * 2, reply).await {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(_)) | Err(_) => Err(ExchangeError::Broken),
-        }
+        let reply = self.enqueue(lane, bytes, kind, retry_safe)?;
+        await_reply(reply, retry_safe).await
     }
 
     /// Counts a failed connection or request (for metrics).
@@ -222,25 +207,45 @@ impl Backend {
     }
 }
 
+/// The reply to a queued request, or, if its connection dropped it, why there is none.
+pub async fn await_reply(
+    reply: oneshot::Receiver<Result<Bytes, ExchangeError>>,
+    retry_safe: bool,
+) -> Result<Bytes, ExchangeError> {
+    match reply.await {
+        Ok(outcome) => outcome,
+        Err(_) if retry_safe => Err(ExchangeError::Unreachable),
+        Err(_) => Err(ExchangeError::Broken),
+    }
+}
+
+/// Fails every request still queued on a connection, unwritten: they may go to a replica.
+fn fail_queued(rx: &mut mpsc::Receiver<Request>) {
+    while let Ok(r) = rx.try_recv() {
+        let _ = r.reply.send(Err(ExchangeError::Unreachable));
+    }
+}
+
 /// One persistent connection: writes queued requests in batches and matches replies to
-/// them in order. Reconnects on demand; when the node cannot be reached, or stops
-/// answering, queued requests fail as `Unreachable` (and written ones as their
-/// `retry_safe` allows) so the proxy can fail over, and the node counts as down for a
-/// backoff period.
+/// them in order. Reconnects on demand. When the node cannot be reached, or stops
+/// answering, written requests fail as their `retry_safe` allows and queued ones as
+/// `Unreachable`, so the proxy can fail over (in order: nothing queued behind a failed
+/// request runs on the node before it), and the node counts as down for a backoff period
+/// that grows until a new connection gets a reply.
 async fn lane(backend: std::sync::Weak<Backend>, mut rx: mpsc::Receiver<Request>) {
-    let mut first: Option<Request> = None;
     loop {
-        let request = match first.take() {
-            Some(r) => r,
-            None => match rx.recv().await {
-                Some(r) => r,
-                None => return,
-            },
+        let Some(request) = rx.recv().await else {
+            return;
         };
         let Some(b) = backend.upgrade() else { return };
-        let stream = match connect(&b).await {
+        let timeout = b.access.reply_timeout();
+        // Connecting (TCP, TLS, login) is bounded by the reply timeout too.
+        let connected = match tokio::time::timeout(timeout, connect(&b)).await {
+            Ok(result) => result,
+            Err(_) => Err("connecting timed out".to_string()),
+        };
+        let stream = match connected {
             Ok(stream) => {
-                b.mark_up();
                 b.access.connects.fetch_add(1, Relaxed);
                 stream
             }
@@ -251,20 +256,21 @@ async fn lane(backend: std::sync::Weak<Backend>, mut rx: mpsc::Receiver<Request>
                 b.mark_down();
                 let _ = request.reply.send(Err(ExchangeError::Unreachable));
                 // Everything already queued would meet the same fate.
-                while let Ok(r) = rx.try_recv() {
-                    let _ = r.reply.send(Err(ExchangeError::Unreachable));
-                }
+                fail_queued(&mut rx);
                 continue;
             }
         };
-        let timeout = b.access.reply_timeout();
         drop(b);
-        let ended = serve_connection(stream, request, &mut rx, timeout).await;
-        first = ended.carry;
-        if ended.stalled {
-            if let Some(b) = backend.upgrade() {
-                tracing::warn!(node = %b.addr, timeout = ?b.access.reply_timeout(), "cache node stopped answering; failing over");
-                b.mark_down();
+        let ended = serve_connection(stream, request, &mut rx, timeout, &backend).await;
+        match ended {
+            Ended::Idle => {}
+            Ended::Failed => fail_queued(&mut rx),
+            Ended::Stalled => {
+                if let Some(b) = backend.upgrade() {
+                    tracing::warn!(node = %b.addr, ?timeout, "cache node stopped answering; failing over");
+                    b.mark_down();
+                }
+                fail_queued(&mut rx);
             }
         }
     }
@@ -352,28 +358,31 @@ async fn connect(backend: &Backend) -> Result<NodeStream, String> {
 }
 
 /// How a connection ended.
-struct Ended {
-    /// A request taken from the queue but not written, for the next connection.
-    carry: Option<Request>,
-    /// The node stopped answering within the reply timeout.
-    stalled: bool,
+enum Ended {
+    /// The node closed it with nothing in flight (e.g. it restarted): reconnect when needed.
+    Idle,
+    /// It broke, or the stream went out of step, with requests in flight.
+    Failed,
+    /// The node sent nothing for the reply timeout while requests waited.
+    Stalled,
 }
 
-/// Drives one connection until it breaks or stalls.
+/// Drives one connection until it ends.
 async fn serve_connection(
     stream: NodeStream,
     first: Request,
     rx: &mut mpsc::Receiver<Request>,
     timeout: Duration,
+    backend: &std::sync::Weak<Backend>,
 ) -> Ended {
     match stream {
         NodeStream::Plain(tcp) => {
             let (reader, writer) = tcp.into_split();
-            drive(reader, writer, first, rx, timeout).await
+            drive(reader, writer, first, rx, timeout, backend).await
         }
         NodeStream::Tls(tls) => {
             let (reader, writer) = tokio::io::split(tls);
-            drive(reader, writer, first, rx, timeout).await
+            drive(reader, writer, first, rx, timeout, backend).await
         }
     }
 }
@@ -385,36 +394,38 @@ fn queue_write(request: Request, out: &mut BytesMut, inflight: &mut VecDeque<Inf
         kind: request.kind,
         retry_safe: request.retry_safe,
         reply: request.reply,
-        since: Instant::now(),
     });
 }
 
 /// The request/reply loop of `serve_connection` over either kind of stream. It reads
-/// while it writes (a node answering a large pipeline never waits on the proxy), gathers
-/// the queued requests into one write, and gives up on a node whose oldest request has
-/// waited `timeout`.
+/// while it writes and while idle (a node answering a large pipeline never waits on the
+/// proxy, and a node that closes an idle connection is noticed), gathers the queued
+/// requests into one write, and gives up on a node that sends nothing for `timeout` while
+/// requests wait (a node that is merely slow, e.g. waiting on its own replica, keeps
+/// sending). The node counts as up again once it answers on a new connection.
 async fn drive<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     mut reader: R,
     mut writer: W,
     first: Request,
     rx: &mut mpsc::Receiver<Request>,
     timeout: Duration,
+    backend: &std::sync::Weak<Backend>,
 ) -> Ended {
     let mut inflight: VecDeque<Inflight> = VecDeque::new();
     let mut out = BytesMut::with_capacity(64 * 1024);
-    // Bytes of `out` already written.
+    // Bytes of `out` already written; then whether they still need a flush (TLS).
     let mut written = 0usize;
+    let mut unflushed = false;
     let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut answered = false;
     queue_write(first, &mut out, &mut inflight);
-    // Checked against the oldest request now and then, rather than re-armed per request.
+    // When the node last sent something (or, idle until then, was last given work).
+    let mut progress = Instant::now();
     let timer = tokio::time::sleep(timeout);
     tokio::pin!(timer);
-    let ended = |inflight: &mut VecDeque<Inflight>, stalled: bool| {
+    let failed = |inflight: &mut VecDeque<Inflight>, how: Ended| {
         inflight.drain(..).for_each(Inflight::fail);
-        Ended {
-            carry: None,
-            stalled,
-        }
+        how
     };
     loop {
         // Deliver complete replies.
@@ -425,46 +436,62 @@ async fn drive<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     if let Some(done) = inflight.pop_front() {
                         let _ = done.reply.send(Ok(reply));
                     }
+                    if !answered {
+                        answered = true;
+                        if let Some(b) = backend.upgrade() {
+                            b.mark_up();
+                        }
+                    }
                 }
                 Ok(None) => break,
                 // A reply that is not one: the stream is out of step.
-                Err(_) => return ended(&mut inflight, false),
+                Err(_) => return failed(&mut inflight, Ended::Failed),
             }
         }
         if inflight.is_empty() && buf.has_remaining() {
             // Bytes nobody asked for: the stream is out of step.
-            return ended(&mut inflight, false);
+            return failed(&mut inflight, Ended::Failed);
         }
         if buf.len() > MAX_REPLY_BUFFER {
-            return ended(&mut inflight, false);
+            return failed(&mut inflight, Ended::Failed);
         }
         if buf.capacity() - buf.len() < 16 * 1024 {
             buf.reserve(64 * 1024);
         }
         let writing = written < out.len();
         tokio::select! {
-            result = writer.write(&out[written..]), if writing => match result {
-                Ok(0) | Err(_) => return ended(&mut inflight, false),
-                Ok(n) => {
+            // Write, then flush (TLS may hold written records back), within the select so
+            // that reading and the timer go on meanwhile. Either step may be cancelled and
+            // resumed: neither takes bytes it does not report.
+            result = async {
+                if written < out.len() {
+                    writer.write(&out[written..]).await.map(Some)
+                } else {
+                    writer.flush().await.map(|()| None)
+                }
+            }, if writing || unflushed => match result {
+                Ok(Some(0)) | Err(_) => return failed(&mut inflight, Ended::Failed),
+                Ok(Some(n)) => {
                     written += n;
                     if written == out.len() {
-                        // The flush matters for TLS, which may hold written records back.
-                        if writer.flush().await.is_err() {
-                            return ended(&mut inflight, false);
-                        }
-                        out.clear();
-                        written = 0;
+                        unflushed = true;
                     }
                 }
+                Ok(None) => {
+                    unflushed = false;
+                    out.clear();
+                    written = 0;
+                }
             },
-            read = reader.read_buf(&mut buf), if !inflight.is_empty() => match read {
-                Ok(0) | Err(_) => return ended(&mut inflight, false),
-                Ok(_) => {}
+            read = reader.read_buf(&mut buf) => match read {
+                Ok(0) | Err(_) if inflight.is_empty() => return Ended::Idle,
+                Ok(0) | Err(_) => return failed(&mut inflight, Ended::Failed),
+                Ok(_) => progress = Instant::now(),
             },
-            next = rx.recv(), if !writing => match next {
+            next = rx.recv(), if !writing && !unflushed => match next {
                 Some(request) => {
                     if inflight.is_empty() {
-                        timer.as_mut().reset(tokio::time::Instant::now() + timeout);
+                        progress = Instant::now();
                     }
                     // Let the other ready tasks (clients whose requests arrived in the same
                     // turn of the event loop) queue theirs first, as an event loop that
@@ -478,15 +505,14 @@ async fn drive<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                         }
                     }
                 }
-                None => return ended(&mut inflight, false),
+                None => return failed(&mut inflight, Ended::Failed),
             },
             () = &mut timer, if !inflight.is_empty() => {
-                let oldest = inflight.front().map(|f| f.since + timeout);
-                match oldest {
-                    Some(due) if due <= Instant::now() => return ended(&mut inflight, true),
-                    Some(due) => timer.as_mut().reset(tokio::time::Instant::from_std(due)),
-                    None => {}
+                let due = progress + timeout;
+                if due <= Instant::now() {
+                    return failed(&mut inflight, Ended::Stalled);
                 }
+                timer.as_mut().reset(tokio::time::Instant::from_std(due));
             },
         }
     }

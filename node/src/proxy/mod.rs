@@ -36,7 +36,7 @@ use crate::engine::version_string;
 use crate::protocol::forward::{encode_get, encode_keyed, value_blocks, Quiet, ReplyKind};
 use crate::protocol::{parse, reply, Limits, MetaCommand, ParseOutcome, Request, StoreMode};
 pub use backend::NodeAccess;
-use backend::{Backend, ExchangeError};
+use backend::{await_reply, Backend, ExchangeError};
 
 const READ_CHUNK: usize = 16 * 1024;
 /// Requests of one client run together at most: bounds the replies the proxy holds for a
@@ -388,6 +388,10 @@ impl Proxy {
     /// Every request of one client connection to one node goes through the same backend
     /// connection (`lane`), so a node sees a client's requests in the client's order.
     async fn run(&self, jobs: &[Job], routes: &Routes, lane: usize, replies: &mut Vec<Bytes>) {
+        if jobs.is_empty() {
+            // A read that completed no request (part of a large value).
+            return;
+        }
         // The common case, a lone request for one key, needs no bookkeeping.
         if let [Job::Keyed {
             owners,
@@ -474,20 +478,20 @@ impl Proxy {
                     results[i] = Some(Bytes::from_static(UNAVAILABLE));
                     continue;
                 };
-                let queued = backend
-                    .enqueue(lane, call.bytes.clone(), call.kind, call.retry_safe)
-                    .await;
-                waiting.push((i, backend, queued));
+                let queued = backend.enqueue(lane, call.bytes.clone(), call.kind, call.retry_safe);
+                waiting.push((i, call.retry_safe, queued));
             }
             // Each reply is taken as it comes: a node that stalls costs only its own
             // requests (its connection gives up on it and they fail over).
-            let outcomes = join_all(waiting.into_iter().map(|(i, backend, queued)| async move {
-                let outcome = match queued {
-                    Ok(reply) => backend.await_reply(reply).await,
-                    Err(error) => Err(error),
-                };
-                (i, outcome)
-            }))
+            let outcomes = join_all(waiting.into_iter().map(
+                |(i, retry_safe, queued)| async move {
+                    let outcome = match queued {
+                        Ok(reply) => await_reply(reply, retry_safe).await,
+                        Err(error) => Err(error),
+                    };
+                    (i, outcome)
+                },
+            ))
             .await;
             for (i, outcome) in outcomes {
                 match outcome {
@@ -522,11 +526,12 @@ impl Proxy {
         kind: ReplyKind,
         retry_safe: bool,
     ) -> Bytes {
-        let down: Vec<bool> = candidates
-            .iter()
-            .map(|&m| routes.backends.get(m).is_none_or(|b| b.is_down()))
-            .collect();
-        let mut attempt = skip_down_at(&down, 0);
+        let mut attempt = first_up(candidates.len(), 0, |a| {
+            routes
+                .backends
+                .get(candidates[a])
+                .is_none_or(|b| b.is_down())
+        });
         loop {
             let Some(backend) = candidates
                 .get(attempt)
@@ -553,16 +558,15 @@ impl Proxy {
 /// The first candidate from `attempt` on whose node `down` (by member index) does not
 /// mark down, or the last one when all are.
 fn skip_down(down: &[bool], candidates: &[usize], attempt: usize) -> usize {
-    let marks: Vec<bool> = candidates
-        .iter()
-        .map(|&m| down.get(m).copied().unwrap_or(true))
-        .collect();
-    skip_down_at(&marks, attempt)
+    first_up(candidates.len(), attempt, |a| {
+        down.get(candidates[a]).copied().unwrap_or(true)
+    })
 }
 
-/// As `skip_down`, with `down` given per candidate.
-fn skip_down_at(down: &[bool], mut attempt: usize) -> usize {
-    while attempt + 1 < down.len() && down[attempt] {
+/// The first of `len` candidates from `attempt` on that `is_down` does not reject, or the
+/// last one when all are down.
+fn first_up(len: usize, mut attempt: usize, is_down: impl Fn(usize) -> bool) -> usize {
+    while attempt + 1 < len && is_down(attempt) {
         attempt += 1;
     }
     attempt
