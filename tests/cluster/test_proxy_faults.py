@@ -6,7 +6,7 @@ import threading
 import time
 
 from conftest import free_port, request
-from test_proxy import ProxyProcess, owner
+from test_proxy import ProxyProcess, owner, proxied  # noqa: F401  (proxied: fixture)
 
 
 class HangUpNode:
@@ -132,30 +132,19 @@ def test_a_clients_requests_for_one_key_stay_in_order_while_its_owner_is_down(lo
         proxy.stop()
 
 
-def test_a_multi_get_fails_over_key_by_key(local_cluster):
-    cluster = local_cluster(replication_factor=2)
-    nodes = [cluster.add_node() for _ in range(3)]
-    cluster.publish(nodes)
-    cluster.wait_version()
-    proxy = ProxyProcess(cluster.members_file)
-    try:
-        a, b, c = (n.name for n in nodes)
-        x = keys_owned(nodes[1], [a, b], 1, "mx:")[0]
-        y = keys_owned(nodes[1], [a, c], 1, "my:")[0]
-        client = proxy.client()
-        assert client.set(x, b"1", noreply=False) and client.set(y, b"2", noreply=False)
-        nodes[0].stop()  # kill -9: both keys' owner
-        assert client.get_many([x, y]) == {x: b"1", y: b"2"}
-    finally:
-        proxy.stop()
+def test_a_multi_get_fails_over_key_by_key(proxied):
+    _, nodes, proxy = proxied(nodes=3, replication_factor=2)
+    a, b, c = (n.name for n in nodes)
+    x = keys_owned(nodes[1], [a, b], 1, "mx:")[0]
+    y = keys_owned(nodes[1], [a, c], 1, "my:")[0]
+    client = proxy.client()
+    assert client.set(x, b"1", noreply=False) and client.set(y, b"2", noreply=False)
+    nodes[0].stop()  # kill -9: both keys' owner
+    assert client.get_many([x, y]) == {x: b"1", y: b"2"}
 
 
-def test_a_stalled_node_fails_over_to_its_replica(local_cluster):
-    cluster = local_cluster(replication_factor=2)
-    nodes = [cluster.add_node() for _ in range(3)]
-    cluster.publish(nodes)
-    cluster.wait_version()
-    proxy = ProxyProcess(cluster.members_file)
+def test_a_stalled_node_fails_over_to_its_replica(proxied):
+    _, nodes, proxy = proxied(nodes=3, replication_factor=2)
     stalled = nodes[0]
     try:
         keys = keys_owned(nodes[1], [stalled.name], 3, "stall:")
@@ -175,17 +164,12 @@ def test_a_stalled_node_fails_over_to_its_replica(local_cluster):
               f"{time.monotonic() - started:.3f}s")
     finally:
         stalled.proc.send_signal(signal.SIGCONT)
-        proxy.stop()
 
 
-def test_a_replica_waiting_on_a_stalled_peer_is_not_taken_for_stalled(local_cluster):
+def test_a_replica_waiting_on_a_stalled_peer_is_not_taken_for_stalled(proxied):
     """B owns the keys and waits (up to 1 s per write) for the acks of its stalled replica A:
     slow, but answering, so the proxy keeps using it."""
-    cluster = local_cluster(replication_factor=2)
-    nodes = [cluster.add_node() for _ in range(3)]
-    cluster.publish(nodes)
-    cluster.wait_version()
-    proxy = ProxyProcess(cluster.members_file)
+    _, nodes, proxy = proxied(nodes=3, replication_factor=2)
     a, b = nodes[0], nodes[1]
     try:
         keys = keys_owned(b, [b.name, a.name], 4, "slow:")
@@ -195,7 +179,6 @@ def test_a_replica_waiting_on_a_stalled_peer_is_not_taken_for_stalled(local_clus
         assert data == b"STORED\r\n" * len(keys), data
     finally:
         a.proc.send_signal(signal.SIGCONT)
-        proxy.stop()
 
 
 def test_a_restarted_node_is_reconnected_without_a_false_error(local_cluster):
