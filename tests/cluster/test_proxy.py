@@ -134,27 +134,38 @@ def run_traffic(proxy, keys, stop, errors, misses):
         i += 1
 
 
-def test_member_list_changes_mid_traffic_cause_no_client_error(proxied):
-    cluster, nodes, proxy = proxied()
-    keys = [f"live:{i}" for i in range(3000)]
+def under_traffic(proxy, keys, disturb):
+    """Fills `keys` through the proxy, runs 4 client threads of gets and sets over them while
+    `disturb()` runs, and returns the client errors and misses they saw."""
     client = proxy.client()
     for k in keys:
         assert client.set(k, b"v", noreply=False)
     stop, errors, misses = threading.Event(), [], []
-    workers = [threading.Thread(target=run_traffic, args=(proxy, keys, stop, errors, misses)) for _ in range(4)]
+    workers = [threading.Thread(target=run_traffic, args=(proxy, keys, stop, errors, misses))
+               for _ in range(4)]
     for w in workers:
         w.start()
     try:
         time.sleep(0.5)
+        disturb()
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=10)
+    return errors, misses
+
+
+def test_member_list_changes_mid_traffic_cause_no_client_error(proxied):
+    cluster, nodes, proxy = proxied()
+
+    def scale_out_and_back():
         nodes.append(cluster.add_node())
         cluster.publish(nodes)            # 3 -> 4 under traffic
         time.sleep(1.5)
         cluster.publish(nodes[:3])        # and back, while traffic continues
         time.sleep(1.5)
-    finally:
-        stop.set()
-        for w in workers:
-            w.join(timeout=10)
+
+    errors, misses = under_traffic(proxy, [f"live:{i}" for i in range(3000)], scale_out_and_back)
     assert not errors, errors[:5]
     print(f"\nmember-list changes under traffic: 0 errors, {len(misses)} misses")
 
@@ -162,21 +173,13 @@ def test_member_list_changes_mid_traffic_cause_no_client_error(proxied):
 def test_a_killed_node_with_two_replicas_causes_no_client_error(proxied):
     cluster, nodes, proxy = proxied(nodes=3, replication_factor=2)
     keys = [f"ha:{i}" for i in range(3000)]
-    client = proxy.client()
-    for k in keys:
-        assert client.set(k, b"v", noreply=False)
-    stop, errors, misses = threading.Event(), [], []
-    workers = [threading.Thread(target=run_traffic, args=(proxy, keys, stop, errors, misses)) for _ in range(4)]
-    for w in workers:
-        w.start()
-    try:
-        time.sleep(0.5)
+
+    def kill_a_node():
         nodes[1].stop()                   # kill -9, member list unchanged
         time.sleep(2.0)
-    finally:
-        stop.set()
-        for w in workers:
-            w.join(timeout=10)
+
+    errors, misses = under_traffic(proxy, keys, kill_a_node)
+    client = proxy.client()
     assert not errors, errors[:5]
     assert not misses, f"{len(misses)} misses after failover, e.g. {misses[:5]}"
     assert all(client.get(k) == b"v" for k in keys)
