@@ -6,7 +6,7 @@ import threading
 import time
 
 from conftest import free_port, request
-from test_proxy import ProxyProcess, owner, proxied  # noqa: F401  (proxied: fixture)
+from test_proxy import ProxyProcess, proxied  # noqa: F401  (proxied: fixture)
 
 
 class HangUpNode:

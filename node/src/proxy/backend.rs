@@ -202,7 +202,7 @@ impl Backend {
     }
 
     /// Counts a failed connection or request (for metrics).
-    pub fn count_error(&self) {
+    fn count_error(&self) {
         self.access.errors.fetch_add(1, Relaxed);
     }
 }
