@@ -178,6 +178,54 @@ impl Collector for StatsCollector {
             "Client connections refused at the connection limit.",
             s.rejected_connections.load(Ordering::Relaxed),
         )?;
+        let pool = &items.pool;
+        for (name, help, value) in [
+            (
+                "store_segment_bytes",
+                "Bytes per segment.",
+                pool.segment_size,
+            ),
+            (
+                "store_segments_in_use",
+                "Segments holding items.",
+                pool.segments_in_use,
+            ),
+            (
+                "store_segments_free",
+                "Allocated segments kept free for reuse.",
+                pool.segments_free,
+            ),
+            (
+                "store_segments_allowed",
+                "Segments the memory limit allows after the hash tables' share.",
+                pool.segments_allowed,
+            ),
+            (
+                "store_index_bytes",
+                "Bytes of the hash tables, charged to the memory limit.",
+                pool.index_bytes,
+            ),
+        ] {
+            gauge(&mut enc, name, help, as_i64(value as u64))?;
+        }
+        gauge(
+            &mut enc,
+            "tombstones",
+            "Delete records kept to order late replicas.",
+            as_i64(items.tombstones),
+        )?;
+        counter(
+            &mut enc,
+            "store_merges",
+            "Segment merges done to make room.",
+            items.merges,
+        )?;
+        counter(
+            &mut enc,
+            "store_expired_segments",
+            "Segments dropped whole because every item in them had expired.",
+            items.expired_segments,
+        )?;
         let p = &engine.peer_stats;
         counter(
             &mut enc,

@@ -20,7 +20,7 @@ use crate::protocol::{
     MetaRequest, Request, StoreMode, StoreRequest,
 };
 use crate::stats::{Counters, PrefixOp, PrefixStats, Stats};
-use crate::store::{absolute_expiry, bits, Entry, Item, ItemMeta, Lookup, Store, StoreError};
+use crate::store::{absolute_expiry, bits, Entry, ItemMeta, Lookup, NewItem, Store, StoreError};
 
 /// memcached protocol level kache speaks, reported by `version` so clients that parse it
 /// enable the features of that release.
@@ -290,7 +290,7 @@ impl Engine {
                 silent = noreply;
                 let exptime = absolute_expiry(i64::from(exptime), now);
                 let found = self.store.with_entry(key, now, |e| {
-                    let found = e.item_mut().map(|it| it.set_exptime(exptime)).is_some();
+                    let found = e.item_mut().map(|mut it| it.set_exptime(exptime)).is_some();
                     e.bump();
                     if found {
                         outbox.push_touch(key, exptime);
@@ -410,7 +410,7 @@ impl Engine {
             }
             deleted
         } else {
-            e.remove().is_some()
+            e.remove()
         }
     }
 
@@ -443,7 +443,7 @@ impl Engine {
             }
             let lookup = self.store.with_entry(key, now, |e| {
                 if touch {
-                    if let Some(it) = e.item_mut() {
+                    if let Some(mut it) = e.item_mut() {
                         it.set_exptime(new_exptime);
                         outbox.push_touch(key, new_exptime);
                     }
@@ -528,7 +528,7 @@ impl Engine {
                 let Some(vivify) = flags.vivify else {
                     return false;
                 };
-                let item = Item::new(
+                let item = NewItem::new(
                     key,
                     &[],
                     ItemMeta {
@@ -547,7 +547,7 @@ impl Engine {
                 created = true;
             }
             let next_now = e.now();
-            let Some(it) = e.item_mut() else {
+            let Some(mut it) = e.item_mut() else {
                 return false;
             };
             let mut won = false;
@@ -575,7 +575,7 @@ impl Engine {
                         }
                     }
                     Some(b's') => reply::meta_number(out, b's', it.value().len()),
-                    Some(b't') => meta_ttl(out, it, next_now),
+                    Some(b't') => meta_ttl(out, it.exptime(), next_now),
                     Some(b'c') => reply::meta_number(out, b'c', it.cas()),
                     Some(b'f') => reply::meta_number(out, b'f', it.client_flags()),
                     Some(b'l') => reply::meta_number(out, b'l', next_now.saturating_sub(it.time())),
@@ -712,7 +712,7 @@ impl Engine {
         let flags = &req.flags;
         let code: &[u8] = self.store.with_entry(&req.key, now, |e| {
             let next_cas = e.next_cas();
-            let Some(it) = e.item_mut() else {
+            let Some(mut it) = e.item_mut() else {
                 counters.delete_misses += 1;
                 return b"NF";
             };
@@ -772,8 +772,10 @@ impl Engine {
                     };
                     let mut digits = itoa::Buffer::new();
                     let text = digits.format(flags.initial).as_bytes();
-                    let item = Item::new(key, &[text], ItemMeta::default());
-                    if e.store(item).is_err() {
+                    let parts = [text];
+                    if e.store(NewItem::new(key, &parts, ItemMeta::default()))
+                        .is_err()
+                    {
                         return Err("SERVER_ERROR Out of memory allocating new item");
                     }
                     let _ = vivify;
@@ -782,7 +784,7 @@ impl Engine {
                 }
             };
             let next_now = e.now();
-            let Some(it) = e.item_mut() else {
+            let Some(mut it) = e.item_mut() else {
                 return Ok(Some(&b"NF"[..]));
             };
             let mut digits = itoa::Buffer::new();
@@ -796,7 +798,7 @@ impl Engine {
             for token in &flags.tokens {
                 match token.first() {
                     Some(b'c') => reply::meta_number(out, b'c', it.cas()),
-                    Some(b't') => meta_ttl(out, it, next_now),
+                    Some(b't') => meta_ttl(out, it.exptime(), next_now),
                     Some(b'T') => {
                         it.set_exptime(absolute_expiry(i64::from(flags.ttl.unwrap_or(0)), now));
                     }
@@ -861,7 +863,7 @@ impl Engine {
                 now.saturating_sub(it.time()),
                 it.cas(),
                 if it.has(bits::FETCHED) { "yes" } else { "no" },
-                it.charge(),
+                it.record_len(),
             );
             out.put_slice(text.as_bytes());
         });
@@ -977,11 +979,11 @@ impl Engine {
 }
 
 /// `t` flag: remaining TTL in seconds, -1 for none.
-fn meta_ttl(out: &mut BytesMut, item: &Item, now: u32) {
-    if item.exptime() == 0 {
+fn meta_ttl(out: &mut BytesMut, exptime: u32, now: u32) {
+    if exptime == 0 {
         out.put_slice(b" t-1");
     } else {
-        reply::meta_number(out, b't', item.exptime().saturating_sub(now));
+        reply::meta_number(out, b't', exptime.saturating_sub(now));
     }
 }
 
@@ -1083,8 +1085,10 @@ fn store_item(
     } = cas_check;
     let mut meta = meta;
     let existing = e.item().map(|it| (it.cas(), it.meta()));
-    let new_item = match (existing, mode) {
-        (None, StoreMode::Set | StoreMode::Add) => Item::new(key, &[data], meta),
+    // For append/prepend: the old value joined with the request's data.
+    let mut joined: Vec<u8> = Vec::new();
+    let meta = match (existing, mode) {
+        (None, StoreMode::Set | StoreMode::Add) => meta,
         (None, StoreMode::Cas) => return (StoreResult::NotFound, 0),
         (None, _) => return (StoreResult::NotStored, 0),
         (Some(_), StoreMode::Add) => {
@@ -1092,16 +1096,16 @@ fn store_item(
             e.touch_lru();
             return (StoreResult::NotStored, 0);
         }
-        (Some(_), StoreMode::Set | StoreMode::Replace) => Item::new(key, &[data], meta),
+        (Some(_), StoreMode::Set | StoreMode::Replace) => meta,
         (Some((cas, old)), StoreMode::Cas) => {
             if req_cas == cas {
-                Item::new(key, &[data], meta)
+                meta
             } else if allow_stale && req_cas != 0 && req_cas < cas {
                 // Invalidation mode: accept an older CAS but mark the value stale, keeping
                 // the current TTL and any win token already handed out.
                 meta.exptime = old.exptime;
                 meta.bits |= bits::STALE | (old.bits & bits::TOKEN_SENT);
-                Item::new(key, &[data], meta)
+                meta
             } else {
                 return (StoreResult::Exists, 0);
             }
@@ -1121,17 +1125,25 @@ fn store_item(
             ) {
                 return (StoreResult::NotStored, 0);
             }
-            let parts: [&[u8]; 2] = if mode == StoreMode::Append {
-                [current, data]
+            joined.reserve_exact(current.len() + data.len());
+            if mode == StoreMode::Append {
+                joined.extend_from_slice(current);
+                joined.extend_from_slice(data);
             } else {
-                [data, current]
-            };
+                joined.extend_from_slice(data);
+                joined.extend_from_slice(current);
+            }
             // A new item: flags and expiry carry over, state bits (fetched, binary key) do not.
-            let keep = ItemMeta { bits: 0, ..old };
-            Item::new(key, &parts, keep)
+            ItemMeta { bits: 0, ..old }
         }
     };
-    match e.store(new_item) {
+    let value: &[u8] = if matches!(mode, StoreMode::Append | StoreMode::Prepend) {
+        &joined
+    } else {
+        data
+    };
+    let parts = [value];
+    match e.store(NewItem::new(key, &parts, meta)) {
         Ok(cas) => (StoreResult::Stored, cas),
         Err(StoreError::OutOfMemory) => {
             if mode == StoreMode::Set {
@@ -1147,7 +1159,7 @@ fn store_item(
 /// memcached does), otherwise by storing a new value.
 fn apply_delta(e: &mut Entry<'_>, incr: bool, delta: u64, cas: Option<u64>) -> Delta {
     let next_cas = e.next_cas();
-    let Some(it) = e.item_mut() else {
+    let Some(mut it) = e.item_mut() else {
         return Delta::NotFound;
     };
     if it.value().is_empty() {
@@ -1179,7 +1191,7 @@ fn apply_delta(e: &mut Entry<'_>, incr: bool, delta: u64, cas: Option<u64>) -> D
         ..it.meta()
     };
     let key = it.key().to_vec();
-    match e.store(Item::new(&key, &[text], meta)) {
+    match e.store(NewItem::new(&key, &[text], meta)) {
         Ok(_) => Delta::Value(value),
         Err(StoreError::OutOfMemory) => Delta::NoMemory,
     }

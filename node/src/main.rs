@@ -112,7 +112,7 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
     let store = Store::new(StoreConfig {
         memory_limit: args.memory_limit_bytes(),
         max_item_size: args.max_item_size,
-        max_shards: (threads * 16).next_power_of_two(),
+        max_shards: (threads * 4).next_power_of_two(),
         node_id: kache_node::store::node_id(&args.cluster.node_name()),
     });
     let settings = Settings {

@@ -182,10 +182,9 @@ pub fn spawn_sweeper(
     std::thread::Builder::new()
         .name("kache-sweeper".into())
         .spawn(move || {
-            let mut cursors = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(SWEEP_INTERVAL);
-                engine.store.sweep(now_secs(), SWEEP_BUDGET, &mut cursors);
+                engine.store.sweep(now_secs(), SWEEP_BUDGET);
             }
         })
 }

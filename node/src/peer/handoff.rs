@@ -24,7 +24,7 @@ use super::wire::{self, Decoded, Frame, Record};
 use super::{apply, record_of};
 use crate::cluster::{Cluster, ClusterView};
 use crate::engine::Engine;
-use crate::store::now_secs;
+use crate::store::{now_secs, ScanCursor};
 
 /// Items looked at per chunk (one shard lock each).
 const CHUNK: usize = 256;
@@ -98,7 +98,7 @@ async fn hand_off(
     let me = cluster.node_name();
     tracing::info!(version, "hand-off started");
     for shard in 0..engine.store.shard_count() {
-        let mut cursor = Some(0);
+        let mut cursor = Some(ScanCursor::default());
         while let Some(start) = cursor {
             if cluster.view().list.version != version {
                 // Superseded: the next change starts a hand-off of its own.
@@ -173,7 +173,7 @@ pub async fn stream_owned_by<W: AsyncWrite + Unpin>(
     let mut sent = 0u64;
     let mut out = BytesMut::new();
     for shard in 0..engine.store.shard_count() {
-        let mut cursor = Some(0);
+        let mut cursor = Some(ScanCursor::default());
         while let Some(start) = cursor {
             let mut records = Vec::new();
             cursor = engine.store.scan(shard, start, CHUNK, now_secs(), |item| {

@@ -13,7 +13,7 @@ pub mod link;
 pub mod server;
 pub mod wire;
 
-use crate::store::{bits, Item, ItemMeta, Store, StoreError};
+use crate::store::{bits, ItemMeta, ItemRef, NewItem, Store, StoreError};
 use wire::{Op, Record};
 
 /// How long a delete's tombstone outlives the item, in seconds: longer than any
@@ -21,7 +21,7 @@ use wire::{Op, Record};
 pub const TOMBSTONE_TTL: u32 = 60;
 
 /// The record that reproduces `item` (a value, or a tombstone) on a peer.
-pub fn record_of(item: &Item) -> Record {
+pub fn record_of(item: ItemRef<'_>) -> Record {
     let tombstone = item.has(bits::TOMBSTONE);
     Record {
         op: if tombstone { Op::Delete } else { Op::Set },
@@ -56,7 +56,7 @@ pub fn apply(store: &Store, record: &Record, now: u32) -> Applied {
             Applied::Stored
         }
         Op::Touch => store.with_entry(&record.key, now, |e| match e.item_mut() {
-            Some(item) => {
+            Some(mut item) => {
                 item.set_exptime(record.exptime);
                 Applied::Stored
             }
@@ -82,7 +82,7 @@ pub fn apply(store: &Store, record: &Record, now: u32) -> Applied {
                     bits: if delete { bits::TOMBSTONE } else { 0 },
                     ..ItemMeta::default()
                 };
-                match e.store_versioned(Item::new(&record.key, &[&record.value], meta)) {
+                match e.store_versioned(NewItem::new(&record.key, &[&record.value], meta)) {
                     Ok(_) => Applied::Stored,
                     Err(StoreError::OutOfMemory) => Applied::NoMemory,
                 }

@@ -1,41 +1,162 @@
-//! One cached item: a single heap allocation holding a small header, the key and the value.
+//! How one item is laid out inside a segment, and views of it.
 //!
-//! Keeping metadata inside the item's own allocation (22 bytes, against memcached's ~56) is
-//! what lets a node hold more items than memcached in the same memory.
+//! An item is appended to a segment as one record, 4-byte aligned:
+//!
+//! ```text
+//! 0..8   CAS (the item's version)          16  key length
+//! 8..12  expiry (Unix s, 0 = never)        17  state bits (`bits`)
+//! 12..16 last access (Unix s)              18  access frequency (eviction)
+//! 19..   value length (LEB128, 1..5 bytes), client flags (4 bytes, only when nonzero),
+//!        key, value
+//! ```
+//!
+//! 20 bytes of header for a value under 128 bytes with flags 0, against memcached's 56. The
+//! record is the only copy of the metadata: the hash table holds just the record's place.
 
 /// Bit flags kept per item.
 pub mod bits {
-    /// Set on access, cleared by the CLOCK hand: a second chance before eviction.
-    pub const REFERENCED: u8 = 1;
     /// The item has been read at least once since it was stored (meta `h` flag).
-    pub const FETCHED: u8 = 2;
+    pub const FETCHED: u8 = 1;
     /// A recache/vivify "win" token was handed out (meta `W`/`Z` flags).
-    pub const TOKEN_SENT: u8 = 4;
+    pub const TOKEN_SENT: u8 = 2;
     /// The item was invalidated and is stale (meta `X` flag).
-    pub const STALE: u8 = 8;
+    pub const STALE: u8 = 4;
     /// The key was sent base64-encoded and is binary (meta `b` flag).
-    pub const KEY_BINARY: u8 = 16;
+    pub const KEY_BINARY: u8 = 8;
     /// Not an item but the record of a delete, kept briefly to order late replicas.
-    pub const TOMBSTONE: u8 = 32;
+    pub const TOMBSTONE: u8 = 16;
+    /// The record is no longer linked (replaced, deleted, evicted): its space is garbage.
+    pub(crate) const DEAD: u8 = 32;
+    /// Client flags follow the value length.
+    pub(crate) const HAS_FLAGS: u8 = 64;
+    /// Bits a caller may set or clear; the others describe the record's layout and life.
+    pub(crate) const PUBLIC: u8 = FETCHED | TOKEN_SENT | STALE | KEY_BINARY | TOMBSTONE;
 }
 
 const CAS: usize = 0;
 const EXPTIME: usize = 8;
 const TIME: usize = 12;
-const FLAGS: usize = 16;
-const KEY_LEN: usize = 20;
-const BITS: usize = 21;
-/// Bytes of header in front of the key.
-pub const HEADER_LEN: usize = 22;
+const KEY_LEN: usize = 16;
+const BITS: usize = 17;
+const FREQ: usize = 18;
+const VALUE_LEN: usize = 19;
+/// Bytes of fixed header before the value length.
+pub const FIXED_HEADER: usize = VALUE_LEN;
+/// Records start at multiples of this.
+pub const ALIGN: usize = 4;
+/// Longest key a record can hold.
+pub const MAX_KEY: usize = u8::MAX as usize;
 
-/// Estimated bytes per item beyond its allocation: slot pointer, hash-table entry and the
-/// allocator's own header and rounding. Counted against the memory limit so `-m` bounds the
-/// real footprint, not just the payload.
-pub const OVERHEAD: usize = 48;
+/// The metadata of a new item.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ItemMeta {
+    pub cas: u64,
+    /// Absolute expiry in Unix seconds, 0 for never.
+    pub exptime: u32,
+    /// Last access or store, Unix seconds.
+    pub time: u32,
+    pub client_flags: u32,
+    pub bits: u8,
+}
 
-/// A cached item. Immutable in size once built; metadata is updated in place.
-#[derive(Debug)]
-pub struct Item(Box<[u8]>);
+/// An item to store: its key, its value in parts (concatenated), and its metadata.
+#[derive(Clone, Copy, Debug)]
+pub struct NewItem<'a> {
+    pub key: &'a [u8],
+    pub value: &'a [&'a [u8]],
+    pub meta: ItemMeta,
+}
+
+impl<'a> NewItem<'a> {
+    pub fn new(key: &'a [u8], value: &'a [&'a [u8]], meta: ItemMeta) -> NewItem<'a> {
+        NewItem { key, value, meta }
+    }
+
+    /// The key as stored (at most `MAX_KEY` bytes; the protocol allows 250).
+    pub fn stored_key(&self) -> &'a [u8] {
+        &self.key[..self.key.len().min(MAX_KEY)]
+    }
+
+    pub fn value_len(&self) -> usize {
+        self.value.iter().map(|p| p.len()).sum()
+    }
+
+    /// Bytes the record takes in a segment, alignment included.
+    pub fn record_len(&self) -> usize {
+        record_len(
+            self.stored_key().len(),
+            self.value_len(),
+            self.meta.client_flags,
+        )
+    }
+
+    /// Writes the record at the start of `out` (at least `record_len()` long).
+    pub(crate) fn write(&self, out: &mut [u8]) {
+        let key = self.stored_key();
+        let value_len = self.value_len();
+        let mut flag_bits = self.meta.bits & bits::PUBLIC;
+        if self.meta.client_flags != 0 {
+            flag_bits |= bits::HAS_FLAGS;
+        }
+        out[CAS..CAS + 8].copy_from_slice(&self.meta.cas.to_le_bytes());
+        out[EXPTIME..EXPTIME + 4].copy_from_slice(&self.meta.exptime.to_le_bytes());
+        out[TIME..TIME + 4].copy_from_slice(&self.meta.time.to_le_bytes());
+        out[KEY_LEN] = key.len() as u8;
+        out[BITS] = flag_bits;
+        out[FREQ] = 0;
+        let mut at = VALUE_LEN + write_varint(&mut out[VALUE_LEN..], value_len as u32);
+        if self.meta.client_flags != 0 {
+            out[at..at + 4].copy_from_slice(&self.meta.client_flags.to_le_bytes());
+            at += 4;
+        }
+        out[at..at + key.len()].copy_from_slice(key);
+        at += key.len();
+        for part in self.value {
+            out[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+    }
+}
+
+/// Bytes a record with this key, value and flags takes in a segment, alignment included.
+pub fn record_len(key_len: usize, value_len: usize, client_flags: u32) -> usize {
+    let flags = if client_flags == 0 { 0 } else { 4 };
+    let len =
+        FIXED_HEADER + varint_len(value_len as u32) + flags + key_len.min(MAX_KEY) + value_len;
+    len.next_multiple_of(ALIGN)
+}
+
+fn varint_len(mut v: u32) -> usize {
+    let mut n = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        n += 1;
+    }
+    n
+}
+
+fn write_varint(out: &mut [u8], mut v: u32) -> usize {
+    let mut i = 0;
+    while v >= 0x80 {
+        out[i] = (v as u8) | 0x80;
+        v >>= 7;
+        i += 1;
+    }
+    out[i] = v as u8;
+    i + 1
+}
+
+/// Reads a LEB128 u32; None when truncated or longer than 5 bytes.
+fn read_varint(b: &[u8]) -> Option<(u32, usize)> {
+    let mut v: u32 = 0;
+    for (i, &byte) in b.iter().take(5).enumerate() {
+        v |= u32::from(byte & 0x7f).checked_shl(7 * i as u32)?;
+        if byte & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
 
 fn read_u32(b: &[u8], at: usize) -> u32 {
     let mut a = [0u8; 4];
@@ -49,108 +170,96 @@ fn read_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
-/// The metadata of a new item.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ItemMeta {
-    pub cas: u64,
-    /// Absolute expiry in Unix seconds, 0 for never.
-    pub exptime: u32,
-    /// Last access or store, Unix seconds.
-    pub time: u32,
-    pub client_flags: u32,
-    pub bits: u8,
+/// Where the parts of a record are, relative to its start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Layout {
+    pub key_at: usize,
+    pub value_at: usize,
+    pub value_len: usize,
+    /// Record length, alignment included.
+    pub len: usize,
 }
 
-impl Item {
-    /// Builds an item from its key and the concatenation of `value_parts`.
-    /// Keys are at most 250 bytes (checked by the protocol layer); longer keys are cut.
-    pub fn new(key: &[u8], value_parts: &[&[u8]], meta: ItemMeta) -> Item {
-        let key = &key[..key.len().min(u8::MAX as usize)];
-        let value_len: usize = value_parts.iter().map(|p| p.len()).sum();
-        let mut data = Vec::with_capacity(HEADER_LEN + key.len() + value_len);
-        data.extend_from_slice(&meta.cas.to_le_bytes());
-        data.extend_from_slice(&meta.exptime.to_le_bytes());
-        data.extend_from_slice(&meta.time.to_le_bytes());
-        data.extend_from_slice(&meta.client_flags.to_le_bytes());
-        data.push(key.len() as u8);
-        data.push(meta.bits);
-        data.extend_from_slice(key);
-        for part in value_parts {
-            data.extend_from_slice(part);
+impl Layout {
+    /// Parses the record at the start of `b` (which runs to the end of the written part of
+    /// its segment). None when the bytes cannot be a record: a corrupt or foreign segment
+    /// is never read past its end.
+    pub fn parse(b: &[u8]) -> Option<Layout> {
+        if b.len() < FIXED_HEADER + 1 {
+            return None;
         }
-        Item(data.into_boxed_slice())
+        let key_len = usize::from(b[KEY_LEN]);
+        let (value_len, n) = read_varint(&b[VALUE_LEN..])?;
+        let flags = if b[BITS] & bits::HAS_FLAGS != 0 { 4 } else { 0 };
+        let key_at = VALUE_LEN + n + flags;
+        let value_at = key_at + key_len;
+        let end = value_at.checked_add(value_len as usize)?;
+        let len = end.next_multiple_of(ALIGN);
+        (len <= b.len()).then_some(Layout {
+            key_at,
+            value_at,
+            value_len: value_len as usize,
+            len,
+        })
+    }
+}
+
+/// A read-only view of a stored item (or tombstone).
+#[derive(Clone, Copy, Debug)]
+pub struct ItemRef<'a> {
+    bytes: &'a [u8],
+    layout: Layout,
+}
+
+impl<'a> ItemRef<'a> {
+    pub(crate) fn new(bytes: &'a [u8], layout: Layout) -> ItemRef<'a> {
+        ItemRef { bytes, layout }
     }
 
-    /// Bytes this item counts against the memory limit.
-    pub fn charge(&self) -> usize {
-        Self::charge_for(self.key().len(), self.value().len())
+    pub fn key(&self) -> &'a [u8] {
+        &self.bytes[self.layout.key_at..self.layout.value_at]
     }
 
-    /// Bytes an item with this key and value would count against the memory limit.
-    pub fn charge_for(key_len: usize, value_len: usize) -> usize {
-        HEADER_LEN + key_len + value_len + OVERHEAD
-    }
-
-    fn key_len(&self) -> usize {
-        usize::from(self.0[KEY_LEN])
-    }
-
-    pub fn key(&self) -> &[u8] {
-        &self.0[HEADER_LEN..HEADER_LEN + self.key_len()]
-    }
-
-    pub fn value(&self) -> &[u8] {
-        &self.0[HEADER_LEN + self.key_len()..]
-    }
-
-    /// The value, writable in place (same length).
-    pub fn value_mut(&mut self) -> &mut [u8] {
-        let start = HEADER_LEN + self.key_len();
-        &mut self.0[start..]
+    pub fn value(&self) -> &'a [u8] {
+        &self.bytes[self.layout.value_at..self.layout.value_at + self.layout.value_len]
     }
 
     pub fn cas(&self) -> u64 {
-        read_u64(&self.0, CAS)
-    }
-
-    pub fn set_cas(&mut self, cas: u64) {
-        self.0[CAS..CAS + 8].copy_from_slice(&cas.to_le_bytes());
+        read_u64(self.bytes, CAS)
     }
 
     pub fn exptime(&self) -> u32 {
-        read_u32(&self.0, EXPTIME)
+        read_u32(self.bytes, EXPTIME)
     }
 
-    pub fn set_exptime(&mut self, exptime: u32) {
-        self.0[EXPTIME..EXPTIME + 4].copy_from_slice(&exptime.to_le_bytes());
-    }
-
+    /// Last access (or store), Unix seconds.
     pub fn time(&self) -> u32 {
-        read_u32(&self.0, TIME)
-    }
-
-    pub fn set_time(&mut self, time: u32) {
-        self.0[TIME..TIME + 4].copy_from_slice(&time.to_le_bytes());
+        read_u32(self.bytes, TIME)
     }
 
     pub fn client_flags(&self) -> u32 {
-        read_u32(&self.0, FLAGS)
+        if self.bytes[BITS] & bits::HAS_FLAGS == 0 {
+            0
+        } else {
+            read_u32(self.bytes, self.layout.key_at - 4)
+        }
     }
 
     pub fn bits(&self) -> u8 {
-        self.0[BITS]
+        self.bytes[BITS] & bits::PUBLIC
+    }
+
+    pub(crate) fn freq(&self) -> u8 {
+        self.bytes[FREQ]
     }
 
     pub fn has(&self, bit: u8) -> bool {
-        self.0[BITS] & bit != 0
+        self.bytes[BITS] & bit != 0
     }
 
-    pub fn set_bits(&mut self, bit: u8) {
-        self.0[BITS] |= bit;
-    }
-
-    pub fn clear_bits(&mut self, bit: u8) {
-        self.0[BITS] &= !bit;
+    /// Bytes the record takes in its segment.
+    pub fn record_len(&self) -> usize {
+        self.layout.len
     }
 
     /// Whether the item's time to live has run out at `now`.
@@ -171,9 +280,125 @@ impl Item {
     }
 }
 
+/// A view of a stored item whose metadata (and value, at the same length) can change in
+/// place. Setting a later expiry also moves its segment's expiry.
+#[derive(Debug)]
+pub struct ItemMut<'a> {
+    bytes: &'a mut [u8],
+    layout: Layout,
+    segment_expiry: &'a mut u32,
+}
+
+impl<'a> ItemMut<'a> {
+    pub(crate) fn new(bytes: &'a mut [u8], layout: Layout, segment_expiry: &'a mut u32) -> Self {
+        ItemMut {
+            bytes,
+            layout,
+            segment_expiry,
+        }
+    }
+
+    pub fn view(&self) -> ItemRef<'_> {
+        ItemRef::new(self.bytes, self.layout)
+    }
+
+    pub fn key(&self) -> &[u8] {
+        self.view().key()
+    }
+
+    pub fn value(&self) -> &[u8] {
+        ItemRef::new(self.bytes, self.layout).value()
+    }
+
+    pub fn cas(&self) -> u64 {
+        self.view().cas()
+    }
+
+    pub fn exptime(&self) -> u32 {
+        self.view().exptime()
+    }
+
+    pub fn time(&self) -> u32 {
+        self.view().time()
+    }
+
+    pub fn client_flags(&self) -> u32 {
+        self.view().client_flags()
+    }
+
+    pub fn has(&self, bit: u8) -> bool {
+        self.view().has(bit)
+    }
+
+    pub fn meta(&self) -> ItemMeta {
+        self.view().meta()
+    }
+
+    /// The value, writable in place (same length).
+    pub fn value_mut(&mut self) -> &mut [u8] {
+        let at = self.layout.value_at;
+        &mut self.bytes[at..at + self.layout.value_len]
+    }
+
+    pub fn set_cas(&mut self, cas: u64) {
+        self.bytes[CAS..CAS + 8].copy_from_slice(&cas.to_le_bytes());
+    }
+
+    pub fn set_exptime(&mut self, exptime: u32) {
+        self.bytes[EXPTIME..EXPTIME + 4].copy_from_slice(&exptime.to_le_bytes());
+        *self.segment_expiry = later_expiry(*self.segment_expiry, exptime);
+    }
+
+    pub fn set_bits(&mut self, bit: u8) {
+        self.bytes[BITS] |= bit & bits::PUBLIC;
+    }
+
+    pub fn clear_bits(&mut self, bit: u8) {
+        self.bytes[BITS] &= !(bit & bits::PUBLIC);
+    }
+}
+
+/// A segment's expiry after it gains an item expiring at `exptime`: the later of the two,
+/// where `NEVER` (an item without expiry) is latest.
+pub(crate) fn later_expiry(segment: u32, exptime: u32) -> u32 {
+    if exptime == 0 {
+        NEVER
+    } else {
+        segment.max(exptime)
+    }
+}
+
+/// Segment expiry meaning "holds an item that never expires".
+pub(crate) const NEVER: u32 = u32::MAX;
+
+/// Marks the record at the start of `b` as no longer linked.
+pub(crate) fn mark_dead(b: &mut [u8]) {
+    b[BITS] |= bits::DEAD;
+}
+
+/// Records an access: last-access time, and the frequency eviction keeps hot items by.
+pub(crate) fn record_access(b: &mut [u8], now: u32, fetched: bool) {
+    b[TIME..TIME + 4].copy_from_slice(&now.to_le_bytes());
+    b[FREQ] = b[FREQ].saturating_add(1);
+    if fetched {
+        b[BITS] |= bits::FETCHED;
+    }
+}
+
+/// Halves a moved record's frequency, so that only items still being read keep winning.
+pub(crate) fn age_frequency(b: &mut [u8]) {
+    b[FREQ] /= 2;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn write(item: &NewItem<'_>) -> Vec<u8> {
+        let mut buf = vec![0u8; item.record_len()];
+        item.write(&mut buf);
+        buf
+    }
 
     #[test]
     fn round_trips_header_key_and_value() {
@@ -184,18 +409,39 @@ mod tests {
             client_flags: 0xdead_beef,
             bits: bits::FETCHED,
         };
-        let mut item = Item::new(b"key", &[b"val", b"ue"], meta);
-        assert_eq!(item.key(), b"key");
-        assert_eq!(item.value(), b"value");
-        assert_eq!(item.cas(), 7);
-        assert_eq!(item.client_flags(), 0xdead_beef);
-        assert!(item.has(bits::FETCHED) && !item.has(bits::STALE));
-        item.set_cas(9);
-        item.set_exptime(5);
-        item.set_bits(bits::STALE);
-        assert_eq!((item.cas(), item.exptime()), (9, 5));
-        assert!(item.is_expired(5) && !item.is_expired(4));
-        assert!(item.has(bits::STALE));
-        assert_eq!(item.charge(), HEADER_LEN + 8 + OVERHEAD);
+        let mut buf = write(&NewItem::new(b"key", &[b"val", b"ue"], meta));
+        let layout = Layout::parse(&buf).unwrap();
+        let it = ItemRef::new(&buf, layout);
+        assert_eq!((it.key(), it.value()), (&b"key"[..], &b"value"[..]));
+        assert_eq!(it.meta(), meta);
+        assert_eq!(it.record_len(), buf.len());
+        let mut seg_expiry = 0;
+        let mut m = ItemMut::new(&mut buf, layout, &mut seg_expiry);
+        m.set_cas(9);
+        m.set_exptime(5);
+        m.set_bits(bits::STALE | bits::DEAD);
+        assert_eq!((m.cas(), m.exptime()), (9, 5));
+        assert!(m.has(bits::STALE) && !m.has(bits::DEAD));
+        assert!(m.view().is_expired(5) && !m.view().is_expired(4));
+        assert_eq!(seg_expiry, 5);
+    }
+
+    #[test]
+    fn header_is_twenty_bytes_for_small_values_without_flags() {
+        let item = NewItem::new(b"k", &[&[b'x'; 100]], ItemMeta::default());
+        assert_eq!(item.record_len(), (20 + 1 + 100usize).next_multiple_of(4));
+        let big = vec![b'y'; 300_000];
+        let buf = write(&NewItem::new(b"kk", &[&big], ItemMeta::default()));
+        let layout = Layout::parse(&buf).unwrap();
+        assert_eq!(ItemRef::new(&buf, layout).value(), &big[..]);
+    }
+
+    #[test]
+    fn truncated_or_garbage_records_do_not_parse() {
+        let buf = write(&NewItem::new(b"key", &[b"value"], ItemMeta::default()));
+        for cut in 0..buf.len() - 3 {
+            assert_eq!(Layout::parse(&buf[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(Layout::parse(&[0xff; 40]), None);
     }
 }

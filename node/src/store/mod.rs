@@ -1,27 +1,49 @@
-//! The in-memory item store: sharded hash tables under a byte budget, CLOCK eviction, TTLs.
+//! The item store: segments of fixed size under one byte budget, sharded by key hash.
 //!
-//! Each shard is a hash table of slot numbers plus a slot vector of items, behind its own
-//! mutex; a key's hash picks its shard, so requests for different keys rarely meet on a lock.
-//! One byte budget covers the whole store. A shard that needs room evicts its own items by
-//! CLOCK (an approximate LRU: an accessed item gets a second chance) and, if it has nothing
-//! left to give, takes from other shards it can lock without waiting. Expired items are
-//! removed when looked up and by `sweep`, which a background thread runs.
+//! The design follows Segcache (Yang et al., NSDI '21). Memory is cut into segments of
+//! equal size (1 MiB, or the next power of two above `-I`), each allocated once and reused.
+//! An item is appended as one record (20-byte header, key, value; see `item`) to the open
+//! segment of its TTL bucket, so the segments of a bucket expire in the order they were
+//! filled and are dropped whole once their last item has expired. The hash table holds
+//! only each record's place (4 bytes). When the budget is spent, a shard evicts by merging
+//! a few consecutive segments of one bucket into one, keeping the records read most often
+//! since the last merge (and, among equals, the newest): hot items survive, one-hit
+//! wonders go, and nothing is ever allocated per item.
+//!
+//! Each shard (a key's hash picks it) owns its segments and its hash table behind one
+//! mutex; free segments and the byte budget live in the pool (`pool`), which also charges
+//! the hash tables' memory, so `-m` bounds segments and tables together.
 
 mod item;
+mod memory;
+mod pool;
+mod segment;
+mod shard;
 mod version;
 
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crossbeam_utils::CachePadded;
-use hashbrown::HashTable;
 use parking_lot::Mutex;
 
-pub use item::{bits, Item, ItemMeta, HEADER_LEN, OVERHEAD};
+pub use item::{bits, record_len, ItemMeta, ItemMut, ItemRef, NewItem};
+pub use pool::PoolStats;
 pub use version::{node_id, VersionClock};
+
+use pool::Pool;
+use shard::{Geometry, Shard};
 
 /// memcached's largest relative expiry (30 days); larger values are absolute Unix times.
 pub const REALTIME_MAXDELTA: i64 = 60 * 60 * 24 * 30;
+
+/// Smallest and largest segment size chosen from the memory limit (a larger `-I` makes
+/// segments larger still: every item fits in one segment).
+const MIN_SEGMENT: usize = 1024;
+const MAX_SEGMENT: usize = 1 << 20;
+/// Segments per shard at least: each shard keeps one open segment per TTL bucket in use,
+/// and those are partly empty.
+const SEGMENTS_PER_SHARD: usize = 16;
 
 /// Current Unix time in seconds.
 pub fn now_secs() -> u32 {
@@ -50,14 +72,23 @@ pub fn absolute_expiry(exptime: i64, now: u32) -> u32 {
 /// Store sizing.
 #[derive(Clone, Copy, Debug)]
 pub struct StoreConfig {
-    /// Total bytes items may use, per-item overhead included.
+    /// Total bytes of segments and hash tables.
     pub memory_limit: usize,
-    /// Largest item accepted; each shard's budget is kept at least twice this.
+    /// Largest item accepted (`-I`); segments are at least this large.
     pub max_item_size: usize,
     /// Upper bound on the number of shards (rounded to a power of two).
     pub max_shards: usize,
     /// Low byte of every version (CAS) this store issues; distinct per cluster member.
     pub node_id: u64,
+}
+
+impl StoreConfig {
+    /// The segment size for this configuration: 1/64 of the limit within 1 KiB..1 MiB,
+    /// at least `max_item_size`, a power of two.
+    pub fn segment_size(&self) -> usize {
+        let floor = (self.memory_limit / 64).clamp(MIN_SEGMENT, MAX_SEGMENT);
+        self.max_item_size.max(floor).next_power_of_two()
+    }
 }
 
 /// Why an item could not be stored.
@@ -78,26 +109,42 @@ pub enum Lookup {
     Flushed,
 }
 
-/// Item counters of the whole store, summed over shards.
+/// Counters of the whole store, summed over shards.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ItemStats {
     pub curr_items: u64,
     pub total_items: u64,
+    /// Bytes of the records linked (items and tombstones, headers included).
     pub bytes: u64,
+    pub tombstones: u64,
     pub evictions: u64,
     pub reclaimed: u64,
     pub expired_unfetched: u64,
     pub evicted_unfetched: u64,
+    /// Segment merges done to make room.
+    pub merges: u64,
+    /// Segments dropped whole because every record in them had expired.
+    pub expired_segments: u64,
     pub limit: u64,
+    pub pool: PoolStats,
+}
+
+/// Where a `Store::scan` of one shard goes on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScanCursor {
+    slot: u32,
+    generation: u32,
+    offset: u32,
 }
 
 /// Shared, read-mostly state every shard operation needs.
 struct Shared {
     shards: Box<[CachePadded<Mutex<Shard>>]>,
-    /// Bytes charged by all items (and tombstones) together.
-    used: AtomicUsize,
-    /// The memory limit (`-m`, or `cache_memlimit`).
-    limit: AtomicUsize,
+    pool: Pool,
+    geometry: Geometry,
+    /// TTL buckets are merged `1 << ttl_shift` at a time when a shard has few segments, so
+    /// that open (partly filled) segments stay a small share of memory.
+    ttl_shift: u32,
     hasher: ahash::RandomState,
     versions: VersionClock,
     /// Unix second from which items last touched before it count as flushed (0 = none).
@@ -109,240 +156,16 @@ impl Shared {
         self.hasher.hash_one(key)
     }
 
-    fn over_budget(&self, needed: usize) -> bool {
-        self.used.load(Ordering::Relaxed) + needed > self.limit.load(Ordering::Relaxed)
-    }
-}
-
-#[derive(Default)]
-struct Shard {
-    table: HashTable<u32>,
-    slots: Vec<Option<Item>>,
-    free: Vec<u32>,
-    hand: usize,
-    used: usize,
-    counters: ItemStats,
-}
-
-impl Shard {
-    fn find(&self, hash: u64, key: &[u8]) -> Option<u32> {
-        let slots = &self.slots;
-        self.table
-            .find(hash, |&idx| {
-                slots
-                    .get(idx as usize)
-                    .and_then(|s| s.as_ref())
-                    .is_some_and(|it| it.key() == key)
-            })
-            .copied()
+    fn flush_at(&self) -> u32 {
+        self.flush_at.load(Ordering::Relaxed)
     }
 
-    fn item(&self, slot: u32) -> Option<&Item> {
-        self.slots.get(slot as usize).and_then(|s| s.as_ref())
-    }
-
-    fn item_mut(&mut self, slot: u32) -> Option<&mut Item> {
-        self.slots.get_mut(slot as usize).and_then(|s| s.as_mut())
-    }
-
-    /// Unlinks the item in `slot` and returns it.
-    fn remove_slot(&mut self, slot: u32, shared: &Shared) -> Option<Item> {
-        let item = self.slots.get_mut(slot as usize)?.take()?;
-        let hash = shared.hash(item.key());
-        if let Ok(entry) = self.table.find_entry(hash, |&idx| idx == slot) {
-            entry.remove();
+    /// The TTL bucket a record expiring at `exptime` is appended to.
+    fn bucket(&self, exptime: u32, now: u32) -> u16 {
+        match segment::ttl_bucket(exptime, now) {
+            segment::NO_TTL_BUCKET => segment::NO_TTL_BUCKET,
+            b => b >> self.ttl_shift,
         }
-        self.free.push(slot);
-        self.used = self.used.saturating_sub(item.charge());
-        shared.used.fetch_sub(item.charge(), Ordering::Relaxed);
-        self.counters.curr_items = self.counters.curr_items.saturating_sub(1);
-        Some(item)
-    }
-
-    /// Removes an item found dead (expired) by a lookup or the sweeper.
-    fn reclaim(&mut self, slot: u32, shared: &Shared) {
-        if let Some(item) = self.remove_slot(slot, shared) {
-            self.counters.reclaimed += 1;
-            if !item.has(bits::FETCHED) {
-                self.counters.expired_unfetched += 1;
-            }
-        }
-    }
-
-    fn is_flushed(item: &Item, flush_at: u32, now: u32) -> bool {
-        flush_at != 0 && flush_at <= now && item.time() < flush_at
-    }
-
-    /// Finds a live item, reclaiming it if it has expired or been flushed.
-    fn lookup(
-        &mut self,
-        hash: u64,
-        key: &[u8],
-        now: u32,
-        shared: &Shared,
-    ) -> (Option<u32>, Lookup) {
-        let Some(slot) = self.find(hash, key) else {
-            return (None, Lookup::Miss);
-        };
-        let flush_at = shared.flush_at.load(Ordering::Relaxed);
-        let state = match self.item(slot) {
-            Some(it) if it.is_expired(now) => Lookup::Expired,
-            // A tombstone stays (it orders late replicas of older writes) but is a miss.
-            Some(it) if it.has(bits::TOMBSTONE) => return (Some(slot), Lookup::Miss),
-            Some(it) if Self::is_flushed(it, flush_at, now) => Lookup::Flushed,
-            Some(_) => return (Some(slot), Lookup::Hit),
-            None => return (None, Lookup::Miss),
-        };
-        self.reclaim(slot, shared);
-        (None, state)
-    }
-
-    /// Frees one item by CLOCK (expired ones first come free), never touching `protect`.
-    /// Returns false when the shard has nothing it can give up.
-    fn evict_one(&mut self, protect: Option<u32>, now: u32, shared: &Shared) -> bool {
-        let flush_at = shared.flush_at.load(Ordering::Relaxed);
-        // Two full turns of the hand: the first may only clear reference bits.
-        let mut budget = self.slots.len().saturating_mul(2) + 1;
-        while budget > 0 && !self.slots.is_empty() {
-            budget -= 1;
-            if self.hand >= self.slots.len() {
-                self.hand = 0;
-            }
-            let slot = self.hand as u32;
-            self.hand += 1;
-            if Some(slot) == protect {
-                continue;
-            }
-            let Some(item) = self.item_mut(slot) else {
-                continue;
-            };
-            if item.is_expired(now) || Self::is_flushed(item, flush_at, now) {
-                self.reclaim(slot, shared);
-                return true;
-            }
-            if item.has(bits::REFERENCED) {
-                item.clear_bits(bits::REFERENCED);
-                continue;
-            }
-            if let Some(victim) = self.remove_slot(slot, shared) {
-                self.counters.evictions += 1;
-                if !victim.has(bits::FETCHED) {
-                    self.counters.evicted_unfetched += 1;
-                }
-                return true;
-            }
-        }
-        false
-    }
-
-    /// Evicts until `needed` more bytes fit the store's budget: from this shard first, then
-    /// from any other shard whose lock is free (never waiting, so shards cannot deadlock).
-    fn make_room(
-        &mut self,
-        needed: usize,
-        protect: Option<u32>,
-        now: u32,
-        shared: &Shared,
-        me: usize,
-    ) -> bool {
-        while shared.over_budget(needed) {
-            if !self.evict_one(protect, now, shared) {
-                break;
-            }
-        }
-        // Nothing left here: take from the shard whose next victim is oldest (versions grow
-        // with write order), so a shard holding one fresh item does not lose it first.
-        let count = shared.shards.len();
-        while shared.over_budget(needed) {
-            let mut oldest: Option<(usize, u64)> = None;
-            for step in 1..count {
-                let j = (me + step) % count;
-                if let Some(other) = shared.shards[j].try_lock() {
-                    if let Some(version) = other.next_victim_version() {
-                        if oldest.is_none_or(|(_, v)| version < v) {
-                            oldest = Some((j, version));
-                        }
-                    }
-                }
-            }
-            let Some((j, _)) = oldest else { break };
-            let Some(mut other) = shared.shards[j].try_lock() else {
-                break;
-            };
-            if !other.evict_one(None, now, shared) {
-                break;
-            }
-        }
-        !shared.over_budget(needed)
-    }
-
-    /// Version of the item the CLOCK hand reaches first, if any.
-    fn next_victim_version(&self) -> Option<u64> {
-        let n = self.slots.len();
-        (0..n)
-            .filter_map(|i| self.slots[(self.hand + i) % n].as_ref())
-            .map(Item::cas)
-            .next()
-    }
-
-    /// Installs `item` under `hash`, replacing the item in `existing` if given.
-    fn install(
-        &mut self,
-        hash: u64,
-        existing: Option<u32>,
-        item: Item,
-        now: u32,
-        shared: &Shared,
-        me: usize,
-    ) -> Result<u32, StoreError> {
-        let old = existing
-            .and_then(|s| self.item(s))
-            .map_or(0, |it| it.charge());
-        let new = item.charge();
-        let needed = new.saturating_sub(old);
-        if !self.make_room(needed, existing, now, shared, me) {
-            return Err(StoreError::OutOfMemory);
-        }
-        self.counters.total_items += 1;
-        shared.used.fetch_add(new, Ordering::Relaxed);
-        if let Some(slot) = existing {
-            if let Some(place) = self.slots.get_mut(slot as usize) {
-                *place = Some(item);
-                self.used = self.used.saturating_sub(old) + new;
-                shared.used.fetch_sub(old, Ordering::Relaxed);
-                return Ok(slot);
-            }
-        }
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                self.slots[slot as usize] = Some(item);
-                slot
-            }
-            None => {
-                self.slots.push(Some(item));
-                (self.slots.len() - 1) as u32
-            }
-        };
-        let slots = &self.slots;
-        self.table.insert_unique(hash, slot, |&idx| {
-            slots
-                .get(idx as usize)
-                .and_then(|s| s.as_ref())
-                .map_or(0, |it| shared.hash(it.key()))
-        });
-        self.used += new;
-        self.counters.curr_items += 1;
-        Ok(slot)
-    }
-
-    fn clear(&mut self, shared: &Shared) {
-        shared.used.fetch_sub(self.used, Ordering::Relaxed);
-        self.table = HashTable::new();
-        self.slots = Vec::new();
-        self.free = Vec::new();
-        self.hand = 0;
-        self.used = 0;
-        self.counters.curr_items = 0;
     }
 }
 
@@ -352,11 +175,13 @@ pub struct Entry<'a> {
     shard: &'a mut Shard,
     shard_index: usize,
     shared: &'a Shared,
+    key: &'a [u8],
     hash: u64,
-    slot: Option<u32>,
+    /// The key's record: a live item or a tombstone.
+    loc: Option<u32>,
     now: u32,
     lookup: Lookup,
-    /// Whether `slot` holds a live item (not a tombstone).
+    /// Whether `loc` holds a live item (not a tombstone).
     live: bool,
 }
 
@@ -370,27 +195,25 @@ impl Entry<'_> {
         self.now
     }
 
-    pub fn item(&self) -> Option<&Item> {
-        self.slot
+    pub fn item(&self) -> Option<ItemRef<'_>> {
+        self.loc
             .filter(|_| self.live)
-            .and_then(|s| self.shard.item(s))
+            .and_then(|loc| self.shard.item(self.shared, loc))
     }
 
-    pub fn item_mut(&mut self) -> Option<&mut Item> {
-        if !self.live {
-            return None;
-        }
-        self.slot.and_then(|s| self.shard.item_mut(s))
+    pub fn item_mut(&mut self) -> Option<ItemMut<'_>> {
+        let loc = self.loc.filter(|_| self.live)?;
+        self.shard.item_mut(self.shared, loc)
     }
 
     /// What the key holds now: the live item or a tombstone.
-    pub fn current(&self) -> Option<&Item> {
-        self.slot.and_then(|s| self.shard.item(s))
+    pub fn current(&self) -> Option<ItemRef<'_>> {
+        self.loc.and_then(|loc| self.shard.item(self.shared, loc))
     }
 
     /// Version of what the key holds now, item or tombstone.
     pub fn version(&self) -> Option<u64> {
-        self.slot.and_then(|s| self.shard.item(s)).map(Item::cas)
+        self.current().map(|it| it.cas())
     }
 
     /// A fresh CAS unique (a new version).
@@ -398,65 +221,74 @@ impl Entry<'_> {
         self.shared.versions.next()
     }
 
-    /// Marks the item as used now: second chance for CLOCK, fetched, access time.
+    /// Marks the item as read now: fetched, access time, and a point of frequency that
+    /// helps it survive eviction.
     pub fn bump(&mut self) {
-        let now = self.now;
-        if let Some(item) = self.item_mut() {
-            item.set_bits(bits::REFERENCED | bits::FETCHED);
-            item.set_time(now);
-        }
+        self.access(true);
     }
 
-    /// Moves the item up the LRU without marking it fetched (memcached's `do_item_update`).
+    /// Moves the item up without marking it fetched (memcached's `do_item_update`).
     pub fn touch_lru(&mut self) {
-        let now = self.now;
-        if let Some(item) = self.item_mut() {
-            item.set_bits(bits::REFERENCED);
-            item.set_time(now);
+        self.access(false);
+    }
+
+    fn access(&mut self, fetched: bool) {
+        if let Some(loc) = self.loc.filter(|_| self.live) {
+            self.shard
+                .record_access(self.shared, loc, self.now, fetched);
         }
     }
 
     /// Stores `item` under this key with a new CAS, replacing any live item.
-    pub fn store(&mut self, mut item: Item) -> Result<u64, StoreError> {
-        let cas = self.next_cas();
-        item.set_cas(cas);
+    pub fn store(&mut self, item: NewItem<'_>) -> Result<u64, StoreError> {
+        let mut item = item;
+        item.meta.cas = self.next_cas();
         self.store_versioned(item)
     }
 
     /// Stores `item` keeping its CAS (a version decided elsewhere, e.g. by a peer).
-    pub fn store_versioned(&mut self, mut item: Item) -> Result<u64, StoreError> {
-        let cas = item.cas();
+    pub fn store_versioned(&mut self, item: NewItem<'_>) -> Result<u64, StoreError> {
+        let mut item = item;
+        let cas = item.meta.cas;
         self.shared.versions.observe(cas);
-        item.set_time(self.now);
-        let live = !item.has(bits::TOMBSTONE);
-        let slot = self.shard.install(
-            self.hash,
-            self.slot,
-            item,
-            self.now,
-            self.shared,
-            self.shard_index,
-        )?;
-        self.slot = Some(slot);
-        self.live = live;
-        Ok(cas)
+        item.meta.time = self.now;
+        let result = self
+            .shard
+            .install(self.hash, &item, self.now, self.shared, self.shard_index);
+        match result {
+            Ok(loc) => {
+                self.loc = Some(loc);
+                self.live = item.meta.bits & bits::TOMBSTONE == 0;
+                Ok(cas)
+            }
+            Err(error) => {
+                // Making room may have evicted what the key held.
+                let (loc, lookup) = self
+                    .shard
+                    .lookup(self.hash, self.key, self.now, self.shared);
+                self.loc = loc;
+                self.live = lookup == Lookup::Hit;
+                Err(error)
+            }
+        }
     }
 
-    /// Removes the live item, if any.
-    pub fn remove(&mut self) -> Option<Item> {
-        if !self.live {
-            return None;
-        }
-        let slot = self.slot.take()?;
+    /// Removes the live item, if any. Returns whether there was one.
+    pub fn remove(&mut self) -> bool {
+        let Some(loc) = self.loc.filter(|_| self.live) else {
+            return false;
+        };
+        self.shard.remove(loc, self.hash, self.shared);
+        self.loc = None;
         self.live = false;
-        self.shard.remove_slot(slot, self.shared)
+        true
     }
 
     /// Deletes the live item, leaving a tombstone for `ttl` seconds so that older copies
     /// arriving later from peers cannot bring it back. Returns the tombstone's version.
     pub fn delete_with_tombstone(&mut self, key: &[u8], ttl: u32) -> Option<u64> {
         self.item()?;
-        let tombstone = Item::new(
+        let tombstone = NewItem::new(
             key,
             &[],
             ItemMeta {
@@ -476,15 +308,25 @@ pub struct Store {
 
 impl Store {
     pub fn new(config: StoreConfig) -> Store {
-        let count = config.max_shards.max(1).next_power_of_two();
+        let segment_size = config.segment_size();
+        let segments = config.memory_limit / segment_size;
+        let by_memory = (segments / SEGMENTS_PER_SHARD).max(1);
+        let by_memory = 1usize << by_memory.ilog2();
+        let count = config.max_shards.max(1).next_power_of_two().min(by_memory);
+        let ttl_shift = match segments / count {
+            128.. => 0,
+            32..128 => 3,
+            _ => 10,
+        };
         let shards = (0..count)
-            .map(|_| CachePadded::new(Mutex::new(Shard::default())))
+            .map(|_| CachePadded::new(Mutex::new(Shard::new())))
             .collect();
         Store {
             shared: Shared {
                 shards,
-                used: AtomicUsize::new(0),
-                limit: AtomicUsize::new(config.memory_limit),
+                pool: Pool::new(segment_size, config.memory_limit),
+                geometry: Geometry::new(segment_size),
+                ttl_shift,
                 hasher: ahash::RandomState::new(),
                 versions: VersionClock::new(config.node_id),
                 flush_at: AtomicU32::new(0),
@@ -492,14 +334,20 @@ impl Store {
         }
     }
 
-    /// Changes the memory limit (`cache_memlimit`); items beyond it go as new ones arrive.
+    /// Changes the memory limit (`cache_memlimit`). A lower limit takes effect as segments
+    /// are next needed (each shard evicts until it fits); a higher one allows more segments.
     pub fn set_limit(&self, bytes: usize) {
-        self.shared.limit.store(bytes, Ordering::Relaxed);
+        self.shared.pool.set_limit(bytes);
     }
 
     /// Number of shards.
     pub fn shard_count(&self) -> usize {
         self.shared.shards.len()
+    }
+
+    /// Bytes per segment.
+    pub fn segment_size(&self) -> usize {
+        self.shared.pool.segment_size()
     }
 
     fn shard_index(&self, hash: u64) -> usize {
@@ -512,13 +360,14 @@ impl Store {
         let hash = self.shared.hash(key);
         let shard_index = self.shard_index(hash);
         let mut shard = self.shared.shards[shard_index].lock();
-        let (slot, lookup) = shard.lookup(hash, key, now, &self.shared);
+        let (loc, lookup) = shard.lookup(hash, key, now, &self.shared);
         let mut entry = Entry {
             shard: &mut shard,
             shard_index,
             shared: &self.shared,
+            key,
             hash,
-            slot,
+            loc,
             now,
             lookup,
             live: lookup == Lookup::Hit,
@@ -540,50 +389,34 @@ impl Store {
         }
     }
 
-    /// Reclaims expired and flushed items, looking at no more than `budget` slots per shard.
-    /// Returns how many items were reclaimed.
-    pub fn sweep(&self, now: u32, budget: usize, cursors: &mut Vec<usize>) -> usize {
-        cursors.resize(self.shared.shards.len(), 0);
-        let flush_at = self.shared.flush_at.load(Ordering::Relaxed);
-        let mut reclaimed = 0;
-        for (shard, cursor) in self.shared.shards.iter().zip(cursors.iter_mut()) {
-            let mut shard = shard.lock();
-            for _ in 0..budget.min(shard.slots.len()) {
-                if *cursor >= shard.slots.len() {
-                    *cursor = 0;
-                }
-                let slot = *cursor as u32;
-                *cursor += 1;
-                let dead = shard
-                    .item(slot)
-                    .is_some_and(|it| it.is_expired(now) || Shard::is_flushed(it, flush_at, now));
-                if dead {
-                    shard.reclaim(slot, &self.shared);
-                    reclaimed += 1;
-                }
-            }
-        }
-        reclaimed
+    /// Reclaims expired and flushed items: segments whose items have all expired go whole,
+    /// and up to `budget` records per shard are looked at one by one. Returns how many
+    /// items were reclaimed.
+    pub fn sweep(&self, now: u32, budget: usize) -> usize {
+        self.shared
+            .shards
+            .iter()
+            .map(|shard| shard.lock().sweep(now, budget, &self.shared))
+            .sum()
     }
 
-    /// Calls `f` with up to `max` live items of shard `shard` starting at slot `start`, under
-    /// the shard's lock. Returns where to continue, or `None` once the shard is done.
+    /// Calls `f` with up to `max` live items of shard `shard` from `cursor` on (start with
+    /// `ScanCursor::default()`), under the shard's lock only. Returns where to continue,
+    /// or `None` once the shard is done. Items moved by a merge between two calls may be
+    /// seen twice or not at all.
     pub fn scan(
         &self,
         shard: usize,
-        start: usize,
+        cursor: ScanCursor,
         max: usize,
         now: u32,
-        mut f: impl FnMut(&Item),
-    ) -> Option<usize> {
-        let shard = self.shared.shards.get(shard)?.lock();
-        let end = start.saturating_add(max).min(shard.slots.len());
-        for slot in shard.slots.get(start..end)?.iter().flatten() {
-            if !slot.has(bits::TOMBSTONE) && !slot.is_expired(now) {
-                f(slot);
-            }
-        }
-        (end < shard.slots.len()).then_some(end)
+        f: impl FnMut(ItemRef<'_>),
+    ) -> Option<ScanCursor> {
+        self.shared
+            .shards
+            .get(shard)?
+            .lock()
+            .scan(cursor, max, now, f)
     }
 
     /// A new version from this store's clock.
@@ -591,179 +424,34 @@ impl Store {
         self.shared.versions.next()
     }
 
-    /// Item counters summed over shards.
+    /// Counters summed over shards, and the pool's state.
     pub fn stats(&self) -> ItemStats {
         let mut total = ItemStats {
-            limit: self.shared.limit.load(Ordering::Relaxed) as u64,
+            limit: self.shared.pool.limit() as u64,
+            pool: self.shared.pool.stats(),
             ..ItemStats::default()
         };
         for shard in self.shared.shards.iter() {
-            let shard = shard.lock();
-            let c = &shard.counters;
+            let c = shard.lock().counters;
             total.curr_items += c.curr_items;
             total.total_items += c.total_items;
-            total.bytes += shard.used as u64;
+            total.bytes += c.bytes;
+            total.tombstones += c.tombstones;
             total.evictions += c.evictions;
             total.reclaimed += c.reclaimed;
             total.expired_unfetched += c.expired_unfetched;
             total.evicted_unfetched += c.evicted_unfetched;
+            total.merges += c.merges;
+            total.expired_segments += c.expired_segments;
         }
         total
     }
 
     /// Total memory limit in bytes.
     pub fn limit(&self) -> usize {
-        self.shared.limit.load(Ordering::Relaxed)
+        self.shared.pool.limit()
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn store(limit: usize) -> Store {
-        Store::new(StoreConfig {
-            memory_limit: limit,
-            max_item_size: 1024,
-            max_shards: 4,
-            node_id: 0,
-        })
-    }
-
-    fn set(store: &Store, key: &[u8], value: &[u8], now: u32) {
-        store
-            .with_entry(key, now, |e| {
-                e.store(Item::new(key, &[value], ItemMeta::default()))
-            })
-            .unwrap();
-    }
-
-    fn get(store: &Store, key: &[u8], now: u32) -> Option<Vec<u8>> {
-        store.with_entry(key, now, |e| {
-            e.bump();
-            e.item().map(|it| it.value().to_vec())
-        })
-    }
-
-    #[test]
-    fn stores_replaces_and_removes() {
-        let s = store(1 << 20);
-        set(&s, b"a", b"1", 10);
-        set(&s, b"a", b"22", 10);
-        assert_eq!(get(&s, b"a", 10).as_deref(), Some(&b"22"[..]));
-        assert_eq!(s.stats().curr_items, 1);
-        assert_eq!(s.stats().total_items, 2);
-        assert!(s.with_entry(b"a", 10, |e| e.remove()).is_some());
-        assert_eq!(get(&s, b"a", 10), None);
-        assert_eq!(s.stats().bytes, 0);
-    }
-
-    #[test]
-    fn never_exceeds_the_memory_limit_and_counts_evictions() {
-        let limit = 64 * 1024;
-        let s = store(limit);
-        for i in 0..10_000u32 {
-            set(&s, format!("key{i}").as_bytes(), &[b'x'; 100], 10);
-            assert!(s.stats().bytes as usize <= limit);
-        }
-        let stats = s.stats();
-        assert!(stats.evictions > 0);
-        assert!(stats.curr_items > 100);
-        // The most recent write survives.
-        assert!(get(&s, b"key9999", 10).is_some());
-    }
-
-    #[test]
-    fn large_items_use_the_whole_budget_whatever_their_shard() {
-        // 40 items of 900 KiB fit in 64 MiB even though several land in the same shard.
-        let s = Store::new(StoreConfig {
-            memory_limit: 64 << 20,
-            max_item_size: 1 << 20,
-            max_shards: 32,
-            node_id: 0,
-        });
-        let big = vec![b'x'; 900 * 1024];
-        for i in 0..40u32 {
-            set(&s, format!("big{i}").as_bytes(), &big, 10);
-        }
-        assert_eq!(s.stats().evictions, 0);
-        assert_eq!(s.stats().curr_items, 40);
-        // Past the budget, the oldest go, from whichever shards hold them.
-        for i in 40..100u32 {
-            set(&s, format!("big{i}").as_bytes(), &big, 10);
-            assert!(s.stats().bytes <= 64 << 20);
-        }
-        assert!(s.stats().evictions > 0);
-        assert!(get(&s, b"big99", 10).is_some());
-    }
-
-    #[test]
-    fn recently_read_items_survive_eviction() {
-        let s = store(64 * 1024);
-        set(&s, b"hot", b"v", 10);
-        for i in 0..5_000u32 {
-            let _ = get(&s, b"hot", 10);
-            set(&s, format!("cold{i}").as_bytes(), &[b'x'; 100], 10);
-        }
-        assert!(get(&s, b"hot", 10).is_some());
-    }
-
-    #[test]
-    fn expiry_follows_memcached_rules() {
-        assert_eq!(absolute_expiry(0, 1000), 0);
-        assert_eq!(absolute_expiry(-1, 1000), 1);
-        assert_eq!(absolute_expiry(10, 1000), 1010);
-        assert_eq!(absolute_expiry(REALTIME_MAXDELTA + 1, 1_000_000_000), 1);
-        assert_eq!(absolute_expiry(2_000_000_000, 1_000_000_000), 2_000_000_000);
-        let s = store(1 << 20);
-        s.with_entry(b"t", 100, |e| {
-            e.store(Item::new(
-                b"t",
-                &[b"v"],
-                ItemMeta {
-                    exptime: 105,
-                    ..ItemMeta::default()
-                },
-            ))
-        })
-        .unwrap();
-        assert!(get(&s, b"t", 104).is_some());
-        assert_eq!(s.with_entry(b"t", 105, |e| e.lookup()), Lookup::Expired);
-        assert_eq!(s.stats().reclaimed, 1);
-    }
-
-    #[test]
-    fn sweep_reclaims_expired_items() {
-        let s = store(1 << 20);
-        for i in 0..100u32 {
-            s.with_entry(format!("k{i}").as_bytes(), 100, |e| {
-                e.store(Item::new(
-                    b"k",
-                    &[b"v"],
-                    ItemMeta {
-                        exptime: 101,
-                        ..ItemMeta::default()
-                    },
-                ))
-            })
-            .unwrap();
-        }
-        let mut cursors = Vec::new();
-        assert_eq!(s.sweep(200, 1000, &mut cursors), 100);
-        assert_eq!(s.stats().curr_items, 0);
-    }
-
-    #[test]
-    fn flush_now_and_later() {
-        let s = store(1 << 20);
-        set(&s, b"a", b"1", 10);
-        s.flush(None);
-        assert_eq!(get(&s, b"a", 10), None);
-        set(&s, b"b", b"1", 10);
-        s.flush(Some(20));
-        assert!(get(&s, b"b", 19).is_some());
-        assert_eq!(s.with_entry(b"b", 20, |e| e.lookup()), Lookup::Flushed);
-        set(&s, b"c", b"1", 21);
-        assert!(get(&s, b"c", 22).is_some());
-    }
-}
+mod tests;

@@ -1,0 +1,517 @@
+//! The store's invariants: unit tests of its corners, and property tests that drive it with
+//! random operations against a plain `HashMap` model.
+
+use std::collections::HashMap;
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn store_with(limit: usize, max_item: usize, shards: usize) -> Store {
+    Store::new(StoreConfig {
+        memory_limit: limit,
+        max_item_size: max_item,
+        max_shards: shards,
+        node_id: 0,
+    })
+}
+
+fn store(limit: usize) -> Store {
+    store_with(limit, 1024, 4)
+}
+
+fn set_meta(store: &Store, key: &[u8], value: &[u8], meta: ItemMeta, now: u32) -> bool {
+    store
+        .with_entry(key, now, |e| e.store(NewItem::new(key, &[value], meta)))
+        .is_ok()
+}
+
+fn set(store: &Store, key: &[u8], value: &[u8], now: u32) {
+    assert!(set_meta(store, key, value, ItemMeta::default(), now));
+}
+
+fn get(store: &Store, key: &[u8], now: u32) -> Option<Vec<u8>> {
+    store.with_entry(key, now, |e| {
+        e.bump();
+        e.item().map(|it| it.value().to_vec())
+    })
+}
+
+/// Bytes the store may hold: its limit, of which segments and hash tables take their share.
+fn assert_within_budget(s: &Store) {
+    let st = s.stats();
+    let used = st.pool.segments_in_use * st.pool.segment_size + st.pool.index_bytes;
+    assert!(
+        used as u64 <= st.limit,
+        "{used} bytes in use over a limit of {}",
+        st.limit
+    );
+    let held = (st.pool.segments_in_use + st.pool.segments_free) * st.pool.segment_size;
+    assert!((held + st.pool.index_bytes) as u64 <= st.limit, "{st:?}");
+    assert!(st.bytes as usize <= st.pool.segments_in_use * st.pool.segment_size);
+}
+
+#[test]
+fn stores_replaces_and_removes() {
+    let s = store(1 << 20);
+    set(&s, b"a", b"1", 10);
+    set(&s, b"a", b"22", 10);
+    assert_eq!(get(&s, b"a", 10).as_deref(), Some(&b"22"[..]));
+    assert_eq!(s.stats().curr_items, 1);
+    assert_eq!(s.stats().total_items, 2);
+    assert!(s.with_entry(b"a", 10, |e| e.remove()));
+    assert_eq!(get(&s, b"a", 10), None);
+    assert_eq!(s.stats().bytes, 0);
+}
+
+#[test]
+fn keeps_cas_flags_and_bits() {
+    let s = store(1 << 20);
+    let meta = ItemMeta {
+        client_flags: 0xdead_beef,
+        exptime: 500,
+        bits: bits::KEY_BINARY,
+        ..ItemMeta::default()
+    };
+    let cas = s
+        .with_entry(b"k", 10, |e| e.store(NewItem::new(b"k", &[b"v"], meta)))
+        .unwrap();
+    s.with_entry(b"k", 11, |e| {
+        let it = e.item().unwrap();
+        assert_eq!(
+            (it.cas(), it.client_flags(), it.exptime()),
+            (cas, 0xdead_beef, 500)
+        );
+        assert!(it.has(bits::KEY_BINARY) && !it.has(bits::FETCHED));
+        assert_eq!(it.time(), 10);
+    });
+    s.with_entry(b"k", 12, |e| e.bump());
+    s.with_entry(b"k", 13, |e| {
+        let it = e.item().unwrap();
+        assert!(it.has(bits::FETCHED));
+        assert_eq!(it.time(), 12);
+    });
+}
+
+#[test]
+fn never_exceeds_the_memory_limit_and_counts_evictions() {
+    let limit = 64 * 1024;
+    let s = store(limit);
+    for i in 0..10_000u32 {
+        set(&s, format!("key{i}").as_bytes(), &[b'x'; 100], 10);
+        assert_within_budget(&s);
+    }
+    let stats = s.stats();
+    assert!(stats.evictions > 0);
+    assert!(stats.curr_items > 100, "{stats:?}");
+    // The most recent write survives.
+    assert!(get(&s, b"key9999", 10).is_some());
+}
+
+#[test]
+fn large_items_use_the_whole_budget_whatever_their_shard() {
+    // 40 items of 900 KiB fit in 64 MiB even though several land in the same shard.
+    let s = store_with(64 << 20, 1 << 20, 32);
+    let big = vec![b'x'; 900 * 1024];
+    for i in 0..40u32 {
+        set(&s, format!("big{i}").as_bytes(), &big, 10);
+    }
+    assert_eq!(s.stats().evictions, 0);
+    assert_eq!(s.stats().curr_items, 40);
+    // Past the budget, the oldest go, from whichever shards hold them.
+    for i in 40..100u32 {
+        set(&s, format!("big{i}").as_bytes(), &big, 10);
+        assert_within_budget(&s);
+    }
+    assert!(s.stats().evictions > 0);
+    assert!(get(&s, b"big99", 10).is_some());
+}
+
+#[test]
+fn recently_read_items_survive_eviction() {
+    let s = store(64 * 1024);
+    set(&s, b"hot", b"v", 10);
+    for i in 0..5_000u32 {
+        let _ = get(&s, b"hot", 10);
+        set(&s, format!("cold{i}").as_bytes(), &[b'x'; 100], 10);
+    }
+    assert!(get(&s, b"hot", 10).is_some());
+    assert!(s.stats().merges > 0);
+}
+
+#[test]
+fn expiry_follows_memcached_rules() {
+    assert_eq!(absolute_expiry(0, 1000), 0);
+    assert_eq!(absolute_expiry(-1, 1000), 1);
+    assert_eq!(absolute_expiry(10, 1000), 1010);
+    assert_eq!(absolute_expiry(REALTIME_MAXDELTA + 1, 1_000_000_000), 1);
+    assert_eq!(absolute_expiry(2_000_000_000, 1_000_000_000), 2_000_000_000);
+    let s = store(1 << 20);
+    let meta = ItemMeta {
+        exptime: 105,
+        ..ItemMeta::default()
+    };
+    assert!(set_meta(&s, b"t", b"v", meta, 100));
+    assert!(get(&s, b"t", 104).is_some());
+    assert_eq!(s.with_entry(b"t", 105, |e| e.lookup()), Lookup::Expired);
+    assert_eq!(s.stats().reclaimed, 1);
+}
+
+#[test]
+fn sweep_reclaims_expired_items_and_whole_segments() {
+    let s = store(1 << 20);
+    let meta = ItemMeta {
+        exptime: 101,
+        ..ItemMeta::default()
+    };
+    for i in 0..2000u32 {
+        assert!(set_meta(
+            &s,
+            format!("k{i}").as_bytes(),
+            &[b'v'; 50],
+            meta,
+            100
+        ));
+    }
+    let before = s.stats();
+    assert!(before.pool.segments_in_use > 2, "{before:?}");
+    assert_eq!(s.sweep(200, 1000), 2000);
+    let after = s.stats();
+    assert_eq!(after.curr_items, 0);
+    assert!(after.expired_segments > 0);
+    assert_eq!(after.pool.segments_in_use, 0, "{after:?}");
+}
+
+#[test]
+fn a_touched_item_keeps_its_segment_alive() {
+    let s = store(1 << 20);
+    let meta = ItemMeta {
+        exptime: 110,
+        ..ItemMeta::default()
+    };
+    assert!(set_meta(&s, b"a", b"1", meta, 100));
+    assert!(set_meta(&s, b"b", b"2", meta, 100));
+    s.with_entry(b"a", 101, |e| e.item_mut().unwrap().set_exptime(0));
+    s.sweep(200, 1000);
+    assert_eq!(get(&s, b"a", 200).as_deref(), Some(&b"1"[..]));
+    assert_eq!(get(&s, b"b", 200), None);
+}
+
+#[test]
+fn flush_now_and_later() {
+    let s = store(1 << 20);
+    set(&s, b"a", b"1", 10);
+    s.flush(None);
+    assert_eq!(get(&s, b"a", 10), None);
+    assert_eq!(s.stats().pool.segments_in_use, 0);
+    assert_eq!(s.stats().pool.index_bytes, 0);
+    set(&s, b"b", b"1", 10);
+    s.flush(Some(20));
+    assert!(get(&s, b"b", 19).is_some());
+    assert_eq!(s.with_entry(b"b", 20, |e| e.lookup()), Lookup::Flushed);
+    set(&s, b"c", b"1", 21);
+    assert!(get(&s, b"c", 22).is_some());
+}
+
+#[test]
+fn tombstones_are_misses_that_keep_their_version() {
+    let s = store(1 << 20);
+    set(&s, b"k", b"v", 10);
+    let v = s
+        .with_entry(b"k", 10, |e| e.delete_with_tombstone(b"k", 60))
+        .unwrap();
+    s.with_entry(b"k", 11, |e| {
+        assert!(e.item().is_none());
+        assert_eq!(e.version(), Some(v));
+        assert!(e.current().unwrap().has(bits::TOMBSTONE));
+    });
+    assert_eq!(s.stats().curr_items, 0);
+    assert_eq!(s.stats().tombstones, 1);
+    // Gone once its time is up.
+    assert_eq!(s.with_entry(b"k", 71, |e| e.version()), None);
+}
+
+#[test]
+fn scan_visits_every_live_item_once_in_chunks() {
+    let s = store(1 << 20);
+    for i in 0..3000u32 {
+        set(&s, format!("k{i}").as_bytes(), b"v", 10);
+    }
+    s.with_entry(b"k7", 10, |e| e.remove());
+    let mut seen = Vec::new();
+    for shard in 0..s.shard_count() {
+        let mut cursor = Some(ScanCursor::default());
+        while let Some(at) = cursor {
+            cursor = s.scan(shard, at, 100, 10, |it| seen.push(it.key().to_vec()));
+        }
+    }
+    seen.sort();
+    let mut want: Vec<Vec<u8>> = (0..3000u32)
+        .filter(|&i| i != 7)
+        .map(|i| format!("k{i}").into_bytes())
+        .collect();
+    want.sort();
+    assert_eq!(seen, want);
+}
+
+#[test]
+fn the_hash_table_is_paid_for_with_segments() {
+    // Tiny items: the table's bytes become a visible share of the budget.
+    let s = store_with(256 * 1024, 1024, 1);
+    for i in 0..20_000u32 {
+        set(&s, format!("{i}").as_bytes(), b"", 10);
+        assert_within_budget(&s);
+    }
+    let st = s.stats();
+    assert!(st.pool.index_bytes > 0);
+    assert!(
+        st.pool.segments_allowed < 256 * 1024 / st.pool.segment_size,
+        "{st:?}"
+    );
+}
+
+#[test]
+fn a_lower_memlimit_is_reached_by_evicting() {
+    let s = store_with(1 << 20, 1024, 1);
+    for i in 0..10_000u32 {
+        set(&s, format!("k{i}").as_bytes(), &[b'x'; 90], 10);
+    }
+    s.set_limit(256 * 1024);
+    for i in 0..3_000u32 {
+        set(&s, format!("n{i}").as_bytes(), &[b'x'; 90], 10);
+    }
+    assert_within_budget(&s);
+}
+
+#[test]
+fn items_larger_than_a_segment_are_refused() {
+    let s = store_with(1 << 20, 1024, 1);
+    let huge = vec![b'x'; s.segment_size()];
+    assert!(!set_meta(&s, b"huge", &huge, ItemMeta::default(), 10));
+    assert_eq!(get(&s, b"huge", 10), None);
+}
+
+// ------------------------------------------------------------------ model-based tests
+
+#[derive(Clone, Debug)]
+enum Op {
+    Set { key: u8, len: u16, ttl: u8 },
+    Get { key: u8 },
+    Delete { key: u8 },
+    Touch { key: u8, ttl: u8 },
+    Tomb { key: u8 },
+    Tick { secs: u8 },
+    Flush,
+    FlushLater { secs: u8 },
+    Sweep,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0..64u8, 0..600u16, 0..8u8).prop_map(|(key, len, ttl)| Op::Set { key, len, ttl }),
+        6 => (0..64u8).prop_map(|key| Op::Get { key }),
+        2 => (0..64u8).prop_map(|key| Op::Delete { key }),
+        2 => (0..64u8, 0..8u8).prop_map(|(key, ttl)| Op::Touch { key, ttl }),
+        1 => (0..64u8).prop_map(|key| Op::Tomb { key }),
+        2 => (0..4u8).prop_map(|secs| Op::Tick { secs }),
+        1 => Just(Op::Sweep),
+        1 => (1..4u8).prop_map(|secs| Op::FlushLater { secs }),
+        1 => Just(Op::Flush),
+    ]
+}
+
+/// What the model remembers of a key: value, expiry, and the time it was last touched.
+#[derive(Clone, Debug)]
+struct Modeled {
+    value: Vec<u8>,
+    exptime: u32,
+    time: u32,
+    cas: u64,
+}
+
+fn value_of(key: u8, len: u16, version: u32) -> Vec<u8> {
+    (0..len)
+        .map(|i| (u32::from(key) + u32::from(i) + version) as u8)
+        .collect()
+}
+
+/// Runs `ops` on a store and the model. With `strict`, nothing may be evicted.
+fn check_against_model(
+    ops: Vec<Op>,
+    limit: usize,
+    shards: usize,
+    strict: bool,
+) -> Result<(), TestCaseError> {
+    let s = store_with(limit, 700, shards);
+    let mut model: HashMap<u8, Modeled> = HashMap::new();
+    let mut now: u32 = 1000;
+    let mut flush_at: u32 = 0;
+    let mut version = 0u32;
+    let visible = |m: &Modeled, now: u32, flush_at: u32| {
+        (m.exptime == 0 || m.exptime > now)
+            && !(flush_at != 0 && flush_at <= now && m.time < flush_at)
+    };
+    for op in ops {
+        match op {
+            Op::Set { key, len, ttl } => {
+                version += 1;
+                let value = value_of(key, len, version);
+                let exptime = if ttl == 0 { 0 } else { now + u32::from(ttl) };
+                let meta = ItemMeta {
+                    exptime,
+                    ..ItemMeta::default()
+                };
+                let k = [b'k', key];
+                let stored = s.with_entry(&k, now, |e| e.store(NewItem::new(&k, &[&value], meta)));
+                match stored {
+                    Ok(cas) => {
+                        model.insert(
+                            key,
+                            Modeled {
+                                value,
+                                exptime,
+                                time: now,
+                                cas,
+                            },
+                        );
+                    }
+                    // Only a value too large for a segment may be refused.
+                    Err(_) => prop_assert!(record_len(2, value.len(), 0) > s.segment_size()),
+                }
+            }
+            Op::Get { key } => {
+                let k = [b'k', key];
+                let got = s.with_entry(&k, now, |e| {
+                    e.bump();
+                    e.item()
+                        .map(|it| (it.value().to_vec(), it.cas(), it.exptime()))
+                });
+                let want = model.get(&key).filter(|m| visible(m, now, flush_at));
+                match (got, want) {
+                    (None, Some(_)) if strict => {
+                        return Err(TestCaseError::fail(format!(
+                            "key {key} lost without eviction"
+                        )))
+                    }
+                    // The store may have evicted it, never changed it.
+                    (None, _) => {
+                        model.remove(&key);
+                    }
+                    (Some((value, cas, exptime)), Some(m)) => {
+                        prop_assert_eq!(&value, &m.value, "key {}", key);
+                        prop_assert_eq!(cas, m.cas);
+                        prop_assert_eq!(exptime, m.exptime);
+                        if let Some(m) = model.get_mut(&key) {
+                            m.time = now;
+                        }
+                    }
+                    (Some(got), None) => {
+                        return Err(TestCaseError::fail(format!(
+                            "key {key} served {got:?} but it is deleted, expired or flushed"
+                        )))
+                    }
+                }
+            }
+            Op::Delete { key } => {
+                let k = [b'k', key];
+                s.with_entry(&k, now, |e| e.remove());
+                model.remove(&key);
+            }
+            Op::Tomb { key } => {
+                let k = [b'k', key];
+                s.with_entry(&k, now, |e| e.delete_with_tombstone(&k, 60));
+                model.remove(&key);
+            }
+            Op::Touch { key, ttl } => {
+                let k = [b'k', key];
+                let exptime = if ttl == 0 { 0 } else { now + u32::from(ttl) };
+                let found = s.with_entry(&k, now, |e| {
+                    let found = e.item_mut().map(|mut it| it.set_exptime(exptime)).is_some();
+                    e.touch_lru();
+                    found
+                });
+                match model.get_mut(&key) {
+                    Some(m) if visible(m, now, flush_at) && found => {
+                        m.exptime = exptime;
+                        m.time = now;
+                    }
+                    Some(m) if visible(m, now, flush_at) => {
+                        prop_assert!(!strict, "key {} lost without eviction", key);
+                        // Evicted meanwhile.
+                        model.remove(&key);
+                    }
+                    _ => {
+                        prop_assert!(!found, "touch found key {} the model no longer has", key);
+                        model.remove(&key);
+                    }
+                }
+            }
+            Op::Tick { secs } => now += u32::from(secs),
+            Op::Sweep => {
+                s.sweep(now, 64);
+            }
+            Op::Flush => {
+                s.flush(None);
+                flush_at = 0;
+                model.clear();
+            }
+            Op::FlushLater { secs } => {
+                // A flush already due has hidden what it flushed; a new delay replaces it
+                // (memcached would show those items again until reclaimed: reclaim them).
+                s.sweep(now, usize::MAX);
+                model.retain(|_, m| visible(m, now, flush_at));
+                flush_at = now + u32::from(secs);
+                s.flush(Some(flush_at));
+            }
+        }
+        assert_within_budget(&s);
+    }
+    // Every key the store still serves has the model's value.
+    for key in 0..64u8 {
+        let k = [b'k', key];
+        let got = s.with_entry(&k, now, |e| e.item().map(|it| it.value().to_vec()));
+        if let Some(value) = got {
+            let m = model.get(&key).filter(|m| visible(m, now, flush_at));
+            prop_assert_eq!(Some(&value), m.map(|m| &m.value), "key {}", key);
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, .. ProptestConfig::default() })]
+
+    /// Plenty of memory: nothing is evicted, so the store must hold exactly the model.
+    #[test]
+    fn matches_a_hashmap_without_eviction(ops in proptest::collection::vec(op(), 1..300)) {
+        check_against_model(ops, 1 << 20, 2, true)?;
+    }
+
+    /// A few segments: evictions and merges happen all the time; values are never wrong
+    /// and the budget is never exceeded.
+    #[test]
+    fn never_serves_a_wrong_value_under_eviction(ops in proptest::collection::vec(op(), 1..400)) {
+        check_against_model(ops, 24 * 1024, 2, false)?;
+    }
+}
+
+#[test]
+fn without_eviction_nothing_is_lost() {
+    // The first property, stated strictly: every visible key of the model is served.
+    let s = store(1 << 20);
+    for i in 0..500u32 {
+        set(
+            &s,
+            format!("k{i}").as_bytes(),
+            &vec![b'v'; (i % 300) as usize],
+            10,
+        );
+    }
+    for i in 0..500u32 {
+        assert_eq!(
+            get(&s, format!("k{i}").as_bytes(), 10),
+            Some(vec![b'v'; (i % 300) as usize])
+        );
+    }
+    assert_eq!(s.stats().evictions, 0);
+}
