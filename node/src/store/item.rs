@@ -189,7 +189,10 @@ impl Layout {
             return None;
         }
         let key_len = usize::from(b[KEY_LEN]);
-        let (value_len, n) = read_varint(&b[VALUE_LEN..])?;
+        let (value_len, n) = match b[VALUE_LEN] {
+            short @ 0..0x80 => (u32::from(short), 1),
+            _ => read_varint(&b[VALUE_LEN..])?,
+        };
         let flags = if b[BITS] & bits::HAS_FLAGS != 0 { 4 } else { 0 };
         let key_at = VALUE_LEN + n + flags;
         let value_at = key_at + key_len;
