@@ -21,6 +21,10 @@ so that client and server stay in step), and measured:
   loads;
 * newest keys after the size shift: of the last keys written in the 5000 B phase (as many
   as fill a quarter of -m), the share still served;
+* `stalled`: 400 sets of 1 MB values at -m 64, to memcached and to a kache-node whose
+  replica (replicationFactor 2, a second node) is stopped with SIGSTOP: the writer's peak
+  RSS must stay <= -m + 64 MiB (its replica queue is bounded by --peer-queue-bytes and the
+  replica is marked down after --peer-timeout-ms);
 * hit ratio on a Zipf(0.99) stream larger than memory (libcachesim generates it when
   installed, `pip install libcachesim`; otherwise a built-in generator): each request is
   a `mg`, a miss is followed by a `set` (cache-aside). The first third warms the cache; the
@@ -53,7 +57,7 @@ import compare  # noqa: E402  (shared helpers: targets, /proc readers, stats)
 from compare import HOST, BenchError, log  # noqa: E402
 
 MIB = 1024 * 1024
-WORKLOADS = ("uniform", "small", "mixed", "shift", "ttl", "zipf")
+WORKLOADS = ("uniform", "small", "mixed", "shift", "ttl", "zipf", "stalled")
 
 
 class Conn:
@@ -256,6 +260,82 @@ def zipf_workload(server, trace: list[int], args) -> dict:
             "counted": counted}
 
 
+STALLED_SETS, STALLED_VALUE, STALLED_M = 400, 1_000_000, 64
+
+
+def stalled_sets(port: int) -> None:
+    value = b"v" * STALLED_VALUE
+    with socket.create_connection((HOST, port), timeout=60) as s:
+        f = s.makefile("rb")
+        for i in range(STALLED_SETS):
+            s.sendall(b"set big%d 0 0 %d\r\n%s\r\n" % (i, STALLED_VALUE, value))
+            if f.readline() != b"STORED\r\n":
+                raise BenchError("a 1 MB set was not stored")
+
+
+def stalled_kache(args, workdir: str) -> dict:
+    """A writer (-m 64) and its replica, the replica stopped while the writer takes the sets."""
+    import subprocess
+
+    binary = compare.resolve_kache_bin(args)
+    members = os.path.join(workdir, "members.json")
+    nodes = []
+    for name in ("writer", "replica"):
+        nodes.append({"name": name, "host": HOST, "ip": HOST, "port": compare.free_port(),
+                      "peerPort": compare.free_port()})
+    with open(members, "w") as f:
+        json.dump({"version": 1, "replicationFactor": 2, "members": nodes}, f)
+    procs = []
+    try:
+        for node, m in zip(nodes, (STALLED_M, 256)):
+            log_path = os.path.join(workdir, f"stalled-{node['name']}.log")
+            procs.append(subprocess.Popen(
+                [binary, "-t", "2", "-m", str(m), "-l", HOST, "-p", str(node["port"]),
+                 "--admin-port", "0", "--peer-port", str(node["peerPort"]),
+                 "--members-file", members, "--node-name", node["name"]] + list(args.kache_arg),
+                stdout=subprocess.DEVNULL, stderr=open(log_path, "w"), start_new_session=True))
+        for node in nodes:
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    socket.create_connection((HOST, node["port"]), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise BenchError(f"{node['name']} did not start")
+                    time.sleep(0.05)
+        writer, replica = procs
+        replica.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        stalled_sets(nodes[0]["port"])
+        seconds = time.monotonic() - t0
+        st = compare.proc_status(writer.pid)
+        replica.send_signal(signal.SIGCONT)
+        return {"peak_rss_mib": round(st.get("VmHWM", 0) / 1024, 1),
+                "rss_mib": round(st.get("VmRSS", 0) / 1024, 1), "seconds": round(seconds, 1)}
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+            p.terminate()
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def run_stalled(args, workdir: str) -> dict:
+    mc = make_target("memcached", args, STALLED_M, workdir)
+    server = mc.start()
+    try:
+        t0 = time.monotonic()
+        stalled_sets(server.port)
+        st = Sampler(server).status()
+        mc_row = {**st, "seconds": round(time.monotonic() - t0, 1)}
+    finally:
+        server.stop()
+    return {"memcached": mc_row, "kache": stalled_kache(args, workdir)}
+
+
 def run_one(target, name: str, args, trace=None) -> dict:
     server = target.start()
     try:
@@ -349,6 +429,14 @@ def main(argv=None) -> int:
         for name in args.workloads:
             if name not in WORKLOADS:
                 raise BenchError(f"unknown workload {name}")
+            if name == "stalled":
+                row = results[name] = run_stalled(args, workdir)
+                for kind in ("memcached", "kache"):
+                    r = row[kind]
+                    log(f"  stalled  {kind:10s} -m {STALLED_M}: {STALLED_SETS} x 1 MB sets"
+                        + (" with the replica stopped" if kind == "kache" else "")
+                        + f": peak RSS {r['peak_rss_mib']} MiB [{r['seconds']}s]")
+                continue
             row = results[name] = {}
             trace = None
             m = args.zipf_memory_mb if name == "zipf" else args.memory_mb
@@ -388,6 +476,14 @@ def main(argv=None) -> int:
         log(f"{'workload':<10}{'':<16}{'peak RSS/-m':>12}{'peak MiB':>10}{'RSS MiB':>9}{'items':>10}"
             f"{'items/MiB':>11}{'hit ratio':>11}")
         for name, row in results.items():
+            if name == "stalled":
+                k, mc = row["kache"], row["memcached"]
+                log(f"{'stalled':<10}{'memcached':<16}{mc['peak_rss_mib'] / STALLED_M:>12.2f}{mc['peak_rss_mib']:>10.1f}")
+                log(f"{'stalled':<10}{'kache':<16}{k['peak_rss_mib'] / STALLED_M:>12.2f}{k['peak_rss_mib']:>10.1f}")
+                goals.append((f"stalled replica: kache writer peak RSS {k['peak_rss_mib']} MiB <= -m + 64 = "
+                              f"{STALLED_M + 64} (memcached, no replica: {mc['peak_rss_mib']})",
+                              k["peak_rss_mib"] <= STALLED_M + 64, ""))
+                continue
             for kind in ("memcached", "kache", "kache_equal_rss"):
                 r = row.get(kind)
                 if not r:

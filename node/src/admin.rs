@@ -247,6 +247,12 @@ impl Collector for StatsCollector {
         )?;
         counter(
             &mut enc,
+            "read_through_skipped",
+            "Read-throughs not tried because --read-through-bytes stayed in flight for the read-through timeout.",
+            p.read_through_skipped.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut enc,
             "replication_timeouts",
             "Write batches answered before all replicas acknowledged.",
             p.replication_timeouts.load(Ordering::Relaxed),
@@ -258,6 +264,18 @@ impl Collector for StatsCollector {
                 "peer_queued",
                 "Records queued for peers.",
                 as_i64(m.queued.load(Ordering::Relaxed)),
+            )?;
+            gauge(
+                &mut enc,
+                "peer_queued_bytes",
+                "Bytes of records queued for peers (each peer's queue is bounded by --peer-queue-bytes).",
+                as_i64(m.queued_bytes.load(Ordering::Relaxed)),
+            )?;
+            counter(
+                &mut enc,
+                "peer_stalls",
+                "Times a peer acknowledged nothing for --peer-timeout-ms and was marked down, its queue dropped.",
+                m.stalls.load(Ordering::Relaxed),
             )?;
             counter(
                 &mut enc,
@@ -274,7 +292,7 @@ impl Collector for StatsCollector {
             counter(
                 &mut enc,
                 "peer_dropped",
-                "Records dropped because a peer queue was full.",
+                "Records dropped: a peer queue was full, or a stalled peer's queue was dropped.",
                 m.dropped.load(Ordering::Relaxed),
             )?;
             gauge(
@@ -347,6 +365,18 @@ impl Collector for ProxyCollector {
             "backend_errors",
             "Failed connections and exchanges with cache nodes.",
             p.backend_errors(),
+        )?;
+        counter(
+            &mut enc,
+            "node_queue_full",
+            "Requests refused (and failed over) because a node connection had --node-queue-bytes queued.",
+            p.node_queue_full(),
+        )?;
+        gauge(
+            &mut enc,
+            "node_queued_bytes",
+            "Bytes of requests queued for nodes.",
+            i64::try_from(p.node_queued_bytes()).unwrap_or(i64::MAX),
         )?;
         counter(
             &mut enc,

@@ -107,6 +107,11 @@ pub struct ProxyArgs {
     /// >= 2), other writes get `SERVER_ERROR` (their outcome is unknown).
     #[arg(long = "node-timeout-ms", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub node_timeout_ms: u64,
+
+    /// Bytes of requests queued per node connection (k/m/g suffixes); beyond, requests
+    /// are refused at once and fail over like those to an unreachable node.
+    #[arg(long = "node-queue-bytes", default_value = "4m", value_parser = parse_size)]
+    pub node_queue_bytes: usize,
 }
 
 /// What to run.
@@ -246,9 +251,40 @@ pub struct ClusterArgs {
     /// Most items per second a hand-off sends, so client traffic keeps its latency.
     #[arg(long = "handoff-rate", default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub handoff_rate: u64,
+
+    /// Bytes of records queued for each peer (k/m/g suffixes); beyond, new records for
+    /// that peer are dropped and counted (kache_peer_dropped_total).
+    #[arg(long = "peer-queue-bytes", default_value = "16m", value_parser = parse_size)]
+    pub peer_queue_bytes: usize,
+
+    /// A peer that acknowledges nothing for this long while records wait is marked down:
+    /// its queue is dropped and writes stop waiting for it until it answers again.
+    #[arg(long = "peer-timeout-ms", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub peer_timeout_ms: u64,
+
+    /// Bytes of records per hand-off or refill chunk.
+    #[arg(long = "handoff-batch-bytes", default_value = "4m", value_parser = parse_size)]
+    pub handoff_batch_bytes: usize,
+
+    /// Bytes of values read-throughs may fetch at once (one largest item each); a miss
+    /// that finds no room within the read-through timeout is not fetched.
+    #[arg(long = "read-through-bytes", default_value = "16m", value_parser = parse_size)]
+    pub read_through_bytes: usize,
 }
 
 impl ClusterArgs {
+    /// The byte bounds of peer traffic these flags set.
+    pub fn peer_limits(&self) -> crate::engine::PeerLimits {
+        crate::engine::PeerLimits {
+            link: crate::peer::link::LinkConfig {
+                queue_bytes: self.peer_queue_bytes,
+                stall_timeout: std::time::Duration::from_millis(self.peer_timeout_ms),
+            },
+            handoff_batch_bytes: self.handoff_batch_bytes,
+            read_through_bytes: self.read_through_bytes,
+        }
+    }
+
     /// Whether the node runs as part of a cluster.
     pub fn enabled(&self) -> bool {
         self.cluster.is_some() || self.members_file.is_some()
@@ -286,7 +322,7 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
     }
     .ok_or_else(|| format!("size {text:?} is too large"))?;
     if !(1024..=1024 * 1024 * 1024).contains(&bytes) {
-        return Err(format!("item size {text:?} must be between 1k and 1g"));
+        return Err(format!("size {text:?} must be between 1k and 1g"));
     }
     Ok(bytes)
 }

@@ -12,7 +12,7 @@ use bytes::{BufMut, BytesMut};
 use crate::auth::AuthFile;
 use crate::cluster::Cluster;
 use crate::peer::handoff::HandoffState;
-use crate::peer::link::Links;
+use crate::peer::link::{LinkConfig, Links};
 use crate::peer::wire::{Op, Record};
 use crate::peer::{record_of, TOMBSTONE_TTL};
 use crate::protocol::{
@@ -71,7 +71,34 @@ pub struct Engine {
     pub auth: Option<Arc<AuthFile>>,
     /// The secret peers present on the peer port (`--peer-secret-file`); empty for none.
     pub peer_secret: Arc<[u8]>,
+    /// Byte bounds of peer traffic.
+    pub peer_limits: PeerLimits,
+    /// Room for read-throughs in flight, one permit per largest item.
+    pub read_through_slots: Arc<tokio::sync::Semaphore>,
     verbosity: AtomicU32,
+}
+
+/// Byte bounds of node-to-node traffic.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerLimits {
+    /// Each outgoing link's queue and stall timeout (`--peer-queue-bytes`, `--peer-timeout-ms`).
+    pub link: LinkConfig,
+    /// Records per hand-off or refill chunk, in bytes (`--handoff-batch-bytes`).
+    pub handoff_batch_bytes: usize,
+    /// Values being fetched by read-throughs at once, in bytes (`--read-through-bytes`): a
+    /// read-through takes room for one largest item, waiting a little for it; without room
+    /// the key is a miss.
+    pub read_through_bytes: usize,
+}
+
+impl Default for PeerLimits {
+    fn default() -> Self {
+        PeerLimits {
+            link: LinkConfig::default(),
+            handoff_batch_bytes: 4 * 1024 * 1024,
+            read_through_bytes: 16 * 1024 * 1024,
+        }
+    }
 }
 
 /// Counters of the peer port.
@@ -85,6 +112,8 @@ pub struct PeerStats {
     pub replication_timeouts: AtomicU64,
     /// Misses answered by fetching the key from its previous owner during a hand-off.
     pub read_through_hits: AtomicU64,
+    /// Read-throughs not tried because `--read-through-bytes` stayed in flight too long.
+    pub read_through_skipped: AtomicU64,
 }
 
 /// Per-connection state the engine writes into: counters, and the changes to replicate.
@@ -190,17 +219,34 @@ impl Engine {
             store,
             stats: Stats::default(),
             settings,
-            links: cluster
-                .as_ref()
-                .map(|c| Arc::new(Links::new(c.node_name(), peer_secret.clone()))),
+            // Opened by `with_peer_limits`, below.
+            links: None,
             cluster,
             handoff: HandoffState::default(),
             peer_stats: PeerStats::default(),
             prefixes: PrefixStats::default(),
             auth: None,
             peer_secret,
+            peer_limits: PeerLimits::default(),
+            read_through_slots: Arc::new(tokio::sync::Semaphore::new(1)),
             verbosity: AtomicU32::new(verbosity),
         }
+        .with_peer_limits(PeerLimits::default())
+    }
+
+    /// The engine with these bounds on peer traffic (links are opened afresh).
+    pub fn with_peer_limits(mut self, limits: PeerLimits) -> Engine {
+        if let Some(cluster) = &self.cluster {
+            self.links = Some(Arc::new(Links::with_config(
+                cluster.node_name(),
+                self.peer_secret.clone(),
+                limits.link,
+            )));
+        }
+        let slots = (limits.read_through_bytes / self.settings.max_item_size.max(1)).max(1);
+        self.read_through_slots = Arc::new(tokio::sync::Semaphore::new(slots));
+        self.peer_limits = limits;
+        self
     }
 
     /// Executes one request, appending its reply to `out`.

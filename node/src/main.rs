@@ -160,7 +160,8 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
         u32::from(args.verbose),
         cluster,
         peer_secret,
-    );
+    )
+    .with_peer_limits(args.cluster.peer_limits());
     if let Some(path) = &args.auth_file {
         let auth = Arc::new(AuthFile::load(path)?);
         tokio::spawn(auth.clone().follow(shutdown_rx.clone()));
@@ -348,6 +349,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
             login,
             tls,
             reply_timeout: Some(Duration::from_millis(args.node_timeout_ms)),
+            queue_bytes: Some(args.node_queue_bytes),
             ..NodeAccess::default()
         },
     ));

@@ -144,6 +144,17 @@ async fn read_through(engine: &Engine, candidates: Vec<(Vec<u8>, Vec<kache_clust
         return;
     };
     let fetches = candidates.into_iter().map(|(key, sources)| async move {
+        // Room for the value it may bring (waiting for other fetches to finish); without
+        // room in time the key is simply a miss.
+        let room =
+            tokio::time::timeout(READ_THROUGH_TIMEOUT, engine.read_through_slots.acquire()).await;
+        let Ok(Ok(_room)) = room else {
+            engine
+                .peer_stats
+                .read_through_skipped
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
         for source in sources {
             // A peer known to be down cannot answer: asking it would only add the timeout
             // to this miss (for every miss, while it stays down).

@@ -44,8 +44,10 @@ def request(port, data, until=b"END\r\n", timeout=5.0):
 
 
 class Node:
-    def __init__(self, name, members_file, replication_factor, extra=(), host="127.0.0.1"):
+    def __init__(self, name, members_file, replication_factor, extra=(), host="127.0.0.1",
+                 memory_mb=256):
         self.name = name
+        self.memory_mb = memory_mb
         # The member's `host` in the list (what peers connect to and verify over TLS); the
         # node always listens on 127.0.0.1.
         self.host = host
@@ -64,7 +66,7 @@ class Node:
         if not NODE_BIN:
             raise RuntimeError("KACHE_NODE_BIN is not set: run the suite through `make test`")
         self.proc = subprocess.Popen(
-            [NODE_BIN, "-l", "127.0.0.1", "-p", str(self.port), "-t", "2", "-m", "256",
+            [NODE_BIN, "-l", "127.0.0.1", "-p", str(self.port), "-t", "2", "-m", str(self.memory_mb),
              "--admin-port", str(self.admin_port), "--peer-port", str(self.peer_port),
              "--members-file", self.members_file, "--node-name", self.name] + self.extra,
             # A file, not a pipe: a pipe nobody reads would block the node once full.
@@ -88,6 +90,25 @@ class Node:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
             return json.loads(r.read())
 
+    def metrics(self):
+        """The node's /metrics as {name: value} (unlabelled samples)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            parts = line.split(" ")
+            if len(parts) == 2 and not line.startswith("#"):
+                out[parts[0]] = float(parts[1])
+        return out
+
+    def status(self, field):
+        """A field of /proc/PID/status, in KiB (VmRSS, VmHWM, ...)."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise KeyError(field)
+
     @property
     def address(self):
         return f"127.0.0.1:{self.port}"
@@ -104,9 +125,9 @@ class LocalCluster:
         self.nodes = []
         self.published = []
 
-    def add_node(self, name=None, start=True, extra=(), host="127.0.0.1"):
+    def add_node(self, name=None, start=True, extra=(), host="127.0.0.1", memory_mb=256):
         node = Node(name or f"kache-{len(self.nodes)}", self.members_file,
-                    self.replication_factor, extra, host)
+                    self.replication_factor, extra, host, memory_mb)
         self.nodes.append(node)
         if start:
             node.start()

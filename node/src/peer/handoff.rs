@@ -9,6 +9,7 @@
 //!
 //! A node that restarts empty while still listed pulls back what it owns (`refill`).
 
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +27,8 @@ use crate::cluster::{Cluster, ClusterView};
 use crate::engine::Engine;
 use crate::store::{now_secs, ScanCursor};
 
-/// Items looked at per chunk (one shard lock each).
+/// Items looked at per chunk (one shard lock each); a chunk also ends once its records
+/// reach `--handoff-batch-bytes`.
 const CHUNK: usize = 256;
 /// How long a chunk waits for its acknowledgements before counting them failed.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -106,13 +108,21 @@ async fn hand_off(
                 return false;
             }
             let mut batch: Vec<(kache_cluster::Member, Record)> = Vec::new();
+            let mut batch_bytes = 0;
+            let budget = engine.peer_limits.handoff_batch_bytes;
             cursor = engine.store.scan(shard, start, CHUNK, now_secs(), |item| {
                 let key = item.key();
                 let before = previous.owners(key);
                 for owner in next.owners(key) {
                     if owner.name != me && !before.iter().any(|b| b.name == owner.name) {
+                        batch_bytes += key.len() + item.value().len();
                         batch.push((owner.clone(), record_of(item)));
                     }
+                }
+                if batch_bytes >= budget {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
                 }
             });
             if batch.is_empty() {
@@ -176,9 +186,17 @@ pub async fn stream_owned_by<W: AsyncWrite + Unpin>(
         let mut cursor = Some(ScanCursor::default());
         while let Some(start) = cursor {
             let mut records = Vec::new();
+            let mut bytes = 0;
+            let budget = engine.peer_limits.handoff_batch_bytes;
             cursor = engine.store.scan(shard, start, CHUNK, now_secs(), |item| {
                 if view.owners(item.key()).iter().any(|m| m.name == caller) {
+                    bytes += item.key().len() + item.value().len();
                     records.push(record_of(item));
+                }
+                if bytes >= budget {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
                 }
             });
             if records.is_empty() {

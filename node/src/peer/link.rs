@@ -1,16 +1,21 @@
-//! Outgoing peer connections: one task per peer, fed by a bounded queue, sending records
-//! in batches and resolving each record's acknowledgement when the peer has applied it.
+//! Outgoing peer connections: one task per peer, fed by a queue bounded in bytes, sending
+//! records in batches and resolving each record's acknowledgement when the peer has applied
+//! it.
 //!
 //! Nothing here blocks a client request: when a peer's queue is full the record is dropped
 //! and counted, and a writer waiting for an acknowledgement gives up after its own timeout.
+//! A peer that acknowledges nothing for `LinkConfig::stall_timeout` while records wait (a
+//! hung or stopped process, a partition) is marked down: its queue is dropped (counted),
+//! writers stop waiting for it, and the link reconnects with backoff. What it missed comes
+//! back through refill or hand-off, as for a peer that was unreachable.
 //!
 //! With TLS configured every link is a TLS connection (see `conn`); a link whose handshake
 //! fails is down, like one whose peer cannot be reached, and retries with backoff.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use kache_cluster::Member;
@@ -22,18 +27,49 @@ use super::conn::{self, send, ConnectError, PeerStream};
 use super::wire::{self, Decoded, Frame, Record, BATCH_BYTES, BATCH_RECORDS};
 use crate::tls::Tls;
 
-/// Records waiting per peer before new ones are dropped.
-pub const QUEUE_CAPACITY: usize = 65_536;
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Bounds of each link.
+#[derive(Clone, Copy, Debug)]
+pub struct LinkConfig {
+    /// Bytes of records (keys, values, framing) queued per peer before new ones are dropped
+    /// (`--peer-queue-bytes`).
+    pub queue_bytes: usize,
+    /// How long a peer may leave records unacknowledged before it counts as down
+    /// (`--peer-timeout-ms`).
+    pub stall_timeout: Duration,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            queue_bytes: 16 * 1024 * 1024,
+            stall_timeout: Duration::from_secs(2),
+        }
+    }
+}
 
 /// Peer traffic counters, exported on `/metrics`.
 #[derive(Debug, Default)]
 pub struct LinkMetrics {
     pub queued: AtomicU64,
+    /// Bytes queued over all links.
+    pub queued_bytes: AtomicU64,
     pub sent: AtomicU64,
     pub acked: AtomicU64,
     pub dropped: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Times a peer was marked down for acknowledging nothing for the stall timeout.
+    pub stalls: AtomicU64,
+}
+
+/// Bytes a queued message accounts for beyond its key and value: framing, bookkeeping,
+/// its acknowledgement channel.
+const MESSAGE_OVERHEAD: usize = 128;
+
+/// Bytes a queued record accounts for.
+fn record_bytes(record: &Record) -> usize {
+    record.key.len() + record.value.len() + MESSAGE_OVERHEAD
 }
 
 enum Outgoing {
@@ -41,11 +77,28 @@ enum Outgoing {
     Fetch(Vec<u8>, oneshot::Sender<Option<Record>>),
 }
 
+impl Outgoing {
+    fn bytes(&self) -> usize {
+        match self {
+            Outgoing::Record(record, _) => record_bytes(record),
+            Outgoing::Fetch(key, _) => key.len() + MESSAGE_OVERHEAD,
+        }
+    }
+}
+
+/// The sending side of one link's queue, and what the queue holds.
+#[derive(Clone)]
+struct Queue {
+    tx: mpsc::UnboundedSender<Outgoing>,
+    /// Bytes waiting in the queue.
+    bytes: Arc<AtomicUsize>,
+    /// Set while the peer cannot be reached or has stalled, until a connection works again.
+    down: Arc<AtomicBool>,
+}
+
 struct Link {
     addr: (String, u16),
-    tx: mpsc::Sender<Outgoing>,
-    /// Set once a connection attempt to the peer failed, until one succeeds again.
-    down: Arc<AtomicBool>,
+    queue: Queue,
 }
 
 /// All outgoing links of this node.
@@ -56,16 +109,26 @@ pub struct Links {
     /// Set (once, at start-up) when peers are reached over TLS.
     tls: Arc<OnceLock<Arc<Tls>>>,
     links: Mutex<HashMap<String, Link>>,
+    config: LinkConfig,
     pub metrics: Arc<LinkMetrics>,
 }
 
 impl Links {
     pub fn new(node_name: impl Into<String>, secret: Arc<[u8]>) -> Links {
+        Self::with_config(node_name, secret, LinkConfig::default())
+    }
+
+    pub fn with_config(
+        node_name: impl Into<String>,
+        secret: Arc<[u8]>,
+        config: LinkConfig,
+    ) -> Links {
         Links {
             node_name: node_name.into(),
             secret,
             tls: Arc::new(OnceLock::new()),
             links: Mutex::new(HashMap::new()),
+            config,
             metrics: Arc::new(LinkMetrics::default()),
         }
     }
@@ -87,65 +150,74 @@ impl Links {
         conn::connect(self.tls.get().map(|t| &**t), &member.host, member.peer_port).await
     }
 
-    fn sender(&self, member: &Member) -> (mpsc::Sender<Outgoing>, Arc<AtomicBool>) {
+    fn queue(&self, member: &Member) -> Queue {
         let addr = (member.host.clone(), member.peer_port);
         let mut links = self.links.lock();
         if let Some(link) = links.get(&member.name) {
-            if link.addr == addr && !link.tx.is_closed() {
-                return (link.tx.clone(), link.down.clone());
+            if link.addr == addr && !link.queue.tx.is_closed() {
+                return link.queue.clone();
             }
         }
-        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let down = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queue = Queue {
+            tx,
+            bytes: Arc::new(AtomicUsize::new(0)),
+            down: Arc::new(AtomicBool::new(false)),
+        };
         tokio::spawn(run(
             addr.clone(),
             self.node_name.clone(),
             rx,
+            queue.clone(),
             self.metrics.clone(),
-            down.clone(),
             self.secret.clone(),
             self.tls.clone(),
+            self.config,
         ));
         let link = Link {
             addr,
-            tx: tx.clone(),
-            down: down.clone(),
+            queue: queue.clone(),
         };
         links.insert(member.name.clone(), link);
-        (tx, down)
+        queue
     }
 
-    /// Whether the last attempt to reach `member` failed (a new link is presumed up).
+    /// Whether the peer is down: the last attempt to reach it failed, or it stalled (a new
+    /// link is presumed up).
     pub fn is_down(&self, member: &Member) -> bool {
-        self.sender(member).1.load(Relaxed)
+        self.queue(member).down.load(Relaxed)
+    }
+
+    /// Queues `message` unless that would take the peer's queue past its byte budget.
+    fn enqueue(&self, member: &Member, message: Outgoing) -> bool {
+        let queue = self.queue(member);
+        let size = message.bytes();
+        let before = queue.bytes.fetch_add(size, Relaxed);
+        if before + size > self.config.queue_bytes || queue.tx.send(message).is_err() {
+            queue.bytes.fetch_sub(size, Relaxed);
+            return false;
+        }
+        self.metrics.queued_bytes.fetch_add(size as u64, Relaxed);
+        true
     }
 
     /// Queues `record` for `member`. With `ack`, the sender learns when it was applied.
     /// Returns false (and counts a drop) when the peer's queue is full.
     pub fn send(&self, member: &Member, record: Record, ack: Option<oneshot::Sender<()>>) -> bool {
-        match self
-            .sender(member)
-            .0
-            .try_send(Outgoing::Record(record, ack))
-        {
-            Ok(()) => {
-                self.metrics.queued.fetch_add(1, Relaxed);
-                true
-            }
-            Err(_) => {
-                self.metrics.dropped.fetch_add(1, Relaxed);
-                false
-            }
+        if self.enqueue(member, Outgoing::Record(record, ack)) {
+            self.metrics.queued.fetch_add(1, Relaxed);
+            true
+        } else {
+            self.metrics.dropped.fetch_add(1, Relaxed);
+            false
         }
     }
 
     /// Asks `member` for its copy of `key`.
     pub fn fetch(&self, member: &Member, key: &[u8]) -> oneshot::Receiver<Option<Record>> {
         let (tx, rx) = oneshot::channel();
-        let _ = self
-            .sender(member)
-            .0
-            .try_send(Outgoing::Fetch(key.to_vec(), tx));
+        // A full queue drops the request, and with it `tx`: the caller sees a miss.
+        self.enqueue(member, Outgoing::Fetch(key.to_vec(), tx));
         rx
     }
 
@@ -161,18 +233,79 @@ impl Links {
 struct Pending {
     acks: HashMap<u64, Vec<oneshot::Sender<()>>>,
     fetches: HashMap<u64, oneshot::Sender<Option<Record>>>,
+    /// When the peer last showed progress: a frame from it, or the first batch sent while
+    /// nothing was outstanding.
+    progress: Option<Instant>,
+}
+
+impl Pending {
+    fn outstanding(&self) -> bool {
+        !self.acks.is_empty() || !self.fetches.is_empty()
+    }
+
+    /// Whether records (or fetches) have waited longer than `timeout` without a word from
+    /// the peer.
+    fn stalled(&self, timeout: Duration) -> bool {
+        self.outstanding() && self.progress.is_some_and(|at| at.elapsed() > timeout)
+    }
+}
+
+/// Takes a message off the queue, releasing its bytes.
+fn dequeued(message: Outgoing, queue: &Queue, metrics: &LinkMetrics) -> Outgoing {
+    let size = message.bytes();
+    queue
+        .bytes
+        .fetch_sub(size.min(queue.bytes.load(Relaxed)), Relaxed);
+    metrics.queued_bytes.fetch_sub(
+        (size as u64).min(metrics.queued_bytes.load(Relaxed)),
+        Relaxed,
+    );
+    message
+}
+
+/// Drops everything queued for a stalled peer (waiting writers see their acknowledgement
+/// fail at once). Returns how many records went.
+fn drop_queue(
+    rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+    queue: &Queue,
+    metrics: &LinkMetrics,
+) -> u64 {
+    let mut dropped = 0;
+    while let Ok(message) = rx.try_recv() {
+        if let Outgoing::Record(..) = dequeued(message, queue, metrics) {
+            dropped += 1;
+        }
+    }
+    metrics.dropped.fetch_add(dropped, Relaxed);
+    metrics
+        .queued
+        .fetch_sub(dropped.min(metrics.queued.load(Relaxed)), Relaxed);
+    dropped
+}
+
+/// How a connection ended.
+enum Ended {
+    /// The peer left the member list.
+    Closed,
+    /// The connection failed: reconnect.
+    Broken,
+    /// The peer stopped acknowledging: mark it down, drop its queue, reconnect.
+    Stalled,
 }
 
 /// Drives one link until its queue is closed (the peer left the member list).
+#[allow(clippy::too_many_arguments)]
 async fn run(
     addr: (String, u16),
     node_name: String,
-    mut rx: mpsc::Receiver<Outgoing>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    queue: Queue,
     metrics: Arc<LinkMetrics>,
-    down: Arc<AtomicBool>,
     secret: Arc<[u8]>,
     tls: Arc<OnceLock<Arc<Tls>>>,
+    config: LinkConfig,
 ) {
+    let down = queue.down.clone();
     let mut backoff = Duration::from_millis(50);
     let mut seq: u64 = 0;
     // A message taken from the queue but not yet sent when the connection broke.
@@ -216,95 +349,169 @@ async fn run(
         };
         backoff = Duration::from_millis(50);
         down.store(false, Relaxed);
-        let (mut reader, mut writer) = tokio::io::split(stream);
-        let pending = Arc::new(Mutex::new(Pending::default()));
-        let reader_task = {
-            let pending = pending.clone();
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                let mut buf = BytesMut::with_capacity(4096);
-                loop {
-                    match wire::decode(&buf) {
-                        Ok(Decoded::Frame(frame, used)) => {
-                            bytes::Buf::advance(&mut buf, used);
-                            match frame {
-                                Frame::Ack { seq } => {
-                                    let waiters = pending.lock().acks.remove(&seq);
-                                    for w in waiters.into_iter().flatten() {
-                                        metrics.acked.fetch_add(1, Relaxed);
-                                        let _ = w.send(());
-                                    }
-                                }
-                                Frame::Fetched { seq, record } => {
-                                    if let Some(w) = pending.lock().fetches.remove(&seq) {
-                                        let _ = w.send(record);
-                                    }
-                                }
-                                _ => return,
-                            }
-                            continue;
-                        }
-                        Ok(Decoded::Incomplete) => {}
-                        Err(_) => return,
-                    }
-                    match reader.read_buf(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {}
-                    }
-                }
-            })
-        };
-        let mut out = BytesMut::with_capacity(64 * 1024);
-        let mut broken = false;
-        while !broken {
-            let first = match carry.take() {
-                Some(m) => m,
-                None => match rx.recv().await {
-                    Some(m) => m,
-                    None => {
-                        // The peer left the member list: hang up properly.
-                        reader_task.abort();
-                        conn::close(&mut writer).await;
-                        return;
-                    }
-                },
-            };
-            out.clear();
-            let mut records = Vec::new();
-            let mut acks = Vec::new();
-            let mut bytes = 0;
-            let mut next = Some(first);
-            while let Some(message) = next.take() {
-                match message {
-                    Outgoing::Record(record, ack) => {
-                        bytes += record.key.len() + record.value.len() + 32;
-                        records.push(record);
-                        acks.extend(ack);
-                    }
-                    Outgoing::Fetch(key, reply) => {
-                        seq += 1;
-                        pending.lock().fetches.insert(seq, reply);
-                        wire::encode(&Frame::Fetch { seq, key }, &mut out);
-                    }
-                }
-                if records.len() < BATCH_RECORDS && bytes < BATCH_BYTES {
-                    next = rx.try_recv().ok();
-                }
+        let ended = serve(
+            stream, &mut rx, &queue, &metrics, &mut seq, &mut carry, config,
+        )
+        .await;
+        match ended {
+            Ended::Closed => return,
+            Ended::Broken => {
+                metrics.reconnects.fetch_add(1, Relaxed);
+                tracing::debug!(peer = %addr.0, port = addr.1, "peer link broken; reconnecting");
             }
-            if !records.is_empty() {
-                seq += 1;
-                let count = records.len() as u64;
-                pending.lock().acks.insert(seq, acks);
-                wire::encode(&Frame::Records { seq, records }, &mut out);
-                metrics.sent.fetch_add(count, Relaxed);
-                metrics
-                    .queued
-                    .fetch_sub(count.min(metrics.queued.load(Relaxed)), Relaxed);
+            Ended::Stalled => {
+                down.store(true, Relaxed);
+                carry = None;
+                let dropped = drop_queue(&mut rx, &queue, &metrics);
+                metrics.stalls.fetch_add(1, Relaxed);
+                metrics.reconnects.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    peer = %addr.0,
+                    port = addr.1,
+                    timeout_ms = config.stall_timeout.as_millis() as u64,
+                    dropped,
+                    "peer acknowledges nothing: marked down, its queue dropped"
+                );
+                last_error = None;
             }
-            broken = send(&mut writer, &out).await.is_err() || reader_task.is_finished();
         }
-        reader_task.abort();
-        metrics.reconnects.fetch_add(1, Relaxed);
-        tracing::debug!(peer = %addr.0, port = addr.1, "peer link broken; reconnecting");
     }
+}
+
+/// Sends queued messages over one connection until it breaks, stalls or the queue closes.
+async fn serve(
+    stream: PeerStream,
+    rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+    queue: &Queue,
+    metrics: &Arc<LinkMetrics>,
+    seq: &mut u64,
+    carry: &mut Option<Outgoing>,
+    config: LinkConfig,
+) -> Ended {
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let pending = Arc::new(Mutex::new(Pending::default()));
+    let reader_task = {
+        let pending = pending.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = BytesMut::with_capacity(4096);
+            loop {
+                match wire::decode(&buf) {
+                    Ok(Decoded::Frame(frame, used)) => {
+                        bytes::Buf::advance(&mut buf, used);
+                        let mut pending = pending.lock();
+                        pending.progress = Some(Instant::now());
+                        match frame {
+                            Frame::Ack { seq } => {
+                                for w in pending.acks.remove(&seq).into_iter().flatten() {
+                                    metrics.acked.fetch_add(1, Relaxed);
+                                    let _ = w.send(());
+                                }
+                            }
+                            Frame::Fetched { seq, record } => {
+                                if let Some(w) = pending.fetches.remove(&seq) {
+                                    let _ = w.send(record);
+                                }
+                            }
+                            _ => return,
+                        }
+                        continue;
+                    }
+                    Ok(Decoded::Incomplete) => {}
+                    Err(_) => return,
+                }
+                match reader.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+    };
+    // How often a link with records outstanding checks that the peer still answers.
+    let check = (config.stall_timeout / 4).max(Duration::from_millis(10));
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    let ended = loop {
+        let first = match carry.take() {
+            Some(m) => m,
+            None => {
+                let outstanding = pending.lock().outstanding();
+                tokio::select! {
+                    m = rx.recv() => match m {
+                        Some(m) => dequeued(m, queue, metrics),
+                        None => {
+                            // The peer left the member list: hang up properly.
+                            reader_task.abort();
+                            conn::close(&mut writer).await;
+                            return Ended::Closed;
+                        }
+                    },
+                    _ = tokio::time::sleep(check), if outstanding => {
+                        if pending.lock().stalled(config.stall_timeout) {
+                            break Ended::Stalled;
+                        }
+                        if reader_task.is_finished() {
+                            break Ended::Broken;
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        out.clear();
+        let mut records = Vec::new();
+        let mut acks = Vec::new();
+        let mut bytes = 0;
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            match message {
+                Outgoing::Record(record, ack) => {
+                    bytes += record_bytes(&record);
+                    records.push(record);
+                    acks.extend(ack);
+                }
+                Outgoing::Fetch(key, reply) => {
+                    *seq += 1;
+                    let mut p = pending.lock();
+                    if !p.outstanding() {
+                        p.progress = Some(Instant::now());
+                    }
+                    p.fetches.insert(*seq, reply);
+                    drop(p);
+                    wire::encode(&Frame::Fetch { seq: *seq, key }, &mut out);
+                }
+            }
+            if records.len() < BATCH_RECORDS && bytes < BATCH_BYTES {
+                next = rx.try_recv().ok().map(|m| dequeued(m, queue, metrics));
+            }
+        }
+        if !records.is_empty() {
+            *seq += 1;
+            let count = records.len() as u64;
+            let mut p = pending.lock();
+            if !p.outstanding() {
+                p.progress = Some(Instant::now());
+            }
+            p.acks.insert(*seq, acks);
+            drop(p);
+            wire::encode(&Frame::Records { seq: *seq, records }, &mut out);
+            metrics.sent.fetch_add(count, Relaxed);
+            metrics
+                .queued
+                .fetch_sub(count.min(metrics.queued.load(Relaxed)), Relaxed);
+        }
+        // A peer that stopped reading blocks this write once the socket buffers are full.
+        match tokio::time::timeout(config.stall_timeout, send(&mut writer, &out)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break Ended::Broken,
+            Err(_) => break Ended::Stalled,
+        }
+        if pending.lock().stalled(config.stall_timeout) {
+            break Ended::Stalled;
+        }
+        if reader_task.is_finished() {
+            break Ended::Broken;
+        }
+    };
+    reader_task.abort();
+    ended
 }

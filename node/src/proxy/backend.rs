@@ -7,7 +7,7 @@
 //! clients the proxy has, as twemproxy does.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,8 +33,10 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Largest reply buffered from a node (values are bounded by the item size limit).
 const MAX_REPLY_BUFFER: usize = 64 * 1024 * 1024;
-/// Requests queued per connection before senders wait.
-const QUEUE: usize = 4096;
+/// Bytes of requests queued per node connection by default (`--node-queue-bytes`).
+pub const DEFAULT_QUEUE_BYTES: usize = 4 * 1024 * 1024;
+/// Bytes a queued request accounts for beyond its own: its bookkeeping and reply channel.
+const REQUEST_OVERHEAD: usize = 128;
 /// Bytes gathered into one write.
 const MAX_WRITE: usize = 256 * 1024;
 
@@ -91,11 +93,53 @@ pub struct NodeAccess {
     /// How long a node may take to answer a request before the proxy counts it as down
     /// (its requests then fail over); `None`: `DEFAULT_REPLY_TIMEOUT`.
     pub reply_timeout: Option<Duration>,
+    /// Bytes of requests queued per node connection; `None`: `DEFAULT_QUEUE_BYTES`.
+    pub queue_bytes: Option<usize>,
+    /// Requests refused because their connection's queue was full.
+    pub queue_full: AtomicU64,
+    /// Bytes queued over every connection.
+    pub queued_bytes: AtomicU64,
 }
 
 impl NodeAccess {
     fn reply_timeout(&self) -> Duration {
         self.reply_timeout.unwrap_or(DEFAULT_REPLY_TIMEOUT)
+    }
+
+    fn queue_bytes(&self) -> usize {
+        self.queue_bytes.unwrap_or(DEFAULT_QUEUE_BYTES)
+    }
+}
+
+/// The sending side of one connection's queue, and the bytes waiting in it.
+struct Lane {
+    tx: mpsc::UnboundedSender<Request>,
+    bytes: Arc<AtomicUsize>,
+}
+
+/// The receiving side, releasing each request's bytes as it is taken.
+struct LaneRx {
+    rx: mpsc::UnboundedReceiver<Request>,
+    bytes: Arc<AtomicUsize>,
+    access: Arc<NodeAccess>,
+}
+
+impl LaneRx {
+    fn taken(&self, request: Request) -> Request {
+        let size = request.bytes.len() + REQUEST_OVERHEAD;
+        self.bytes.fetch_sub(size, Relaxed);
+        self.access.queued_bytes.fetch_sub(size as u64, Relaxed);
+        request
+    }
+
+    async fn recv(&mut self) -> Option<Request> {
+        let request = self.rx.recv().await?;
+        Some(self.taken(request))
+    }
+
+    fn try_recv(&mut self) -> Option<Request> {
+        let request = self.rx.try_recv().ok()?;
+        Some(self.taken(request))
     }
 }
 
@@ -105,7 +149,7 @@ pub struct Backend {
     host: String,
     port: u16,
     access: Arc<NodeAccess>,
-    lanes: Vec<mpsc::Sender<Request>>,
+    lanes: Vec<Lane>,
     down_until: Mutex<Option<Instant>>,
     backoff: Mutex<Duration>,
 }
@@ -121,9 +165,14 @@ impl Backend {
         let mut receivers = Vec::new();
         let lanes = (0..connections.max(1))
             .map(|_| {
-                let (tx, rx) = mpsc::channel(QUEUE);
-                receivers.push(rx);
-                tx
+                let (tx, rx) = mpsc::unbounded_channel();
+                let bytes = Arc::new(AtomicUsize::new(0));
+                receivers.push(LaneRx {
+                    rx,
+                    bytes: bytes.clone(),
+                    access: access.clone(),
+                });
+                Lane { tx, bytes }
             })
             .collect();
         let backend = std::sync::Arc::new(Backend {
@@ -162,10 +211,11 @@ impl Backend {
     }
 
     /// Queues one request on connection `lane` (taken modulo the pool size: callers pass
-    /// a number of their own, so their requests keep their order). A full queue (4096
-    /// requests waiting on one connection) means the node is not keeping up: the request is
-    /// refused at once, unwritten. The receiver yields the reply: the connection answers
-    /// every request it takes, within about the reply timeout.
+    /// a number of their own, so their requests keep their order). A full queue (more than
+    /// `--node-queue-bytes` waiting on one connection; a lone request always fits) means the
+    /// node is not keeping up: the request is refused at once, unwritten. The receiver
+    /// yields the reply: the connection answers every request it takes, within about the
+    /// reply timeout.
     pub fn enqueue(
         &self,
         lane: usize,
@@ -174,18 +224,27 @@ impl Backend {
         retry_safe: bool,
     ) -> Result<oneshot::Receiver<Result<Bytes, ExchangeError>>, ExchangeError> {
         let (tx, rx) = oneshot::channel();
+        let size = bytes.len() + REQUEST_OVERHEAD;
         let request = Request {
             bytes,
             kind,
             retry_safe,
             reply: tx,
         };
-        self.lanes[lane % self.lanes.len()]
-            .try_send(request)
-            .map_err(|_| {
-                self.count_error();
-                ExchangeError::Unreachable
-            })?;
+        let lane = &self.lanes[lane % self.lanes.len()];
+        let before = lane.bytes.fetch_add(size, Relaxed);
+        if before > 0 && before + size > self.access.queue_bytes() {
+            lane.bytes.fetch_sub(size, Relaxed);
+            self.access.queue_full.fetch_add(1, Relaxed);
+            self.count_error();
+            return Err(ExchangeError::Unreachable);
+        }
+        if lane.tx.send(request).is_err() {
+            lane.bytes.fetch_sub(size, Relaxed);
+            self.count_error();
+            return Err(ExchangeError::Unreachable);
+        }
+        self.access.queued_bytes.fetch_add(size as u64, Relaxed);
         Ok(rx)
     }
 
@@ -220,8 +279,8 @@ pub async fn await_reply(
 }
 
 /// Fails every request still queued on a connection, unwritten: they may go to a replica.
-fn fail_queued(rx: &mut mpsc::Receiver<Request>) {
-    while let Ok(r) = rx.try_recv() {
+fn fail_queued(rx: &mut LaneRx) {
+    while let Some(r) = rx.try_recv() {
         let _ = r.reply.send(Err(ExchangeError::Unreachable));
     }
 }
@@ -232,7 +291,7 @@ fn fail_queued(rx: &mut mpsc::Receiver<Request>) {
 /// `Unreachable`, so the proxy can fail over (in order: nothing queued behind a failed
 /// request runs on the node before it), and the node counts as down for a backoff period
 /// that grows until a new connection gets a reply.
-async fn lane(backend: std::sync::Weak<Backend>, mut rx: mpsc::Receiver<Request>) {
+async fn lane(backend: std::sync::Weak<Backend>, mut rx: LaneRx) {
     loop {
         let Some(request) = rx.recv().await else {
             return;
@@ -371,7 +430,7 @@ enum Ended {
 async fn serve_connection(
     stream: NodeStream,
     first: Request,
-    rx: &mut mpsc::Receiver<Request>,
+    rx: &mut LaneRx,
     timeout: Duration,
     backend: &std::sync::Weak<Backend>,
 ) -> Ended {
@@ -407,7 +466,7 @@ async fn drive<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     mut reader: R,
     mut writer: W,
     first: Request,
-    rx: &mut mpsc::Receiver<Request>,
+    rx: &mut LaneRx,
     timeout: Duration,
     backend: &std::sync::Weak<Backend>,
 ) -> Ended {
@@ -500,8 +559,8 @@ async fn drive<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     queue_write(request, &mut out, &mut inflight);
                     while out.len() < MAX_WRITE {
                         match rx.try_recv() {
-                            Ok(r) => queue_write(r, &mut out, &mut inflight),
-                            Err(_) => break,
+                            Some(r) => queue_write(r, &mut out, &mut inflight),
+                            None => break,
                         }
                     }
                 }
@@ -515,5 +574,44 @@ async fn drive<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 timer.as_mut().reset(tokio::time::Instant::from_std(due));
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_node_queue_is_bounded_in_bytes() {
+        // A node that accepts and then never reads: what the proxy queues for it is bounded.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let _hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let access = Arc::new(NodeAccess {
+            queue_bytes: Some(4 * 1024 * 1024),
+            reply_timeout: Some(Duration::from_secs(30)),
+            ..NodeAccess::default()
+        });
+        let backend = Backend::new("127.0.0.1", port, 1, access.clone());
+        let value = Bytes::from(vec![b'v'; 1024 * 1024]);
+        let mut refused = 0;
+        let mut replies = Vec::new();
+        for _ in 0..16 {
+            match backend.enqueue(0, value.clone(), ReplyKind::Line, true) {
+                Ok(rx) => replies.push(rx),
+                Err(e) => {
+                    assert_eq!(e, ExchangeError::Unreachable);
+                    refused += 1;
+                }
+            }
+        }
+        assert!(refused >= 12, "only {refused} of 16 refused");
+        assert_eq!(access.queue_full.load(Relaxed), refused);
+        assert!(access.queued_bytes.load(Relaxed) <= 4 * 1024 * 1024 + 2 * REQUEST_OVERHEAD as u64);
     }
 }

@@ -215,6 +215,16 @@ impl Proxy {
         self.access.errors.load(Relaxed)
     }
 
+    /// Requests refused because their node connection's queue was full (for metrics).
+    pub fn node_queue_full(&self) -> u64 {
+        self.access.queue_full.load(Relaxed)
+    }
+
+    /// Bytes of requests queued for nodes now (for metrics).
+    pub fn node_queued_bytes(&self) -> u64 {
+        self.access.queued_bytes.load(Relaxed)
+    }
+
     /// Accepts clients until `shutdown`, then lets open connections finish for `drain`.
     pub async fn serve(
         self: Arc<Self>,

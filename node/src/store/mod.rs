@@ -21,6 +21,7 @@ mod segment;
 mod shard;
 mod version;
 
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -400,17 +401,18 @@ impl Store {
             .sum()
     }
 
-    /// Calls `f` with up to `max` live items of shard `shard` from `cursor` on (start with
-    /// `ScanCursor::default()`), under the shard's lock only. Returns where to continue,
-    /// or `None` once the shard is done. Items moved by a merge between two calls may be
-    /// seen twice or not at all.
+    /// Calls `f` with the live items of shard `shard` from `cursor` on (start with
+    /// `ScanCursor::default()`), looking at no more than `max` records and stopping after
+    /// an item for which `f` breaks, under the shard's lock only. Returns where to
+    /// continue, or `None` once the shard is done. Items moved by a merge between two
+    /// calls may be seen twice or not at all.
     pub fn scan(
         &self,
         shard: usize,
         cursor: ScanCursor,
         max: usize,
         now: u32,
-        f: impl FnMut(ItemRef<'_>),
+        f: impl FnMut(ItemRef<'_>) -> ControlFlow<()>,
     ) -> Option<ScanCursor> {
         self.shared
             .shards

@@ -7,6 +7,7 @@
 //! other way round, and other shards are only ever `try_lock`ed.
 
 use std::collections::VecDeque;
+use std::ops::ControlFlow;
 
 use hashbrown::HashTable;
 
@@ -823,13 +824,14 @@ impl Shard {
         (self.counters.reclaimed - before) as usize
     }
 
-    /// Calls `f` with up to `max` live items from `cursor` on; returns where to go on.
+    /// Calls `f` with the live items from `cursor` on, looking at up to `max` records and
+    /// stopping early when `f` breaks; returns where to go on.
     pub fn scan(
         &self,
         cursor: ScanCursor,
         max: usize,
         now: u32,
-        mut f: impl FnMut(ItemRef<'_>),
+        mut f: impl FnMut(ItemRef<'_>) -> ControlFlow<()>,
     ) -> Option<ScanCursor> {
         let mut slot = cursor.slot as usize;
         let mut offset = if self.gens.get(slot) == Some(&cursor.generation) {
@@ -849,8 +851,10 @@ impl Shard {
                         });
                     }
                     looked += 1;
-                    if !it.has(bits::DEAD) && !it.has(bits::TOMBSTONE) && !it.is_expired(now) {
-                        f(it);
+                    let live = !it.has(bits::DEAD) && !it.has(bits::TOMBSTONE);
+                    if live && !it.is_expired(now) && f(it).is_break() {
+                        // Go on after this record (or stop: nothing may follow).
+                        looked = max;
                     }
                 }
             }

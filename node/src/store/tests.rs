@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 
+use std::ops::ControlFlow;
+
 use proptest::prelude::*;
 
 use super::*;
@@ -242,10 +244,26 @@ fn scan_visits_every_live_item_once_in_chunks() {
     for shard in 0..s.shard_count() {
         let mut cursor = Some(ScanCursor::default());
         while let Some(at) = cursor {
-            cursor = s.scan(shard, at, 100, 10, |it| seen.push(it.key().to_vec()));
+            cursor = s.scan(shard, at, 100, 10, |it| {
+                seen.push(it.key().to_vec());
+                ControlFlow::Continue(())
+            });
         }
     }
     seen.sort();
+    // Stopping early resumes after the item it stopped at.
+    let mut halted = Vec::new();
+    for shard in 0..s.shard_count() {
+        let mut cursor = Some(ScanCursor::default());
+        while let Some(at) = cursor {
+            cursor = s.scan(shard, at, 100, 10, |it| {
+                halted.push(it.key().to_vec());
+                ControlFlow::Break(())
+            });
+        }
+    }
+    halted.sort();
+    assert_eq!(halted, seen);
     let mut want: Vec<Vec<u8>> = (0..3000u32)
         .filter(|&i| i != 7)
         .map(|i| format!("k{i}").into_bytes())
