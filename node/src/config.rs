@@ -170,6 +170,13 @@ pub struct ServeArgs {
     #[arg(short = 'v', action = clap::ArgAction::Count)]
     pub verbose: u8,
 
+    /// Keep the item memory in this file (memcached's -e; e.g. on tmpfs) so that a
+    /// restarted node serves what it held: after SIGTERM everything, after a crash what was
+    /// written. A file that is truncated, corrupt, not kache's or made for another -m/-I is
+    /// discarded (logged) and the node starts empty.
+    #[arg(short = 'e', long = "memory-file")]
+    pub memory_file: Option<std::path::PathBuf>,
+
     /// Port of the admin HTTP endpoint (/metrics, /healthz, /readyz); 0 disables it.
     #[arg(long = "admin-port", default_value_t = 11280)]
     pub admin_port: u16,

@@ -109,12 +109,16 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
     } else {
         None
     };
-    let store = Store::new(StoreConfig {
+    let store_config = StoreConfig {
         memory_limit: args.memory_limit_bytes(),
         max_item_size: args.max_item_size,
         max_shards: (threads * 4).next_power_of_two(),
         node_id: kache_node::store::node_id(&args.cluster.node_name()),
-    });
+    };
+    let store = match &args.memory_file {
+        Some(path) => Store::open(store_config, path).map_err(|e| e.to_string())?,
+        None => Store::new(store_config),
+    };
     let settings = Settings {
         port: args.port,
         listen: args.listen.clone(),
@@ -255,6 +259,7 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
         }
         _ => readiness.set(true),
     }
+    let store_owner = engine.clone();
     server::serve(
         listener,
         engine,
@@ -267,6 +272,17 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
     .await;
     sweeper_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = sweeper.join();
+    if store_owner.store.is_persistent() {
+        // The file is sealed with every shard locked, and the process ends before anything
+        // (a peer's record, a late task) could change it again.
+        store_owner.store.persist_then(|result| {
+            match result {
+                Ok(_) => tracing::info!("memory file closed cleanly: a restart serves every item"),
+                Err(error) => tracing::error!(%error, "memory file could not be closed cleanly"),
+            }
+            std::process::exit(0)
+        });
+    }
     Ok(())
 }
 

@@ -11,29 +11,6 @@ mod common;
 
 use common::Node;
 
-impl Node {
-    fn terminate(&mut self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
 /// Reads until `expected_len` bytes arrived or the peer closed.
 fn read_exact_len(s: &mut TcpStream, expected_len: usize) -> Vec<u8> {
     let mut out = vec![0u8; 0];

@@ -228,6 +228,35 @@ pub struct CacheClusterSpec {
     /// `enabled: false`: none (an existing one is deleted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_policy: Option<NetworkPolicyConfig>,
+
+    /// A restartable cache: each node keeps its items in a file on an
+    /// in-memory `emptyDir` (kache-node `--memory-file`), so a node container
+    /// that crashes or is OOM-killed restarts with what it held. The file's
+    /// pages are the cache memory itself, charged to the pod's memory like
+    /// heap memory (not in addition to it). A new pod (rollout, rescheduling)
+    /// starts empty and refills from its peers. Default: enabled.
+    #[serde(default)]
+    pub persistence: PersistenceConfig,
+}
+
+/// Restartable-cache settings.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PersistenceConfig {
+    /// Keep the items in a memory-backed `emptyDir` file across container
+    /// restarts. false: items live in the process only.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for PersistenceConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
 }
 
 /// TLS settings. The Secret is mounted into the pods by name (the operator
@@ -372,6 +401,7 @@ impl Default for CacheClusterSpec {
             auth: None,
             peer_auth: None,
             network_policy: None,
+            persistence: PersistenceConfig::default(),
         }
     }
 }
@@ -545,6 +575,7 @@ const MANAGED_FLAGS: &[(&str, &str)] = &[
     ("--peer-tls-ca", ""),
     ("--auth-file", "-Y"),
     ("--peer-secret-file", ""),
+    ("--memory-file", "-e"),
 ];
 
 /// Whether `s` is a valid object name (an RFC 1123 DNS subdomain), as

@@ -15,23 +15,28 @@
 //! the hash tables' memory, so `-m` bounds segments and tables together.
 
 mod item;
+mod mapping;
 mod memory;
+mod persist;
 mod pool;
 mod segment;
 mod shard;
 mod version;
 
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
 pub use item::{bits, record_len, ItemMeta, ItemMut, ItemRef, NewItem};
+pub use persist::{Discard, OpenError};
 pub use pool::PoolStats;
 pub use version::{node_id, VersionClock};
 
+use mapping::Region;
 use pool::Pool;
 use shard::{Geometry, Shard};
 
@@ -150,6 +155,10 @@ struct Shared {
     versions: VersionClock,
     /// Unix second from which items last touched before it count as flushed (0 = none).
     flush_at: AtomicU32,
+    /// Orders segments within their chains in the `-e` file.
+    order: AtomicU64,
+    /// The `-e` file's header, when segments live in one.
+    header: Option<Mutex<Region>>,
 }
 
 impl Shared {
@@ -159,6 +168,10 @@ impl Shared {
 
     fn flush_at(&self) -> u32 {
         self.flush_at.load(Ordering::Relaxed)
+    }
+
+    fn next_order(&self) -> u64 {
+        self.order.fetch_add(1, Ordering::Relaxed)
     }
 
     /// The TTL bucket a record expiring at `exptime` is appended to.
@@ -308,13 +321,105 @@ pub struct Store {
 }
 
 impl Store {
+    /// A store whose segments are allocated from the heap as they are first needed.
     pub fn new(config: StoreConfig) -> Store {
         let segment_size = config.segment_size();
+        let shards = Self::shards_for(&config, segment_size);
+        Self::build(
+            config,
+            segment_size,
+            shards,
+            Pool::new(segment_size, config.memory_limit),
+            ahash::RandomState::new(),
+            None,
+        )
+    }
+
+    /// A store whose segments live in the file at `path` (memcached's `-e`): the items a
+    /// previous run left there are served again if the file is whole and was made for the
+    /// same `-m` and `-I`; otherwise (logged) the file is started afresh.
+    pub fn open(config: StoreConfig, path: &Path) -> Result<Store, OpenError> {
+        // Segments are whole pages, so their pages can be given back one by one.
+        let segment_size = config.segment_size().max(4096);
+        let geometry = persist::FileGeometry {
+            segment_size,
+            segment_count: config.memory_limit / segment_size,
+        };
+        let shards = Self::shards_for(&config, segment_size);
+        let opened = persist::open(path, geometry, shards)?;
+        let header = opened.header;
+        let mut per_shard: Vec<Vec<(memory::SegBuf, persist::Entry)>> =
+            (0..header.shards).map(|_| Vec::new()).collect();
+        let mut free = Vec::new();
+        for seg in opened.segments {
+            let entry = seg.entry().map(persist::read_entry);
+            match entry {
+                Some(e) if opened.recovered && e.used => per_shard[e.shard as usize].push((seg, e)),
+                _ => free.push(seg),
+            }
+        }
+        let in_use = per_shard.iter().map(Vec::len).sum();
+        let pool = Pool::with_segments(segment_size, config.memory_limit, free, in_use, false);
+        let [k0, k1, k2, k3] = header.seeds;
+        let hasher = ahash::RandomState::with_seeds(k0, k1, k2, k3);
+        let store = Self::build(
+            config,
+            segment_size,
+            header.shards,
+            pool,
+            hasher,
+            Some(opened.header_region),
+        );
+        store
+            .shared
+            .flush_at
+            .store(header.flush_at, Ordering::Relaxed);
+        store.shared.order.store(header.order, Ordering::Relaxed);
+        let now = now_secs();
+        for (i, segments) in per_shard.into_iter().enumerate() {
+            if !segments.is_empty() {
+                store.shared.shards[i]
+                    .lock()
+                    .restore(segments, now, &store.shared);
+            }
+        }
+        if let Some(h) = &store.shared.header {
+            persist::mark_running(
+                &mut h.lock(),
+                header.flush_at,
+                store.shared.order.load(Ordering::Relaxed),
+            );
+        }
+        let stats = store.stats();
+        tracing::info!(
+            path = %path.display(),
+            items = stats.curr_items,
+            segments = geometry.segment_count,
+            segment_size,
+            "memory file in use"
+        );
+        Ok(store)
+    }
+
+    /// Shards for a configuration: up to `max_shards`, but no fewer than
+    /// `SEGMENTS_PER_SHARD` segments each.
+    fn shards_for(config: &StoreConfig, segment_size: usize) -> usize {
         let segments = config.memory_limit / segment_size;
         let by_memory = (segments / SEGMENTS_PER_SHARD).max(1);
         let by_memory = 1usize << by_memory.ilog2();
-        let count = config.max_shards.max(1).next_power_of_two().min(by_memory);
-        let ttl_shift = match segments / count {
+        config.max_shards.max(1).next_power_of_two().min(by_memory)
+    }
+
+    fn build(
+        config: StoreConfig,
+        segment_size: usize,
+        count: usize,
+        pool: Pool,
+        hasher: ahash::RandomState,
+        header: Option<Region>,
+    ) -> Store {
+        let segments = config.memory_limit / segment_size;
+        let ttl_shift = match segments / count.max(1) {
             128.. => 0,
             32..128 => 3,
             _ => 10,
@@ -325,14 +430,41 @@ impl Store {
         Store {
             shared: Shared {
                 shards,
-                pool: Pool::new(segment_size, config.memory_limit),
+                pool,
                 geometry: Geometry::new(segment_size),
                 ttl_shift,
-                hasher: ahash::RandomState::new(),
+                hasher,
                 versions: VersionClock::new(config.node_id),
                 flush_at: AtomicU32::new(0),
+                order: AtomicU64::new(0),
+                header: header.map(Mutex::new),
             },
         }
+    }
+
+    /// Whether the segments live in a `-e` file.
+    pub fn is_persistent(&self) -> bool {
+        self.shared.header.is_some()
+    }
+
+    /// For a store in a `-e` file: seals every segment and writes the clean-shutdown record
+    /// with every shard locked, then calls `then` with the outcome while they stay locked,
+    /// so that nothing changes the file after it; `then` is meant to end the process. For
+    /// a heap store, `then` gets `Ok(false)` at once.
+    pub fn persist_then<R>(&self, then: impl FnOnce(std::io::Result<bool>) -> R) -> R {
+        let Some(header) = &self.shared.header else {
+            return then(Ok(false));
+        };
+        let mut shards: Vec<_> = self.shared.shards.iter().map(|s| s.lock()).collect();
+        for shard in shards.iter_mut() {
+            shard.seal();
+        }
+        let result = persist::mark_clean(
+            &mut header.lock(),
+            self.shared.flush_at(),
+            self.shared.order.load(Ordering::Relaxed),
+        );
+        then(result.map(|()| true))
     }
 
     /// Changes the memory limit (`cache_memlimit`). A lower limit takes effect as segments
@@ -379,14 +511,15 @@ impl Store {
     /// `flush_all`: with no delay, drops every item now; with a delay, items not touched
     /// again before that time become invisible then.
     pub fn flush(&self, at: Option<u32>) {
-        match at {
-            None => {
-                self.shared.flush_at.store(0, Ordering::Relaxed);
-                for shard in self.shared.shards.iter() {
-                    shard.lock().clear(&self.shared);
-                }
+        let flush_at = at.unwrap_or(0);
+        self.shared.flush_at.store(flush_at, Ordering::Relaxed);
+        if let Some(h) = &self.shared.header {
+            persist::set_flush_at(&mut h.lock(), flush_at);
+        }
+        if at.is_none() {
+            for shard in self.shared.shards.iter() {
+                shard.lock().clear(&self.shared);
             }
-            Some(at) => self.shared.flush_at.store(at, Ordering::Relaxed),
         }
     }
 

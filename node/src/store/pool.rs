@@ -14,8 +14,13 @@ use super::memory::SegBuf;
 struct Inner {
     /// Allocated segments nobody uses.
     free: Vec<SegBuf>,
-    /// Segments the budget allows that have not been allocated yet.
+    /// Segments of the `-e` file the budget does not cover now (their pages given back).
+    retired: Vec<SegBuf>,
+    /// Segments the budget allows that have not been allocated yet (heap segments only:
+    /// the file's are all there from the start).
     unallocated: usize,
+    /// Whether segments are allocated on demand (heap) rather than fixed (file).
+    growable: bool,
     /// Segments owned by shards.
     in_use: usize,
     /// Bytes of all hash tables.
@@ -52,12 +57,24 @@ impl Inner {
         while self.in_use + self.free.len() + self.unallocated > allowed {
             if self.unallocated > 0 {
                 self.unallocated -= 1;
-            } else if self.free.pop().is_none() {
+            } else if let Some(mut buf) = self.free.pop() {
+                if buf.mapped_id().is_some() {
+                    buf.discard();
+                    self.retired.push(buf);
+                }
+            } else {
                 break;
             }
         }
-        let held = self.in_use + self.free.len() + self.unallocated;
-        self.unallocated += allowed.saturating_sub(held);
+        while self.in_use + self.free.len() + self.unallocated < allowed {
+            if let Some(buf) = self.retired.pop() {
+                self.free.push(buf);
+            } else if self.growable {
+                self.unallocated += allowed - (self.in_use + self.free.len() + self.unallocated);
+            } else {
+                break;
+            }
+        }
     }
 
     fn take(&mut self, segment_size: usize) -> Option<SegBuf> {
@@ -78,11 +95,26 @@ impl Inner {
 }
 
 impl Pool {
+    /// A pool of heap segments, allocated as the budget allows.
     pub fn new(segment_size: usize, limit: usize) -> Pool {
+        Self::with_segments(segment_size, limit, Vec::new(), 0, true)
+    }
+
+    /// A pool over a fixed set of (file) segments: `free` ones, and `in_use` already
+    /// handed to shards.
+    pub fn with_segments(
+        segment_size: usize,
+        limit: usize,
+        free: Vec<SegBuf>,
+        in_use: usize,
+        growable: bool,
+    ) -> Pool {
         let mut inner = Inner {
-            free: Vec::new(),
+            free,
+            retired: Vec::new(),
             unallocated: 0,
-            in_use: 0,
+            growable,
+            in_use,
             index_bytes: 0,
             limit,
         };
@@ -127,6 +159,14 @@ impl Pool {
         inner.index_bytes += bytes;
         inner.trim(self.segment_size);
         true
+    }
+
+    /// Charges hash-table bytes even past the budget (tables rebuilt from the `-e` file);
+    /// the excess is evicted as segments are next needed.
+    pub fn charge_index(&self, bytes: usize) {
+        let mut inner = self.inner.lock();
+        inner.index_bytes += bytes;
+        inner.trim(self.segment_size);
     }
 
     /// Releases hash-table bytes (a table dropped by `flush_all`).

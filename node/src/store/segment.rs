@@ -3,6 +3,7 @@
 
 use super::item::{later_expiry, ItemMut, ItemRef, Layout, NewItem};
 use super::memory::SegBuf;
+use super::persist;
 
 /// One segment: its memory and what the shard knows about its records.
 #[derive(Debug)]
@@ -23,8 +24,10 @@ pub(super) struct Segment {
 }
 
 impl Segment {
-    pub fn new(buf: SegBuf, bucket: u16, now: u32) -> Segment {
-        Segment {
+    /// A segment opened now for `bucket` of `shard`; `order` places it in its chain (for
+    /// the `-e` file's table).
+    pub fn new(buf: SegBuf, bucket: u16, now: u32, shard: usize, order: u64) -> Segment {
+        let mut seg = Segment {
             buf,
             write: 0,
             live_items: 0,
@@ -32,7 +35,47 @@ impl Segment {
             created: now,
             expire_at: 0,
             bucket,
+        };
+        if let Some(e) = seg.buf.entry_mut() {
+            persist::entry_open(e, shard as u32, bucket, now, order);
         }
+        seg
+    }
+
+    /// A segment read back from the `-e` file, its records not yet counted.
+    pub fn restored(buf: SegBuf, entry: &persist::Entry) -> Segment {
+        Segment {
+            buf,
+            write: entry.write as usize,
+            live_items: 0,
+            live_bytes: 0,
+            created: entry.created,
+            expire_at: 0,
+            bucket: entry.bucket,
+        }
+    }
+
+    /// Sets how far the segment is written (after the bytes are in place).
+    pub fn set_write(&mut self, write: usize) {
+        self.write = write;
+        if let Some(e) = self.buf.entry_mut() {
+            persist::entry_set_write(e, write);
+        }
+    }
+
+    /// Gives the segment a new place in its chain.
+    pub fn set_order(&mut self, order: u64) {
+        if let Some(e) = self.buf.entry_mut() {
+            persist::entry_set_order(e, order);
+        }
+    }
+
+    /// The segment's memory, its table entry marked free.
+    pub fn into_buf(mut self) -> SegBuf {
+        if let Some(e) = self.buf.entry_mut() {
+            persist::entry_free(e);
+        }
+        self.buf
     }
 
     pub fn capacity(&self) -> usize {
@@ -48,7 +91,7 @@ impl Segment {
         let at = self.write;
         let len = item.record_len();
         item.write(&mut self.buf.bytes_mut()[at..at + len]);
-        self.write += len;
+        self.set_write(at + len);
         self.live_items += 1;
         self.live_bytes += len;
         self.expire_at = later_expiry(self.expire_at, item.meta.exptime);
@@ -58,6 +101,13 @@ impl Segment {
     /// The record at `offset`, if one can be read there.
     pub fn layout_at(&self, offset: usize) -> Option<Layout> {
         Layout::parse(self.buf.bytes().get(offset..self.write)?)
+    }
+
+    /// The record of `len` bytes at `offset`, even past `write` (a merge resets `write`
+    /// before it moves records).
+    pub fn record_at(&self, offset: usize, len: usize) -> Option<ItemRef<'_>> {
+        let bytes = self.buf.bytes().get(offset..offset.checked_add(len)?)?;
+        Some(ItemRef::new(bytes, Layout::parse(bytes)?))
     }
 
     pub fn item(&self, offset: usize) -> Option<ItemRef<'_>> {
@@ -154,7 +204,7 @@ mod tests {
 
     #[test]
     fn appends_and_iterates_records() {
-        let mut seg = Segment::new(SegBuf::zeroed(4096), 0, 1);
+        let mut seg = Segment::new(SegBuf::zeroed(4096), 0, 1, 0, 0);
         let a = seg.append(&NewItem::new(b"a", &[b"1"], ItemMeta::default()));
         let b = seg.append(&NewItem::new(
             b"bb",

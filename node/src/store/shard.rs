@@ -393,7 +393,7 @@ impl Shard {
             let buf = self
                 .acquire(now, shared, me)
                 .ok_or(StoreError::OutOfMemory)?;
-            self.place(buf, bucket, now);
+            self.place(buf, bucket, now, shared, me);
         }
         Err(StoreError::OutOfMemory)
     }
@@ -464,7 +464,7 @@ impl Shard {
     }
 
     /// Puts a fresh segment at the end of `bucket`'s chain.
-    fn place(&mut self, buf: SegBuf, bucket: u16, now: u32) {
+    fn place(&mut self, buf: SegBuf, bucket: u16, now: u32, shared: &Shared, me: usize) {
         let slot = match self.free_slots.pop() {
             Some(slot) => slot as usize,
             None => {
@@ -474,7 +474,7 @@ impl Shard {
             }
         };
         self.gens[slot] = self.gens[slot].wrapping_add(1);
-        self.segs[slot] = Some(Segment::new(buf, bucket, now));
+        self.segs[slot] = Some(Segment::new(buf, bucket, now, me, shared.next_order()));
         let chain = &mut self.buckets[usize::from(bucket)].chain;
         if chain.is_empty() && !self.active_buckets.contains(&bucket) {
             self.active_buckets.push(bucket);
@@ -493,7 +493,7 @@ impl Shard {
         if let Some(pos) = bucket.chain.iter().position(|&s| s as usize == slot) {
             bucket.chain.remove(pos);
         }
-        seg.buf
+        seg.into_buf()
     }
 
     /// Unlinks every linked record of a segment (before the segment is freed).
@@ -536,6 +536,139 @@ impl Shard {
         }
         self.prune_buckets();
         freed
+    }
+
+    /// Takes back segments read from the `-e` file (each with its table entry) and rebuilds
+    /// their chains and the hash table from their records. Records that expired meanwhile
+    /// are dropped; of two live records of one key (a crash between writing a new one and
+    /// unlinking the old) the newer version stays.
+    pub fn restore(
+        &mut self,
+        segments: Vec<(SegBuf, super::persist::Entry)>,
+        now: u32,
+        shared: &Shared,
+    ) {
+        let mut segments = segments;
+        segments.sort_by_key(|(_, e)| (e.bucket, e.order));
+        for (buf, entry) in segments {
+            let slot = self.segs.len();
+            self.segs.push(Some(Segment::restored(buf, &entry)));
+            self.gens.push(1);
+            let chain = &mut self.buckets[usize::from(entry.bucket)].chain;
+            if chain.is_empty() {
+                self.active_buckets.push(entry.bucket);
+            }
+            chain.push_back(slot as u32);
+        }
+        let geo = shared.geometry;
+        for slot in 0..self.segs.len() {
+            let Some(seg) = self.segs[slot].as_mut() else {
+                continue;
+            };
+            // A record that does not parse ends what can be read of the segment.
+            let readable = seg
+                .records(0)
+                .map(|(at, it)| at + it.record_len())
+                .last()
+                .unwrap_or(0);
+            if readable < seg.write {
+                seg.set_write(readable);
+            }
+            let records: Vec<(usize, u64, bool)> = seg
+                .records(0)
+                .filter(|(_, it)| !it.has(bits::DEAD))
+                .map(|(at, it)| (at, shared.hash(it.key()), it.is_expired(now)))
+                .collect();
+            for (at, hash, expired) in records {
+                let loc = geo.encode(slot, at);
+                let Some(it) = record(&self.segs, geo, loc) else {
+                    continue;
+                };
+                if expired {
+                    if let Some(bytes) = self.segs[slot]
+                        .as_mut()
+                        .and_then(|s| s.record_bytes_mut(at))
+                    {
+                        item::mark_dead(bytes);
+                    }
+                    continue;
+                }
+                shared.versions.observe(it.cas());
+                let (key, cas) = (it.key(), it.cas());
+                let segs = &self.segs;
+                let existing = self.index.find_mut(hash, |&l| {
+                    record(segs, geo, l).is_some_and(|o| o.key() == key)
+                });
+                let loser = match existing {
+                    Some(place) => {
+                        let older = record(segs, geo, *place).map_or(0, |o| o.cas());
+                        if older < cas {
+                            Some(std::mem::replace(place, loc))
+                        } else {
+                            Some(loc)
+                        }
+                    }
+                    None => {
+                        if self.index.capacity() == self.index.len() {
+                            let buckets = (self.index_buckets * 2).max(4);
+                            shared.pool.charge_index(
+                                table_bytes(buckets) - table_bytes(self.index_buckets),
+                            );
+                            self.index_buckets = buckets;
+                            let additional =
+                                table_capacity(buckets).saturating_sub(self.index.len());
+                            self.index
+                                .reserve(additional, |&l| key_hash(segs, geo, shared, l));
+                        }
+                        self.index
+                            .insert_unique(hash, loc, |&l| key_hash(segs, geo, shared, l));
+                        None
+                    }
+                };
+                if loser != Some(loc) {
+                    if let Some(seg) = self.segs[slot].as_mut() {
+                        let len = seg.item(at).map_or(0, |it| it.record_len());
+                        seg.live_items += 1;
+                        seg.live_bytes += len;
+                        let exptime = seg.item(at).map_or(0, |it| it.exptime());
+                        seg.expire_at = item::later_expiry(seg.expire_at, exptime);
+                    }
+                    if let Some(it) = record(&self.segs, geo, loc) {
+                        self.counters.link(&it);
+                    }
+                }
+                match loser {
+                    Some(l) if l == loc => {
+                        if let Some(bytes) = self.segs[slot]
+                            .as_mut()
+                            .and_then(|s| s.record_bytes_mut(at))
+                        {
+                            item::mark_dead(bytes);
+                        }
+                    }
+                    Some(old) => self.retire(old, Drop::Quiet, shared, false),
+                    None => {}
+                }
+            }
+        }
+        // Segments left without records go back to the pool.
+        let empty: Vec<usize> = (0..self.segs.len())
+            .filter(|&s| self.segs[s].as_ref().is_some_and(|seg| seg.live_items == 0))
+            .filter(|&s| !self.takes_appends(s))
+            .collect();
+        let freed: Vec<SegBuf> = empty.into_iter().map(|s| self.free_segment(s)).collect();
+        shared.pool.exchange(freed, false);
+        self.prune_buckets();
+    }
+
+    /// Seals every segment's table entry for a clean shutdown (checksums of its bytes).
+    pub fn seal(&mut self) {
+        for seg in self.segs.iter_mut().flatten() {
+            let (entry, data) = seg.buf.entry_and_bytes_mut();
+            if let Some(entry) = entry {
+                super::persist::entry_seal(entry, data);
+            }
+        }
     }
 
     fn prune_buckets(&mut self) {
@@ -595,6 +728,13 @@ impl Shard {
                     chain.remove(pos);
                     let before_tail = chain.len().saturating_sub(1);
                     chain.insert(before_tail, into as u32);
+                }
+                // The file keeps chains by order: the survivors, then the open segment.
+                let tail = chain.back().map(|&t| t as usize);
+                for slot in [Some(into), tail].into_iter().flatten() {
+                    if let Some(seg) = self.segs[slot].as_mut() {
+                        seg.set_order(shared.next_order());
+                    }
                 }
             }
         }
@@ -691,6 +831,10 @@ impl Shard {
         let Some(mut target) = self.segs[into].take() else {
             return (0, Vec::new());
         };
+        if compacting {
+            // A crash while records move must not leave the file claiming the old bytes.
+            target.set_write(0);
+        }
         let (mut live, mut live_bytes, mut expire_at) = if compacting {
             (0, 0, 0)
         } else {
@@ -728,7 +872,7 @@ impl Shard {
                     entry.remove();
                 }
                 let seg = sources[r.segment].as_ref().unwrap_or(&target);
-                if let Some(it) = seg.item(r.offset) {
+                if let Some(it) = seg.record_at(r.offset, r.len) {
                     let fetched = it.has(bits::FETCHED);
                     let tombstone = it.has(bits::TOMBSTONE);
                     self.counters.unlink(&it);
@@ -741,7 +885,7 @@ impl Shard {
                 }
             }
         }
-        target.write = write;
+        target.set_write(write);
         target.live_items = live;
         target.live_bytes = live_bytes;
         target.expire_at = expire_at;

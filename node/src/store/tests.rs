@@ -533,3 +533,267 @@ fn without_eviction_nothing_is_lost() {
     }
     assert_eq!(s.stats().evictions, 0);
 }
+
+// ------------------------------------------------------------------ the -e memory file
+
+fn file_config() -> StoreConfig {
+    StoreConfig {
+        memory_limit: 4 << 20,
+        max_item_size: 64 * 1024,
+        max_shards: 4,
+        node_id: 3,
+    }
+}
+
+/// A key and what it must hold: value, client flags, expiry, CAS.
+type Held = (Vec<u8>, Vec<u8>, u32, u32, u64);
+
+/// Stores 2000 items with assorted flags and TTLs; returns what each key must hold.
+fn fill_file_store(s: &Store, now: u32) -> Vec<Held> {
+    (0..2000u32)
+        .map(|i| {
+            let key = format!("key{i}").into_bytes();
+            let value = vec![b'a' + (i % 26) as u8; (i % 700) as usize];
+            let meta = ItemMeta {
+                client_flags: i % 3,
+                exptime: if i % 5 == 0 { now + 1000 } else { 0 },
+                ..ItemMeta::default()
+            };
+            let cas = s
+                .with_entry(&key, now, |e| e.store(NewItem::new(&key, &[&value], meta)))
+                .unwrap();
+            (key, value, meta.client_flags, meta.exptime, cas)
+        })
+        .collect()
+}
+
+fn assert_holds(s: &Store, items: &[Held], now: u32) {
+    for (key, value, flags, exptime, cas) in items {
+        let got = s.with_entry(key, now, |e| {
+            e.item().map(|it| {
+                (
+                    it.value().to_vec(),
+                    it.client_flags(),
+                    it.exptime(),
+                    it.cas(),
+                )
+            })
+        });
+        assert_eq!(
+            got,
+            Some((value.clone(), *flags, *exptime, *cas)),
+            "key {:?}",
+            String::from_utf8_lossy(key)
+        );
+    }
+    assert_eq!(s.stats().curr_items, items.len() as u64);
+}
+
+fn close(s: Store) {
+    assert!(s.persist_then(|r| r.unwrap()));
+}
+
+#[test]
+fn a_clean_shutdown_keeps_every_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("memory");
+    let now = now_secs();
+    let s = Store::open(file_config(), &path).unwrap();
+    let items = fill_file_store(&s, now);
+    s.with_entry(b"gone", now, |e| {
+        e.store(NewItem::new(b"gone", &[b"x"], ItemMeta::default()))
+            .unwrap();
+        e.delete_with_tombstone(b"gone", 60)
+    });
+    close(s);
+    let s = Store::open(file_config(), &path).unwrap();
+    assert_holds(&s, &items, now);
+    // The tombstone came back too, and new versions are newer than every old one.
+    assert!(s.with_entry(b"gone", now, |e| e
+        .current()
+        .is_some_and(|it| it.has(bits::TOMBSTONE))));
+    assert!(items
+        .iter()
+        .all(|(_, _, _, _, cas)| *cas < s.next_version()));
+}
+
+#[test]
+fn a_crash_keeps_what_was_written_and_nothing_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("memory");
+    let now = now_secs();
+    let s = Store::open(file_config(), &path).unwrap();
+    let mut items = fill_file_store(&s, now);
+    // Replace one, delete another: neither old value may come back.
+    let (key, _, _, _, _) = items[1].clone();
+    let cas = s
+        .with_entry(&key, now, |e| {
+            e.store(NewItem::new(&key, &[b"new"], ItemMeta::default()))
+        })
+        .unwrap();
+    items[1] = (key, b"new".to_vec(), 0, 0, cas);
+    let (deleted, ..) = items.remove(2);
+    assert!(s.with_entry(&deleted, now, |e| e.remove()));
+    // No clean shutdown: as after kill -9.
+    drop(s);
+    let s = Store::open(file_config(), &path).unwrap();
+    assert_holds(&s, &items, now);
+    assert!(s.with_entry(&deleted, now, |e| e.item().is_none()));
+    // And the store goes on working on the same file.
+    set(&s, b"later", b"v", now);
+    assert_eq!(get(&s, b"later", now).as_deref(), Some(&b"v"[..]));
+}
+
+#[test]
+fn expired_items_do_not_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("memory");
+    let now = now_secs();
+    let s = Store::open(file_config(), &path).unwrap();
+    let meta = ItemMeta {
+        exptime: now.saturating_sub(1).max(1),
+        ..ItemMeta::default()
+    };
+    s.with_entry(b"old", now - 10, |e| {
+        e.store(NewItem::new(b"old", &[b"v"], meta))
+    })
+    .unwrap();
+    close(s);
+    let s = Store::open(file_config(), &path).unwrap();
+    assert_eq!(get(&s, b"old", now), None);
+    assert_eq!(s.stats().curr_items, 0);
+}
+
+fn reopened_empty_after(damage: impl FnOnce(&std::path::Path)) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("memory");
+    let now = now_secs();
+    let s = Store::open(file_config(), &path).unwrap();
+    fill_file_store(&s, now);
+    close(s);
+    damage(&path);
+    let s = Store::open(file_config(), &path).unwrap();
+    assert_eq!(s.stats().curr_items, 0);
+    assert_eq!(get(&s, b"key7", now), None);
+    // The fresh file works.
+    set(&s, b"k", b"v", now);
+    close(s);
+    let s = Store::open(file_config(), &path).unwrap();
+    assert_eq!(get(&s, b"k", now).as_deref(), Some(&b"v"[..]));
+}
+
+#[test]
+fn a_truncated_file_is_discarded() {
+    reopened_empty_after(|path| {
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        let len = f.metadata().unwrap().len();
+        f.set_len(len - 4096).unwrap();
+    });
+}
+
+#[test]
+fn a_corrupt_segment_is_discarded() {
+    reopened_empty_after(|path| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        // A byte of the first segment the table says is in use.
+        let used = (0..64u64)
+            .find(|i| {
+                let mut b = [0u8; 1];
+                f.read_exact_at(&mut b, persist::HEADER_LEN as u64 + i * 64)
+                    .unwrap();
+                b[0] == 1
+            })
+            .unwrap();
+        let at = persist::HEADER_LEN as u64 + 4096 + used * 64 * 1024 + 100;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
+    });
+}
+
+#[test]
+fn a_corrupt_header_or_table_is_discarded() {
+    reopened_empty_after(|path| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(&[0xff; 4], 20).unwrap();
+    });
+    reopened_empty_after(|path| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        // Every table entry claims its segment is in use by shard 9999.
+        for i in 0..64u64 {
+            f.write_all_at(
+                &[1, 0, 0, 0, 0x0f, 0x27, 0, 0],
+                persist::HEADER_LEN as u64 + i * 64,
+            )
+            .unwrap();
+        }
+    });
+}
+
+#[test]
+fn a_foreign_file_or_another_geometry_is_discarded() {
+    reopened_empty_after(|path| {
+        let len = std::fs::metadata(path).unwrap().len() as usize;
+        std::fs::write(path, vec![0x42u8; len]).unwrap();
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("memory");
+    let now = now_secs();
+    let s = Store::open(file_config(), &path).unwrap();
+    fill_file_store(&s, now);
+    close(s);
+    let bigger = StoreConfig {
+        memory_limit: 8 << 20,
+        ..file_config()
+    };
+    let s = Store::open(bigger, &path).unwrap();
+    assert_eq!(s.stats().curr_items, 0);
+}
+
+#[test]
+fn one_file_serves_one_store_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("memory");
+    let _s = Store::open(file_config(), &path).unwrap();
+    assert!(matches!(
+        Store::open(file_config(), &path),
+        Err(OpenError::Locked(_))
+    ));
+}
+
+#[test]
+fn a_file_store_evicts_and_recovers_after_merges() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("memory");
+    let now = now_secs();
+    let s = Store::open(file_config(), &path).unwrap();
+    for i in 0..40_000u32 {
+        set(&s, format!("k{i}").as_bytes(), &[b'x'; 300], now);
+        if i % 7 == 0 {
+            let _ = get(&s, b"k0", now);
+        }
+        assert_within_budget(&s);
+    }
+    assert!(s.stats().merges > 0 && s.stats().evictions > 0);
+    let held: Vec<u32> = (0..40_000u32)
+        .filter(|i| get(&s, format!("k{i}").as_bytes(), now).is_some())
+        .collect();
+    drop(s);
+    let s = Store::open(file_config(), &path).unwrap();
+    for i in &held {
+        assert_eq!(
+            get(&s, format!("k{i}").as_bytes(), now),
+            Some(vec![b'x'; 300]),
+            "k{i}"
+        );
+    }
+    assert_eq!(s.stats().curr_items, held.len() as u64);
+    assert_within_budget(&s);
+}

@@ -57,18 +57,23 @@ fn listening(port: u16, child: &mut Child) -> bool {
 impl Node {
     /// A standalone node with `extra` arguments.
     pub fn start(extra: &[&str]) -> Node {
-        Node::launch(extra, false)
+        Node::launch(extra, false, None)
+    }
+
+    /// A standalone node whose log (stderr) goes to `log`.
+    pub fn start_logged(extra: &[&str], log: &std::path::Path) -> Node {
+        Node::launch(extra, false, Some(log))
     }
 
     /// A one-member cluster node (`n0`) following a member-list file, with a peer port.
     pub fn start_cluster() -> Node {
-        Node::launch(&[], true)
+        Node::launch(&[], true, None)
     }
 
     /// Parallel tests can be handed the same "free" port; a node that loses that race exits
     /// at once (it cannot listen), so a node still running once its ports answer is this
     /// test's own. Otherwise it tries other ports.
-    fn launch(extra: &[&str], cluster: bool) -> Node {
+    fn launch(extra: &[&str], cluster: bool, log: Option<&std::path::Path>) -> Node {
         for _ in 0..5 {
             let port = free_port();
             let admin_port = free_port();
@@ -78,7 +83,16 @@ impl Node {
                 .args(["--admin-port", &admin_port.to_string()])
                 .args(extra)
                 .stdout(Stdio::null())
-                .stderr(Stdio::null());
+                .stderr(match log {
+                    Some(path) => Stdio::from(
+                        std::fs::OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(path)
+                            .unwrap(),
+                    ),
+                    None => Stdio::null(),
+                });
             let (peer_port, dir) = if cluster {
                 let peer_port = free_port();
                 let dir = tempfile::tempdir().unwrap();
@@ -126,6 +140,29 @@ impl Node {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits up to `within` for the node to exit.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn assert_alive(&mut self) {

@@ -6,10 +6,10 @@ use k8s_openapi::api::apps::v1::{
     RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
-    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, SecretVolumeSource, SecurityContext, TopologySpreadConstraint, Volume,
-    VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext,
+    TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -38,6 +38,12 @@ pub const TLS_CA_DIR: &str = "/etc/kache/tls-ca";
 pub const AUTH_DIR: &str = "/etc/kache/auth";
 /// Where the `spec.peerAuth` Secret is mounted.
 pub const PEER_SECRET_DIR: &str = "/etc/kache/peer";
+/// Where the in-memory `emptyDir` holding the `--memory-file` is mounted.
+pub const MEMORY_FILE_DIR: &str = "/var/lib/kache";
+/// The `--memory-file` in it.
+pub const MEMORY_FILE: &str = "/var/lib/kache/memory";
+/// Name of that volume.
+pub const MEMORY_FILE_VOLUME: &str = "memory-file";
 /// Mode of every mounted Secret file: read-only, for the owner (root) and
 /// the group (`fsGroup`, the nodes' GID) only.
 pub const SECRET_FILE_MODE: i32 = 0o440;
@@ -199,17 +205,48 @@ pub fn container_args(cc: &CacheCluster) -> Vec<String> {
         cc.name_any(),
     ];
     args.extend(security_args(cc));
+    if s.persistence.enabled {
+        args.push("--memory-file".into());
+        args.push(MEMORY_FILE.into());
+    }
     args.extend(s.extra_args.iter().cloned());
     args
+}
+
+/// Size of the memory file for `memory_mib` of cache, in MiB, rounded up: the segments,
+/// plus a 64-byte table entry per segment (segments are at least 1 MiB for large caches)
+/// and a header page.
+pub fn memory_file_mib(memory_mib: i32) -> i64 {
+    let mem = i64::from(memory_mib.max(0));
+    mem + mem / 16384 + 1
+}
+
+/// The in-memory `emptyDir` for the memory file (its pages count as the pod's memory).
+fn memory_file_volume(memory_mib: i32) -> Volume {
+    Volume {
+        name: MEMORY_FILE_VOLUME.into(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: Some("Memory".into()),
+            size_limit: Some(Quantity(format!("{}Mi", memory_file_mib(memory_mib)))),
+        }),
+        ..Volume::default()
+    }
 }
 
 /// Resources when the spec sets none: memory request = limit = `memoryMiB`
 /// plus 25% (at least 64 MiB) headroom for connections and allocator
 /// overhead; a CPU request of 100m per thread and no CPU limit (throttling
-/// hurts tail latency more than it protects neighbours).
-pub fn default_resources(memory_mib: i32, threads: i32) -> ResourceRequirements {
+/// hurts tail latency more than it protects neighbours). With the memory file
+/// (`persistent`), its tmpfs pages count against the container's memory: they
+/// are the cache memory itself, plus the file's segment table.
+pub fn default_resources(memory_mib: i32, threads: i32, persistent: bool) -> ResourceRequirements {
     let mem = i64::from(memory_mib.max(0));
-    let total = mem + (mem / 4).max(MIN_HEADROOM_MIB);
+    let cache = if persistent {
+        memory_file_mib(memory_mib)
+    } else {
+        mem
+    };
+    let total = cache + (mem / 4).max(MIN_HEADROOM_MIB);
     let memory = Quantity(format!("{total}Mi"));
     let cpu = Quantity(format!(
         "{}m",
@@ -300,11 +337,9 @@ pub fn statefulset(cc: &CacheCluster, default_image: &str) -> Result<StatefulSet
             initial_delay_seconds: Some(5),
             ..http_probe("/healthz", 10, 3)
         }),
-        resources: Some(
-            spec.resources
-                .clone()
-                .unwrap_or_else(|| default_resources(spec.memory_mib, spec.threads)),
-        ),
+        resources: Some(spec.resources.clone().unwrap_or_else(|| {
+            default_resources(spec.memory_mib, spec.threads, spec.persistence.enabled)
+        })),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -317,8 +352,17 @@ pub fn statefulset(cc: &CacheCluster, default_image: &str) -> Result<StatefulSet
             }),
             ..SecurityContext::default()
         }),
-        volume_mounts: (!mounts.is_empty())
-            .then(|| mounts.iter().map(SecretMount::mount).collect()),
+        volume_mounts: {
+            let mut all: Vec<VolumeMount> = mounts.iter().map(SecretMount::mount).collect();
+            if spec.persistence.enabled {
+                all.push(VolumeMount {
+                    name: MEMORY_FILE_VOLUME.into(),
+                    mount_path: MEMORY_FILE_DIR.into(),
+                    ..VolumeMount::default()
+                });
+            }
+            (!all.is_empty()).then_some(all)
+        },
         ..Container::default()
     };
     let pod_spec = PodSpec {
@@ -337,7 +381,13 @@ pub fn statefulset(cc: &CacheCluster, default_image: &str) -> Result<StatefulSet
             ..PodSecurityContext::default()
         }),
         containers: vec![container],
-        volumes: (!mounts.is_empty()).then(|| mounts.iter().map(SecretMount::volume).collect()),
+        volumes: {
+            let mut all: Vec<Volume> = mounts.iter().map(SecretMount::volume).collect();
+            if spec.persistence.enabled {
+                all.push(memory_file_volume(spec.memory_mib));
+            }
+            (!all.is_empty()).then_some(all)
+        },
         node_selector: spec.node_selector.clone(),
         tolerations: spec.tolerations.clone(),
         affinity: spec.affinity.clone(),
@@ -477,15 +527,16 @@ mod tests {
             .unwrap();
         assert_eq!(live.path.as_deref(), Some("/healthz"));
 
-        // 64 MiB cache + 64 MiB minimum headroom.
+        // 64 MiB cache (in the memory file, with 1 MiB for its table) + 64 MiB minimum
+        // headroom.
         let res = c.resources.as_ref().unwrap();
         assert_eq!(
             res.limits.as_ref().unwrap()["memory"],
-            Quantity("128Mi".into())
+            Quantity("129Mi".into())
         );
         assert_eq!(
             res.requests.as_ref().unwrap()["memory"],
-            Quantity("128Mi".into())
+            Quantity("129Mi".into())
         );
         assert_eq!(
             res.requests.as_ref().unwrap()["cpu"],
@@ -515,11 +566,13 @@ mod tests {
         assert_eq!(
             container_args(&cc).join(" "),
             "serve --listen 0.0.0.0 --port 11300 --memory-limit 1024 --conn-limit 4096 \
-             --threads 8 --max-item-size 4m --admin-port 11280 --peer-port 11212 --cluster web -v"
+             --threads 8 --max-item-size 4m --admin-port 11280 --peer-port 11212 --cluster web \
+             --memory-file /var/lib/kache/memory -v"
         );
     }
 
     fn secure(client_auth: bool) -> CacheClusterSpec {
+        use crate::crd::PersistenceConfig;
         use crate::crd::{AuthConfig, PeerAuthConfig, TlsConfig};
         CacheClusterSpec {
             tls: Some(TlsConfig {
@@ -533,8 +586,59 @@ mod tests {
                 secret_name: "web-peer".into(),
             }),
             extra_args: vec!["-v".into()],
+            // The memory file has tests of its own.
+            persistence: PersistenceConfig { enabled: false },
             ..Default::default()
         }
+    }
+
+    fn without_memory_file() -> CacheClusterSpec {
+        use crate::crd::PersistenceConfig;
+        CacheClusterSpec {
+            persistence: PersistenceConfig { enabled: false },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_memory_file_is_on_an_in_memory_empty_dir_unless_switched_off() {
+        let sts = statefulset(&cluster("web", Default::default()), "img:1").unwrap();
+        let pod = pod_spec(&sts);
+        let volumes = serde_json::to_value(pod.volumes.as_ref().unwrap()).unwrap();
+        assert_eq!(
+            volumes,
+            serde_json::json!([
+                {"name": "memory-file", "emptyDir": {"medium": "Memory", "sizeLimit": "65Mi"}},
+            ])
+        );
+        let mount = &pod.containers[0].volume_mounts.as_ref().unwrap()[0];
+        assert_eq!(
+            (
+                mount.name.as_str(),
+                mount.mount_path.as_str(),
+                mount.read_only
+            ),
+            ("memory-file", MEMORY_FILE_DIR, None)
+        );
+        let args = container_args(&cluster("web", Default::default())).join(" ");
+        assert!(
+            args.ends_with("--memory-file /var/lib/kache/memory"),
+            "{args}"
+        );
+        // Switched off: no flag, no volume, and the limit counts no file.
+        let off = cluster("web", without_memory_file());
+        assert!(!container_args(&off).join(" ").contains("--memory-file"));
+        let pod = pod_spec(&statefulset(&off, "img:1").unwrap()).clone();
+        assert_eq!(pod.volumes, None);
+        let limit = &pod.containers[0]
+            .resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .as_ref()
+            .unwrap()["memory"];
+        assert_eq!(limit, &Quantity("128Mi".into()));
+        assert_eq!(memory_file_mib(1 << 20), (1 << 20) + 64 + 1);
     }
 
     #[test]
@@ -561,13 +665,13 @@ mod tests {
             ),
             "{args}"
         );
-        let plain = container_args(&cluster("web", Default::default())).join(" ");
+        let plain = container_args(&cluster("web", without_memory_file())).join(" ");
         for flag in ["--tls", "--auth-file", "--peer-secret-file"] {
             assert!(!plain.contains(flag), "{plain}");
         }
         let only_peer = CacheClusterSpec {
             peer_auth: secure(false).peer_auth,
-            ..Default::default()
+            ..without_memory_file()
         };
         let args = container_args(&cluster("web", only_peer)).join(" ");
         assert!(
@@ -646,7 +750,7 @@ mod tests {
         );
         assert_eq!(mount.sub_path, None);
         // No security settings: no volumes, no mounts.
-        let sts = statefulset(&cluster("web", Default::default()), "img:1").unwrap();
+        let sts = statefulset(&cluster("web", without_memory_file()), "img:1").unwrap();
         assert_eq!(pod_spec(&sts).volumes, None);
         assert_eq!(pod_spec(&sts).containers[0].volume_mounts, None);
     }
@@ -662,7 +766,7 @@ mod tests {
 
     #[test]
     fn headroom_scales_with_memory() {
-        let r = default_resources(4096, 2);
+        let r = default_resources(4096, 2, false);
         assert_eq!(r.limits.unwrap()["memory"], Quantity("5120Mi".into()));
         assert_eq!(r.requests.unwrap()["cpu"], Quantity("200m".into()));
     }
