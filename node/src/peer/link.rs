@@ -243,6 +243,14 @@ impl Pending {
         !self.acks.is_empty() || !self.fetches.is_empty()
     }
 
+    /// About to wait for one more answer: the stall clock starts if nothing was waiting.
+    fn waiting(&mut self) -> &mut Self {
+        if !self.outstanding() {
+            self.progress = Some(Instant::now());
+        }
+        self
+    }
+
     /// Whether records (or fetches) have waited longer than `timeout` without a word from
     /// the peer.
     fn stalled(&self, timeout: Duration) -> bool {
@@ -471,12 +479,7 @@ async fn serve(
                 }
                 Outgoing::Fetch(key, reply) => {
                     *seq += 1;
-                    let mut p = pending.lock();
-                    if !p.outstanding() {
-                        p.progress = Some(Instant::now());
-                    }
-                    p.fetches.insert(*seq, reply);
-                    drop(p);
+                    pending.lock().waiting().fetches.insert(*seq, reply);
                     wire::encode(&Frame::Fetch { seq: *seq, key }, &mut out);
                 }
             }
@@ -487,12 +490,7 @@ async fn serve(
         if !records.is_empty() {
             *seq += 1;
             let count = records.len() as u64;
-            let mut p = pending.lock();
-            if !p.outstanding() {
-                p.progress = Some(Instant::now());
-            }
-            p.acks.insert(*seq, acks);
-            drop(p);
+            pending.lock().waiting().acks.insert(*seq, acks);
             wire::encode(&Frame::Records { seq: *seq, records }, &mut out);
             metrics.sent.fetch_add(count, Relaxed);
             metrics

@@ -158,13 +158,14 @@ fn read_varint(b: &[u8]) -> Option<(u32, usize)> {
     None
 }
 
-fn read_u32(b: &[u8], at: usize) -> u32 {
+/// Little-endian u32 at `at` (the record and the `-e` file's fields are all little-endian).
+pub(crate) fn read_u32(b: &[u8], at: usize) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[at..at + 4]);
     u32::from_le_bytes(a)
 }
 
-fn read_u64(b: &[u8], at: usize) -> u64 {
+pub(crate) fn read_u64(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
     u64::from_le_bytes(a)

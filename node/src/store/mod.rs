@@ -135,6 +135,22 @@ pub struct ItemStats {
     pub pool: PoolStats,
 }
 
+impl ItemStats {
+    /// Adds a shard's counters (not its `limit` or `pool`).
+    fn add(&mut self, c: &ItemStats) {
+        self.curr_items += c.curr_items;
+        self.total_items += c.total_items;
+        self.bytes += c.bytes;
+        self.tombstones += c.tombstones;
+        self.evictions += c.evictions;
+        self.reclaimed += c.reclaimed;
+        self.expired_unfetched += c.expired_unfetched;
+        self.evicted_unfetched += c.evicted_unfetched;
+        self.merges += c.merges;
+        self.expired_segments += c.expired_segments;
+    }
+}
+
 /// Where a `Store::scan` of one shard goes on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ScanCursor {
@@ -567,17 +583,7 @@ impl Store {
             ..ItemStats::default()
         };
         for shard in self.shared.shards.iter() {
-            let c = shard.lock().counters;
-            total.curr_items += c.curr_items;
-            total.total_items += c.total_items;
-            total.bytes += c.bytes;
-            total.tombstones += c.tombstones;
-            total.evictions += c.evictions;
-            total.reclaimed += c.reclaimed;
-            total.expired_unfetched += c.expired_unfetched;
-            total.evicted_unfetched += c.evicted_unfetched;
-            total.merges += c.merges;
-            total.expired_segments += c.expired_segments;
+            total.add(&shard.lock().counters);
         }
         total
     }

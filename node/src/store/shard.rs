@@ -14,7 +14,7 @@ use hashbrown::HashTable;
 use super::item::{self, bits, ItemMut, ItemRef, NewItem};
 use super::memory::SegBuf;
 use super::segment::{Segment, TTL_BUCKETS};
-use super::{Lookup, ScanCursor, Shared, StoreError};
+use super::{ItemStats, Lookup, ScanCursor, Shared, StoreError};
 
 /// Segments merged into one per eviction: of their records read since the last merge,
 /// as many as fill one segment survive.
@@ -55,21 +55,8 @@ impl Geometry {
     }
 }
 
-/// Counters of one shard; `Store::stats` sums them.
-#[derive(Clone, Copy, Debug, Default)]
-pub(super) struct ShardCounters {
-    pub curr_items: u64,
-    pub total_items: u64,
-    /// Bytes of linked records (items and tombstones).
-    pub bytes: u64,
-    pub tombstones: u64,
-    pub evictions: u64,
-    pub reclaimed: u64,
-    pub expired_unfetched: u64,
-    pub evicted_unfetched: u64,
-    pub merges: u64,
-    pub expired_segments: u64,
-}
+/// Counters of one shard (`limit` and `pool` unused); `Store::stats` sums them.
+pub(super) type ShardCounters = ItemStats;
 
 impl ShardCounters {
     /// Every record that becomes linked passes here (the place to count per size class).

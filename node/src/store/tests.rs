@@ -240,30 +240,24 @@ fn scan_visits_every_live_item_once_in_chunks() {
         set(&s, format!("k{i}").as_bytes(), b"v", 10);
     }
     s.with_entry(b"k7", 10, |e| e.remove());
-    let mut seen = Vec::new();
-    for shard in 0..s.shard_count() {
-        let mut cursor = Some(ScanCursor::default());
-        while let Some(at) = cursor {
-            cursor = s.scan(shard, at, 100, 10, |it| {
-                seen.push(it.key().to_vec());
-                ControlFlow::Continue(())
-            });
+    // Every key a full scan of every shard sees, calling back with `then`, sorted.
+    let scan_all = |then: ControlFlow<()>| {
+        let mut seen = Vec::new();
+        for shard in 0..s.shard_count() {
+            let mut cursor = Some(ScanCursor::default());
+            while let Some(at) = cursor {
+                cursor = s.scan(shard, at, 100, 10, |it| {
+                    seen.push(it.key().to_vec());
+                    then
+                });
+            }
         }
-    }
-    seen.sort();
+        seen.sort();
+        seen
+    };
+    let seen = scan_all(ControlFlow::Continue(()));
     // Stopping early resumes after the item it stopped at.
-    let mut halted = Vec::new();
-    for shard in 0..s.shard_count() {
-        let mut cursor = Some(ScanCursor::default());
-        while let Some(at) = cursor {
-            cursor = s.scan(shard, at, 100, 10, |it| {
-                halted.push(it.key().to_vec());
-                ControlFlow::Break(())
-            });
-        }
-    }
-    halted.sort();
-    assert_eq!(halted, seen);
+    assert_eq!(scan_all(ControlFlow::Break(())), seen);
     let mut want: Vec<Vec<u8>> = (0..3000u32)
         .filter(|&i| i != 7)
         .map(|i| format!("k{i}").into_bytes())
