@@ -467,6 +467,93 @@ fn a_flood_of_maximum_size_sets_keeps_memory_bounded() {
     assert_eq!(present, stat(&stats(&mut s), "curr_items"));
 }
 
+/// Sends `count` `noreply` sets of `value` under `prefix`N, in pipelined batches each closed
+/// by `mn`, and checks nothing but the `MN`s came back.
+fn set_many(
+    s: &mut TcpStream,
+    prefix: &str,
+    count: usize,
+    value: &[u8],
+    exptime: impl Fn(usize) -> u32,
+) {
+    for lo in (0..count).step_by(500) {
+        let mut batch = Vec::new();
+        for i in lo..(lo + 500).min(count) {
+            batch.extend_from_slice(
+                format!(
+                    "set {prefix}{i} 0 {} {} noreply\r\n",
+                    exptime(i),
+                    value.len()
+                )
+                .as_bytes(),
+            );
+            batch.extend_from_slice(value);
+            batch.extend_from_slice(b"\r\n");
+        }
+        batch.extend_from_slice(b"mn\r\n");
+        s.write_all(&batch).unwrap();
+        assert_eq!(read_until(s, b"MN\r\n"), b"MN\r\n");
+    }
+}
+
+/// Value sizes that shift (100 B, then 1000 B, then 5000 B values, 2 x `-m` of each under new
+/// keys), then a phase where half the items have 1..60 s TTLs: a per-item allocator
+/// fragments under this (1.5 x `-m` before the segment store); segments do not. The node's
+/// resident memory stays within the idle process plus 1.10 x `-m` + 16 MiB, the store within
+/// `limit_maxbytes`, and the newest keys are served.
+#[test]
+fn shifting_value_sizes_keep_memory_within_the_limit() {
+    const LIMIT_MIB: u64 = 64;
+    let node = Node::start(&["-m", &LIMIT_MIB.to_string()]);
+    let idle = node.rss();
+    let monitor = RssMonitor::start(node.pid());
+    let mut s = node.connect();
+    let phase_bytes = (2 * LIMIT_MIB * MIB) as usize;
+    for (phase, size) in [100usize, 1000, 5000].into_iter().enumerate() {
+        let value = vec![b'a' + phase as u8; size];
+        set_many(
+            &mut s,
+            &format!("p{phase}-"),
+            phase_bytes / size,
+            &value,
+            |_| 0,
+        );
+    }
+    let newest = phase_bytes / 5000;
+    let value = vec![b'c'; 5000];
+    for i in newest - 1000..newest {
+        assert_eq!(
+            get(&mut s, &format!("p2-{i}")).as_deref(),
+            Some(&value[..]),
+            "p2-{i}"
+        );
+    }
+    let value = vec![b't'; 800];
+    set_many(&mut s, "t-", phase_bytes / 800, &value, |i| {
+        if i % 2 == 0 {
+            1 + (i % 60) as u32
+        } else {
+            0
+        }
+    });
+    let peak = monitor.finish();
+    let st = stats(&mut s);
+    eprintln!(
+        "hostile[shift]: RSS idle {:.1} MiB, peak {:.1} MiB with -m {LIMIT_MIB}; bytes {} evictions {}",
+        idle as f64 / MIB as f64,
+        peak as f64 / MIB as f64,
+        stat(&st, "bytes"),
+        stat(&st, "evictions"),
+    );
+    assert!(stat(&st, "bytes") <= stat(&st, "limit_maxbytes"));
+    assert!(stat(&st, "evictions") > 0);
+    let bound = idle + LIMIT_MIB * MIB * 110 / 100 + 16 * MIB;
+    assert!(
+        peak <= bound,
+        "RSS peaked at {peak} bytes, over {bound} (idle {idle})"
+    );
+}
+
 #[test]
 fn garbage_on_the_peer_port_closes_only_that_connection() {
     let node = Node::start_cluster();
