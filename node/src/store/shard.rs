@@ -335,6 +335,13 @@ impl Shard {
         if self.index.capacity() > self.index.len() {
             return Ok(());
         }
+        if self.index.len() < table_capacity(self.index_buckets) / 2 {
+            // Full of the marks removed entries leave: rehashing in place makes room
+            // without memory.
+            let (segs, geo) = (&self.segs, shared.geometry);
+            self.index.reserve(1, |&l| key_hash(segs, geo, shared, l));
+            return Ok(());
+        }
         let buckets = (self.index_buckets * 2).max(4);
         let grow = table_bytes(buckets) - table_bytes(self.index_buckets);
         for _ in 0..ATTEMPTS {
