@@ -155,7 +155,8 @@ pub struct CacheClusterSpec {
     pub port: i32,
 
     /// Compute resources of the cache container. Defaults to a memory request
-    /// and limit of `memoryMiB` plus 25% (at least 64Mi) headroom, and a CPU
+    /// and limit of `memoryMiB` plus 25% (at least 64Mi) headroom (plus the
+    /// memory file's segment table, about 1Mi, with `persistence`), and a CPU
     /// request of 100m per thread.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
