@@ -201,15 +201,25 @@ fn connections_over_the_limit_are_refused_without_harming_others() {
 #[test]
 fn invalid_command_lines_fail_at_start_up() {
     let out = Command::new(env!("CARGO_BIN_EXE_kache-node"))
-        .args(["-Z"])
+        .args(["-Q"])
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("-Z"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("-Q"));
+    // memcached's own refusals, with its words and exit codes.
     let out = Command::new(env!("CARGO_BIN_EXE_kache-node"))
         .args(["-m", "1", "-I", "1m"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("half the memory limit"));
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "Cannot set item size limit higher than 1/2 of memory max.\n"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_kache-node"))
+        .args(["-o", "modern,bogus"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).ends_with("Illegal suboption \"bogus\"\n"));
 }

@@ -174,6 +174,7 @@ mod tests {
             max_item_size: 1024,
             max_shards: 2,
             node_id: 2,
+            ..StoreConfig::default()
         });
         let settings = Settings {
             port: 0,
@@ -182,6 +183,7 @@ mod tests {
             max_connections: 16,
             threads: 1,
             max_item_size: 1024,
+            memcached: Default::default(),
         };
         Arc::new(Engine::new(store, settings, 0, None))
     }

@@ -102,6 +102,7 @@ mod tests {
             max_item_size: 1024,
             max_shards: 2,
             node_id: 1,
+            ..StoreConfig::default()
         })
     }
 

@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 
+use super::admin::AdminRequest;
 use super::meta::MetaFlags;
 
 /// The retrieval commands of the text protocol.
@@ -136,6 +137,8 @@ pub enum Request<'a> {
     },
     MetaNoop,
     Meta(MetaRequest<'a>),
+    /// Operations commands: `stats cachedump`, `lru_crawler`, `watch`, `shutdown`.
+    Admin(AdminRequest),
     MetaDebug {
         key: Cow<'a, [u8]>,
     },

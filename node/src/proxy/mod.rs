@@ -860,6 +860,7 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
         }
         Request::Quit => Job::Close,
         Request::MetaNoop => local_line("MN"),
+        Request::Admin(_) => local_line("ERROR"),
         Request::Error {
             reply: text,
             noreply,

@@ -7,16 +7,21 @@
 //! left to give, takes from other shards it can lock without waiting. Expired items are
 //! removed when looked up and by `sweep`, which a background thread runs.
 
+pub mod classes;
 mod item;
 mod version;
 
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
 
 use crossbeam_utils::CachePadded;
 use hashbrown::HashTable;
 use parking_lot::Mutex;
 
+use classes::{ClassConfig, ClassOp, ClassStats, ClassTable, Classes, SizeHistogram};
 pub use item::{bits, Item, ItemMeta, HEADER_LEN, OVERHEAD};
 pub use version::{node_id, VersionClock};
 
@@ -48,7 +53,7 @@ pub fn absolute_expiry(exptime: i64, now: u32) -> u32 {
 }
 
 /// Store sizing.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct StoreConfig {
     /// Total bytes items may use, per-item overhead included.
     pub memory_limit: usize,
@@ -58,6 +63,23 @@ pub struct StoreConfig {
     pub max_shards: usize,
     /// Low byte of every version (CAS) this store issues; distinct per cluster member.
     pub node_id: u64,
+    /// Whether a full store evicts (memcached's default) or refuses new items (`-M`).
+    pub evict: bool,
+    /// memcached's slab classes, which items are reported under.
+    pub classes: ClassConfig,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            memory_limit: 64 * 1024 * 1024,
+            max_item_size: 1024 * 1024,
+            max_shards: 16,
+            node_id: 0,
+            evict: true,
+            classes: ClassConfig::default(),
+        }
+    }
 }
 
 /// Why an item could not be stored.
@@ -88,7 +110,16 @@ pub struct ItemStats {
     pub reclaimed: u64,
     pub expired_unfetched: u64,
     pub evicted_unfetched: u64,
+    /// Expired or flushed items the crawler (background sweeper) removed, and items it looked at.
+    pub crawler_reclaimed: u64,
+    pub crawler_items_checked: u64,
     pub limit: u64,
+}
+
+/// Told of every item the store evicts (`watch evictions`). Called under the shard's lock:
+/// it must not block.
+pub trait EvictionObserver: Send + Sync {
+    fn evicted(&self, item: &Item, class: u8, now: u32);
 }
 
 /// Shared, read-mostly state every shard operation needs.
@@ -102,6 +133,11 @@ struct Shared {
     versions: VersionClock,
     /// Unix second from which items last touched before it count as flushed (0 = none).
     flush_at: AtomicU32,
+    classes: Classes,
+    evict: bool,
+    /// `stats sizes`, when tracking is on.
+    sizes: ArcSwapOption<SizeHistogram>,
+    evictions: ArcSwapOption<Box<dyn EvictionObserver>>,
 }
 
 impl Shared {
@@ -112,7 +148,20 @@ impl Shared {
     fn over_budget(&self, needed: usize) -> bool {
         self.used.load(Ordering::Relaxed) + needed > self.limit.load(Ordering::Relaxed)
     }
+
+    /// The memcached class `item` is reported under (0 for tombstones).
+    fn class_of(&self, item: &Item) -> u8 {
+        if item.has(bits::TOMBSTONE) {
+            return 0;
+        }
+        self.classes
+            .class_of_item(item.key().len(), item.client_flags(), item.value().len())
+    }
 }
+
+/// How many slots a store started with `-M` looks at for an expired item to replace before
+/// it refuses a new one (memcached looks at a few items at the tail of the LRU).
+const NO_EVICT_SEARCH: usize = 64;
 
 #[derive(Default)]
 struct Shard {
@@ -122,6 +171,7 @@ struct Shard {
     hand: usize,
     used: usize,
     counters: ItemStats,
+    classes: ClassTable,
 }
 
 impl Shard {
@@ -145,6 +195,31 @@ impl Shard {
         self.slots.get_mut(slot as usize).and_then(|s| s.as_mut())
     }
 
+    /// Counts `item` in (`linked`) or out of its class.
+    fn account(&mut self, item: &Item, shared: &Shared, linked: bool) {
+        if item.has(bits::TOMBSTONE) {
+            return;
+        }
+        let size =
+            shared
+                .classes
+                .item_size(item.key().len(), item.client_flags(), item.value().len());
+        let class = self.classes.get_mut(shared.classes.class_of(size));
+        let charge = item.charge() as u64;
+        if linked {
+            class.number += 1;
+            class.mem_requested += size as u64;
+            class.bytes += charge;
+        } else {
+            class.number = class.number.saturating_sub(1);
+            class.mem_requested = class.mem_requested.saturating_sub(size as u64);
+            class.bytes = class.bytes.saturating_sub(charge);
+        }
+        if let Some(sizes) = shared.sizes.load().as_ref() {
+            sizes.record(size, item.cas(), linked);
+        }
+    }
+
     /// Unlinks the item in `slot` and returns it.
     fn remove_slot(&mut self, slot: u32, shared: &Shared) -> Option<Item> {
         let item = self.slots.get_mut(slot as usize)?.take()?;
@@ -156,15 +231,25 @@ impl Shard {
         self.used = self.used.saturating_sub(item.charge());
         shared.used.fetch_sub(item.charge(), Ordering::Relaxed);
         self.counters.curr_items = self.counters.curr_items.saturating_sub(1);
+        self.account(&item, shared, false);
         Some(item)
     }
 
-    /// Removes an item found dead (expired) by a lookup or the sweeper.
-    fn reclaim(&mut self, slot: u32, shared: &Shared) {
+    /// Removes an item found dead (expired or flushed) by a lookup or, `by_crawler`, the
+    /// sweeper.
+    fn reclaim(&mut self, slot: u32, shared: &Shared, by_crawler: bool) {
         if let Some(item) = self.remove_slot(slot, shared) {
-            self.counters.reclaimed += 1;
+            let class = self.classes.get_mut(shared.class_of(&item));
+            if by_crawler {
+                self.counters.crawler_reclaimed += 1;
+                class.crawler_reclaimed += 1;
+            } else {
+                self.counters.reclaimed += 1;
+                class.reclaimed += 1;
+            }
             if !item.has(bits::FETCHED) {
                 self.counters.expired_unfetched += 1;
+                class.expired_unfetched += 1;
             }
         }
     }
@@ -193,7 +278,7 @@ impl Shard {
             Some(_) => return (Some(slot), Lookup::Hit),
             None => return (None, Lookup::Miss),
         };
-        self.reclaim(slot, shared);
+        self.reclaim(slot, shared, false);
         (None, state)
     }
 
@@ -201,8 +286,13 @@ impl Shard {
     /// Returns false when the shard has nothing it can give up.
     fn evict_one(&mut self, protect: Option<u32>, now: u32, shared: &Shared) -> bool {
         let flush_at = shared.flush_at.load(Ordering::Relaxed);
-        // Two full turns of the hand: the first may only clear reference bits.
-        let mut budget = self.slots.len().saturating_mul(2) + 1;
+        // Two full turns of the hand: the first may only clear reference bits. Without
+        // eviction (`-M`) only a few slots are searched for an expired item.
+        let mut budget = if shared.evict {
+            self.slots.len().saturating_mul(2) + 1
+        } else {
+            NO_EVICT_SEARCH.min(self.slots.len())
+        };
         while budget > 0 && !self.slots.is_empty() {
             budget -= 1;
             if self.hand >= self.slots.len() {
@@ -217,17 +307,30 @@ impl Shard {
                 continue;
             };
             if item.is_expired(now) || Self::is_flushed(item, flush_at, now) {
-                self.reclaim(slot, shared);
+                self.reclaim(slot, shared, false);
                 return true;
+            }
+            if !shared.evict {
+                continue;
             }
             if item.has(bits::REFERENCED) {
                 item.clear_bits(bits::REFERENCED);
                 continue;
             }
             if let Some(victim) = self.remove_slot(slot, shared) {
+                let id = shared.class_of(&victim);
+                let class = self.classes.get_mut(id);
                 self.counters.evictions += 1;
+                class.evicted += 1;
+                class.evicted_nonzero += u64::from(victim.exptime() != 0);
+                class.evicted_time = now.saturating_sub(victim.time());
+                class.evicted_at = now;
                 if !victim.has(bits::FETCHED) {
                     self.counters.evicted_unfetched += 1;
+                    class.evicted_unfetched += 1;
+                }
+                if let Some(observer) = shared.evictions.load().as_ref() {
+                    observer.evicted(&victim, id, now);
                 }
                 return true;
             }
@@ -301,13 +404,17 @@ impl Shard {
         let new = item.charge();
         let needed = new.saturating_sub(old);
         if !self.make_room(needed, existing, now, shared, me) {
+            self.classes.get_mut(shared.class_of(&item)).outofmemory += 1;
             return Err(StoreError::OutOfMemory);
         }
         self.counters.total_items += 1;
         shared.used.fetch_add(new, Ordering::Relaxed);
+        self.account(&item, shared, true);
         if let Some(slot) = existing {
             if let Some(place) = self.slots.get_mut(slot as usize) {
-                *place = Some(item);
+                if let Some(old) = place.replace(item) {
+                    self.account(&old, shared, false);
+                }
                 self.used = self.used.saturating_sub(old) + new;
                 shared.used.fetch_sub(old, Ordering::Relaxed);
                 return Ok(slot);
@@ -343,6 +450,7 @@ impl Shard {
         self.hand = 0;
         self.used = 0;
         self.counters.curr_items = 0;
+        self.classes.clear_items();
     }
 }
 
@@ -391,6 +499,14 @@ impl Entry<'_> {
     /// Version of what the key holds now, item or tombstone.
     pub fn version(&self) -> Option<u64> {
         self.slot.and_then(|s| self.shard.item(s)).map(Item::cas)
+    }
+
+    /// Counts a command that found this key's item, under the item's class (`stats slabs`).
+    pub fn count(&mut self, op: ClassOp) {
+        let Some(id) = self.item().map(|it| self.shared.class_of(it)) else {
+            return;
+        };
+        self.shard.classes.get_mut(id).ops[op as usize] += 1;
     }
 
     /// A fresh CAS unique (a new version).
@@ -488,7 +604,26 @@ impl Store {
                 hasher: ahash::RandomState::new(),
                 versions: VersionClock::new(config.node_id),
                 flush_at: AtomicU32::new(0),
+                classes: Classes::new(&config.classes),
+                evict: config.evict,
+                sizes: ArcSwapOption::empty(),
+                evictions: ArcSwapOption::empty(),
             },
+        }
+    }
+
+    /// Sizes the hash tables for `items` keys up front (memcached's `-o hashpower`).
+    pub fn reserve(&self, items: usize) {
+        let per_shard = items / self.shared.shards.len() + 1;
+        for shard in self.shared.shards.iter() {
+            let shard = &mut *shard.lock();
+            let slots = &shard.slots;
+            shard.table.reserve(per_shard, |&idx| {
+                slots
+                    .get(idx as usize)
+                    .and_then(|s| s.as_ref())
+                    .map_or(0, |it| self.shared.hash(it.key()))
+            });
         }
     }
 
@@ -535,6 +670,9 @@ impl Store {
                 for shard in self.shared.shards.iter() {
                     shard.lock().clear(&self.shared);
                 }
+                if let Some(sizes) = self.shared.sizes.load().as_ref() {
+                    sizes.clear();
+                }
             }
             Some(at) => self.shared.flush_at.store(at, Ordering::Relaxed),
         }
@@ -554,11 +692,15 @@ impl Store {
                 }
                 let slot = *cursor as u32;
                 *cursor += 1;
-                let dead = shard
-                    .item(slot)
-                    .is_some_and(|it| it.is_expired(now) || Shard::is_flushed(it, flush_at, now));
+                let Some(item) = shard.item(slot) else {
+                    continue;
+                };
+                let dead = item.is_expired(now) || Shard::is_flushed(item, flush_at, now);
+                let id = self.shared.class_of(item);
+                shard.counters.crawler_items_checked += 1;
+                shard.classes.get_mut(id).crawler_items_checked += 1;
                 if dead {
-                    shard.reclaim(slot, &self.shared);
+                    shard.reclaim(slot, &self.shared, true);
                     reclaimed += 1;
                 }
             }
@@ -577,13 +719,106 @@ impl Store {
         mut f: impl FnMut(&Item),
     ) -> Option<usize> {
         let shard = self.shared.shards.get(shard)?.lock();
+        let flush_at = self.shared.flush_at.load(Ordering::Relaxed);
         let end = start.saturating_add(max).min(shard.slots.len());
         for slot in shard.slots.get(start..end)?.iter().flatten() {
-            if !slot.has(bits::TOMBSTONE) && !slot.is_expired(now) {
+            if !slot.has(bits::TOMBSTONE)
+                && !slot.is_expired(now)
+                && !Shard::is_flushed(slot, flush_at, now)
+            {
                 f(slot);
             }
         }
         (end < shard.slots.len()).then_some(end)
+    }
+
+    /// Reclaims the expired and flushed items among up to `max` slots of shard `shard` from
+    /// `start` (`lru_crawler crawl`), looking only at items whose class `want` accepts; the
+    /// looks count as the crawler's. Returns where to continue, or `None` once the shard is
+    /// done.
+    pub fn crawl(
+        &self,
+        shard: usize,
+        start: usize,
+        max: usize,
+        now: u32,
+        mut want: impl FnMut(u8) -> bool,
+    ) -> Option<usize> {
+        let mut shard = self.shared.shards.get(shard)?.lock();
+        let flush_at = self.shared.flush_at.load(Ordering::Relaxed);
+        let end = start.saturating_add(max).min(shard.slots.len());
+        for slot in start..end {
+            let Some(item) = shard.item(slot as u32) else {
+                continue;
+            };
+            let id = self.shared.class_of(item);
+            if id == 0 || !want(id) {
+                continue;
+            }
+            let dead = item.is_expired(now) || Shard::is_flushed(item, flush_at, now);
+            shard.counters.crawler_items_checked += 1;
+            shard.classes.get_mut(id).crawler_items_checked += 1;
+            if dead {
+                shard.reclaim(slot as u32, &self.shared, true);
+            }
+        }
+        (end < shard.slots.len()).then_some(end)
+    }
+
+    /// memcached's class table, as configured.
+    pub fn classes(&self) -> &Classes {
+        &self.shared.classes
+    }
+
+    /// Per-class figures summed over shards, indexed by class id.
+    pub fn class_stats(&self) -> Vec<ClassStats> {
+        let mut total = Vec::new();
+        for shard in self.shared.shards.iter() {
+            shard.lock().classes.add_into(&mut total);
+        }
+        total
+    }
+
+    /// `stats reset`: zeroes the store's event counters (evictions, reclaims, per-class hits),
+    /// not what it holds.
+    pub fn reset_stats(&self) {
+        for shard in self.shared.shards.iter() {
+            let mut shard = shard.lock();
+            shard.classes.reset_events();
+            let c = &mut shard.counters;
+            *c = ItemStats {
+                curr_items: c.curr_items,
+                ..ItemStats::default()
+            };
+        }
+    }
+
+    /// Starts (`Some`, counting items stored from now on) or stops (`None`) `stats sizes`.
+    pub fn track_sizes(&self, on: bool) {
+        if !on {
+            self.shared.sizes.store(None);
+        } else if self.shared.sizes.load().is_none() {
+            let cas_min = self.shared.versions.next();
+            let max = self.shared.classes.item_size_max();
+            self.shared
+                .sizes
+                .store(Some(Arc::new(SizeHistogram::new(max, cas_min))));
+        }
+    }
+
+    /// The `stats sizes` histogram, when tracking is on.
+    pub fn sizes(&self) -> Option<Arc<SizeHistogram>> {
+        self.shared.sizes.load_full()
+    }
+
+    /// Tells `observer` of every eviction from now on (`None` to stop).
+    pub fn observe_evictions(&self, observer: Option<Box<dyn EvictionObserver>>) {
+        self.shared.evictions.store(observer.map(Arc::new));
+    }
+
+    /// Whether the store evicts when full (no `-M`).
+    pub fn evicts(&self) -> bool {
+        self.shared.evict
     }
 
     /// A new version from this store's clock.
@@ -607,6 +842,8 @@ impl Store {
             total.reclaimed += c.reclaimed;
             total.expired_unfetched += c.expired_unfetched;
             total.evicted_unfetched += c.evicted_unfetched;
+            total.crawler_reclaimed += c.crawler_reclaimed;
+            total.crawler_items_checked += c.crawler_items_checked;
         }
         total
     }
@@ -627,6 +864,7 @@ mod tests {
             max_item_size: 1024,
             max_shards: 4,
             node_id: 0,
+            ..StoreConfig::default()
         })
     }
 
@@ -681,6 +919,7 @@ mod tests {
             max_item_size: 1 << 20,
             max_shards: 32,
             node_id: 0,
+            ..StoreConfig::default()
         });
         let big = vec![b'x'; 900 * 1024];
         for i in 0..40u32 {
