@@ -956,8 +956,11 @@ impl Engine {
             b"items" => admin_stats::items(&self.store, now, out),
             b"slabs" => admin_stats::slabs(&self.store, out),
             b"sizes" => admin_stats::sizes(&self.store, out),
-            b"sizes_enable" => admin_stats::sizes_switch(&self.store, true, out),
-            b"sizes_disable" => admin_stats::sizes_switch(&self.store, false, out),
+            // memcached answers these two without END.
+            b"sizes_enable" | b"sizes_disable" => {
+                admin_stats::sizes_switch(&self.store, sub == b"sizes_enable", out);
+                return;
+            }
             b"conns" => self.admin.conns.report(now, out),
             b"detail" => match arg {
                 b"on" | b"off" => {

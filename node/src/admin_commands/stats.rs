@@ -240,11 +240,15 @@ pub fn settings(
         "ssl_min_version",
         &format!("tlsv1.{}", x.ssl_min_version.max(2)),
     );
-    stat(out, "num_napi_ids", &m.napi_ids.unwrap_or(0));
+    // memcached prints these two with "%s" of a NULL: "(null)".
+    match m.napi_ids {
+        Some(n) => stat(out, "num_napi_ids", &n),
+        None => stat(out, "num_napi_ids", &"(null)"),
+    }
     stat(
         out,
         "memory_file",
-        &m.memory_file.as_deref().unwrap_or("NULL"),
+        &m.memory_file.as_deref().unwrap_or("(null)"),
     );
     stat(out, "shards", &store.shard_count());
 }
