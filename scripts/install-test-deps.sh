@@ -20,6 +20,18 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# pymemcache's own integration tests (tests/python/test_tools.py runs them against
+# kache-node) ship only in its source distribution.
+PYMEMCACHE_SDIST_VERSION=4.0.0
+deps_dir="${KACHE_TEST_DEPS:-$HOME/.cache/kache-test-deps}"
+if [ ! -f "$deps_dir/pymemcache-$PYMEMCACHE_SDIST_VERSION/pymemcache/test/test_integration.py" ]; then
+  echo "fetching the pymemcache $PYMEMCACHE_SDIST_VERSION source distribution (its integration tests)"
+  mkdir -p "$deps_dir"
+  python3 -m pip download --quiet --no-deps --no-binary :all: --dest "$deps_dir" \
+    "pymemcache==$PYMEMCACHE_SDIST_VERSION"
+  tar -xzf "$deps_dir/pymemcache-$PYMEMCACHE_SDIST_VERSION.tar.gz" -C "$deps_dir"
+fi
+
 # The distribution's memcached service is not wanted: tests start their own on free ports.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet memcached 2>/dev/null; then
   systemctl stop memcached || true
