@@ -251,3 +251,38 @@ def test_the_proxy_reaches_tls_nodes(proxied, pki, mode):
         finally:
             other.stop()
     assert client.get_many(keys[:20]) == {k: k.encode() for k in keys[:20]}
+
+
+def stat_lines(reply):
+    return dict(line.split(" ", 2)[1:] for line in reply.decode().splitlines() if line.startswith("STAT "))
+
+
+def test_admin_commands_through_the_proxy(proxied):
+    """The operations surface through the proxy (README): per-class stats and detail are
+    summed over the nodes, dumps concatenated, crawler commands go to every node; watch and
+    shutdown stay per node."""
+    cluster, nodes, proxy = proxied()
+    keys = [f"acct:{i}" for i in range(300)]
+    batch = b"".join(b"set %s 0 0 5\r\nhello\r\n" % k.encode() for k in keys)
+    assert request(proxy.port, batch + b"mn\r\n", until=b"MN\r\n") == b"STORED\r\n" * len(keys) + b"MN\r\n"
+    slabs = stat_lines(request(proxy.port, b"stats slabs\r\n"))
+    assert slabs["1:used_chunks"] == str(len(keys)) and slabs["1:chunk_size"] == "96"
+    assert slabs["1:cmd_set"] == str(len(keys)) and slabs["active_slabs"] == "1"
+    items = stat_lines(request(proxy.port, b"stats items\r\n"))
+    assert items["items:1:number"] == str(len(keys))
+    per_node = [int(stat_lines(request(n.port, b"stats items\r\n")).get("items:1:number", 0)) for n in nodes]
+    assert sum(per_node) == len(keys) and all(per_node)
+    dump = request(proxy.port, b"lru_crawler metadump all\r\n")
+    assert dump.endswith(b"END\r\n")
+    assert sorted(line.split(b" ")[0] for line in dump[:-5].split(b"\n")[:-1]) == sorted(b"key=acct%3A" + k[5:].encode() for k in keys)
+    cachedump = request(proxy.port, b"stats cachedump 1 10\r\n")
+    assert cachedump.count(b"ITEM acct:") == 10 and cachedump.endswith(b"END\r\n")
+    assert request(proxy.port, b"lru_crawler metadump 99\r\n", until=b"\r\n") == b"BADCLASS invalid class id\r\n"
+    assert request(proxy.port, b"lru_crawler sleep 50\r\n", until=b"\r\n") == b"OK\r\n"
+    for n in nodes:
+        assert stat_lines(request(n.port, b"stats settings\r\n"))["lru_crawler_sleep"] == "50"
+    assert request(proxy.port, b"stats detail on\r\n", until=b"\r\n") == b"OK\r\n"
+    request(proxy.port, b"get acct:1 acct:2 nope:1\r\n")
+    assert request(proxy.port, b"stats detail dump\r\n") == b"PREFIX acct get 2 hit 2 set 0 del 0\r\nPREFIX nope get 1 hit 0 set 0 del 0\r\nEND\r\n"
+    assert request(proxy.port, b"watch\r\n", until=b"\r\n").startswith(b"CLIENT_ERROR ")
+    assert request(proxy.port, b"shutdown\r\n", until=b"\r\n") == b"ERROR: shutdown not enabled\r\n"
