@@ -20,6 +20,8 @@ pub struct Cli {
     pub serve: ServeArgs,
 }
 
+// Parsed once at start-up: the size of the serve options does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the memcached protocol (the default).
@@ -117,6 +119,7 @@ pub struct ProxyArgs {
 }
 
 /// What to run.
+#[allow(clippy::large_enum_variant)]
 pub enum Mode {
     Serve(ServeArgs),
     Proxy(ProxyArgs),

@@ -142,7 +142,7 @@ pub fn cachedump(store: &Store, class: u8, limit: u32, now: u32, out: &mut Bytes
         }
     }
     let mut lines: Vec<(u32, u64, Vec<u8>)> = kept.into_iter().map(|Reverse(e)| e).collect();
-    lines.sort_unstable_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+    lines.sort_unstable_by_key(|line| Reverse((line.0, line.1)));
     for (_, _, line) in &lines {
         out.put_slice(line);
     }
