@@ -431,26 +431,15 @@ fn parse_any_size(text: &str) -> Result<usize, String> {
     .ok_or_else(|| format!("size {text:?} is too large"))
 }
 
-/// Parses sizes like memcached's `-I`: bytes, or a number with a k/m/g suffix.
+/// Parses sizes like memcached's `-I`: bytes, or a number with a k/m/g suffix, from 1k to
+/// 1g (the proxy's `-I`).
 pub fn parse_size(text: &str) -> Result<usize, String> {
-    let text = text.trim();
-    let (digits, unit) = match text.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => (&text[..i], c.to_ascii_lowercase()),
-        _ => (text, 'b'),
-    };
-    let n: usize = digits
-        .parse()
-        .map_err(|_| format!("invalid size {text:?}: expected a number with optional k, m or g"))?;
-    let bytes = match unit {
-        'b' => Some(n),
-        'k' => n.checked_mul(1024),
-        'm' => n.checked_mul(1024 * 1024),
-        'g' => n.checked_mul(1024 * 1024 * 1024),
-        _ => return Err(format!("invalid size unit in {text:?}: use k, m or g")),
-    }
-    .ok_or_else(|| format!("size {text:?} is too large"))?;
+    let bytes = parse_any_size(text)?;
     if !(1024..=1024 * 1024 * 1024).contains(&bytes) {
-        return Err(format!("item size {text:?} must be between 1k and 1g"));
+        return Err(format!(
+            "item size {:?} must be between 1k and 1g",
+            text.trim()
+        ));
     }
     Ok(bytes)
 }

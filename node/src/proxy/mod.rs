@@ -8,9 +8,12 @@
 //!   `replicationFactor` ≥ 2, to the next owner on the ring (which holds a replica);
 //! - multi-key `get`/`gets`/`gat`/`gats` are split by owner and reassembled in the client's
 //!   key order;
-//! - `flush_all`, `cache_memlimit` and `stats reset` go to every member (`OK` when all agree,
-//!   otherwise the first other reply); `stats` sums every member's counters; other `stats`
-//!   subcommands are answered by the first member;
+//! - `flush_all`, `cache_memlimit`, `stats reset`, `stats detail on|off` and the
+//!   `lru_crawler` commands go to every member (`OK` when all agree, otherwise the first
+//!   other reply); `stats` sums every member's counters, `stats slabs|items|sizes` and
+//!   `stats detail dump` their per-class and per-prefix figures; `lru_crawler metadump` and
+//!   `stats cachedump` concatenate their lines; other `stats` subcommands are answered by
+//!   the first member; `watch` and `shutdown` are refused (they are per node);
 //! - `version`, `verbosity`, `mn`, `quit` and `config get cluster` are answered by the proxy;
 //! - bad input gets the same reply a node gives (the same parser produces it).
 //!
