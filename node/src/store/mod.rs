@@ -1005,4 +1005,92 @@ mod tests {
         set(&s, b"c", b"1", 21);
         assert!(get(&s, b"c", 22).is_some());
     }
+
+    #[test]
+    fn items_are_counted_in_memcacheds_classes() {
+        let s = store(1 << 20);
+        set(&s, b"a", b"1", 10);
+        set(&s, b"bb", &[b'x'; 600], 10);
+        set(&s, b"a", b"2", 10);
+        let classes = s.class_stats();
+        assert_eq!((classes[1].number, classes[1].mem_requested), (1, 61));
+        assert_eq!(classes[10].number, 1);
+        s.with_entry(b"bb", 10, |e| {
+            e.count(ClassOp::GetHit);
+            e.remove()
+        });
+        let classes = s.class_stats();
+        assert_eq!(
+            (classes[10].number, classes[10].op(ClassOp::GetHit)),
+            (0, 1)
+        );
+        assert_eq!(classes[10].bytes, 0);
+        s.flush(None);
+        assert_eq!(s.class_stats()[1].number, 0);
+    }
+
+    #[test]
+    fn without_eviction_a_full_store_refuses() {
+        let s = Store::new(StoreConfig {
+            memory_limit: 16 * 1024,
+            max_item_size: 1024,
+            max_shards: 2,
+            evict: false,
+            ..StoreConfig::default()
+        });
+        let mut stored = 0;
+        let refused = loop {
+            let key = format!("k{stored}");
+            let r = s.with_entry(key.as_bytes(), 10, |e| {
+                e.store(Item::new(
+                    key.as_bytes(),
+                    &[&[b'x'; 500]],
+                    ItemMeta::default(),
+                ))
+            });
+            if r.is_err() {
+                break r;
+            }
+            stored += 1;
+        };
+        assert_eq!(refused, Err(StoreError::OutOfMemory));
+        assert_eq!(s.stats().evictions, 0);
+        assert!((0..stored).all(|i| get(&s, format!("k{i}").as_bytes(), 10).is_some()));
+        let oom: u64 = s.class_stats().iter().map(|c| c.outofmemory).sum();
+        assert_eq!(oom, 1);
+    }
+
+    #[test]
+    fn a_crawl_reclaims_the_expired_items_of_the_chosen_classes() {
+        let s = store(1 << 20);
+        for i in 0..10u32 {
+            let key = format!("e{i}");
+            s.with_entry(key.as_bytes(), 100, |e| {
+                e.store(Item::new(
+                    key.as_bytes(),
+                    &[b"v"],
+                    ItemMeta {
+                        exptime: 101,
+                        ..ItemMeta::default()
+                    },
+                ))
+            })
+            .unwrap();
+        }
+        set(&s, b"live", b"v", 100);
+        for shard in 0..s.shard_count() {
+            // Class 2 holds nothing: nothing is looked at.
+            assert_eq!(s.crawl(shard, 0, 1000, 200, |class| class == 2), None);
+        }
+        assert_eq!(s.class_stats()[1].crawler_items_checked, 0);
+        for shard in 0..s.shard_count() {
+            let _ = s.crawl(shard, 0, 1000, 200, |class| class == 1);
+        }
+        let class = s.class_stats()[1];
+        assert_eq!(
+            (class.crawler_reclaimed, class.crawler_items_checked),
+            (10, 11)
+        );
+        assert_eq!(class.number, 1);
+    }
 }
