@@ -13,14 +13,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use futures::future::join_all;
-use tokio::io::{AsyncReadExt, AsyncWrite};
+use tokio::io::AsyncWrite;
 use tokio::sync::{oneshot, watch};
 
 use super::conn::{self, send};
 use super::link::Links;
-use super::wire::{self, Decoded, Frame, Record};
+use super::wire::{self, Frame, Record};
 use super::{apply, record_of};
 use crate::cluster::{Cluster, ClusterView};
 use crate::engine::Engine;
@@ -222,10 +222,7 @@ pub async fn refill(engine: &Engine, cluster: &Cluster) {
 async fn pull_from(engine: &Engine, me: &str, peer: &kache_cluster::Member) -> Result<u64, String> {
     // Over TLS when the node has it, like every connection to a peer.
     let tls = engine.links.as_ref().and_then(|links| links.tls());
-    let mut stream = conn::connect(tls.as_deref(), &peer.host, peer.peer_port)
-        .await
-        .map_err(|e| e.to_string())?;
-    conn::greet(&mut stream, me, &engine.peer_secret)
+    let mut stream = conn::open(tls.as_deref(), peer, me, &engine.peer_secret)
         .await
         .map_err(|e| e.to_string())?;
     let mut out = BytesMut::new();
@@ -240,25 +237,19 @@ async fn pull_from(engine: &Engine, me: &str, peer: &kache_cluster::Member) -> R
     let mut buf = BytesMut::with_capacity(256 * 1024);
     let mut received = 0u64;
     loop {
-        while let Decoded::Frame(frame, used) = wire::decode(&buf).map_err(|e| e.to_string())? {
-            buf.advance(used);
-            match frame {
-                Frame::Records { records, .. } => {
-                    let now = now_secs();
-                    for record in &records {
-                        apply(&engine.store, record, now);
-                    }
-                    received += records.len() as u64;
+        match conn::read_frame(&mut stream, &mut buf).await? {
+            Frame::Records { records, .. } => {
+                let now = now_secs();
+                for record in &records {
+                    apply(&engine.store, record, now);
                 }
-                Frame::PullDone { .. } => {
-                    conn::close(&mut stream).await;
-                    return Ok(received);
-                }
-                other => return Err(format!("unexpected frame {other:?}")),
+                received += records.len() as u64;
             }
-        }
-        if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-            return Err("peer closed during refill".into());
+            Frame::PullDone { .. } => {
+                conn::close(&mut stream).await;
+                return Ok(received);
+            }
+            other => return Err(format!("unexpected frame {other:?}")),
         }
     }
 }

@@ -574,12 +574,37 @@ impl Store {
         start: usize,
         max: usize,
         now: u32,
+        f: impl FnMut(&Item),
+    ) -> Option<usize> {
+        self.scan_slots(shard, start, max, now, false, f)
+    }
+
+    /// As `scan`, but tombstones (deleted keys still remembered) are included: anti-entropy
+    /// compares them between replicas so a delete reaches a replica that missed it.
+    pub fn scan_with_tombstones(
+        &self,
+        shard: usize,
+        start: usize,
+        max: usize,
+        now: u32,
+        f: impl FnMut(&Item),
+    ) -> Option<usize> {
+        self.scan_slots(shard, start, max, now, true, f)
+    }
+
+    fn scan_slots(
+        &self,
+        shard: usize,
+        start: usize,
+        max: usize,
+        now: u32,
+        tombstones: bool,
         mut f: impl FnMut(&Item),
     ) -> Option<usize> {
         let shard = self.shared.shards.get(shard)?.lock();
         let end = start.saturating_add(max).min(shard.slots.len());
         for slot in shard.slots.get(start..end)?.iter().flatten() {
-            if !slot.has(bits::TOMBSTONE) && !slot.is_expired(now) {
+            if (tombstones || !slot.has(bits::TOMBSTONE)) && !slot.is_expired(now) {
                 f(slot);
             }
         }
