@@ -161,12 +161,14 @@ class Net:
 
     def run(self, host, argv, timeout=60):
         """Runs `argv` in `host`'s namespace to completion; returns its stdout."""
-        result = subprocess.run(["ip", "netns", "exec", self.ns(host), *argv], text=True,
+        result = subprocess.run(["ip", "netns", "exec", self.ns(host), *argv],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 timeout=timeout)
         if result.returncode != 0:
-            raise RuntimeError(f"{argv[0]} in {host} failed: {result.stderr.strip()[-2000:]}")
-        return result.stdout
+            error = result.stderr.decode(errors="replace").strip()[-2000:]
+            raise RuntimeError(f"{argv[0]} in {host} failed: {error}")
+        # Bytes as they came: memcached replies end in \r\n, which text mode would rewrite.
+        return result.stdout.decode(errors="replace")
 
     @staticmethod
     def kill(proc):

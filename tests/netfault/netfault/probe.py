@@ -4,7 +4,9 @@ lives outside it): wait for ports, send one raw memcached request, read a /metri
   probe.py wait IP:PORT [IP:PORT ...]     until each accepts connections (10 s at most)
   probe.py send IP:PORT 'raw request'     prints the reply (up to END / one line)
   probe.py metric IP:PORT NAME            prints the counter's value (0 when absent)
+  probe.py items IP:PORT KEY              prints the node's own copy (GET /cluster/items)
 """
+import json
 import socket
 import sys
 import time
@@ -57,6 +59,12 @@ def metric(target, name):
     return 0
 
 
+def items(target, key):
+    with urllib.request.urlopen(f"http://{target}/cluster/items?key={key}", timeout=5) as r:
+        print(json.dumps(json.loads(r.read())["items"][0]))
+    return 0
+
+
 def main():
     command, args = sys.argv[1], sys.argv[2:]
     if command == "wait":
@@ -65,6 +73,8 @@ def main():
         return send(args[0], args[1])
     if command == "metric":
         return metric(args[0], args[1])
+    if command == "items":
+        return items(args[0], args[1])
     print(__doc__, file=sys.stderr)
     return 2
 

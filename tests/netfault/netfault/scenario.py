@@ -31,6 +31,9 @@ OBSERVER = "obs"
 PORT, PEER_PORT, ADMIN_PORT = 11211, 11212, 11280
 KEYS = 40
 KINDS = ["isolate", "split", "oneway", "slow", "kill", "pause"]
+# Node counters reported after a kache run.
+REPORTED_METRICS = ["write_ack_failures", "anti_entropy_rounds", "anti_entropy_items_pulled",
+                    "peer_dropped"]
 
 
 @dataclass
@@ -203,7 +206,7 @@ class RunResult:
     settled_after: float = None  # seconds from the final heal until all replicas agreed
     final_heal: float = 0.0
     started: float = 0.0
-    logs: str = ""
+    metrics: dict = field(default_factory=dict)  # node -> counter -> value, at the end
 
     def phase_of(self, t):
         rel = t - self.started
@@ -282,6 +285,12 @@ def run(system, seed, duration=60.0, settle_limit=30.0, keep_logs=None):
                         owners = entry["owners"]
                     else:
                         polls.append(entry)
+        metrics = {}
+        if system.replicas:
+            for node in NODES:
+                metrics[node] = {name: int(probe(net, "metric", f"{net.ips[node]}:{ADMIN_PORT}",
+                                                 name).strip() or 0)
+                                 for name in REPORTED_METRICS}
         history = checker.load(outs)
         keys = {f"key-{i:03d}" for i in range(KEYS)} | {op["k"] for op in history}
         final, disagreeing = final_values(net, system, nodes_arg, keys)
@@ -296,7 +305,7 @@ def run(system, seed, duration=60.0, settle_limit=30.0, keep_logs=None):
         return RunResult(
             system=getattr(system, "label", system.name), seed=seed, faults=faults,
             history=history, final=final, final_disagreeing=disagreeing,
-            polls=polls, owners=owners, started=started, final_heal=final_heal,
+            polls=polls, owners=owners, started=started, final_heal=final_heal, metrics=metrics,
             settled_after=None if settled is None else settled - final_heal)
 
 
@@ -344,4 +353,6 @@ def format_table(result):
     lines.append(f"  reads failed: {total.failed_reads}/{total.reads}; unexplained reads: "
                  f"{total.unexplained}; replicas disagreeing at the final read: "
                  f"{len(result.final_disagreeing)}")
+    for node, counters in result.metrics.items():
+        lines.append(f"  {node}: " + ", ".join(f"{k} {v}" for k, v in counters.items()))
     return "\n".join(lines)
