@@ -7,11 +7,12 @@ added to the host's interfaces, routes or firewall, so the host's iptables (a Ku
 kit's FORWARD rules, say) never see this traffic and this traffic never leaves.
 
 Faults, all inside the hosts' namespaces:
-- partitions with iptables DROP rules in a chain of their own (`kf-fault`): between two
-  hosts both ways, one way only, or a host cut from everyone;
-- delay and loss on a host's outgoing packets: `tc netem` when the kernel has it, else an
+- partitions with iptables DROP rules in a chain of their own (`kf-fault`), at the receiving
+  end so senders learn nothing: between two hosts both ways, one way only, or a host cut
+  from everyone;
+- delay on a host's outgoing packets and loss: `tc netem` when the kernel has it, else an
   NFQUEUE rule whose verdicts `nfqueue_delay` gives late, and an iptables `statistic` rule
-  dropping the given share of packets;
+  dropping the given share of the host's incoming packets;
 - processes: kill -9, SIGSTOP and SIGCONT.
 
 Namespaces are named `kf<pid>-<host>` after the process that made them; `Net.__init__`
@@ -97,6 +98,18 @@ def netem_available():
         sh("ip", "netns", "del", ns, check=False)
 
 
+def _exit_cleanly_on_sigterm():
+    """A SIGTERM (a CI timeout, say) unwinds like an error, so `close` still runs."""
+    def leave(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        try:
+            signal.signal(signal.SIGTERM, leave)
+        except ValueError:  # not the main thread: leave the default
+            pass
+
+
 class Net:
     """Hosts on one private bridge. Use as a context manager: closing removes everything."""
 
@@ -105,6 +118,7 @@ class Net:
         if missing:
             raise RuntimeError(f"missing {', '.join(missing)}: run scripts/install-test-deps.sh")
         clean_leftovers()
+        _exit_cleanly_on_sigterm()
         self.tag = f"{PREFIX}{os.getpid()}"
         self.hosts = list(hosts)
         self.ips = {h: f"{SUBNET}.{10 + i}" for i, h in enumerate(self.hosts)}
@@ -188,9 +202,12 @@ class Net:
 
     # --- partitions ------------------------------------------------------------------------
 
+    # Every partition drops packets where they arrive, never where they leave: a sender's
+    # own OUTPUT drop would fail its send() with EPERM, telling it what a real partition
+    # does not. Here packets vanish silently, as on a broken path.
+
     def block(self, src, dst):
         """Drops what `src` sends to `dst` (a one-way partition)."""
-        self.iptables(src, "-A", FAULT_CHAIN, "-o", "eth0", "-d", self.ips[dst], "-j", "DROP")
         self.iptables(dst, "-A", FAULT_CHAIN, "-i", "eth0", "-s", self.ips[src], "-j", "DROP")
 
     def partition(self, side_a, side_b):
@@ -202,19 +219,22 @@ class Net:
 
     def isolate(self, host):
         """Cuts `host` from everyone."""
-        self.iptables(host, "-A", FAULT_CHAIN, "-o", "eth0", "-j", "DROP")
         self.iptables(host, "-A", FAULT_CHAIN, "-i", "eth0", "-j", "DROP")
+        for other in self.hosts:
+            if other != host:
+                self.block(host, other)
 
     # --- delay and loss --------------------------------------------------------------------
 
     def shape(self, host, delay_ms, loss_pct):
-        """Delays `host`'s outgoing packets by `delay_ms` and drops `loss_pct` % of them."""
+        """Delays `host`'s outgoing packets by `delay_ms` and drops `loss_pct` % of the
+        packets it receives (at arrival, like partitions: see `block`)."""
         if self.netem:
             sh("tc", "-n", self.ns(host), "qdisc", "replace", "dev", "eth0", "root", "netem",
                "delay", f"{delay_ms}ms", "loss", f"{loss_pct}%")
             return
         if loss_pct:
-            self.iptables(host, "-A", SHAPE_CHAIN, "-o", "eth0", "-m", "statistic",
+            self.iptables(host, "-A", SHAPE_CHAIN, "-i", "eth0", "-m", "statistic",
                           "--mode", "random", "--probability", f"{loss_pct / 100:.4f}",
                           "-j", "DROP")
         if delay_ms:
