@@ -38,7 +38,7 @@ use tokio::sync::watch;
 use super::conn::{self, send};
 use super::link::Links;
 use super::wire::{self, Frame, Record, BATCH_BYTES};
-use super::{apply, record_of};
+use super::{record_bytes, record_of};
 use crate::cluster::{Cluster, ClusterView};
 use crate::engine::Engine;
 use crate::store::{now_secs, Item, Store};
@@ -252,6 +252,14 @@ pub async fn answer_versions<W: AsyncWrite + Unpin + ?Sized>(
     let Some(cluster) = &engine.cluster else {
         return Err("anti-entropy versions sent to a node outside a cluster".into());
     };
+    // What this node's own rounds send; more is a confused or hostile peer.
+    if entries.len() > MAX_ENTRIES || arcs.len() > ARCS {
+        return Err(format!(
+            "anti-entropy request over {} arcs with {} entries exceeds the limits",
+            arcs.len(),
+            entries.len()
+        ));
+    }
     let view = cluster.view();
     let me = cluster.node_name();
     let arcs: HashSet<usize> = arcs.iter().map(|&a| a as usize).collect();
@@ -273,7 +281,7 @@ pub async fn answer_versions<W: AsyncWrite + Unpin + ?Sized>(
                 && shared(&view, me, caller, item.key())
             {
                 let record = record_of(item);
-                let size = record_size(&record);
+                let size = record_bytes(&record);
                 budget_left = budget_left.saturating_sub(size);
                 batch_bytes += size;
                 batch.push(record);
@@ -289,10 +297,6 @@ pub async fn answer_versions<W: AsyncWrite + Unpin + ?Sized>(
     sent += flush(stream, seq, &mut batch, &mut out).await?;
     engine.anti_entropy.items_served.fetch_add(sent, Relaxed);
     Ok(sent)
-}
-
-fn record_size(record: &Record) -> usize {
-    record.key.len() + record.value.len() + 32
 }
 
 async fn flush<W: AsyncWrite + Unpin + ?Sized>(
@@ -375,22 +379,10 @@ pub async fn round(
             &mut out,
         );
         send(&mut stream, &out).await.map_err(|e| e.to_string())?;
-        let mut answer_bytes = 0;
-        loop {
-            match conn::read_frame(&mut stream, &mut buf).await? {
-                Frame::Records { records, .. } => {
-                    let now = now_secs();
-                    for record in &records {
-                        apply(&engine.store, record, now);
-                        answer_bytes += record_size(record);
-                    }
-                    report.items_pulled += records.len() as u64;
-                    stats.items_pulled.fetch_add(records.len() as u64, Relaxed);
-                }
-                Frame::PullDone { .. } => break,
-                other => return Err(format!("unexpected answer to versions: {other:?}")),
-            }
-        }
+        let received = super::apply_until_done(&engine.store, &mut stream, &mut buf).await?;
+        let answer_bytes = received.bytes;
+        report.items_pulled += received.records;
+        stats.items_pulled.fetch_add(received.records, Relaxed);
         stats.bytes_pulled.fetch_add(answer_bytes as u64, Relaxed);
         report.saturated |= answer_bytes >= max_bytes;
         pulled_bytes += answer_bytes;
@@ -471,8 +463,8 @@ pub async fn run(
 mod tests {
     use super::*;
     use crate::engine::Settings as EngineSettings;
-    use crate::peer::server;
     use crate::peer::wire::{Decoded, Op};
+    use crate::peer::{apply, server};
     use crate::store::StoreConfig;
     use kache_cluster::MemberList;
     use tokio::net::TcpListener;
@@ -660,6 +652,10 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(sent, 0);
+        // A request larger than any node sends is refused, not served.
+        let flood = vec![(0u64, 0u64); MAX_ENTRIES + 1];
+        let refused = answer_versions(&engines[1], &mut out, 9, "a", 1, &arcs, &flood).await;
+        assert!(refused.is_err());
     }
 
     #[test]

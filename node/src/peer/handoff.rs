@@ -20,8 +20,8 @@ use tokio::sync::{oneshot, watch};
 
 use super::conn::{self, send};
 use super::link::Links;
+use super::record_of;
 use super::wire::{self, Frame, Record};
-use super::{apply, record_of};
 use crate::cluster::{Cluster, ClusterView};
 use crate::engine::Engine;
 use crate::store::now_secs;
@@ -235,21 +235,7 @@ async fn pull_from(engine: &Engine, me: &str, peer: &kache_cluster::Member) -> R
     );
     send(&mut stream, &out).await.map_err(|e| e.to_string())?;
     let mut buf = BytesMut::with_capacity(256 * 1024);
-    let mut received = 0u64;
-    loop {
-        match conn::read_frame(&mut stream, &mut buf).await? {
-            Frame::Records { records, .. } => {
-                let now = now_secs();
-                for record in &records {
-                    apply(&engine.store, record, now);
-                }
-                received += records.len() as u64;
-            }
-            Frame::PullDone { .. } => {
-                conn::close(&mut stream).await;
-                return Ok(received);
-            }
-            other => return Err(format!("unexpected frame {other:?}")),
-        }
-    }
+    let received = super::apply_until_done(&engine.store, &mut stream, &mut buf).await?;
+    conn::close(&mut stream).await;
+    Ok(received.records)
 }

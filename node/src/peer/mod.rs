@@ -45,6 +45,43 @@ pub fn record_of(item: &Item) -> Record {
     }
 }
 
+/// What a record weighs against a byte budget: its key and value plus 32 for the rest.
+pub fn record_bytes(record: &Record) -> usize {
+    record.key.len() + record.value.len() + 32
+}
+
+/// What a peer streamed back and this node applied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Received {
+    pub records: u64,
+    /// Their `record_bytes`.
+    pub bytes: usize,
+}
+
+/// Applies the `Records` a peer streams in answer to a request (a refill pull, an
+/// anti-entropy round's versions) until its `PullDone`.
+pub async fn apply_until_done<S: tokio::io::AsyncRead + Unpin + ?Sized>(
+    store: &Store,
+    stream: &mut S,
+    buf: &mut bytes::BytesMut,
+) -> Result<Received, String> {
+    let mut received = Received::default();
+    loop {
+        match conn::read_frame(stream, buf).await? {
+            wire::Frame::Records { records, .. } => {
+                let now = crate::store::now_secs();
+                for record in &records {
+                    apply(store, record, now);
+                    received.bytes += record_bytes(record);
+                }
+                received.records += records.len() as u64;
+            }
+            wire::Frame::PullDone { .. } => return Ok(received),
+            other => return Err(format!("unexpected frame {other:?}")),
+        }
+    }
+}
+
 /// What applying a record did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Applied {

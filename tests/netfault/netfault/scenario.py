@@ -227,6 +227,8 @@ class RunResult:
             else:
                 fault = self.faults[index]
                 label = fault.describe()
+                if index == len(self.faults) - 1:
+                    label += ", healthy to the end"
                 divergence = (checker.settle_time(self.polls, self.owners,
                                                   self.started + fault.end)
                               if self.replicas_known() else None)
@@ -338,16 +340,16 @@ def final_values(net, system, nodes_arg, keys):
 def format_table(result):
     rows, total = result.table()
     lines = [f"{result.system}: seed {result.seed}",
-             f"{'phase':44} {'ops':>6} {'acked':>6} {'unknown':>7} {'lost':>5} "
+             f"{'phase':50} {'ops':>6} {'acked':>6} {'unknown':>7} {'lost':>5} "
              f"{'stale':>6} {'divergence':>11}"]
     for label, t, divergence in rows:
         div = ("-" if not result.replicas_known() or label == "healthy warmup" else
                "never" if divergence is None else f"{divergence:.1f} s")
-        lines.append(f"{label[:44]:44} {t.ops:>6} {t.acked_writes:>6} {t.unknown_writes:>7} "
+        lines.append(f"{label[:50]:50} {t.ops:>6} {t.acked_writes:>6} {t.unknown_writes:>7} "
                      f"{t.lost:>5} {t.stale_reads:>6} {div:>11}")
     settled = ("-" if not result.replicas_known() else
                "never" if result.settled_after is None else f"{result.settled_after:.1f} s")
-    lines.append(f"{'total':44} {total.ops:>6} {total.acked_writes:>6} "
+    lines.append(f"{'total':50} {total.ops:>6} {total.acked_writes:>6} "
                  f"{total.unknown_writes:>7} {total.lost:>5} {total.stale_reads:>6} "
                  f"{settled:>11}")
     lines.append(f"  reads failed: {total.failed_reads}/{total.reads}; unexplained reads: "
