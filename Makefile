@@ -30,6 +30,7 @@ chart-check:
 python-test: build
 	KACHE_NODE_BIN=$(CURDIR)/target/release/kache-node $(PYTHON) -m pytest -q -p no:cacheprovider tests/cluster
 	KACHE_NODE_BIN=$(CURDIR)/target/release/kache-node $(PYTHON) -m pytest -q -p no:cacheprovider tests/python
+	KACHE_NODE_BIN=$(CURDIR)/target/release/kache-node $(PYTHON) -m pytest -q -p no:cacheprovider tests/netfault
 
 run:
 	$(CARGO) run --release -p kache-node -- -l 127.0.0.1 -p 11211
@@ -37,3 +38,4 @@ run:
 bench: build
 	$(PYTHON) bench/compare.py
 	$(PYTHON) bench/proxy_compare.py
+	$(PYTHON) bench/partition_compare.py

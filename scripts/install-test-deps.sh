@@ -11,6 +11,11 @@ command -v nutcracker >/dev/null 2>&1 || [ -x /usr/sbin/nutcracker ] || need+=(n
 /usr/bin/python3 -c 'import pylibmc'    >/dev/null 2>&1 || need+=(python3-pylibmc)
 /usr/bin/python3 -c 'import pytest'     >/dev/null 2>&1 || need+=(python3-pytest)
 command -v openssl    >/dev/null 2>&1 || need+=(openssl)
+# The network-fault suite (tests/netfault): namespaces, veths, bridges, tc; iptables rules
+# inside the namespaces it creates.
+command -v ip         >/dev/null 2>&1 || need+=(iproute2)
+command -v tc         >/dev/null 2>&1 || need+=(iproute2)
+command -v iptables   >/dev/null 2>&1 || need+=(iptables)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing test dependencies: ${need[*]}"

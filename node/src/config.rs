@@ -6,6 +6,7 @@ pub mod extended;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::peer::replicate::WriteAcks;
 use crate::store::classes::{ClassConfig, PAGE_SIZE};
 pub use extended::{Extended, FlagError};
 
@@ -389,6 +390,32 @@ pub struct ClusterArgs {
     /// Most items per second a hand-off sends, so client traffic keeps its latency.
     #[arg(long = "handoff-rate", default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub handoff_rate: u64,
+
+    /// When a write is acknowledged: `one` (once applied here; the reply still waits for
+    /// the other owners that are up), `quorum` (a majority of the key's owners) or `all`
+    /// (every owner). A write that falls short is answered `SERVER_ERROR`.
+    #[arg(long = "write-acks", default_value = "one")]
+    pub write_acks: WriteAcks,
+
+    /// Longest wait, in milliseconds, for the other owners to acknowledge a write.
+    #[arg(long = "write-timeout-ms", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub write_timeout_ms: u64,
+
+    /// Seconds a delete's tombstone is kept. A delete survives a partition (or a replica's
+    /// absence) shorter than this less one anti-entropy interval; after that an older copy
+    /// on the replica that missed it can bring the key back.
+    #[arg(long = "tombstone-ttl", default_value_t = crate::peer::DEFAULT_TOMBSTONE_TTL, value_parser = clap::value_parser!(u32).range(1..=30 * 24 * 3600))]
+    pub tombstone_ttl: u32,
+
+    /// Seconds between anti-entropy rounds, in which the node compares what it holds with
+    /// each peer that owns the same keys and pulls the newer versions it misses. A round
+    /// also starts whenever a link to a peer comes back up. 0 turns anti-entropy off.
+    #[arg(long = "anti-entropy-interval", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub anti_entropy_interval_secs: u64,
+
+    /// Most bytes of items per second anti-entropy pulls (k/m/g suffixes).
+    #[arg(long = "anti-entropy-rate", default_value = "8m", value_parser = parse_size)]
+    pub anti_entropy_rate: usize,
 }
 
 impl ClusterArgs {
@@ -688,6 +715,24 @@ mod tests {
         assert!(args.cluster.enabled());
         assert_eq!(args.cluster.node_name(), "n1");
         assert_eq!(args.cluster.peer_port, 4000);
+        assert_eq!(args.cluster.write_acks, WriteAcks::One);
+        let cli = Cli::try_parse_from([
+            "kache-node",
+            "--members-file",
+            "/tmp/m.json",
+            "--write-acks",
+            "all",
+            "--tombstone-ttl",
+            "900",
+            "--anti-entropy-rate",
+            "1m",
+        ])
+        .unwrap();
+        let args = cli.into_serve_args();
+        assert_eq!(args.cluster.write_acks, WriteAcks::All);
+        assert_eq!(args.cluster.tombstone_ttl, 900);
+        assert_eq!(args.cluster.anti_entropy_rate, 1 << 20);
+        assert!(Cli::try_parse_from(["kache-node", "--write-acks", "most"]).is_err());
         assert!(Cli::try_parse_from([
             "kache-node",
             "--members-file",

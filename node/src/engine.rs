@@ -15,8 +15,9 @@ use crate::auth::AuthFile;
 use crate::cluster::Cluster;
 use crate::peer::handoff::HandoffState;
 use crate::peer::link::Links;
+use crate::peer::record_of;
+use crate::peer::replicate::Durability;
 use crate::peer::wire::{Op, Record};
-use crate::peer::{record_of, TOMBSTONE_TTL};
 use crate::protocol::admin::{ClassSelection, WatchFlags};
 use crate::protocol::{
     exceeds_item_size, meta_set_mode, numbers, reply, GetCommand, KeyList, MetaCommand,
@@ -72,6 +73,10 @@ pub struct Engine {
     pub peer_secret: Arc<[u8]>,
     /// `lru_crawler`, `watch`, `stats conns` and the other operations commands.
     pub admin: Arc<Admin>,
+    /// When a replicated write is acknowledged, and how long deletes are remembered.
+    pub durability: Durability,
+    /// Anti-entropy counters.
+    pub anti_entropy: crate::peer::anti_entropy::AntiEntropyStats,
     verbosity: AtomicU32,
 }
 
@@ -84,6 +89,8 @@ pub struct PeerStats {
     pub rejected: AtomicU64,
     /// Replicated writes whose acknowledgement did not arrive in time.
     pub replication_timeouts: AtomicU64,
+    /// Writes answered `SERVER_ERROR` because too few owners acknowledged them.
+    pub write_ack_failures: AtomicU64,
     /// Misses answered by fetching the key from its previous owner during a hand-off.
     pub read_through_hits: AtomicU64,
 }
@@ -210,6 +217,8 @@ impl Engine {
             auth: None,
             peer_secret,
             admin,
+            durability: Durability::default(),
+            anti_entropy: Default::default(),
             verbosity: AtomicU32::new(verbosity),
         }
     }
@@ -446,7 +455,8 @@ impl Engine {
     /// the other owners) so older copies cannot come back. Returns whether there was one.
     fn delete_entry(&self, e: &mut Entry<'_>, key: &[u8], outbox: &mut Outbox) -> bool {
         if self.cluster.is_some() {
-            let deleted = e.delete_with_tombstone(key, TOMBSTONE_TTL).is_some();
+            let ttl = self.durability.tombstone_ttl;
+            let deleted = e.delete_with_tombstone(key, ttl).is_some();
             if deleted {
                 outbox.push_current(e);
             }

@@ -15,6 +15,7 @@ use kache_node::auth::AuthFile;
 use kache_node::cluster::{membership, Cluster};
 use kache_node::config::{Cli, FlagError, MemcachedOptions, Mode, ProxyArgs, ServeArgs};
 use kache_node::engine::{Engine, Settings};
+use kache_node::peer::replicate::Durability;
 use kache_node::protocol::Limits;
 use kache_node::proxy::{NodeAccess, Proxy};
 use kache_node::store::{Store, StoreConfig};
@@ -286,6 +287,11 @@ async fn run(args: ServeArgs, options: MemcachedOptions, threads: usize) -> Resu
         cluster,
         peer_secret,
     );
+    engine.durability = Durability {
+        write_acks: args.cluster.write_acks,
+        write_timeout: Duration::from_millis(args.cluster.write_timeout_ms),
+        tombstone_ttl: args.cluster.tombstone_ttl,
+    };
     if let Some(path) = &args.auth_file {
         let auth = Arc::new(AuthFile::load(path)?);
         tokio::spawn(auth.clone().follow(shutdown_rx.clone()));
@@ -369,8 +375,18 @@ async fn run(args: ServeArgs, options: MemcachedOptions, threads: usize) -> Resu
             tokio::spawn(peer::handoff::run(
                 engine.clone(),
                 cluster.clone(),
-                links,
+                links.clone(),
                 args.cluster.handoff_rate,
+                shutdown_rx.clone(),
+            ));
+            tokio::spawn(peer::anti_entropy::run(
+                engine.clone(),
+                cluster.clone(),
+                links,
+                peer::anti_entropy::Settings {
+                    interval: Duration::from_secs(args.cluster.anti_entropy_interval_secs),
+                    rate: args.cluster.anti_entropy_rate,
+                },
                 shutdown_rx.clone(),
             ));
             // Ready once the node holds what it owns: a node that restarts empty while

@@ -14,14 +14,12 @@ use crate::admin_commands::conns::{ConnInfo, ConnState};
 use crate::admin_commands::dump::Metadump;
 use crate::admin_commands::watch::Registration as WatchRegistration;
 use crate::engine::{Context, Engine, Next, Outbox};
-use crate::peer::wire::Op;
 use crate::protocol::auth::{parse_auth, AuthStep};
 use crate::protocol::{parse, reply, Limits, ParseOutcome};
 use crate::stats::Counters;
 use crate::store::now_secs;
 use crate::tls::Tls;
 use futures::future::join_all;
-use tokio::sync::oneshot;
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -45,9 +43,8 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         None => std::future::pending().await,
     }
 }
-
-/// How long a write waits for its replicas to acknowledge before it is answered anyway.
-const REPLICATION_TIMEOUT: Duration = Duration::from_secs(1);
+/// The answer to a write that too few of the key's owners acknowledged (`--write-acks`).
+const NOT_REPLICATED: &str = "SERVER_ERROR not enough replicas acknowledged the write";
 
 /// Accepts clients until `shutdown` turns true, then waits up to `drain` for open
 /// connections to finish what they were doing.
@@ -219,8 +216,18 @@ struct Connection<'a, S> {
     /// Bytes still to discard after a refused data block.
     swallow: usize,
     ctx: Context,
+    /// The replies of this batch's writes, replaced if their replication falls short.
+    writes: Vec<WriteReply>,
     /// False until the client authenticates, when the node requires it.
     authenticated: bool,
+}
+
+/// Where a write's reply sits in the write buffer, and which outbox records it made.
+struct WriteReply {
+    reply: std::ops::Range<usize>,
+    records: std::ops::Range<usize>,
+    /// Text `noreply`: even an error is not sent.
+    silent: bool,
 }
 
 impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
@@ -239,6 +246,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
             read: BytesMut::with_capacity(READ_CHUNK),
             write: BytesMut::with_capacity(READ_CHUNK),
             swallow: 0,
+            writes: Vec::new(),
             authenticated: engine.auth.is_none(),
             ctx: Context {
                 counters: Counters::default(),
@@ -423,9 +431,20 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
                     if !candidates.is_empty() {
                         read_through(self.engine, candidates).await;
                     }
+                    let reply_start = self.write.len();
+                    let first_record = self.ctx.outbox.records.len();
+                    let silent = request.silences_errors();
                     let next = self
                         .engine
                         .execute(request, now, &mut self.write, &mut self.ctx);
+                    let records = first_record..self.ctx.outbox.records.len();
+                    if !records.is_empty() {
+                        self.writes.push(WriteReply {
+                            reply: reply_start..self.write.len(),
+                            records,
+                            silent,
+                        });
+                    }
                     (next, consumed)
                 }
                 ParseOutcome::Incomplete => return Ok(Next::Continue),
@@ -438,6 +457,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
                 Next::Close | Next::Watch(_) => return Ok(next),
             }
             if self.write.len() >= WRITE_HIGH_WATER {
+                // Replies of writes go out only once their replication is decided.
+                self.replicate().await;
                 self.flush().await?;
             }
             served += 1;
@@ -453,48 +474,44 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
         }
     }
 
-    /// Sends this batch's changes to the keys' other owners and waits (bounded) until they
-    /// have applied them, so a write is acknowledged only once it has its replicas.
+    /// Sends this batch's changes to the keys' other owners and waits (bounded) for their
+    /// acknowledgements; a write that too few owners acknowledged (`--write-acks`) is
+    /// answered `SERVER_ERROR` instead of its success reply.
     async fn replicate(&mut self) {
+        let writes = std::mem::take(&mut self.writes);
         if self.ctx.outbox.records.is_empty() {
             return;
         }
         let records = std::mem::take(&mut self.ctx.outbox.records);
-        let (Some(cluster), Some(links)) = (&self.engine.cluster, &self.engine.links) else {
-            return;
+        let acknowledged = crate::peer::replicate::replicate(self.engine, records).await;
+        let write = &self.write;
+        let short = |w: &&WriteReply| {
+            // A request already answered with an error (a value too large) keeps its reply.
+            let answered_ok = !write[w.reply.clone()].starts_with(b"SERVER_ERROR");
+            answered_ok
+                && acknowledged
+                    .get(w.records.clone())
+                    .is_some_and(|acks| acks.contains(&false))
         };
-        let view = cluster.view();
-        let me = cluster.node_name();
-        let mut acks = Vec::new();
-        for record in records {
-            let targets: Vec<&kache_cluster::Member> = if record.op == Op::Flush {
-                view.list.members.iter().collect()
-            } else {
-                view.owners(&record.key)
-            };
-            for member in targets.into_iter().filter(|m| m.name != me) {
-                // A peer that is down gets the record when it reconnects (or refills), but
-                // the client does not wait for it.
-                if !links.is_down(member) {
-                    let (tx, rx) = oneshot::channel();
-                    if links.send(member, record.clone(), Some(tx)) {
-                        acks.push(rx);
-                    }
-                } else {
-                    links.send(member, record.clone(), None);
-                }
+        let failed: Vec<&WriteReply> = writes.iter().filter(short).collect();
+        if failed.is_empty() {
+            return;
+        }
+        self.engine
+            .peer_stats
+            .write_ack_failures
+            .fetch_add(failed.len() as u64, Ordering::Relaxed);
+        let mut patched = BytesMut::with_capacity(self.write.len());
+        let mut at = 0;
+        for w in failed {
+            patched.extend_from_slice(&self.write[at..w.reply.start]);
+            if !w.silent {
+                reply::line(&mut patched, NOT_REPLICATED);
             }
+            at = w.reply.end;
         }
-        if !acks.is_empty()
-            && tokio::time::timeout(REPLICATION_TIMEOUT, join_all(acks))
-                .await
-                .is_err()
-        {
-            self.engine
-                .peer_stats
-                .replication_timeouts
-                .fetch_add(1, Ordering::Relaxed);
-        }
+        patched.extend_from_slice(&self.write[at..]);
+        self.write = patched;
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {

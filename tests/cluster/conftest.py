@@ -43,6 +43,15 @@ def request(port, data, until=b"END\r\n", timeout=5.0):
         return out
 
 
+def metric(node, name):
+    """A counter or gauge from a node's /metrics (0 when absent)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.admin_port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return int(float(line.split()[1]))
+    return 0
+
+
 class Node:
     def __init__(self, name, members_file, replication_factor, extra=(), host="127.0.0.1"):
         self.name = name

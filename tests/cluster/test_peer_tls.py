@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 from pymemcache.client.base import Client
 
-from conftest import Node
+from conftest import Node, metric
 
 VALUE = b"v" * 100
 
@@ -91,14 +91,6 @@ def peer_port_certificate(node, pki, hostname):
     with socket.create_connection(("127.0.0.1", node.peer_port), timeout=5) as raw:
         with ctx.wrap_socket(raw, server_hostname=hostname) as s:
             return dict(x[0] for x in s.getpeercert()["subject"])["commonName"]
-
-
-def metric(node, name):
-    with urllib.request.urlopen(f"http://127.0.0.1:{node.admin_port}/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return int(float(line.split()[1]))
-    return 0
 
 
 def owners(node, key):

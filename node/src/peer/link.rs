@@ -34,6 +34,9 @@ pub struct LinkMetrics {
     pub acked: AtomicU64,
     pub dropped: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Woken when a link connects again after being down or broken: records may have been
+    /// lost meanwhile, so anti-entropy runs a round.
+    pub came_up: tokio::sync::Notify,
 }
 
 enum Outgoing {
@@ -179,6 +182,8 @@ async fn run(
     let mut carry: Option<Outgoing> = None;
     // The last connection error logged, so a lasting problem is logged once.
     let mut last_error: Option<ConnectError> = None;
+    // Whether a connection of this link has broken (records in flight may be lost).
+    let mut broke = false;
     loop {
         let connected = match conn::connect(tls.get().map(|t| &**t), &addr.0, addr.1).await {
             Ok(mut stream) => conn::greet(&mut stream, &node_name, &secret)
@@ -188,8 +193,12 @@ async fn run(
         };
         let stream = match connected {
             Ok(stream) => {
-                if last_error.take().is_some() {
+                let was_down = last_error.take().is_some();
+                if was_down {
                     tracing::info!(peer = %addr.0, port = addr.1, "peer link up");
+                }
+                if was_down || broke {
+                    metrics.came_up.notify_one();
                 }
                 stream
             }
@@ -304,6 +313,7 @@ async fn run(
             broken = send(&mut writer, &out).await.is_err() || reader_task.is_finished();
         }
         reader_task.abort();
+        broke = true;
         metrics.reconnects.fetch_add(1, Relaxed);
         tracing::debug!(peer = %addr.0, port = addr.1, "peer link broken; reconnecting");
     }

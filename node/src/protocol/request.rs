@@ -149,3 +149,22 @@ pub enum Request<'a> {
         noreply: bool,
     },
 }
+
+impl Request<'_> {
+    /// Whether the client asked for no reply even on error (memcached's text `noreply`;
+    /// the meta protocol's quiet mode still reports errors).
+    pub fn silences_errors(&self) -> bool {
+        match self {
+            Request::Store(req) => req.noreply,
+            Request::TooLarge { noreply, .. }
+            | Request::Delete { noreply, .. }
+            | Request::Arithmetic { noreply, .. }
+            | Request::Touch { noreply, .. }
+            | Request::FlushAll { noreply, .. }
+            | Request::Verbosity { noreply, .. }
+            | Request::CacheMemlimit { noreply, .. }
+            | Request::Error { noreply, .. } => *noreply,
+            _ => false,
+        }
+    }
+}

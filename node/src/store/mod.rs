@@ -716,13 +716,38 @@ impl Store {
         start: usize,
         max: usize,
         now: u32,
+        f: impl FnMut(&Item),
+    ) -> Option<usize> {
+        self.scan_slots(shard, start, max, now, false, f)
+    }
+
+    /// As `scan`, but tombstones (deleted keys still remembered) are included: anti-entropy
+    /// compares them between replicas so a delete reaches a replica that missed it.
+    pub fn scan_with_tombstones(
+        &self,
+        shard: usize,
+        start: usize,
+        max: usize,
+        now: u32,
+        f: impl FnMut(&Item),
+    ) -> Option<usize> {
+        self.scan_slots(shard, start, max, now, true, f)
+    }
+
+    fn scan_slots(
+        &self,
+        shard: usize,
+        start: usize,
+        max: usize,
+        now: u32,
+        tombstones: bool,
         mut f: impl FnMut(&Item),
     ) -> Option<usize> {
         let shard = self.shared.shards.get(shard)?.lock();
         let flush_at = self.shared.flush_at.load(Ordering::Relaxed);
         let end = start.saturating_add(max).min(shard.slots.len());
         for slot in shard.slots.get(start..end)?.iter().flatten() {
-            if !slot.has(bits::TOMBSTONE)
+            if (tombstones || !slot.has(bits::TOMBSTONE))
                 && !slot.is_expired(now)
                 && !Shard::is_flushed(slot, flush_at, now)
             {
