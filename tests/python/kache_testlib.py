@@ -409,12 +409,33 @@ class Approx:
         return f"{self.prefix.decode()}{self.value}(±{self.tol})"
 
 
-def _norm_meta_flag(tok: bytes, time_tol: int):
+class CasNames:
+    """Names one server's CAS values by order of first appearance (`<cas#0>`, `<cas#1>`...).
+
+    Two servers number CAS differently (memcached counts from 1, kache mixes in a clock
+    and a node id), but within one conversation the same item version must show the same
+    CAS and a new version a new one: naming values in order of appearance compares
+    exactly that.  One instance per server, shared by every step of a case.
+    """
+
+    def __init__(self):
+        self.names: dict[int, bytes] = {}
+
+    def __call__(self, value: bytes) -> bytes:
+        n = self.names.setdefault(int(value), b"%d" % len(self.names))
+        return b"<cas#" + n + b">"
+
+
+def _cas_token(value: bytes, cas: "CasNames | None") -> bytes:
+    return cas(value) if cas is not None else b"<cas>"
+
+
+def _norm_meta_flag(tok: bytes, time_tol: int, cas: "CasNames | None"):
     if len(tok) < 2:
         return tok
     f, rest = tok[:1], tok[1:]
     if f == b"c" and rest.isdigit():
-        return b"c<cas>"
+        return b"c" + _cas_token(rest, cas)
     if f in (b"t", b"l") and re.fullmatch(rb"-?\d+", rest):
         v = int(rest)
         if f == b"t" and v == -1:
@@ -423,30 +444,39 @@ def _norm_meta_flag(tok: bytes, time_tol: int):
     return tok
 
 
-def normalise_line(body: bytes, time_tol: int = 2):
-    """Normalise one reply line (without terminator) into a comparable tuple."""
+def _norm_meta_debug(body: bytes, time_tol: int, cas: "CasNames | None"):
+    """`ME <key> exp=.. la=.. cas=.. fetch=.. cls=.. size=..`: every field is compared;
+    the two clock-derived ones (exp, la) within the time tolerance, cas by CasNames."""
+    parts = body.split(b" ")
+    out = [b"ME", parts[1] if len(parts) > 1 else b""]
+    for p in parts[2:]:
+        k, eq, v = p.partition(b"=")
+        if eq and k in (b"exp", b"la") and re.fullmatch(rb"-?\d+", v) and v != b"-1":
+            out.append(Approx(k + b"=", int(v), time_tol))
+        elif eq and k == b"cas" and v.isdigit():
+            out.append(b"cas=" + _cas_token(v, cas))
+        else:
+            out.append(p)
+    return tuple(out)
+
+
+def normalise_line(body: bytes, time_tol: int = 2, cas: "CasNames | None" = None):
+    """Normalise one reply line (without terminator) into a comparable tuple.
+
+    Replaced: the VERSION string (kache's names its own release); CAS values (by `cas`'s
+    names, or all alike as `<cas>` without it); TTLs and ages (meta `t`/`l`, `me`'s exp
+    and la) match within `time_tol` seconds.  Everything else is compared as sent.
+    """
     if body.startswith(b"VERSION "):
         return (b"VERSION", b"<version>")
-    if body.startswith(b"STAT "):
-        parts = body.split(b" ", 2)
-        return (b"STAT", parts[1] if len(parts) > 1 else b"", b"<value>")
     m = _VALUE_RE.match(body)
     if m:
         out = [b"VALUE", m.group(1), m.group(2), m.group(3)]
         if m.group(4) is not None:
-            out.append(b"<cas>")
+            out.append(_cas_token(m.group(4), cas) if m.group(4).isdigit() else m.group(4))
         return tuple(out)
     if body.startswith(b"ME "):
-        # meta debug is a human-readable dump of internals (memcached 1.6.18
-        # even prints exp with an inverted sign); only the key, the presence
-        # of the documented core fields and the fetch status are compared.
-        parts = body.split(b" ")
-        fields = {}
-        for p in parts[2:]:
-            k, _, v = p.partition(b"=")
-            fields[k] = v
-        present = tuple(f for f in (b"exp", b"la", b"cas", b"fetch") if f in fields)
-        return (b"ME", parts[1], b"fields=" + b",".join(present), b"fetch=" + fields.get(b"fetch", b"<missing>"))
+        return _norm_meta_debug(body, time_tol, cas)
     toks = body.split(b" ")
     if toks[0] in _META_CODES:
         out = [toks[0]]
@@ -454,7 +484,7 @@ def normalise_line(body: bytes, time_tol: int = 2):
         if toks[0] == b"VA" and rest:
             out.append(rest[0])
             rest = rest[1:]
-        out.extend(_norm_meta_flag(t, time_tol) for t in rest)
+        out.extend(_norm_meta_flag(t, time_tol, cas) for t in rest)
         return tuple(out)
     return (body,)
 
@@ -462,8 +492,8 @@ def normalise_line(body: bytes, time_tol: int = 2):
 _PADDED_NUM = re.compile(rb"^(\d+) +\r\n$")
 
 
-def normalise(buf: bytes, time_tol: int = 2, lenient_padding: bool = False):
-    """Turn a raw reply stream into a list of comparable items.
+def normalise(buf: bytes, time_tol: int = 2, lenient_padding: bool = False, cas: "CasNames | None" = None):
+    """Turn a raw reply stream into a list of comparable items (see normalise_line).
 
     lenient_padding: memcached only space-pads a shrinking incr/decr result
     when it can rewrite the item in place (no other reference to it, e.g. from
@@ -488,7 +518,7 @@ def normalise(buf: bytes, time_tol: int = 2, lenient_padding: bool = False):
         else:
             body = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
             term = raw[len(body) :]
-            toks = normalise_line(body, time_tol)
+            toks = normalise_line(body, time_tol, cas)
             if lenient_padding and toks and toks[0] in _META_CODES:
                 toks = tuple(b"s<size>" if isinstance(t, bytes) and re.fullmatch(rb"s\d+", t) else t for t in toks)
             out.append(("line", toks, term))
