@@ -925,11 +925,10 @@ impl Engine {
                 i64::from(now) - i64::from(it.exptime())
             };
             // memcached's class and size of the item, as `stats slabs` and metadump report.
-            let size = self.store.classes().item_size(
-                it.key().len(),
-                it.client_flags(),
-                it.value().len(),
-            );
+            let size =
+                self.store
+                    .classes()
+                    .item_size(it.key().len(), it.client_flags(), it.value().len());
             let text = format!(
                 " exp={} la={} cas={} fetch={} cls={} size={}\r\n",
                 exp,
@@ -1310,3 +1309,6 @@ fn apply_delta(e: &mut Entry<'_>, incr: bool, delta: u64, cas: Option<u64>) -> D
         Err(StoreError::OutOfMemory) => Delta::NoMemory,
     }
 }
+
+#[cfg(test)]
+mod tests;
