@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import re
 import shutil
 import signal
@@ -20,7 +21,9 @@ import urllib.error
 import urllib.request
 
 HOST = "127.0.0.1"
-START_TIMEOUT = 10.0  # seconds to wait for a server to accept connections
+# Seconds a server gets to listen on its ports. Generous: the suites share two cores with
+# compilers, and a server that really fails to start exits (and is reported) long before.
+START_TIMEOUT = 30.0
 IO_TIMEOUT = 5.0  # seconds for any single socket read/write
 STOP_TIMEOUT = 5.0
 
@@ -43,10 +46,96 @@ def memcached_bin() -> str | None:
     )
 
 
+# Ports are picked below the kernel's ephemeral range (from which every client socket
+# takes its source port, and bind(0) its "free" port) and above the registered ones, so a
+# connection made between choosing a port and the server binding it cannot take it; ports
+# 30000-32767 are left to Kubernetes NodePorts.
+PORT_RANGE = (10000, 30000)
+_ports_handed_out: set[int] = set()
+_port_rng = random.Random()
+ADDRESS_IN_USE = "Address already in use"
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on now, never handed out before by this process.
+
+    Another process may still take it before the server binds it: servers that find their
+    port taken exit with ADDRESS_IN_USE, which ServerProc.start reports as PortTaken so the
+    caller can try other ports (start_on_free_ports)."""
+    for _ in range(1000):
+        port = _port_rng.randrange(*PORT_RANGE)
+        if port in _ports_handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+        _ports_handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {PORT_RANGE}")
+
+
+def listening_ports(pid: int) -> set[int] | None:
+    """The TCP ports process `pid` itself listens on (its sockets in LISTEN state, from
+    /proc), or None when /proc cannot tell.  A port that merely accepts connections may
+    belong to some other process that took it first."""
+    try:
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue  # closed meanwhile
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:[") : -1])
+        ports = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    # local_address is HEXIP:HEXPORT; state 0A is LISTEN; field 9 the inode
+                    if fields[3] == "0A" and fields[9] in inodes:
+                        ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+        return ports
+    except (FileNotFoundError, PermissionError, ProcessLookupError):
+        return None
+
+
+def accepts(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+class PortTaken(RuntimeError):
+    """The server exited at start-up because another process holds one of its ports."""
+
+
+def wait_listening(proc: subprocess.Popen, ports, timeout: float, describe) -> None:
+    """Waits until `proc` itself listens on every port of `ports` (and the first accepts a
+    connection).  Raises PortTaken if it exits because a port was taken, RuntimeError if it
+    exits otherwise or is still not listening after `timeout` seconds; `describe()` gives
+    the server's output for the message."""
+    ports = set(ports)
+    deadline = time.monotonic() + timeout
+    while True:
+        rc = proc.poll()
+        if rc is not None:
+            output = describe()
+            kind = PortTaken if ADDRESS_IN_USE in output else RuntimeError
+            raise kind(f"exited with code {rc} during startup (ports {sorted(ports)})\n--- output ---\n{output}")
+        mine = listening_ports(proc.pid)
+        if (mine is None or ports <= mine) and accepts(min(ports)):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"not listening on {sorted(ports - (mine or set()))} within {timeout}s "
+                f"(listening on {sorted(mine or ())})\n--- output ---\n{describe()}")
+        time.sleep(0.02)
 
 
 _LIVE: "set[ServerProc]" = set()
@@ -78,6 +167,8 @@ class ServerProc:
         return (HOST, self.port)
 
     def start(self, timeout: float = START_TIMEOUT) -> "ServerProc":
+        """Starts the server and waits until it listens on its ports (PortTaken: one of them
+        was taken meanwhile; see start_on_free_ports)."""
         self.proc = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,
@@ -85,26 +176,12 @@ class ServerProc:
             stderr=self._errf,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
-        while True:
-            rc = self.proc.poll()
-            if rc is not None:
-                raise RuntimeError(
-                    f"{self.name} exited with code {rc} during startup\n"
-                    f"argv: {' '.join(self.argv)}\n--- output ---\n{self.stderr_tail()}"
-                )
-            try:
-                with socket.create_connection(self.addr, timeout=0.5):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(
-                    f"{self.name} did not accept connections on {self.addr} within {timeout}s\n"
-                    f"argv: {' '.join(self.argv)}\n--- output ---\n{self.stderr_tail()}"
-                )
-            time.sleep(0.01)
+        ports = [self.port] + ([self.admin_port] if self.admin_port else [])
+        try:
+            wait_listening(self.proc, ports, timeout, self.stderr_tail)
+        except RuntimeError as e:
+            self.kill()
+            raise type(e)(f"{self.name}: {e}\nargv: {' '.join(self.argv)}") from None
         return self
 
     def alive(self) -> bool:
@@ -171,17 +248,25 @@ def memcached_argv(port: int, memory_mb: int = 64, conns: int = 1024, extra: lis
     )
 
 
-def start_memcached(memory_mb: int = 64, conns: int = 1024, extra: list[str] | None = None, name="memcached") -> ServerProc:
-    last = None
-    for _ in range(3):  # retry on the (unlikely) free-port race
-        port = free_port()
-        srv = ServerProc(name, memcached_argv(port, memory_mb, conns, extra), port)
+def start_on_free_ports(make, attempts: int = 5) -> ServerProc:
+    """`make()` builds a ServerProc on newly chosen free ports; it is started, and built
+    again on other ports if one was taken before the server could bind it."""
+    for attempt in range(attempts):
+        srv = make()
         try:
             return srv.start()
-        except RuntimeError as e:
-            last = e
+        except PortTaken:
             srv.cleanup()
-    raise last
+            if attempt == attempts - 1:
+                raise
+
+
+def start_memcached(memory_mb: int = 64, conns: int = 1024, extra: list[str] | None = None, name="memcached") -> ServerProc:
+    def make():
+        port = free_port()
+        return ServerProc(name, memcached_argv(port, memory_mb, conns, extra), port)
+
+    return start_on_free_ports(make)
 
 
 def start_node(memory_mb: int = 64, conns: int = 1024, extra: list[str] | None = None, name="kache-node") -> ServerProc:
@@ -191,22 +276,16 @@ def start_node(memory_mb: int = 64, conns: int = 1024, extra: list[str] | None =
     binary = node_bin()
     if not binary:
         raise RuntimeError("KACHE_NODE_BIN is not set")
-    last = None
-    for _ in range(3):
+
+    def make():
         port, aport = free_port(), free_port()
-        while aport == port:
-            aport = free_port()
         argv = [
             binary, "-l", HOST, "-p", str(port), "--admin-port", str(aport),
             "-m", str(memory_mb), "-I", "1m", "-t", "2", "-c", str(conns), "-v",
         ] + list(extra or [])
-        srv = ServerProc(name, argv, port, aport)
-        try:
-            return srv.start()
-        except RuntimeError as e:
-            last = e
-            srv.cleanup()
-    raise last
+        return ServerProc(name, argv, port, aport)
+
+    return start_on_free_ports(make)
 
 
 # --------------------------------------------------------------------------
@@ -579,6 +658,24 @@ def http_get(port: int, path: str, timeout: float = 5.0):
             return r.status, r.read().decode("utf-8", "replace")
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode("utf-8", "replace")
+
+
+def metric(admin_port: int, name: str) -> int:
+    """A counter or gauge from a node's (or proxy's) admin /metrics; 0 if not listed."""
+    status, body = http_get(admin_port, "/metrics")
+    assert status == 200, f"/metrics answered {status}"
+    for line in body.splitlines():
+        if line.startswith(name + " "):
+            return int(float(line.split()[1]))
+    return 0
+
+
+def wait_until(predicate, what: str, timeout: float = 30.0) -> None:
+    """Polls `predicate` until it holds; fails with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
 
 
 def stop_all(*servers: ServerProc) -> None:
