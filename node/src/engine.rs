@@ -927,19 +927,26 @@ impl Engine {
             } else {
                 out.put_slice(it.key());
             }
-            // memcached 1.6 prints "exp" as now minus the expiry time; kept for parity.
+            // memcached 1.6.18 prints "exp" as now minus the expiry time (1.6.24 turned it
+            // round); kept as the reference prints it.
             let exp = if it.exptime() == 0 {
                 -1
             } else {
                 i64::from(now) - i64::from(it.exptime())
             };
+            // memcached's class and size of the item, as `stats slabs` and metadump report.
+            let size =
+                self.store
+                    .classes()
+                    .item_size(it.key().len(), it.client_flags(), it.value().len());
             let text = format!(
-                " exp={} la={} cas={} fetch={} cls=1 size={}\r\n",
+                " exp={} la={} cas={} fetch={} cls={} size={}\r\n",
                 exp,
                 now.saturating_sub(it.time()),
                 it.cas(),
                 if it.has(bits::FETCHED) { "yes" } else { "no" },
-                it.charge(),
+                self.class_of(it),
+                size,
             );
             out.put_slice(text.as_bytes());
         });
@@ -1312,3 +1319,6 @@ fn apply_delta(e: &mut Entry<'_>, incr: bool, delta: u64, cas: Option<u64>) -> D
         Err(StoreError::OutOfMemory) => Delta::NoMemory,
     }
 }
+
+#[cfg(test)]
+mod tests;

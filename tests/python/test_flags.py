@@ -29,27 +29,15 @@ def memcached_argv(port: int, flags: list[str]) -> list[str]:
     return [kt.memcached_bin(), "-l", kt.HOST, "-p", str(port), "-U", "0"] + root + flags
 
 
-def start(kind: str, flags: list[str], servers, **popen) -> kt.ServerProc:
-    port = kt.free_port()
-    if kind == "kache":
-        argv = kache_argv(port, kt.free_port(), flags)
-    else:
-        argv = memcached_argv(port, flags)
-    srv = kt.ServerProc(kind, argv, port)
+def start(kind: str, flags: list[str], servers) -> kt.ServerProc:
+    def make():
+        port = kt.free_port()
+        argv = kache_argv(port, kt.free_port(), flags) if kind == "kache" else memcached_argv(port, flags)
+        return kt.ServerProc(kind, argv, port)
+
+    srv = kt.start_on_free_ports(make)
     servers.servers.append(srv)
-    if popen:
-        srv.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=srv._errf, stderr=srv._errf,
-                                    start_new_session=True, **popen)
-        deadline = time.monotonic() + START_WAIT
-        while True:
-            assert srv.proc.poll() is None, f"{kind} exited: {srv.stderr_tail()}"
-            try:
-                kt.Conn(srv.addr).close()
-                return srv
-            except OSError:
-                assert time.monotonic() < deadline, f"{kind} did not start: {srv.stderr_tail()}"
-                time.sleep(0.02)
-    return srv.start()
+    return srv
 
 
 def refused(kind: str, flags: list[str]) -> tuple[int, str]:
