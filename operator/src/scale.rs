@@ -15,7 +15,7 @@
 //! Scaling out is unaffected: new pods join the list once Ready.
 
 use crate::crd::{CacheCluster, DepartingMember, RebalanceStatus};
-use crate::probe::HandoffReport;
+use crate::probe::NodeReport;
 use crate::status::{member_state, pod_ordinal};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
@@ -25,8 +25,8 @@ use kache_cluster::MemberList;
 use kube::ResourceExt;
 use std::collections::BTreeMap;
 
-/// Probe results by pod name: the node's hand-off report, or why there is none.
-pub type ProbeResults = BTreeMap<String, Result<HandoffReport, String>>;
+/// Probe results by pod name: the node's report, or why there is none.
+pub type ProbeResults = BTreeMap<String, Result<NodeReport, String>>;
 
 /// A departing pod whose node may still hold data, to be asked for progress.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -201,7 +201,7 @@ pub fn decide(
                     }),
                 };
             }
-            match probes.get(&pod) {
+            match probes.get(&pod).map(|r| r.as_ref().map(|r| &r.handoff)) {
                 Some(Ok(r)) => DepartingMember {
                     done: nothing_to_wait_for || (r.version >= version && r.done),
                     handoff_version: Some(to_i64(r.version)),
@@ -218,7 +218,7 @@ pub fn decide(
                     sent: 0,
                     acked: 0,
                     failed: 0,
-                    message: Some(e.clone()),
+                    message: Some(e.to_string()),
                     name: pod,
                 },
                 None => DepartingMember {

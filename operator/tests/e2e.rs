@@ -97,6 +97,10 @@ const OPERATOR_NEEDS: &[Access] = &[
     access("create", "", "services", "", true),
     access("patch", "", "services", "", true),
     access("list", "", "pods", "", true),
+    // Rolling updates: a node restarts by its pod being deleted; the one
+    // drained first gets two annotations (server-side apply).
+    access("delete", "", "pods", "", true),
+    access("patch", "", "pods", "", true),
     // The StatefulSet is read with a list by name (scale-in state).
     access("list", "apps", "statefulsets", "", true),
     access("get", "", "configmaps", "", true),
@@ -140,7 +144,7 @@ const OPERATOR_MUST_NOT: &[Access] = &[
     access("delete", "apps", "statefulsets", "", true),
     access("delete", "", "services", "", true),
     access("delete", "", "configmaps", "", true),
-    access("delete", "", "pods", "", true),
+    access("deletecollection", "", "pods", "", true),
     access("delete", "kache.dev", "cacheclusters", "", true),
     access("update", "kache.dev", "cacheclusters", "", true),
     access("patch", "kache.dev", "cacheclusters", "", true),
