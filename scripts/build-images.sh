@@ -104,11 +104,14 @@ build_image() {
   [ -n "$user" ] && [ -n "$entrypoint" ] && [ -n "$dest" ] ||
     { echo "build-images: cannot read USER/ENTRYPOINT/COPY from $dockerfile" >&2; exit 1; }
 
-  local layout=$work/$name-oci root=$work/$name-rootfs
-  make_rootfs "$root" "$bin" "$dest"
+  # One layer: unpack the empty image, lay the runtime filesystem into its bundle, repack.
+  # (umoci 0.4's `insert` leaves the layer's tar unterminated; repack writes it whole.)
+  local layout=$work/$name-oci bundle=$work/$name-bundle
   umoci init --layout "$layout"
   umoci new --image "$layout:$TAG"
-  umoci insert --image "$layout:$TAG" --history.created_by "build-images.sh: $name runtime" "$root" /
+  umoci unpack --image "$layout:$TAG" "$bundle" >/dev/null
+  make_rootfs "$bundle/rootfs" "$bin" "$dest"
+  umoci repack --image "$layout:$TAG" --history.created_by "build-images.sh: $name runtime" "$bundle"
 
   local args=(--config.user "$user" --config.env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
               --config.env SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt --config.workingdir /)
