@@ -58,5 +58,5 @@ export KUBECTL
 export KACHE_E2E_HELM
 
 "$PYTHON" -m pytest -v -rs -p no:cacheprovider tests/k8s/test_journey.py
-# (operator e2e suites: see below)
+cargo test -p kache-operator --test e2e --test e2e_faults -- --test-threads 1
 echo "k8s suite: passed in $(( $(date +%s) - started )) s"
