@@ -331,8 +331,30 @@ pub fn decide(
         .map(|(_, p)| *p)
         .find(|p| terminating(p) || (!outdated(p, revision) && !ready(p)));
     let outdated = outdated_pods(cc, pods, revision);
-    if outdated.is_empty() && restarting.is_none() {
-        return RollDecision::idle();
+    if outdated.is_empty() {
+        // Every node runs the revision: the roll is over once the node restarted last
+        // (the step in the status) is back. Other starting nodes (a scale-out, a crash)
+        // are no rolling update.
+        let previous = cc.status.as_ref().and_then(|s| s.rollout.as_ref());
+        let tail = restarting
+            .filter(|p| previous.is_some_and(|r| r.revision == revision && r.pod == p.name_any()));
+        let Some(pod) = tail else {
+            return RollDecision::idle();
+        };
+        return RollDecision {
+            action: RollAction::None,
+            rollout: step(
+                cc,
+                revision,
+                &pod.name_any(),
+                RolloutPhase::Restarting,
+                now.clone(),
+            ),
+            progress: Some(format!(
+                "rolling update: {counts}; waiting for {} to refill and become Ready",
+                pod.name_any()
+            )),
+        };
     }
     let waiting = |pod: &str, phase: RolloutPhase, message: String| RollDecision {
         action: RollAction::None,

@@ -515,3 +515,33 @@ fn report_targets_are_the_live_pods_with_an_ip() {
         }]
     );
 }
+
+#[test]
+fn starting_nodes_without_a_roll_are_no_rolling_update() {
+    // A scale-out (web-2 new, not Ready yet) or a crashed node: nothing runs an old revision.
+    let cc = web(3, 2);
+    let pods = vec![node(0, "r2"), node(1, "r2"), not_ready(node(2, "r2"))];
+    let list = list_of(&cc, &pods, 4);
+    assert_eq!(
+        decide_now(&cc, &pods, &list, &ProbeResults::new()),
+        RollDecision::idle()
+    );
+    // The last node of a roll, recorded in the status, is its tail until it is back.
+    let mut cc = cc;
+    cc.status = Some(crate::crd::CacheClusterStatus {
+        rollout: Some(RolloutStatus {
+            revision: "r2".into(),
+            pod: "web-2".into(),
+            phase: RolloutPhase::Restarting,
+            started_at: t(0),
+        }),
+        ..Default::default()
+    });
+    let d = decide_now(&cc, &pods, &list, &ProbeResults::new());
+    assert_eq!(d.action, RollAction::None);
+    assert_eq!(d.rollout.unwrap().started_at, t(0));
+    assert!(d
+        .progress
+        .unwrap()
+        .ends_with("waiting for web-2 to refill and become Ready"));
+}
