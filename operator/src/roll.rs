@@ -135,27 +135,8 @@ pub fn rolling(cc: &CacheCluster, sts: Option<&StatefulSet>, pods: &[Pod]) -> bo
 /// with an IP that is not being deleted (members and the drained one), in
 /// ordinal order.
 pub fn report_targets(cc: &CacheCluster, pods: &[Pod]) -> Vec<ProbeTarget> {
-    let mut out: Vec<(u32, ProbeTarget)> = pods_in_range(cc, pods)
-        .into_iter()
-        .filter(|(_, p)| !terminating(p))
-        .filter_map(|(o, p)| {
-            let ip = p
-                .status
-                .as_ref()?
-                .pod_ip
-                .clone()
-                .filter(|ip| !ip.is_empty())?;
-            Some((
-                o,
-                ProbeTarget {
-                    name: p.name_any(),
-                    ip,
-                },
-            ))
-        })
-        .collect();
-    out.sort_by_key(|(o, _)| *o);
-    out.into_iter().map(|(_, t)| t).collect()
+    let replicas = u32::try_from(cc.spec.replicas.max(0)).unwrap_or(0);
+    crate::scale::probe_targets(cc, pods, |ordinal, p| ordinal < replicas && !terminating(p))
 }
 
 /// What the reconcile does for the rolling update.
@@ -290,11 +271,24 @@ fn step(
     })
 }
 
-fn restart(pod: &Pod, why: RestartReason) -> RollAction {
-    RollAction::Restart {
-        pod: pod.name_any(),
-        uid: pod.metadata.uid.clone().unwrap_or_default(),
-        why,
+/// The decision to restart `pod` now, as the step of the status.
+fn restart_now(
+    cc: &CacheCluster,
+    revision: &str,
+    pod: &Pod,
+    why: RestartReason,
+    progress: String,
+    now: &Time,
+) -> RollDecision {
+    let name = pod.name_any();
+    RollDecision {
+        rollout: step(cc, revision, &name, RolloutPhase::Restarting, now.clone()),
+        action: RollAction::Restart {
+            pod: name,
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+            why,
+        },
+        progress: Some(progress),
     }
 }
 
@@ -374,18 +368,9 @@ pub fn decide(
                     r.handoff.version >= list.version && r.handoff.done && !r.handoff.running
                 })
             });
+        let restarting = format!("rolling update: {counts}; restarting {pod_name}");
         if handed_off || !ready(pod) {
-            return RollDecision {
-                action: restart(pod, RestartReason::Drained),
-                rollout: step(
-                    cc,
-                    revision,
-                    &pod_name,
-                    RolloutPhase::Restarting,
-                    now.clone(),
-                ),
-                progress: Some(format!("rolling update: {counts}; restarting {pod_name}")),
-            };
+            return restart_now(cc, revision, pod, RestartReason::Drained, restarting, now);
         }
         if now.0 >= deadline(cc, &since).0 {
             let detail = match report {
@@ -396,17 +381,8 @@ pub fn decide(
                 Some(Err(e)) => e.clone(),
                 None => "not asked".into(),
             };
-            return RollDecision {
-                action: restart(pod, RestartReason::DrainTimedOut(detail)),
-                rollout: step(
-                    cc,
-                    revision,
-                    &pod_name,
-                    RolloutPhase::Restarting,
-                    now.clone(),
-                ),
-                progress: Some(format!("rolling update: {counts}; restarting {pod_name}")),
-            };
+            let why = RestartReason::DrainTimedOut(detail);
+            return restart_now(cc, revision, pod, why, restarting, now);
         }
         return waiting(
             &pod_name,
@@ -441,20 +417,11 @@ pub fn decide(
 
     // 3. An outdated pod that is not Ready holds nothing: restart it at once.
     if let Some(pod) = outdated.iter().find(|p| !ready(p)) {
-        let pod_name = pod.name_any();
-        return RollDecision {
-            action: restart(pod, RestartReason::NotReady),
-            rollout: step(
-                cc,
-                revision,
-                &pod_name,
-                RolloutPhase::Restarting,
-                now.clone(),
-            ),
-            progress: Some(format!(
-                "rolling update: {counts}; restarting {pod_name} (not Ready)"
-            )),
-        };
+        let progress = format!(
+            "rolling update: {counts}; restarting {} (not Ready)",
+            pod.name_any()
+        );
+        return restart_now(cc, revision, pod, RestartReason::NotReady, progress, now);
     }
 
     // 4. The next one, highest ordinal first, once the cluster is settled.
@@ -496,17 +463,8 @@ pub fn decide(
             )),
         };
     }
-    RollDecision {
-        action: restart(next, RestartReason::Turn),
-        rollout: step(
-            cc,
-            revision,
-            &next_name,
-            RolloutPhase::Restarting,
-            now.clone(),
-        ),
-        progress: Some(format!("rolling update: {counts}; restarting {next_name}")),
-    }
+    let progress = format!("rolling update: {counts}; restarting {next_name}");
+    restart_now(cc, revision, next, RestartReason::Turn, progress, now)
 }
 
 #[cfg(test)]

@@ -113,6 +113,39 @@ fn may_hold_data(pod: &Pod) -> bool {
         && !container_down
 }
 
+/// The pods chosen by `keep` (given each pod's ordinal) that have an IP, as
+/// probe targets in ordinal order.
+pub fn probe_targets(
+    cc: &CacheCluster,
+    pods: &[Pod],
+    keep: impl Fn(u32, &Pod) -> bool,
+) -> Vec<ProbeTarget> {
+    let name = cc.name_any();
+    let mut out: Vec<(u32, ProbeTarget)> = pods
+        .iter()
+        .filter_map(|p| {
+            let ordinal = pod_ordinal(&p.name_any(), &name)?;
+            let ip = p
+                .status
+                .as_ref()?
+                .pod_ip
+                .clone()
+                .filter(|ip| !ip.is_empty())?;
+            keep(ordinal, p).then(|| {
+                (
+                    ordinal,
+                    ProbeTarget {
+                        name: p.name_any(),
+                        ip,
+                    },
+                )
+            })
+        })
+        .collect();
+    out.sort_by_key(|(o, _)| *o);
+    out.into_iter().map(|(_, t)| t).collect()
+}
+
 /// The departing pods to ask for hand-off progress, in ordinal order. Pods
 /// without a running node (pending, no IP, deleted, crashed) hold nothing.
 pub fn pods_to_probe(
@@ -121,26 +154,9 @@ pub fn pods_to_probe(
     pods: &[Pod],
 ) -> Vec<ProbeTarget> {
     let departing = departing_ordinals(cc, sts);
-    let name = cc.name_any();
-    let mut out: Vec<(u32, ProbeTarget)> = pods
-        .iter()
-        .filter_map(|p| {
-            let ordinal = pod_ordinal(&p.name_any(), &name)?;
-            if !departing.contains(&ordinal) || !may_hold_data(p) {
-                return None;
-            }
-            let ip = p.status.as_ref()?.pod_ip.clone()?;
-            Some((
-                ordinal,
-                ProbeTarget {
-                    name: p.name_any(),
-                    ip,
-                },
-            ))
-        })
-        .collect();
-    out.sort_by_key(|(o, _)| *o);
-    out.into_iter().map(|(_, t)| t).collect()
+    probe_targets(cc, pods, |ordinal, p| {
+        departing.contains(&ordinal) && may_hold_data(p)
+    })
 }
 
 fn to_i64(v: u64) -> i64 {

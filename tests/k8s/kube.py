@@ -131,19 +131,25 @@ def node_report(ip):
     return json.loads(http_get(ip, ADMIN_PORT, "/cluster")[1])
 
 
-def memcache(host, request, port=MEMCACHE_PORT, until=(b"END\r\n",), timeout=5.0):
-    """Sends raw memcached text and reads until the reply ends with one of `until`."""
+def exchange(sock, request, until=(b"END\r\n",)):
+    """Sends raw memcached text on a connected socket (plain or TLS) and reads until the
+    reply ends with one of `until` or the peer closes."""
     if isinstance(request, str):
         request = request.encode()
-    with socket.create_connection((host, port), timeout=timeout) as s:
-        s.sendall(request)
-        out = b""
-        while not any(out.endswith(u) for u in until):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            out += chunk
+    sock.sendall(request)
+    out = b""
+    while not any(out.endswith(u) for u in until):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        out += chunk
     return out.decode(errors="replace")
+
+
+def memcache(host, request, port=MEMCACHE_PORT, until=(b"END\r\n",), timeout=5.0):
+    """Sends raw memcached text on a new connection and reads the reply (see exchange)."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        return exchange(s, request, until)
 
 
 def mc_set(host, key, value, port=MEMCACHE_PORT):

@@ -565,14 +565,7 @@ def tls_exchange(ip, d, ns, payload, client_cert=True, until=(b"END\r\n",)):
         ctx.load_cert_chain(os.path.join(d, "client.crt"), os.path.join(d, "client.key"))
     with socket.create_connection((ip, 11211), timeout=5) as raw:
         with ctx.wrap_socket(raw, server_hostname=f"secure-cache.{ns}.svc") as s:
-            s.sendall(payload)
-            out = b""
-            while not any(out.endswith(u) for u in until):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                out += chunk
-            return out.decode()
+            return kube.exchange(s, payload, until)
 
 
 @step

@@ -352,6 +352,7 @@ pub async fn virtual_node(client: &Client) -> AbortOnDrop<()> {
     beat(nodes.clone())
         .await
         .unwrap_or_else(|e| panic!("write status of node {VIRTUAL_NODE}: {e}"));
+    wait_schedulable(client).await;
     let pods: Api<Pod> = Api::all(client.clone());
     AbortOnDrop(Some(tokio::spawn(async move {
         let on_node =
@@ -381,6 +382,41 @@ pub async fn virtual_node(client: &Client) -> AbortOnDrop<()> {
             }
         }
     })))
+}
+
+/// Waits until the scheduler places a pod on [`VIRTUAL_NODE`]: a node it has not seen
+/// yet (just created) would make the first cache pods unschedulable for a moment.
+async fn wait_schedulable(client: &Client) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let name = format!("kache-e2e-canary-{}", std::process::id());
+    let canary: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": VIRTUAL_NODE},
+            "tolerations": [{"key": VIRTUAL_TAINT, "operator": "Exists"}],
+            "containers": [{"name": "c", "image": "none.invalid/canary:0"}],
+        },
+    }))
+    .unwrap();
+    match pods.create(&PostParams::default(), &canary).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("create pod {name}: {e}"),
+    }
+    eventually(&format!("pod {name} scheduled to {VIRTUAL_NODE}"), || {
+        let (pods, name) = (pods.clone(), name.clone());
+        async move {
+            let p = pods.get(&name).await.map_err(|e| e.to_string())?;
+            match p.spec.as_ref().and_then(|s| s.node_name.clone()) {
+                Some(n) if n == VIRTUAL_NODE => Ok(()),
+                other => Err(format!("nodeName {other:?}")),
+            }
+        }
+    })
+    .await;
+    let _ = pods
+        .delete(&name, &DeleteParams::default().grace_period(0))
+        .await;
 }
 
 // ------------------------------------------------------------------ CRD
