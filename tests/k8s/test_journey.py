@@ -420,7 +420,8 @@ def test_07_rolling_update_keeps_the_cache_warm(cluster):
     svc_ip = kube.get("service", NAME, NS)["spec"]["clusterIP"]
     revision = kube.get("cachecluster", NAME, NS)["status"]["revision"]
     sample = list(Journey.keys.items())[:2000]
-    through = {"hits": 0, "reads": 0, "errors": 0, "min_ready": 2, "reasons": set()}
+    through = {"hits": 0, "reads": 0, "errors": 0, "error_ticks": set(), "min_ready": 2,
+               "reasons": set()}
     stop = threading.Event()
 
     def reader():
@@ -437,6 +438,7 @@ def test_07_rolling_update_keeps_the_cache_warm(cluster):
                 # Refused or reset by a node shutting down before kube-proxy stopped
                 # sending it new connections: unavailable for a moment, not cold.
                 through["errors"] += 1
+                through["error_ticks"].add(int(time.monotonic() * 10))
             i += 1
 
     t = threading.Thread(target=reader)
@@ -465,7 +467,8 @@ def test_07_rolling_update_keeps_the_cache_warm(cluster):
     assert through["min_ready"] >= 1, "both nodes were down at once"
     during = through["hits"] / max(through["reads"], 1)
     record("step7_hit_ratio_during_roll_via_service",
-           f"{during:.4f} of {through['reads']} answered reads ({through['errors']} connection errors)")
+           f"{during:.4f} of {through['reads']} answered reads ({through['errors']} connection "
+           f"errors, within {len(through['error_ticks']) / 10:.1f} s)")
     after = hit_ratio(members, Journey.keys)
     record("step7_hit_ratio_after_roll", round(after, 4))
     assert during >= 0.99, f"hit ratio during the roll: {during:.4f}"

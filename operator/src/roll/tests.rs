@@ -95,22 +95,37 @@ fn all_settled(pods: &[Pod], version: u64) -> ProbeResults {
         .collect()
 }
 
+/// The decision with the StatefulSet at r2, `list_changed`, `scaling_in`, at `now`.
+fn decide_as(
+    cc: &CacheCluster,
+    pods: &[Pod],
+    list: &MemberList,
+    reports: &ProbeResults,
+    list_changed: bool,
+    scaling_in: bool,
+    now: Time,
+) -> RollDecision {
+    let sts = sts_at("r2");
+    decide(
+        cc,
+        Some(&sts),
+        pods,
+        list,
+        list_changed,
+        reports,
+        scaling_in,
+        &now,
+    )
+}
+
+/// The decision of a settled moment: nothing published, no scale-in, at t(10).
 fn decide_now(
     cc: &CacheCluster,
     pods: &[Pod],
     list: &MemberList,
     reports: &ProbeResults,
 ) -> RollDecision {
-    decide(
-        cc,
-        Some(&sts_at("r2")),
-        pods,
-        list,
-        false,
-        reports,
-        false,
-        &t(10),
-    )
+    decide_as(cc, pods, list, reports, false, false, t(10))
 }
 
 #[test]
@@ -244,31 +259,13 @@ fn no_restart_while_the_list_changes_or_a_scale_in_runs() {
     let pods: Vec<Pod> = (0..3).map(|i| node(i, "r1")).collect();
     let list = list_of(&cc, &pods, 4);
     let reports = all_settled(&pods, 4);
-    let changing = decide(
-        &cc,
-        Some(&sts_at("r2")),
-        &pods,
-        &list,
-        true,
-        &reports,
-        false,
-        &t(0),
-    );
+    let changing = decide_as(&cc, &pods, &list, &reports, true, false, t(0));
     assert_eq!(changing.action, RollAction::None);
     assert!(changing
         .progress
         .unwrap()
         .ends_with("publishing member list version 4"));
-    let scaling = decide(
-        &cc,
-        Some(&sts_at("r2")),
-        &pods,
-        &list,
-        false,
-        &reports,
-        true,
-        &t(0),
-    );
+    let scaling = decide_as(&cc, &pods, &list, &reports, false, true, t(0));
     assert_eq!(scaling.action, RollAction::None);
     assert!(scaling
         .progress
@@ -391,16 +388,7 @@ fn unreplicated_cluster_drains_before_restarting() {
     // Still handing off version 5: wait (until the deadline, 300 s).
     let mut reports = all_settled(&pods, 5);
     reports.insert("web-2".into(), report(5, 5, true));
-    let d = decide(
-        &cc,
-        Some(&sts_at("r2")),
-        &pods,
-        &list,
-        false,
-        &reports,
-        false,
-        &t(100),
-    );
+    let d = decide_as(&cc, &pods, &list, &reports, false, false, t(100));
     assert_eq!(d.action, RollAction::None);
     let r = d.rollout.unwrap();
     assert_eq!((r.pod.as_str(), r.phase), ("web-2", RolloutPhase::Draining));
@@ -418,16 +406,7 @@ fn unreplicated_cluster_drains_before_restarting() {
     );
     // The deadline passes first: restart anyway, saying why.
     reports.insert("web-2".into(), report(5, 5, true));
-    let d = decide(
-        &cc,
-        Some(&sts_at("r2")),
-        &pods,
-        &list,
-        false,
-        &reports,
-        false,
-        &t(310),
-    );
+    let d = decide_as(&cc, &pods, &list, &reports, false, false, t(310));
     assert!(matches!(
         d.action,
         RollAction::Restart {
