@@ -311,12 +311,15 @@ def test_05_warm_scaling_3_to_5_to_2(cluster):
     last_reports = {}
     deadline = time.monotonic() + 180
     while True:
+        # Pods first: a departing pod seen deleted while the StatefulSet read after it
+        # still has 5 replicas was killed early.
+        pods = kube.cluster_pods(NS, NAME)
+        cc = kube.get("cachecluster", NAME, NS)
         sts = kube.get("statefulset", NAME, NS)
         if sts["spec"]["replicas"] < 5:
             break
-        cc = kube.get("cachecluster", NAME, NS)
         seen_rebalance |= bool(cc.get("status", {}).get("rebalance"))
-        for p in kube.cluster_pods(NS, NAME):
+        for p in pods:
             if p["metadata"]["name"] in departing:
                 assert not p["metadata"].get("deletionTimestamp"), \
                     f"{p['metadata']['name']} deleted before the StatefulSet shrank"
