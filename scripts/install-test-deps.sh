@@ -16,6 +16,10 @@ command -v openssl    >/dev/null 2>&1 || need+=(openssl)
 command -v ip         >/dev/null 2>&1 || need+=(iproute2)
 command -v tc         >/dev/null 2>&1 || need+=(iproute2)
 command -v iptables   >/dev/null 2>&1 || need+=(iptables)
+/usr/bin/python3 -c 'import yaml'       >/dev/null 2>&1 || need+=(python3-yaml)
+# The images (scripts/build-images.sh) and the real-cluster suite (tests/k8s).
+command -v umoci      >/dev/null 2>&1 || need+=(umoci)
+command -v skopeo     >/dev/null 2>&1 || need+=(skopeo)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing test dependencies: ${need[*]}"

@@ -62,6 +62,11 @@ pub struct ProxyArgs {
     #[arg(long = "admin-port", default_value_t = 11290)]
     pub admin_port: u16,
 
+    /// Interface of the admin endpoint. Every interface by default, even when `--listen`
+    /// is loopback: the kubelet probes a sidecar from the node, at the pod's IP.
+    #[arg(long = "admin-listen", default_value = "0.0.0.0")]
+    pub admin_listen: String,
+
     /// More logging; repeat for more.
     #[arg(short = 'v', action = clap::ArgAction::Count)]
     pub verbose: u8,

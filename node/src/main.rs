@@ -462,7 +462,7 @@ async fn start_membership(
 async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
     let listener = bind(&args.listen, args.port).await?;
     let admin_listener = if args.admin_port != 0 {
-        Some(bind(&args.listen, args.admin_port).await?)
+        Some(bind(&args.admin_listen, args.admin_port).await?)
     } else {
         None
     };

@@ -1,6 +1,7 @@
 """`kache-node proxy`: a plain memcached client made cluster-aware."""
 import os
 import signal
+import socket
 import subprocess
 import threading
 import urllib.request
@@ -308,3 +309,14 @@ def test_admin_commands_through_the_proxy(proxied):
     assert request(proxy.port, b"stats detail dump\r\n") == b"PREFIX acct get 2 hit 2 set 0 del 0\r\nPREFIX nope get 1 hit 0 set 0 del 0\r\nEND\r\n"
     assert request(proxy.port, b"watch\r\n", until=b"\r\n").startswith(b"CLIENT_ERROR ")
     assert request(proxy.port, b"shutdown\r\n", until=b"\r\n") == b"ERROR: shutdown not enabled\r\n"
+
+
+def test_the_admin_endpoint_answers_beyond_the_loopback_listener(proxied):
+    # A sidecar listens on 127.0.0.1 for the application, but the kubelet probes it at
+    # the pod's IP: the admin endpoint listens on every interface (--admin-listen), the
+    # client port only where -l says. 127.0.0.2 stands in for the pod IP.
+    _, _, proxy = proxied(nodes=1)
+    with urllib.request.urlopen(f"http://127.0.0.2:{proxy.admin_port}/readyz", timeout=2) as r:
+        assert r.status == 200
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.2", proxy.port), timeout=2).close()
