@@ -36,10 +36,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,35 +50,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import compare as cmp  # noqa: E402  (helpers shared with the node benchmark)
+
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "python"))
+import kache_testlib as kt  # noqa: E402  (port picking shared with the test suites)
 from compare import HOST, BenchError, Server, log  # noqa: E402
 
 NUTCRACKER = "/usr/sbin/nutcracker"
-_HANDED_OUT: set[int] = set()
 
 
-def free_port() -> int:
-    """A free port below the ephemeral range (so that no outgoing connection of the proxies,
-    nodes or load generator can take it between now and the server's bind), never the same
-    one twice in one run."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            lo_eph = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        lo_eph = 32768
-    lo, hi = 20000, max(lo_eph, 20001)
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
-    for _ in range(500):
-        port = rng.randrange(lo, hi)
-        if port in _HANDED_OUT:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((HOST, port))
-            except OSError:
-                continue
-        _HANDED_OUT.add(port)
-        return port
-    return cmp.free_port()
+# A free port below the ephemeral range (so that no outgoing connection of the proxies,
+# nodes or load generator can take it between now and the server's bind), never the same
+# one twice in one run: the test suite's picker.
+free_port = kt.free_port
 
 
 # --------------------------------------------------------------------------- processes

@@ -48,13 +48,48 @@ fn cluster_json(node: &str, view: &ClusterView, engine: &Engine) -> serde_json::
 
 /// The percent-decoded value of `name` in a query string.
 fn query_param(query: &str, name: &str) -> Vec<u8> {
-    for pair in query.split('&') {
+    query_params(query, name).next().unwrap_or_default()
+}
+
+/// Every percent-decoded value of `name` in a query string, in order.
+fn query_params<'a>(query: &'a str, name: &'a str) -> impl Iterator<Item = Vec<u8>> + 'a {
+    query.split('&').filter_map(move |pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if k == name {
-            return percent_decode(v.as_bytes());
-        }
-    }
-    Vec::new()
+        (k == name).then(|| percent_decode(v.as_bytes()))
+    })
+}
+
+/// Most keys one `GET /cluster/items` looks up.
+const MAX_ITEMS_PER_REQUEST: usize = 1000;
+
+/// `GET /cluster/items?key=K&key=...`: what this node's own store holds for each key (the
+/// value, its version, or a delete's tombstone), with no read-through from peers, so
+/// replicas can be compared. At most `MAX_ITEMS_PER_REQUEST` keys.
+fn items_json(engine: &Engine, query: &str) -> serde_json::Value {
+    let now = crate::store::now_secs();
+    let items: Vec<serde_json::Value> = query_params(query, "key")
+        .take(MAX_ITEMS_PER_REQUEST)
+        .map(|key| {
+            let held = engine.store.with_entry(&key, now, |e| {
+                e.current().map(|item| {
+                    let deleted = item.has(crate::store::bits::TOMBSTONE);
+                    (deleted, item.cas(), item.value().to_vec())
+                })
+            });
+            let key = String::from_utf8_lossy(&key);
+            match held {
+                None => serde_json::json!({ "key": key, "found": false }),
+                Some((deleted, version, value)) => serde_json::json!({
+                    "key": key,
+                    "found": true,
+                    "deleted": deleted,
+                    "version": version,
+                    "value": String::from_utf8_lossy(&value),
+                }),
+            }
+        })
+        .collect();
+    serde_json::json!({ "items": items })
 }
 
 fn percent_decode(s: &[u8]) -> Vec<u8> {
@@ -257,6 +292,47 @@ impl Collector for StatsCollector {
             "Write batches answered before all replicas acknowledged.",
             p.replication_timeouts.load(Ordering::Relaxed),
         )?;
+        counter(
+            &mut enc,
+            "write_ack_failures",
+            "Writes answered SERVER_ERROR because too few owners acknowledged them (--write-acks).",
+            p.write_ack_failures.load(Ordering::Relaxed),
+        )?;
+        let ae = &engine.anti_entropy;
+        for (name, help, value) in [
+            (
+                "anti_entropy_rounds",
+                "Anti-entropy rounds completed with a peer.",
+                &ae.rounds,
+            ),
+            (
+                "anti_entropy_failed_rounds",
+                "Anti-entropy rounds that failed (peer unreachable, broken connection, timeout).",
+                &ae.failed_rounds,
+            ),
+            (
+                "anti_entropy_arcs_differing",
+                "Key-hash arcs whose digest differed from a peer's, summed over rounds.",
+                &ae.arcs_differing,
+            ),
+            (
+                "anti_entropy_items_pulled",
+                "Items and tombstones pulled from peers by anti-entropy.",
+                &ae.items_pulled,
+            ),
+            (
+                "anti_entropy_bytes_pulled",
+                "Bytes of items pulled from peers by anti-entropy.",
+                &ae.bytes_pulled,
+            ),
+            (
+                "anti_entropy_items_served",
+                "Items and tombstones sent to peers' anti-entropy rounds.",
+                &ae.items_served,
+            ),
+        ] {
+            counter(&mut enc, name, help, value.load(Ordering::Relaxed))?;
+        }
         if let Some(links) = &engine.links {
             let m = &links.metrics;
             gauge(
@@ -499,15 +575,18 @@ fn route(
                 ),
             }
         }
-        "/cluster" | "/cluster/owners" => {
+        "/cluster" | "/cluster/owners" | "/cluster/items" => {
             match engine.and_then(|e| e.cluster.as_ref().map(|c| (e, c))) {
                 None => text(StatusCode::NOT_FOUND, "not part of a cluster\n".into()),
                 Some((engine, cluster)) => {
                     let view = cluster.view();
+                    let query = req.uri().query().unwrap_or("");
                     let body = if req.uri().path() == "/cluster" {
                         cluster_json(cluster.node_name(), &view, engine)
+                    } else if req.uri().path() == "/cluster/items" {
+                        items_json(engine, query)
                     } else {
-                        let key = query_param(req.uri().query().unwrap_or(""), "key");
+                        let key = query_param(query, "key");
                         let owners: Vec<&str> =
                             view.owners(&key).iter().map(|m| m.name.as_str()).collect();
                         serde_json::json!({ "key": String::from_utf8_lossy(&key), "owners": owners })

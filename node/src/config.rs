@@ -1,6 +1,14 @@
-//! Command line of `kache-node`, memcached-compatible where memcached has the flag.
+//! Command line of `kache-node`, memcached-compatible where memcached has the flag: every
+//! flag of `memcached -h` (1.6.18) is read, applied where it has a meaning in kache and
+//! otherwise accepted with a one-line notice or refused with memcached's own words.
+
+pub mod extended;
 
 use clap::{Args, Parser, Subcommand};
+
+use crate::peer::replicate::WriteAcks;
+use crate::store::classes::{ClassConfig, PAGE_SIZE};
+pub use extended::{Extended, FlagError};
 
 /// kache-node: a memcached-compatible cache node.
 #[derive(Debug, Parser)]
@@ -13,6 +21,8 @@ pub struct Cli {
     pub serve: ServeArgs,
 }
 
+// Parsed once at start-up: the size of the serve options does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the memcached protocol (the default).
@@ -51,6 +61,11 @@ pub struct ProxyArgs {
     /// Port of the proxy's admin HTTP endpoint (/metrics, /healthz, /readyz); 0 disables it.
     #[arg(long = "admin-port", default_value_t = 11290)]
     pub admin_port: u16,
+
+    /// Interface of the admin endpoint. Every interface by default, even when `--listen`
+    /// is loopback: the kubelet probes a sidecar from the node, at the pod's IP.
+    #[arg(long = "admin-listen", default_value = "0.0.0.0")]
+    pub admin_listen: String,
 
     /// More logging; repeat for more.
     #[arg(short = 'v', action = clap::ArgAction::Count)]
@@ -115,6 +130,7 @@ pub struct ProxyArgs {
 }
 
 /// What to run.
+#[allow(clippy::large_enum_variant)]
 pub enum Mode {
     Serve(ServeArgs),
     Proxy(ProxyArgs),
@@ -163,19 +179,15 @@ pub struct ServeArgs {
     pub threads: Option<u64>,
 
     /// Largest item, with an optional k or m suffix (1k to 1g).
-    #[arg(short = 'I', long = "max-item-size", default_value = "1m", value_parser = parse_size)]
+    #[arg(short = 'I', long = "max-item-size", default_value = "1m", value_parser = parse_any_size)]
     pub max_item_size: usize,
 
     /// More logging; repeat for more.
-    #[arg(short = 'v', action = clap::ArgAction::Count)]
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
     pub verbose: u8,
 
-    /// Keep the item memory in this file (memcached's -e; e.g. on tmpfs) so that a
-    /// restarted node serves what it held: after SIGTERM everything, after a crash what was
-    /// written. A file that is truncated, corrupt, not kache's or made for another -m/-I is
-    /// discarded (logged) and the node starts empty.
-    #[arg(short = 'e', long = "memory-file")]
-    pub memory_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub memcached: MemcachedArgs,
 
     /// Port of the admin HTTP endpoint (/metrics, /healthz, /readyz); 0 disables it.
     #[arg(long = "admin-port", default_value_t = 11280)]
@@ -220,6 +232,139 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub cluster: ClusterArgs,
+}
+
+/// The rest of `memcached -h` (1.6.18). README's flag table says what kache does with each.
+#[derive(Clone, Debug, Default, Args)]
+pub struct MemcachedArgs {
+    /// UNIX socket to listen on (not served: kache listens on TCP).
+    #[arg(short = 's', long = "unix-socket")]
+    pub unix_socket: Option<std::path::PathBuf>,
+
+    /// Access mask of the UNIX socket, in octal (only with -s).
+    #[arg(short = 'a', long = "unix-mask")]
+    pub unix_mask: Option<String>,
+
+    /// Enable the ASCII `shutdown` command (and `shutdown graceful`).
+    #[arg(short = 'A', long = "enable-shutdown")]
+    pub enable_shutdown: bool,
+
+    /// Run as a daemon (detach from the terminal).
+    #[arg(short = 'd', long = "daemon")]
+    pub daemon: bool,
+
+    /// Maximize the core file limit.
+    #[arg(short = 'r', long = "enable-coredumps")]
+    pub enable_coredumps: bool,
+
+    /// Assume the identity of this user (only when started as root).
+    #[arg(short = 'u', long = "user")]
+    pub user: Option<String>,
+
+    /// Return an error when memory is exhausted instead of evicting.
+    #[arg(short = 'M', long = "disable-evictions")]
+    pub disable_evictions: bool,
+
+    /// Lock down all paged memory.
+    #[arg(short = 'k', long = "lock-memory")]
+    pub lock_memory: bool,
+
+    /// Print the license and exit.
+    #[arg(short = 'i', long = "license")]
+    pub license: bool,
+
+    /// Save the PID in this file.
+    #[arg(short = 'P', long = "pidfile")]
+    pub pidfile: Option<std::path::PathBuf>,
+
+    /// Chunk size growth factor of the slab classes items are reported under.
+    #[arg(short = 'f', long = "slab-growth-factor", default_value_t = 1.25)]
+    pub growth_factor: f64,
+
+    /// Minimum space for key, value and flags of the smallest class.
+    #[arg(short = 'n', long = "slab-min-size", default_value_t = 48)]
+    pub slab_min_size: i64,
+
+    /// Try to use large memory pages (accepted; left to the kernel).
+    #[arg(short = 'L', long = "enable-largepages")]
+    pub large_pages: bool,
+
+    /// Delimiter between key prefixes and ids in `stats detail`; turns detail on.
+    #[arg(short = 'D')]
+    pub prefix_delimiter: Option<String>,
+
+    /// Most requests served from one connection before others get a turn.
+    #[arg(short = 'R', long = "max-reqs-per-event", default_value_t = 20)]
+    pub reqs_per_event: i64,
+
+    /// Disable CAS (accepted; kache keeps CAS, its replicas order writes by it).
+    #[arg(short = 'C', long = "disable-cas")]
+    pub disable_cas: bool,
+
+    /// Backlog of the listening socket.
+    #[arg(short = 'b', long = "listen-backlog", default_value_t = 1024)]
+    pub backlog: i32,
+
+    /// Protocol: ascii, or auto (kache speaks ASCII; binary-protocol clients are closed).
+    #[arg(short = 'B', long = "protocol")]
+    pub protocol: Option<String>,
+
+    /// SASL authentication (binary protocol only: refused, use -Y).
+    #[arg(short = 'S', long = "enable-sasl")]
+    pub sasl: bool,
+
+    /// Disable the flush_all command.
+    #[arg(short = 'F', long = "disable-flush-all")]
+    pub disable_flush_all: bool,
+
+    /// Disable `stats cachedump` and `lru_crawler metadump`.
+    #[arg(short = 'X', long = "disable-dumping")]
+    pub disable_dumping: bool,
+
+    /// Disable `watch` commands.
+    #[arg(short = 'W', long = "disable-watch")]
+    pub disable_watch: bool,
+
+    /// Keep the item memory in this file (memcached's -e; e.g. on tmpfs) so that a
+    /// restarted node serves what it held: after SIGTERM everything, after a crash what was
+    /// written. A file that is truncated, corrupt, not kache's or made for another -m/-I is
+    /// discarded (logged) and the node starts empty.
+    #[arg(short = 'e', long = "memory-file")]
+    pub memory_file: Option<std::path::PathBuf>,
+
+    /// Enable TLS with `-o ssl_chain_cert=...,ssl_key=...` (as --tls-cert/--tls-key).
+    #[arg(short = 'Z', long = "enable-ssl")]
+    pub enable_ssl: bool,
+
+    /// Extended options, comma separated (memcached's `-o`).
+    #[arg(short = 'o', long = "extended", action = clap::ArgAction::Append)]
+    pub extended: Vec<String>,
+
+    /// Number of NAPI ids (accepted; kache does not pin connections by NAPI id).
+    #[arg(short = 'N', long = "napi-ids", alias = "napi_ids")]
+    pub napi_ids: Option<i64>,
+}
+
+/// What memcached's flags resolve to, once checked as memcached checks them.
+#[derive(Clone, Debug)]
+pub struct MemcachedOptions {
+    pub extended: Extended,
+    pub classes: ClassConfig,
+    /// `binding_protocol` as `stats settings` reports it.
+    pub protocol: &'static str,
+    /// One line per flag accepted without effect.
+    pub notices: Vec<String>,
+}
+
+impl Default for MemcachedOptions {
+    fn default() -> Self {
+        MemcachedOptions {
+            extended: Extended::default(),
+            classes: ClassConfig::default(),
+            protocol: "auto-negotiate",
+            notices: Vec::new(),
+        }
+    }
 }
 
 /// How a node finds its cluster's member list.
@@ -277,6 +422,32 @@ pub struct ClusterArgs {
     /// that finds no room within the read-through timeout is not fetched.
     #[arg(long = "read-through-bytes", default_value = "16m", value_parser = parse_size)]
     pub read_through_bytes: usize,
+
+    /// When a write is acknowledged: `one` (once applied here; the reply still waits for
+    /// the other owners that are up), `quorum` (a majority of the key's owners) or `all`
+    /// (every owner). A write that falls short is answered `SERVER_ERROR`.
+    #[arg(long = "write-acks", default_value = "one")]
+    pub write_acks: WriteAcks,
+
+    /// Longest wait, in milliseconds, for the other owners to acknowledge a write.
+    #[arg(long = "write-timeout-ms", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub write_timeout_ms: u64,
+
+    /// Seconds a delete's tombstone is kept. A delete survives a partition (or a replica's
+    /// absence) shorter than this less one anti-entropy interval; after that an older copy
+    /// on the replica that missed it can bring the key back.
+    #[arg(long = "tombstone-ttl", default_value_t = crate::peer::DEFAULT_TOMBSTONE_TTL, value_parser = clap::value_parser!(u32).range(1..=30 * 24 * 3600))]
+    pub tombstone_ttl: u32,
+
+    /// Seconds between anti-entropy rounds, in which the node compares what it holds with
+    /// each peer that owns the same keys and pulls the newer versions it misses. A round
+    /// also starts whenever a link to a peer comes back up. 0 turns anti-entropy off.
+    #[arg(long = "anti-entropy-interval", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub anti_entropy_interval_secs: u64,
+
+    /// Most bytes of items per second anti-entropy pulls (k/m/g suffixes).
+    #[arg(long = "anti-entropy-rate", default_value = "8m", value_parser = parse_size)]
+    pub anti_entropy_rate: usize,
 }
 
 impl ClusterArgs {
@@ -310,8 +481,9 @@ impl ClusterArgs {
     }
 }
 
-/// Parses sizes like memcached's `-I`: bytes, or a number with a k/m/g suffix.
-pub fn parse_size(text: &str) -> Result<usize, String> {
+/// Parses sizes like memcached's `-I`: bytes, or a number with a k/m/g suffix (range
+/// checked as memcached checks it, after the whole command line is read).
+fn parse_any_size(text: &str) -> Result<usize, String> {
     let text = text.trim();
     let (digits, unit) = match text.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => (&text[..i], c.to_ascii_lowercase()),
@@ -320,16 +492,25 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
     let n: usize = digits
         .parse()
         .map_err(|_| format!("invalid size {text:?}: expected a number with optional k, m or g"))?;
-    let bytes = match unit {
+    match unit {
         'b' => Some(n),
         'k' => n.checked_mul(1024),
         'm' => n.checked_mul(1024 * 1024),
         'g' => n.checked_mul(1024 * 1024 * 1024),
         _ => return Err(format!("invalid size unit in {text:?}: use k, m or g")),
     }
-    .ok_or_else(|| format!("size {text:?} is too large"))?;
+    .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+/// Parses sizes like memcached's `-I`: bytes, or a number with a k/m/g suffix, from 1k to
+/// 1g (the proxy's `-I`).
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let bytes = parse_any_size(text)?;
     if !(1024..=1024 * 1024 * 1024).contains(&bytes) {
-        return Err(format!("size {text:?} must be between 1k and 1g"));
+        return Err(format!(
+            "item size {:?} must be between 1k and 1g",
+            text.trim()
+        ));
     }
     Ok(bytes)
 }
@@ -349,21 +530,183 @@ impl ServeArgs {
             .saturating_mul(1024 * 1024)
     }
 
-    /// Checks combinations clap cannot: memcached refuses items larger than half the memory.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.cluster.enabled() && self.max_item_size > crate::peer::wire::MAX_PEER_ITEM {
-            return Err(format!(
+    /// Checks the command line as memcached checks it (its messages and exit codes), then
+    /// what kache adds (a cluster's items must fit a peer frame), and resolves the `-o`
+    /// options.
+    pub fn validate(&self) -> Result<MemcachedOptions, FlagError> {
+        let m = &self.memcached;
+        let usage = |text: String| Err(FlagError::Usage(text));
+        let option = |text: &str| Err(FlagError::Option(text.to_string()));
+        let mut notices = Vec::new();
+        if m.reqs_per_event <= 0 {
+            return option("Number of requests per event must be greater than 0");
+        }
+        if m.growth_factor <= 1.0 {
+            return option("Factor must be greater than 1");
+        }
+        if m.slab_min_size <= 0 {
+            return option("Chunk size must be greater than 0");
+        }
+        if m.prefix_delimiter.as_deref() == Some("") {
+            return option("No delimiter specified");
+        }
+        if let Some(n) = m.napi_ids {
+            if n <= 0 {
+                return option("Maximum number of NAPI IDs must be greater than 0");
+            }
+            let threads = self.threads.unwrap_or(4);
+            if n as u64 > threads {
+                return usage(format!(
+                    "Number of napi_ids({n}) cannot be greater than number of threads({threads})"
+                ));
+            }
+            notices.push("-N accepted, not applied: kache does not pick threads by NAPI id".into());
+        }
+        let extended = Extended::parse(m.extended.iter().map(String::as_str))?;
+        let item_size_max = self.max_item_size;
+        if item_size_max < 1024 {
+            return usage("Item max size cannot be less than 1024 bytes.".into());
+        }
+        if item_size_max > self.memory_limit_bytes() / 2 {
+            return usage("Cannot set item size limit higher than 1/2 of memory max.".into());
+        }
+        if item_size_max > 1024 * 1024 * 1024 {
+            return usage("Cannot set item size limit higher than a gigabyte.".into());
+        }
+        let mut chunk_max = extended.slab_chunk_max.unwrap_or(PAGE_SIZE / 2);
+        if item_size_max > PAGE_SIZE && !extended.slab_chunk_max_set {
+            chunk_max = PAGE_SIZE / 2;
+        }
+        let min_size = m.slab_min_size as usize;
+        let sizes = match &extended.slab_sizes {
+            Some(text) => Some(extended::parse_slab_sizes(text, min_size, chunk_max)?),
+            None => None,
+        };
+        let classes = ClassConfig {
+            min_size,
+            factor: m.growth_factor,
+            chunk_max,
+            item_size_max,
+            cas: true,
+            sizes,
+        };
+        classes
+            .validate()
+            .map_err(|e| FlagError::Usage(e.to_string()))?;
+        if extended.hot_lru_pct + extended.warm_lru_pct > 80 {
+            return usage("hot_lru_pct + warm_lru_pct cannot be more than 80% combined".into());
+        }
+        if extended.temp_lru && !extended.lru_maintainer {
+            return usage("temporary_ttl requires lru_maintainer to be enabled".into());
+        }
+        let protocol = match m.protocol.as_deref() {
+            None if self.auth_file.is_some() => "ascii",
+            None | Some("auto") => "auto-negotiate",
+            Some("ascii") => "ascii",
+            Some("binary") => {
+                return usage(
+                    "kache-node serves the ASCII protocol only: -B binary is not supported \
+                     (use -B ascii or -B auto)"
+                        .into(),
+                )
+            }
+            Some(other) => {
+                return usage(format!(
+                    "Invalid value for binding protocol: {other}\n -- should be one of auto, binary, or ascii"
+                ))
+            }
+        };
+        if self.auth_file.is_some() && protocol != "ascii" && m.protocol.is_some() {
+            return usage("ERROR: You cannot allow the BINARY protocol while using ascii authentication tokens.".into());
+        }
+        if m.sasl {
+            return usage(
+                "SASL (-S) needs memcached's binary protocol, which kache does not serve: \
+                 use -Y (ASCII authentication)"
+                    .into(),
+            );
+        }
+        if m.unix_socket.is_some() {
+            return usage(
+                "kache-node listens on TCP only: -s (UNIX socket) is not supported; use -l and -p"
+                    .into(),
+            );
+        }
+        if m.enable_ssl {
+            if self.port == 0 {
+                return usage("ERROR: You cannot enable SSL without a TCP port.".into());
+            }
+            if extended.ssl_chain_cert.is_none() && self.tls_cert.is_none() {
+                return usage(
+                    "Error loading the certificate chain: (null) (-Z needs -o ssl_chain_cert=FILE)"
+                        .into(),
+                );
+            }
+            if extended.ssl_verify_mode == 1 {
+                notices.push("-o ssl_verify_mode=1 accepted as 0: kache either requires a client certificate (2, 3) or does not ask for one".into());
+            }
+            if extended.ssl_min_version < 2 {
+                notices.push(
+                    "-o ssl_min_version accepted as 2: kache serves TLS 1.2 and 1.3 only".into(),
+                );
+            }
+        }
+        if self.cluster.enabled() && item_size_max > crate::peer::wire::MAX_PEER_ITEM {
+            return usage(format!(
                 "in a cluster the max item size is at most {} bytes (items must fit a peer frame)",
                 crate::peer::wire::MAX_PEER_ITEM
             ));
         }
-        if self.max_item_size > self.memory_limit_bytes() / 2 {
-            return Err(format!(
-                "max item size ({} bytes) must be at most half the memory limit ({} MiB)",
-                self.max_item_size, self.memory_limit_mb
-            ));
+        if m.unix_mask.is_some() {
+            notices.push("-a accepted, not applied: there is no UNIX socket (-s)".into());
         }
-        Ok(())
+        if m.large_pages {
+            notices.push("-L accepted, not applied: segments are allocated as they are first needed; huge pages are left to the kernel".into());
+        }
+        if m.disable_cas {
+            notices.push(
+                "-C accepted, not applied: kache keeps CAS values (replicas order writes by them)"
+                    .into(),
+            );
+        }
+        notices.extend(extended.notices.iter().cloned());
+        Ok(MemcachedOptions {
+            extended,
+            classes,
+            protocol,
+            notices,
+        })
+    }
+
+    /// The TLS certificate, key and client CA: kache's flags, else memcached's `-Z` options.
+    pub fn tls_files(
+        &self,
+        extended: &Extended,
+    ) -> (
+        Option<std::path::PathBuf>,
+        Option<std::path::PathBuf>,
+        Option<std::path::PathBuf>,
+    ) {
+        if self.tls_cert.is_some() || !self.memcached.enable_ssl {
+            return (
+                self.tls_cert.clone(),
+                self.tls_key.clone(),
+                self.tls_client_ca.clone(),
+            );
+        }
+        let cert = extended.ssl_chain_cert.clone().map(Into::into);
+        // memcached reads the key from the chain file when ssl_key is not given.
+        let key = extended
+            .ssl_key
+            .clone()
+            .or_else(|| extended.ssl_chain_cert.clone())
+            .map(Into::into);
+        let client_ca = extended
+            .ssl_ca_cert
+            .clone()
+            .filter(|_| extended.ssl_verify_mode >= 2)
+            .map(Into::into);
+        (cert, key, client_ca)
     }
 }
 
@@ -410,6 +753,24 @@ mod tests {
         assert!(args.cluster.enabled());
         assert_eq!(args.cluster.node_name(), "n1");
         assert_eq!(args.cluster.peer_port, 4000);
+        assert_eq!(args.cluster.write_acks, WriteAcks::One);
+        let cli = Cli::try_parse_from([
+            "kache-node",
+            "--members-file",
+            "/tmp/m.json",
+            "--write-acks",
+            "all",
+            "--tombstone-ttl",
+            "900",
+            "--anti-entropy-rate",
+            "1m",
+        ])
+        .unwrap();
+        let args = cli.into_serve_args();
+        assert_eq!(args.cluster.write_acks, WriteAcks::All);
+        assert_eq!(args.cluster.tombstone_ttl, 900);
+        assert_eq!(args.cluster.anti_entropy_rate, 1 << 20);
+        assert!(Cli::try_parse_from(["kache-node", "--write-acks", "most"]).is_err());
         assert!(Cli::try_parse_from([
             "kache-node",
             "--members-file",
@@ -435,8 +796,112 @@ mod tests {
 
     #[test]
     fn unknown_and_unsupported_flags_are_errors() {
-        assert!(Cli::try_parse_from(["kache-node", "-Z"]).is_err());
+        assert!(Cli::try_parse_from(["kache-node", "-Q"]).is_err());
         assert!(Cli::try_parse_from(["kache-node", "-U", "11211"]).is_err());
         assert!(Cli::try_parse_from(["kache-node", "-U", "0"]).is_ok());
+    }
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        let mut argv = vec!["kache-node"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).unwrap().into_serve_args()
+    }
+
+    #[test]
+    fn memcacheds_own_command_line_is_accepted() {
+        let args = serve(&[
+            "-p",
+            "11211",
+            "-u",
+            "memcached",
+            "-l",
+            "127.0.0.1",
+            "-m",
+            "64",
+        ]);
+        assert_eq!(args.memcached.user.as_deref(), Some("memcached"));
+        assert!(args.validate().is_ok());
+        let args = serve(&[
+            "-vv",
+            "-A",
+            "-M",
+            "-R",
+            "5",
+            "-B",
+            "ascii",
+            "-o",
+            "modern,idle_timeout=3",
+            "-o",
+            "lru_crawler_sleep=50",
+        ]);
+        let options = args.validate().unwrap();
+        assert_eq!(options.extended.idle_timeout, 3);
+        assert_eq!(options.extended.lru_crawler_sleep, 50);
+        assert_eq!(options.protocol, "ascii");
+        assert!(options.notices.iter().any(|n| n.contains("-o modern")));
+    }
+
+    #[test]
+    fn refusals_use_memcacheds_messages_and_exit_codes() {
+        let refused = |args: &[&str]| serve(args).validate().unwrap_err();
+        let e = refused(&["-o", "bogus=1"]);
+        assert_eq!(
+            (e.to_string(), e.exit_code()),
+            ("Illegal suboption \"bogus=1\"".into(), 1)
+        );
+        let e = refused(&["-o", "hashpower=5"]);
+        assert_eq!(
+            e.to_string(),
+            "Initial hashtable multiplier of 5 is too low"
+        );
+        let e = refused(&["-I", "1000"]);
+        assert_eq!(
+            (e.to_string(), e.exit_code()),
+            ("Item max size cannot be less than 1024 bytes.".into(), 64)
+        );
+        let e = refused(&["-I", "1024"]);
+        assert!(e
+            .to_string()
+            .starts_with("slab_chunk_max (bytes: 524288) cannot be larger than -I"));
+        assert!(serve(&["-I", "1024", "-o", "slab_chunk_max=1024"])
+            .validate()
+            .is_ok());
+        let e = refused(&["-R", "0"]);
+        assert_eq!(
+            e.to_string(),
+            "Number of requests per event must be greater than 0"
+        );
+        let e = refused(&["-B", "foo"]);
+        assert_eq!(e.exit_code(), 64);
+        assert!(refused(&["-B", "binary"])
+            .to_string()
+            .contains("ASCII protocol only"));
+        let e = refused(&["-o", "no_lru_maintainer,temporary_ttl=10"]);
+        assert_eq!(
+            e.to_string(),
+            "temporary_ttl requires lru_maintainer to be enabled"
+        );
+    }
+
+    #[test]
+    fn slab_options_shape_the_classes() {
+        let options = serve(&["-I", "2m", "-f", "2", "-n", "16"])
+            .validate()
+            .unwrap();
+        assert_eq!(options.classes.chunk_max, PAGE_SIZE / 2);
+        assert_eq!(
+            (options.classes.factor, options.classes.min_size),
+            (2.0, 16)
+        );
+        let options = serve(&["-o", "no_modern"]).validate().unwrap();
+        assert_eq!(options.classes.chunk_max, PAGE_SIZE);
+        assert!(!options.extended.lru_crawler);
+        let options = serve(&["-o", "slab_sizes=100-200-400"]).validate().unwrap();
+        assert_eq!(options.classes.sizes, Some(vec![100, 200, 400]));
+        let e = serve(&["-o", "slab_sizes=100-104"]).validate().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "slab size 104 must be at least 8 bytes larger than previous class"
+        );
     }
 }

@@ -9,18 +9,25 @@ use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 
+use crate::admin_commands::watch::{EvictionLog, FetchStatus, StoreStatus};
+use crate::admin_commands::{stats as admin_stats, Admin, AdminNext};
 use crate::auth::AuthFile;
 use crate::cluster::Cluster;
 use crate::peer::handoff::HandoffState;
 use crate::peer::link::{LinkConfig, Links};
+use crate::peer::record_of;
+use crate::peer::replicate::Durability;
 use crate::peer::wire::{Op, Record};
-use crate::peer::{record_of, TOMBSTONE_TTL};
+use crate::protocol::admin::{ClassSelection, WatchFlags};
 use crate::protocol::{
     exceeds_item_size, meta_set_mode, numbers, reply, GetCommand, KeyList, MetaCommand,
     MetaRequest, Request, StoreMode, StoreRequest,
 };
 use crate::stats::{Counters, PrefixOp, PrefixStats, Stats};
-use crate::store::{absolute_expiry, bits, Entry, ItemMeta, Lookup, NewItem, Store, StoreError};
+use crate::store::classes::ClassOp;
+use crate::store::{
+    absolute_expiry, bits, Entry, ItemMeta, ItemRef, Lookup, NewItem, Store, StoreError,
+};
 
 /// memcached protocol level kache speaks, reported by `version` so clients that parse it
 /// enable the features of that release.
@@ -33,16 +40,7 @@ pub fn version_string() -> String {
     format!("{PROTOCOL_VERSION}-kache-{}", env!("CARGO_PKG_VERSION"))
 }
 
-/// Settings reported by `stats settings`.
-#[derive(Clone, Debug)]
-pub struct Settings {
-    pub port: u16,
-    pub listen: String,
-    pub memory_limit: usize,
-    pub max_connections: usize,
-    pub threads: usize,
-    pub max_item_size: usize,
-}
+pub use crate::admin_commands::Settings;
 
 /// What the connection does after a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +48,10 @@ pub enum Next {
     Continue,
     /// Write what is buffered, then close (`quit`).
     Close,
+    /// Write what is buffered, then stream `lru_crawler metadump` (the crawler is held).
+    Metadump(ClassSelection),
+    /// Write what is buffered, then become a `watch` connection.
+    Watch(WatchFlags),
 }
 
 /// The request executor shared by all connections.
@@ -75,6 +77,12 @@ pub struct Engine {
     pub peer_limits: PeerLimits,
     /// Room for read-throughs in flight, one permit per largest item.
     pub read_through_slots: Arc<tokio::sync::Semaphore>,
+    /// `lru_crawler`, `watch`, `stats conns` and the other operations commands.
+    pub admin: Arc<Admin>,
+    /// When a replicated write is acknowledged, and how long deletes are remembered.
+    pub durability: Durability,
+    /// Anti-entropy counters.
+    pub anti_entropy: crate::peer::anti_entropy::AntiEntropyStats,
     verbosity: AtomicU32,
 }
 
@@ -110,6 +118,8 @@ pub struct PeerStats {
     pub rejected: AtomicU64,
     /// Replicated writes whose acknowledgement did not arrive in time.
     pub replication_timeouts: AtomicU64,
+    /// Writes answered `SERVER_ERROR` because too few owners acknowledged them.
+    pub write_ack_failures: AtomicU64,
     /// Misses answered by fetching the key from its previous owner during a hand-off.
     pub read_through_hits: AtomicU64,
     /// Read-throughs not tried because `--read-through-bytes` stayed in flight too long.
@@ -121,6 +131,8 @@ pub struct PeerStats {
 pub struct Context {
     pub counters: Counters,
     pub outbox: Outbox,
+    /// The connection's id in `stats conns` and `watch` lines (`cfd`).
+    pub conn_id: usize,
 }
 
 /// The changes a batch of requests made, to be sent to the keys' other owners.
@@ -215,6 +227,13 @@ impl Engine {
         cluster: Option<Arc<Cluster>>,
         peer_secret: Arc<[u8]>,
     ) -> Engine {
+        let admin = Arc::new(Admin::new(&settings.memcached));
+        admin.start(&store);
+        store.observe_evictions(Some(Box::new(EvictionLog(admin.logger.clone()))));
+        let prefixes = PrefixStats::with_delimiter(settings.memcached.prefix_delimiter);
+        if settings.memcached.detail_enabled {
+            prefixes.set_enabled(true);
+        }
         Engine {
             store,
             stats: Stats::default(),
@@ -224,11 +243,14 @@ impl Engine {
             cluster,
             handoff: HandoffState::default(),
             peer_stats: PeerStats::default(),
-            prefixes: PrefixStats::default(),
+            prefixes,
             auth: None,
             peer_secret,
             peer_limits: PeerLimits::default(),
             read_through_slots: Arc::new(tokio::sync::Semaphore::new(1)),
+            admin,
+            durability: Durability::default(),
+            anti_entropy: Default::default(),
             verbosity: AtomicU32::new(verbosity),
         }
         .with_peer_limits(PeerLimits::default())
@@ -257,7 +279,12 @@ impl Engine {
         out: &mut BytesMut,
         ctx: &mut Context,
     ) -> Next {
-        let Context { counters, outbox } = ctx;
+        let Context {
+            counters,
+            outbox,
+            conn_id,
+        } = ctx;
+        let conn_id = *conn_id;
         let mark = out.len();
         let mut silent = false;
         match request {
@@ -265,10 +292,10 @@ impl Engine {
                 command,
                 exptime,
                 keys,
-            } => self.get(command, exptime, keys, now, out, counters, outbox),
+            } => self.get(command, exptime, keys, now, out, counters, outbox, conn_id),
             Request::Store(req) => {
                 silent = req.noreply;
-                self.store_text(&req, now, out, counters, outbox);
+                self.store_text(&req, now, out, counters, outbox, conn_id);
             }
             Request::TooLarge {
                 key,
@@ -277,6 +304,9 @@ impl Engine {
             } => {
                 silent = noreply;
                 counters.store_too_large += 1;
+                self.admin
+                    .logger
+                    .store(&key, StoreStatus::TooLarge, "set", 0, 0, 0, conn_id);
                 if drop_existing {
                     self.store
                         .with_entry(&key, now, |e| self.delete_entry(e, &key, outbox));
@@ -286,9 +316,10 @@ impl Engine {
             Request::Delete { key, noreply } => {
                 silent = noreply;
                 self.prefixes.record(key, PrefixOp::Delete);
-                let found = self
-                    .store
-                    .with_entry(key, now, |e| self.delete_entry(e, key, outbox));
+                let found = self.store.with_entry(key, now, |e| {
+                    e.count(ClassOp::DeleteHit);
+                    self.delete_entry(e, key, outbox)
+                });
                 if found {
                     counters.delete_hits += 1;
                     reply::line(out, "DELETED");
@@ -307,6 +338,11 @@ impl Engine {
                 let result = self.store.with_entry(key, now, |e| {
                     let result = apply_delta(e, incr, delta, None);
                     if matches!(result, Delta::Value(_)) {
+                        e.count(if incr {
+                            ClassOp::IncrHit
+                        } else {
+                            ClassOp::DecrHit
+                        });
                         outbox.push_current(e);
                     }
                     result
@@ -337,6 +373,7 @@ impl Engine {
                 let exptime = absolute_expiry(i64::from(exptime), now);
                 let found = self.store.with_entry(key, now, |e| {
                     let found = e.item_mut().map(|mut it| it.set_exptime(exptime)).is_some();
+                    e.count(ClassOp::TouchHit);
                     e.bump();
                     if found {
                         outbox.push_touch(key, exptime);
@@ -351,6 +388,10 @@ impl Engine {
                     counters.touch_misses += 1;
                     reply::line(out, "NOT_FOUND");
                 }
+            }
+            Request::FlushAll { noreply, .. } if !self.settings.memcached.flush_enabled => {
+                silent = noreply;
+                reply::line(out, "CLIENT_ERROR flush_all not allowed");
             }
             Request::FlushAll { delay, noreply } => {
                 silent = noreply;
@@ -393,9 +434,21 @@ impl Engine {
                 (Some(_), _) => reply::line(out, "CLIENT_ERROR unknown config key"),
             },
             Request::MetaNoop => reply::line(out, "MN"),
+            Request::Admin(req) => {
+                let pending = mark > 0;
+                match self
+                    .admin
+                    .execute(req, &self.settings, &self.store, now, pending, out)
+                {
+                    AdminNext::Done => {}
+                    AdminNext::Metadump(selection) => return Next::Metadump(selection),
+                    AdminNext::Watch(flags) => return Next::Watch(flags),
+                    AdminNext::Close => return Next::Close,
+                }
+            }
             Request::Meta(req) => match req.command {
-                MetaCommand::Get => self.meta_get(&req, now, out, counters, outbox),
-                MetaCommand::Set => self.meta_set(&req, now, out, counters, outbox),
+                MetaCommand::Get => self.meta_get(&req, now, out, counters, outbox, conn_id),
+                MetaCommand::Set => self.meta_set(&req, now, out, counters, outbox, conn_id),
                 MetaCommand::Delete => self.meta_delete(&req, now, out, counters, outbox),
                 MetaCommand::Arithmetic => self.meta_arithmetic(&req, now, out, counters, outbox),
             },
@@ -450,7 +503,8 @@ impl Engine {
     /// the other owners) so older copies cannot come back. Returns whether there was one.
     fn delete_entry(&self, e: &mut Entry<'_>, key: &[u8], outbox: &mut Outbox) -> bool {
         if self.cluster.is_some() {
-            let deleted = e.delete_with_tombstone(key, TOMBSTONE_TTL).is_some();
+            let ttl = self.durability.tombstone_ttl;
+            let deleted = e.delete_with_tombstone(key, ttl).is_some();
             if deleted {
                 outbox.push_current(e);
             }
@@ -475,6 +529,7 @@ impl Engine {
         out: &mut BytesMut,
         counters: &mut Counters,
         outbox: &mut Outbox,
+        conn_id: usize,
     ) {
         let touch = command.touches();
         let new_exptime = absolute_expiry(i64::from(exptime), now);
@@ -495,6 +550,7 @@ impl Engine {
                     }
                 }
                 e.bump();
+                self.log_fetch(e, key, conn_id);
                 if let Some(it) = e.item() {
                     reply::value(
                         out,
@@ -504,6 +560,11 @@ impl Engine {
                         with_cas.then(|| it.cas()),
                     );
                 }
+                e.count(if touch {
+                    ClassOp::TouchHit
+                } else {
+                    ClassOp::GetHit
+                });
                 e.lookup()
             });
             self.prefixes.record(
@@ -524,6 +585,7 @@ impl Engine {
         out: &mut BytesMut,
         counters: &mut Counters,
         outbox: &mut Outbox,
+        conn_id: usize,
     ) {
         counters.cmd_set += 1;
         self.prefixes.record(req.key, PrefixOp::Set);
@@ -538,7 +600,9 @@ impl Engine {
                 allow_stale: false,
             };
             let max = self.settings.max_item_size;
+            self.log_fetch(e, req.key, conn_id);
             let result = store_item(e, req.mode, req.key, req.data, meta, cas, max);
+            self.after_store(e, req.key, req.mode, result.0, conn_id);
             if result.0 == StoreResult::Stored {
                 outbox.push_current(e);
             }
@@ -564,11 +628,18 @@ impl Engine {
         out: &mut BytesMut,
         counters: &mut Counters,
         outbox: &mut Outbox,
+        conn_id: usize,
     ) {
         let flags = &req.flags;
         let key: &[u8] = &req.key;
         let mut ttl_set = false;
         let hit = self.store.with_entry(key, now, |e| {
+            self.log_fetch(e, key, conn_id);
+            e.count(if flags.ttl.is_some() {
+                ClassOp::TouchHit
+            } else {
+                ClassOp::GetHit
+            });
             let mut created = false;
             if e.item().is_none() {
                 let Some(vivify) = flags.vivify else {
@@ -693,6 +764,7 @@ impl Engine {
         out: &mut BytesMut,
         counters: &mut Counters,
         outbox: &mut Outbox,
+        conn_id: usize,
     ) {
         let flags = &req.flags;
         let mode = meta_set_mode(flags);
@@ -713,7 +785,9 @@ impl Engine {
                 allow_stale: flags.invalidate,
             };
             let max = self.settings.max_item_size;
+            self.log_fetch(e, &req.key, conn_id);
             let result = store_item(e, mode, &req.key, req.data, meta, cas, max);
+            self.after_store(e, &req.key, mode, result.0, conn_id);
             if result.0 == StoreResult::Stored {
                 outbox.push_current(e);
             }
@@ -776,6 +850,7 @@ impl Engine {
                 outbox.push_current(e);
             } else {
                 counters.delete_hits += 1;
+                e.count(ClassOp::DeleteHit);
                 self.delete_entry(e, &req.key, outbox);
             }
             b"HD"
@@ -804,6 +879,11 @@ impl Engine {
             let value = match apply_delta(e, incr, delta, flags.cas) {
                 Delta::Value(v) => {
                     count_delta_hit(counters, incr);
+                    e.count(if incr {
+                        ClassOp::IncrHit
+                    } else {
+                        ClassOp::DecrHit
+                    });
                     v
                 }
                 Delta::NonNumeric => {
@@ -897,19 +977,26 @@ impl Engine {
             } else {
                 out.put_slice(it.key());
             }
-            // memcached 1.6 prints "exp" as now minus the expiry time; kept for parity.
+            // memcached 1.6.18 prints "exp" as now minus the expiry time (1.6.24 turned it
+            // round); kept as the reference prints it.
             let exp = if it.exptime() == 0 {
                 -1
             } else {
                 i64::from(now) - i64::from(it.exptime())
             };
+            // memcached's class and size of the item, as `stats slabs` and metadump report.
+            let size =
+                self.store
+                    .classes()
+                    .item_size(it.key().len(), it.client_flags(), it.value().len());
             let text = format!(
-                " exp={} la={} cas={} fetch={} cls=1 size={}\r\n",
+                " exp={} la={} cas={} fetch={} cls={} size={}\r\n",
                 exp,
                 now.saturating_sub(it.time()),
                 it.cas(),
                 if it.has(bits::FETCHED) { "yes" } else { "no" },
-                it.record_len(),
+                self.class_of(it),
+                size,
             );
             out.put_slice(text.as_bytes());
         });
@@ -920,14 +1007,28 @@ impl Engine {
             b"" => self.general_stats(now, out),
             b"reset" => {
                 self.stats.reset();
+                self.store.reset_stats();
+                self.prefixes.clear();
                 reply::line(out, "RESET");
                 return;
             }
-            b"settings" => self.settings_stats(out),
-            b"items" => self.item_stats(out),
-            b"slabs" => self.slab_stats(out),
-            b"sizes" => {}
-            b"conns" => {}
+            b"settings" => {
+                let live = admin_stats::Live {
+                    verbosity: self.verbosity(),
+                    detail_enabled: self.prefixes.enabled(),
+                    oldest: 0,
+                };
+                admin_stats::settings(&self.settings, &self.admin, &self.store, &live, out);
+            }
+            b"items" => admin_stats::items(&self.store, now, out),
+            b"slabs" => admin_stats::slabs(&self.store, out),
+            b"sizes" => admin_stats::sizes(&self.store, out),
+            // memcached answers these two without END.
+            b"sizes_enable" | b"sizes_disable" => {
+                admin_stats::sizes_switch(&self.store, sub == b"sizes_enable", out);
+                return;
+            }
+            b"conns" => self.admin.conns.report(now, out),
             b"detail" => match arg {
                 b"on" | b"off" => {
                     self.prefixes.set_enabled(arg == b"on");
@@ -940,10 +1041,6 @@ impl Engine {
                     return;
                 }
             },
-            b"cachedump" => {
-                reply::line(out, "CLIENT_ERROR stats cachedump not allowed");
-                return;
-            }
             _ => {
                 reply::line(out, "ERROR");
                 return;
@@ -980,6 +1077,7 @@ impl Engine {
         c.for_each(|name, _, value| reply::stat(out, name, value));
         reply::stat(out, "limit_maxbytes", items.limit);
         reply::stat(out, "threads", self.settings.threads);
+        admin_stats::general(&self.settings, &self.admin, out);
         reply::stat(out, "bytes", items.bytes);
         reply::stat(out, "curr_items", items.curr_items);
         reply::stat(out, "total_items", items.total_items);
@@ -987,40 +1085,79 @@ impl Engine {
         reply::stat(out, "evicted_unfetched", items.evicted_unfetched);
         reply::stat(out, "evictions", items.evictions);
         reply::stat(out, "reclaimed", items.reclaimed);
+        reply::stat(out, "crawler_reclaimed", items.crawler_reclaimed);
+        reply::stat(out, "crawler_items_checked", items.crawler_items_checked);
     }
 
-    fn settings_stats(&self, out: &mut BytesMut) {
-        let s = &self.settings;
-        reply::stat(out, "maxbytes", self.store.limit());
-        reply::stat(out, "maxconns", s.max_connections);
-        reply::stat(out, "tcpport", s.port);
-        reply::stat(out, "udpport", 0);
-        reply::stat(out, "inter", &s.listen);
-        reply::stat(out, "verbosity", self.verbosity());
-        reply::stat(out, "evictions", "on");
-        reply::stat(out, "num_threads", s.threads);
-        reply::stat(out, "cas_enabled", "yes");
-        reply::stat(out, "item_size_max", s.max_item_size);
-        reply::stat(out, "flush_enabled", "yes");
-        reply::stat(out, "shards", self.store.shard_count());
-    }
-
-    fn item_stats(&self, out: &mut BytesMut) {
-        let items = self.store.stats();
-        if items.curr_items == 0 {
+    /// `watch fetchers`: what a lookup of `key` found.
+    fn log_fetch(&self, e: &Entry<'_>, key: &[u8], conn_id: usize) {
+        let logger = &self.admin.logger;
+        if !logger.wants(WatchFlags::FETCHERS) {
             return;
         }
-        reply::stat(out, "items:1:number", items.curr_items);
-        reply::stat(out, "items:1:evicted", items.evictions);
-        reply::stat(out, "items:1:evicted_unfetched", items.evicted_unfetched);
-        reply::stat(out, "items:1:reclaimed", items.reclaimed);
-        reply::stat(out, "items:1:expired_unfetched", items.expired_unfetched);
+        let status = match e.lookup() {
+            Lookup::Hit if e.item().is_some() => FetchStatus::Found,
+            Lookup::Hit | Lookup::Miss => FetchStatus::NotFound,
+            Lookup::Expired => FetchStatus::Expired,
+            Lookup::Flushed => FetchStatus::Flushed,
+        };
+        let item = e.item().map(|it| (self.class_of(it), it.value().len()));
+        logger.fetch(key, status, item, conn_id);
     }
 
-    fn slab_stats(&self, out: &mut BytesMut) {
-        let items = self.store.stats();
-        reply::stat(out, "active_slabs", u8::from(items.curr_items > 0));
-        reply::stat(out, "total_malloced", items.bytes);
+    /// Per-class `cmd_set`/`cas_*` counts and `watch mutations` of a store command.
+    fn after_store(
+        &self,
+        e: &mut Entry<'_>,
+        key: &[u8],
+        mode: StoreMode,
+        result: StoreResult,
+        conn_id: usize,
+    ) {
+        e.count(ClassOp::Set);
+        if mode == StoreMode::Cas {
+            match result {
+                StoreResult::Stored => e.count(ClassOp::CasHit),
+                StoreResult::Exists => e.count(ClassOp::CasBadval),
+                _ => {}
+            }
+        }
+        let logger = &self.admin.logger;
+        if !logger.wants(WatchFlags::MUTATIONS) {
+            return;
+        }
+        let status = match result {
+            StoreResult::Stored => StoreStatus::Stored,
+            StoreResult::NotStored => StoreStatus::NotStored,
+            StoreResult::Exists => StoreStatus::Exists,
+            StoreResult::NotFound => StoreStatus::NotFound,
+            StoreResult::NoMemory => StoreStatus::NoMemory,
+        };
+        let command = match mode {
+            StoreMode::Set => "set",
+            StoreMode::Add => "add",
+            StoreMode::Replace => "replace",
+            StoreMode::Append => "append",
+            StoreMode::Prepend => "prepend",
+            StoreMode::Cas => "cas",
+        };
+        let (ttl, class, size) = e.item().map_or((0, 0, 0), |it| {
+            let ttl = match it.exptime() {
+                0 => 0,
+                at => at.saturating_sub(e.now()),
+            };
+            (ttl, self.class_of(it), it.value().len())
+        });
+        logger.store(key, status, command, ttl, class, size, conn_id);
+    }
+
+    /// memcached's class of an item.
+    fn class_of(&self, item: ItemRef<'_>) -> u8 {
+        self.store.classes().class_of_item(
+            item.key().len(),
+            item.client_flags(),
+            item.value().len(),
+        )
     }
 }
 
@@ -1242,3 +1379,6 @@ fn apply_delta(e: &mut Entry<'_>, incr: bool, delta: u64, cas: Option<u64>) -> D
         Err(StoreError::OutOfMemory) => Delta::NoMemory,
     }
 }
+
+#[cfg(test)]
+mod tests;

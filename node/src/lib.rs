@@ -4,6 +4,7 @@
 //! - `store`: the sharded in-memory item store.
 
 pub mod admin;
+pub mod admin_commands;
 pub mod auth;
 pub mod cluster;
 pub mod config;

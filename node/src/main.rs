@@ -10,10 +10,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use kache_node::admin::{self, Readiness};
+use kache_node::admin_commands::{MemcachedSettings, ShutdownKind};
 use kache_node::auth::AuthFile;
 use kache_node::cluster::{membership, Cluster};
-use kache_node::config::{Cli, Mode, ProxyArgs, ServeArgs};
+use kache_node::config::{Cli, FlagError, MemcachedOptions, Mode, ProxyArgs, ServeArgs};
 use kache_node::engine::{Engine, Settings};
+use kache_node::peer::replicate::Durability;
 use kache_node::protocol::Limits;
 use kache_node::proxy::{NodeAccess, Proxy};
 use kache_node::store::{Store, StoreConfig};
@@ -22,11 +24,27 @@ use kache_node::{peer, server};
 
 fn main() -> ExitCode {
     let mode = Cli::parse().into_mode();
+    let mut options = None;
     let (verbose, threads) = match &mode {
         Mode::Serve(args) => {
-            if let Err(message) = args.validate() {
-                eprintln!("kache-node: {message}");
-                return ExitCode::from(2);
+            if args.memcached.license {
+                println!("{LICENSE}");
+                return ExitCode::SUCCESS;
+            }
+            match args
+                .validate()
+                .and_then(|o| process_flags(args).map(|()| o))
+            {
+                Ok(o) => {
+                    for notice in &o.notices {
+                        eprintln!("kache-node: {notice}");
+                    }
+                    options = Some(o);
+                }
+                Err(error) => {
+                    eprintln!("{error}");
+                    return ExitCode::from(error.exit_code());
+                }
             }
             (args.verbose, args.threads)
         }
@@ -59,7 +77,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match mode {
-            Mode::Serve(args) => run(args, threads).await,
+            Mode::Serve(args) => run(args, options.unwrap_or_default(), threads).await,
             Mode::Proxy(args) => run_proxy(args).await,
         }
     });
@@ -87,18 +105,118 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-async fn bind(host: &str, port: u16) -> Result<TcpListener, String> {
-    let addr = format!("{host}:{port}");
-    let parsed: Result<SocketAddr, _> = addr.parse();
-    let result = match parsed {
-        Ok(sa) => TcpListener::bind(sa).await,
-        Err(_) => TcpListener::bind(addr.as_str()).await,
-    };
-    result.map_err(|e| format!("cannot listen on {addr}: {e}"))
+/// What kache-node prints for `-i` (memcached prints its and libevent's licenses).
+const LICENSE: &str = "kache-node is licensed under the Apache License, Version 2.0:\n\
+    https://www.apache.org/licenses/LICENSE-2.0";
+
+/// memcached's process flags, applied before any thread starts: `-r` (core limit), `-u`
+/// (switch user when root), `-d` (detach), `-k` (lock memory).
+fn process_flags(args: &ServeArgs) -> Result<(), FlagError> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
+    let m = &args.memcached;
+    if m.enable_coredumps {
+        if setrlimit(Resource::RLIMIT_CORE, RLIM_INFINITY, RLIM_INFINITY).is_err() {
+            if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_CORE) {
+                let _ = setrlimit(Resource::RLIMIT_CORE, hard, hard);
+            }
+        }
+        if getrlimit(Resource::RLIMIT_CORE).map_or(true, |(soft, _)| soft == 0) {
+            return Err(FlagError::Os("failed to ensure corefile creation".into()));
+        }
+    }
+    if nix::unistd::geteuid().is_root() {
+        if let Some(name) = m.user.as_deref().filter(|u| !u.is_empty()) {
+            let user = nix::unistd::User::from_name(name)
+                .ok()
+                .flatten()
+                .ok_or_else(|| {
+                    FlagError::NoUser(format!("can't find the user {name} to switch to"))
+                })?;
+            if let Err(error) = nix::unistd::setgroups(&[]) {
+                eprintln!("failed to drop supplementary groups: {error}");
+                if error != nix::errno::Errno::EPERM {
+                    return Err(FlagError::Os(String::new()));
+                }
+            }
+            if nix::unistd::setgid(user.gid).is_err() || nix::unistd::setuid(user.uid).is_err() {
+                return Err(FlagError::Os(
+                    "failed to assume identity of user ".to_string() + name,
+                ));
+            }
+        }
+    }
+    if m.daemon {
+        nix::unistd::daemon(false, false)
+            .map_err(|_| FlagError::Option("failed to daemon() in order to daemonize".into()))?;
+    }
+    if m.lock_memory {
+        use nix::sys::mman::{mlockall, MlockAllFlags};
+        if let Err(error) = mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE) {
+            eprintln!("warning: -k invalid, mlockall() failed: {}", error.desc());
+        }
+    }
+    Ok(())
 }
 
-async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
-    let listener = bind(&args.listen, args.port).await?;
+async fn bind(host: &str, port: u16) -> Result<TcpListener, String> {
+    bind_with_backlog(host, port, 1024).await
+}
+
+/// Listens on `host:port` with the given backlog (memcached's `-b`).
+async fn bind_with_backlog(host: &str, port: u16, backlog: i32) -> Result<TcpListener, String> {
+    let addr = format!("{host}:{port}");
+    let resolved = match addr.parse::<SocketAddr>() {
+        Ok(sa) => Ok(sa),
+        Err(_) => tokio::net::lookup_host(addr.as_str())
+            .await
+            .and_then(|mut all| {
+                all.next()
+                    .ok_or_else(|| std::io::Error::other("no address"))
+            }),
+    };
+    let listen = |sa: SocketAddr| -> std::io::Result<TcpListener> {
+        let socket = if sa.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(sa)?;
+        socket.listen(u32::try_from(backlog).unwrap_or(1024).max(1))
+    };
+    resolved
+        .and_then(listen)
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))
+}
+
+/// What `stats settings` reports of memcached's flags, from the command line.
+fn memcached_settings(args: &ServeArgs, options: MemcachedOptions) -> MemcachedSettings {
+    let m = &args.memcached;
+    MemcachedSettings {
+        shutdown_command: m.enable_shutdown,
+        flush_enabled: !m.disable_flush_all,
+        dump_enabled: !m.disable_dumping,
+        watch_enabled: !m.disable_watch,
+        reqs_per_event: u32::try_from(m.reqs_per_event).unwrap_or(u32::MAX),
+        backlog: m.backlog,
+        prefix_delimiter: m
+            .prefix_delimiter
+            .as_deref()
+            .and_then(|d| d.bytes().next())
+            .unwrap_or(b':'),
+        detail_enabled: m.prefix_delimiter.is_some(),
+        evictions: !m.disable_evictions,
+        auth_file: args.auth_file.as_ref().map(|p| p.display().to_string()),
+        ssl_enabled: args.tls_files(&options.extended).0.is_some(),
+        umask: m.unix_mask.clone().unwrap_or_else(|| "700".into()),
+        memory_file: m.memory_file.as_ref().map(|p| p.display().to_string()),
+        napi_ids: m.napi_ids,
+        options,
+    }
+}
+
+async fn run(args: ServeArgs, options: MemcachedOptions, threads: usize) -> Result<(), String> {
+    let listener = bind_with_backlog(&args.listen, args.port, args.memcached.backlog).await?;
     let admin_listener = if args.admin_port != 0 {
         Some(bind(&args.listen, args.admin_port).await?)
     } else {
@@ -114,11 +232,18 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
         max_item_size: args.max_item_size,
         max_shards: (threads * 4).next_power_of_two(),
         node_id: kache_node::store::node_id(&args.cluster.node_name()),
+        evict: !args.memcached.disable_evictions,
+        classes: options.classes.clone(),
     };
-    let store = match &args.memory_file {
+    let store = match &args.memcached.memory_file {
         Some(path) => Store::open(store_config, path).map_err(|e| e.to_string())?,
         None => Store::new(store_config),
     };
+    let hashpower = options.extended.hashpower_init;
+    if hashpower > 0 {
+        store.reserve(1usize << hashpower.min(usize::BITS - 1));
+    }
+    let (tls_cert, tls_key, tls_client_ca) = args.tls_files(&options.extended);
     let settings = Settings {
         port: args.port,
         listen: args.listen.clone(),
@@ -126,6 +251,7 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
         max_connections: args.conn_limit as usize,
         threads,
         max_item_size: args.max_item_size,
+        memcached: memcached_settings(&args, options),
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let cluster = if args.cluster.enabled() {
@@ -166,18 +292,23 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
         peer_secret,
     )
     .with_peer_limits(args.cluster.peer_limits());
+    engine.durability = Durability {
+        write_acks: args.cluster.write_acks,
+        write_timeout: Duration::from_millis(args.cluster.write_timeout_ms),
+        tombstone_ttl: args.cluster.tombstone_ttl,
+    };
     if let Some(path) = &args.auth_file {
         let auth = Arc::new(AuthFile::load(path)?);
         tokio::spawn(auth.clone().follow(shutdown_rx.clone()));
         engine.auth = Some(auth);
     }
     let engine = Arc::new(engine);
-    let tls = match (&args.tls_cert, &args.tls_key) {
+    let tls = match (&tls_cert, &tls_key) {
         (Some(cert), Some(key)) => {
             let tls = Arc::new(Tls::load(TlsFiles {
                 cert: cert.clone(),
                 key: key.clone(),
-                client_ca: args.tls_client_ca.clone(),
+                client_ca: tls_client_ca.clone(),
                 peer_ca: args.peer_tls_ca.clone(),
             })?);
             tokio::spawn(tls.clone().follow(shutdown_rx.clone()));
@@ -209,12 +340,26 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
         .map_err(|e| format!("cannot start the expiry sweeper: {e}"))?;
     {
         let readiness = readiness.clone();
+        let mut requests = engine.admin.shutdown_requests();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            let kind = tokio::select! {
+                _ = wait_for_signal() => ShutdownKind::Graceful,
+                kind = requests.wait_for(Option::is_some) => {
+                    kind.ok().and_then(|k| *k).unwrap_or(ShutdownKind::Graceful)
+                }
+            };
             tracing::info!("shutting down: no new connections, finishing open ones");
             readiness.set(false);
             let _ = shutdown_tx.send(true);
+            if kind == ShutdownKind::Now {
+                // memcached's `shutdown` exits at once, without waiting for connections.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                std::process::exit(0);
+            }
         });
+    }
+    if let Some(path) = &args.memcached.pidfile {
+        write_pidfile(path)?;
     }
     tracing::info!(
         port = args.port,
@@ -235,8 +380,18 @@ async fn run(args: ServeArgs, threads: usize) -> Result<(), String> {
             tokio::spawn(peer::handoff::run(
                 engine.clone(),
                 cluster.clone(),
-                links,
+                links.clone(),
                 args.cluster.handoff_rate,
+                shutdown_rx.clone(),
+            ));
+            tokio::spawn(peer::anti_entropy::run(
+                engine.clone(),
+                cluster.clone(),
+                links,
+                peer::anti_entropy::Settings {
+                    interval: Duration::from_secs(args.cluster.anti_entropy_interval_secs),
+                    rate: args.cluster.anti_entropy_rate,
+                },
                 shutdown_rx.clone(),
             ));
             // Ready once the node holds what it owns: a node that restarts empty while
@@ -324,7 +479,7 @@ async fn start_membership(
 async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
     let listener = bind(&args.listen, args.port).await?;
     let admin_listener = if args.admin_port != 0 {
-        Some(bind(&args.listen, args.admin_port).await?)
+        Some(bind(&args.admin_listen, args.admin_port).await?)
     } else {
         None
     };
@@ -410,6 +565,15 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
         )
         .await;
     Ok(())
+}
+
+/// memcached's `save_pid`: written through a temporary file once the sockets are bound.
+fn write_pidfile(path: &std::path::Path) -> Result<(), String> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("Could not write the pid file {}: {e}", path.display()))
 }
 
 /// How long a cluster node waits for its first member list before declaring itself ready.

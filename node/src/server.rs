@@ -10,31 +10,41 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+use crate::admin_commands::conns::{ConnInfo, ConnState};
+use crate::admin_commands::dump::Metadump;
+use crate::admin_commands::watch::Registration as WatchRegistration;
 use crate::engine::{Context, Engine, Next, Outbox};
-use crate::peer::wire::Op;
 use crate::protocol::auth::{parse_auth, AuthStep};
 use crate::protocol::{parse, reply, Limits, ParseOutcome};
 use crate::stats::Counters;
 use crate::store::now_secs;
 use crate::tls::Tls;
 use futures::future::join_all;
-use tokio::sync::oneshot;
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 16 * 1024;
 /// Replies buffered before they are written out mid-batch, so a long pipeline of large
 /// values cannot grow the write buffer without bound.
 const WRITE_HIGH_WATER: usize = 1024 * 1024;
-/// The expiry sweeper wakes this often and looks at this many slots per shard each time,
-/// holding a shard's lock only for one small chunk.
-const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
-const SWEEP_BUDGET: usize = 512;
+/// A metadump is written out in chunks of about this many bytes.
+const DUMP_CHUNK: usize = 64 * 1024;
 /// How long a read-through waits for one previous owner.
 const READ_THROUGH_TIMEOUT: Duration = Duration::from_millis(250);
 /// A client must finish its TLS handshake this soon.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a write waits for its replicas to acknowledge before it is answered anyway.
-const REPLICATION_TIMEOUT: Duration = Duration::from_secs(1);
+/// memcached counts idle time in whole seconds: a connection idle for exactly the timeout
+/// is kicked a moment later.
+const IDLE_GRANULARITY: Duration = Duration::from_millis(500);
+
+/// Sleeps until `deadline` (forever without one).
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+/// The answer to a write that too few of the key's owners acknowledged (`--write-acks`).
+const NOT_REPLICATED: &str = "SERVER_ERROR not enough replicas acknowledged the write";
 
 /// Accepts clients until `shutdown` turns true, then waits up to `drain` for open
 /// connections to finish what they were doing.
@@ -48,7 +58,10 @@ pub async fn serve(
     drain: Duration,
 ) {
     let permits = Arc::new(Semaphore::new(max_connections));
-    let mut next_id: usize = 0;
+    let _listed = listener
+        .local_addr()
+        .ok()
+        .map(|addr| engine.admin.conns.listener(addr, now_secs()));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -82,16 +95,17 @@ pub async fn serve(
             .stats
             .total_connections
             .fetch_add(1, Ordering::Relaxed);
-        next_id = next_id.wrapping_add(1);
-        let id = next_id;
         let engine = engine.clone();
         let shutdown = shutdown.clone();
         let tls = tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
+            let local = stream.local_addr().unwrap_or(peer);
+            let listed = engine.admin.conns.client(peer, local, now_secs());
+            let info = listed.info.clone();
             let result = match tls {
                 None => {
-                    Connection::new(stream, &engine, limits, id)
+                    Connection::new(stream, &engine, limits, info)
                         .run(shutdown)
                         .await
                 }
@@ -99,7 +113,7 @@ pub async fn serve(
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
                     {
                         Ok(Ok(stream)) => {
-                            Connection::new(stream, &engine, limits, id)
+                            Connection::new(stream, &engine, limits, info)
                                 .run(shutdown)
                                 .await
                         }
@@ -114,6 +128,7 @@ pub async fn serve(
             if let Err(error) = result {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
+            drop(listed);
             drop(permit);
             engine
                 .stats
@@ -185,19 +200,15 @@ async fn reject(mut stream: TcpStream) {
     .await;
 }
 
-/// Reclaims expired items on a thread of its own (not a request worker), until `stop`.
+/// Runs the crawler (the expiry sweeper, and `lru_crawler crawl`) on a thread of its own,
+/// not a request worker, until `stop`.
 pub fn spawn_sweeper(
     engine: Arc<Engine>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("kache-sweeper".into())
-        .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(SWEEP_INTERVAL);
-                engine.store.sweep(now_secs(), SWEEP_BUDGET);
-            }
-        })
+        .spawn(move || engine.admin.crawler.run(&engine.store, &stop))
 }
 
 struct Connection<'a, S> {
@@ -205,35 +216,60 @@ struct Connection<'a, S> {
     engine: &'a Engine,
     limits: Limits,
     id: usize,
+    /// This connection's line in `stats conns`.
+    info: Arc<ConnInfo>,
+    /// `-o idle_timeout`: close after this long without a command.
+    idle_timeout: Option<Duration>,
+    /// `-R`: requests served before other connections get a turn.
+    reqs_per_event: usize,
     read: BytesMut,
     write: BytesMut,
     /// Bytes still to discard after a refused data block.
     swallow: usize,
     ctx: Context,
+    /// The replies of this batch's writes, replaced if their replication falls short.
+    writes: Vec<WriteReply>,
     /// False until the client authenticates, when the node requires it.
     authenticated: bool,
 }
 
+/// Where a write's reply sits in the write buffer, and which outbox records it made.
+struct WriteReply {
+    reply: std::ops::Range<usize>,
+    records: std::ops::Range<usize>,
+    /// Text `noreply`: even an error is not sent.
+    silent: bool,
+}
+
 impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
-    fn new(stream: S, engine: &'a Engine, limits: Limits, id: usize) -> Self {
+    fn new(stream: S, engine: &'a Engine, limits: Limits, info: Arc<ConnInfo>) -> Self {
+        let m = &engine.settings.memcached;
+        let idle = m.options.extended.idle_timeout;
+        let id = info.id;
         Connection {
             stream,
             engine,
             limits,
             id,
+            idle_timeout: (idle > 0).then(|| Duration::from_secs(u64::from(idle))),
+            reqs_per_event: m.reqs_per_event.max(1) as usize,
+            info,
             read: BytesMut::with_capacity(READ_CHUNK),
             write: BytesMut::with_capacity(READ_CHUNK),
             swallow: 0,
+            writes: Vec::new(),
             authenticated: engine.auth.is_none(),
             ctx: Context {
                 counters: Counters::default(),
                 outbox: Outbox::new(engine.cluster.is_some()),
+                conn_id: id,
             },
         }
     }
 
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
         let mut draining = *shutdown.borrow();
+        let mut last_command = tokio::time::Instant::now();
         loop {
             if draining && self.read.is_empty() && self.swallow == 0 {
                 return Ok(());
@@ -241,13 +277,25 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
             if self.read.capacity() - self.read.len() < READ_CHUNK / 4 {
                 self.read.reserve(READ_CHUNK);
             }
+            // memcached kicks only connections waiting for a new command, not those in the
+            // middle of one (a data block still to come).
+            let idle_deadline = self
+                .idle_timeout
+                .filter(|_| self.read.is_empty() && self.swallow == 0)
+                .map(|t| last_command + t + IDLE_GRANULARITY);
             let n = tokio::select! {
                 n = self.stream.read_buf(&mut self.read) => n?,
                 _ = shutdown.changed(), if !draining => {
                     draining = true;
                     continue;
                 }
+                _ = sleep_until(idle_deadline), if idle_deadline.is_some() => {
+                    self.engine.admin.conns.idle_kicks.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(conn = self.id, "closing idle connection");
+                    return Ok(());
+                }
             };
+            last_command = tokio::time::Instant::now();
             if n == 0 {
                 return Ok(());
             }
@@ -257,11 +305,76 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
                 return Ok(());
             }
             self.ctx.counters.bytes_read += n as u64;
+            self.info.set_state(ConnState::ParseCmd);
+            self.info.touch(now_secs());
             let next = self.process().await?;
             self.replicate().await;
+            self.info.set_state(ConnState::Write);
             self.flush().await?;
-            if next == Next::Close {
-                let _ = self.stream.shutdown().await;
+            match next {
+                Next::Close => {
+                    let _ = self.stream.shutdown().await;
+                    return Ok(());
+                }
+                Next::Watch(flags) => match self.engine.admin.logger.add(flags) {
+                    Some(watcher) => return self.watch(watcher, shutdown).await,
+                    None => {
+                        reply::line(
+                            &mut self.write,
+                            "WATCHER_TOO_MANY log watcher limit reached",
+                        );
+                        self.flush().await?;
+                    }
+                },
+                _ => {}
+            }
+            self.info
+                .set_state(if self.read.is_empty() && self.swallow == 0 {
+                    ConnState::Waiting
+                } else {
+                    ConnState::Nread
+                });
+        }
+    }
+
+    /// A `watch` connection: sends the log lines it asked for until the client goes away
+    /// or the node shuts down. What the client sends is ignored, as memcached does.
+    async fn watch(
+        &mut self,
+        registration: WatchRegistration,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> std::io::Result<()> {
+        self.info.set_state(ConnState::Watch);
+        let mut lines = BytesMut::new();
+        let mut ignored = [0u8; 512];
+        loop {
+            tokio::select! {
+                _ = registration.watcher.next(&mut lines) => {
+                    self.stream.write_all(&lines).await?;
+                    lines.clear();
+                }
+                n = self.stream.read(&mut ignored) => {
+                    if n? == 0 {
+                        return Ok(());
+                    }
+                }
+                _ = shutdown.changed() => return Ok(()),
+            }
+        }
+    }
+
+    /// Streams `lru_crawler metadump` in chunks, then goes on with the requests after it.
+    async fn metadump(
+        &mut self,
+        selection: crate::protocol::admin::ClassSelection,
+    ) -> std::io::Result<()> {
+        self.flush().await?;
+        self.info.set_state(ConnState::Watch);
+        let mut dump = Metadump::new(&self.engine.store, &self.engine.admin.crawler, selection);
+        loop {
+            let done = dump.fill(now_secs(), &mut self.write, DUMP_CHUNK);
+            self.flush().await?;
+            if done {
                 return Ok(());
             }
         }
@@ -308,6 +421,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
             }
         }
         let now = now_secs();
+        let mut served = 0;
         loop {
             if self.swallow > 0 {
                 let n = self.swallow.min(self.read.len());
@@ -328,66 +442,87 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
                     if !candidates.is_empty() {
                         read_through(self.engine, candidates).await;
                     }
+                    let reply_start = self.write.len();
+                    let first_record = self.ctx.outbox.records.len();
+                    let silent = request.silences_errors();
                     let next = self
                         .engine
                         .execute(request, now, &mut self.write, &mut self.ctx);
+                    let records = first_record..self.ctx.outbox.records.len();
+                    if !records.is_empty() {
+                        self.writes.push(WriteReply {
+                            reply: reply_start..self.write.len(),
+                            records,
+                            silent,
+                        });
+                    }
                     (next, consumed)
                 }
                 ParseOutcome::Incomplete => return Ok(Next::Continue),
                 ParseOutcome::Close => return Ok(Next::Close),
             };
             self.read.advance(consumed);
-            if next == Next::Close {
-                return Ok(Next::Close);
+            match next {
+                Next::Continue => {}
+                Next::Metadump(selection) => self.metadump(selection).await?,
+                Next::Close | Next::Watch(_) => return Ok(next),
             }
             if self.write.len() >= WRITE_HIGH_WATER {
+                // Replies of writes go out only once their replication is decided.
+                self.replicate().await;
                 self.flush().await?;
+            }
+            served += 1;
+            if served % self.reqs_per_event == 0 {
+                // memcached's -R: let other connections run before serving more of this one.
+                self.engine
+                    .admin
+                    .conns
+                    .yields
+                    .fetch_add(1, Ordering::Relaxed);
+                tokio::task::yield_now().await;
             }
         }
     }
 
-    /// Sends this batch's changes to the keys' other owners and waits (bounded) until they
-    /// have applied them, so a write is acknowledged only once it has its replicas.
+    /// Sends this batch's changes to the keys' other owners and waits (bounded) for their
+    /// acknowledgements; a write that too few owners acknowledged (`--write-acks`) is
+    /// answered `SERVER_ERROR` instead of its success reply.
     async fn replicate(&mut self) {
+        let writes = std::mem::take(&mut self.writes);
         if self.ctx.outbox.records.is_empty() {
             return;
         }
         let records = std::mem::take(&mut self.ctx.outbox.records);
-        let (Some(cluster), Some(links)) = (&self.engine.cluster, &self.engine.links) else {
-            return;
+        let acknowledged = crate::peer::replicate::replicate(self.engine, records).await;
+        let write = &self.write;
+        let short = |w: &&WriteReply| {
+            // A request already answered with an error (a value too large) keeps its reply.
+            let answered_ok = !write[w.reply.clone()].starts_with(b"SERVER_ERROR");
+            answered_ok
+                && acknowledged
+                    .get(w.records.clone())
+                    .is_some_and(|acks| acks.contains(&false))
         };
-        let view = cluster.view();
-        let me = cluster.node_name();
-        let mut acks = Vec::new();
-        for record in records {
-            let targets: Vec<&kache_cluster::Member> = if record.op == Op::Flush {
-                view.list.members.iter().collect()
-            } else {
-                view.owners(&record.key)
-            };
-            for member in targets.into_iter().filter(|m| m.name != me) {
-                // A peer that is down gets the record when it reconnects (or refills), but
-                // the client does not wait for it.
-                if !links.is_down(member) {
-                    let (tx, rx) = oneshot::channel();
-                    if links.send(member, record.clone(), Some(tx)) {
-                        acks.push(rx);
-                    }
-                } else {
-                    links.send(member, record.clone(), None);
-                }
+        let failed: Vec<&WriteReply> = writes.iter().filter(short).collect();
+        if failed.is_empty() {
+            return;
+        }
+        self.engine
+            .peer_stats
+            .write_ack_failures
+            .fetch_add(failed.len() as u64, Ordering::Relaxed);
+        let mut patched = BytesMut::with_capacity(self.write.len());
+        let mut at = 0;
+        for w in failed {
+            patched.extend_from_slice(&self.write[at..w.reply.start]);
+            if !w.silent {
+                reply::line(&mut patched, NOT_REPLICATED);
             }
+            at = w.reply.end;
         }
-        if !acks.is_empty()
-            && tokio::time::timeout(REPLICATION_TIMEOUT, join_all(acks))
-                .await
-                .is_err()
-        {
-            self.engine
-                .peer_stats
-                .replication_timeouts
-                .fetch_add(1, Ordering::Relaxed);
-        }
+        patched.extend_from_slice(&self.write[at..]);
+        self.write = patched;
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {

@@ -160,15 +160,40 @@ struct PrefixCounts {
 }
 
 /// Per-key-prefix counters of `stats detail on|off|dump`, off by default.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PrefixStats {
     enabled: AtomicBool,
+    delimiter: u8,
     table: parking_lot::Mutex<BTreeMap<Vec<u8>, PrefixCounts>>,
 }
 
+impl Default for PrefixStats {
+    fn default() -> Self {
+        PrefixStats::with_delimiter(PREFIX_DELIMITER)
+    }
+}
+
 impl PrefixStats {
+    /// Counters whose prefix ends at `delimiter` (memcached's `-D`).
+    pub fn with_delimiter(delimiter: u8) -> Self {
+        PrefixStats {
+            enabled: AtomicBool::new(false),
+            delimiter,
+            table: parking_lot::Mutex::new(BTreeMap::new()),
+        }
+    }
+
     pub fn set_enabled(&self, on: bool) {
         self.enabled.store(on, Relaxed);
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Relaxed)
+    }
+
+    /// `stats reset` forgets the prefixes too.
+    pub fn clear(&self) {
+        self.table.lock().clear();
     }
 
     /// Counts an operation on `key` under its prefix (the part before the first `:`);
@@ -177,7 +202,7 @@ impl PrefixStats {
         if !self.enabled.load(Relaxed) {
             return;
         }
-        let Some(end) = key.iter().position(|&b| b == PREFIX_DELIMITER) else {
+        let Some(end) = key.iter().position(|&b| b == self.delimiter) else {
             return;
         };
         let mut table = self.table.lock();

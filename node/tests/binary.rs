@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::Node;
+use common::{http_get, Node};
 
 /// Reads until `expected_len` bytes arrived or the peer closed.
 fn read_exact_len(s: &mut TcpStream, expected_len: usize) -> Vec<u8> {
@@ -23,20 +23,6 @@ fn read_exact_len(s: &mut TcpStream, expected_len: usize) -> Vec<u8> {
         }
     }
     out
-}
-
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text[9..12].parse().unwrap();
-    (status, text)
 }
 
 #[test]
@@ -87,13 +73,22 @@ fn sigterm_finishes_the_request_in_flight_and_exits_zero() {
     let mut node = Node::start(&[]);
     let mut busy = node.connect();
     let _idle = node.connect();
-    // Half a request: the line and part of the data block.
-    busy.write_all(b"set inflight 0 0 10\r\n01234").unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    // Half a request: the line and part of the data block, read by the node.
+    let half = b"set inflight 0 0 10\r\n01234";
+    let read_before = node.metric("kache_bytes_read_total");
+    busy.write_all(half).unwrap();
+    node.wait_metric("kache_bytes_read_total", read_before + half.len() as u64);
     node.terminate();
-    std::thread::sleep(Duration::from_millis(200));
-    // New connections are refused once shutdown began.
-    assert!(TcpStream::connect(("127.0.0.1", node.port)).is_err());
+    // New connections are refused once shutdown began (SIGTERM is handled asynchronously:
+    // wait for it, bounded).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", node.port)).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "new connections still accepted 10 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     busy.write_all(b"56789\r\n").unwrap();
     assert_eq!(read_exact_len(&mut busy, 8), b"STORED\r\n");
     drop(busy);
@@ -156,15 +151,14 @@ fn wait_for_stats(conn: &mut TcpStream, expected: &[(&str, &str)]) {
 fn connections_over_the_limit_are_refused_without_harming_others() {
     let node = Node::start(&["-c", "2"]);
     let mut a = node.connect();
-    // The start-up probe's connection may still hold a slot: wait until only a does.
     wait_for_stats(
         &mut a,
-        &[("curr_connections", "1"), ("total_connections", "2")],
+        &[("curr_connections", "1"), ("total_connections", "1")],
     );
     let _b = node.connect();
     wait_for_stats(
         &mut a,
-        &[("curr_connections", "2"), ("total_connections", "3")],
+        &[("curr_connections", "2"), ("total_connections", "2")],
     );
     let mut c = node.connect();
     let mut reply = String::new();
@@ -178,15 +172,25 @@ fn connections_over_the_limit_are_refused_without_harming_others() {
 #[test]
 fn invalid_command_lines_fail_at_start_up() {
     let out = Command::new(env!("CARGO_BIN_EXE_kache-node"))
-        .args(["-Z"])
+        .args(["-Q"])
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("-Z"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("-Q"));
+    // memcached's own refusals, with its words and exit codes.
     let out = Command::new(env!("CARGO_BIN_EXE_kache-node"))
         .args(["-m", "1", "-I", "1m"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("half the memory limit"));
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "Cannot set item size limit higher than 1/2 of memory max.\n"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_kache-node"))
+        .args(["-o", "modern,bogus"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).ends_with("Illegal suboption \"bogus\"\n"));
 }

@@ -768,6 +768,7 @@ fn engine(cluster: bool) -> Engine {
         max_item_size: ENGINE_ITEM_MAX,
         max_shards: 4,
         node_id: 1,
+        ..StoreConfig::default()
     });
     let settings = Settings {
         port: 0,
@@ -776,6 +777,7 @@ fn engine(cluster: bool) -> Engine {
         max_connections: 16,
         threads: 1,
         max_item_size: ENGINE_ITEM_MAX,
+        memcached: Default::default(),
     };
     let cluster = cluster.then(|| Arc::new(Cluster::new("n0")));
     Engine::new(store, settings, 0, cluster)
@@ -823,6 +825,7 @@ fn run_engine(pieces: &[Vec<u8>], steps: &[u8], cluster: bool) -> Result<u64, Te
         max_item_size: ENGINE_ITEM_MAX,
         max_shards: 2,
         node_id: 2,
+        ..StoreConfig::default()
     });
     let limits = Limits {
         max_item_size: ENGINE_ITEM_MAX,
@@ -831,6 +834,7 @@ fn run_engine(pieces: &[Vec<u8>], steps: &[u8], cluster: bool) -> Result<u64, Te
     let mut ctx = Context {
         counters: Counters::default(),
         outbox: Outbox::new(cluster),
+        conn_id: 1,
     };
     let mut known: Vec<Vec<u8>> = Vec::new();
     let mut now = NOW;

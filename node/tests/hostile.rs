@@ -16,6 +16,9 @@ mod common;
 
 use bytes::BytesMut;
 use common::{connect, Node};
+
+/// What the node has read from its clients: waiting on it proves a test's bytes arrived.
+const BYTES_READ: &str = "kache_bytes_read_total";
 use kache_node::peer::wire::{self, Frame};
 
 const MIB: u64 = 1024 * 1024;
@@ -171,28 +174,6 @@ fn write_lossy(s: &mut TcpStream, bytes: &[u8]) {
     let _ = s.write_all(bytes);
 }
 
-fn http_get(port: u16, path: &str) -> String {
-    let mut s = connect(port);
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text
-}
-
-fn metric(admin_port: u16, name: &str) -> u64 {
-    let body = http_get(admin_port, "/metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no metric {name} in {body}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// A set and a get on a fresh connection must complete within `bound`.
 fn answered_within(port: u16, bound: Duration, key: &str) -> Duration {
     let started = Instant::now();
@@ -211,6 +192,8 @@ fn answered_within(port: u16, bound: Duration, key: &str) -> Duration {
 fn slowloris_partial_lines_do_not_stall_other_clients() {
     let node = Node::start(&["-c", "256"]);
     let before = node.rss();
+    let read_before = node.metric(BYTES_READ);
+    let mut sent = 0;
     let mut stalled = Vec::new();
     for i in 0..50 {
         let mut s = node.connect();
@@ -229,9 +212,11 @@ fn slowloris_partial_lines_do_not_stall_other_clients() {
             _ => b"mg slow v".to_vec(),
         };
         s.write_all(&partial).unwrap();
+        sent += partial.len() as u64;
         stalled.push(s);
     }
-    std::thread::sleep(Duration::from_millis(200));
+    // Every partial line is in the node's buffers before the others are timed.
+    node.wait_metric(BYTES_READ, read_before + sent);
     let mut worst = Duration::ZERO;
     for i in 0..100 {
         worst = worst.max(answered_within(
@@ -275,9 +260,11 @@ fn a_stalled_data_block_holds_only_its_own_connection() {
     set(&mut other, "held", b"old");
     let mut slow = node.connect();
     let value = vec![b'v'; 1_000_000];
-    slow.write_all(b"set held 0 0 1000000\r\n").unwrap();
+    let header = b"set held 0 0 1000000\r\n";
+    let read_before = node.metric(BYTES_READ);
+    slow.write_all(header).unwrap();
     slow.write_all(&value[..500_000]).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    node.wait_metric(BYTES_READ, read_before + (header.len() + 500_000) as u64);
     // The half-received value is not visible and does not stop anybody else.
     assert_eq!(get(&mut other, "held").as_deref(), Some(&b"old"[..]));
     for i in 0..20 {
@@ -304,13 +291,15 @@ fn partial_get_lines_hold_bounded_memory_and_overlong_ones_close() {
     while line.len() < 2 * 1024 * 1024 - 1000 {
         line.extend_from_slice(b"somewhat_long_key_name_0123456789 ");
     }
+    let read_before = node.metric(BYTES_READ);
     let mut stalled = Vec::new();
     for _ in 0..20 {
         let mut s = node.connect();
         s.write_all(&line).unwrap();
         stalled.push(s);
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // The node holds all 20 lines (the memory measured is theirs) before it is asked more.
+    node.wait_metric(BYTES_READ, read_before + 20 * line.len() as u64);
     answered_within(node.port, Duration::from_secs(2), "during");
     let peak = monitor.finish();
     let per_conn = peak.saturating_sub(before) / 20;
@@ -337,13 +326,8 @@ fn partial_get_lines_hold_bounded_memory_and_overlong_ones_close() {
 #[test]
 fn connections_beyond_the_limit_are_refused_while_others_keep_working() {
     let node = Node::start(&["-c", "8"]);
-    // The start-up probe's slot is freed once the node has seen it close: wait for that.
     let mut first = node.connect();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while stat(&stats(&mut first), "curr_connections") != 1 {
-        assert!(Instant::now() < deadline, "probe connection never released");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert_eq!(stat(&stats(&mut first), "curr_connections"), 1);
     let mut open: Vec<TcpStream> = std::iter::once(first)
         .chain((1..8).map(|_| node.connect()))
         .collect();
@@ -560,7 +544,7 @@ fn garbage_on_the_peer_port_closes_only_that_connection() {
     let peer_port = node.peer_port.unwrap();
     let mut client = node.connect();
     set(&mut client, "kept", b"value");
-    let rejected_before = metric(node.admin_port, "kache_peer_rejected_total");
+    let rejected_before = node.metric("kache_peer_rejected_total");
 
     let frame = |f: Frame| {
         let mut b = BytesMut::new();
@@ -628,10 +612,10 @@ fn garbage_on_the_peer_port_closes_only_that_connection() {
     expect_closed(&mut silent, Duration::from_secs(15));
     let expected = rejected_before + cases.len() as u64 + 1;
     let deadline = Instant::now() + Duration::from_secs(5);
-    let mut rejected = metric(node.admin_port, "kache_peer_rejected_total");
+    let mut rejected = node.metric("kache_peer_rejected_total");
     while rejected < expected && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
-        rejected = metric(node.admin_port, "kache_peer_rejected_total");
+        rejected = node.metric("kache_peer_rejected_total");
     }
     eprintln!(
         "hostile[peer]: kache_peer_rejected_total {rejected_before} -> {rejected} after {} \

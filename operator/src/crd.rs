@@ -438,6 +438,47 @@ pub struct CacheClusterStatus {
     /// to the remaining ones before the StatefulSet shrinks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebalance: Option<RebalanceStatus>,
+    /// The StatefulSet revision (pod template) every node runs once a rolling
+    /// update is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// Cache-node pods that run `revision`.
+    #[serde(default)]
+    pub updated_replicas: i32,
+    /// The rolling update under way, if any. The operator restarts the nodes
+    /// one at a time, highest ordinal first, each only once the one before
+    /// it holds its share again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// One step of a rolling update: the node being restarted.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// The revision the nodes move to.
+    pub revision: String,
+    /// The pod of this step.
+    pub pod: String,
+    /// What the step waits for.
+    pub phase: RolloutPhase,
+    /// When this step started.
+    pub started_at: Time,
+}
+
+/// The phase of a rolling-update step.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RolloutPhase {
+    /// With `replicationFactor` 1 the node's data has no copy: the member
+    /// list leaves it out first and the pod is restarted once it has handed
+    /// its data to the other nodes (or `scaleDownTimeoutSeconds` passed).
+    Draining,
+    /// The pod was deleted; its replacement starts, refills what it owns
+    /// (with `replicationFactor` 2 or more it stays in the member list, so
+    /// its replacement pulls its share back from the replicas) and becomes
+    /// Ready; the step ends once every member runs the published member list
+    /// with no hand-off under way.
+    Restarting,
 }
 
 /// Progress of a scale-in: which nodes are leaving and how far their

@@ -7,6 +7,8 @@
 //! * [`status`]: pure functions, observed state → member list, status, conditions.
 //! * [`scale`]: pure decisions of a warm scale-in (hold the StatefulSet
 //!   until departing nodes have handed their data off).
+//! * [`roll`]: pure decisions of a rolling update (restart the nodes one at
+//!   a time, each once the one before holds its share again).
 //! * [`reconcile`]: the reconciler that reads, applies and patches.
 //! * [`probe`]: asks departing nodes for their hand-off progress.
 //! * [`leader`], [`metrics`], [`admin`]: the operator process's plumbing.
@@ -18,5 +20,6 @@ pub mod leader;
 pub mod metrics;
 pub mod probe;
 pub mod reconcile;
+pub mod roll;
 pub mod scale;
 pub mod status;

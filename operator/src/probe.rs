@@ -1,5 +1,8 @@
-//! Asking a cache node how its hand-off is going: `GET http://<podIP>:<admin
-//! port>/cluster`. Behind a trait so the reconciler's tests can script it.
+//! Asking a cache node for its view of the cluster: `GET http://<podIP>:<admin
+//! port>/cluster` (member-list version, membership, hand-off progress). A
+//! scale-in waits on the departing nodes' hand-off; a rolling update waits
+//! until every member runs the published list with no hand-off under way.
+//! Behind a trait so the reconciler's tests can script it.
 
 use futures::future::BoxFuture;
 use http_body_util::{BodyExt, Empty, Limited};
@@ -34,23 +37,41 @@ pub struct HandoffReport {
     pub refilled: u64,
 }
 
-#[derive(Deserialize)]
-struct ClusterDoc {
-    handoff: HandoffReport,
+/// A node's `GET /cluster` document, the parts the operator reads.
+#[derive(Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeReport {
+    /// The node is in the member list it follows.
+    #[serde(default)]
+    pub member: bool,
+    /// Version of the member list the node follows.
+    #[serde(default)]
+    pub version: u64,
+    /// Items the node holds.
+    #[serde(default)]
+    pub items: u64,
+    /// Its hand-off progress.
+    pub handoff: HandoffReport,
+}
+
+impl NodeReport {
+    /// The node follows member list `version` (or a newer one) and moves no
+    /// data: nothing it should hold is still on its way.
+    pub fn settled_on(&self, version: u64) -> bool {
+        self.version >= version && !self.handoff.running
+    }
 }
 
 /// Parses a node's `GET /cluster` document.
-pub fn parse_cluster_doc(body: &[u8]) -> Result<HandoffReport, String> {
-    serde_json::from_slice::<ClusterDoc>(body)
-        .map(|d| d.handoff)
+pub fn parse_cluster_doc(body: &[u8]) -> Result<NodeReport, String> {
+    serde_json::from_slice::<NodeReport>(body)
         .map_err(|e| format!("unexpected /cluster response: {e}"))
 }
 
-/// Asks one node (by pod IP) for its hand-off progress. An `Err` says why it
-/// could not be learnt; the operator then keeps waiting (until the timeout).
-pub trait HandoffProbe: Send + Sync {
-    /// The node's hand-off progress.
-    fn handoff<'a>(&'a self, pod_ip: &'a str) -> BoxFuture<'a, Result<HandoffReport, String>>;
+/// Asks one node (by pod IP) for its report. An `Err` says why it could not
+/// be learnt; the operator then keeps waiting (until a timeout, if any).
+pub trait NodeProbe: Send + Sync {
+    /// The node's `GET /cluster` report.
+    fn report<'a>(&'a self, pod_ip: &'a str) -> BoxFuture<'a, Result<NodeReport, String>>;
 }
 
 /// The real probe: plain HTTP to the node's admin port.
@@ -71,7 +92,7 @@ impl HttpProbe {
         }
     }
 
-    async fn get(&self, pod_ip: &str) -> Result<HandoffReport, String> {
+    async fn get(&self, pod_ip: &str) -> Result<NodeReport, String> {
         let ip: IpAddr = pod_ip
             .parse()
             .map_err(|_| format!("invalid pod IP {pod_ip:?}"))?;
@@ -112,8 +133,8 @@ impl HttpProbe {
     }
 }
 
-impl HandoffProbe for HttpProbe {
-    fn handoff<'a>(&'a self, pod_ip: &'a str) -> BoxFuture<'a, Result<HandoffReport, String>> {
+impl NodeProbe for HttpProbe {
+    fn report<'a>(&'a self, pod_ip: &'a str) -> BoxFuture<'a, Result<NodeReport, String>> {
         Box::pin(async move {
             tokio::time::timeout(self.timeout, self.get(pod_ip))
                 .await
@@ -134,14 +155,19 @@ mod tests {
             "sent":1234,"acked":1230,"failed":4,"refilled":0},"items":0}"#;
         assert_eq!(
             parse_cluster_doc(body).unwrap(),
-            HandoffReport {
+            NodeReport {
+                member: false,
                 version: 7,
-                running: false,
-                done: true,
-                sent: 1234,
-                acked: 1230,
-                failed: 4,
-                refilled: 0
+                items: 0,
+                handoff: HandoffReport {
+                    version: 7,
+                    running: false,
+                    done: true,
+                    sent: 1234,
+                    acked: 1230,
+                    failed: 4,
+                    refilled: 0
+                }
             }
         );
         assert!(parse_cluster_doc(b"{}").is_err());
@@ -169,7 +195,7 @@ mod tests {
             req
         });
         let probe = HttpProbe::new(port);
-        let r = probe.handoff("127.0.0.1").await.unwrap();
+        let r = probe.report("127.0.0.1").await.unwrap().handoff;
         assert_eq!((r.version, r.done, r.sent, r.acked), (3, false, 5, 2));
         let req = server.await.unwrap();
         assert!(req.starts_with("GET /cluster HTTP/1.1\r\n"), "{req}");
@@ -178,8 +204,8 @@ mod tests {
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = closed.local_addr().unwrap().port();
         drop(closed);
-        let err = HttpProbe::new(port).handoff("127.0.0.1").await.unwrap_err();
+        let err = HttpProbe::new(port).report("127.0.0.1").await.unwrap_err();
         assert!(err.contains("cannot connect"), "{err}");
-        assert!(HttpProbe::new(port).handoff("nope").await.is_err());
+        assert!(HttpProbe::new(port).report("nope").await.is_err());
     }
 }

@@ -7,7 +7,8 @@
 use crate::build::{self, BuildError};
 use crate::crd::{CacheCluster, CacheClusterStatus};
 use crate::metrics::Metrics;
-use crate::probe::{HandoffProbe, HttpProbe};
+use crate::probe::{HttpProbe, NodeProbe};
+use crate::roll::{self, RestartReason, RollAction};
 use crate::scale::{self, ProbeResults, ScaleOutcome};
 use crate::status::{self, CONDITION_DEGRADED, REASON_INVALID_SPEC};
 use futures::StreamExt;
@@ -15,10 +16,11 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::chrono::Utc;
 use k8s_openapi::NamespaceResourceScope;
 use kache_cluster::names;
+use kache_cluster::MemberList;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -105,7 +107,7 @@ pub struct Context {
     pub now: fn() -> Time,
     /// Asks departing nodes for their hand-off progress (injected so tests
     /// can script it).
-    pub probe: Arc<dyn HandoffProbe>,
+    pub probe: Arc<dyn NodeProbe>,
     failures: Mutex<HashMap<ObjectRef<CacheCluster>, u32>>,
 }
 
@@ -288,15 +290,16 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
     }
 
     // Observe the pods and the published member list.
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let pods = pods
+    let pods_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pods = pods_api
         .list(&ListParams::default().labels(&names::selector_string(&name)))
         .await?
         .items;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let current_cm = cms.get_opt(&names::members_configmap_name(&name)).await?;
-    // The StatefulSet as it is (its replicas tell a scale-in under way). Read
-    // with a list by name: the chart grants list, not get, on StatefulSets.
+    // The StatefulSet as it is (its replicas tell a scale-in under way, its
+    // revision a rolling update). Read with a list by name: the chart grants
+    // list, not get, on StatefulSets.
     let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
     let current_sts = sts_api
         .list(&ListParams::default().fields(&format!("metadata.name={name}")))
@@ -306,34 +309,62 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
         .find(|s| s.name_any() == name);
     let published = status::published_member_list(current_cm.as_ref());
     let previous_version = cc.status.as_ref().map_or(0, |s| s.config_version);
-    let list = status::next_member_list(
-        status::ready_members(cc, &pods),
-        status::replication_factor(cc),
-        published.as_ref(),
-        previous_version,
-    );
-    let desired_cm = build::members_configmap(cc, &list)?;
-    let cm_changed = current_cm.as_ref().map(|c| &c.data) != Some(&desired_cm.data)
-        || current_cm.as_ref().map(|c| &c.metadata.annotations)
-            != Some(&desired_cm.metadata.annotations);
+    let member_list = |drained: Option<&str>| {
+        status::next_member_list(
+            status::desired_members(cc, &pods, published.as_ref(), drained, &now),
+            status::replication_factor(cc),
+            published.as_ref(),
+            previous_version,
+        )
+    };
+    let drained = roll::drained_pod(cc, current_sts.as_ref(), &pods).map(|p| p.name_any());
+    let mut list = member_list(drained.as_deref());
     // The member list goes first: on a scale-in it no longer lists the
     // departing nodes, which start handing their data off. Just before it,
     // the scale-in's start goes into the status, so an operator restarted in
     // between keeps its deadline.
+    let cm_changed = cm_differs(current_cm.as_ref(), cc, &list)?;
     if cm_changed {
         if let Some(start) = scale::unrecorded_start(cc, current_sts.as_ref(), &list, &now) {
             let mut recorded = cc.status.clone().unwrap_or_default();
             recorded.rebalance = Some(start);
             patch_status(client, cc, &recorded).await?;
         }
-        apply(client, &ns, &desired_cm).await?;
+        apply(client, &ns, &build::members_configmap(cc, &list)?).await?;
+    }
+
+    // Ask the nodes what a scale-in (the departing ones) or a rolling update
+    // (all of them) waits on.
+    let mut targets = scale::pods_to_probe(cc, current_sts.as_ref(), &pods);
+    if roll::rolling(cc, current_sts.as_ref(), &pods) || drained.is_some() {
+        for t in roll::report_targets(cc, &pods) {
+            if !targets.iter().any(|x| x.name == t.name) {
+                targets.push(t);
+            }
+        }
+    }
+    let probes = probe_all(ctx.probe.as_ref(), &targets).await;
+    let decision = scale::decide(cc, current_sts.as_ref(), &pods, &list, &probes, &now);
+    let roll = roll::decide(
+        cc,
+        current_sts.as_ref(),
+        &pods,
+        &list,
+        cm_changed,
+        &probes,
+        decision.rebalance.is_some(),
+        &now,
+    );
+    // A node to drain first: marked on its pod (so a restarted operator
+    // knows), then left out of the member list.
+    if let RollAction::Drain { pod, revision } = &roll.action {
+        apply(client, &ns, &roll_drain_mark(&ns, pod, revision, &now)).await?;
+        list = member_list(Some(pod));
+        apply(client, &ns, &build::members_configmap(cc, &list)?).await?;
     }
 
     // Scale-in: the StatefulSet keeps the departing pods until they report
     // their hand-off done (or the timeout passes).
-    let targets = scale::pods_to_probe(cc, current_sts.as_ref(), &pods);
-    let probes = probe_all(ctx.probe.as_ref(), &targets).await;
-    let decision = scale::decide(cc, current_sts.as_ref(), &pods, &list, &probes, &now);
     let mut desired_sts = build::statefulset(cc, &ctx.settings.node_image)?;
     if let Some(spec) = desired_sts.spec.as_mut() {
         spec.replicas = Some(decision.statefulset_replicas);
@@ -341,12 +372,21 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
     let sts = apply(client, &ns, &desired_sts).await?;
     apply(client, &ns, &build::pod_disruption_budget(cc)?).await?;
 
-    let new_status = status::compute_status_rebalancing(
+    // Rolling update: one node restarts.
+    if let RollAction::Restart { pod, uid, .. } = &roll.action {
+        delete_pod(&pods_api, pod, uid).await?;
+    }
+
+    let new_status = status::compute_status_underway(
         cc,
         &pods,
         Some(&sts),
         &list,
-        decision.status_rebalance(),
+        status::Underway {
+            rebalance: decision.status_rebalance(),
+            rollout: roll.rollout.as_ref(),
+            roll_progress: roll.progress.as_deref(),
+        },
         now,
     );
     if cc.status.as_ref() != Some(&new_status) {
@@ -397,7 +437,9 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
         .await;
     }
     rebalance_events(ctx, cc, &decision).await;
-    if decision.waiting() {
+    roll_events(ctx, cc, &roll).await;
+    unschedulable_events(ctx, cc, &new_status).await;
+    if decision.waiting() || roll.waiting() {
         return Ok(Action::requeue(REQUEUE_REBALANCING));
     }
 
@@ -408,6 +450,146 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
     } else {
         REQUEUE_CONVERGING
     }))
+}
+
+/// Whether the members ConfigMap differs from what `list` renders to.
+fn cm_differs(
+    current: Option<&ConfigMap>,
+    cc: &CacheCluster,
+    list: &MemberList,
+) -> Result<bool, Error> {
+    let desired = build::members_configmap(cc, list)?;
+    Ok(current.map(|c| &c.data) != Some(&desired.data)
+        || current.map(|c| &c.metadata.annotations) != Some(&desired.metadata.annotations))
+}
+
+/// The drain mark of a rolling update on pod `name` (server-side applied
+/// under the operator's field manager, so it only ever touches these two
+/// annotations).
+fn roll_drain_mark(ns: &str, name: &str, revision: &str, now: &Time) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: Some(ns.to_string()),
+            annotations: Some(
+                [
+                    (
+                        roll::DRAIN_REVISION_ANNOTATION.to_string(),
+                        revision.to_string(),
+                    ),
+                    (roll::DRAIN_SINCE_ANNOTATION.to_string(), now.0.to_rfc3339()),
+                ]
+                .into(),
+            ),
+            ..ObjectMeta::default()
+        },
+        spec: None,
+        status: None,
+    }
+}
+
+/// Deletes pod `name` if it is still the one with `uid` (the StatefulSet
+/// controller recreates it from the current template).
+async fn delete_pod(api: &Api<Pod>, name: &str, uid: &str) -> Result<(), Error> {
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: Some(uid.to_string()),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(name, &params).await {
+        Ok(_) => Ok(()),
+        // Already gone, or replaced since.
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Events of a rolling update: a node drained, a node restarted (and why),
+/// the roll finished.
+async fn roll_events(ctx: &Context, cc: &CacheCluster, roll: &roll::RollDecision) {
+    let previous = cc.status.as_ref().and_then(|s| s.rollout.as_ref());
+    match &roll.action {
+        RollAction::Drain { pod, revision } => {
+            let note = format!(
+                "rolling update to revision {revision}: {pod} leaves the member list and hands its data to the other nodes before it restarts"
+            );
+            publish(ctx, cc, EventType::Normal, "RollingUpdate", "Drain", note).await;
+        }
+        RollAction::Restart { pod, why, .. } => {
+            let revision = roll.rollout.as_ref().map_or("", |r| r.revision.as_str());
+            if let RestartReason::DrainTimedOut(detail) = why {
+                let note = format!(
+                    "{pod} did not finish handing off within {}s ({detail}); restarting it anyway, items not yet moved are lost",
+                    cc.spec.scale_down_timeout_seconds
+                );
+                publish(
+                    ctx,
+                    cc,
+                    EventType::Warning,
+                    "HandoffTimeout",
+                    "Restart",
+                    note,
+                )
+                .await;
+            }
+            let how = match why {
+                RestartReason::Turn => {
+                    "its replacement refills from the replicas before it is Ready"
+                }
+                RestartReason::Drained | RestartReason::DrainTimedOut(_) => {
+                    "its replacement joins as a new member"
+                }
+                RestartReason::NotReady => "it was not Ready",
+            };
+            let note = format!("rolling update to revision {revision}: restarting {pod} ({how})");
+            publish(ctx, cc, EventType::Normal, "RollingUpdate", "Restart", note).await;
+        }
+        RollAction::None => {
+            if let (Some(done), None) = (previous, roll.rollout.as_ref()) {
+                let note = format!(
+                    "rolling update finished: every node runs revision {}",
+                    done.revision
+                );
+                publish(
+                    ctx,
+                    cc,
+                    EventType::Normal,
+                    "RolloutFinished",
+                    "Restart",
+                    note,
+                )
+                .await;
+            }
+        }
+    }
+}
+
+/// A Warning event when pods become unschedulable (or the scheduler's
+/// reason changes), with the scheduler's reason.
+async fn unschedulable_events(ctx: &Context, cc: &CacheCluster, next: &CacheClusterStatus) {
+    let unschedulable = |s: &CacheClusterStatus| {
+        status::find_condition(s, CONDITION_DEGRADED)
+            .filter(|c| c.status == "True" && c.reason == status::REASON_UNSCHEDULABLE)
+            .map(|c| c.message.clone())
+    };
+    let Some(now) = unschedulable(next) else {
+        return;
+    };
+    if cc.status.as_ref().and_then(unschedulable) == Some(now.clone()) {
+        return;
+    }
+    let note = format!("cannot schedule: {now}");
+    publish(
+        ctx,
+        cc,
+        EventType::Warning,
+        status::REASON_UNSCHEDULABLE,
+        "Schedule",
+        note,
+    )
+    .await;
 }
 
 /// Deletes the NetworkPolicy `<name>` when it exists and this CacheCluster
@@ -462,8 +644,8 @@ async fn remove_network_policy(ctx: &Context, cc: &CacheCluster, ns: &str) -> Re
 }
 
 /// Asks every target for its hand-off progress, all at once.
-async fn probe_all(probe: &dyn HandoffProbe, targets: &[scale::ProbeTarget]) -> ProbeResults {
-    let answers = futures::future::join_all(targets.iter().map(|t| probe.handoff(&t.ip))).await;
+async fn probe_all(probe: &dyn NodeProbe, targets: &[scale::ProbeTarget]) -> ProbeResults {
+    let answers = futures::future::join_all(targets.iter().map(|t| probe.report(&t.ip))).await;
     targets
         .iter()
         .map(|t| t.name.clone())

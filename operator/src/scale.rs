@@ -15,7 +15,7 @@
 //! Scaling out is unaffected: new pods join the list once Ready.
 
 use crate::crd::{CacheCluster, DepartingMember, RebalanceStatus};
-use crate::probe::HandoffReport;
+use crate::probe::NodeReport;
 use crate::status::{member_state, pod_ordinal};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
@@ -25,8 +25,8 @@ use kache_cluster::MemberList;
 use kube::ResourceExt;
 use std::collections::BTreeMap;
 
-/// Probe results by pod name: the node's hand-off report, or why there is none.
-pub type ProbeResults = BTreeMap<String, Result<HandoffReport, String>>;
+/// Probe results by pod name: the node's report, or why there is none.
+pub type ProbeResults = BTreeMap<String, Result<NodeReport, String>>;
 
 /// A departing pod whose node may still hold data, to be asked for progress.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,6 +113,39 @@ fn may_hold_data(pod: &Pod) -> bool {
         && !container_down
 }
 
+/// The pods chosen by `keep` (given each pod's ordinal) that have an IP, as
+/// probe targets in ordinal order.
+pub fn probe_targets(
+    cc: &CacheCluster,
+    pods: &[Pod],
+    keep: impl Fn(u32, &Pod) -> bool,
+) -> Vec<ProbeTarget> {
+    let name = cc.name_any();
+    let mut out: Vec<(u32, ProbeTarget)> = pods
+        .iter()
+        .filter_map(|p| {
+            let ordinal = pod_ordinal(&p.name_any(), &name)?;
+            let ip = p
+                .status
+                .as_ref()?
+                .pod_ip
+                .clone()
+                .filter(|ip| !ip.is_empty())?;
+            keep(ordinal, p).then(|| {
+                (
+                    ordinal,
+                    ProbeTarget {
+                        name: p.name_any(),
+                        ip,
+                    },
+                )
+            })
+        })
+        .collect();
+    out.sort_by_key(|(o, _)| *o);
+    out.into_iter().map(|(_, t)| t).collect()
+}
+
 /// The departing pods to ask for hand-off progress, in ordinal order. Pods
 /// without a running node (pending, no IP, deleted, crashed) hold nothing.
 pub fn pods_to_probe(
@@ -121,26 +154,9 @@ pub fn pods_to_probe(
     pods: &[Pod],
 ) -> Vec<ProbeTarget> {
     let departing = departing_ordinals(cc, sts);
-    let name = cc.name_any();
-    let mut out: Vec<(u32, ProbeTarget)> = pods
-        .iter()
-        .filter_map(|p| {
-            let ordinal = pod_ordinal(&p.name_any(), &name)?;
-            if !departing.contains(&ordinal) || !may_hold_data(p) {
-                return None;
-            }
-            let ip = p.status.as_ref()?.pod_ip.clone()?;
-            Some((
-                ordinal,
-                ProbeTarget {
-                    name: p.name_any(),
-                    ip,
-                },
-            ))
-        })
-        .collect();
-    out.sort_by_key(|(o, _)| *o);
-    out.into_iter().map(|(_, t)| t).collect()
+    probe_targets(cc, pods, |ordinal, p| {
+        departing.contains(&ordinal) && may_hold_data(p)
+    })
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -201,7 +217,7 @@ pub fn decide(
                     }),
                 };
             }
-            match probes.get(&pod) {
+            match probes.get(&pod).map(|r| r.as_ref().map(|r| &r.handoff)) {
                 Some(Ok(r)) => DepartingMember {
                     done: nothing_to_wait_for || (r.version >= version && r.done),
                     handoff_version: Some(to_i64(r.version)),
@@ -218,7 +234,7 @@ pub fn decide(
                     sent: 0,
                     acked: 0,
                     failed: 0,
-                    message: Some(e.clone()),
+                    message: Some(e.to_string()),
                     name: pod,
                 },
                 None => DepartingMember {

@@ -6,7 +6,9 @@
 //! last published (ignoring the version) it is published with the previous
 //! version plus one; a no-op never bumps it.
 
-use crate::crd::{CacheCluster, CacheClusterStatus, MemberState, MemberStatus, RebalanceStatus};
+use crate::crd::{
+    CacheCluster, CacheClusterStatus, MemberState, MemberStatus, RebalanceStatus, RolloutStatus,
+};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -24,6 +26,13 @@ pub const CONDITION_DEGRADED: &str = "Degraded";
 pub const CONDITION_REBALANCING: &str = "Rebalancing";
 /// Reason of a True `Rebalancing` condition.
 pub const REASON_HANDING_OFF: &str = "HandingOff";
+
+/// Reason of a True `Progressing` condition while the operator restarts the
+/// nodes one by one for a new revision.
+pub const REASON_ROLLING_UPDATE: &str = "RollingUpdate";
+/// Reason of a True `Degraded` condition while the scheduler cannot place a
+/// pod (the message carries the scheduler's reason).
+pub const REASON_UNSCHEDULABLE: &str = "Unschedulable";
 
 /// Reason: the spec failed validation.
 pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
@@ -102,9 +111,106 @@ pub fn member_statuses(cc: &CacheCluster, pods: &[Pod]) -> Vec<MemberStatus> {
         .collect()
 }
 
-/// The members to publish: Ready pods in ordinal order. Pods whose ordinal is
-/// at or above `spec.replicas` are left out, so a scale-down removes them
-/// from the list before they go away.
+/// How long a member whose pod stopped being Ready stays in the member list
+/// (with `replicationFactor` 2 or more): long enough for a restarted pod to
+/// come back, refill its share from the replicas and be Ready again, so a
+/// restart (planned or not) does not change the ring twice. A pod the
+/// scheduler cannot place is dropped at once.
+pub const RESTART_GRACE_SECONDS: i64 = 120;
+
+/// The scheduler's reason when it cannot place the pod
+/// (`PodScheduled=False`, reason `Unschedulable`).
+pub fn unschedulable_message(pod: &Pod) -> Option<String> {
+    let conditions = pod.status.as_ref()?.conditions.as_ref()?;
+    conditions
+        .iter()
+        .find(|c| {
+            c.type_ == "PodScheduled"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("Unschedulable")
+        })
+        .map(|c| {
+            c.message
+                .clone()
+                .unwrap_or_else(|| "the scheduler cannot place it".into())
+        })
+}
+
+/// Since when a pod has not been Ready: the Ready condition's last change, or
+/// the pod's creation for a pod that never was.
+fn not_ready_since(pod: &Pod) -> Option<Time> {
+    let ready_change = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .and_then(|c| c.last_transition_time.clone());
+    match (ready_change, pod.metadata.creation_timestamp.clone()) {
+        (Some(a), Some(b)) => Some(if a.0 > b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Whether a published member whose pod is not Ready stays listed: its pod
+/// is restarting (gone and about to be recreated, terminating, or starting)
+/// within [`RESTART_GRACE_SECONDS`], and the scheduler has not given up on it.
+fn restarting(pod: Option<&Pod>, now: &Time) -> bool {
+    let Some(pod) = pod else {
+        // Deleted: the StatefulSet controller recreates it right away.
+        return true;
+    };
+    if pod.metadata.deletion_timestamp.is_some() {
+        return true;
+    }
+    if unschedulable_message(pod).is_some() {
+        return false;
+    }
+    not_ready_since(pod).is_none_or(|since| (now.0 - since.0).num_seconds() < RESTART_GRACE_SECONDS)
+}
+
+/// The members to publish, in ordinal order, for ordinals below
+/// `spec.replicas` (a scale-in removes the departing ones from the list
+/// before they go away):
+/// * every Ready pod, except the one a rolling update drains
+///   (`drained`, see [`crate::roll`]);
+/// * with `replicationFactor` 2 or more, every member of the `published`
+///   list whose pod is restarting (see [`RESTART_GRACE_SECONDS`]), as
+///   published: its replacement then finds itself listed and pulls its
+///   share back from the replicas before it reports Ready, and the ring does
+///   not change twice.
+pub fn desired_members(
+    cc: &CacheCluster,
+    pods: &[Pod],
+    published: Option<&MemberList>,
+    drained: Option<&str>,
+    now: &Time,
+) -> Vec<Member> {
+    let name = cc.name_any();
+    let replicas = u32::try_from(cc.spec.replicas.max(0)).unwrap_or(0);
+    let mut members: Vec<(u32, Member)> = ready_members(cc, pods)
+        .into_iter()
+        .filter(|m| Some(m.name.as_str()) != drained)
+        .filter_map(|m| Some((pod_ordinal(&m.name, &name)?, m)))
+        .collect();
+    if cc.spec.replication_factor >= 2 {
+        for m in published.map_or(&[][..], |p| p.members.as_slice()) {
+            let Some(ordinal) = pod_ordinal(&m.name, &name) else {
+                continue;
+            };
+            let listed = members.iter().any(|(_, x)| x.name == m.name);
+            let pod = pods.iter().find(|p| p.name_any() == m.name);
+            let ready = pod.is_some_and(|p| member_state(p) == MemberState::Ready);
+            if ordinal < replicas && !listed && !ready && restarting(pod, now) {
+                members.push((ordinal, m.clone()));
+            }
+        }
+    }
+    members.sort_by_key(|(o, _)| *o);
+    members.into_iter().map(|(_, m)| m).collect()
+}
+
+/// Ready pods in ordinal order, as members. Pods whose ordinal is at or above
+/// `spec.replicas` are left out.
 pub fn ready_members(cc: &CacheCluster, pods: &[Pod]) -> Vec<Member> {
     let name = cc.name_any();
     let ns = cc.namespace().unwrap_or_default();
@@ -209,7 +315,9 @@ fn failing_pods(pods: &[(u32, &Pod)]) -> Vec<String> {
         .collect()
 }
 
-/// What the StatefulSet says about its rollout, if it is still moving.
+/// What the StatefulSet says about its rollout, if it is still moving. The
+/// rolling update itself is the operator's ([`crate::roll`]): it reports
+/// through [`Underway::roll_progress`].
 fn rollout_in_progress(sts: Option<&StatefulSet>, desired: i32) -> Option<String> {
     let Some(sts) = sts else {
         return Some("creating the StatefulSet".into());
@@ -223,18 +331,47 @@ fn rollout_in_progress(sts: Option<&StatefulSet>, desired: i32) -> Option<String
     if st.replicas != desired {
         return Some(format!("scaling from {} to {desired} nodes", st.replicas));
     }
-    let updated = st.updated_replicas.unwrap_or(0);
-    if st.update_revision.is_some()
-        && st.current_revision != st.update_revision
-        && updated < desired
-    {
-        return Some(format!("rolling update: {updated}/{desired} nodes updated"));
-    }
     None
 }
 
-/// Status of a valid CacheCluster from what the operator observed, with no
-/// scale-in under way.
+/// Pods the scheduler cannot place, each with its reason, in ordinal order.
+fn unschedulable_pods(pods: &[(u32, &Pod)]) -> Vec<String> {
+    pods.iter()
+        .filter(|(_, p)| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|(_, p)| {
+            unschedulable_message(p).map(|m| format!("{}: {}", p.name_any(), m.trim()))
+        })
+        .collect()
+}
+
+/// Live pods that run the StatefulSet's current revision.
+fn updated_replicas(cc: &CacheCluster, pods: &[Pod], sts: Option<&StatefulSet>) -> i32 {
+    let Some(revision) = crate::roll::update_revision(sts) else {
+        return 0;
+    };
+    let n = ordered_pods(cc, pods)
+        .iter()
+        .filter(|(_, p)| {
+            p.metadata.deletion_timestamp.is_none()
+                && crate::roll::pod_revision(p) == Some(revision)
+        })
+        .count();
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// What the operator is in the middle of, for the status.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Underway<'a> {
+    /// The scale-in it waits on (see [`crate::scale`]).
+    pub rebalance: Option<&'a RebalanceStatus>,
+    /// The rolling-update step under way (see [`crate::roll`]).
+    pub rollout: Option<&'a RolloutStatus>,
+    /// The rolling update's progress, while one is under way.
+    pub roll_progress: Option<&'a str>,
+}
+
+/// Status of a valid CacheCluster from what the operator observed, with
+/// nothing under way.
 pub fn compute_status(
     cc: &CacheCluster,
     pods: &[Pod],
@@ -242,19 +379,20 @@ pub fn compute_status(
     published: &MemberList,
     now: Time,
 ) -> CacheClusterStatus {
-    compute_status_rebalancing(cc, pods, sts, published, None, now)
+    compute_status_underway(cc, pods, sts, published, Underway::default(), now)
 }
 
-/// Status of a valid CacheCluster from what the operator observed;
-/// `rebalance` is the scale-in it is waiting on, if any (see [`crate::scale`]).
-pub fn compute_status_rebalancing(
+/// Status of a valid CacheCluster from what the operator observed and what
+/// it is in the middle of.
+pub fn compute_status_underway(
     cc: &CacheCluster,
     pods: &[Pod],
     sts: Option<&StatefulSet>,
     published: &MemberList,
-    rebalance: Option<&RebalanceStatus>,
+    underway: Underway<'_>,
     now: Time,
 ) -> CacheClusterStatus {
+    let rebalance = underway.rebalance;
     let generation = cc.metadata.generation;
     let desired = cc.spec.replicas.max(0);
     let members = member_statuses(cc, pods);
@@ -278,7 +416,10 @@ pub fn compute_status_rebalancing(
     let live = i32::try_from(live).unwrap_or(i32::MAX);
     // While departing nodes hand off, the StatefulSet is held at its size on purpose.
     let held = rebalance.map_or(desired, |r| r.current_replicas);
-    let rollout = rollout_in_progress(sts, held);
+    let rollout = underway
+        .roll_progress
+        .map(str::to_string)
+        .or_else(|| rollout_in_progress(sts, held));
     let failing = failing_pods(&ordered_pods(cc, pods));
 
     let all_ready = ready >= desired && rollout.is_none();
@@ -333,7 +474,11 @@ pub fn compute_status_rebalancing(
         (Some(what), _) => condition(
             CONDITION_PROGRESSING,
             true,
-            "RollingOut",
+            if underway.roll_progress.is_some() {
+                REASON_ROLLING_UPDATE
+            } else {
+                "RollingOut"
+            },
             what.clone(),
             generation,
             &now,
@@ -362,7 +507,19 @@ pub fn compute_status_rebalancing(
         ),
     };
 
-    let degraded = if !failing.is_empty() {
+    let unschedulable = unschedulable_pods(&ordered_pods(cc, pods));
+    let degraded = if !unschedulable.is_empty() {
+        let mut problems = unschedulable;
+        problems.extend(failing);
+        condition(
+            CONDITION_DEGRADED,
+            true,
+            REASON_UNSCHEDULABLE,
+            problems.join("; "),
+            generation,
+            &now,
+        )
+    } else if !failing.is_empty() {
         condition(
             CONDITION_DEGRADED,
             true,
@@ -418,6 +575,9 @@ pub fn compute_status_rebalancing(
             vec![ready_cond, progressing, degraded, rebalancing],
         ),
         rebalance: rebalance.cloned(),
+        revision: crate::roll::update_revision(sts).map(str::to_string),
+        updated_replicas: updated_replicas(cc, pods, sts),
+        rollout: underway.rollout.cloned(),
     }
 }
 
@@ -577,6 +737,151 @@ pub(crate) mod tests {
         assert_eq!(members[0].peer_port, 11212);
     }
 
+    fn names_of(members: &[Member]) -> Vec<&str> {
+        members.iter().map(|m| m.name.as_str()).collect()
+    }
+
+    fn replicated(rf: i32) -> CacheCluster {
+        cluster(
+            "web",
+            CacheClusterSpec {
+                replication_factor: rf,
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn a_restarting_member_stays_listed_with_replicas() {
+        let cc = replicated(2);
+        let v1 = next_member_list(ready_members(&cc, &three_ready()), 2, None, 0);
+        // web-1 deleted (gone, terminating) or restarted (not Ready, new IP).
+        let mut terminating = pod("web-1", Some("10.0.0.2"), false);
+        terminating.metadata.deletion_timestamp = Some(t(0));
+        let mut starting = pod("web-1", Some("10.0.0.22"), false);
+        starting.metadata.creation_timestamp = Some(t(0));
+        let cases = [
+            ("gone", None),
+            ("terminating", Some(terminating)),
+            ("starting", Some(starting.clone())),
+        ];
+        for (what, web1) in cases {
+            let mut pods = vec![
+                pod("web-0", Some("10.0.0.1"), true),
+                pod("web-2", Some("10.0.0.3"), true),
+            ];
+            pods.extend(web1);
+            let members = desired_members(&cc, &pods, Some(&v1), None, &t(30));
+            assert_eq!(members, v1.members, "{what}: kept as published");
+        }
+        // Longer than the grace: dropped.
+        let pods = vec![
+            pod("web-0", Some("10.0.0.1"), true),
+            starting.clone(),
+            pod("web-2", Some("10.0.0.3"), true),
+        ];
+        let late = desired_members(&cc, &pods, Some(&v1), None, &t(RESTART_GRACE_SECONDS));
+        assert_eq!(names_of(&late), ["web-0", "web-2"]);
+        // Ready again: listed with its new IP.
+        let back = vec![
+            pod("web-0", Some("10.0.0.1"), true),
+            pod("web-1", Some("10.0.0.22"), true),
+            pod("web-2", Some("10.0.0.3"), true),
+        ];
+        let members = desired_members(&cc, &back, Some(&v1), None, &t(30));
+        assert_eq!(names_of(&members), ["web-0", "web-1", "web-2"]);
+        assert_eq!(members[1].ip, "10.0.0.22");
+        // Without replicas it has no copy to refill from: dropped at once.
+        let cc1 = replicated(1);
+        let pods = vec![pod("web-0", Some("10.0.0.1"), true), starting];
+        let members = desired_members(&cc1, &pods, Some(&v1), None, &t(30));
+        assert_eq!(names_of(&members), ["web-0"]);
+    }
+
+    #[test]
+    fn an_unschedulable_or_departing_member_is_not_kept() {
+        let cc = replicated(2);
+        let v1 = next_member_list(ready_members(&cc, &three_ready()), 2, None, 0);
+        let mut stuck = pod("web-1", None, false);
+        stuck.status.as_mut().unwrap().conditions = Some(vec![PodCondition {
+            type_: "PodScheduled".into(),
+            status: "False".into(),
+            reason: Some("Unschedulable".into()),
+            message: Some("0/1 nodes are available: 1 Insufficient cpu.".into()),
+            ..Default::default()
+        }]);
+        assert_eq!(
+            unschedulable_message(&stuck).as_deref(),
+            Some("0/1 nodes are available: 1 Insufficient cpu.")
+        );
+        let pods = vec![
+            pod("web-0", Some("10.0.0.1"), true),
+            stuck,
+            pod("web-2", Some("10.0.0.3"), true),
+        ];
+        let members = desired_members(&cc, &pods, Some(&v1), None, &t(1));
+        assert_eq!(names_of(&members), ["web-0", "web-2"]);
+        // Scaled to 2: web-2 departs even though it restarts.
+        let mut two = replicated(2);
+        two.spec.replicas = 2;
+        let pods = vec![
+            pod("web-0", Some("10.0.0.1"), true),
+            pod("web-1", Some("10.0.0.2"), true),
+        ];
+        let members = desired_members(&two, &pods, Some(&v1), None, &t(1));
+        assert_eq!(names_of(&members), ["web-0", "web-1"]);
+    }
+
+    #[test]
+    fn a_drained_pod_is_left_out() {
+        let cc = replicated(1);
+        let members = desired_members(&cc, &three_ready(), None, Some("web-2"), &t(0));
+        assert_eq!(names_of(&members), ["web-0", "web-1"]);
+    }
+
+    #[test]
+    fn unschedulable_pods_degrade_the_cluster_with_the_schedulers_reason() {
+        let cc = cluster(
+            "web",
+            CacheClusterSpec {
+                replicas: 4,
+                ..Default::default()
+            },
+        );
+        let mut pods = three_ready();
+        let mut stuck = pod("web-3", None, false);
+        stuck.status.as_mut().unwrap().conditions = Some(vec![PodCondition {
+            type_: "PodScheduled".into(),
+            status: "False".into(),
+            reason: Some("Unschedulable".into()),
+            message: Some(
+                "0/1 nodes are available: 1 Insufficient cpu. preemption: 0/1 nodes are available: 1 No preemption victims found for incoming pod.."
+                    .into(),
+            ),
+            ..Default::default()
+        }]);
+        pods.push(stuck);
+        let list = next_member_list(ready_members(&cc, &pods), 1, None, 0);
+        assert_eq!(list.members.len(), 3, "the pending pod is not published");
+        let st = compute_status(&cc, &pods, Some(&settled_sts(4)), &list, t(0));
+        let deg = find_condition(&st, CONDITION_DEGRADED).unwrap();
+        assert_eq!(
+            (deg.status.as_str(), deg.reason.as_str()),
+            ("True", REASON_UNSCHEDULABLE)
+        );
+        assert!(
+            deg.message
+                .starts_with("web-3: 0/1 nodes are available: 1 Insufficient cpu."),
+            "{}",
+            deg.message
+        );
+        let ready = find_condition(&st, CONDITION_READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.message.as_str()),
+            ("False", "3/4 nodes ready")
+        );
+    }
+
     #[test]
     fn scale_down_unpublishes_surplus_ordinals_first() {
         let cc = cluster(
@@ -715,17 +1020,32 @@ pub(crate) mod tests {
         let prog = find_condition(&st, CONDITION_PROGRESSING).unwrap();
         assert_eq!(prog.message, "scaling from 2 to 3 nodes");
 
-        let mut rolling = settled_sts(3);
-        let s = rolling.status.as_mut().unwrap();
-        s.update_revision = Some("r2".into());
-        s.updated_replicas = Some(1);
-        let st = compute_status(&cc, &three_ready(), Some(&rolling), &list, t(0));
+        // The operator's rolling update reports through `Underway`.
+        let underway = Underway {
+            roll_progress: Some("rolling update: 1/3 nodes run revision r2; restarting web-1"),
+            ..Underway::default()
+        };
+        let st = compute_status_underway(
+            &cc,
+            &three_ready(),
+            Some(&settled_sts(3)),
+            &list,
+            underway,
+            t(0),
+        );
         let prog = find_condition(&st, CONDITION_PROGRESSING).unwrap();
-        assert_eq!(prog.message, "rolling update: 1/3 nodes updated");
+        assert_eq!(
+            (prog.reason.as_str(), prog.message.as_str()),
+            (
+                REASON_ROLLING_UPDATE,
+                "rolling update: 1/3 nodes run revision r2; restarting web-1"
+            )
+        );
         assert_eq!(
             find_condition(&st, CONDITION_READY).unwrap().status,
             "False"
         );
+        assert_eq!(st.revision.as_deref(), Some("r1"));
     }
 
     #[test]

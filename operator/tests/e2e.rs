@@ -9,11 +9,16 @@
 //! **as the chart's ServiceAccount** (the client impersonates it), so the
 //! chart's ClusterRole is proven sufficient for everything exercised here.
 //!
-//! The suite needs an API server and a controller-manager (StatefulSet
-//! controller, garbage collector, namespace controller); no kubelet,
-//! scheduler or image registry. Where no kubelet runs the pods, the suite
-//! plays the kubelet's part by writing pod status (Ready, with an IP) through
-//! the `pods/status` subresource, exactly as a kubelet would.
+//! `make k8s-test` (tests/k8s/run.sh) runs it on the k8s kit's real cluster;
+//! `make test` without a cluster prints the skip. It needs an API server, a
+//! controller-manager (StatefulSet controller, garbage collector, namespace
+//! controller) and a scheduler. Real pods on the real node are the journey's
+//! (`tests/k8s/test_journey.py`); the pods here are scheduled to a virtual
+//! node no kubelet runs (`support::VIRTUAL_NODE`, as kwok does), whose kubelet
+//! the suite plays: it writes pod status (Ready, with an IP) through the
+//! `pods/status` subresource, exactly as a kubelet would, which keeps the
+//! exact member-list versions and scripted hand-offs checked here
+//! deterministic without fighting the real kubelet.
 //!
 //! The chart is rendered with `helm template` (`$KACHE_E2E_HELM`, else `helm`
 //! on `PATH`, else the copy `scripts/check-chart.sh` installs); without helm
@@ -97,6 +102,10 @@ const OPERATOR_NEEDS: &[Access] = &[
     access("create", "", "services", "", true),
     access("patch", "", "services", "", true),
     access("list", "", "pods", "", true),
+    // Rolling updates: a node restarts by its pod being deleted; the one
+    // drained first gets two annotations (server-side apply).
+    access("delete", "", "pods", "", true),
+    access("patch", "", "pods", "", true),
     // The StatefulSet is read with a list by name (scale-in state).
     access("list", "apps", "statefulsets", "", true),
     access("get", "", "configmaps", "", true),
@@ -140,7 +149,7 @@ const OPERATOR_MUST_NOT: &[Access] = &[
     access("delete", "apps", "statefulsets", "", true),
     access("delete", "", "services", "", true),
     access("delete", "", "configmaps", "", true),
-    access("delete", "", "pods", "", true),
+    access("deletecollection", "", "pods", "", true),
     access("delete", "kache.dev", "cacheclusters", "", true),
     access("update", "kache.dev", "cacheclusters", "", true),
     access("patch", "kache.dev", "cacheclusters", "", true),
@@ -370,6 +379,7 @@ async fn e2e_cachecluster_lifecycle() {
         Some(".status.selector")
     );
     let _one_operator = ONE_OPERATOR.lock().await;
+    let _node = virtual_node(&client).await;
     in_namespace(&client, "kache-e2e-life", |ns| {
         lifecycle(client.clone(), path.clone(), ns)
     })
@@ -478,7 +488,7 @@ async fn lifecycle(client: Client, path: String, ns: String) {
     // ---- 2. A minimal CacheCluster: the API server fills in the defaults.
     let cc: CacheCluster = serde_json::from_value(json!({
         "apiVersion": "kache.dev/v1alpha1", "kind": "CacheCluster",
-        "metadata": {"name": "e2e"}, "spec": {"replicas": 1}
+        "metadata": {"name": "e2e"}, "spec": on_virtual_node(json!({"replicas": 1}))
     }))
     .unwrap();
     let created = ccs
@@ -487,10 +497,10 @@ async fn lifecycle(client: Client, path: String, ns: String) {
         .expect("create CacheCluster");
     assert_eq!(
         created.spec,
-        crd::CacheClusterSpec {
+        virtual_node_spec(crd::CacheClusterSpec {
             replicas: 1,
             ..Default::default()
-        },
+        }),
         "every default comes from the schema"
     );
     let generation = created.metadata.generation;
@@ -1407,7 +1417,7 @@ async fn security(client: Client, path: String, ns: String) {
     let cc: CacheCluster = serde_json::from_value(json!({
         "apiVersion": "kache.dev/v1alpha1", "kind": "CacheCluster",
         "metadata": {"name": "e2e"},
-        "spec": {
+        "spec": on_virtual_node(json!({
             "replicas": 2,
             "tls": {"secretName": "e2e-tls", "clientAuth": true},
             "auth": {"secretName": "e2e-auth"},
@@ -1417,7 +1427,7 @@ async fn security(client: Client, path: String, ns: String) {
                 "clientNamespaceSelector": {"matchLabels": {"team": "web"}},
                 "clientPodSelector": {"matchLabels": {"app": "shop"}}
             }
-        }
+        }))
     }))
     .unwrap();
     let created = ccs.create(&PostParams::default(), &cc).await.unwrap();

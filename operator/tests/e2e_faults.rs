@@ -144,7 +144,7 @@ async fn ready_cluster(
     let cc: CacheCluster = serde_json::from_value(json!({
         "apiVersion": "kache.dev/v1alpha1", "kind": "CacheCluster",
         "metadata": {"name": "e2e"},
-        "spec": {"replicas": replicas, "scaleDownTimeoutSeconds": timeout_seconds}
+        "spec": on_virtual_node(json!({"replicas": replicas, "scaleDownTimeoutSeconds": timeout_seconds}))
     }))
     .unwrap();
     ccs.create(&PostParams::default(), &cc).await.unwrap();

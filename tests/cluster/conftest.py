@@ -4,30 +4,82 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
 
 import pytest
 
+# Ports, start-up waits and /proc checks are shared with the single-node suite.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+import kache_testlib as kt  # noqa: E402
+
 NODE_BIN = os.environ.get("KACHE_NODE_BIN")
+free_port = kt.free_port
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_listening(argv, ports, log_path, attempts=5, reselect=None, env=None):
+    """Starts `argv` (stderr appended to `log_path`) and waits until the process itself
+    listens on every port of `ports()`. A port another process took meanwhile makes the
+    server exit: then `reselect()` (if given) picks other ports and it is started again;
+    without it (the ports are already published) the same ports are tried again a little
+    later. Any other failure is raised with the server's output."""
+    for attempt in range(attempts):
+        with open(log_path, "ab") as log:
+            offset = log.tell()
+            proc = subprocess.Popen(argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=log, start_new_session=True, env=env)
 
+        def output():
+            with open(log_path, "rb") as f:
+                f.seek(offset)
+                return f.read()[-8000:].decode(errors="replace")
 
-def wait_port(port, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"port {port} did not open")
+            kt.wait_listening(proc, ports(), kt.START_TIMEOUT, output)
+            return proc
+        except kt.PortTaken:
+            proc.wait(timeout=10)
+            if attempt == attempts - 1:
+                raise
+            if reselect:
+                reselect()
+            else:
+                time.sleep(1.0)
+        except RuntimeError:
+            proc.kill()
+            proc.wait(timeout=10)
+            raise
+
+
+wait_until = kt.wait_until
+
+
+def metric(server, name):
+    """A counter or gauge from the admin /metrics of a node or proxy (0 if not listed)."""
+    return kt.metric(server.admin_port, name)
+
+
+def ready(server):
+    """Whether the admin /readyz of a node or proxy answers 200."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.admin_port}/readyz", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def log_size(node):
+    """Where a node's log ends now (see log_since)."""
+    return os.path.getsize(node.log_path)
+
+
+def log_since(node, offset):
+    """What a node logged after `offset`."""
+    with open(node.log_path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
 
 
 def request(port, data, until=b"END\r\n", timeout=5.0):
@@ -51,27 +103,36 @@ class Node:
         # The member's `host` in the list (what peers connect to and verify over TLS); the
         # node always listens on 127.0.0.1.
         self.host = host
-        self.port = free_port()
-        self.peer_port = free_port()
-        self.admin_port = free_port()
         self.members_file = members_file
         self.extra = list(extra)
         self.proc = None
+        # Once in a member list, its ports are what the others connect to: kept from then on.
+        self.published = False
+        self.pick_ports()
+
+    def pick_ports(self):
+        self.port, self.peer_port, self.admin_port = free_port(), free_port(), free_port()
 
     def member(self):
+        self.published = True
         return {"name": self.name, "host": self.host, "ip": "127.0.0.1",
                 "port": self.port, "peerPort": self.peer_port}
+
+    @property
+    def log_path(self):
+        return f"{self.members_file}.{self.name}.log"
 
     def start(self):
         if not NODE_BIN:
             raise RuntimeError("KACHE_NODE_BIN is not set: run the suite through `make test`")
-        self.proc = subprocess.Popen(
-            [NODE_BIN, "-l", "127.0.0.1", "-p", str(self.port), "-t", "2", "-m", str(self.memory_mb),
-             "--admin-port", str(self.admin_port), "--peer-port", str(self.peer_port),
-             "--members-file", self.members_file, "--node-name", self.name] + self.extra,
+        self.proc = start_listening(
+            lambda: [NODE_BIN, "-l", "127.0.0.1", "-p", str(self.port), "-t", "2", "-m", str(self.memory_mb),
+                     "--admin-port", str(self.admin_port), "--peer-port", str(self.peer_port),
+                     "--members-file", self.members_file, "--node-name", self.name] + self.extra,
+            lambda: [self.port, self.peer_port, self.admin_port],
             # A file, not a pipe: a pipe nobody reads would block the node once full.
-            stdout=subprocess.DEVNULL, stderr=open(f"{self.members_file}.{self.name}.log", "ab"))
-        wait_port(self.port)
+            self.log_path,
+            reselect=None if self.published else self.pick_ports)
         return self
 
     def stop(self, sig=None):

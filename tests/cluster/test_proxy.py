@@ -1,38 +1,35 @@
 """`kache-node proxy`: a plain memcached client made cluster-aware."""
 import os
 import signal
+import socket
 import subprocess
 import threading
-import time
 import urllib.request
 
 import pymemcache.client.base as pmc
 import pytest
 
-from conftest import NODE_BIN, free_port, request, wait_port
+from conftest import NODE_BIN, free_port, metric, ready, request, start_listening, wait_until
 from test_peer_tls import client as tls_client, pki, tls_args  # noqa: F401  (pki: fixture)
 
 
 class ProxyProcess:
+    count = 0
+
     def __init__(self, members_file, extra=()):
-        self.port = free_port()
-        self.admin_port = free_port()
-        self.proc = subprocess.Popen(
-            [NODE_BIN, "proxy", "-l", "127.0.0.1", "-p", str(self.port), "--admin-port",
-             str(self.admin_port), "--members-file", members_file, "-t", "2", *extra],
-            stdout=subprocess.DEVNULL, stderr=open(os.environ.get("KACHE_TEST_LOGS", "/dev/null") if "KACHE_TEST_LOGS" in os.environ else os.devnull, "ab"),
+        ProxyProcess.count += 1
+        self.log_path = f"{members_file}.proxy-{ProxyProcess.count}.log"
+
+        def pick_ports():
+            self.port, self.admin_port = free_port(), free_port()
+
+        pick_ports()
+        self.proc = start_listening(
+            lambda: [NODE_BIN, "proxy", "-l", "127.0.0.1", "-p", str(self.port), "--admin-port",
+                     str(self.admin_port), "--members-file", members_file, "-t", "2", *extra],
+            lambda: [self.port, self.admin_port], self.log_path, reselect=pick_ports,
             env={**os.environ, "RUST_LOG": os.environ.get("KACHE_PROXY_LOG", "warn")})
-        wait_port(self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "proxy never became ready"
-            time.sleep(0.05)
+        wait_until(lambda: ready(self), "proxy never became ready")
 
     def client(self):
         return pmc.Client(("127.0.0.1", self.port), connect_timeout=2, timeout=5)
@@ -146,7 +143,7 @@ def under_traffic(proxy, keys, disturb):
     for w in workers:
         w.start()
     try:
-        time.sleep(0.5)
+        traffic_flows(proxy)
         disturb()
     finally:
         stop.set()
@@ -155,15 +152,36 @@ def under_traffic(proxy, keys, disturb):
     return errors, misses
 
 
+def traffic_flows(proxy, requests=1000):
+    """Waits until the proxy has handled `requests` more client requests."""
+    target = metric(proxy, "kache_proxy_requests_total") + requests
+    wait_until(lambda: metric(proxy, "kache_proxy_requests_total") >= target,
+               f"the proxy did not handle {requests} more requests")
+
+
+def served(node):
+    """Client requests a node has handled (the proxy's, in these tests)."""
+    return metric(node, "kache_cmd_get_total") + metric(node, "kache_cmd_set_total")
+
+
 def test_member_list_changes_mid_traffic_cause_no_client_error(proxied):
     cluster, nodes, proxy = proxied()
 
     def scale_out_and_back():
-        nodes.append(cluster.add_node())
+        new = cluster.add_node()
+        nodes.append(new)
         cluster.publish(nodes)            # 3 -> 4 under traffic
-        time.sleep(1.5)
+        # The proxy has taken the new list: the new member gets its share of the traffic.
+        wait_until(lambda: served(new) >= 200, "the proxy never routed to the new member")
+        traffic_flows(proxy)
         cluster.publish(nodes[:3])        # and back, while traffic continues
-        time.sleep(1.5)
+
+        def dropped():
+            # 1000 requests over four members would send ~250 to the new one: none did.
+            before = served(new)
+            traffic_flows(proxy)
+            return served(new) == before
+        wait_until(dropped, "the proxy kept routing to the removed member")
 
     errors, misses = under_traffic(proxy, [f"live:{i}" for i in range(3000)], scale_out_and_back)
     assert not errors, errors[:5]
@@ -175,8 +193,13 @@ def test_a_killed_node_with_two_replicas_causes_no_client_error(proxied):
     keys = [f"ha:{i}" for i in range(3000)]
 
     def kill_a_node():
+        failovers = metric(proxy, "kache_proxy_failovers_total")
         nodes[1].stop()                   # kill -9, member list unchanged
-        time.sleep(2.0)
+        # The proxy noticed (its requests for that node go to the replicas) and the traffic
+        # went on for a while in that state.
+        wait_until(lambda: metric(proxy, "kache_proxy_failovers_total") > failovers,
+                   "no request failed over")
+        traffic_flows(proxy)
 
     errors, misses = under_traffic(proxy, keys, kill_a_node)
     client = proxy.client()
@@ -251,3 +274,49 @@ def test_the_proxy_reaches_tls_nodes(proxied, pki, mode):
         finally:
             other.stop()
     assert client.get_many(keys[:20]) == {k: k.encode() for k in keys[:20]}
+
+
+def stat_lines(reply):
+    return dict(line.split(" ", 2)[1:] for line in reply.decode().splitlines() if line.startswith("STAT "))
+
+
+def test_admin_commands_through_the_proxy(proxied):
+    """The operations surface through the proxy (README): per-class stats and detail are
+    summed over the nodes, dumps concatenated, crawler commands go to every node; watch and
+    shutdown stay per node."""
+    cluster, nodes, proxy = proxied()
+    keys = [f"acct:{i}" for i in range(300)]
+    batch = b"".join(b"set %s 0 0 5\r\nhello\r\n" % k.encode() for k in keys)
+    assert request(proxy.port, batch + b"mn\r\n", until=b"MN\r\n") == b"STORED\r\n" * len(keys) + b"MN\r\n"
+    slabs = stat_lines(request(proxy.port, b"stats slabs\r\n"))
+    assert slabs["1:used_chunks"] == str(len(keys)) and slabs["1:chunk_size"] == "96"
+    assert slabs["1:cmd_set"] == str(len(keys)) and slabs["active_slabs"] == "1"
+    items = stat_lines(request(proxy.port, b"stats items\r\n"))
+    assert items["items:1:number"] == str(len(keys))
+    per_node = [int(stat_lines(request(n.port, b"stats items\r\n")).get("items:1:number", 0)) for n in nodes]
+    assert sum(per_node) == len(keys) and all(per_node)
+    dump = request(proxy.port, b"lru_crawler metadump all\r\n")
+    assert dump.endswith(b"END\r\n")
+    assert sorted(line.split(b" ")[0] for line in dump[:-5].split(b"\n")[:-1]) == sorted(b"key=acct%3A" + k[5:].encode() for k in keys)
+    cachedump = request(proxy.port, b"stats cachedump 1 10\r\n")
+    assert cachedump.count(b"ITEM acct:") == 10 and cachedump.endswith(b"END\r\n")
+    assert request(proxy.port, b"lru_crawler metadump 99\r\n", until=b"\r\n") == b"BADCLASS invalid class id\r\n"
+    assert request(proxy.port, b"lru_crawler sleep 50\r\n", until=b"\r\n") == b"OK\r\n"
+    for n in nodes:
+        assert stat_lines(request(n.port, b"stats settings\r\n"))["lru_crawler_sleep"] == "50"
+    assert request(proxy.port, b"stats detail on\r\n", until=b"\r\n") == b"OK\r\n"
+    request(proxy.port, b"get acct:1 acct:2 nope:1\r\n")
+    assert request(proxy.port, b"stats detail dump\r\n") == b"PREFIX acct get 2 hit 2 set 0 del 0\r\nPREFIX nope get 1 hit 0 set 0 del 0\r\nEND\r\n"
+    assert request(proxy.port, b"watch\r\n", until=b"\r\n").startswith(b"CLIENT_ERROR ")
+    assert request(proxy.port, b"shutdown\r\n", until=b"\r\n") == b"ERROR: shutdown not enabled\r\n"
+
+
+def test_the_admin_endpoint_answers_beyond_the_loopback_listener(proxied):
+    # A sidecar listens on 127.0.0.1 for the application, but the kubelet probes it at
+    # the pod's IP: the admin endpoint listens on every interface (--admin-listen), the
+    # client port only where -l says. 127.0.0.2 stands in for the pod IP.
+    _, _, proxy = proxied(nodes=1)
+    with urllib.request.urlopen(f"http://127.0.0.2:{proxy.admin_port}/readyz", timeout=2) as r:
+        assert r.status == 200
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.2", proxy.port), timeout=2).close()

@@ -9,18 +9,26 @@ from conftest import free_port, request
 from test_proxy import ProxyProcess, proxied  # noqa: F401  (proxied: fixture)
 
 
+def bound_socket():
+    """A TCP socket bound to a free loopback port, and the port."""
+    while True:
+        sock = socket.socket()
+        try:
+            sock.bind(("127.0.0.1", free_port()))
+            return sock, sock.getsockname()[1]
+        except OSError:  # taken since free_port looked
+            sock.close()
+
+
 class HangUpNode:
     """A member that reads whatever arrives and hangs up without answering: a node that
     dies in the middle of a request (it may or may not have applied it)."""
 
     def __init__(self, name):
         self.name = name
-        self.port = free_port()
+        self.sock, self.port = bound_socket()
         self.peer_port = free_port()
         self.seen = []
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", self.port))
         self.sock.listen(16)
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -46,12 +54,16 @@ class HangUpNode:
 
 
 class AbsentNode:
-    """A member nothing listens for: connections to it are refused."""
+    """A member nothing listens for: connections to it are refused. Its ports are bound
+    (not listening) so that no other process can take them while the test runs."""
 
     def __init__(self, name):
         self.name = name
-        self.port = free_port()
-        self.peer_port = free_port()
+        (self.sock, self.port), (self.peer_sock, self.peer_port) = bound_socket(), bound_socket()
+
+    def stop(self):
+        self.sock.close()
+        self.peer_sock.close()
 
     def member(self):
         return {"name": self.name, "host": "127.0.0.1", "ip": "127.0.0.1",
@@ -130,6 +142,7 @@ def test_a_clients_requests_for_one_key_stay_in_order_while_its_owner_is_down(lo
                 (round_, data[-120:])
     finally:
         proxy.stop()
+        down.stop()
 
 
 def test_a_multi_get_fails_over_key_by_key(proxied):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import re
 import shutil
 import signal
@@ -20,7 +21,9 @@ import urllib.error
 import urllib.request
 
 HOST = "127.0.0.1"
-START_TIMEOUT = 10.0  # seconds to wait for a server to accept connections
+# Seconds a server gets to listen on its ports. Generous: the suites share two cores with
+# compilers, and a server that really fails to start exits (and is reported) long before.
+START_TIMEOUT = 30.0
 IO_TIMEOUT = 5.0  # seconds for any single socket read/write
 STOP_TIMEOUT = 5.0
 
@@ -43,10 +46,96 @@ def memcached_bin() -> str | None:
     )
 
 
+# Ports are picked below the kernel's ephemeral range (from which every client socket
+# takes its source port, and bind(0) its "free" port) and above the registered ones, so a
+# connection made between choosing a port and the server binding it cannot take it; ports
+# 30000-32767 are left to Kubernetes NodePorts.
+PORT_RANGE = (10000, 30000)
+_ports_handed_out: set[int] = set()
+_port_rng = random.Random()
+ADDRESS_IN_USE = "Address already in use"
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on now, never handed out before by this process.
+
+    Another process may still take it before the server binds it: servers that find their
+    port taken exit with ADDRESS_IN_USE, which ServerProc.start reports as PortTaken so the
+    caller can try other ports (start_on_free_ports)."""
+    for _ in range(1000):
+        port = _port_rng.randrange(*PORT_RANGE)
+        if port in _ports_handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+        _ports_handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {PORT_RANGE}")
+
+
+def listening_ports(pid: int) -> set[int] | None:
+    """The TCP ports process `pid` itself listens on (its sockets in LISTEN state, from
+    /proc), or None when /proc cannot tell.  A port that merely accepts connections may
+    belong to some other process that took it first."""
+    try:
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue  # closed meanwhile
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:[") : -1])
+        ports = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    # local_address is HEXIP:HEXPORT; state 0A is LISTEN; field 9 the inode
+                    if fields[3] == "0A" and fields[9] in inodes:
+                        ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+        return ports
+    except (FileNotFoundError, PermissionError, ProcessLookupError):
+        return None
+
+
+def accepts(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+class PortTaken(RuntimeError):
+    """The server exited at start-up because another process holds one of its ports."""
+
+
+def wait_listening(proc: subprocess.Popen, ports, timeout: float, describe) -> None:
+    """Waits until `proc` itself listens on every port of `ports` (and the first accepts a
+    connection).  Raises PortTaken if it exits because a port was taken, RuntimeError if it
+    exits otherwise or is still not listening after `timeout` seconds; `describe()` gives
+    the server's output for the message."""
+    ports = set(ports)
+    deadline = time.monotonic() + timeout
+    while True:
+        rc = proc.poll()
+        if rc is not None:
+            output = describe()
+            kind = PortTaken if ADDRESS_IN_USE in output else RuntimeError
+            raise kind(f"exited with code {rc} during startup (ports {sorted(ports)})\n--- output ---\n{output}")
+        mine = listening_ports(proc.pid)
+        if (mine is None or ports <= mine) and accepts(min(ports)):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"not listening on {sorted(ports - (mine or set()))} within {timeout}s "
+                f"(listening on {sorted(mine or ())})\n--- output ---\n{describe()}")
+        time.sleep(0.02)
 
 
 _LIVE: "set[ServerProc]" = set()
@@ -78,6 +167,8 @@ class ServerProc:
         return (HOST, self.port)
 
     def start(self, timeout: float = START_TIMEOUT) -> "ServerProc":
+        """Starts the server and waits until it listens on its ports (PortTaken: one of them
+        was taken meanwhile; see start_on_free_ports)."""
         self.proc = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,
@@ -85,26 +176,12 @@ class ServerProc:
             stderr=self._errf,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
-        while True:
-            rc = self.proc.poll()
-            if rc is not None:
-                raise RuntimeError(
-                    f"{self.name} exited with code {rc} during startup\n"
-                    f"argv: {' '.join(self.argv)}\n--- output ---\n{self.stderr_tail()}"
-                )
-            try:
-                with socket.create_connection(self.addr, timeout=0.5):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(
-                    f"{self.name} did not accept connections on {self.addr} within {timeout}s\n"
-                    f"argv: {' '.join(self.argv)}\n--- output ---\n{self.stderr_tail()}"
-                )
-            time.sleep(0.01)
+        ports = [self.port] + ([self.admin_port] if self.admin_port else [])
+        try:
+            wait_listening(self.proc, ports, timeout, self.stderr_tail)
+        except RuntimeError as e:
+            self.kill()
+            raise type(e)(f"{self.name}: {e}\nargv: {' '.join(self.argv)}") from None
         return self
 
     def alive(self) -> bool:
@@ -171,17 +248,25 @@ def memcached_argv(port: int, memory_mb: int = 64, conns: int = 1024, extra: lis
     )
 
 
-def start_memcached(memory_mb: int = 64, conns: int = 1024, extra: list[str] | None = None, name="memcached") -> ServerProc:
-    last = None
-    for _ in range(3):  # retry on the (unlikely) free-port race
-        port = free_port()
-        srv = ServerProc(name, memcached_argv(port, memory_mb, conns, extra), port)
+def start_on_free_ports(make, attempts: int = 5) -> ServerProc:
+    """`make()` builds a ServerProc on newly chosen free ports; it is started, and built
+    again on other ports if one was taken before the server could bind it."""
+    for attempt in range(attempts):
+        srv = make()
         try:
             return srv.start()
-        except RuntimeError as e:
-            last = e
+        except PortTaken:
             srv.cleanup()
-    raise last
+            if attempt == attempts - 1:
+                raise
+
+
+def start_memcached(memory_mb: int = 64, conns: int = 1024, extra: list[str] | None = None, name="memcached") -> ServerProc:
+    def make():
+        port = free_port()
+        return ServerProc(name, memcached_argv(port, memory_mb, conns, extra), port)
+
+    return start_on_free_ports(make)
 
 
 def start_node(memory_mb: int = 64, conns: int = 1024, extra: list[str] | None = None, name="kache-node") -> ServerProc:
@@ -191,22 +276,16 @@ def start_node(memory_mb: int = 64, conns: int = 1024, extra: list[str] | None =
     binary = node_bin()
     if not binary:
         raise RuntimeError("KACHE_NODE_BIN is not set")
-    last = None
-    for _ in range(3):
+
+    def make():
         port, aport = free_port(), free_port()
-        while aport == port:
-            aport = free_port()
         argv = [
             binary, "-l", HOST, "-p", str(port), "--admin-port", str(aport),
             "-m", str(memory_mb), "-I", "1m", "-t", "2", "-c", str(conns), "-v",
         ] + list(extra or [])
-        srv = ServerProc(name, argv, port, aport)
-        try:
-            return srv.start()
-        except RuntimeError as e:
-            last = e
-            srv.cleanup()
-    raise last
+        return ServerProc(name, argv, port, aport)
+
+    return start_on_free_ports(make)
 
 
 # --------------------------------------------------------------------------
@@ -409,12 +488,33 @@ class Approx:
         return f"{self.prefix.decode()}{self.value}(±{self.tol})"
 
 
-def _norm_meta_flag(tok: bytes, time_tol: int):
+class CasNames:
+    """Names one server's CAS values by order of first appearance (`<cas#0>`, `<cas#1>`...).
+
+    Two servers number CAS differently (memcached counts from 1, kache mixes in a clock
+    and a node id), but within one conversation the same item version must show the same
+    CAS and a new version a new one: naming values in order of appearance compares
+    exactly that.  One instance per server, shared by every step of a case.
+    """
+
+    def __init__(self):
+        self.names: dict[int, bytes] = {}
+
+    def __call__(self, value: bytes) -> bytes:
+        n = self.names.setdefault(int(value), b"%d" % len(self.names))
+        return b"<cas#" + n + b">"
+
+
+def _cas_token(value: bytes, cas: "CasNames | None") -> bytes:
+    return cas(value) if cas is not None else b"<cas>"
+
+
+def _norm_meta_flag(tok: bytes, time_tol: int, cas: "CasNames | None"):
     if len(tok) < 2:
         return tok
     f, rest = tok[:1], tok[1:]
     if f == b"c" and rest.isdigit():
-        return b"c<cas>"
+        return b"c" + _cas_token(rest, cas)
     if f in (b"t", b"l") and re.fullmatch(rb"-?\d+", rest):
         v = int(rest)
         if f == b"t" and v == -1:
@@ -423,30 +523,39 @@ def _norm_meta_flag(tok: bytes, time_tol: int):
     return tok
 
 
-def normalise_line(body: bytes, time_tol: int = 2):
-    """Normalise one reply line (without terminator) into a comparable tuple."""
+def _norm_meta_debug(body: bytes, time_tol: int, cas: "CasNames | None"):
+    """`ME <key> exp=.. la=.. cas=.. fetch=.. cls=.. size=..`: every field is compared;
+    the two clock-derived ones (exp, la) within the time tolerance, cas by CasNames."""
+    parts = body.split(b" ")
+    out = [b"ME", parts[1] if len(parts) > 1 else b""]
+    for p in parts[2:]:
+        k, eq, v = p.partition(b"=")
+        if eq and k in (b"exp", b"la") and re.fullmatch(rb"-?\d+", v) and v != b"-1":
+            out.append(Approx(k + b"=", int(v), time_tol))
+        elif eq and k == b"cas" and v.isdigit():
+            out.append(b"cas=" + _cas_token(v, cas))
+        else:
+            out.append(p)
+    return tuple(out)
+
+
+def normalise_line(body: bytes, time_tol: int = 2, cas: "CasNames | None" = None):
+    """Normalise one reply line (without terminator) into a comparable tuple.
+
+    Replaced: the VERSION string (kache's names its own release); CAS values (by `cas`'s
+    names, or all alike as `<cas>` without it); TTLs and ages (meta `t`/`l`, `me`'s exp
+    and la) match within `time_tol` seconds.  Everything else is compared as sent.
+    """
     if body.startswith(b"VERSION "):
         return (b"VERSION", b"<version>")
-    if body.startswith(b"STAT "):
-        parts = body.split(b" ", 2)
-        return (b"STAT", parts[1] if len(parts) > 1 else b"", b"<value>")
     m = _VALUE_RE.match(body)
     if m:
         out = [b"VALUE", m.group(1), m.group(2), m.group(3)]
         if m.group(4) is not None:
-            out.append(b"<cas>")
+            out.append(_cas_token(m.group(4), cas) if m.group(4).isdigit() else m.group(4))
         return tuple(out)
     if body.startswith(b"ME "):
-        # meta debug is a human-readable dump of internals (memcached 1.6.18
-        # even prints exp with an inverted sign); only the key, the presence
-        # of the documented core fields and the fetch status are compared.
-        parts = body.split(b" ")
-        fields = {}
-        for p in parts[2:]:
-            k, _, v = p.partition(b"=")
-            fields[k] = v
-        present = tuple(f for f in (b"exp", b"la", b"cas", b"fetch") if f in fields)
-        return (b"ME", parts[1], b"fields=" + b",".join(present), b"fetch=" + fields.get(b"fetch", b"<missing>"))
+        return _norm_meta_debug(body, time_tol, cas)
     toks = body.split(b" ")
     if toks[0] in _META_CODES:
         out = [toks[0]]
@@ -454,7 +563,7 @@ def normalise_line(body: bytes, time_tol: int = 2):
         if toks[0] == b"VA" and rest:
             out.append(rest[0])
             rest = rest[1:]
-        out.extend(_norm_meta_flag(t, time_tol) for t in rest)
+        out.extend(_norm_meta_flag(t, time_tol, cas) for t in rest)
         return tuple(out)
     return (body,)
 
@@ -462,8 +571,8 @@ def normalise_line(body: bytes, time_tol: int = 2):
 _PADDED_NUM = re.compile(rb"^(\d+) +\r\n$")
 
 
-def normalise(buf: bytes, time_tol: int = 2, lenient_padding: bool = False):
-    """Turn a raw reply stream into a list of comparable items.
+def normalise(buf: bytes, time_tol: int = 2, lenient_padding: bool = False, cas: "CasNames | None" = None):
+    """Turn a raw reply stream into a list of comparable items (see normalise_line).
 
     lenient_padding: memcached only space-pads a shrinking incr/decr result
     when it can rewrite the item in place (no other reference to it, e.g. from
@@ -488,7 +597,7 @@ def normalise(buf: bytes, time_tol: int = 2, lenient_padding: bool = False):
         else:
             body = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
             term = raw[len(body) :]
-            toks = normalise_line(body, time_tol)
+            toks = normalise_line(body, time_tol, cas)
             if lenient_padding and toks and toks[0] in _META_CODES:
                 toks = tuple(b"s<size>" if isinstance(t, bytes) and re.fullmatch(rb"s\d+", t) else t for t in toks)
             out.append(("line", toks, term))
@@ -549,6 +658,24 @@ def http_get(port: int, path: str, timeout: float = 5.0):
             return r.status, r.read().decode("utf-8", "replace")
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode("utf-8", "replace")
+
+
+def metric(admin_port: int, name: str) -> int:
+    """A counter or gauge from a node's (or proxy's) admin /metrics; 0 if not listed."""
+    status, body = http_get(admin_port, "/metrics")
+    assert status == 200, f"/metrics answered {status}"
+    for line in body.splitlines():
+        if line.startswith(name + " "):
+            return int(float(line.split()[1]))
+    return 0
+
+
+def wait_until(predicate, what: str, timeout: float = 30.0) -> None:
+    """Polls `predicate` until it holds; fails with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
 
 
 def stop_all(*servers: ServerProc) -> None:

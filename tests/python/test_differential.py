@@ -1,7 +1,19 @@
 """Differential protocol tests: identical raw request bytes are sent to a fresh
-real memcached and a fresh kache-node; the replies must be byte-identical
-after normalising the fields that legitimately differ (VERSION string, CAS
-unique values, STAT values, meta t/l values and `me` internals).
+real memcached (1.6.18) and a fresh kache-node; the replies must be identical
+after this normalisation, and nothing else (kache_testlib.normalise):
+
+- the VERSION string (kache names its own release after memcached's);
+- CAS values: each server's values are named in order of first appearance
+  across the whole case (`<cas#0>`, `<cas#1>`...), so the same item version
+  must show the same CAS and every new version a new one, in the same places;
+  `exact_cas=True` cases (the `E` flag sets explicit values) compare them raw;
+- times: meta `t` and `l` and `me`'s `exp` and `la` match within 2 seconds
+  (`t-1`, no expiry, is exact).
+
+Every other byte is compared: status lines, flags, data blocks, `me`'s key,
+fetch, cls and size.  (STAT values are not normalised: no case here prints
+counters that change from run to run; test_stats_counters_match_memcached and
+test_admin.py compare stats.)
 
 Each case is a list of steps.  By default a step's bytes are sent followed by
 `mn\r\n` and the reply is read until the matching `MN\r\n`, so the end of the
@@ -10,9 +22,11 @@ EOF instead.  `{cas}` (also `{cas-1}`, `{cas+1}`) in a step is replaced with
 the last CAS value that *that* server returned (gets/gats VALUE lines or meta
 `c` flag), so success paths of cas/C can be exercised on both servers.
 
-Every case runs against a fresh memcached and a fresh kache-node.  Cases with
-`memcached_bug=` document where 1.6.18 itself is wrong: a difference there is
-an XFAIL, not a failure.
+Every case runs against a fresh memcached and a fresh kache-node.  A case with
+`memcached_bug=` is one where 1.6.18 is wrong: it also names the `expected`
+reply (memcached's after its upstream fix, or protocol.txt's where upstream
+has not fixed it), kache must give exactly that, and memcached must still
+differ from it (once the reference is fixed the case becomes an ordinary one).
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import pytest
 import kache_testlib as kt
 
 BADCAS = b"987654321987"
+MN_LINE = b"MN\r\n"  # ends every sentinel step's reply
 MIB = 1024 * 1024
 
 
@@ -52,18 +67,23 @@ class Step:
 class Case:
     """A named differential case.
 
-    memcached_bug: the reference (memcached 1.6.18) is known to be wrong here
-    (order-dependent output, bug fixed upstream...).  The case still runs and
-    both replies are shown, but a difference is reported as XFAIL with this
-    reason instead of failing the suite; kache matching 1.6.18 is XPASS.
+    memcached_bug: why the reference (memcached 1.6.18) is wrong here; then
+    `expected` holds the right reply of each step (without the trailing MN),
+    which kache is held to instead of memcached's.
     """
 
-    def __init__(self, id: str, *steps, exact_cas: bool = False, reason: str = "", memcached_bug: str = ""):
+    def __init__(self, id: str, *steps, exact_cas: bool = False, reason: str = "", memcached_bug: str = "",
+                 expected: list[bytes] | None = None):
         self.id = id
         self.steps = [s if isinstance(s, Step) else Step(s) for s in steps]
         self.exact_cas = exact_cas
         self.reason = reason
         self.memcached_bug = memcached_bug
+        self.expected = expected
+        if memcached_bug:
+            assert expected is not None and len(expected) == len(self.steps), (
+                f"case {id!r}: a memcached_bug case names the expected reply of every step")
+            assert all(s.mode == "sentinel" for s in self.steps), id
 
 
 def SET(key: bytes, value: bytes, flags: int = 0, exp: int = 0, cmd: bytes = b"set", extra: bytes = b"") -> bytes:
@@ -330,7 +350,7 @@ CASES = [
     ),
     Case("meta_b_item_accessed_without_b", MS(b64(b"plain"), b"v", b"b") + b"mg plain k v\r\nme plain\r\nmg " + b64(b"plain") + b" b k\r\nget plain\r\nma " + b64(b"plain") + b" b k\r\n"),
     Case("mg_base64_key_lengths", MS(b64(b"\x01" * 250), b"v", b"b") + b"mg " + b64(b"\x01" * 250) + b" b v\r\nmg " + b64(b"\x01" * 251) + b" b v\r\n"),
-    Case("me_base64", MS(b64(b"bin\x03"), b"v", b"b") + b"me " + b64(b"bin\x03") + b" b\r\n", reason="me internals normalised"),
+    Case("me_base64", MS(b64(b"bin\x03"), b"v", b"b") + b"me " + b64(b"bin\x03") + b" b\r\n"),
     Case("meta_flag_missing_token", MS(b"k", b"1") + b"mg k T\r\nmg k O\r\nms k 1 F\r\nx\r\nma k D\r\nmg k N\r\n"),
     Case("meta_flags_glued", MS(b"k", b"1") + b"mg k vkf\r\nmg k v  k\r\n"),
 
@@ -361,12 +381,20 @@ CASES = [
     Case(
         "mg_vivify_t_before_N",
         b"mg k t N100\r\nmg k t\r\nmg j N100 t\r\n",
-        memcached_bug="1.6.18 answers t-1 when `t` precedes `N` on the vivifying miss (flag-order dependent)",
+        # protocol.txt: N creates the item "with the key and TTL as supplied", t returns
+        # the "TTL remaining"; memcached (1.6.18, and upstream's master still) handles the
+        # flags in request order and prints t before N has set the TTL.
+        memcached_bug="answers t-1 when `t` precedes `N` on the vivifying miss (flag-order dependent)",
+        expected=[b"HD t100 W\r\nHD t100 Z\r\nHD t100 W\r\n"],
     ),
     Case(
         "ma_autocreate_quiet",
         b"ma n N0 q\r\nma n q\r\nma m N0 J7 q v\r\nmg n v\r\n",
-        memcached_bug="1.6.18 ignores q when ma N auto-creates (no resp->skip on that path); fixed upstream in proto_parser.c",
+        # 1.6.18 sets resp->skip for q only when the delta applied, not when N created the
+        # item; fixed in 1.6.40 (commit 778cfd6e5, process_marithmetic_cmd in
+        # proto_parser.c), which answers only the final mg.
+        memcached_bug="ignores q when ma N auto-creates the item (fixed in 1.6.40)",
+        expected=[b"VA 1\r\n1\r\n"],
     ),
     Case("mg_compare_cas_C", SET(b"k", b"v"), b"mg k c\r\n", b"mg k C{cas} v\r\nmg k C" + BADCAS + b" v\r\n"),
     Case("mg_E_flag", b"mg k N30 E5555 c\r\nmg k c\r\n", exact_cas=True, reason="1.6.18 rejects E; the reference decides"),
@@ -449,8 +477,10 @@ CASES = [
     Case("meta_no_key_errors", b"mg\r\nms\r\nmd\r\nma\r\nme\r\n"),
     Case("classic_missing_args", b"incr\r\ndecr k\r\ntouch\r\ncas k 0 0\r\ngat\r\n"),
     # ------------------------------------------------------------ meta: me
-    Case("me_hit_miss", SET(b"k", b"v") + b"me k\r\nme nokey\r\n", reason="me internals normalised: only key, exp and fetch compared"),
-    Case("me_after_fetch", SET(b"k", b"v", exp=100) + b"get k\r\nme k\r\n", reason="me internals normalised"),
+    Case("me_hit_miss", SET(b"k", b"v") + b"me k\r\nme nokey\r\n"),
+    Case("me_after_fetch", SET(b"k", b"v", exp=100) + b"get k\r\nme k\r\n"),
+    # cls and size are memcached's class and ITEM_ntotal (flags counted when not zero)
+    Case("me_class_and_size", SET(b"k", b"x" * 300, flags=5) + SET(b"j", b"y" * 5000) + SET(b"i", b"z" * 600000) + b"me k\r\nme j\r\nme i\r\n"),
     # ------------------------------------------------------------ noreply everywhere, in one go
     Case(
         "noreply_all_commands",
@@ -495,10 +525,10 @@ def _run_step(conn: kt.Conn, step: Step, data: bytes) -> bytes:
     raise AssertionError(step.mode)
 
 
-def _norm(reply: bytes, exact_cas: bool, lenient_padding: bool = False):
-    items = kt.normalise(reply, lenient_padding=lenient_padding)
+def _norm(reply: bytes, exact_cas: bool, lenient_padding: bool = False, cas: kt.CasNames | None = None):
+    items = kt.normalise(reply, lenient_padding=lenient_padding, cas=cas)
     if exact_cas:
-        # re-insert raw CAS values where the normaliser hid them
+        # re-insert raw CAS values where the normaliser named them
         raw_items, _ = kt.parse_reply(reply)
         fixed = []
         for (kind, raw), norm in zip(raw_items, items):
@@ -509,6 +539,16 @@ def _norm(reply: bytes, exact_cas: bool, lenient_padding: bool = False):
         fixed.extend(items[len(raw_items) :])
         return fixed
     return items
+
+
+def normalised(transcript, case: Case, lenient_padding: bool = False):
+    """Each step's normalised replies, {name: items}; CAS values are named per server
+    across all the steps of the case."""
+    names = {n: kt.CasNames() for n in transcript[0][1]} if transcript else {}
+    return [
+        {n: _norm(reply, case.exact_cas, lenient_padding, names[n]) for n, reply in replies.items()}
+        for _, replies in transcript
+    ]
 
 
 def run_differential(pair, case: Case):
@@ -540,36 +580,41 @@ def run_differential(pair, case: Case):
     return transcript
 
 
-def _report(case: Case, transcript, bad_steps, lenient_padding: bool = False) -> str:
-    lines = [f"differential case {case.id!r}: replies differ at step(s) {bad_steps}"]
+def _report(case: Case, transcript, bad_steps, lenient_padding: bool = False, against: str = "memcached") -> str:
+    """`against`: what kache was compared with, "memcached" or "expected" (the case's
+    expected reply, where memcached is known to be wrong)."""
+    lines = [f"differential case {case.id!r}: kache's replies differ from {against}'s at step(s) {bad_steps}"]
+    if case.memcached_bug:
+        lines.append(f"    (memcached 1.6.18 bug: {case.memcached_bug})")
+    norm = normalised(transcript, case, lenient_padding)
     for i, (step, replies) in enumerate(transcript):
         mark = "  <-- MISMATCH" if i in bad_steps else ""
         lines.append(f"--- step {i}{mark}: request {kt.show(step.data, 400)}")
         lines.append(f"    memcached: {kt.show(replies['memcached'], 1200)}")
+        if case.expected is not None:
+            lines.append(f"    expected : {kt.show(case.expected[i] + MN_LINE, 1200)}")
         lines.append(f"    kache    : {kt.show(replies['kache'], 1200)}")
         if i in bad_steps:
-            a = _norm(replies["memcached"], case.exact_cas, lenient_padding)
-            b = _norm(replies["kache"], case.exact_cas, lenient_padding)
+            a = norm[i]["memcached"] if against == "memcached" else _expected(case)[i]
+            b = norm[i]["kache"]
             for j in range(max(len(a), len(b))):
                 x = a[j] if j < len(a) else "<missing>"
                 y = b[j] if j < len(b) else "<missing>"
                 if x != y:
                     lines.append(f"    first normalised difference at item {j}:")
-                    lines.append(f"      memcached: {str(x)[:400]}")
+                    lines.append(f"      {against:9}: {str(x)[:400]}")
                     lines.append(f"      kache    : {str(y)[:400]}")
                     break
     return "\n".join(lines)
 
 
-def _params(cases):
-    out = []
-    for c in cases:
-        marks = [pytest.mark.xfail(reason="known memcached 1.6.18 bug: " + c.memcached_bug, strict=False)] if c.memcached_bug else []
-        out.append(pytest.param(c, id=c.id, marks=marks))
-    return out
+def _expected(case: Case):
+    """The normalised expected replies of a memcached_bug case (each ends with the MN)."""
+    names = kt.CasNames()
+    return [_norm(e + MN_LINE, case.exact_cas, cas=names) for e in case.expected]
 
 
-@pytest.mark.parametrize("case", _params(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_differential(pair, case):
     transcript = run_differential(pair, case)
     # The reference itself must give a complete, well-formed answer; otherwise
@@ -577,14 +622,22 @@ def test_differential(pair, case):
     for i, (step, replies) in enumerate(transcript):
         ref = replies["memcached"]
         assert kt.TIMEOUT_MARK not in ref or step.mode == "idle", (
-            f"case {case.id!r} step {i}: memcached reply incomplete (test bug): {kt.show(ref)}"
+            f"case {case.id!r} step {i}: memcached reply incomplete (test bug)"
         )
-    bad = [
-        i
-        for i, (step, replies) in enumerate(transcript)
-        if _norm(replies["memcached"], case.exact_cas) != _norm(replies["kache"], case.exact_cas)
-    ]
-    assert not bad, _report(case, transcript, bad)
+    norm = normalised(transcript, case)
+    if not case.memcached_bug:
+        bad = [i for i, n in enumerate(norm) if n["memcached"] != n["kache"]]
+        assert not bad, _report(case, transcript, bad)
+        return
+    # memcached is known to be wrong here: kache must give the expected reply...
+    expected = _expected(case)
+    bad = [i for i, n in enumerate(norm) if n["kache"] != expected[i]]
+    assert not bad, _report(case, transcript, bad, against="expected")
+    # ...and the reference must still show the bug, or the note is stale.
+    assert any(n["memcached"] != expected[i] for i, n in enumerate(norm)), (
+        f"case {case.id!r}: memcached now gives the expected reply; drop memcached_bug "
+        f"({case.memcached_bug}) and make it an ordinary case"
+    )
 
 
 # ---------------------------------------------------------------------------

@@ -82,6 +82,59 @@ pub async fn greet(stream: &mut PeerStream, node: &str, secret: &[u8]) -> Result
     }
 }
 
+/// How long data sent to a peer may stay unacknowledged by its TCP stack before the
+/// connection counts as broken. Without it a connection cut by a partition (no reset, just
+/// silence) would keep retransmitting for many minutes, holding every replicated write.
+pub const UNACKED_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle time after which the peer port probes a silent caller, and the probes' spacing: a
+/// caller that vanished in a partition frees its connection within a minute.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(20);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_PROBES: u32 = 4;
+
+/// Makes a peer connection notice a vanished peer: bounded unacknowledged data, keepalive
+/// probes while idle. Best effort: a platform without these options keeps TCP's defaults.
+fn watch_liveness(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let socket = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    let _ = socket.set_tcp_keepalive(&keepalive);
+    let _ = socket.set_tcp_user_timeout(Some(UNACKED_TIMEOUT));
+}
+
+/// Opens a connection to `member`'s peer port and introduces this node (`connect`, then
+/// `greet`): a session for exchanges outside the links (refill, anti-entropy).
+pub async fn open(
+    tls: Option<&Tls>,
+    member: &kache_cluster::Member,
+    node: &str,
+    secret: &[u8],
+) -> Result<PeerStream, ConnectError> {
+    let mut stream = connect(tls, &member.host, member.peer_port).await?;
+    greet(&mut stream, node, secret).await?;
+    Ok(stream)
+}
+
+/// Reads the next frame of a session, buffering in `buf`. A closed connection is an error:
+/// sessions end with a frame that says so.
+pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(
+    stream: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Frame, String> {
+    loop {
+        if let Decoded::Frame(frame, used) = wire::decode(buf).map_err(|e| e.to_string())? {
+            bytes::Buf::advance(buf, used);
+            return Ok(frame);
+        }
+        if stream.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err("peer closed the connection".into());
+        }
+    }
+}
+
 /// Opens a connection to a peer's port: TCP, then, when `tls` is set, a TLS handshake that
 /// verifies the peer's certificate for `host` (the member's DNS name or IP).
 pub async fn connect(tls: Option<&Tls>, host: &str, port: u16) -> Result<PeerStream, ConnectError> {
@@ -89,7 +142,7 @@ pub async fn connect(tls: Option<&Tls>, host: &str, port: u16) -> Result<PeerStr
         .await
         .map_err(|_| ConnectError::Tcp(format!("connecting to {host}:{port} timed out")))?
         .map_err(|e| ConnectError::Tcp(format!("cannot connect to {host}:{port}: {e}")))?;
-    let _ = stream.set_nodelay(true);
+    watch_liveness(&stream);
     let Some(tls) = tls else {
         return Ok(Box::new(stream));
     };
@@ -105,7 +158,7 @@ pub async fn connect(tls: Option<&Tls>, host: &str, port: u16) -> Result<PeerStr
 /// TLS handshake has completed. A caller that does not open with a TLS handshake (a node
 /// without TLS, or garbage) is refused at once. `Ok(None)`: closed before saying anything.
 pub async fn accept(tls: Option<&Tls>, stream: TcpStream) -> Result<Option<PeerStream>, String> {
-    let _ = stream.set_nodelay(true);
+    watch_liveness(&stream);
     let Some(tls) = tls else {
         return Ok(Some(Box::new(stream)));
     };
@@ -174,6 +227,7 @@ mod tests {
             max_item_size: 1024,
             max_shards: 2,
             node_id: 2,
+            ..StoreConfig::default()
         });
         let settings = Settings {
             port: 0,
@@ -182,6 +236,7 @@ mod tests {
             max_connections: 16,
             threads: 1,
             max_item_size: 1024,
+            memcached: Default::default(),
         };
         Arc::new(Engine::new(store, settings, 0, None))
     }

@@ -14,15 +14,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use futures::future::join_all;
-use tokio::io::{AsyncReadExt, AsyncWrite};
+use tokio::io::AsyncWrite;
 use tokio::sync::{oneshot, watch};
 
 use super::conn::{self, send};
 use super::link::Links;
-use super::wire::{self, Decoded, Frame, Record};
-use super::{apply, record_of};
+use super::record_of;
+use super::wire::{self, Frame, Record};
 use crate::cluster::{Cluster, ClusterView};
 use crate::engine::Engine;
 use crate::store::{now_secs, ScanCursor};
@@ -240,10 +240,7 @@ pub async fn refill(engine: &Engine, cluster: &Cluster) {
 async fn pull_from(engine: &Engine, me: &str, peer: &kache_cluster::Member) -> Result<u64, String> {
     // Over TLS when the node has it, like every connection to a peer.
     let tls = engine.links.as_ref().and_then(|links| links.tls());
-    let mut stream = conn::connect(tls.as_deref(), &peer.host, peer.peer_port)
-        .await
-        .map_err(|e| e.to_string())?;
-    conn::greet(&mut stream, me, &engine.peer_secret)
+    let mut stream = conn::open(tls.as_deref(), peer, me, &engine.peer_secret)
         .await
         .map_err(|e| e.to_string())?;
     let mut out = BytesMut::new();
@@ -256,27 +253,7 @@ async fn pull_from(engine: &Engine, me: &str, peer: &kache_cluster::Member) -> R
     );
     send(&mut stream, &out).await.map_err(|e| e.to_string())?;
     let mut buf = BytesMut::with_capacity(256 * 1024);
-    let mut received = 0u64;
-    loop {
-        while let Decoded::Frame(frame, used) = wire::decode(&buf).map_err(|e| e.to_string())? {
-            buf.advance(used);
-            match frame {
-                Frame::Records { records, .. } => {
-                    let now = now_secs();
-                    for record in &records {
-                        apply(&engine.store, record, now);
-                    }
-                    received += records.len() as u64;
-                }
-                Frame::PullDone { .. } => {
-                    conn::close(&mut stream).await;
-                    return Ok(received);
-                }
-                other => return Err(format!("unexpected frame {other:?}")),
-            }
-        }
-        if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-            return Err("peer closed during refill".into());
-        }
-    }
+    let received = super::apply_until_done(&engine.store, &mut stream, &mut buf).await?;
+    conn::close(&mut stream).await;
+    Ok(received.records)
 }

@@ -7,7 +7,9 @@
 //! A peer that acknowledges nothing for `LinkConfig::stall_timeout` while records wait (a
 //! hung or stopped process, a partition) is marked down: its queue is dropped (counted),
 //! writers stop waiting for it, and the link reconnects with backoff. What it missed comes
-//! back through refill or hand-off, as for a peer that was unreachable.
+//! back through anti-entropy, which runs a round as soon as the link is up again
+//! (`LinkMetrics::came_up`), or through refill or hand-off, as for a peer that was
+//! unreachable.
 //!
 //! With TLS configured every link is a TLS connection (see `conn`); a link whose handshake
 //! fails is down, like one whose peer cannot be reached, and retries with backoff.
@@ -61,6 +63,9 @@ pub struct LinkMetrics {
     pub reconnects: AtomicU64,
     /// Times a peer was marked down for acknowledging nothing for the stall timeout.
     pub stalls: AtomicU64,
+    /// Woken when a link connects again after being down or broken: records may have been
+    /// lost meanwhile, so anti-entropy runs a round.
+    pub came_up: tokio::sync::Notify,
 }
 
 /// Bytes a queued message accounts for beyond its key and value: framing, bookkeeping,
@@ -320,6 +325,8 @@ async fn run(
     let mut carry: Option<Outgoing> = None;
     // The last connection error logged, so a lasting problem is logged once.
     let mut last_error: Option<ConnectError> = None;
+    // Whether a connection of this link has broken (records in flight may be lost).
+    let mut broke = false;
     loop {
         let connected = match conn::connect(tls.get().map(|t| &**t), &addr.0, addr.1).await {
             Ok(mut stream) => conn::greet(&mut stream, &node_name, &secret)
@@ -329,8 +336,12 @@ async fn run(
         };
         let stream = match connected {
             Ok(stream) => {
-                if last_error.take().is_some() {
+                let was_down = last_error.take().is_some();
+                if was_down {
                     tracing::info!(peer = %addr.0, port = addr.1, "peer link up");
+                }
+                if was_down || broke {
+                    metrics.came_up.notify_one();
                 }
                 stream
             }
@@ -364,10 +375,12 @@ async fn run(
         match ended {
             Ended::Closed => return,
             Ended::Broken => {
+                broke = true;
                 metrics.reconnects.fetch_add(1, Relaxed);
                 tracing::debug!(peer = %addr.0, port = addr.1, "peer link broken; reconnecting");
             }
             Ended::Stalled => {
+                broke = true;
                 down.store(true, Relaxed);
                 carry = None;
                 let dropped = drop_queue(&mut rx, &queue, &metrics);

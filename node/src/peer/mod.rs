@@ -6,19 +6,27 @@
 //! - `link`: outgoing connections to each peer, with bounded queues and acknowledgements.
 //! - `server`: the peer port, applying what peers send.
 //! - `handoff`: streaming items to new owners after a ring change, and refilling.
+//! - `replicate`: sending a client's writes to the keys' other owners, and how many of them
+//!   must acknowledge before the client is answered (`--write-acks`).
+//! - `anti_entropy`: replicas comparing digests of what they hold and pulling what they
+//!   missed (after a partition, a restart, a dropped queue).
 
+pub mod anti_entropy;
 pub mod conn;
 pub mod handoff;
 pub mod link;
+pub mod replicate;
 pub mod server;
 pub mod wire;
 
 use crate::store::{bits, ItemMeta, ItemRef, NewItem, Store, StoreError};
 use wire::{Op, Record};
 
-/// How long a delete's tombstone outlives the item, in seconds: longer than any
-/// replication or hand-off delay, so a late older copy cannot bring the key back.
-pub const TOMBSTONE_TTL: u32 = 60;
+/// Default of `--tombstone-ttl`, in seconds: how long a delete's tombstone outlives the
+/// item, so that an older copy arriving later (a late replication, a hand-off, a replica
+/// that was cut off and comes back through anti-entropy) cannot bring the key back. A delete
+/// survives a partition shorter than this (less one anti-entropy interval).
+pub const DEFAULT_TOMBSTONE_TTL: u32 = 300;
 
 /// The record that reproduces `item` (a value, or a tombstone) on a peer.
 pub fn record_of(item: ItemRef<'_>) -> Record {
@@ -34,6 +42,43 @@ pub fn record_of(item: ItemRef<'_>) -> Record {
         } else {
             item.value().to_vec()
         },
+    }
+}
+
+/// What a record weighs against a byte budget: its key and value plus 32 for the rest.
+pub fn record_bytes(record: &Record) -> usize {
+    record.key.len() + record.value.len() + 32
+}
+
+/// What a peer streamed back and this node applied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Received {
+    pub records: u64,
+    /// Their `record_bytes`.
+    pub bytes: usize,
+}
+
+/// Applies the `Records` a peer streams in answer to a request (a refill pull, an
+/// anti-entropy round's versions) until its `PullDone`.
+pub async fn apply_until_done<S: tokio::io::AsyncRead + Unpin + ?Sized>(
+    store: &Store,
+    stream: &mut S,
+    buf: &mut bytes::BytesMut,
+) -> Result<Received, String> {
+    let mut received = Received::default();
+    loop {
+        match conn::read_frame(stream, buf).await? {
+            wire::Frame::Records { records, .. } => {
+                let now = crate::store::now_secs();
+                for record in &records {
+                    apply(store, record, now);
+                    received.bytes += record_bytes(record);
+                }
+                received.records += records.len() as u64;
+            }
+            wire::Frame::PullDone { .. } => return Ok(received),
+            other => return Err(format!("unexpected frame {other:?}")),
+        }
     }
 }
 
@@ -64,7 +109,9 @@ pub fn apply(store: &Store, record: &Record, now: u32) -> Applied {
         }),
         Op::Set | Op::Delete => {
             let delete = record.op == Op::Delete;
-            if !delete && record.exptime != 0 && record.exptime <= now {
+            // An expired value, or a tombstone past its time (a delete carries its
+            // tombstone's expiry, so copying it around never prolongs it).
+            if record.exptime != 0 && record.exptime <= now {
                 return Applied::Ignored;
             }
             store.with_entry(&record.key, now, |e| {
@@ -73,8 +120,8 @@ pub fn apply(store: &Store, record: &Record, now: u32) -> Applied {
                 }
                 let meta = ItemMeta {
                     cas: record.version,
-                    exptime: if delete {
-                        now.saturating_add(TOMBSTONE_TTL)
+                    exptime: if delete && record.exptime == 0 {
+                        now.saturating_add(DEFAULT_TOMBSTONE_TTL)
                     } else {
                         record.exptime
                     },
@@ -102,6 +149,7 @@ mod tests {
             max_item_size: 1024,
             max_shards: 2,
             node_id: 1,
+            ..StoreConfig::default()
         })
     }
 
@@ -149,6 +197,25 @@ mod tests {
         // A newer write after the delete is accepted.
         assert_eq!(apply(&s, &set("k", 7, "new"), 100), Applied::Stored);
         assert_eq!(get(&s, "k"), Some((b"new".to_vec(), 7)));
+    }
+
+    #[test]
+    fn a_tombstone_keeps_its_expiry_wherever_it_is_copied() {
+        let s = store();
+        let delete = Record {
+            op: Op::Delete,
+            exptime: 130,
+            ..set("k", 6, "")
+        };
+        assert_eq!(apply(&s, &delete, 100), Applied::Stored);
+        let copied = s
+            .with_entry(b"k", 100, |e| e.current().map(record_of))
+            .unwrap();
+        assert_eq!(copied.exptime, 130);
+        // Past its time a tombstone is nothing: it neither lands nor hides an older value.
+        let other = store();
+        assert_eq!(apply(&other, &delete, 130), Applied::Ignored);
+        assert_eq!(apply(&other, &set("k", 5, "old"), 130), Applied::Stored);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The peer port: applies what peers send (replication, hand-off, refill) and answers
-//! read-through fetches and refill pulls. Garbage closes the connection that sent it. With
-//! TLS configured the port speaks TLS only: a peer that connects in plain TCP is refused,
-//! logged and counted (`kache_peer_rejected_total`).
+//! read-through fetches, refill pulls and anti-entropy rounds. Garbage closes the connection
+//! that sent it. With TLS configured the port speaks TLS only: a peer that connects in plain
+//! TCP is refused, logged and counted (`kache_peer_rejected_total`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +13,7 @@ use tokio::sync::{watch, Semaphore};
 
 use super::conn::{self, send};
 use super::wire::{self, Decoded, Frame};
-use super::{apply, handoff, record_of};
+use super::{anti_entropy, apply, handoff, record_of};
 use crate::engine::Engine;
 use crate::store::now_secs;
 use crate::tls::Tls;
@@ -115,6 +115,33 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                     out.clear();
                     let name = caller.clone().unwrap_or_default();
                     let sent = handoff::stream_owned_by(engine, &mut stream, seq, &name).await?;
+                    wire::encode(&Frame::PullDone { seq, sent }, &mut out);
+                }
+                Frame::Digests { seq, digests } => {
+                    let name = caller.as_deref().unwrap_or_default();
+                    let arcs = anti_entropy::answer_digests(engine, name, &digests).await?;
+                    wire::encode(&Frame::DigestDiff { seq, arcs }, &mut out);
+                }
+                Frame::Versions {
+                    seq,
+                    max_bytes,
+                    arcs,
+                    entries,
+                } => {
+                    send(&mut stream, &out).await.map_err(|e| e.to_string())?;
+                    out.clear();
+                    let name = caller.clone().unwrap_or_default();
+                    let budget = usize::try_from(max_bytes).unwrap_or(usize::MAX);
+                    let sent = anti_entropy::answer_versions(
+                        engine,
+                        &mut stream,
+                        seq,
+                        &name,
+                        budget,
+                        &arcs,
+                        &entries,
+                    )
+                    .await?;
                     wire::encode(&Frame::PullDone { seq, sent }, &mut out);
                 }
                 other => return Err(format!("unexpected peer frame {other:?}")),

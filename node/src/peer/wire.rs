@@ -15,6 +15,10 @@
 //!   answers with the record or nothing.
 //! - `Pull` asks for every item the receiver holds that the sender owns under the given
 //!   ring version (refill after an empty restart); answered by `Records` then `PullDone`.
+//! - Anti-entropy (see `anti_entropy`): `Digests` carries the sender's digest of each ring
+//!   arc for the keys both nodes own, answered by `DigestDiff` naming the arcs that differ;
+//!   `Versions` lists the sender's (key hash, version) pairs in some of those arcs, answered
+//!   by `Records` holding the receiver's newer items (at most `max_bytes`), then `PullDone`.
 
 use bytes::{Buf, BufMut, BytesMut};
 
@@ -104,6 +108,22 @@ pub enum Frame {
         seq: u64,
         sent: u64,
     },
+    Digests {
+        seq: u64,
+        digests: Vec<u64>,
+    },
+    DigestDiff {
+        seq: u64,
+        arcs: Vec<u32>,
+    },
+    Versions {
+        seq: u64,
+        /// Most bytes of records the answer may carry.
+        max_bytes: u32,
+        arcs: Vec<u32>,
+        /// (key hash, version) of every item the sender holds in `arcs`, tombstones included.
+        entries: Vec<(u64, u64)>,
+    },
 }
 
 const KIND_HELLO: u8 = 1;
@@ -113,6 +133,9 @@ const KIND_FETCH: u8 = 4;
 const KIND_FETCHED: u8 = 5;
 const KIND_PULL: u8 = 6;
 const KIND_PULL_DONE: u8 = 7;
+const KIND_DIGESTS: u8 = 8;
+const KIND_DIGEST_DIFF: u8 = 9;
+const KIND_VERSIONS: u8 = 10;
 
 /// Why bytes on the peer port were refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -141,6 +164,13 @@ fn put_record(out: &mut BytesMut, r: &Record) {
     out.put_u32(r.exptime);
     out.put_u32(r.value.len() as u32);
     out.put_slice(&r.value);
+}
+
+fn put_arcs(out: &mut BytesMut, arcs: &[u32]) {
+    out.put_u32(arcs.len() as u32);
+    for a in arcs {
+        out.put_u32(*a);
+    }
 }
 
 /// Appends `frame` to `out`.
@@ -202,6 +232,35 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
             out.put_u64(*seq);
             out.put_u64(*sent);
         }
+        Frame::Digests { seq, digests } => {
+            out.put_u8(KIND_DIGESTS);
+            out.put_u64(*seq);
+            out.put_u32(digests.len() as u32);
+            for d in digests {
+                out.put_u64(*d);
+            }
+        }
+        Frame::DigestDiff { seq, arcs } => {
+            out.put_u8(KIND_DIGEST_DIFF);
+            out.put_u64(*seq);
+            put_arcs(out, arcs);
+        }
+        Frame::Versions {
+            seq,
+            max_bytes,
+            arcs,
+            entries,
+        } => {
+            out.put_u8(KIND_VERSIONS);
+            out.put_u64(*seq);
+            out.put_u32(*max_bytes);
+            put_arcs(out, arcs);
+            out.put_u32(entries.len() as u32);
+            for (hash, version) in entries {
+                out.put_u64(*hash);
+                out.put_u64(*version);
+            }
+        }
     }
     let len = (out.len() - start - 4) as u32;
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
@@ -257,6 +316,18 @@ impl<'a> Body<'a> {
             exptime,
             value,
         })
+    }
+    /// A count of items of `size` bytes each that must fit in what is left.
+    fn count(&mut self, size: usize) -> Result<usize, WireError> {
+        let count = self.u32()? as usize;
+        if count > self.0.len() / size {
+            return Err(WireError::Malformed);
+        }
+        Ok(count)
+    }
+    fn arcs(&mut self) -> Result<Vec<u32>, WireError> {
+        let count = self.count(4)?;
+        (0..count).map(|_| self.u32()).collect()
     }
     fn end(&self) -> Result<(), WireError> {
         if self.0.is_empty() {
@@ -340,6 +411,31 @@ pub fn decode(buf: &[u8]) -> Result<Decoded, WireError> {
             seq: body.u64()?,
             sent: body.u64()?,
         },
+        KIND_DIGESTS => {
+            let seq = body.u64()?;
+            let count = body.count(8)?;
+            let digests = (0..count).map(|_| body.u64()).collect::<Result<_, _>>()?;
+            Frame::Digests { seq, digests }
+        }
+        KIND_DIGEST_DIFF => Frame::DigestDiff {
+            seq: body.u64()?,
+            arcs: body.arcs()?,
+        },
+        KIND_VERSIONS => {
+            let seq = body.u64()?;
+            let max_bytes = body.u32()?;
+            let arcs = body.arcs()?;
+            let count = body.count(16)?;
+            let entries = (0..count)
+                .map(|_| Ok((body.u64()?, body.u64()?)))
+                .collect::<Result<_, WireError>>()?;
+            Frame::Versions {
+                seq,
+                max_bytes,
+                arcs,
+                entries,
+            }
+        }
         other => return Err(WireError::UnknownKind(other)),
     };
     body.end()?;
@@ -390,6 +486,20 @@ mod tests {
                 ring_version: 8,
             },
             Frame::PullDone { seq: 5, sent: 1000 },
+            Frame::Digests {
+                seq: 6,
+                digests: vec![0, u64::MAX, 42],
+            },
+            Frame::DigestDiff {
+                seq: 6,
+                arcs: vec![2, 900],
+            },
+            Frame::Versions {
+                seq: 7,
+                max_bytes: 1 << 20,
+                arcs: vec![2],
+                entries: vec![(0xdead_beef, 9), (1, u64::MAX)],
+            },
         ]
     }
 
@@ -424,6 +534,12 @@ mod tests {
         let mut bad = vec![0, 0, 0, 13, KIND_RECORDS];
         bad.extend_from_slice(&1u64.to_be_bytes());
         bad.extend_from_slice(&1_000_000_000u32.to_be_bytes());
+        assert_eq!(decode(&bad), Err(WireError::Malformed));
+        // Digests claiming more entries than the frame holds.
+        let mut bad = vec![0, 0, 0, 17, KIND_DIGESTS];
+        bad.extend_from_slice(&1u64.to_be_bytes());
+        bad.extend_from_slice(&2u32.to_be_bytes());
+        bad.extend_from_slice(&[0; 4]);
         assert_eq!(decode(&bad), Err(WireError::Malformed));
         // Trailing bytes inside a frame.
         let mut buf = BytesMut::new();

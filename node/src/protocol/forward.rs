@@ -7,6 +7,7 @@
 use base64::Engine as _;
 use bytes::{BufMut, BytesMut};
 
+use super::admin::{AdminRequest, ClassSelection, CrawlerCommand};
 use super::reply;
 use super::request::{GetCommand, MetaCommand, MetaRequest, Request, StoreMode, StoreRequest};
 use super::tokens::memchr;
@@ -22,6 +23,9 @@ pub enum ReplyKind {
     Meta,
     /// `STAT` lines then `END` (or one line such as `RESET` or an error).
     Stats,
+    /// `lru_crawler metadump` / `stats cachedump`: `key=` or `ITEM ` lines then `END` (or
+    /// one line such as `BUSY ...` or an error).
+    Dump,
 }
 
 /// Which replies the client asked to suppress.
@@ -228,6 +232,22 @@ pub fn reply_len(buf: &[u8], kind: ReplyKind) -> Result<Option<usize>, Malformed
                 .ok_or(MalformedReply)?;
             Ok((buf.len() >= total).then_some(total))
         }
+        ReplyKind::Dump => {
+            let mut at = 0;
+            loop {
+                let Some(end) = line_end(at) else {
+                    return Ok(None);
+                };
+                let line = &buf[at..end];
+                if line == b"END\r\n" || (at == 0 && !is_dump_line(line)) {
+                    return Ok(Some(end));
+                }
+                if !is_dump_line(line) {
+                    return Err(MalformedReply);
+                }
+                at = end;
+            }
+        }
         ReplyKind::Retrieval | ReplyKind::Stats => {
             let mut at = 0;
             loop {
@@ -261,6 +281,67 @@ pub fn reply_len(buf: &[u8], kind: ReplyKind) -> Result<Option<usize>, Malformed
             }
         }
     }
+}
+
+fn is_dump_line(line: &[u8]) -> bool {
+    line.starts_with(b"key=") || line.starts_with(b"ITEM ")
+}
+
+/// Encodes an operations command for a node (`None` for those the proxy answers itself).
+pub fn encode_admin(request: &AdminRequest, out: &mut BytesMut) -> Option<ReplyKind> {
+    fn classes(selection: ClassSelection, out: &mut BytesMut) {
+        match selection {
+            ClassSelection::All => out.put_slice(b"all"),
+            ClassSelection::Hash => out.put_slice(b"hash"),
+            // Class 0 is no class: the node answers BADCLASS, as it would to the original.
+            ClassSelection::Invalid => out.put_u8(b'0'),
+            ClassSelection::Classes(_) => {
+                let ids: Vec<String> = (1..64u8)
+                    .filter(|&id| selection.includes(id))
+                    .map(|id| id.to_string())
+                    .collect();
+                out.put_slice(ids.join(",").as_bytes());
+            }
+        }
+    }
+    let kind = match request {
+        AdminRequest::CacheDump(Ok((class, limit))) => {
+            out.put_slice(b"stats cachedump ");
+            put_number(out, *class);
+            out.put_u8(b' ');
+            put_number(out, *limit);
+            ReplyKind::Dump
+        }
+        AdminRequest::LruCrawler(command) => {
+            out.put_slice(b"lru_crawler ");
+            match *command {
+                CrawlerCommand::Metadump(selection) => {
+                    out.put_slice(b"metadump ");
+                    classes(selection, out);
+                    out.put_slice(b"\r\n");
+                    return Some(ReplyKind::Dump);
+                }
+                CrawlerCommand::Crawl(selection) => {
+                    out.put_slice(b"crawl ");
+                    classes(selection, out);
+                }
+                CrawlerCommand::ToCrawl(n) => {
+                    out.put_slice(b"tocrawl ");
+                    put_number(out, n);
+                }
+                CrawlerCommand::Sleep(n) => {
+                    out.put_slice(b"sleep ");
+                    put_number(out, n);
+                }
+                CrawlerCommand::Enable => out.put_slice(b"enable"),
+                CrawlerCommand::Disable => out.put_slice(b"disable"),
+            }
+            ReplyKind::Line
+        }
+        _ => return None,
+    };
+    out.put_slice(b"\r\n");
+    Some(kind)
 }
 
 fn data_size(rest_of_line: &[u8]) -> Option<usize> {

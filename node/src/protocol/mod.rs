@@ -3,6 +3,7 @@
 //! Parsing is pure (bytes in, `Request` out); replies are composed into a write buffer by
 //! `reply`. Nothing here does I/O.
 
+pub mod admin;
 pub mod auth;
 pub mod forward;
 pub mod meta;

@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 
+use super::admin;
 use super::meta::{parse_flags, MetaFlags, MAX_META_TOKENS};
 use super::numbers::{parse_i32, parse_u32, parse_u64};
 use super::request::{
@@ -18,10 +19,6 @@ use super::tokens::{memchr, Tokens};
 pub const KEY_MAX_LENGTH: usize = 250;
 /// memcached closes a connection whose unterminated line exceeds this, unless it is a `get`.
 pub const MAX_LINE_WITHOUT_NEWLINE: usize = 2048;
-/// memcached's per-item header on 64-bit builds; part of its item size limit.
-const MEMCACHED_ITEM_HEADER: usize = 48;
-/// memcached's CAS field, also counted against the item size limit.
-const MEMCACHED_CAS_SIZE: usize = 8;
 
 const BAD_FORMAT: &str = "CLIENT_ERROR bad command line format";
 const BAD_CHUNK: &str = "CLIENT_ERROR bad data chunk";
@@ -78,8 +75,7 @@ fn error(reply: &'static str, noreply: bool, consumed: usize) -> ParseOutcome<'s
 
 /// Whether memcached would refuse an item of this shape as too large for `max_item_size`.
 pub fn exceeds_item_size(key_len: usize, flags: u32, value_len: usize, max: usize) -> bool {
-    let suffix = if flags == 0 { 0 } else { 4 };
-    MEMCACHED_ITEM_HEADER + key_len + 1 + suffix + value_len + 2 + MEMCACHED_CAS_SIZE > max
+    crate::store::classes::memcached_item_size(key_len, flags, value_len, true) > max
 }
 
 /// Parses one request from the front of `buf`.
@@ -119,6 +115,11 @@ pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> ParseOutcome<'a> {
         b"ms" => parse_meta_set(&tokens, consumed, after_line, limits),
         b"mn" => done(Request::MetaNoop, consumed),
         b"me" => parse_meta_debug(&tokens, consumed),
+        b"stats" if tokens.get(1) == b"cachedump" => {
+            done(admin::parse_cachedump(&tokens), consumed)
+        }
+        b"lru_crawler" => done(admin::parse_lru_crawler(&tokens), consumed),
+        b"watch" => done(admin::parse_watch(&tokens), consumed),
         b"stats" => done(
             Request::Stats {
                 sub: tokens.get(1),
@@ -137,7 +138,7 @@ pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> ParseOutcome<'a> {
             consumed,
         ),
         b"cache_memlimit" => parse_memlimit(&tokens, consumed),
-        b"shutdown" => error("ERROR: shutdown not enabled", false, consumed),
+        b"shutdown" => done(admin::parse_shutdown(&tokens), consumed),
         _ if command.len() == 2 && command[0] == b'm' => error("ERROR", false, consumed),
         _ => {
             // memcached hangs up on what looks like an HTTP request.

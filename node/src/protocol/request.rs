@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 
+use super::admin::AdminRequest;
 use super::meta::MetaFlags;
 
 /// The retrieval commands of the text protocol.
@@ -136,6 +137,8 @@ pub enum Request<'a> {
     },
     MetaNoop,
     Meta(MetaRequest<'a>),
+    /// Operations commands: `stats cachedump`, `lru_crawler`, `watch`, `shutdown`.
+    Admin(AdminRequest),
     MetaDebug {
         key: Cow<'a, [u8]>,
     },
@@ -145,4 +148,23 @@ pub enum Request<'a> {
         /// memcached's `noreply` also silences error lines of text commands.
         noreply: bool,
     },
+}
+
+impl Request<'_> {
+    /// Whether the client asked for no reply even on error (memcached's text `noreply`;
+    /// the meta protocol's quiet mode still reports errors).
+    pub fn silences_errors(&self) -> bool {
+        match self {
+            Request::Store(req) => req.noreply,
+            Request::TooLarge { noreply, .. }
+            | Request::Delete { noreply, .. }
+            | Request::Arithmetic { noreply, .. }
+            | Request::Touch { noreply, .. }
+            | Request::FlushAll { noreply, .. }
+            | Request::Verbosity { noreply, .. }
+            | Request::CacheMemlimit { noreply, .. }
+            | Request::Error { noreply, .. } => *noreply,
+            _ => false,
+        }
+    }
 }

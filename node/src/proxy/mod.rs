@@ -8,9 +8,12 @@
 //!   `replicationFactor` ≥ 2, to the next owner on the ring (which holds a replica);
 //! - multi-key `get`/`gets`/`gat`/`gats` are split by owner and reassembled in the client's
 //!   key order;
-//! - `flush_all`, `cache_memlimit` and `stats reset` go to every member (`OK` when all agree,
-//!   otherwise the first other reply); `stats` sums every member's counters; other `stats`
-//!   subcommands are answered by the first member;
+//! - `flush_all`, `cache_memlimit`, `stats reset`, `stats detail on|off` and the
+//!   `lru_crawler` commands go to every member (`OK` when all agree, otherwise the first
+//!   other reply); `stats` sums every member's counters, `stats slabs|items|sizes` and
+//!   `stats detail dump` their per-class and per-prefix figures; `lru_crawler metadump` and
+//!   `stats cachedump` concatenate their lines; other `stats` subcommands are answered by
+//!   the first member; `watch` and `shutdown` are refused (they are per node);
 //! - `version`, `verbosity`, `mn`, `quit` and `config get cluster` are answered by the proxy;
 //! - bad input gets the same reply a node gives (the same parser produces it).
 //!
@@ -33,7 +36,10 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::cluster::{Cluster, ClusterView};
 use crate::engine::version_string;
-use crate::protocol::forward::{encode_get, encode_keyed, value_blocks, Quiet, ReplyKind};
+use crate::protocol::admin::{AdminRequest, CrawlerCommand};
+use crate::protocol::forward::{
+    encode_admin, encode_get, encode_keyed, value_blocks, Quiet, ReplyKind,
+};
 use crate::protocol::{parse, reply, Limits, MetaCommand, ParseOutcome, Request, StoreMode};
 pub use backend::NodeAccess;
 use backend::{await_reply, Backend, ExchangeError};
@@ -63,6 +69,11 @@ enum Combine {
     Agree,
     /// Sum the counters of every member's `stats`.
     SumStats,
+    /// Sum per-class (`stats slabs|items|sizes`) or per-prefix (`stats detail dump`) figures.
+    SumClasses,
+    /// Concatenate the members' dump lines (`lru_crawler metadump`, `stats cachedump`), at
+    /// most `limit` lines (0: all), then `END`.
+    Concat { limit: u32 },
 }
 
 /// The plan for one client request.
@@ -635,6 +646,8 @@ fn assemble(job: &Job, results: &mut [Option<Bytes>]) -> Bytes {
                     .cloned()
                     .unwrap_or_else(|| Bytes::from_static(UNAVAILABLE)),
                 Combine::SumStats => sum_stats(&replies),
+                Combine::SumClasses => sum_class_stats(&replies),
+                Combine::Concat { limit } => concat_dumps(&replies, *limit),
             };
             if quiet.delivers(&combined) {
                 combined
@@ -682,6 +695,114 @@ fn sum_stats(replies: &[Bytes]) -> Bytes {
     let mut out = BytesMut::new();
     for name in order {
         reply::stat(&mut out, &name, &values[&name]);
+    }
+    out.put_slice(b"END\r\n");
+    out.freeze()
+}
+
+/// How a per-class figure of several nodes combines: sizes of a class are the same on every
+/// node, an age is the oldest, everything else adds up.
+fn class_figure(name: &str) -> fn(u64, u64) -> u64 {
+    match name.rsplit(':').next() {
+        Some("chunk_size" | "chunks_per_page") => |a, _| a,
+        Some("age" | "evicted_time") => u64::max,
+        _ => |a, b| a + b,
+    }
+}
+
+/// Sums `stats slabs`, `stats items`, `stats sizes` and `stats detail dump` over the
+/// members, in class order (`active_slabs` counts the classes any member uses).
+fn sum_class_stats(replies: &[Bytes]) -> Bytes {
+    use std::collections::BTreeMap;
+    if let Some(first) = replies.first() {
+        // A single line (an error, `sizes_status`) is answered as the first member gave it.
+        if !first.ends_with(b"END\r\n") {
+            return first.clone();
+        }
+    }
+    // (class, first-seen position) orders lines; totals come after the classes.
+    let mut stats: BTreeMap<(u64, usize), (String, String)> = BTreeMap::new();
+    let mut index: HashMap<String, (u64, usize)> = HashMap::new();
+    let mut prefixes: BTreeMap<String, [u64; 4]> = BTreeMap::new();
+    let mut classes = std::collections::BTreeSet::new();
+    for reply in replies {
+        for line in std::str::from_utf8(reply).unwrap_or_default().lines() {
+            if let Some(rest) = line.strip_prefix("PREFIX ") {
+                let fields: Vec<&str> = rest.split(' ').collect();
+                if let [prefix, "get", g, "hit", h, "set", s, "del", d] = fields[..] {
+                    let sums = prefixes.entry(prefix.to_string()).or_default();
+                    for (sum, v) in sums.iter_mut().zip([g, h, s, d]) {
+                        *sum += v.parse::<u64>().unwrap_or(0);
+                    }
+                }
+                continue;
+            }
+            let mut fields = line.splitn(3, ' ');
+            let (Some("STAT"), Some(name), Some(value)) =
+                (fields.next(), fields.next(), fields.next())
+            else {
+                continue;
+            };
+            let class = name
+                .trim_start_matches("items:")
+                .split(':')
+                .next()
+                .and_then(|c| c.parse::<u64>().ok())
+                .filter(|_| name.contains(':'));
+            if let Some(c) = class {
+                classes.insert(c);
+            }
+            let order_key = match index.get(name) {
+                Some(&k) => k,
+                None => {
+                    let k = (class.unwrap_or(u64::MAX), index.len());
+                    index.insert(name.to_string(), k);
+                    k
+                }
+            };
+            match stats.get_mut(&order_key) {
+                None => {
+                    stats.insert(order_key, (name.to_string(), value.to_string()));
+                }
+                Some((_, current)) => {
+                    if let (Ok(a), Ok(b)) = (current.parse::<u64>(), value.parse::<u64>()) {
+                        *current = class_figure(name)(a, b).to_string();
+                    }
+                }
+            }
+        }
+    }
+    let mut out = BytesMut::new();
+    for (name, value) in stats.values() {
+        if name == "active_slabs" {
+            reply::stat(&mut out, name, classes.len());
+        } else {
+            reply::stat(&mut out, name, value);
+        }
+    }
+    for (prefix, [g, h, s, d]) in prefixes {
+        out.put_slice(format!("PREFIX {prefix} get {g} hit {h} set {s} del {d}\r\n").as_bytes());
+    }
+    out.put_slice(b"END\r\n");
+    out.freeze()
+}
+
+/// Concatenates the members' dumps; a member's one-line answer (`BUSY`, an error) is the
+/// answer.
+fn concat_dumps(replies: &[Bytes], limit: u32) -> Bytes {
+    let mut out = BytesMut::new();
+    let mut lines = 0u32;
+    for reply in replies {
+        let Some(body) = reply.strip_suffix(b"END\r\n") else {
+            return reply.clone();
+        };
+        for line in body.split_inclusive(|&b| b == b'\n') {
+            if limit != 0 && lines >= limit {
+                break;
+            }
+            out.put_slice(line);
+            lines += 1;
+        }
     }
     out.put_slice(b"END\r\n");
     out.freeze()
@@ -821,9 +942,24 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
             quiet: if *noreply { Quiet::All } else { Quiet::None },
         },
         Request::Stats { sub, arg } => {
-            let (bytes, combine) = match *sub {
-                b"" => (Bytes::from_static(b"stats\r\n"), Combine::SumStats),
-                b"reset" => (Bytes::from_static(b"stats reset\r\n"), Combine::Agree),
+            let (bytes, combine) = match (*sub, *arg) {
+                (b"", _) => (Bytes::from_static(b"stats\r\n"), Combine::SumStats),
+                (b"reset", _) => (Bytes::from_static(b"stats reset\r\n"), Combine::Agree),
+                (b"slabs" | b"items" | b"sizes", _) | (b"detail", b"dump") => {
+                    let mut out = BytesMut::new();
+                    out.put_slice(b"stats ");
+                    out.put_slice(sub);
+                    out.put_slice(if *sub == b"detail" {
+                        &b" dump\r\n"[..]
+                    } else {
+                        b"\r\n"
+                    });
+                    (out.freeze(), Combine::SumClasses)
+                }
+                (b"detail", b"on") => (Bytes::from_static(b"stats detail on\r\n"), Combine::Agree),
+                (b"detail", b"off") => {
+                    (Bytes::from_static(b"stats detail off\r\n"), Combine::Agree)
+                }
                 _ => {
                     // Other subcommands describe one node: the first member answers.
                     let mut out = BytesMut::new();
@@ -870,6 +1006,38 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
         }
         Request::Quit => Job::Close,
         Request::MetaNoop => local_line("MN"),
+        Request::Admin(admin) => match admin {
+            AdminRequest::Watch(_) => {
+                local_line("CLIENT_ERROR watch is per node: connect to a node to watch it")
+            }
+            // The proxy does not shut nodes down.
+            AdminRequest::Shutdown { .. } | AdminRequest::ShutdownInvalid => {
+                local_line("ERROR: shutdown not enabled")
+            }
+            AdminRequest::CacheDump(Err(error)) => local_line(error),
+            _ => {
+                let mut out = BytesMut::new();
+                let Some(kind) = encode_admin(admin, &mut out) else {
+                    return local_line("ERROR");
+                };
+                if view.list.members.is_empty() {
+                    return Job::Local(Bytes::from_static(UNAVAILABLE));
+                }
+                let combine = match admin {
+                    AdminRequest::CacheDump(Ok((_, limit))) => Combine::Concat { limit: *limit },
+                    AdminRequest::LruCrawler(CrawlerCommand::Metadump(_)) => {
+                        Combine::Concat { limit: 0 }
+                    }
+                    _ => Combine::Agree,
+                };
+                Job::All {
+                    bytes: out.freeze(),
+                    kind,
+                    combine,
+                    quiet: Quiet::None,
+                }
+            }
+        },
         Request::Error {
             reply: text,
             noreply,

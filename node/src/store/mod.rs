@@ -14,6 +14,7 @@
 //! mutex; free segments and the byte budget live in the pool (`pool`), which also charges
 //! the hash tables' memory, so `-m` bounds segments and tables together.
 
+pub mod classes;
 mod item;
 mod mapping;
 mod memory;
@@ -26,8 +27,10 @@ mod version;
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwapOption;
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
@@ -36,6 +39,7 @@ pub use persist::{Discard, OpenError};
 pub use pool::PoolStats;
 pub use version::{node_id, VersionClock};
 
+use classes::{ClassConfig, ClassOp, ClassStats, Classes, SizeHistogram};
 use mapping::Region;
 use pool::Pool;
 use shard::{Geometry, Shard};
@@ -76,7 +80,7 @@ pub fn absolute_expiry(exptime: i64, now: u32) -> u32 {
 }
 
 /// Store sizing.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct StoreConfig {
     /// Total bytes of segments and hash tables.
     pub memory_limit: usize,
@@ -86,6 +90,23 @@ pub struct StoreConfig {
     pub max_shards: usize,
     /// Low byte of every version (CAS) this store issues; distinct per cluster member.
     pub node_id: u64,
+    /// Whether a full store evicts (memcached's default) or refuses new items (`-M`).
+    pub evict: bool,
+    /// memcached's slab classes, which items are reported under.
+    pub classes: ClassConfig,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            memory_limit: 64 * 1024 * 1024,
+            max_item_size: 1024 * 1024,
+            max_shards: 16,
+            node_id: 0,
+            evict: true,
+            classes: ClassConfig::default(),
+        }
+    }
 }
 
 impl StoreConfig {
@@ -131,6 +152,10 @@ pub struct ItemStats {
     pub merges: u64,
     /// Segments dropped whole because every record in them had expired.
     pub expired_segments: u64,
+    /// Expired or flushed items the crawler (background sweeper, `lru_crawler crawl`)
+    /// removed, and items it looked at.
+    pub crawler_reclaimed: u64,
+    pub crawler_items_checked: u64,
     pub limit: u64,
     pub pool: PoolStats,
 }
@@ -148,6 +173,8 @@ impl ItemStats {
         self.evicted_unfetched += c.evicted_unfetched;
         self.merges += c.merges;
         self.expired_segments += c.expired_segments;
+        self.crawler_reclaimed += c.crawler_reclaimed;
+        self.crawler_items_checked += c.crawler_items_checked;
     }
 }
 
@@ -157,6 +184,12 @@ pub struct ScanCursor {
     slot: u32,
     generation: u32,
     offset: u32,
+}
+
+/// Told of every item the store evicts (`watch evictions`). Called under the shard's lock:
+/// it must not block.
+pub trait EvictionObserver: Send + Sync {
+    fn evicted(&self, item: &ItemRef<'_>, class: u8, now: u32);
 }
 
 /// Shared, read-mostly state every shard operation needs.
@@ -175,6 +208,13 @@ struct Shared {
     order: AtomicU64,
     /// The `-e` file's header, when segments live in one.
     header: Option<Mutex<Region>>,
+    /// memcached's classes, which items are counted under.
+    classes: Classes,
+    /// Whether a full store evicts (no `-M`).
+    evict: bool,
+    /// `stats sizes`, when tracking is on.
+    sizes: ArcSwapOption<SizeHistogram>,
+    evictions: ArcSwapOption<Box<dyn EvictionObserver>>,
 }
 
 impl Shared {
@@ -188,6 +228,20 @@ impl Shared {
 
     fn next_order(&self) -> u64 {
         self.order.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// memcached's size of an item ([`Classes::item_size`]).
+    fn item_size(&self, it: &ItemRef<'_>) -> usize {
+        self.classes
+            .item_size(it.key().len(), it.client_flags(), it.value().len())
+    }
+
+    /// The memcached class `it` is reported under (0 for tombstones).
+    fn class_of(&self, it: &ItemRef<'_>) -> u8 {
+        if it.has(bits::TOMBSTONE) {
+            return 0;
+        }
+        self.classes.class_of(self.item_size(it))
     }
 
     /// The TTL bucket a record expiring at `exptime` is appended to.
@@ -249,6 +303,14 @@ impl Entry<'_> {
     /// A fresh CAS unique (a new version).
     pub fn next_cas(&self) -> u64 {
         self.shared.versions.next()
+    }
+
+    /// Counts a command that found this key's item, under the item's class (`stats slabs`).
+    pub fn count(&mut self, op: ClassOp) {
+        let Some(id) = self.item().map(|it| self.shared.class_of(&it)) else {
+            return;
+        };
+        self.shard.counters.classes.get_mut(id).ops[op as usize] += 1;
     }
 
     /// Marks the item as read now: fetched, access time, and a point of frequency that
@@ -341,11 +403,12 @@ impl Store {
     pub fn new(config: StoreConfig) -> Store {
         let segment_size = config.segment_size();
         let shards = Self::shards_for(&config, segment_size);
+        let pool = Pool::new(segment_size, config.memory_limit);
         Self::build(
             config,
             segment_size,
             shards,
-            Pool::new(segment_size, config.memory_limit),
+            pool,
             ahash::RandomState::new(),
             None,
         )
@@ -454,6 +517,10 @@ impl Store {
                 flush_at: AtomicU32::new(0),
                 order: AtomicU64::new(0),
                 header: header.map(Mutex::new),
+                classes: Classes::new(&config.classes),
+                evict: config.evict,
+                sizes: ArcSwapOption::empty(),
+                evictions: ArcSwapOption::empty(),
             },
         }
     }
@@ -536,12 +603,16 @@ impl Store {
             for shard in self.shared.shards.iter() {
                 shard.lock().clear(&self.shared);
             }
+            if let Some(sizes) = self.shared.sizes.load().as_ref() {
+                sizes.clear();
+            }
         }
     }
 
-    /// Reclaims expired and flushed items: segments whose items have all expired go whole,
-    /// and up to `budget` records per shard are looked at one by one. Returns how many
-    /// items were reclaimed.
+    /// The background sweeper (memcached's LRU crawler): reclaims expired and flushed items.
+    /// Segments whose items have all expired go whole, and up to `budget` records per shard
+    /// are looked at one by one; all of it counts as the crawler's. Returns how many items
+    /// were reclaimed.
     pub fn sweep(&self, now: u32, budget: usize) -> usize {
         self.shared
             .shards
@@ -567,7 +638,104 @@ impl Store {
             .shards
             .get(shard)?
             .lock()
-            .scan(cursor, max, now, f)
+            .scan(cursor, max, now, false, &self.shared, f)
+    }
+
+    /// As `scan`, but tombstones (deleted keys still remembered) are included: anti-entropy
+    /// compares them between replicas so a delete reaches a replica that missed it.
+    pub fn scan_with_tombstones(
+        &self,
+        shard: usize,
+        cursor: ScanCursor,
+        max: usize,
+        now: u32,
+        f: impl FnMut(ItemRef<'_>) -> ControlFlow<()>,
+    ) -> Option<ScanCursor> {
+        self.shared
+            .shards
+            .get(shard)?
+            .lock()
+            .scan(cursor, max, now, true, &self.shared, f)
+    }
+
+    /// `lru_crawler crawl`: reclaims the expired and flushed items among up to `max`
+    /// records of shard `shard` from `cursor`, looking only at items whose class `want`
+    /// accepts; the looks count as the crawler's. Returns where to continue, or `None` once
+    /// the shard is done.
+    pub fn crawl(
+        &self,
+        shard: usize,
+        cursor: ScanCursor,
+        max: usize,
+        now: u32,
+        want: impl FnMut(u8) -> bool,
+    ) -> Option<ScanCursor> {
+        self.shared
+            .shards
+            .get(shard)?
+            .lock()
+            .crawl(cursor, max, now, &self.shared, want)
+    }
+
+    /// Sizes the hash tables for `items` keys up front (memcached's `-o hashpower`). The
+    /// tables' bytes come out of the memory limit like any table growth, so at most a
+    /// quarter of it goes to them this way; beyond, tables grow as keys arrive.
+    pub fn reserve(&self, items: usize) {
+        let per_shard = items / self.shared.shards.len() + 1;
+        let budget = self.shared.pool.limit() / 4 / self.shared.shards.len();
+        for shard in self.shared.shards.iter() {
+            shard.lock().reserve(per_shard, budget, &self.shared);
+        }
+    }
+
+    /// memcached's class table, as configured.
+    pub fn classes(&self) -> &Classes {
+        &self.shared.classes
+    }
+
+    /// Per-class figures summed over shards, indexed by class id.
+    pub fn class_stats(&self) -> Vec<ClassStats> {
+        let mut total = Vec::new();
+        for shard in self.shared.shards.iter() {
+            shard.lock().counters.classes.add_into(&mut total);
+        }
+        total
+    }
+
+    /// `stats reset`: zeroes the store's event counters (evictions, reclaims, per-class
+    /// hits), not what it holds.
+    pub fn reset_stats(&self) {
+        for shard in self.shared.shards.iter() {
+            shard.lock().counters.reset_events();
+        }
+    }
+
+    /// Starts (`true`, counting items stored from now on) or stops `stats sizes`.
+    pub fn track_sizes(&self, on: bool) {
+        if !on {
+            self.shared.sizes.store(None);
+        } else if self.shared.sizes.load().is_none() {
+            let cas_min = self.shared.versions.next();
+            let max = self.shared.classes.item_size_max();
+            self.shared
+                .sizes
+                .store(Some(Arc::new(SizeHistogram::new(max, cas_min))));
+        }
+    }
+
+    /// The `stats sizes` histogram, when tracking is on.
+    pub fn sizes(&self) -> Option<Arc<SizeHistogram>> {
+        self.shared.sizes.load_full()
+    }
+
+    /// Tells `observer` of every eviction from now on (`None` to stop).
+    pub fn observe_evictions(&self, observer: Option<Box<dyn EvictionObserver>>) {
+        self.shared.evictions.store(observer.map(Arc::new));
+    }
+
+    /// Whether the store evicts when full (no `-M`).
+    pub fn evicts(&self) -> bool {
+        self.shared.evict
     }
 
     /// A new version from this store's clock.
@@ -583,7 +751,7 @@ impl Store {
             ..ItemStats::default()
         };
         for shard in self.shared.shards.iter() {
-            total.add(&shard.lock().counters);
+            total.add(&shard.lock().counters.items);
         }
         total
     }

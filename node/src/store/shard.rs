@@ -11,6 +11,7 @@ use std::ops::ControlFlow;
 
 use hashbrown::HashTable;
 
+use super::classes::ClassTable;
 use super::item::{self, bits, ItemMut, ItemRef, NewItem};
 use super::memory::SegBuf;
 use super::segment::{Segment, TTL_BUCKETS};
@@ -55,29 +56,100 @@ impl Geometry {
     }
 }
 
-/// Counters of one shard (`limit` and `pool` unused); `Store::stats` sums them.
-pub(super) type ShardCounters = ItemStats;
+/// Counters of one shard: the store's (`limit` and `pool` unused; `Store::stats` sums
+/// them) and memcached's per class (`Store::class_stats`).
+#[derive(Debug, Default)]
+pub(super) struct ShardCounters {
+    pub items: ItemStats,
+    pub classes: ClassTable,
+}
 
 impl ShardCounters {
-    /// Every record that becomes linked passes here (the place to count per size class).
-    fn link(&mut self, it: &ItemRef<'_>) {
+    /// Every record that becomes linked passes here.
+    fn link(&mut self, it: &ItemRef<'_>, shared: &Shared) {
+        let c = &mut self.items;
+        c.bytes += it.record_len() as u64;
         if it.has(bits::TOMBSTONE) {
-            self.tombstones += 1;
-        } else {
-            self.curr_items += 1;
-            self.total_items += 1;
+            c.tombstones += 1;
+            return;
         }
-        self.bytes += it.record_len() as u64;
+        c.curr_items += 1;
+        c.total_items += 1;
+        let size = shared.item_size(it);
+        let class = self.classes.get_mut(shared.classes.class_of(size));
+        class.number += 1;
+        class.mem_requested += size as u64;
+        class.bytes += it.record_len() as u64;
+        if let Some(sizes) = shared.sizes.load().as_ref() {
+            sizes.record(size, it.cas(), true);
+        }
     }
 
-    /// Every record that stops being linked passes here.
-    fn unlink(&mut self, it: &ItemRef<'_>) {
+    /// Every record that stops being linked passes here, with why it goes.
+    fn unlink(&mut self, it: &ItemRef<'_>, why: Drop, shared: &Shared) {
+        let c = &mut self.items;
+        let len = it.record_len() as u64;
+        c.bytes = c.bytes.saturating_sub(len);
         if it.has(bits::TOMBSTONE) {
-            self.tombstones = self.tombstones.saturating_sub(1);
-        } else {
-            self.curr_items = self.curr_items.saturating_sub(1);
+            c.tombstones = c.tombstones.saturating_sub(1);
+            return;
         }
-        self.bytes = self.bytes.saturating_sub(it.record_len() as u64);
+        c.curr_items = c.curr_items.saturating_sub(1);
+        let size = shared.item_size(it);
+        let id = shared.classes.class_of(size);
+        let class = self.classes.get_mut(id);
+        class.number = class.number.saturating_sub(1);
+        class.mem_requested = class.mem_requested.saturating_sub(size as u64);
+        class.bytes = class.bytes.saturating_sub(len);
+        if let Some(sizes) = shared.sizes.load().as_ref() {
+            sizes.record(size, it.cas(), false);
+        }
+        let unfetched = u64::from(!it.has(bits::FETCHED));
+        match why {
+            Drop::Quiet => {}
+            Drop::Reclaim => {
+                c.reclaimed += 1;
+                class.reclaimed += 1;
+                c.expired_unfetched += unfetched;
+                class.expired_unfetched += unfetched;
+            }
+            Drop::Crawl => {
+                c.crawler_reclaimed += 1;
+                class.crawler_reclaimed += 1;
+                c.expired_unfetched += unfetched;
+                class.expired_unfetched += unfetched;
+            }
+            Drop::Evict(now) => {
+                c.evictions += 1;
+                class.evicted += 1;
+                class.evicted_nonzero += u64::from(it.exptime() != 0);
+                class.evicted_time = now.saturating_sub(it.time());
+                class.evicted_at = now;
+                c.evicted_unfetched += unfetched;
+                class.evicted_unfetched += unfetched;
+                if let Some(observer) = shared.evictions.load().as_ref() {
+                    observer.evicted(it, id, now);
+                }
+            }
+        }
+    }
+
+    /// A crawler's look at a linked item (`crawler_items_checked`).
+    fn checked(&mut self, class: u8) {
+        self.items.crawler_items_checked += 1;
+        self.classes.get_mut(class).crawler_items_checked += 1;
+    }
+
+    /// `stats reset`: zeroes the event counters, keeps what is held.
+    pub fn reset_events(&mut self) {
+        self.classes.reset_events();
+        let c = &mut self.items;
+        *c = ItemStats {
+            curr_items: c.curr_items,
+            bytes: c.bytes,
+            tombstones: c.tombstones,
+            ..ItemStats::default()
+        };
     }
 }
 
@@ -86,10 +158,12 @@ impl ShardCounters {
 enum Drop {
     /// Replaced, deleted, flushed: counted nowhere else.
     Quiet,
-    /// Found expired or flushed.
+    /// Found expired or flushed by a lookup or while making room.
     Reclaim,
-    /// Pushed out to make room.
-    Evict,
+    /// Found expired or flushed by the crawler (the background sweeper, `lru_crawler`).
+    Crawl,
+    /// Pushed out to make room, at this Unix second.
+    Evict(u32),
 }
 
 #[derive(Debug, Default)]
@@ -241,26 +315,8 @@ impl Shard {
         if it.has(bits::DEAD) {
             return;
         }
-        let (len, fetched) = (it.record_len(), it.has(bits::FETCHED));
-        let tombstone = it.has(bits::TOMBSTONE);
-        self.counters.unlink(&it);
-        if !tombstone {
-            match why {
-                Drop::Quiet => {}
-                Drop::Reclaim => {
-                    self.counters.reclaimed += 1;
-                    if !fetched {
-                        self.counters.expired_unfetched += 1;
-                    }
-                }
-                Drop::Evict => {
-                    self.counters.evictions += 1;
-                    if !fetched {
-                        self.counters.evicted_unfetched += 1;
-                    }
-                }
-            }
-        }
+        let len = it.record_len();
+        self.counters.unlink(&it, why, shared);
         if let Some(bytes) = seg.record_bytes_mut(offset) {
             item::mark_dead(bytes);
         }
@@ -296,14 +352,21 @@ impl Shard {
         shared: &Shared,
         me: usize,
     ) -> Result<u32, StoreError> {
-        let len = item.record_len();
-        if len > shared.pool.segment_size() {
-            return Err(StoreError::OutOfMemory);
-        }
-        // Room in the table first: making it may evict, which must not touch the new record.
-        self.ensure_index_room(now, shared, me)?;
-        let bucket = shared.bucket(item.meta.exptime, now);
-        let loc = self.append(bucket, item, len, now, shared, me)?;
+        let placed = self.place_record(item, now, shared, me);
+        let loc = match placed {
+            Ok(loc) => loc,
+            Err(error) => {
+                if item.meta.bits & bits::TOMBSTONE == 0 {
+                    let class = shared.classes.class_of_item(
+                        item.stored_key().len(),
+                        item.meta.client_flags,
+                        item.value_len(),
+                    );
+                    self.counters.classes.get_mut(class).outofmemory += 1;
+                }
+                return Err(error);
+            }
+        };
         let (segs, geo) = (&self.segs, shared.geometry);
         let key = item.stored_key();
         let matches = |l: &u32| record(segs, geo, *l).is_some_and(|it| it.key() == key);
@@ -316,12 +379,49 @@ impl Shard {
             }
         };
         if let Some(it) = record(&self.segs, geo, loc) {
-            self.counters.link(&it);
+            self.counters.link(&it, shared);
         }
         if let Some(old) = replaced {
             self.retire(old, Drop::Quiet, shared, true);
         }
         Ok(loc)
+    }
+
+    /// Appends `item`'s record (making room in the table and for the record first) and
+    /// returns its place, not yet linked.
+    fn place_record(
+        &mut self,
+        item: &NewItem<'_>,
+        now: u32,
+        shared: &Shared,
+        me: usize,
+    ) -> Result<u32, StoreError> {
+        let len = item.record_len();
+        if len > shared.pool.segment_size() {
+            return Err(StoreError::OutOfMemory);
+        }
+        // Room in the table first: making it may evict, which must not touch the new record.
+        self.ensure_index_room(now, shared, me)?;
+        let bucket = shared.bucket(item.meta.exptime, now);
+        self.append(bucket, item, len, now, shared, me)
+    }
+
+    /// Grows the hash table up front to hold `entries`, if its bytes fit in `budget` and
+    /// the pool grants them (`Store::reserve`).
+    pub fn reserve(&mut self, entries: usize, budget: usize, shared: &Shared) {
+        let buckets = (entries.saturating_mul(8) / 7).max(4).next_power_of_two();
+        if buckets <= self.index_buckets || table_bytes(buckets) > budget {
+            return;
+        }
+        let grow = table_bytes(buckets) - table_bytes(self.index_buckets);
+        if !shared.pool.grow_index(grow) {
+            return;
+        }
+        let (segs, geo) = (&self.segs, shared.geometry);
+        let additional = table_capacity(buckets).saturating_sub(self.index.len());
+        self.index
+            .reserve(additional, |&l| key_hash(segs, geo, shared, l));
+        self.index_buckets = buckets;
     }
 
     /// Makes sure one more entry fits the hash table without it growing unaccounted: a
@@ -405,7 +505,7 @@ impl Shard {
                     return Some(buf);
                 }
             }
-            let expired = self.expire_segments(now, shared);
+            let expired = self.expire_segments(now, Drop::Reclaim, shared);
             if !expired.is_empty() {
                 if let Some(buf) = shared.pool.exchange(expired, slots_left) {
                     return Some(buf);
@@ -490,8 +590,9 @@ impl Shard {
         seg.into_buf()
     }
 
-    /// Unlinks every linked record of a segment (before the segment is freed).
-    fn drop_records(&mut self, slot: usize, why: Drop, now: u32, shared: &Shared) {
+    /// Unlinks every linked record of a segment (before the segment is freed): the live
+    /// ones for `why`, the expired or flushed ones for `dead`.
+    fn drop_records(&mut self, slot: usize, why: Drop, dead: Drop, now: u32, shared: &Shared) {
         let flush_at = shared.flush_at();
         let Some(seg) = self.segs.get(slot).and_then(|s| s.as_ref()) else {
             return;
@@ -501,8 +602,8 @@ impl Shard {
             .filter(|(_, it)| !it.has(bits::DEAD))
             .map(|(offset, it)| (offset, shared.hash(it.key()), gone(&it, now, flush_at)))
             .collect();
-        for (offset, hash, dead) in linked {
-            let why = if dead { Drop::Reclaim } else { why };
+        for (offset, hash, gone) in linked {
+            let why = if gone { dead } else { why };
             self.unlink(
                 shared.geometry.encode(slot, offset),
                 hash,
@@ -513,8 +614,9 @@ impl Shard {
         }
     }
 
-    /// Frees the segments whose every record has expired, oldest first in each bucket.
-    fn expire_segments(&mut self, now: u32, shared: &Shared) -> Vec<SegBuf> {
+    /// Frees the segments whose every record has expired, oldest first in each bucket,
+    /// counting their records as reclaimed for `why`.
+    fn expire_segments(&mut self, now: u32, why: Drop, shared: &Shared) -> Vec<SegBuf> {
         let mut freed = Vec::new();
         for i in 0..self.active_buckets.len() {
             let bucket = usize::from(self.active_buckets[i]);
@@ -523,9 +625,9 @@ impl Shard {
                 if !self.segs[head].as_ref().is_some_and(|s| s.expired(now)) {
                     break;
                 }
-                self.drop_records(head, Drop::Reclaim, now, shared);
+                self.drop_records(head, why, why, now, shared);
                 freed.push(self.free_segment(head));
-                self.counters.expired_segments += 1;
+                self.counters.items.expired_segments += 1;
             }
         }
         self.prune_buckets();
@@ -628,7 +730,7 @@ impl Shard {
                         seg.expire_at = item::later_expiry(seg.expire_at, exptime);
                     }
                     if let Some(it) = record(&self.segs, geo, loc) {
-                        self.counters.link(&it);
+                        self.counters.link(&it, shared);
                     }
                 }
                 match loser {
@@ -679,6 +781,9 @@ impl Shard {
     /// records into the open segment's free room instead. Without reads this is FIFO, so
     /// the newest items are the last to go. Returns the freed memory.
     fn evict_segment(&mut self, now: u32, shared: &Shared) -> Vec<SegBuf> {
+        if !shared.evict {
+            return self.compact(now, shared);
+        }
         self.prune_buckets();
         let mut best: Option<(u16, u32)> = None;
         for &b in &self.active_buckets {
@@ -701,7 +806,7 @@ impl Shard {
         let tail = tail as usize;
         if sealed == 0 {
             // The bucket's only segment: evicted whole.
-            self.drop_records(tail, Drop::Evict, now, shared);
+            self.drop_records(tail, Drop::Evict(now), Drop::Reclaim, now, shared);
             let buf = self.free_segment(tail);
             self.prune_buckets();
             return vec![buf];
@@ -711,7 +816,7 @@ impl Shard {
             .map(|&s| s as usize)
             .collect();
         let into = if group.len() >= 2 { group[0] } else { tail };
-        let (kept, mut freed) = self.merge(&group, into, now, shared);
+        let (kept, mut freed) = self.merge(&group, into, false, now, shared);
         if into == group[0] {
             if kept == 0 {
                 freed.push(self.free_segment(into));
@@ -736,17 +841,74 @@ impl Shard {
         freed
     }
 
+    /// Without eviction (`-M`): frees memory by moving the live records of a bucket's oldest
+    /// sealed segments into fewer segments, never dropping one. Expired and flushed
+    /// records are reclaimed on the way. Returns the freed memory, none when no group of
+    /// segments has its live records fit in one fewer (the store is full).
+    fn compact(&mut self, now: u32, shared: &Shared) -> Vec<SegBuf> {
+        self.prune_buckets();
+        let capacity = shared.pool.segment_size();
+        for i in 0..self.active_buckets.len() {
+            let chain = &self.buckets[usize::from(self.active_buckets[i])].chain;
+            let Some(&tail) = chain.back() else {
+                continue;
+            };
+            let tail = tail as usize;
+            let sealed: Vec<usize> = chain
+                .range(..chain.len() - 1)
+                .map(|&s| s as usize)
+                .collect();
+            let live = |slots: &[usize]| -> usize {
+                slots
+                    .iter()
+                    .filter_map(|&s| self.segs[s].as_ref())
+                    .map(|seg| seg.live_bytes)
+                    .sum()
+            };
+            // The oldest run of (up to `MERGE`, the longest first) sealed segments whose
+            // records fit in the first of them, else the oldest sealed segment whose
+            // records fit in the open segment's room.
+            let run = (0..sealed.len()).find_map(|start| {
+                let longest = MERGE.min(sealed.len() - start);
+                (2..=longest)
+                    .rev()
+                    .find(|&n| live(&sealed[start..start + n]) <= capacity)
+                    .map(|n| sealed[start..start + n].to_vec())
+            });
+            let tail_room = self.segs[tail].as_ref().map_or(0, |seg| seg.room());
+            let (group, into) = match run {
+                Some(run) => {
+                    let into = run[0];
+                    (run, into)
+                }
+                None => match sealed.iter().find(|&&s| live(&[s]) <= tail_room) {
+                    Some(&s) => (vec![s], tail),
+                    None => continue,
+                },
+            };
+            let (kept, mut freed) = self.merge(&group, into, true, now, shared);
+            if into != tail && kept == 0 {
+                freed.push(self.free_segment(into));
+            }
+            self.prune_buckets();
+            return freed;
+        }
+        Vec::new()
+    }
+
     /// Moves the records of `group` (oldest segments of one chain) worth keeping into
     /// `into` — the group's first segment, compacted from its start, or the chain's open
     /// segment, after what it holds — and evicts the others. Expired and flushed records
     /// are reclaimed; a record is worth keeping if it was read since it was written or
     /// last kept, the most read first and, among equals, the newest, as many as fit. Kept
-    /// records' read counts are halved. Returns how many were kept and the memory of the
+    /// records' read counts are halved. With `keep_all` every live record is kept (the
+    /// caller has made sure they fit). Returns how many were kept and the memory of the
     /// group's segments other than `into`, which are left empty.
     fn merge(
         &mut self,
         group: &[usize],
         into: usize,
+        keep_all: bool,
         now: u32,
         shared: &Shared,
     ) -> (u32, Vec<SegBuf>) {
@@ -820,7 +982,7 @@ impl Shard {
         }
         let keep = |i: usize, r: &Rec| {
             let f = usize::from(r.freq);
-            f > cut_freq || (f == cut_freq && f > 0 && i >= keep_cut_from)
+            keep_all || f > cut_freq || (f == cut_freq && f > 0 && i >= keep_cut_from)
         };
         let Some(mut target) = self.segs[into].take() else {
             return (0, Vec::new());
@@ -867,15 +1029,7 @@ impl Shard {
                 }
                 let seg = sources[r.segment].as_ref().unwrap_or(&target);
                 if let Some(it) = seg.record_at(r.offset, r.len) {
-                    let fetched = it.has(bits::FETCHED);
-                    let tombstone = it.has(bits::TOMBSTONE);
-                    self.counters.unlink(&it);
-                    if !tombstone {
-                        self.counters.evictions += 1;
-                        if !fetched {
-                            self.counters.evicted_unfetched += 1;
-                        }
-                    }
+                    self.counters.unlink(&it, Drop::Evict(now), shared);
                 }
             }
         }
@@ -889,7 +1043,7 @@ impl Shard {
                 self.segs[group[g]] = src;
             }
         }
-        self.counters.merges += 1;
+        self.counters.items.merges += 1;
         let freed = group
             .iter()
             .filter(|&&s| s != into)
@@ -901,13 +1055,14 @@ impl Shard {
     /// Background reclamation: drops expired segments whole, then looks at up to `budget`
     /// records for expired or flushed ones. Returns how many records it reclaimed.
     pub fn sweep(&mut self, now: u32, budget: usize, shared: &Shared) -> usize {
-        let before = self.counters.reclaimed;
-        let expired = self.expire_segments(now, shared);
+        let before = self.counters.items.crawler_reclaimed;
+        let expired = self.expire_segments(now, Drop::Crawl, shared);
         shared.pool.exchange(expired, false);
         let flush_at = shared.flush_at();
         let (mut slot, mut offset) = self.sweep_at;
         let mut looked = 0;
         let mut wrapped = false;
+        let mut checked = Vec::new();
         while looked < budget {
             if slot >= self.segs.len() {
                 if wrapped {
@@ -931,15 +1086,24 @@ impl Shard {
                     break;
                 }
                 looked += 1;
-                if !it.has(bits::DEAD) && gone(&it, now, flush_at) {
+                if it.has(bits::DEAD) {
+                    continue;
+                }
+                if !it.has(bits::TOMBSTONE) {
+                    checked.push(shared.class_of(&it));
+                }
+                if gone(&it, now, flush_at) {
                     dead.push((at, shared.hash(it.key())));
                 }
+            }
+            for class in checked.drain(..) {
+                self.counters.checked(class);
             }
             for (at, hash) in dead {
                 self.unlink(
                     shared.geometry.encode(slot, at),
                     hash,
-                    Drop::Reclaim,
+                    Drop::Crawl,
                     shared,
                     false,
                 );
@@ -959,17 +1123,40 @@ impl Shard {
         }
         self.sweep_at = (slot, offset);
         self.prune_buckets();
-        (self.counters.reclaimed - before) as usize
+        (self.counters.items.crawler_reclaimed - before) as usize
     }
 
-    /// Calls `f` with the live items from `cursor` on, looking at up to `max` records and
-    /// stopping early when `f` breaks; returns where to go on.
+    /// Calls `f` with the live items (and, with `tombstones`, the tombstones) from `cursor`
+    /// on, looking at up to `max` records and stopping early when `f` breaks; returns
+    /// where to go on. Expired and flushed records are left out.
     pub fn scan(
         &self,
         cursor: ScanCursor,
         max: usize,
         now: u32,
+        tombstones: bool,
+        shared: &Shared,
         mut f: impl FnMut(ItemRef<'_>) -> ControlFlow<()>,
+    ) -> Option<ScanCursor> {
+        let flush_at = shared.flush_at();
+        self.walk(cursor, max, |_, _, it| {
+            let wanted = !it.has(bits::DEAD) && (tombstones || !it.has(bits::TOMBSTONE));
+            if wanted && !gone(&it, now, flush_at) {
+                f(it)
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+    }
+
+    /// Visits the records (linked or not) from `cursor` on, up to `max` of them, with their
+    /// segment slot and offset, stopping after one for which `f` breaks; returns where to
+    /// go on.
+    fn walk(
+        &self,
+        cursor: ScanCursor,
+        max: usize,
+        mut f: impl FnMut(usize, usize, ItemRef<'_>) -> ControlFlow<()>,
     ) -> Option<ScanCursor> {
         let mut slot = cursor.slot as usize;
         let mut offset = if self.gens.get(slot) == Some(&cursor.generation) {
@@ -989,8 +1176,7 @@ impl Shard {
                         });
                     }
                     looked += 1;
-                    let live = !it.has(bits::DEAD) && !it.has(bits::TOMBSTONE);
-                    if live && !it.is_expired(now) && f(it).is_break() {
+                    if f(slot, at, it).is_break() {
                         // Go on after this record (or stop: nothing may follow).
                         looked = max;
                     }
@@ -1000,6 +1186,42 @@ impl Shard {
             offset = 0;
         }
         None
+    }
+
+    /// `lru_crawler crawl` over up to `max` records from `cursor`: the items whose class
+    /// `want` accepts are looked at (counted) and reclaimed if expired or flushed.
+    pub fn crawl(
+        &mut self,
+        cursor: ScanCursor,
+        max: usize,
+        now: u32,
+        shared: &Shared,
+        mut want: impl FnMut(u8) -> bool,
+    ) -> Option<ScanCursor> {
+        let flush_at = shared.flush_at();
+        let geo = shared.geometry;
+        let mut checked = Vec::new();
+        let mut dead = Vec::new();
+        let next = self.walk(cursor, max, |slot, offset, it| {
+            if it.has(bits::DEAD) || it.has(bits::TOMBSTONE) {
+                return ControlFlow::Continue(());
+            }
+            let class = shared.class_of(&it);
+            if want(class) {
+                checked.push(class);
+                if gone(&it, now, flush_at) {
+                    dead.push((geo.encode(slot, offset), shared.hash(it.key())));
+                }
+            }
+            ControlFlow::Continue(())
+        });
+        for class in checked {
+            self.counters.checked(class);
+        }
+        for (loc, hash) in dead {
+            self.unlink(loc, hash, Drop::Crawl, shared, true);
+        }
+        next
     }
 
     /// Drops everything (`flush_all` without delay).
@@ -1022,9 +1244,10 @@ impl Shard {
         shared.pool.shrink_index(table_bytes(self.index_buckets));
         self.index_buckets = 0;
         self.sweep_at = (0, 0);
-        let c = &mut self.counters;
+        let c = &mut self.counters.items;
         c.curr_items = 0;
         c.bytes = 0;
         c.tombstones = 0;
+        self.counters.classes.clear_items();
     }
 }

@@ -15,6 +15,7 @@ fn store_with(limit: usize, max_item: usize, shards: usize) -> Store {
         max_item_size: max_item,
         max_shards: shards,
         node_id: 0,
+        ..StoreConfig::default()
     })
 }
 
@@ -528,6 +529,295 @@ fn without_eviction_nothing_is_lost() {
     assert_eq!(s.stats().evictions, 0);
 }
 
+// ------------------------------------------------------------------ memcached's classes, -M, the crawler
+
+use classes::ClassOp;
+
+fn set_ttl(s: &Store, key: &[u8], value: &[u8], exptime: u32, now: u32) {
+    let meta = ItemMeta {
+        exptime,
+        ..ItemMeta::default()
+    };
+    assert!(set_meta(s, key, value, meta, now));
+}
+
+/// Every class's item count and memcached size, from the class figures and from a scan.
+fn assert_classes_match_a_scan(s: &Store, now: u32) {
+    let mut by_scan = vec![(0u64, 0u64); 64];
+    for shard in 0..s.shard_count() {
+        let mut cursor = ScanCursor::default();
+        loop {
+            let next = s.scan(shard, cursor, 100, now, |it| {
+                let size =
+                    s.classes()
+                        .item_size(it.key().len(), it.client_flags(), it.value().len());
+                let class = &mut by_scan[usize::from(s.classes().class_of(size))];
+                class.0 += 1;
+                class.1 += size as u64;
+                ControlFlow::Continue(())
+            });
+            match next {
+                Some(c) => cursor = c,
+                None => break,
+            }
+        }
+    }
+    let figures = s.class_stats();
+    for (id, want) in by_scan.iter().enumerate() {
+        let got = figures
+            .get(id)
+            .map_or((0, 0), |c| (c.number, c.mem_requested));
+        assert_eq!(got, *want, "class {id}");
+    }
+    let total: u64 = figures.iter().map(|c| c.number).sum();
+    assert_eq!(total, s.stats().curr_items);
+}
+
+#[test]
+fn items_are_counted_in_memcacheds_classes() {
+    let s = store(1 << 20);
+    set(&s, b"a", b"1", 10);
+    set(&s, b"bb", &[b'x'; 600], 10);
+    set(&s, b"a", b"2", 10);
+    let classes = s.class_stats();
+    assert_eq!((classes[1].number, classes[1].mem_requested), (1, 61));
+    assert_eq!(classes[10].number, 1);
+    s.with_entry(b"bb", 10, |e| {
+        e.count(ClassOp::GetHit);
+        e.remove()
+    });
+    let classes = s.class_stats();
+    assert_eq!(
+        (classes[10].number, classes[10].op(ClassOp::GetHit)),
+        (0, 1)
+    );
+    assert_eq!(classes[10].bytes, 0);
+    // A tombstone is in no class.
+    s.with_entry(b"a", 10, |e| e.delete_with_tombstone(b"a", 60));
+    assert_eq!(s.class_stats()[1].number, 0);
+    assert_eq!(s.stats().tombstones, 1);
+    set(&s, b"c", b"3", 10);
+    s.flush(None);
+    assert_eq!(s.class_stats()[1].number, 0);
+}
+
+#[test]
+fn class_counts_follow_evictions_merges_and_expiry() {
+    let s = store(256 * 1024);
+    for i in 0..3000u32 {
+        let key = format!("k{i}");
+        let value = vec![b'v'; (i % 5) as usize * 150];
+        let exptime = if i % 3 == 0 { 20 } else { 0 };
+        set_ttl(&s, key.as_bytes(), &value, exptime, 10);
+        if i % 7 == 0 {
+            get(&s, format!("k{}", i / 2).as_bytes(), 10);
+        }
+    }
+    let st = s.stats();
+    assert!(st.evictions > 0 && st.merges > 0, "{st:?}");
+    let evicted: u64 = s.class_stats().iter().map(|c| c.evicted).sum();
+    assert_eq!(evicted, st.evictions);
+    assert_classes_match_a_scan(&s, 10);
+    s.sweep(30, usize::MAX);
+    assert_classes_match_a_scan(&s, 30);
+    let crawled: u64 = s.class_stats().iter().map(|c| c.crawler_reclaimed).sum();
+    assert_eq!(crawled, s.stats().crawler_reclaimed);
+    assert!(crawled > 0);
+}
+
+#[test]
+fn without_eviction_a_full_store_refuses() {
+    let s = Store::new(StoreConfig {
+        memory_limit: 16 * 1024,
+        max_item_size: 1024,
+        max_shards: 2,
+        evict: false,
+        ..StoreConfig::default()
+    });
+    let mut stored = 0;
+    let refused = loop {
+        let key = format!("k{stored}");
+        let r = s.with_entry(key.as_bytes(), 10, |e| {
+            e.store(NewItem::new(
+                key.as_bytes(),
+                &[&[b'x'; 500]],
+                ItemMeta::default(),
+            ))
+        });
+        if r.is_err() {
+            break r;
+        }
+        stored += 1;
+    };
+    assert_eq!(refused, Err(StoreError::OutOfMemory));
+    assert_eq!(s.stats().evictions, 0);
+    assert!((0..stored).all(|i| get(&s, format!("k{i}").as_bytes(), 10).is_some()));
+    let oom: u64 = s.class_stats().iter().map(|c| c.outofmemory).sum();
+    assert_eq!(oom, 1);
+}
+
+#[test]
+fn without_eviction_deleted_space_is_reused() {
+    // -M: a store full of deleted records makes room by compacting, never by evicting.
+    let s = Store::new(StoreConfig {
+        memory_limit: 64 * 1024,
+        max_item_size: 1024,
+        max_shards: 1,
+        evict: false,
+        ..StoreConfig::default()
+    });
+    let value = [b'x'; 100];
+    let mut live = Vec::new();
+    for round in 0..20u32 {
+        for i in 0..100u32 {
+            let key = format!("r{round}k{i}");
+            if s.with_entry(key.as_bytes(), 10, |e| {
+                e.store(NewItem::new(key.as_bytes(), &[&value], ItemMeta::default()))
+            })
+            .is_err()
+            {
+                break;
+            }
+            // Keep one key in ten; delete the rest.
+            if i % 10 == 0 {
+                live.push(key);
+            } else {
+                s.with_entry(key.as_bytes(), 10, |e| e.remove());
+            }
+        }
+    }
+    // 2000 records of 124 bytes are four times the memory: the deleted ones' space was
+    // given back.
+    assert_eq!(live.len(), 200);
+    assert_eq!(s.stats().evictions, 0);
+    assert!(live.iter().all(|k| get(&s, k.as_bytes(), 10).is_some()));
+    assert_within_budget(&s);
+}
+
+#[test]
+fn a_crawl_reclaims_the_expired_items_of_the_chosen_classes() {
+    let s = store(1 << 20);
+    for i in 0..10u32 {
+        set_ttl(&s, format!("e{i}").as_bytes(), b"v", 101, 100);
+    }
+    set(&s, b"live", b"v", 100);
+    set_ttl(&s, b"other", &[b'x'; 600], 101, 100);
+    for shard in 0..s.shard_count() {
+        // Class 2 holds nothing: nothing is looked at.
+        assert_eq!(
+            s.crawl(shard, ScanCursor::default(), 1000, 200, |class| class == 2),
+            None
+        );
+    }
+    assert_eq!(s.class_stats()[1].crawler_items_checked, 0);
+    for shard in 0..s.shard_count() {
+        let mut cursor = ScanCursor::default();
+        // A few records at a time, as the crawler thread goes.
+        while let Some(next) = s.crawl(shard, cursor, 3, 200, |class| class == 1) {
+            cursor = next;
+        }
+    }
+    let class = s.class_stats()[1];
+    assert_eq!(
+        (class.crawler_reclaimed, class.crawler_items_checked),
+        (10, 11)
+    );
+    assert_eq!(class.number, 1);
+    // The item of class 10 was not looked at, expired as it is.
+    assert_eq!(s.class_stats()[10].number, 1);
+    assert_eq!(s.stats().crawler_reclaimed, 10);
+}
+
+#[test]
+fn a_scan_with_tombstones_sees_deletes_until_they_expire() {
+    let s = store(1 << 20);
+    set(&s, b"a", b"1", 10);
+    set(&s, b"b", b"2", 10);
+    s.with_entry(b"b", 10, |e| e.delete_with_tombstone(b"b", 50));
+    let seen = |now: u32, tombstones: bool| {
+        let mut keys = Vec::new();
+        for shard in 0..s.shard_count() {
+            let mut f = |it: ItemRef<'_>| {
+                keys.push((it.key().to_vec(), it.has(bits::TOMBSTONE)));
+                ControlFlow::Continue(())
+            };
+            let cursor = ScanCursor::default();
+            let next = if tombstones {
+                s.scan_with_tombstones(shard, cursor, 100, now, &mut f)
+            } else {
+                s.scan(shard, cursor, 100, now, &mut f)
+            };
+            assert_eq!(next, None);
+        }
+        keys.sort();
+        keys
+    };
+    assert_eq!(seen(20, false), vec![(b"a".to_vec(), false)]);
+    assert_eq!(
+        seen(20, true),
+        vec![(b"a".to_vec(), false), (b"b".to_vec(), true)]
+    );
+    // The tombstone expired at 60: gone from the scan like any expired record.
+    assert_eq!(seen(61, true), vec![(b"a".to_vec(), false)]);
+}
+
+#[test]
+fn sizes_count_items_stored_while_tracking() {
+    let s = store(1 << 20);
+    set(&s, b"before", b"1", 10);
+    s.track_sizes(true);
+    set(&s, b"a", b"1", 10);
+    set(&s, b"b", &[b'x'; 100], 10);
+    set(&s, b"a", b"22", 10);
+    let mut got = Vec::new();
+    s.sizes().unwrap().for_each(|size, n| got.push((size, n)));
+    // 62 and 160 bytes in memcached's terms, in 32-byte buckets.
+    assert_eq!(got, vec![(64, 1), (160, 1)]);
+    s.track_sizes(false);
+    assert!(s.sizes().is_none());
+}
+
+#[test]
+fn reset_keeps_what_is_held() {
+    let s = store(64 * 1024);
+    for i in 0..2000u32 {
+        set(&s, format!("k{i}").as_bytes(), &[b'v'; 100], 10);
+    }
+    assert!(s.stats().evictions > 0);
+    let before = s.stats();
+    s.reset_stats();
+    let after = s.stats();
+    assert_eq!(
+        (after.evictions, after.total_items),
+        (0, 0),
+        "event counters zeroed"
+    );
+    assert_eq!(
+        (after.curr_items, after.bytes),
+        (before.curr_items, before.bytes)
+    );
+    assert_eq!(
+        s.class_stats().iter().map(|c| c.number).sum::<u64>(),
+        before.curr_items
+    );
+    assert!(s.class_stats().iter().all(|c| c.evicted == 0));
+}
+
+#[test]
+fn reserving_the_table_is_charged_and_bounded() {
+    let s = store(1 << 20);
+    s.reserve(1 << 12);
+    let reserved = s.stats().pool.index_bytes;
+    assert!(reserved >= 4096 * 5, "{reserved}");
+    // At most a quarter of the limit, however many keys are asked for.
+    s.reserve(1 << 30);
+    assert!(s.stats().pool.index_bytes <= (1 << 20) / 4);
+    for i in 0..3000u32 {
+        set(&s, format!("k{i}").as_bytes(), b"v", 10);
+    }
+    assert_within_budget(&s);
+}
+
 // ------------------------------------------------------------------ the -e memory file
 
 fn file_config() -> StoreConfig {
@@ -536,6 +826,7 @@ fn file_config() -> StoreConfig {
         max_item_size: 64 * 1024,
         max_shards: 4,
         node_id: 3,
+        ..StoreConfig::default()
     }
 }
 

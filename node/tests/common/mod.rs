@@ -2,6 +2,8 @@
 // Each test crate uses a different part of this module.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::HashSet;
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -36,22 +38,75 @@ pub fn connect(port: u16) -> TcpStream {
     s
 }
 
-/// Waits until `port` accepts connections; false if the node exited first.
-fn listening(port: u16, child: &mut Child) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1))
-        .is_err()
-    {
+/// How long a node gets to listen on its ports: generous, as the tests share the machine's
+/// cores with compilers; a node that fails to start exits (and is reported) long before.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The TCP ports process `pid` itself listens on (its sockets in LISTEN state, from /proc).
+/// A port that accepts connections may belong to another process that took it first.
+fn listening_ports(pid: u32) -> HashSet<u16> {
+    let inodes: HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_string_lossy().into_owned();
+            Some(
+                link.strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let mut ports = HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address is HEXIP:HEXPORT, state 0A is LISTEN, field 9 the inode.
+            if fields.len() > 9 && fields[3] == "0A" && inodes.contains(fields[9]) {
+                if let Some(port) = fields[1].rsplit(':').next() {
+                    ports.insert(u16::from_str_radix(port, 16).unwrap());
+                }
+            }
+        }
+    }
+    ports
+}
+
+/// Waits until `child` itself listens on every port of `ports`; false if it exited first
+/// (typically because another process took one of them).
+fn listening(child: &mut Child, ports: &[u16]) -> bool {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
         if child.try_wait().unwrap().is_some() {
             return false;
         }
+        let mine = listening_ports(child.id());
+        if ports.iter().all(|p| mine.contains(p)) {
+            return true;
+        }
         assert!(
             Instant::now() < deadline,
-            "kache-node did not listen on {port}"
+            "kache-node did not listen on {ports:?} within {START_TIMEOUT:?} (it listens on {mine:?})"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    true
+}
+
+/// GET `path` from `port` (an admin endpoint): the status and the whole response.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = connect(port);
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text[9..12].parse().unwrap();
+    (status, text)
 }
 
 impl Node {
@@ -71,8 +126,8 @@ impl Node {
     }
 
     /// Parallel tests can be handed the same "free" port; a node that loses that race exits
-    /// at once (it cannot listen), so a node still running once its ports answer is this
-    /// test's own. Otherwise it tries other ports.
+    /// (it cannot listen), and it is started again on other ports. It is this test's node
+    /// once the process itself listens on all its ports.
     fn launch(extra: &[&str], cluster: bool, log: Option<&std::path::Path>) -> Node {
         for _ in 0..5 {
             let port = free_port();
@@ -114,19 +169,15 @@ impl Node {
                 (None, None)
             };
             let mut child = command.spawn().expect("start kache-node");
-            let up =
-                listening(port, &mut child) && peer_port.is_none_or(|p| listening(p, &mut child));
-            if up {
-                std::thread::sleep(Duration::from_millis(100));
-                if child.try_wait().unwrap().is_none() {
-                    return Node {
-                        child,
-                        port,
-                        admin_port,
-                        peer_port,
-                        _dir: dir,
-                    };
-                }
+            let ports: Vec<u16> = [port, admin_port].into_iter().chain(peer_port).collect();
+            if listening(&mut child, &ports) {
+                return Node {
+                    child,
+                    port,
+                    admin_port,
+                    peer_port,
+                    _dir: dir,
+                };
             }
             let _ = child.kill();
             let _ = child.wait();
@@ -161,6 +212,34 @@ impl Node {
             if Instant::now() > deadline {
                 return None;
             }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A counter or gauge of the node's `/metrics`, e.g. `kache_bytes_read_total`.
+    pub fn metric(&self, name: &str) -> u64 {
+        let (_, body) = http_get(self.admin_port, "/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("no metric {name} in {body}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Waits (bounded) until metric `name` is at least `target`; returns its value. E.g.
+    /// `kache_bytes_read_total`: the node has read, and handled, what a test sent.
+    pub fn wait_metric(&self, name: &str, target: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let value = self.metric(name);
+            if value >= target {
+                return value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} is {value}, still short of {target}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -2,9 +2,7 @@
 
 use super::{object_meta, BuildError};
 use crate::crd::CacheCluster;
-use k8s_openapi::api::apps::v1::{
-    RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
-};
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
     HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
@@ -407,12 +405,12 @@ pub fn statefulset(cc: &CacheCluster, default_image: &str) -> Result<StatefulSet
             service_name: names::peers_service_name(&name),
             // Cache nodes are independent: start and stop them all at once.
             pod_management_policy: Some("Parallel".into()),
+            // The operator restarts the pods itself, one at a time and only
+            // once the one before holds its share again (see `crate::roll`):
+            // the StatefulSet controller would roll on readiness alone.
             update_strategy: Some(StatefulSetUpdateStrategy {
-                type_: Some("RollingUpdate".into()),
-                rolling_update: Some(RollingUpdateStatefulSetStrategy {
-                    partition: Some(0),
-                    ..RollingUpdateStatefulSetStrategy::default()
-                }),
+                type_: Some("OnDelete".into()),
+                rolling_update: None,
             }),
             selector: LabelSelector {
                 match_labels: Some(selector),

@@ -5,7 +5,7 @@
 use super::*;
 use crate::build::testing::cluster;
 use crate::crd::{CacheClusterSpec, CacheClusterStatus};
-use crate::probe::HandoffReport;
+use crate::probe::{HandoffReport, NodeReport};
 use crate::status::tests::{pod, settled_sts, t};
 use http::{Method, Request, Response, StatusCode};
 use kache_cluster::MemberList;
@@ -111,22 +111,22 @@ fn event(reason: &'static str, type_: &'static str) -> Exchange {
 /// Hand-off probe answers by pod IP; every call is logged.
 #[derive(Default)]
 struct ScriptedProbe {
-    answers: HashMap<String, Result<HandoffReport, String>>,
+    answers: HashMap<String, Result<NodeReport, String>>,
     log: Arc<Mutex<Vec<String>>>,
 }
 
 impl ScriptedProbe {
-    fn answer(mut self, ip: &str, r: Result<HandoffReport, String>) -> Self {
+    fn answer(mut self, ip: &str, r: Result<NodeReport, String>) -> Self {
         self.answers.insert(ip.into(), r);
         self
     }
 }
 
-impl HandoffProbe for ScriptedProbe {
-    fn handoff<'a>(
+impl NodeProbe for ScriptedProbe {
+    fn report<'a>(
         &'a self,
         pod_ip: &'a str,
-    ) -> futures::future::BoxFuture<'a, Result<HandoffReport, String>> {
+    ) -> futures::future::BoxFuture<'a, Result<NodeReport, String>> {
         self.log.lock().unwrap().push(format!("probe {pod_ip}"));
         let r = self
             .answers
@@ -718,15 +718,20 @@ fn pods_map_to_their_cluster() {
 
 // ------------------------------------------------------------------ scale-in
 
-fn handoff(version: u64, done: bool, sent: u64) -> Result<HandoffReport, String> {
-    Ok(HandoffReport {
+fn handoff(version: u64, done: bool, sent: u64) -> Result<NodeReport, String> {
+    Ok(NodeReport {
+        member: false,
         version,
-        running: !done,
-        done,
-        sent,
-        acked: sent,
-        failed: 0,
-        refilled: 0,
+        items: 0,
+        handoff: HandoffReport {
+            version,
+            running: !done,
+            done,
+            sent,
+            acked: sent,
+            failed: 0,
+            refilled: 0,
+        },
     })
 }
 
@@ -880,12 +885,15 @@ fn waiting_on_web_2(started: i64) -> (CacheCluster, Vec<Pod>, ConfigMap, Statefu
     let probes: scale::ProbeResults = [("web-2".to_string(), handoff(5, false, 10))].into();
     let d = scale::decide(&cc, Some(&sts), &pods, &list, &probes, &t(started));
     assert!(d.waiting());
-    cc.status = Some(status::compute_status_rebalancing(
+    cc.status = Some(status::compute_status_underway(
         &cc,
         &pods,
         Some(&sts),
         &list,
-        d.status_rebalance(),
+        status::Underway {
+            rebalance: d.status_rebalance(),
+            ..Default::default()
+        },
         t(started),
     ));
     (cc, pods, cm, sts)

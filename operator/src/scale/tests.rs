@@ -5,7 +5,7 @@ use crate::build::testing::cluster;
 use crate::crd::{CacheClusterSpec, CacheClusterStatus};
 use crate::status::tests::{pod, settled_sts, t};
 use crate::status::{
-    self, compute_status_rebalancing, find_condition, CONDITION_PROGRESSING, CONDITION_READY,
+    self, compute_status_underway, find_condition, CONDITION_PROGRESSING, CONDITION_READY,
     CONDITION_REBALANCING,
 };
 use k8s_openapi::api::apps::v1::StatefulSetSpec;
@@ -52,19 +52,24 @@ fn list(cc: &CacheCluster, pods: &[Pod], version: u64) -> MemberList {
     }
 }
 
-fn report(version: u64, done: bool, sent: u64) -> Result<HandoffReport, String> {
-    Ok(HandoffReport {
+fn report(version: u64, done: bool, sent: u64) -> Result<NodeReport, String> {
+    Ok(NodeReport {
+        member: false,
         version,
-        running: !done,
-        done,
-        sent,
-        acked: if done { sent } else { sent / 2 },
-        failed: 0,
-        refilled: 0,
+        items: 0,
+        handoff: crate::probe::HandoffReport {
+            version,
+            running: !done,
+            done,
+            sent,
+            acked: if done { sent } else { sent / 2 },
+            failed: 0,
+            refilled: 0,
+        },
     })
 }
 
-fn probes(entries: &[(&str, Result<HandoffReport, String>)]) -> ProbeResults {
+fn probes(entries: &[(&str, Result<NodeReport, String>)]) -> ProbeResults {
     entries
         .iter()
         .map(|(n, r)| ((*n).to_string(), r.clone()))
@@ -431,7 +436,11 @@ fn status_shows_rebalancing_while_waiting() {
         ("web-4", report(8, true, 5)),
     ]);
     let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(0));
-    let st = compute_status_rebalancing(&cc, &pods, Some(&sts(5)), &l, d.status_rebalance(), t(0));
+    let underway = status::Underway {
+        rebalance: d.status_rebalance(),
+        ..Default::default()
+    };
+    let st = compute_status_underway(&cc, &pods, Some(&sts(5)), &l, underway, t(0));
     let reb = find_condition(&st, CONDITION_REBALANCING).unwrap();
     assert_eq!(
         (reb.status.as_str(), reb.reason.as_str()),
@@ -467,7 +476,7 @@ fn status_shows_rebalancing_while_waiting() {
     assert_eq!(st.ready_replicas, 5);
 
     // Once done: the condition turns False and status.rebalance goes away.
-    let st = compute_status_rebalancing(&cc, &pods[..3], Some(&sts(3)), &l, None, t(9));
+    let st = compute_status_underway(&cc, &pods[..3], Some(&sts(3)), &l, Default::default(), t(9));
     let reb = find_condition(&st, CONDITION_REBALANCING).unwrap();
     assert_eq!(
         (reb.status.as_str(), reb.reason.as_str()),

@@ -58,8 +58,9 @@ pub fn kubeconfig_path(test: &str) -> Option<String> {
         Ok(p) if !p.is_empty() => Some(p),
         _ => {
             println!(
-                "skipping e2e test {test}: {ENV} is not set (point it at the kubeconfig of a \
-                 Kubernetes 1.28+ cluster-admin to run it)"
+                "skipping e2e test {test}: {ENV} is not set (`make k8s-test` runs it on the \
+                 k8s kit's cluster; or point it at the kubeconfig of a Kubernetes 1.28+ \
+                 cluster-admin)"
             );
             None
         }
@@ -190,6 +191,7 @@ where
     let client = admin_client(&path).await;
     install_crd(&client).await;
     let _one_operator = ONE_OPERATOR.lock().await;
+    let _node = virtual_node(&client).await;
     in_namespace(&client, prefix, |ns| body(client.clone(), path.clone(), ns)).await;
 }
 
@@ -274,6 +276,147 @@ pub async fn cleanup(client: &Client, ns: &str) -> bool {
     }
     println!("[{ns}] cleanup: namespace still there after {CLEANUP_TIMEOUT:?}");
     false
+}
+
+// ------------------------------------------------------------------ the virtual node
+
+/// The node these suites' cache pods run on: a Node object that no kubelet runs (as
+/// kwok does). The suites play its kubelet: they write their pods' status (Ready or not,
+/// the IP, 127.0.0.1 for a node whose admin port a test scripts), which a real kubelet
+/// would overwrite. Real pods on the real node are `tests/k8s`'s: this keeps the
+/// operator's API-level behaviour (exact member-list versions, a hand-off that never
+/// finishes, a crashed operator) deterministic on the same cluster.
+pub const VIRTUAL_NODE: &str = "kache-e2e-virtual";
+/// Its taint: nothing but the suites' pods (which tolerate it) is scheduled there.
+pub const VIRTUAL_TAINT: &str = "kache.dev/e2e-virtual";
+
+/// The spec fields that schedule a CacheCluster's pods on [`VIRTUAL_NODE`].
+pub fn on_virtual_node(mut spec: Value) -> Value {
+    spec["nodeSelector"] = json!({"kubernetes.io/hostname": VIRTUAL_NODE});
+    spec["tolerations"] = json!([{"key": VIRTUAL_TAINT, "operator": "Exists"}]);
+    spec
+}
+
+/// [`on_virtual_node`]'s fields as the typed spec holds them.
+pub fn virtual_node_spec(spec: crd::CacheClusterSpec) -> crd::CacheClusterSpec {
+    let fields = on_virtual_node(json!({}));
+    crd::CacheClusterSpec {
+        node_selector: serde_json::from_value(fields["nodeSelector"].clone()).unwrap(),
+        tolerations: serde_json::from_value(fields["tolerations"].clone()).unwrap(),
+        ..spec
+    }
+}
+
+fn node_ready_status() -> Value {
+    let now = k8s_openapi::chrono::Utc::now().to_rfc3339();
+    json!({"status": {
+        "capacity": {"cpu": "64", "memory": "256Gi", "pods": "250"},
+        "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "250"},
+        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                        "message": "kache e2e virtual node", "lastHeartbeatTime": now,
+                        "lastTransitionTime": now}],
+    }})
+}
+
+/// Creates [`VIRTUAL_NODE`] if missing and plays its kubelet while the returned guard
+/// lives: keeps it Ready (heartbeats every 5 s, else the node lifecycle controller marks
+/// it, and its pods, not ready after 40 s) and completes the deletion of its pods (as a
+/// kubelet does once their containers stopped; they would stay Terminating otherwise).
+pub async fn virtual_node(client: &Client) -> AbortOnDrop<()> {
+    use k8s_openapi::api::core::v1::Node;
+    let nodes: Api<Node> = Api::all(client.clone());
+    if nodes.get_opt(VIRTUAL_NODE).await.unwrap().is_none() {
+        let node: Node = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": VIRTUAL_NODE, "labels": {
+                "kubernetes.io/hostname": VIRTUAL_NODE, "kache.dev/e2e": "true"}},
+            "spec": {"taints": [{"key": VIRTUAL_TAINT, "value": "true", "effect": "NoSchedule"}]},
+        }))
+        .unwrap();
+        match nodes.create(&PostParams::default(), &node).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => panic!("create node {VIRTUAL_NODE}: {e}"),
+        }
+    }
+    let beat = |nodes: Api<Node>| async move {
+        nodes
+            .patch_status(
+                VIRTUAL_NODE,
+                &PatchParams::default(),
+                &Patch::Merge(&node_ready_status()),
+            )
+            .await
+            .map(|_| ())
+    };
+    beat(nodes.clone())
+        .await
+        .unwrap_or_else(|e| panic!("write status of node {VIRTUAL_NODE}: {e}"));
+    wait_schedulable(client).await;
+    let pods: Api<Pod> = Api::all(client.clone());
+    AbortOnDrop(Some(tokio::spawn(async move {
+        let on_node =
+            kube::api::ListParams::default().fields(&format!("spec.nodeName={VIRTUAL_NODE}"));
+        for tick in 1u64.. {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if tick % 10 == 0 {
+                if let Err(e) = beat(nodes.clone()).await {
+                    println!("virtual node heartbeat failed: {e}");
+                }
+            }
+            let Ok(list) = pods.list(&on_node).await else {
+                continue;
+            };
+            for p in list
+                .items
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_some())
+            {
+                let api: Api<Pod> = Api::namespaced(
+                    pods.clone().into_client(),
+                    &p.namespace().unwrap_or_default(),
+                );
+                let _ = api
+                    .delete(&p.name_any(), &DeleteParams::default().grace_period(0))
+                    .await;
+            }
+        }
+    })))
+}
+
+/// Waits until the scheduler places a pod on [`VIRTUAL_NODE`]: a node it has not seen
+/// yet (just created) would make the first cache pods unschedulable for a moment.
+async fn wait_schedulable(client: &Client) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let name = format!("kache-e2e-canary-{}", std::process::id());
+    let canary: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": VIRTUAL_NODE},
+            "tolerations": [{"key": VIRTUAL_TAINT, "operator": "Exists"}],
+            "containers": [{"name": "c", "image": "none.invalid/canary:0"}],
+        },
+    }))
+    .unwrap();
+    match pods.create(&PostParams::default(), &canary).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("create pod {name}: {e}"),
+    }
+    eventually(&format!("pod {name} scheduled to {VIRTUAL_NODE}"), || {
+        let (pods, name) = (pods.clone(), name.clone());
+        async move {
+            let p = pods.get(&name).await.map_err(|e| e.to_string())?;
+            match p.spec.as_ref().and_then(|s| s.node_name.clone()) {
+                Some(n) if n == VIRTUAL_NODE => Ok(()),
+                other => Err(format!("nodeName {other:?}")),
+            }
+        }
+    })
+    .await;
+    let _ = pods
+        .delete(&name, &DeleteParams::default().grace_period(0))
+        .await;
 }
 
 // ------------------------------------------------------------------ CRD
