@@ -3,8 +3,9 @@
 //! full queue or lost with a broken connection — without waiting for a hand-off that may
 //! never come.
 //!
-//! Every `--anti-entropy-interval`, and whenever a link to a peer comes back up, a node
-//! runs a round with each peer it shares keys with. A round is a pull:
+//! Every `--anti-entropy-interval`, and whenever a link between it and a peer comes back up
+//! (its own link, or the peer's link to it: the peer may have dropped records meant for
+//! it), a node runs a round with each peer it shares keys with. A round is a pull:
 //!
 //! 1. The node sends a digest per arc of the key-hash space (`ARCS` equal ranges) over the
 //!    items and tombstones it holds whose keys both nodes own. A digest is an

@@ -7,9 +7,8 @@
 //! A peer that acknowledges nothing for `LinkConfig::stall_timeout` while records wait (a
 //! hung or stopped process, a partition) is marked down: its queue is dropped (counted),
 //! writers stop waiting for it, and the link reconnects with backoff. What it missed comes
-//! back through anti-entropy, which runs a round as soon as the link is up again
-//! (`LinkMetrics::came_up`), or through refill or hand-off, as for a peer that was
-//! unreachable.
+//! back through anti-entropy: the peer's peer server sees this link connect again and the
+//! peer runs a round, pulling from this node (`LinkMetrics::came_up`).
 //!
 //! With TLS configured every link is a TLS connection (see `conn`); a link whose handshake
 //! fails is down, like one whose peer cannot be reached, and retries with backoff.
@@ -63,8 +62,10 @@ pub struct LinkMetrics {
     pub reconnects: AtomicU64,
     /// Times a peer was marked down for acknowledging nothing for the stall timeout.
     pub stalls: AtomicU64,
-    /// Woken when a link connects again after being down or broken: records may have been
-    /// lost meanwhile, so anti-entropy runs a round.
+    /// Woken when a link between this node and a peer connects again: this node's after
+    /// being down, broken or stalled (it may have dropped records for the peer), or a peer's
+    /// new link to this node (the peer may have dropped records for this node, which only
+    /// this node's own round pulls back). Anti-entropy then runs a round.
     pub came_up: tokio::sync::Notify,
 }
 

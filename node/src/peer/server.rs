@@ -76,6 +76,8 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut out = BytesMut::with_capacity(4096);
     let mut caller: Option<String> = None;
+    // Whether this connection turned out to be a peer's link (its first records or fetch).
+    let mut link = false;
     loop {
         loop {
             let decoded = wire::decode(&buf).map_err(|e| e.to_string())?;
@@ -84,6 +86,15 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             };
             buf.advance(used);
             let now = now_secs();
+            let link_frame = matches!(frame, Frame::Records { .. } | Frame::Fetch { .. });
+            if link_frame && !link && caller.is_some() {
+                // A peer's link (re)connected: it may have dropped records for this node
+                // while it could not reach it, and only this node's anti-entropy pulls them.
+                link = true;
+                if let Some(links) = &engine.links {
+                    links.metrics.came_up.notify_one();
+                }
+            }
             match frame {
                 Frame::Hello { node, secret, .. } => {
                     if !crate::auth::same_secret(&secret, &engine.peer_secret) {
