@@ -13,11 +13,11 @@ use crate::protocol::admin::ClassSelection;
 use crate::store::classes::MAX_CLASSES;
 use crate::store::{now_secs, ScanCursor, Store};
 
-/// The sweeper wakes this often and looks at this many slots per shard each time, holding a
-/// shard's lock only for one small chunk.
+/// The sweeper wakes this often and looks at this many records per shard each time (and
+/// drops the wholly expired segments), holding a shard's lock only for that.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 const SWEEP_BUDGET: usize = 512;
-/// Slots one step of a crawl looks at under a shard's lock.
+/// Records one step of a crawl looks at under a shard's lock.
 const CRAWL_CHUNK: usize = 512;
 /// memcached's `crawls_persleep`: items between two sleeps of a crawl.
 const ITEMS_PER_SLEEP: u32 = 1000;

@@ -2,8 +2,8 @@
 //! of `stats`, in memcached 1.6.18's names and order.
 //!
 //! kache has no slabs: each class's figures are those of the items memcached would have put
-//! in it. `total_pages` is the memory those items take in kache (its own accounting, per-item
-//! overhead included) in 1 MiB pages, rounded up; there are no free chunks, so
+//! in it. `total_pages` is the bytes of those items' records in kache's segments in 1 MiB
+//! pages, rounded up; segments are shared by every class, so there are no free chunks and
 //! `total_chunks` equals `used_chunks`. `stats items` has the fields memcached prints
 //! without its LRU maintainer (kache has none).
 

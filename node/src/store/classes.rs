@@ -1,9 +1,10 @@
 //! memcached's slab classes: the chunk sizes memcached groups items by, as `memcached -vv`
 //! prints them (96 bytes growing by `-f` 1.25, 8-byte aligned, up to `slab_chunk_max`).
 //!
-//! kache allocates every item on its own, so it has no slabs; it reports each item under the
-//! class memcached would have stored it in (`stats slabs`, `stats items`, `stats cachedump`,
-//! `lru_crawler metadump`), so tools that read per-class figures see memcached's grouping.
+//! kache appends items to segments as records, so it has no slabs; it reports each item
+//! under the class memcached would have stored it in (`stats slabs`, `stats items`,
+//! `stats cachedump`, `lru_crawler metadump`), so tools that read per-class figures see
+//! memcached's grouping.
 //! The class math is pure: sizes in, class ids out.
 
 use std::sync::atomic::{AtomicU32, Ordering};

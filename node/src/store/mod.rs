@@ -634,11 +634,7 @@ impl Store {
         now: u32,
         f: impl FnMut(ItemRef<'_>) -> ControlFlow<()>,
     ) -> Option<ScanCursor> {
-        self.shared
-            .shards
-            .get(shard)?
-            .lock()
-            .scan(cursor, max, now, false, &self.shared, f)
+        self.scan_shard(shard, cursor, max, now, false, f)
     }
 
     /// As `scan`, but tombstones (deleted keys still remembered) are included: anti-entropy
@@ -651,11 +647,21 @@ impl Store {
         now: u32,
         f: impl FnMut(ItemRef<'_>) -> ControlFlow<()>,
     ) -> Option<ScanCursor> {
-        self.shared
-            .shards
-            .get(shard)?
-            .lock()
-            .scan(cursor, max, now, true, &self.shared, f)
+        self.scan_shard(shard, cursor, max, now, true, f)
+    }
+
+    fn scan_shard(
+        &self,
+        shard: usize,
+        cursor: ScanCursor,
+        max: usize,
+        now: u32,
+        tombstones: bool,
+        f: impl FnMut(ItemRef<'_>) -> ControlFlow<()>,
+    ) -> Option<ScanCursor> {
+        let shared = &self.shared;
+        let shard = shared.shards.get(shard)?.lock();
+        shard.scan(cursor, max, now, tombstones, shared, f)
     }
 
     /// `lru_crawler crawl`: reclaims the expired and flushed items among up to `max`
