@@ -592,8 +592,26 @@ async fn lifecycle(client: Client, path: String, ns: String) {
     assert_eq!(
         c.args.as_ref().unwrap().join(" "),
         "serve --listen 0.0.0.0 --port 11211 --memory-limit 64 --conn-limit 1024 --threads 4 \
-         --max-item-size 1m --admin-port 11280 --peer-port 11212 --cluster e2e"
+         --max-item-size 1m --admin-port 11280 --peer-port 11212 --cluster e2e \
+         --memory-file /var/lib/kache/memory"
     );
+    // spec.persistence (on by default): the memory file lives on a memory-backed emptyDir,
+    // so a container that crashes restarts warm.
+    let memory_file = pod_spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "memory-file")
+        .and_then(|v| v.empty_dir.as_ref())
+        .expect("an emptyDir volume for the memory file");
+    assert_eq!(memory_file.medium.as_deref(), Some("Memory"));
+    let mounts: Vec<_> = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| (m.name.as_str(), m.mount_path.as_str(), m.read_only))
+        .collect();
+    assert_eq!(mounts, [("memory-file", "/var/lib/kache", None)]);
     let ports: Vec<_> = c
         .ports
         .as_ref()
@@ -655,7 +673,8 @@ async fn lifecycle(client: Client, path: String, ns: String) {
         Some(vec!["ALL".into()])
     );
     let res = c.resources.as_ref().unwrap();
-    assert_eq!(res.limits.as_ref().unwrap()["memory"].0, "128Mi");
+    // 64 MiB cache (in the memory file, with 1 MiB for its table) + 64 MiB headroom.
+    assert_eq!(res.limits.as_ref().unwrap()["memory"].0, "129Mi");
     assert_eq!(res.requests.as_ref().unwrap()["cpu"].0, "400m");
 
     let peers = svcs.get("e2e-peers").await.expect("peers Service");
@@ -1531,11 +1550,16 @@ async fn security(client: Client, path: String, ns: String) {
         ] {
             assert!(args.contains(flag), "{name}: {flag} in {args}");
         }
-        assert!(c
-            .volume_mounts
-            .iter()
-            .flatten()
-            .all(|m| m.read_only == Some(true)));
+        // Secrets are mounted read-only; only the memory file's volume is writable.
+        for m in c.volume_mounts.iter().flatten() {
+            let writable = m.read_only != Some(true);
+            assert_eq!(
+                writable,
+                m.name == "memory-file",
+                "{name}: mount {}",
+                m.name
+            );
+        }
     }
     log("pods e2e-0 and e2e-1 admitted under restricted, Secrets mounted read-only");
 
