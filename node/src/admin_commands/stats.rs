@@ -221,7 +221,7 @@ pub fn settings(
     stat(out, "flush_enabled", &yes_no(m.flush_enabled));
     stat(out, "dump_enabled", &yes_no(m.dump_enabled));
     stat(out, "hash_algorithm", &x.hash_algorithm);
-    // kache evicts by CLOCK per shard: no maintainer thread, no segmented LRU.
+    // kache evicts by merging segments per shard: no maintainer thread, no segmented LRU.
     stat(out, "lru_maintainer_thread", &"no");
     stat(out, "lru_segmented", &"no");
     stat(out, "hot_lru_pct", &x.hot_lru_pct);

@@ -172,13 +172,13 @@ fn no_effect(name: &str) -> Option<&'static str> {
         | "slab_automove_ratio"
         | "slab_automove_window"
         | "slab_automove_freeratio" => {
-            "kache allocates each item on its own: there are no slab pages to move"
+            "kache keeps items in segments any size of item shares: there are no slab pages to move"
         }
         "tail_repair_time" => "kache items have no reference counts to repair",
         "hash_algorithm" => "kache hashes keys with its own hash",
         "lru_maintainer" | "no_lru_maintainer" | "hot_lru_pct" | "warm_lru_pct"
         | "hot_max_factor" | "warm_max_factor" | "temporary_ttl" => {
-            "kache evicts by CLOCK per shard: there are no hot, warm, cold or temporary LRUs"
+            "kache evicts by merging segments per shard: there are no hot, warm, cold or temporary LRUs"
         }
         "worker_logbuf_size" => "kache's workers log straight into each watcher's buffer",
         "no_inline_ascii_resp" | "inline_ascii_resp" => "memcached ignores it too",
