@@ -847,7 +847,6 @@ impl Shard {
     /// segments has its live records fit in one fewer (the store is full).
     fn compact(&mut self, now: u32, shared: &Shared) -> Vec<SegBuf> {
         self.prune_buckets();
-        let capacity = shared.pool.segment_size();
         for i in 0..self.active_buckets.len() {
             let chain = &self.buckets[usize::from(self.active_buckets[i])].chain;
             let Some(&tail) = chain.back() else {
@@ -868,11 +867,12 @@ impl Shard {
             // The oldest run of (up to `MERGE`, the longest first) sealed segments whose
             // records fit in the first of them, else the oldest sealed segment whose
             // records fit in the open segment's room.
+            let capacity = |slot: usize| self.segs[slot].as_ref().map_or(0, |s| s.capacity());
             let run = (0..sealed.len()).find_map(|start| {
                 let longest = MERGE.min(sealed.len() - start);
                 (2..=longest)
                     .rev()
-                    .find(|&n| live(&sealed[start..start + n]) <= capacity)
+                    .find(|&n| live(&sealed[start..start + n]) <= capacity(sealed[start]))
                     .map(|n| sealed[start..start + n].to_vec())
             });
             let tail_room = self.segs[tail].as_ref().map_or(0, |seg| seg.room());
