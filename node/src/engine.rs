@@ -16,7 +16,7 @@ use crate::cluster::Cluster;
 use crate::peer::handoff::HandoffState;
 use crate::peer::link::{LinkConfig, Links};
 use crate::peer::record_of;
-use crate::peer::replicate::Durability;
+use crate::peer::replicate::{Durability, WriteAcks};
 use crate::peer::wire::{Op, Record};
 use crate::protocol::admin::{ClassSelection, WatchFlags};
 use crate::protocol::{
@@ -507,6 +507,12 @@ impl Engine {
             let deleted = e.delete_with_tombstone(key, ttl).is_some();
             if deleted {
                 outbox.push_current(e);
+            } else if self.durability.write_acks != WriteAcks::One {
+                // A miss here does not say the key is gone from its other owners (a delete
+                // of this node whose outcome was unknown, a restart): under quorum/all the
+                // NOT_FOUND is a delete like any other, and holds only once they confirm.
+                e.leave_tombstone(key, ttl);
+                outbox.push_current(e);
             }
             deleted
         } else {
@@ -834,6 +840,10 @@ impl Engine {
             let next_cas = e.next_cas();
             let Some(mut it) = e.item_mut() else {
                 counters.delete_misses += 1;
+                if flags.cas.is_none() {
+                    // Confirmed by the other owners as a text delete's NOT_FOUND is.
+                    self.delete_entry(e, &req.key, outbox);
+                }
                 return b"NF";
             };
             if flags.cas.is_some_and(|c| c != it.cas()) {
