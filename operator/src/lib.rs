@@ -16,6 +16,8 @@
 pub mod admin;
 pub mod build;
 pub mod crd;
+#[cfg(test)]
+mod fixtures;
 pub mod leader;
 pub mod metrics;
 pub mod probe;

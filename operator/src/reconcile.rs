@@ -7,9 +7,9 @@
 use crate::build::{self, BuildError};
 use crate::crd::{CacheCluster, CacheClusterStatus};
 use crate::metrics::Metrics;
-use crate::probe::{HttpProbe, NodeProbe};
+use crate::probe::{HttpProbe, NodeProbe, ProbeResults, ProbeTarget};
 use crate::roll::{self, RestartReason, RollAction};
-use crate::scale::{self, ProbeResults, ScaleOutcome};
+use crate::scale::{self, ScaleOutcome};
 use crate::status::{self, CONDITION_DEGRADED, REASON_INVALID_SPEC};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -644,7 +644,7 @@ async fn remove_network_policy(ctx: &Context, cc: &CacheCluster, ns: &str) -> Re
 }
 
 /// Asks every target for its hand-off progress, all at once.
-async fn probe_all(probe: &dyn NodeProbe, targets: &[scale::ProbeTarget]) -> ProbeResults {
+async fn probe_all(probe: &dyn NodeProbe, targets: &[ProbeTarget]) -> ProbeResults {
     let answers = futures::future::join_all(targets.iter().map(|t| probe.report(&t.ip))).await;
     targets
         .iter()

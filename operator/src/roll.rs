@@ -27,8 +27,7 @@
 //! operator restarted half-way carries on. `status.rollout` only reports.
 
 use crate::crd::{CacheCluster, RolloutPhase, RolloutStatus};
-use crate::probe::NodeReport;
-use crate::scale::{ProbeResults, ProbeTarget};
+use crate::probe::{NodeReport, ProbeResults, ProbeTarget};
 use crate::status::{member_state, pod_ordinal};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
@@ -201,35 +200,72 @@ impl RollDecision {
     }
 }
 
+/// What a rolling update still waits for before it restarts the next node.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotSettled {
+    /// A member's pod is not Ready.
+    #[error("{0} is not Ready")]
+    NotReady(String),
+    /// A member's pod runs at another IP than the list publishes.
+    #[error("{0} is not yet listed at its new IP")]
+    NewIp(String),
+    /// A member follows an older list, or still hands data off.
+    #[error(
+        "{member} follows member list version {follows} (published: {published}){}",
+        if *handing_off { ", hand-off under way" } else { "" }
+    )]
+    Behind {
+        /// The member.
+        member: String,
+        /// The list version it follows.
+        follows: u64,
+        /// The published version.
+        published: u64,
+        /// A hand-off is under way on it.
+        handing_off: bool,
+    },
+    /// A member's report could not be learnt.
+    #[error("{member}: {reason}")]
+    Unanswered {
+        /// The member.
+        member: String,
+        /// Why ([`crate::probe::ProbeError`]'s message).
+        reason: String,
+    },
+    /// A member was not asked for its report.
+    #[error("{0} was not asked")]
+    NotAsked(String),
+}
+
 /// Whether every member of `list` is Ready at its published IP, follows the
 /// list and moves no data. `Err` says what is not there yet.
-pub fn settled(list: &MemberList, pods: &[Pod], reports: &ProbeResults) -> Result<(), String> {
+pub fn settled(list: &MemberList, pods: &[Pod], reports: &ProbeResults) -> Result<(), NotSettled> {
     for m in &list.members {
         let pod = pods.iter().find(|p| p.name_any() == m.name);
         let Some(pod) = pod.filter(|p| ready(p)) else {
-            return Err(format!("{} is not Ready", m.name));
+            return Err(NotSettled::NotReady(m.name.clone()));
         };
         let ip = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref());
         if ip != Some(m.ip.as_str()) {
-            return Err(format!("{} is not yet listed at its new IP", m.name));
+            return Err(NotSettled::NewIp(m.name.clone()));
         }
         match reports.get(&m.name) {
             Some(Ok(r)) if node_settled(r, list.version) => {}
             Some(Ok(r)) => {
-                return Err(format!(
-                    "{} follows member list version {} (published: {}){}",
-                    m.name,
-                    r.version,
-                    list.version,
-                    if r.handoff.running {
-                        ", hand-off under way"
-                    } else {
-                        ""
-                    }
-                ))
+                return Err(NotSettled::Behind {
+                    member: m.name.clone(),
+                    follows: r.version,
+                    published: list.version,
+                    handing_off: r.handoff.running,
+                })
             }
-            Some(Err(e)) => return Err(format!("{}: {e}", m.name)),
-            None => return Err(format!("{} was not asked", m.name)),
+            Some(Err(e)) => {
+                return Err(NotSettled::Unanswered {
+                    member: m.name.clone(),
+                    reason: e.to_string(),
+                })
+            }
+            None => return Err(NotSettled::NotAsked(m.name.clone())),
         }
     }
     Ok(())
@@ -378,7 +414,7 @@ pub fn decide(
                     "{} of {} items acked, hand-off version {} of {}",
                     r.handoff.acked, r.handoff.sent, r.handoff.version, list.version
                 ),
-                Some(Err(e)) => e.clone(),
+                Some(Err(e)) => e.to_string(),
                 None => "not asked".into(),
             };
             let why = RestartReason::DrainTimedOut(detail);

@@ -634,60 +634,13 @@ pub fn find_condition<'a>(status: &'a CacheClusterStatus, type_: &str) -> Option
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use crate::build::testing::cluster;
     use crate::crd::CacheClusterSpec;
-    use k8s_openapi::api::apps::v1::StatefulSetStatus;
+    use crate::fixtures::{cluster, pod, settled_sts, t};
     use k8s_openapi::api::core::v1::{
-        ContainerState, ContainerStateWaiting, ContainerStatus, PodCondition, PodStatus,
+        ContainerState, ContainerStateWaiting, ContainerStatus, PodCondition,
     };
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-    use k8s_openapi::chrono::{TimeZone, Utc};
-
-    pub fn t(secs: i64) -> Time {
-        Time(Utc.timestamp_opt(1_700_000_000 + secs, 0).unwrap())
-    }
-
-    pub fn pod(name: &str, ip: Option<&str>, ready: bool) -> Pod {
-        Pod {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some("prod".into()),
-                ..Default::default()
-            },
-            spec: None,
-            status: Some(PodStatus {
-                phase: Some(if ip.is_some() { "Running" } else { "Pending" }.into()),
-                pod_ip: ip.map(Into::into),
-                conditions: Some(vec![PodCondition {
-                    type_: "Ready".into(),
-                    status: if ready { "True" } else { "False" }.into(),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-        }
-    }
-
-    pub fn settled_sts(replicas: i32) -> StatefulSet {
-        StatefulSet {
-            metadata: ObjectMeta {
-                generation: Some(1),
-                ..Default::default()
-            },
-            spec: None,
-            status: Some(StatefulSetStatus {
-                observed_generation: Some(1),
-                replicas,
-                ready_replicas: Some(replicas),
-                updated_replicas: Some(replicas),
-                current_revision: Some("r1".into()),
-                update_revision: Some("r1".into()),
-                ..Default::default()
-            }),
-        }
-    }
 
     fn three_ready() -> Vec<Pod> {
         vec![

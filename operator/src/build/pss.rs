@@ -226,8 +226,8 @@ fn container_violations(c: &Container, pod_non_root: bool, pod_seccomp: bool, v:
 mod tests {
     use super::*;
     use crate::build::statefulset;
-    use crate::build::testing::cluster;
     use crate::crd::{AuthConfig, CacheClusterSpec, PeerAuthConfig, TlsConfig};
+    use crate::fixtures::cluster;
     use k8s_openapi::api::core::v1::{HostPathVolumeSource, Volume};
 
     fn template(spec: CacheClusterSpec) -> PodTemplateSpec {

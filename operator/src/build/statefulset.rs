@@ -433,8 +433,8 @@ pub fn statefulset(cc: &CacheCluster, default_image: &str) -> Result<StatefulSet
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::testing::cluster;
     use crate::crd::CacheClusterSpec;
+    use crate::fixtures::cluster;
 
     fn pod_spec(sts: &StatefulSet) -> &PodSpec {
         sts.spec.as_ref().unwrap().template.spec.as_ref().unwrap()

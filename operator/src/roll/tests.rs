@@ -1,10 +1,10 @@
 //! The rolling-update decision as a pure function of observed state.
 
 use super::*;
-use crate::build::testing::cluster;
 use crate::crd::CacheClusterSpec;
-use crate::probe::HandoffReport;
-use crate::status::tests::{pod, settled_sts, t};
+use crate::fixtures::cluster;
+use crate::fixtures::{node_report, pod, settled_sts, t, unanswered};
+use crate::probe::{HandoffReport, ProbeError};
 use crate::status::{self, next_member_list};
 use std::collections::BTreeMap;
 
@@ -75,18 +75,18 @@ fn list_of(cc: &CacheCluster, pods: &[Pod], version: u64) -> MemberList {
 }
 
 /// A node's report: member, on `version`, hand-off for `handoff` done.
-fn report(version: u64, handoff: u64, running: bool) -> Result<NodeReport, String> {
-    Ok(NodeReport {
-        member: true,
+fn report(version: u64, handoff: u64, running: bool) -> Result<NodeReport, ProbeError> {
+    Ok(node_report(
+        true,
         version,
-        items: 100,
-        handoff: HandoffReport {
+        100,
+        HandoffReport {
             version: handoff,
             running,
             done: !running,
             ..Default::default()
         },
-    })
+    ))
 }
 
 fn all_settled(pods: &[Pod], version: u64) -> ProbeResults {
@@ -217,12 +217,12 @@ fn no_restart_until_every_member_is_settled() {
         // A node that cannot be asked.
         (
             [
-                ("web-0".to_string(), Err("cannot connect".to_string())),
+                ("web-0".to_string(), Err(unanswered())),
                 ("web-1".to_string(), report(4, 4, false)),
                 ("web-2".to_string(), report(4, 4, false)),
             ]
             .into(),
-            "web-0: cannot connect",
+            "web-0: no answer within 2s",
         ),
     ];
     for (reports, why) in cases {
