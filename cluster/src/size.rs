@@ -26,6 +26,11 @@ pub const SIZE_PATTERN: &str = r"^\+?[0-9]+[bBkKmMgG]?$";
 /// `-I` and `--node-queue-bytes`): 1k to 1g.
 pub const BYTE_LIMIT_RANGE: RangeInclusive<u64> = KIB..=GIB;
 
+/// Largest item a node of a cluster takes (`-I`): one item must fit a peer frame. kache-node's
+/// peer protocol holds its frames to this (a test in the operator holds the two equal), and
+/// the operator validates `maxItemSize` against it.
+pub const MAX_CLUSTER_ITEM_SIZE: u64 = 8 * MIB;
+
 /// Why a size did not parse.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SizeError {

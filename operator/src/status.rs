@@ -8,6 +8,7 @@
 
 use crate::crd::{
     CacheCluster, CacheClusterStatus, MemberState, MemberStatus, RebalanceStatus, RolloutStatus,
+    SpecErrors,
 };
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
@@ -583,10 +584,14 @@ pub fn compute_status_underway(
 
 /// Status of a CacheCluster whose spec failed validation: nothing is changed
 /// in the cluster; the conditions say why, the rest of the status is kept.
-pub fn invalid_spec_status(cc: &CacheCluster, errors: &[String], now: Time) -> CacheClusterStatus {
+pub fn invalid_spec_status(
+    cc: &CacheCluster,
+    errors: &SpecErrors,
+    now: Time,
+) -> CacheClusterStatus {
     let generation = cc.metadata.generation;
     let prev = cc.status.clone().unwrap_or_default();
-    let message = format!("invalid spec: {}", errors.join("; "));
+    let message = format!("invalid spec: {errors}");
     let mut conditions = vec![
         condition(
             CONDITION_READY,
@@ -1080,7 +1085,7 @@ mod tests {
             ready_replicas: 2,
             ..Default::default()
         });
-        let errors = cc.spec.validate();
+        let errors = cc.spec.validate().unwrap_err();
         let st = invalid_spec_status(&cc, &errors, t(0));
         assert_eq!(st.observed_generation, Some(4));
         assert_eq!(st.config_version, 5);

@@ -651,7 +651,7 @@ async fn invalid_spec_sets_degraded_once_and_does_not_retry() {
     let mut reported = cc.clone();
     reported.status = Some(status::invalid_spec_status(
         &cc,
-        &cc.spec.validate(),
+        &cc.spec.validate().unwrap_err(),
         fixed_now(),
     ));
     let action = run(reported, vec![]).await.unwrap();
