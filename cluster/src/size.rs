@@ -31,6 +31,10 @@ pub const BYTE_LIMIT_RANGE: RangeInclusive<u64> = KIB..=GIB;
 /// the operator validates `maxItemSize` against it.
 pub const MAX_CLUSTER_ITEM_SIZE: u64 = 8 * MIB;
 
+/// kache-node's default `slab_chunk_max` (memcached's: half a 1 MiB slab page). `-I` must be a
+/// multiple of it unless `-o slab_chunk_max` (or an option implying one) says otherwise.
+pub const DEFAULT_SLAB_CHUNK_MAX: u64 = 512 * KIB;
+
 /// Why a size did not parse.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SizeError {

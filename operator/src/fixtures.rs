@@ -86,3 +86,70 @@ pub fn node_report(member: bool, version: u64, items: u64, handoff: HandoffRepor
 pub fn unanswered() -> ProbeError {
     ProbeError::Timeout(Duration::from_secs(2))
 }
+
+/// CacheCluster specs that between them set every field the operator passes to kache-node:
+/// the default, a tuned one, the secure one (TLS with client certificates, auth, peer
+/// auth), one with every `replication` field, and a suspended one.
+pub fn representative_specs() -> Vec<(&'static str, CacheClusterSpec)> {
+    use crate::crd::{
+        AuthConfig, PeerAuthConfig, PersistenceConfig, ReplicationConfig, TlsConfig, WriteAcks,
+    };
+    vec![
+        ("default", CacheClusterSpec::default()),
+        (
+            "tuned",
+            CacheClusterSpec {
+                memory_mib: 1024,
+                max_item_size: "8m".into(),
+                threads: 8,
+                max_connections: 4096,
+                port: 11300,
+                replication_factor: 2,
+                extra_args: vec!["-v".into(), "-o".into(), "modern".into()],
+                ..Default::default()
+            },
+        ),
+        (
+            "secure",
+            CacheClusterSpec {
+                tls: Some(TlsConfig {
+                    secret_name: "web-tls".into(),
+                    client_auth: true,
+                }),
+                auth: Some(AuthConfig {
+                    secret_name: "web-auth".into(),
+                }),
+                peer_auth: Some(PeerAuthConfig {
+                    secret_name: "web-peer".into(),
+                }),
+                persistence: PersistenceConfig { enabled: false },
+                ..Default::default()
+            },
+        ),
+        (
+            "replication",
+            CacheClusterSpec {
+                replication_factor: 3,
+                replication: Some(ReplicationConfig {
+                    write_acks: Some(WriteAcks::Quorum),
+                    write_timeout_ms: Some(250),
+                    tombstone_ttl_seconds: Some(3600),
+                    anti_entropy_interval_seconds: Some(0),
+                    anti_entropy_rate: Some("64M".into()),
+                    peer_queue_bytes: Some("1g".into()),
+                    peer_timeout_ms: Some(10),
+                }),
+                ..Default::default()
+            },
+        ),
+        (
+            "suspended",
+            CacheClusterSpec {
+                replicas: 0,
+                memory_mib: 1,
+                max_item_size: "512k".into(),
+                ..Default::default()
+            },
+        ),
+    ]
+}

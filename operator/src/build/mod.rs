@@ -6,6 +6,8 @@
 
 mod configmap;
 mod networkpolicy;
+#[cfg(test)]
+mod node_args;
 mod pdb;
 #[cfg(test)]
 pub(crate) mod pss;

@@ -207,6 +207,9 @@ pub fn container_args(cc: &CacheCluster) -> Vec<String> {
         args.push("--memory-file".into());
         args.push(MEMORY_FILE.into());
     }
+    for (flag, value) in s.replication.iter().flat_map(|r| r.node_flags()) {
+        args.extend([flag.to_string(), value]);
+    }
     args.extend(s.extra_args.iter().cloned());
     args
 }

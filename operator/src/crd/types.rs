@@ -122,8 +122,10 @@ pub struct CacheClusterSpec {
     pub memory_mib: i32,
 
     /// Largest storable item, passed as `-I`: a byte count with an optional
-    /// `k`, `m` or `g` suffix (e.g. `1m`, `512k`, `1048576`), from 1k to 8m (an
-    /// item must fit a peer frame) and at most half of `memoryMiB`.
+    /// `k`, `m` or `g` suffix (e.g. `1m`, `512k`, `1048576`), up to 8m (an item
+    /// must fit a peer frame) and half of `memoryMiB`, and a multiple of 512k
+    /// (kache-node's `slab_chunk_max`, as memcached's; with `-o
+    /// slab_chunk_max=...` in `extraArgs`, a multiple of that, at least 1k).
     #[serde(default = "default_max_item_size")]
     #[schemars(regex = "kache_cluster::size::SIZE_PATTERN")]
     pub max_item_size: String,
@@ -233,6 +235,110 @@ pub struct CacheClusterSpec {
     /// starts empty and refills from its peers. Default: enabled.
     #[serde(default)]
     pub persistence: PersistenceConfig,
+
+    /// How the nodes replicate to each other: write acknowledgements, delete
+    /// tombstones, anti-entropy and the bounds of peer traffic (kache-node's
+    /// peer flags). An unset field keeps kache-node's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationConfig>,
+}
+
+/// When a write is acknowledged to the client (kache-node `--write-acks`).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum WriteAcks {
+    /// Once applied by the node the client wrote to (the reply still waits,
+    /// up to `writeTimeoutMs`, for the key's other owners that are up).
+    One,
+    /// Once a majority of the key's owners have it.
+    Quorum,
+    /// Once every owner of the key has it.
+    All,
+}
+
+impl WriteAcks {
+    /// The value of `--write-acks`.
+    pub fn flag_value(self) -> &'static str {
+        match self {
+            WriteAcks::One => "one",
+            WriteAcks::Quorum => "quorum",
+            WriteAcks::All => "all",
+        }
+    }
+}
+
+/// Replication settings; each is passed to kache-node as the flag it names.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicationConfig {
+    /// When a write is acknowledged (`--write-acks`): `one` (default),
+    /// `quorum` or `all` of the key's owners. A write that falls short within
+    /// `writeTimeoutMs` is answered `SERVER_ERROR`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_acks: Option<WriteAcks>,
+
+    /// Longest wait, in milliseconds, for the other owners to acknowledge a
+    /// write (`--write-timeout-ms`, default 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 600000))]
+    pub write_timeout_ms: Option<i32>,
+
+    /// Seconds a delete's tombstone is kept (`--tombstone-ttl`, default 300):
+    /// a delete survives a partition shorter than this less one anti-entropy
+    /// interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 2592000))]
+    pub tombstone_ttl_seconds: Option<i32>,
+
+    /// Seconds between anti-entropy rounds, in which each node pulls the
+    /// newer versions it misses from the peers owning the same keys
+    /// (`--anti-entropy-interval`, default 10). 0 turns anti-entropy off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub anti_entropy_interval_seconds: Option<i32>,
+
+    /// Most bytes of items per second anti-entropy pulls
+    /// (`--anti-entropy-rate`, default `8m`): a size from 1k to 1g.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "kache_cluster::size::SIZE_PATTERN")]
+    pub anti_entropy_rate: Option<String>,
+
+    /// Bytes of records queued for each peer (`--peer-queue-bytes`, default
+    /// `16m`): a size from 1k to 1g. Beyond it new records for that peer are
+    /// dropped and counted; anti-entropy repairs them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "kache_cluster::size::SIZE_PATTERN")]
+    pub peer_queue_bytes: Option<String>,
+
+    /// A peer that acknowledges nothing for this many milliseconds while
+    /// records wait is marked down (`--peer-timeout-ms`, default 2000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 600000))]
+    pub peer_timeout_ms: Option<i32>,
+}
+
+impl ReplicationConfig {
+    /// The kache-node flags the set fields stand for, with their values.
+    pub fn node_flags(&self) -> Vec<(&'static str, String)> {
+        let number = |flag, v: Option<i32>| v.map(|v| (flag, v.to_string()));
+        let text = |flag, v: &Option<String>| v.clone().map(|v| (flag, v));
+        [
+            self.write_acks
+                .map(|a| ("--write-acks", a.flag_value().to_string())),
+            number("--write-timeout-ms", self.write_timeout_ms),
+            number("--tombstone-ttl", self.tombstone_ttl_seconds),
+            number(
+                "--anti-entropy-interval",
+                self.anti_entropy_interval_seconds,
+            ),
+            text("--anti-entropy-rate", &self.anti_entropy_rate),
+            text("--peer-queue-bytes", &self.peer_queue_bytes),
+            number("--peer-timeout-ms", self.peer_timeout_ms),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
 }
 
 /// Restartable-cache settings.
@@ -398,6 +504,7 @@ impl Default for CacheClusterSpec {
             peer_auth: None,
             network_policy: None,
             persistence: PersistenceConfig::default(),
+            replication: None,
         }
     }
 }

@@ -85,6 +85,16 @@ pub enum SpecError {
         /// Why.
         source: SizeError,
     },
+    /// A byte bound that is not a size from 1k to 1g.
+    #[error("{field} {text:?}: {source}")]
+    Size {
+        /// The field.
+        field: &'static str,
+        /// Its value as written.
+        text: String,
+        /// Why.
+        source: SizeError,
+    },
     /// `maxItemSize` is more than half the cache memory (memcached's rule, which
     /// kache-node keeps).
     #[error("maxItemSize {text:?} must not exceed half of memoryMiB ({memory_mib} MiB)")]
@@ -94,6 +104,13 @@ pub enum SpecError {
         /// `memoryMiB`.
         memory_mib: i32,
     },
+    /// `maxItemSize` is not a multiple of kache-node's slab chunk size.
+    #[error(
+        "maxItemSize {0:?} must be a multiple of {chunk} (kache-node's slab_chunk_max; \
+         other sizes need `-o slab_chunk_max=...` in extraArgs)",
+        chunk = size::show(size::DEFAULT_SLAB_CHUNK_MAX)
+    )]
+    MaxItemSizeNotChunkMultiple(String),
     /// `image` is blank.
     #[error("image must not be empty")]
     EmptyImage,
@@ -187,15 +204,91 @@ fn selector_errors(field: &'static str, sel: &LabelSelector, errs: &mut Vec<Spec
     }
 }
 
-/// The flag of `MANAGED_FLAGS` that `arg` (one element of `extraArgs`) sets, if any.
-fn managed_flag(arg: &str) -> Option<&'static str> {
-    let flag = arg.split('=').next().unwrap_or(arg);
-    MANAGED_FLAGS.iter().find_map(|(long, short)| {
-        let clash = flag == *long
-            || (!short.is_empty()
-                && (arg == *short || (arg.starts_with(short) && !arg.starts_with("--"))));
-        clash.then_some(*long)
-    })
+/// Longest `replication.tombstoneTtlSeconds` (30 days).
+pub const MAX_TOMBSTONE_TTL_SECONDS: i32 = 30 * 24 * 3600;
+
+/// kache-node's short flags that take no value, so that more short flags may follow them
+/// in one argument (`-vp1` is `-v -p 1`). A test holds this to kache-node's parser.
+pub const NODE_SWITCHES: &str = "vAdrMkiLCFXWSZhV";
+
+/// The flags `spec` sets, long and short (`""`: none): [`MANAGED_FLAGS`], and those of
+/// the `replication` fields it sets (unset, `extraArgs` may pass them).
+pub fn managed_flags(spec: &CacheClusterSpec) -> Vec<(&'static str, &'static str)> {
+    let replication = spec.replication.iter().flat_map(|r| r.node_flags());
+    MANAGED_FLAGS
+        .iter()
+        .copied()
+        .chain(replication.map(|(flag, _)| (flag, "")))
+        .collect()
+}
+
+/// The flag of `managed` that `arg` (one element of `extraArgs`) sets, if any: as
+/// `--long`, `--long=value`, or a short flag alone, with its value attached, or after
+/// switches (`-vvp1`).
+fn managed_flag(arg: &str, managed: &[(&'static str, &'static str)]) -> Option<&'static str> {
+    if arg.starts_with("--") {
+        let flag = arg.split('=').next().unwrap_or(arg);
+        return managed.iter().find(|(long, _)| *long == flag).map(|m| m.0);
+    }
+    let shorts = arg.strip_prefix('-')?;
+    for c in shorts.chars() {
+        let clash = managed
+            .iter()
+            .find(|(_, short)| short.strip_prefix('-') == Some(c.encode_utf8(&mut [0; 4])));
+        if let Some((long, _)) = clash {
+            return Some(long);
+        }
+        if !NODE_SWITCHES.contains(c) {
+            // A flag that takes a value: the rest of the argument is that value.
+            return None;
+        }
+    }
+    None
+}
+
+/// Problems of the `replication` settings: kache-node's ranges.
+fn replication_errors(r: &ReplicationConfig, errs: &mut Vec<SpecError>) {
+    let ranges = [
+        ("replication.writeTimeoutMs", r.write_timeout_ms, 1, 600_000),
+        (
+            "replication.tombstoneTtlSeconds",
+            r.tombstone_ttl_seconds,
+            1,
+            MAX_TOMBSTONE_TTL_SECONDS,
+        ),
+        (
+            "replication.antiEntropyIntervalSeconds",
+            r.anti_entropy_interval_seconds,
+            0,
+            86_400,
+        ),
+        ("replication.peerTimeoutMs", r.peer_timeout_ms, 10, 600_000),
+    ];
+    for (field, value, min, max) in ranges {
+        if let Some(v) = value.filter(|v| !(min..=max).contains(v)) {
+            errs.push(SpecError::OutOfRange {
+                field,
+                value: v.into(),
+                min: min.into(),
+                max: max.into(),
+            });
+        }
+    }
+    let sizes = [
+        ("replication.antiEntropyRate", &r.anti_entropy_rate),
+        ("replication.peerQueueBytes", &r.peer_queue_bytes),
+    ];
+    for (field, text) in sizes {
+        if let Some(text) = text {
+            if let Err(source) = size::parse_byte_limit(text) {
+                errs.push(SpecError::Size {
+                    field,
+                    text: text.clone(),
+                    source,
+                });
+            }
+        }
+    }
 }
 
 /// The largest item a node with `memory_mib` MiB takes, by kache-node's rules: at most half
@@ -282,10 +375,14 @@ impl CacheClusterSpec {
                 selector_errors("networkPolicy.clientPodSelector", sel, &mut errs);
             }
         }
+        if let Some(r) = &self.replication {
+            replication_errors(r, &mut errs);
+        }
+        let managed = managed_flags(self);
         errs.extend(
             self.extra_args
                 .iter()
-                .filter_map(|a| managed_flag(a))
+                .filter_map(|a| managed_flag(a, &managed))
                 .map(SpecError::ManagedFlag),
         );
         let (Some(max_item_size), true) = (max_item_size, errs.is_empty()) else {
@@ -308,6 +405,15 @@ impl CacheClusterSpec {
         }
     }
 
+    /// Whether `extraArgs` set kache-node's slab chunk size (which then checks `-I`
+    /// against it itself).
+    fn sets_slab_chunk_max(&self) -> bool {
+        let options = ["slab_chunk_max", "no_chunked_items", "no_modern"];
+        self.extra_args
+            .iter()
+            .any(|a| options.iter().any(|o| a.contains(o)))
+    }
+
     /// `maxItemSize` in bytes, when kache-node takes it with `memoryMiB`.
     fn valid_max_item_size(&self, errs: &mut Vec<SpecError>) -> Option<u64> {
         let text = &self.max_item_size;
@@ -325,6 +431,10 @@ impl CacheClusterSpec {
                     text: text.clone(),
                     memory_mib: self.memory_mib,
                 });
+                return None;
+            }
+            Ok(b) if b % size::DEFAULT_SLAB_CHUNK_MAX != 0 && !self.sets_slab_chunk_max() => {
+                errs.push(SpecError::MaxItemSizeNotChunkMultiple(text.clone()));
                 return None;
             }
             Ok(b) => Ok(b),
@@ -558,8 +668,8 @@ mod tests {
             ..Default::default()
         };
         for (text, mib, bytes) in [
-            ("1k", 64, 1024),
-            ("1024", 64, 1024),
+            ("512k", 64, 512 * size::KIB),
+            ("1536k", 64, 1536 * size::KIB),
             ("2M", 64, 2 * size::MIB),
             ("8m", 64, 8 * size::MIB),
             ("1m", 2, size::MIB),
@@ -575,12 +685,20 @@ mod tests {
             ("9m", 64, "must be between 1k and 8m"),
             ("1g", 4096, "must be between 1k and 8m"),
             ("2m", 3, "must not exceed half of memoryMiB (3 MiB)"),
+            ("1k", 64, "must be a multiple of 512k"),
+            ("1000k", 64, "must be a multiple of 512k"),
             ("1.5m", 64, "expected a number"),
             ("1x", 64, "invalid size unit"),
         ] {
             let errs = errors(&with(text, mib));
             assert!(errs.mention(needle), "{text}: {errs}");
         }
+        let mut small_chunks = with("1000k", 64);
+        small_chunks.extra_args = vec!["-o".into(), "slab_chunk_max=8k".into()];
+        assert!(
+            small_chunks.validate().is_ok(),
+            "kache-node checks -I against its -o"
+        );
     }
 
     #[test]
