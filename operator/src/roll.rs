@@ -27,8 +27,8 @@
 //! operator restarted half-way carries on. `status.rollout` only reports.
 
 use crate::crd::{CacheCluster, RolloutPhase, RolloutStatus};
+use crate::observe::{member_state, pod_ordinal, pod_revision, update_revision};
 use crate::probe::{NodeReport, ProbeResults, ProbeTarget};
-use crate::status::{member_state, pod_ordinal};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -36,29 +36,11 @@ use k8s_openapi::chrono::{DateTime, Duration as ChronoDuration, Utc};
 use kache_cluster::MemberList;
 use kube::ResourceExt;
 
-/// The StatefulSet controller's label naming a pod's revision.
-pub const REVISION_LABEL: &str = "controller-revision-hash";
 /// Pod annotation: the revision the pod is drained for (`replicationFactor`
 /// 1). A mark for another revision is stale and ignored.
 pub const DRAIN_REVISION_ANNOTATION: &str = "kache.dev/drain-revision";
 /// Pod annotation: when the drain started (RFC 3339), for its timeout.
 pub const DRAIN_SINCE_ANNOTATION: &str = "kache.dev/drain-since";
-
-/// The revision the StatefulSet's pods should run, once the StatefulSet
-/// controller has seen the current spec (before that, its revision is stale).
-pub fn update_revision(sts: Option<&StatefulSet>) -> Option<&str> {
-    let sts = sts?;
-    let status = sts.status.as_ref()?;
-    if status.observed_generation.unwrap_or(0) < sts.metadata.generation.unwrap_or(0) {
-        return None;
-    }
-    status.update_revision.as_deref().filter(|r| !r.is_empty())
-}
-
-/// The revision a pod runs (its template's), if labelled.
-pub fn pod_revision(pod: &Pod) -> Option<&str> {
-    pod.labels().get(REVISION_LABEL).map(String::as_str)
-}
 
 fn terminating(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_some()

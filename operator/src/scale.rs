@@ -15,8 +15,8 @@
 //! Scaling out is unaffected: new pods join the list once Ready.
 
 use crate::crd::{CacheCluster, DepartingMember, RebalanceStatus};
+use crate::observe::{member_state, pod_ordinal};
 use crate::probe::{ProbeResults, ProbeTarget};
-use crate::status::{member_state, pod_ordinal};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;

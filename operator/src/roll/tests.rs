@@ -4,6 +4,7 @@ use super::*;
 use crate::crd::CacheClusterSpec;
 use crate::fixtures::cluster;
 use crate::fixtures::{node_report, pod, settled_sts, t, unanswered};
+use crate::observe::REVISION_LABEL;
 use crate::probe::{HandoffReport, ProbeError};
 use crate::status::{self, next_member_list};
 use std::collections::BTreeMap;

@@ -466,7 +466,7 @@ fn status_shows_rebalancing_while_waiting() {
         ),
         (
             "True",
-            "Rebalancing",
+            "ScalingIn",
             "waiting for web-3, web-4 to hand off before scaling from 5 to 3 nodes"
         )
     );
