@@ -12,16 +12,33 @@ use kache_cluster::size::MIB;
 use kache_node::config::{Cli, Command, ServeArgs};
 use std::collections::BTreeSet;
 
+/// Why kache-node would not start with a command line.
+#[derive(Debug, thiserror::Error)]
+enum NodeRefusal {
+    /// Its parser refuses it.
+    #[error("{0}")]
+    Parse(#[from] clap::Error),
+    /// It is not the `serve` command.
+    #[error("not `serve`")]
+    NotServe,
+    /// Its start-up checks refuse it.
+    #[error("{0}")]
+    Start(#[from] kache_node::config::FlagError),
+}
+
 /// kache-node's reading of `args` (its argv after the program name).
-fn node_parse(args: &[String]) -> Result<ServeArgs, String> {
+fn node_parse(args: &[String]) -> Result<ServeArgs, NodeRefusal> {
     let argv = std::iter::once("kache-node".to_string()).chain(args.iter().cloned());
-    match Cli::try_parse_from(argv)
-        .map_err(|e| e.to_string())?
-        .command
-    {
+    match Cli::try_parse_from(argv)?.command {
         Some(Command::Serve(serve)) => Ok(serve),
-        other => Err(format!("not `serve`: {other:?}")),
+        _ => Err(NodeRefusal::NotServe),
     }
+}
+
+/// Whether kache-node would start with `args`: parsed, then checked as at start-up.
+fn node_starts(args: &[String]) -> Result<(), NodeRefusal> {
+    node_parse(args)?.validate()?;
+    Ok(())
 }
 
 /// The parsed values of the flags the operator sets.
@@ -288,7 +305,7 @@ fn max_item_size_is_accepted_exactly_when_kache_node_accepts_it() {
             };
             let operator = spec.validate();
             let args = container_args(&cluster("web", spec));
-            let node = node_parse(&args).and_then(|s| s.validate().map_err(|e| e.to_string()));
+            let node = node_starts(&args);
             assert_eq!(
                 operator.is_ok(),
                 node.is_ok(),
@@ -361,8 +378,7 @@ fn replication_ranges_are_kache_nodes() {
 /// The operator validates `spec` exactly when kache-node takes the command line built of it.
 fn agree(spec: &CacheClusterSpec, what: &str) {
     let operator = spec.validate();
-    let node = node_parse(&container_args(&cluster("web", spec.clone())))
-        .and_then(|s| s.validate().map_err(|e| e.to_string()));
+    let node = node_starts(&container_args(&cluster("web", spec.clone())));
     assert_eq!(
         operator.is_ok(),
         node.is_ok(),
