@@ -87,13 +87,30 @@ pub fn unanswered() -> ProbeError {
     ProbeError::Timeout(Duration::from_secs(2))
 }
 
+/// A spec with every security setting: TLS with client certificates, client and peer
+/// authentication.
+pub fn secure_spec() -> CacheClusterSpec {
+    use crate::crd::{AuthConfig, PeerAuthConfig, TlsConfig};
+    CacheClusterSpec {
+        tls: Some(TlsConfig {
+            secret_name: "web-tls".into(),
+            client_auth: true,
+        }),
+        auth: Some(AuthConfig {
+            secret_name: "web-auth".into(),
+        }),
+        peer_auth: Some(PeerAuthConfig {
+            secret_name: "web-peer".into(),
+        }),
+        ..Default::default()
+    }
+}
+
 /// CacheCluster specs that between them set every field the operator passes to kache-node:
 /// the default, a tuned one, the secure one (TLS with client certificates, auth, peer
 /// auth), one with every `replication` field, and a suspended one.
 pub fn representative_specs() -> Vec<(&'static str, CacheClusterSpec)> {
-    use crate::crd::{
-        AuthConfig, PeerAuthConfig, PersistenceConfig, ReplicationConfig, TlsConfig, WriteAcks,
-    };
+    use crate::crd::{PersistenceConfig, ReplicationConfig, WriteAcks};
     vec![
         ("default", CacheClusterSpec::default()),
         (
@@ -112,18 +129,8 @@ pub fn representative_specs() -> Vec<(&'static str, CacheClusterSpec)> {
         (
             "secure",
             CacheClusterSpec {
-                tls: Some(TlsConfig {
-                    secret_name: "web-tls".into(),
-                    client_auth: true,
-                }),
-                auth: Some(AuthConfig {
-                    secret_name: "web-auth".into(),
-                }),
-                peer_auth: Some(PeerAuthConfig {
-                    secret_name: "web-peer".into(),
-                }),
                 persistence: PersistenceConfig { enabled: false },
-                ..Default::default()
+                ..secure_spec()
             },
         ),
         (
