@@ -28,7 +28,7 @@
 
 use crate::crd::{CacheCluster, RolloutPhase, RolloutStatus};
 use crate::observe::{member_state, pod_ordinal, pod_revision, update_revision};
-use crate::probe::{NodeReport, ProbeResults, ProbeTarget};
+use crate::probe::{NodeReport, ProbeError, ProbeResults, ProbeTarget};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -183,7 +183,7 @@ impl RollDecision {
 }
 
 /// What a rolling update still waits for before it restarts the next node.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum NotSettled {
     /// A member's pod is not Ready.
     #[error("{0} is not Ready")]
@@ -207,12 +207,12 @@ pub enum NotSettled {
         handing_off: bool,
     },
     /// A member's report could not be learnt.
-    #[error("{member}: {reason}")]
+    #[error("{member}: {source}")]
     Unanswered {
         /// The member.
         member: String,
-        /// Why ([`crate::probe::ProbeError`]'s message).
-        reason: String,
+        /// Why.
+        source: ProbeError,
     },
     /// A member was not asked for its report.
     #[error("{0} was not asked")]
@@ -244,7 +244,7 @@ pub fn settled(list: &MemberList, pods: &[Pod], reports: &ProbeResults) -> Resul
             Some(Err(e)) => {
                 return Err(NotSettled::Unanswered {
                     member: m.name.clone(),
-                    reason: e.to_string(),
+                    source: e.clone(),
                 })
             }
             None => return Err(NotSettled::NotAsked(m.name.clone())),

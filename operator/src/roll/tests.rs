@@ -190,6 +190,36 @@ fn replicated_cluster_restarts_the_highest_ordinal_first_once_settled() {
 }
 
 #[test]
+fn settled_says_which_member_is_not_and_why() {
+    let cc = web(3, 2);
+    let mut pods: Vec<Pod> = (0..3).map(|i| node(i, "r1")).collect();
+    let list = list_of(&cc, &pods, 4);
+    let mut reports = all_settled(&pods, 4);
+    assert!(settled(&list, &pods, &reports).is_ok());
+    reports.insert("web-1".into(), report(4, 4, true));
+    assert!(matches!(
+        settled(&list, &pods, &reports),
+        Err(NotSettled::Behind { member, follows: 4, published: 4, handing_off: true })
+            if member == "web-1"
+    ));
+    reports.insert("web-1".into(), Err(unanswered()));
+    assert!(matches!(
+        settled(&list, &pods, &reports),
+        Err(NotSettled::Unanswered { member, source: ProbeError::Timeout(_) }) if member == "web-1"
+    ));
+    reports.remove("web-1");
+    assert!(matches!(
+        settled(&list, &pods, &reports),
+        Err(NotSettled::NotAsked(member)) if member == "web-1"
+    ));
+    pods[0] = pod("web-0", Some("10.0.0.1"), false);
+    assert!(matches!(
+        settled(&list, &pods, &reports),
+        Err(NotSettled::NotReady(member)) if member == "web-0"
+    ));
+}
+
+#[test]
 fn no_restart_until_every_member_is_settled() {
     let cc = web(3, 2);
     let pods: Vec<Pod> = (0..3).map(|i| node(i, "r1")).collect();
