@@ -78,7 +78,7 @@ pub enum SpecError {
     )]
     ReservedPort(i32),
     /// `maxItemSize` is not a size, or not in the range kache-node allows.
-    #[error("maxItemSize {text:?}: {source}")]
+    #[error("maxItemSize: {source}")]
     MaxItemSize {
         /// `maxItemSize` as written.
         text: String,
@@ -86,7 +86,7 @@ pub enum SpecError {
         source: SizeError,
     },
     /// A byte bound that is not a size from 1k to 1g.
-    #[error("{field} {text:?}: {source}")]
+    #[error("{field}: {source}")]
     Size {
         /// The field.
         field: &'static str,
@@ -693,6 +693,10 @@ mod tests {
             let errs = errors(&with(text, mib));
             assert!(errs.mention(needle), "{text}: {errs}");
         }
+        assert_eq!(
+            errors(&with("1x", 64)).to_string(),
+            "maxItemSize: invalid size unit in \"1x\": use k, m or g"
+        );
         let mut small_chunks = with("1000k", 64);
         small_chunks.extra_args = vec!["-o".into(), "slab_chunk_max=8k".into()];
         assert!(
