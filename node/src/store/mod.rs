@@ -15,6 +15,7 @@
 //! the hash tables' memory, so `-m` bounds segments and tables together.
 
 pub mod classes;
+mod index;
 mod item;
 mod mapping;
 mod memory;

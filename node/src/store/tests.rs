@@ -1082,3 +1082,39 @@ fn a_file_store_evicts_and_recovers_after_merges() {
     assert_eq!(s.stats().curr_items, held.len() as u64);
     assert_within_budget(&s);
 }
+
+/// Where a full store's bytes go per item, with 50..500-byte values (bench/memory.py's
+/// `small` load): the hash tables stay within a quarter of their tightest size however
+/// many items churn through, and records and tables fill the budget.
+#[test]
+fn a_churned_store_spends_its_bytes_on_records() {
+    let s = store_with(64 << 20, 1 << 20, 8);
+    let value = vec![b'v'; 500];
+    let mut rng = 7u64;
+    for i in 0..700_000u32 {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let len = 50 + (rng >> 33) as usize % 451;
+        set(&s, format!("s:{i}").as_bytes(), &value[..len], 100);
+    }
+    let st = s.stats();
+    let items = st.curr_items as f64;
+    let per_item = |bytes: usize| bytes as f64 / items;
+    let slack = st.pool.segments_in_use * st.pool.segment_size - st.bytes as usize;
+    eprintln!(
+        "per item: record {:.1} B, table {:.1} B, segment room unused {:.1} B, free segments {}",
+        st.bytes as f64 / items,
+        per_item(st.pool.index_bytes),
+        per_item(slack),
+        st.pool.segments_free
+    );
+    // 41 bytes a bucket of seven entries, grown by a quarter at a time: at least 70% full
+    // once shards trade segments evenly (hashbrown's tables doubled to 12.9 bytes an item).
+    assert!(
+        per_item(st.pool.index_bytes) <= 41.0 / 7.0 / 0.7 + 0.1,
+        "{st:?}"
+    );
+    assert!(st.evictions > 0);
+    assert_within_budget(&s);
+}
