@@ -1,6 +1,7 @@
 //! How one item is laid out inside a segment, and views of it.
 //!
-//! An item is appended to a segment as one record, 4-byte aligned:
+//! An item is appended to a segment as one record, right after the one before (records are
+//! not aligned: every field is read as bytes):
 //!
 //! ```text
 //! 0..8   CAS (the item's version)          16  key length
@@ -42,8 +43,6 @@ const FREQ: usize = 18;
 const VALUE_LEN: usize = 19;
 /// Bytes of fixed header before the value length.
 pub const FIXED_HEADER: usize = VALUE_LEN;
-/// Records start at multiples of this.
-pub const ALIGN: usize = 4;
 /// Longest key a record can hold.
 pub const MAX_KEY: usize = u8::MAX as usize;
 
@@ -81,7 +80,7 @@ impl<'a> NewItem<'a> {
         self.value.iter().map(|p| p.len()).sum()
     }
 
-    /// Bytes the record takes in a segment, alignment included.
+    /// Bytes the record takes in a segment.
     pub fn record_len(&self) -> usize {
         record_len(
             self.stored_key().len(),
@@ -118,12 +117,10 @@ impl<'a> NewItem<'a> {
     }
 }
 
-/// Bytes a record with this key, value and flags takes in a segment, alignment included.
+/// Bytes a record with this key, value and flags takes in a segment.
 pub fn record_len(key_len: usize, value_len: usize, client_flags: u32) -> usize {
     let flags = if client_flags == 0 { 0 } else { 4 };
-    let len =
-        FIXED_HEADER + varint_len(value_len as u32) + flags + key_len.min(MAX_KEY) + value_len;
-    len.next_multiple_of(ALIGN)
+    FIXED_HEADER + varint_len(value_len as u32) + flags + key_len.min(MAX_KEY) + value_len
 }
 
 fn varint_len(mut v: u32) -> usize {
@@ -177,7 +174,7 @@ pub(crate) struct Layout {
     pub key_at: usize,
     pub value_at: usize,
     pub value_len: usize,
-    /// Record length, alignment included.
+    /// Record length.
     pub len: usize,
 }
 
@@ -197,8 +194,7 @@ impl Layout {
         let flags = if b[BITS] & bits::HAS_FLAGS != 0 { 4 } else { 0 };
         let key_at = VALUE_LEN + n + flags;
         let value_at = key_at + key_len;
-        let end = value_at.checked_add(value_len as usize)?;
-        let len = end.next_multiple_of(ALIGN);
+        let len = value_at.checked_add(value_len as usize)?;
         (len <= b.len()).then_some(Layout {
             key_at,
             value_at,
@@ -433,7 +429,7 @@ mod tests {
     #[test]
     fn header_is_twenty_bytes_for_small_values_without_flags() {
         let item = NewItem::new(b"k", &[&[b'x'; 100]], ItemMeta::default());
-        assert_eq!(item.record_len(), (20 + 1 + 100usize).next_multiple_of(4));
+        assert_eq!(item.record_len(), 20 + 1 + 100);
         let big = vec![b'y'; 300_000];
         let buf = write(&NewItem::new(b"kk", &[&big], ItemMeta::default()));
         let layout = Layout::parse(&buf).unwrap();

@@ -482,12 +482,20 @@ impl Store {
     }
 
     /// Shards for a configuration: up to `max_shards`, but no fewer than
-    /// `SEGMENTS_PER_SHARD` segments each.
+    /// `SEGMENTS_PER_SHARD` segments each, and enough that each can address its segments.
     fn shards_for(config: &StoreConfig, segment_size: usize) -> usize {
         let segments = config.memory_limit / segment_size;
         let by_memory = (segments / SEGMENTS_PER_SHARD).max(1);
         let by_memory = 1usize << by_memory.ilog2();
-        config.max_shards.max(1).next_power_of_two().min(by_memory)
+        let addressable = segments
+            .div_ceil(Geometry::new(segment_size).max_slots())
+            .next_power_of_two();
+        config
+            .max_shards
+            .max(1)
+            .next_power_of_two()
+            .min(by_memory)
+            .max(addressable)
     }
 
     fn build(

@@ -23,35 +23,33 @@ const MERGE: usize = 4;
 const ATTEMPTS: usize = 8;
 
 /// Packs a record's place (segment slot in the shard, byte offset) into the u32 the hash
-/// table stores: offsets are multiples of 4, so a 1 MiB segment needs 18 bits for them.
+/// table stores: records are not aligned, so a 1 MiB segment needs 20 bits of offset and
+/// leaves 12 for 4096 segments per shard (`Store::shards_for` adds shards past that).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Geometry {
-    unit_bits: u32,
+    offset_bits: u32,
 }
 
 impl Geometry {
     /// For segments of `segment_size` bytes (a power of two).
     pub fn new(segment_size: usize) -> Geometry {
         Geometry {
-            unit_bits: segment_size.trailing_zeros().saturating_sub(2),
+            offset_bits: segment_size.trailing_zeros().min(31),
         }
     }
 
     fn encode(self, slot: usize, offset: usize) -> u32 {
-        ((slot as u32) << self.unit_bits) | (offset as u32 >> 2)
+        ((slot as u32) << self.offset_bits) | offset as u32
     }
 
     fn decode(self, loc: u32) -> (usize, usize) {
-        let mask = (1u32 << self.unit_bits) - 1;
-        (
-            (loc >> self.unit_bits) as usize,
-            ((loc & mask) as usize) << 2,
-        )
+        let mask = (1u32 << self.offset_bits) - 1;
+        ((loc >> self.offset_bits) as usize, (loc & mask) as usize)
     }
 
     /// Segments one shard can address.
     pub fn max_slots(self) -> usize {
-        1usize << (32 - self.unit_bits)
+        1usize << (32 - self.offset_bits)
     }
 }
 
