@@ -170,7 +170,7 @@ fn damaged_file_is_discarded_because(damage: impl FnOnce(&Path), reason: &str) {
 
 #[test]
 fn a_file_of_the_previous_format_is_discarded() {
-    // Format 1 kept records 4-byte aligned; this kache cannot read them.
+    // Format 1 records (4-byte aligned, always with an expiry) cannot be read as format 2.
     damaged_file_is_discarded_because(
         |file| {
             let f = std::fs::OpenOptions::new().write(true).open(file).unwrap();

@@ -35,7 +35,7 @@ use arc_swap::ArcSwapOption;
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
-pub use item::{bits, record_len, ItemMeta, ItemMut, ItemRef, NewItem};
+pub use item::{bits, record_len, ItemMeta, ItemRef, NewItem};
 pub use persist::{Discard, OpenError};
 pub use pool::PoolStats;
 pub use version::{node_id, VersionClock};
@@ -270,7 +270,7 @@ pub struct Entry<'a> {
     live: bool,
 }
 
-impl Entry<'_> {
+impl<'a> Entry<'a> {
     /// What the lookup found.
     pub fn lookup(&self) -> Lookup {
         self.lookup
@@ -286,9 +286,9 @@ impl Entry<'_> {
             .and_then(|loc| self.shard.item(self.shared, loc))
     }
 
-    pub fn item_mut(&mut self) -> Option<ItemMut<'_>> {
-        let loc = self.loc.filter(|_| self.live)?;
-        self.shard.item_mut(self.shared, loc)
+    pub fn item_mut(&mut self) -> Option<ItemMut<'_, 'a>> {
+        self.item()?;
+        Some(ItemMut { entry: self })
     }
 
     /// What the key holds now: the live item or a tombstone.
@@ -366,6 +366,40 @@ impl Entry<'_> {
         }
     }
 
+    /// Writes the live item again with an expiry field set to `exptime`. Should the store
+    /// have no room for it (only with `-M`, full), the item goes: it expires now rather
+    /// than live on past its time.
+    fn rewrite_with_exptime(&mut self, exptime: u32) {
+        let Some(it) = self.item() else {
+            return;
+        };
+        let (value, freq) = (it.value().to_vec(), it.freq());
+        let mut meta = it.meta();
+        meta.exptime = exptime;
+        let key = self.key.to_vec();
+        let parts = [value.as_slice()];
+        let item = NewItem::new(&key, &parts, meta);
+        let placed = self.shard.rewrite(
+            self.hash,
+            &item,
+            freq,
+            self.now,
+            self.shared,
+            self.shard_index,
+        );
+        match placed {
+            Ok(loc) => self.loc = Some(loc),
+            Err(_) => {
+                let (loc, lookup) = self
+                    .shard
+                    .lookup(self.hash, self.key, self.now, self.shared);
+                self.loc = loc;
+                self.live = lookup == Lookup::Hit;
+                self.remove();
+            }
+        }
+    }
+
     /// Removes the live item, if any. Returns whether there was one.
     pub fn remove(&mut self) -> bool {
         let Some(loc) = self.loc.filter(|_| self.live) else {
@@ -391,6 +425,94 @@ impl Entry<'_> {
             },
         );
         self.store(tombstone).ok()
+    }
+}
+
+/// The live item of an `Entry`, changed in place: its metadata, and its value at the same
+/// length. A record stored without an expiry has no room for one: giving it one writes the
+/// record again (same CAS, flags, access time and read count), and the view follows it.
+pub struct ItemMut<'e, 'a> {
+    entry: &'e mut Entry<'a>,
+}
+
+impl ItemMut<'_, '_> {
+    fn record(&mut self) -> Option<item::RecordMut<'_>> {
+        let e = &mut *self.entry;
+        e.shard.item_mut(e.shared, e.loc?)
+    }
+
+    pub fn view(&self) -> ItemRef<'_> {
+        // An `ItemMut` exists only while the entry holds a live item.
+        self.entry
+            .item()
+            .unwrap_or_else(|| ItemRef::new(&[], item::Layout::EMPTY))
+    }
+
+    pub fn key(&self) -> &[u8] {
+        self.view().key()
+    }
+
+    pub fn value(&self) -> &[u8] {
+        self.view().value()
+    }
+
+    pub fn cas(&self) -> u64 {
+        self.view().cas()
+    }
+
+    pub fn exptime(&self) -> u32 {
+        self.view().exptime()
+    }
+
+    pub fn time(&self) -> u32 {
+        self.view().time()
+    }
+
+    pub fn client_flags(&self) -> u32 {
+        self.view().client_flags()
+    }
+
+    pub fn has(&self, bit: u8) -> bool {
+        self.view().has(bit)
+    }
+
+    pub fn meta(&self) -> ItemMeta {
+        self.view().meta()
+    }
+
+    /// The value, writable in place (same length).
+    pub fn value_mut(&mut self) -> &mut [u8] {
+        let e = &mut *self.entry;
+        match e.loc.and_then(|loc| e.shard.item_mut(e.shared, loc)) {
+            Some(record) => record.into_value_mut(),
+            None => &mut [],
+        }
+    }
+
+    pub fn set_cas(&mut self, cas: u64) {
+        if let Some(mut r) = self.record() {
+            r.set_cas(cas);
+        }
+    }
+
+    pub fn set_bits(&mut self, bit: u8) {
+        if let Some(mut r) = self.record() {
+            r.set_bits(bit);
+        }
+    }
+
+    pub fn clear_bits(&mut self, bit: u8) {
+        if let Some(mut r) = self.record() {
+            r.clear_bits(bit);
+        }
+    }
+
+    /// Sets the expiry (absolute Unix seconds, 0 for never).
+    pub fn set_exptime(&mut self, exptime: u32) {
+        if self.record().is_none_or(|mut r| r.set_exptime(exptime)) {
+            return;
+        }
+        self.entry.rewrite_with_exptime(exptime);
     }
 }
 

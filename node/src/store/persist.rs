@@ -27,7 +27,8 @@ use super::memory::SegBuf;
 use super::segment::TTL_BUCKETS;
 
 const MAGIC: &[u8; 8] = b"KACHESEG";
-/// 2: records unaligned (format 1 aligned them to 4 bytes).
+/// 2: records unaligned, with an expiry field only when one is set (format 1 aligned them
+/// to 4 bytes and always had one).
 const FORMAT: u32 = 2;
 pub(super) const HEADER_LEN: usize = 4096;
 pub(super) const ENTRY_LEN: usize = 64;

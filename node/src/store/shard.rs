@@ -11,7 +11,7 @@ use std::ops::ControlFlow;
 
 use super::classes::ClassTable;
 use super::index::{self, table_bytes, PlaceTable};
-use super::item::{self, bits, ItemMut, ItemRef, NewItem};
+use super::item::{self, bits, ItemRef, NewItem, RecordMut};
 use super::memory::SegBuf;
 use super::segment::{Segment, TTL_BUCKETS};
 use super::{ItemStats, Lookup, ScanCursor, Shared, StoreError};
@@ -223,7 +223,7 @@ impl Shard {
         record(&self.segs, shared.geometry, loc)
     }
 
-    pub fn item_mut(&mut self, shared: &Shared, loc: u32) -> Option<ItemMut<'_>> {
+    pub fn item_mut(&mut self, shared: &Shared, loc: u32) -> Option<RecordMut<'_>> {
         let (slot, offset) = shared.geometry.decode(loc);
         self.segs.get_mut(slot)?.as_mut()?.item_mut(offset)
     }
@@ -357,6 +357,32 @@ impl Shard {
         }
         if let Some(old) = replaced {
             self.retire(old, Drop::Quiet, shared, true);
+        }
+        Ok(loc)
+    }
+
+    /// Writes an item again in place of its record (to give it room for an expiry): the
+    /// same item, so it is not counted as stored again, and it keeps its read count.
+    pub fn rewrite(
+        &mut self,
+        hash: u64,
+        item: &NewItem<'_>,
+        freq: u8,
+        now: u32,
+        shared: &Shared,
+        me: usize,
+    ) -> Result<u32, StoreError> {
+        let loc = self.install(hash, item, now, shared, me)?;
+        let c = &mut self.counters.items;
+        c.total_items = c.total_items.saturating_sub(1);
+        let (slot, offset) = shared.geometry.decode(loc);
+        if let Some(bytes) = self
+            .segs
+            .get_mut(slot)
+            .and_then(|s| s.as_mut())
+            .and_then(|s| s.record_bytes_mut(offset))
+        {
+            item::set_frequency(bytes, freq);
         }
         Ok(loc)
     }

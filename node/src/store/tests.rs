@@ -201,6 +201,39 @@ fn a_touched_item_keeps_its_segment_alive() {
 }
 
 #[test]
+fn an_item_stored_without_expiry_is_written_again_to_take_one() {
+    let s = store(1 << 20);
+    let meta = ItemMeta {
+        client_flags: 7,
+        ..ItemMeta::default()
+    };
+    assert!(set_meta(&s, b"a", b"value", meta, 100));
+    assert_eq!(get(&s, b"a", 100).as_deref(), Some(&b"value"[..]));
+    let before = s.stats();
+    let cas = s.with_entry(b"a", 101, |e| {
+        let mut it = e.item_mut().unwrap();
+        let cas = it.cas();
+        it.set_exptime(150);
+        // The view follows the record to its new place.
+        assert_eq!(
+            (it.exptime(), it.cas(), it.value()),
+            (150, cas, &b"value"[..])
+        );
+        cas
+    });
+    let after = s.stats();
+    assert_eq!(after.curr_items, before.curr_items);
+    assert_eq!(after.total_items, before.total_items);
+    assert_eq!(after.bytes, before.bytes + 4);
+    s.with_entry(b"a", 149, |e| {
+        let it = e.item().unwrap();
+        assert_eq!((it.exptime(), it.cas(), it.client_flags()), (150, cas, 7));
+        assert!(it.has(bits::FETCHED));
+    });
+    assert_eq!(get(&s, b"a", 150), None);
+}
+
+#[test]
 fn flush_now_and_later() {
     let s = store(1 << 20);
     set(&s, b"a", b"1", 10);
@@ -389,7 +422,9 @@ fn check_against_model(
                         );
                     }
                     // Only a value too large for a segment may be refused.
-                    Err(_) => prop_assert!(record_len(2, value.len(), 0) > s.segment_size()),
+                    Err(_) => {
+                        prop_assert!(record_len(2, value.len(), 0, exptime) > s.segment_size())
+                    }
                 }
             }
             Op::Get { key } => {
