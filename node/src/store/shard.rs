@@ -821,6 +821,15 @@ impl Shard {
             .range(..sealed.min(MERGE))
             .map(|&s| s as usize)
             .collect();
+        if !self.any_read(&group) {
+            // Nothing would survive a merge: evicting the oldest segment alone frees what
+            // is needed and keeps the other items a while longer.
+            let oldest = group[0];
+            self.drop_records(oldest, Drop::Evict(now), Drop::Reclaim, now, shared);
+            let buf = self.free_segment(oldest);
+            self.prune_buckets();
+            return vec![buf];
+        }
         let into = if group.len() >= 2 { group[0] } else { tail };
         let (kept, mut freed) = self.merge(&group, into, false, now, shared);
         if into == group[0] {
@@ -845,6 +854,17 @@ impl Shard {
         }
         self.prune_buckets();
         freed
+    }
+
+    /// Whether any live record of these segments has been read since it was written or
+    /// last kept by a merge (what a merge keeps).
+    fn any_read(&self, group: &[usize]) -> bool {
+        group.iter().any(|&slot| {
+            self.segs[slot].as_ref().is_some_and(|seg| {
+                seg.records(0)
+                    .any(|(_, it)| it.freq() > 0 && !it.has(bits::DEAD))
+            })
+        })
     }
 
     /// Without eviction (`-M`): frees memory by moving the live records of a bucket's oldest
