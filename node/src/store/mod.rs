@@ -2,8 +2,8 @@
 //!
 //! The design follows Segcache (Yang et al., NSDI '21). Memory is cut into segments of
 //! equal size (1 MiB, or the next power of two above `-I`), each allocated once and reused.
-//! An item is appended as one record (20-byte header, key, value; see `item`) to the open
-//! segment of its TTL bucket, so the segments of a bucket expire in the order they were
+//! An item is appended as one record (a header of 16 bytes or more, key, value; see `item`)
+//! to the open segment of its TTL bucket, so the segments of a bucket expire in the order they were
 //! filled and are dropped whole once their last item has expired. The hash table holds
 //! only each record's place (4 bytes). When the budget is spent, a shard evicts by merging
 //! a few consecutive segments of one bucket into one, keeping the records read most often
