@@ -228,14 +228,14 @@ impl Shard {
         self.segs.get_mut(slot)?.as_mut()?.item_mut(offset)
     }
 
-    pub fn record_access(&mut self, shared: &Shared, loc: u32, now: u32, fetched: bool) {
+    /// The raw bytes of the record at `loc` (for in-place metadata updates).
+    fn record_bytes_mut(&mut self, shared: &Shared, loc: u32) -> Option<&mut [u8]> {
         let (slot, offset) = shared.geometry.decode(loc);
-        if let Some(bytes) = self
-            .segs
-            .get_mut(slot)
-            .and_then(|s| s.as_mut())
-            .and_then(|s| s.record_bytes_mut(offset))
-        {
+        self.segs.get_mut(slot)?.as_mut()?.record_bytes_mut(offset)
+    }
+
+    pub fn record_access(&mut self, shared: &Shared, loc: u32, now: u32, fetched: bool) {
+        if let Some(bytes) = self.record_bytes_mut(shared, loc) {
             item::record_access(bytes, now, fetched);
         }
     }
@@ -375,13 +375,7 @@ impl Shard {
         let loc = self.install(hash, item, now, shared, me)?;
         let c = &mut self.counters.items;
         c.total_items = c.total_items.saturating_sub(1);
-        let (slot, offset) = shared.geometry.decode(loc);
-        if let Some(bytes) = self
-            .segs
-            .get_mut(slot)
-            .and_then(|s| s.as_mut())
-            .and_then(|s| s.record_bytes_mut(offset))
-        {
+        if let Some(bytes) = self.record_bytes_mut(shared, loc) {
             item::set_frequency(bytes, freq);
         }
         Ok(loc)
