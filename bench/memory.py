@@ -18,7 +18,8 @@ so that client and server stay in step), and measured:
   1..60 s TTL, written at a steady rate for --ttl-seconds;  and `small`: 50..500 B.
   Each phase writes --volume times -m bytes of values, so every cache is full and evicting.
 * items held per MiB of RSS (`curr_items` / VmRSS) after the `small`, `uniform` and `mixed`
-  loads;
+  loads, and for kache where those bytes go per item (from its `/metrics`): records
+  (header, key, value), hash table, segment room holding no linked record, the process;
 * newest keys after the size shift: of the last keys written in the 5000 B phase (as many
   as fill a quarter of -m), the share still served;
 * `stalled`: 400 sets of 1 MB values at -m 64, to memcached and to a kache-node whose
@@ -357,11 +358,52 @@ def run_one(target, name: str, args, trace=None) -> dict:
         r["peak_over_m"] = round(st["peak_rss_mib"] / target.args.memory_mb, 3)
         if stats.get("curr_items") and st["rss_mib"]:
             r["items_per_mib"] = round(stats["curr_items"] / st["rss_mib"], 1)
+            breakdown = bytes_per_item(server, stats, st)
+            if breakdown:
+                r["bytes_per_item"] = breakdown
         if not server.alive():
             raise BenchError(f"{target.name} died during {name}; log:\n{server.log_tail()}")
         return r
     finally:
         server.stop()
+
+
+def kache_metrics(server) -> dict:
+    """kache-node's /metrics (store gauges), {} for memcached or without an admin port."""
+    argv = list(server.procs[0].args)
+    if "--admin-port" not in argv:
+        return {}
+    port = argv[argv.index("--admin-port") + 1]
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("kache_store_"):
+            name, _, value = line.partition(" ")
+            out[name[len("kache_store_"):]] = float(value)
+    return out
+
+
+def bytes_per_item(server, stats: dict, status: dict) -> dict | None:
+    """Where kache's resident bytes go, per item held: records (header, key, value), hash
+    table, segment room not holding a linked record (open segments' free tails, dead
+    records, free segments) and the rest of the process (code, runtime, buffers)."""
+    m = kache_metrics(server)
+    items = stats.get("curr_items")
+    if not m or not items:
+        return None
+    seg = m["segment_bytes"] * (m["segments_in_use"] + m["segments_free"])
+    rss = status["rss_mib"] * MIB
+    return {"record": round(stats["bytes"] / items, 1),
+            "table": round(m["index_bytes"] / items, 1),
+            "segment_room": round((seg - stats["bytes"]) / items, 1),
+            "process": round((rss - seg - m["index_bytes"]) / items, 1),
+            "total": round(rss / items, 1)}
 
 
 def ratio(a, b):
@@ -459,6 +501,11 @@ def main(argv=None) -> int:
                     + (f", hit ratio {r['hit_ratio']:.4f}" if "hit_ratio" in r else "")
                     + (f", newest keys hit {r['newest_hit_ratio']:.4f}" if "newest_hit_ratio" in r else "")
                     + f" [{r['seconds']}s]")
+                if "bytes_per_item" in r:
+                    b = r["bytes_per_item"]
+                    log(f"  {'':8s} {'':10s} bytes of RSS per item: {b['total']} = record {b['record']}"
+                        f" + table {b['table']} + unused segment room {b['segment_room']}"
+                        f" + process {b['process']}")
             if name == "zipf":
                 mc = row["memcached"]
                 kache_fixed = row["kache"]["idle_rss_mib"]

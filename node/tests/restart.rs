@@ -140,6 +140,10 @@ fn kill_9_then_restart_serves_what_was_acknowledged() {
 }
 
 fn damaged_file_is_discarded(damage: impl FnOnce(&Path)) {
+    damaged_file_is_discarded_because(damage, "memory file discarded; starting empty");
+}
+
+fn damaged_file_is_discarded_because(damage: impl FnOnce(&Path), reason: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (file, log) = (dir.path().join("memory"), dir.path().join("log"));
     let mut node = start(&file, &log);
@@ -148,6 +152,7 @@ fn damaged_file_is_discarded(damage: impl FnOnce(&Path)) {
     damage(&file);
     let node = start(&file, &log);
     wait_for_log(&log, "memory file discarded; starting empty");
+    wait_for_log(&log, reason);
     assert_eq!(served(node.port), 0);
     // The node works on its fresh file.
     let mut s = connect(node.port);
@@ -161,6 +166,18 @@ fn damaged_file_is_discarded(damage: impl FnOnce(&Path)) {
         got.extend_from_slice(&buf[..n]);
     }
     assert_eq!(got, b"STORED\r\nVALUE fresh 0 1\r\nx\r\nEND\r\n");
+}
+
+#[test]
+fn a_file_of_the_previous_format_is_discarded() {
+    // Format 1 records (4-byte aligned, always with an expiry) cannot be read as format 2.
+    damaged_file_is_discarded_because(
+        |file| {
+            let f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+            f.write_all_at(&1u32.to_le_bytes(), 8).unwrap();
+        },
+        "it has format 1, this kache reads format 2",
+    );
 }
 
 #[test]

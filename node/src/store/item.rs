@@ -1,17 +1,20 @@
 //! How one item is laid out inside a segment, and views of it.
 //!
-//! An item is appended to a segment as one record, 4-byte aligned:
+//! An item is appended to a segment as one record, right after the one before (records are
+//! not aligned: every field is read as bytes):
 //!
 //! ```text
-//! 0..8   CAS (the item's version)          16  key length
-//! 8..12  expiry (Unix s, 0 = never)        17  state bits (`bits`)
-//! 12..16 last access (Unix s)              18  access frequency (eviction)
-//! 19..   value length (LEB128, 1..5 bytes), client flags (4 bytes, only when nonzero),
-//!        key, value
+//! 0..8   CAS (the item's version)          12  key length
+//! 8..12  last access (Unix s)              13  state bits (`bits`)
+//!                                          14  access frequency (eviction)
+//! 15..   value length (LEB128, 1..5 bytes), expiry (Unix s, 4 bytes, only when set),
+//!        client flags (4 bytes, only when nonzero), key, value
 //! ```
 //!
-//! 20 bytes of header for a value under 128 bytes with flags 0, against memcached's 56. The
-//! record is the only copy of the metadata: the hash table holds just the record's place.
+//! 16 bytes of header for a value under 128 bytes without expiry or flags (17 under 16 KiB),
+//! against memcached's 56. The record is the only copy of the metadata: the hash table
+//! holds just the record's place. An item without an expiry that is given one (`touch`,
+//! `gat`, meta `T`) is written again with the field (`Entry::item_mut`).
 
 /// Bit flags kept per item.
 pub mod bits {
@@ -27,23 +30,22 @@ pub mod bits {
     pub const TOMBSTONE: u8 = 16;
     /// The record is no longer linked (replaced, deleted, evicted): its space is garbage.
     pub(crate) const DEAD: u8 = 32;
-    /// Client flags follow the value length.
+    /// Client flags follow the value length (and the expiry).
     pub(crate) const HAS_FLAGS: u8 = 64;
+    /// An expiry follows the value length.
+    pub(crate) const HAS_EXPTIME: u8 = 128;
     /// Bits a caller may set or clear; the others describe the record's layout and life.
     pub(crate) const PUBLIC: u8 = FETCHED | TOKEN_SENT | STALE | KEY_BINARY | TOMBSTONE;
 }
 
 const CAS: usize = 0;
-const EXPTIME: usize = 8;
-const TIME: usize = 12;
-const KEY_LEN: usize = 16;
-const BITS: usize = 17;
-const FREQ: usize = 18;
-const VALUE_LEN: usize = 19;
+const TIME: usize = 8;
+const KEY_LEN: usize = 12;
+const BITS: usize = 13;
+const FREQ: usize = 14;
+const VALUE_LEN: usize = 15;
 /// Bytes of fixed header before the value length.
 pub const FIXED_HEADER: usize = VALUE_LEN;
-/// Records start at multiples of this.
-pub const ALIGN: usize = 4;
 /// Longest key a record can hold.
 pub const MAX_KEY: usize = u8::MAX as usize;
 
@@ -81,12 +83,13 @@ impl<'a> NewItem<'a> {
         self.value.iter().map(|p| p.len()).sum()
     }
 
-    /// Bytes the record takes in a segment, alignment included.
+    /// Bytes the record takes in a segment.
     pub fn record_len(&self) -> usize {
         record_len(
             self.stored_key().len(),
             self.value_len(),
             self.meta.client_flags,
+            self.meta.exptime,
         )
     }
 
@@ -98,13 +101,19 @@ impl<'a> NewItem<'a> {
         if self.meta.client_flags != 0 {
             flag_bits |= bits::HAS_FLAGS;
         }
+        if self.meta.exptime != 0 {
+            flag_bits |= bits::HAS_EXPTIME;
+        }
         out[CAS..CAS + 8].copy_from_slice(&self.meta.cas.to_le_bytes());
-        out[EXPTIME..EXPTIME + 4].copy_from_slice(&self.meta.exptime.to_le_bytes());
         out[TIME..TIME + 4].copy_from_slice(&self.meta.time.to_le_bytes());
         out[KEY_LEN] = key.len() as u8;
         out[BITS] = flag_bits;
         out[FREQ] = 0;
         let mut at = VALUE_LEN + write_varint(&mut out[VALUE_LEN..], value_len as u32);
+        if self.meta.exptime != 0 {
+            out[at..at + 4].copy_from_slice(&self.meta.exptime.to_le_bytes());
+            at += 4;
+        }
         if self.meta.client_flags != 0 {
             out[at..at + 4].copy_from_slice(&self.meta.client_flags.to_le_bytes());
             at += 4;
@@ -118,12 +127,11 @@ impl<'a> NewItem<'a> {
     }
 }
 
-/// Bytes a record with this key, value and flags takes in a segment, alignment included.
-pub fn record_len(key_len: usize, value_len: usize, client_flags: u32) -> usize {
+/// Bytes a record with this key, value, flags and expiry takes in a segment.
+pub fn record_len(key_len: usize, value_len: usize, client_flags: u32, exptime: u32) -> usize {
     let flags = if client_flags == 0 { 0 } else { 4 };
-    let len =
-        FIXED_HEADER + varint_len(value_len as u32) + flags + key_len.min(MAX_KEY) + value_len;
-    len.next_multiple_of(ALIGN)
+    let expiry = if exptime == 0 { 0 } else { 4 };
+    FIXED_HEADER + varint_len(value_len as u32) + expiry + flags + key_len.min(MAX_KEY) + value_len
 }
 
 fn varint_len(mut v: u32) -> usize {
@@ -174,14 +182,25 @@ pub(crate) fn read_u64(b: &[u8], at: usize) -> u64 {
 /// Where the parts of a record are, relative to its start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Layout {
+    /// Where the expiry is, when the record has one.
+    pub exptime_at: Option<usize>,
     pub key_at: usize,
     pub value_at: usize,
     pub value_len: usize,
-    /// Record length, alignment included.
+    /// Record length.
     pub len: usize,
 }
 
 impl Layout {
+    /// The layout of no record (an empty view).
+    pub const EMPTY: Layout = Layout {
+        exptime_at: None,
+        key_at: 0,
+        value_at: 0,
+        value_len: 0,
+        len: 0,
+    };
+
     /// Parses the record at the start of `b` (which runs to the end of the written part of
     /// its segment). None when the bytes cannot be a record: a corrupt or foreign segment
     /// is never read past its end.
@@ -195,11 +214,12 @@ impl Layout {
             _ => read_varint(&b[VALUE_LEN..])?,
         };
         let flags = if b[BITS] & bits::HAS_FLAGS != 0 { 4 } else { 0 };
-        let key_at = VALUE_LEN + n + flags;
+        let exptime_at = (b[BITS] & bits::HAS_EXPTIME != 0).then_some(VALUE_LEN + n);
+        let key_at = VALUE_LEN + n + 4 * usize::from(exptime_at.is_some()) + flags;
         let value_at = key_at + key_len;
-        let end = value_at.checked_add(value_len as usize)?;
-        let len = end.next_multiple_of(ALIGN);
+        let len = value_at.checked_add(value_len as usize)?;
         (len <= b.len()).then_some(Layout {
+            exptime_at,
             key_at,
             value_at,
             value_len: value_len as usize,
@@ -233,7 +253,9 @@ impl<'a> ItemRef<'a> {
     }
 
     pub fn exptime(&self) -> u32 {
-        read_u32(self.bytes, EXPTIME)
+        self.layout
+            .exptime_at
+            .map_or(0, |at| read_u32(self.bytes, at))
     }
 
     /// Last access (or store), Unix seconds.
@@ -284,62 +306,32 @@ impl<'a> ItemRef<'a> {
     }
 }
 
-/// A view of a stored item whose metadata (and value, at the same length) can change in
+/// A view of a stored record whose metadata (and value, at the same length) can change in
 /// place. Setting a later expiry also moves its segment's expiry.
 #[derive(Debug)]
-pub struct ItemMut<'a> {
+pub(crate) struct RecordMut<'a> {
     bytes: &'a mut [u8],
     layout: Layout,
     segment_expiry: &'a mut u32,
 }
 
-impl<'a> ItemMut<'a> {
+impl<'a> RecordMut<'a> {
     pub(crate) fn new(bytes: &'a mut [u8], layout: Layout, segment_expiry: &'a mut u32) -> Self {
-        ItemMut {
+        RecordMut {
             bytes,
             layout,
             segment_expiry,
         }
     }
 
+    /// The record as it reads now.
+    #[cfg(test)]
     pub fn view(&self) -> ItemRef<'_> {
         ItemRef::new(self.bytes, self.layout)
     }
 
-    pub fn key(&self) -> &[u8] {
-        self.view().key()
-    }
-
-    pub fn value(&self) -> &[u8] {
-        ItemRef::new(self.bytes, self.layout).value()
-    }
-
-    pub fn cas(&self) -> u64 {
-        self.view().cas()
-    }
-
-    pub fn exptime(&self) -> u32 {
-        self.view().exptime()
-    }
-
-    pub fn time(&self) -> u32 {
-        self.view().time()
-    }
-
-    pub fn client_flags(&self) -> u32 {
-        self.view().client_flags()
-    }
-
-    pub fn has(&self, bit: u8) -> bool {
-        self.view().has(bit)
-    }
-
-    pub fn meta(&self) -> ItemMeta {
-        self.view().meta()
-    }
-
-    /// The value, writable in place (same length).
-    pub fn value_mut(&mut self) -> &mut [u8] {
+    /// The value, writable in place (same length), for as long as the view's borrow.
+    pub fn into_value_mut(self) -> &'a mut [u8] {
         let at = self.layout.value_at;
         &mut self.bytes[at..at + self.layout.value_len]
     }
@@ -348,9 +340,16 @@ impl<'a> ItemMut<'a> {
         self.bytes[CAS..CAS + 8].copy_from_slice(&cas.to_le_bytes());
     }
 
-    pub fn set_exptime(&mut self, exptime: u32) {
-        self.bytes[EXPTIME..EXPTIME + 4].copy_from_slice(&exptime.to_le_bytes());
+    /// Sets the expiry in place; false (and nothing changed) when the record has no room
+    /// for one and `exptime` is not 0, so it must be written again.
+    pub fn set_exptime(&mut self, exptime: u32) -> bool {
+        match self.layout.exptime_at {
+            Some(at) => self.bytes[at..at + 4].copy_from_slice(&exptime.to_le_bytes()),
+            None if exptime == 0 => {}
+            None => return false,
+        }
         *self.segment_expiry = later_expiry(*self.segment_expiry, exptime);
+        true
     }
 
     pub fn set_bits(&mut self, bit: u8) {
@@ -389,6 +388,11 @@ pub(crate) fn record_access(b: &mut [u8], now: u32, fetched: bool) {
     }
 }
 
+/// Sets the frequency of a record written again in place of another.
+pub(crate) fn set_frequency(b: &mut [u8], freq: u8) {
+    b[FREQ] = freq;
+}
+
 /// Halves a moved record's frequency, so that only items still being read keep winning.
 pub(crate) fn age_frequency(b: &mut [u8]) {
     b[FREQ] /= 2;
@@ -420,20 +424,33 @@ mod tests {
         assert_eq!(it.meta(), meta);
         assert_eq!(it.record_len(), buf.len());
         let mut seg_expiry = 0;
-        let mut m = ItemMut::new(&mut buf, layout, &mut seg_expiry);
+        let mut m = RecordMut::new(&mut buf, layout, &mut seg_expiry);
         m.set_cas(9);
-        m.set_exptime(5);
+        assert!(m.set_exptime(5));
         m.set_bits(bits::STALE | bits::DEAD);
-        assert_eq!((m.cas(), m.exptime()), (9, 5));
-        assert!(m.has(bits::STALE) && !m.has(bits::DEAD));
+        assert_eq!((m.view().cas(), m.view().exptime()), (9, 5));
+        assert!(m.view().has(bits::STALE) && !m.view().has(bits::DEAD));
         assert!(m.view().is_expired(5) && !m.view().is_expired(4));
         assert_eq!(seg_expiry, 5);
     }
 
     #[test]
-    fn header_is_twenty_bytes_for_small_values_without_flags() {
+    fn header_is_sixteen_bytes_for_small_values_without_expiry_or_flags() {
         let item = NewItem::new(b"k", &[&[b'x'; 100]], ItemMeta::default());
-        assert_eq!(item.record_len(), (20 + 1 + 100usize).next_multiple_of(4));
+        assert_eq!(item.record_len(), 16 + 1 + 100);
+        let meta = ItemMeta {
+            exptime: 9,
+            client_flags: 3,
+            ..ItemMeta::default()
+        };
+        assert_eq!(NewItem::new(b"k", &[b"v"], meta).record_len(), 16 + 8 + 2);
+        // A record without an expiry takes one only by being written again.
+        let mut buf = write(&item);
+        let layout = Layout::parse(&buf).unwrap();
+        let mut seg_expiry = 0;
+        let mut m = RecordMut::new(&mut buf, layout, &mut seg_expiry);
+        assert!(m.set_exptime(0) && !m.set_exptime(7));
+        assert_eq!(m.view().exptime(), 0);
         let big = vec![b'y'; 300_000];
         let buf = write(&NewItem::new(b"kk", &[&big], ItemMeta::default()));
         let layout = Layout::parse(&buf).unwrap();

@@ -2,8 +2,8 @@
 //!
 //! The design follows Segcache (Yang et al., NSDI '21). Memory is cut into segments of
 //! equal size (1 MiB, or the next power of two above `-I`), each allocated once and reused.
-//! An item is appended as one record (20-byte header, key, value; see `item`) to the open
-//! segment of its TTL bucket, so the segments of a bucket expire in the order they were
+//! An item is appended as one record (a header of 16 bytes or more, key, value; see `item`)
+//! to the open segment of its TTL bucket, so the segments of a bucket expire in the order they were
 //! filled and are dropped whole once their last item has expired. The hash table holds
 //! only each record's place (4 bytes). When the budget is spent, a shard evicts by merging
 //! a few consecutive segments of one bucket into one, keeping the records read most often
@@ -15,6 +15,7 @@
 //! the hash tables' memory, so `-m` bounds segments and tables together.
 
 pub mod classes;
+mod index;
 mod item;
 mod mapping;
 mod memory;
@@ -34,7 +35,7 @@ use arc_swap::ArcSwapOption;
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
-pub use item::{bits, record_len, ItemMeta, ItemMut, ItemRef, NewItem};
+pub use item::{bits, record_len, ItemMeta, ItemRef, NewItem};
 pub use persist::{Discard, OpenError};
 pub use pool::PoolStats;
 pub use version::{node_id, VersionClock};
@@ -269,7 +270,7 @@ pub struct Entry<'a> {
     live: bool,
 }
 
-impl Entry<'_> {
+impl<'a> Entry<'a> {
     /// What the lookup found.
     pub fn lookup(&self) -> Lookup {
         self.lookup
@@ -285,9 +286,9 @@ impl Entry<'_> {
             .and_then(|loc| self.shard.item(self.shared, loc))
     }
 
-    pub fn item_mut(&mut self) -> Option<ItemMut<'_>> {
-        let loc = self.loc.filter(|_| self.live)?;
-        self.shard.item_mut(self.shared, loc)
+    pub fn item_mut(&mut self) -> Option<ItemMut<'_, 'a>> {
+        self.item()?;
+        Some(ItemMut { entry: self })
     }
 
     /// What the key holds now: the live item or a tombstone.
@@ -365,6 +366,40 @@ impl Entry<'_> {
         }
     }
 
+    /// Writes the live item again with an expiry field set to `exptime`. Should the store
+    /// have no room for it (only with `-M`, full), the item goes: it expires now rather
+    /// than live on past its time.
+    fn rewrite_with_exptime(&mut self, exptime: u32) {
+        let Some(it) = self.item() else {
+            return;
+        };
+        let (value, freq) = (it.value().to_vec(), it.freq());
+        let mut meta = it.meta();
+        meta.exptime = exptime;
+        let key = self.key.to_vec();
+        let parts = [value.as_slice()];
+        let item = NewItem::new(&key, &parts, meta);
+        let placed = self.shard.rewrite(
+            self.hash,
+            &item,
+            freq,
+            self.now,
+            self.shared,
+            self.shard_index,
+        );
+        match placed {
+            Ok(loc) => self.loc = Some(loc),
+            Err(_) => {
+                let (loc, lookup) = self
+                    .shard
+                    .lookup(self.hash, self.key, self.now, self.shared);
+                self.loc = loc;
+                self.live = lookup == Lookup::Hit;
+                self.remove();
+            }
+        }
+    }
+
     /// Removes the live item, if any. Returns whether there was one.
     pub fn remove(&mut self) -> bool {
         let Some(loc) = self.loc.filter(|_| self.live) else {
@@ -402,6 +437,94 @@ impl Entry<'_> {
             },
         );
         self.store(tombstone).ok()
+    }
+}
+
+/// The live item of an `Entry`, changed in place: its metadata, and its value at the same
+/// length. A record stored without an expiry has no room for one: giving it one writes the
+/// record again (same CAS, flags, access time and read count), and the view follows it.
+pub struct ItemMut<'e, 'a> {
+    entry: &'e mut Entry<'a>,
+}
+
+impl ItemMut<'_, '_> {
+    fn record(&mut self) -> Option<item::RecordMut<'_>> {
+        let e = &mut *self.entry;
+        e.shard.item_mut(e.shared, e.loc?)
+    }
+
+    pub fn view(&self) -> ItemRef<'_> {
+        // An `ItemMut` exists only while the entry holds a live item.
+        self.entry
+            .item()
+            .unwrap_or_else(|| ItemRef::new(&[], item::Layout::EMPTY))
+    }
+
+    pub fn key(&self) -> &[u8] {
+        self.view().key()
+    }
+
+    pub fn value(&self) -> &[u8] {
+        self.view().value()
+    }
+
+    pub fn cas(&self) -> u64 {
+        self.view().cas()
+    }
+
+    pub fn exptime(&self) -> u32 {
+        self.view().exptime()
+    }
+
+    pub fn time(&self) -> u32 {
+        self.view().time()
+    }
+
+    pub fn client_flags(&self) -> u32 {
+        self.view().client_flags()
+    }
+
+    pub fn has(&self, bit: u8) -> bool {
+        self.view().has(bit)
+    }
+
+    pub fn meta(&self) -> ItemMeta {
+        self.view().meta()
+    }
+
+    /// The value, writable in place (same length).
+    pub fn value_mut(&mut self) -> &mut [u8] {
+        let e = &mut *self.entry;
+        match e.loc.and_then(|loc| e.shard.item_mut(e.shared, loc)) {
+            Some(record) => record.into_value_mut(),
+            None => &mut [],
+        }
+    }
+
+    pub fn set_cas(&mut self, cas: u64) {
+        if let Some(mut r) = self.record() {
+            r.set_cas(cas);
+        }
+    }
+
+    pub fn set_bits(&mut self, bit: u8) {
+        if let Some(mut r) = self.record() {
+            r.set_bits(bit);
+        }
+    }
+
+    pub fn clear_bits(&mut self, bit: u8) {
+        if let Some(mut r) = self.record() {
+            r.clear_bits(bit);
+        }
+    }
+
+    /// Sets the expiry (absolute Unix seconds, 0 for never).
+    pub fn set_exptime(&mut self, exptime: u32) {
+        if self.record().is_none_or(|mut r| r.set_exptime(exptime)) {
+            return;
+        }
+        self.entry.rewrite_with_exptime(exptime);
     }
 }
 
@@ -493,12 +616,20 @@ impl Store {
     }
 
     /// Shards for a configuration: up to `max_shards`, but no fewer than
-    /// `SEGMENTS_PER_SHARD` segments each.
+    /// `SEGMENTS_PER_SHARD` segments each, and enough that each can address its segments.
     fn shards_for(config: &StoreConfig, segment_size: usize) -> usize {
         let segments = config.memory_limit / segment_size;
         let by_memory = (segments / SEGMENTS_PER_SHARD).max(1);
         let by_memory = 1usize << by_memory.ilog2();
-        config.max_shards.max(1).next_power_of_two().min(by_memory)
+        let addressable = segments
+            .div_ceil(Geometry::new(segment_size).max_slots())
+            .next_power_of_two();
+        config
+            .max_shards
+            .max(1)
+            .next_power_of_two()
+            .min(by_memory)
+            .max(addressable)
     }
 
     fn build(

@@ -27,7 +27,9 @@ use super::memory::SegBuf;
 use super::segment::TTL_BUCKETS;
 
 const MAGIC: &[u8; 8] = b"KACHESEG";
-const FORMAT: u32 = 1;
+/// 2: records unaligned, with an expiry field only when one is set (format 1 aligned them
+/// to 4 bytes and always had one).
+const FORMAT: u32 = 2;
 pub(super) const HEADER_LEN: usize = 4096;
 pub(super) const ENTRY_LEN: usize = 64;
 const PAGE: usize = 4096;
@@ -302,8 +304,7 @@ fn check_segments(segments: &[SegBuf], header: &Header) -> Result<(), Discard> {
         let write = entry.write as usize;
         let sane = entry.shard < header.shards as u32
             && usize::from(entry.bucket) < TTL_BUCKETS
-            && write <= header.geometry.segment_size
-            && write % super::item::ALIGN == 0;
+            && write <= header.geometry.segment_size;
         if !sane {
             return Err(Discard::Entry(id));
         }

@@ -1,7 +1,7 @@
 //! A segment: a fixed-size buffer that records are appended to, and the TTL buckets that
 //! group segments by how long their items live.
 
-use super::item::{later_expiry, ItemMut, ItemRef, Layout, NewItem};
+use super::item::{later_expiry, ItemRef, Layout, NewItem, RecordMut};
 use super::memory::SegBuf;
 use super::persist;
 
@@ -118,10 +118,10 @@ impl Segment {
         ))
     }
 
-    pub fn item_mut(&mut self, offset: usize) -> Option<ItemMut<'_>> {
+    pub fn item_mut(&mut self, offset: usize) -> Option<RecordMut<'_>> {
         let layout = self.layout_at(offset)?;
         let bytes = &mut self.buf.bytes_mut()[offset..offset + layout.len];
-        Some(ItemMut::new(bytes, layout, &mut self.expire_at))
+        Some(RecordMut::new(bytes, layout, &mut self.expire_at))
     }
 
     /// The raw bytes of the record at `offset` (for in-place metadata updates).

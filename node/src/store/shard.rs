@@ -9,10 +9,9 @@
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
 
-use hashbrown::HashTable;
-
 use super::classes::ClassTable;
-use super::item::{self, bits, ItemMut, ItemRef, NewItem};
+use super::index::{self, table_bytes, PlaceTable};
+use super::item::{self, bits, ItemRef, NewItem, RecordMut};
 use super::memory::SegBuf;
 use super::segment::{Segment, TTL_BUCKETS};
 use super::{ItemStats, Lookup, ScanCursor, Shared, StoreError};
@@ -24,35 +23,33 @@ const MERGE: usize = 4;
 const ATTEMPTS: usize = 8;
 
 /// Packs a record's place (segment slot in the shard, byte offset) into the u32 the hash
-/// table stores: offsets are multiples of 4, so a 1 MiB segment needs 18 bits for them.
+/// table stores: records are not aligned, so a 1 MiB segment needs 20 bits of offset and
+/// leaves 12 for 4096 segments per shard (`Store::shards_for` adds shards past that).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Geometry {
-    unit_bits: u32,
+    offset_bits: u32,
 }
 
 impl Geometry {
     /// For segments of `segment_size` bytes (a power of two).
     pub fn new(segment_size: usize) -> Geometry {
         Geometry {
-            unit_bits: segment_size.trailing_zeros().saturating_sub(2),
+            offset_bits: segment_size.trailing_zeros().min(31),
         }
     }
 
     fn encode(self, slot: usize, offset: usize) -> u32 {
-        ((slot as u32) << self.unit_bits) | (offset as u32 >> 2)
+        ((slot as u32) << self.offset_bits) | offset as u32
     }
 
     fn decode(self, loc: u32) -> (usize, usize) {
-        let mask = (1u32 << self.unit_bits) - 1;
-        (
-            (loc >> self.unit_bits) as usize,
-            ((loc & mask) as usize) << 2,
-        )
+        let mask = (1u32 << self.offset_bits) - 1;
+        ((loc >> self.offset_bits) as usize, (loc & mask) as usize)
     }
 
     /// Segments one shard can address.
     pub fn max_slots(self) -> usize {
-        1usize << (32 - self.unit_bits)
+        1usize << (32 - self.offset_bits)
     }
 }
 
@@ -174,9 +171,9 @@ struct Bucket {
 
 #[derive(Debug)]
 pub(super) struct Shard {
-    index: HashTable<u32>,
-    /// Buckets of `index` charged to the pool.
-    index_buckets: usize,
+    index: PlaceTable,
+    /// Buckets the table keeps however few entries it has (`-o hashpower`).
+    reserved_buckets: usize,
     segs: Vec<Option<Segment>>,
     /// Bumped each time a slot gets a new segment, so a scan cursor notices.
     gens: Vec<u32>,
@@ -186,24 +183,6 @@ pub(super) struct Shard {
     active_buckets: Vec<u16>,
     pub counters: ShardCounters,
     sweep_at: (usize, usize),
-}
-
-/// Bytes of a hash table of `buckets` u32 entries (data, one control byte each, a group).
-fn table_bytes(buckets: usize) -> usize {
-    if buckets == 0 {
-        0
-    } else {
-        buckets * (std::mem::size_of::<u32>() + 1) + 16
-    }
-}
-
-/// Entries a table of `buckets` holds before it must grow (hashbrown's 7/8 load).
-fn table_capacity(buckets: usize) -> usize {
-    if buckets < 8 {
-        buckets.saturating_sub(1)
-    } else {
-        buckets / 8 * 7
-    }
 }
 
 fn record(segs: &[Option<Segment>], geo: Geometry, loc: u32) -> Option<ItemRef<'_>> {
@@ -223,8 +202,8 @@ fn gone(it: &ItemRef<'_>, now: u32, flush_at: u32) -> bool {
 impl Shard {
     pub fn new() -> Shard {
         Shard {
-            index: HashTable::new(),
-            index_buckets: 0,
+            index: PlaceTable::default(),
+            reserved_buckets: 0,
             segs: Vec::new(),
             gens: Vec::new(),
             free_slots: Vec::new(),
@@ -244,30 +223,28 @@ impl Shard {
         record(&self.segs, shared.geometry, loc)
     }
 
-    pub fn item_mut(&mut self, shared: &Shared, loc: u32) -> Option<ItemMut<'_>> {
+    pub fn item_mut(&mut self, shared: &Shared, loc: u32) -> Option<RecordMut<'_>> {
         let (slot, offset) = shared.geometry.decode(loc);
         self.segs.get_mut(slot)?.as_mut()?.item_mut(offset)
     }
 
-    pub fn record_access(&mut self, shared: &Shared, loc: u32, now: u32, fetched: bool) {
+    /// The raw bytes of the record at `loc` (for in-place metadata updates).
+    fn record_bytes_mut(&mut self, shared: &Shared, loc: u32) -> Option<&mut [u8]> {
         let (slot, offset) = shared.geometry.decode(loc);
-        if let Some(bytes) = self
-            .segs
-            .get_mut(slot)
-            .and_then(|s| s.as_mut())
-            .and_then(|s| s.record_bytes_mut(offset))
-        {
+        self.segs.get_mut(slot)?.as_mut()?.record_bytes_mut(offset)
+    }
+
+    pub fn record_access(&mut self, shared: &Shared, loc: u32, now: u32, fetched: bool) {
+        if let Some(bytes) = self.record_bytes_mut(shared, loc) {
             item::record_access(bytes, now, fetched);
         }
     }
 
     fn find(&self, shared: &Shared, hash: u64, key: &[u8]) -> Option<u32> {
         let (segs, geo) = (&self.segs, shared.geometry);
-        self.index
-            .find(hash, |&loc| {
-                record(segs, geo, loc).is_some_and(|it| it.key() == key)
-            })
-            .copied()
+        self.index.find(hash, |loc| {
+            record(segs, geo, loc).is_some_and(|it| it.key() == key)
+        })
     }
 
     /// Finds the key's record, reclaiming it if it has expired or been flushed.
@@ -297,9 +274,7 @@ impl Shard {
     /// Takes a linked record out of the hash table and marks it dead. With `free_empty`, a
     /// segment left without records (and not taking appends) goes back to the pool.
     fn unlink(&mut self, loc: u32, hash: u64, why: Drop, shared: &Shared, free_empty: bool) {
-        if let Ok(entry) = self.index.find_entry(hash, |&l| l == loc) {
-            entry.remove();
-        }
+        self.index.remove(hash, |l| l == loc);
         self.retire(loc, why, shared, free_empty);
     }
 
@@ -369,12 +344,11 @@ impl Shard {
         };
         let (segs, geo) = (&self.segs, shared.geometry);
         let key = item.stored_key();
-        let matches = |l: &u32| record(segs, geo, *l).is_some_and(|it| it.key() == key);
+        let matches = |l: u32| record(segs, geo, l).is_some_and(|it| it.key() == key);
         let replaced = match self.index.find_mut(hash, matches) {
             Some(place) => Some(std::mem::replace(place, loc)),
             None => {
-                self.index
-                    .insert_unique(hash, loc, |&l| key_hash(segs, geo, shared, l));
+                self.index.insert_unique(hash, loc);
                 None
             }
         };
@@ -383,6 +357,26 @@ impl Shard {
         }
         if let Some(old) = replaced {
             self.retire(old, Drop::Quiet, shared, true);
+        }
+        Ok(loc)
+    }
+
+    /// Writes an item again in place of its record (to give it room for an expiry): the
+    /// same item, so it is not counted as stored again, and it keeps its read count.
+    pub fn rewrite(
+        &mut self,
+        hash: u64,
+        item: &NewItem<'_>,
+        freq: u8,
+        now: u32,
+        shared: &Shared,
+        me: usize,
+    ) -> Result<u32, StoreError> {
+        let loc = self.install(hash, item, now, shared, me)?;
+        let c = &mut self.counters.items;
+        c.total_items = c.total_items.saturating_sub(1);
+        if let Some(bytes) = self.record_bytes_mut(shared, loc) {
+            item::set_frequency(bytes, freq);
         }
         Ok(loc)
     }
@@ -409,19 +403,23 @@ impl Shard {
     /// Grows the hash table up front to hold `entries`, if its bytes fit in `budget` and
     /// the pool grants them (`Store::reserve`).
     pub fn reserve(&mut self, entries: usize, budget: usize, shared: &Shared) {
-        let buckets = (entries.saturating_mul(8) / 7).max(4).next_power_of_two();
-        if buckets <= self.index_buckets || table_bytes(buckets) > budget {
+        let buckets = index::buckets_for(entries);
+        if buckets <= self.index.buckets() || table_bytes(buckets) > budget {
             return;
         }
-        let grow = table_bytes(buckets) - table_bytes(self.index_buckets);
-        if !shared.pool.grow_index(grow) {
-            return;
+        let grow = table_bytes(buckets) - table_bytes(self.index.buckets());
+        if shared.pool.grow_index(grow) {
+            self.resize_index(buckets, shared);
+            self.reserved_buckets = buckets;
         }
+    }
+
+    /// Moves the table's entries into one of `buckets` buckets (already charged).
+    fn resize_index(&mut self, buckets: usize, shared: &Shared) {
         let (segs, geo) = (&self.segs, shared.geometry);
-        let additional = table_capacity(buckets).saturating_sub(self.index.len());
-        self.index
-            .reserve(additional, |&l| key_hash(segs, geo, shared, l));
-        self.index_buckets = buckets;
+        self.index = self
+            .index
+            .rebuilt(buckets, |l| key_hash(segs, geo, shared, l));
     }
 
     /// Makes sure one more entry fits the hash table without it growing unaccounted: a
@@ -432,25 +430,28 @@ impl Shard {
         shared: &Shared,
         me: usize,
     ) -> Result<(), StoreError> {
-        if self.index.capacity() > self.index.len() {
-            return Ok(());
+        let have = self.index.buckets();
+        if self.index.len() < index::table_capacity(have) / 2 && have > self.reserved_buckets {
+            // Far emptier than at its peak (shards trade segments): a smaller table gives
+            // the difference back to the segments.
+            let fit = index::buckets_for(self.index.len() + self.index.len() / 4);
+            let buckets = fit.max(self.reserved_buckets);
+            if buckets < have {
+                self.resize_index(buckets, shared);
+                shared
+                    .pool
+                    .shrink_index(table_bytes(have) - table_bytes(buckets));
+            }
         }
-        if self.index.len() < table_capacity(self.index_buckets) / 2 {
-            // Full of the marks removed entries leave: rehashing in place makes room
-            // without memory.
-            let (segs, geo) = (&self.segs, shared.geometry);
-            self.index.reserve(1, |&l| key_hash(segs, geo, shared, l));
-            return Ok(());
-        }
-        let buckets = (self.index_buckets * 2).max(4);
-        let grow = table_bytes(buckets) - table_bytes(self.index_buckets);
+        let buckets = index::grown(self.index.buckets());
+        let grow = table_bytes(buckets) - table_bytes(self.index.buckets());
         for _ in 0..ATTEMPTS {
+            // An eviction below may have made the room.
+            if self.index.has_room() {
+                return Ok(());
+            }
             if shared.pool.grow_index(grow) {
-                let (segs, geo) = (&self.segs, shared.geometry);
-                let additional = table_capacity(buckets).saturating_sub(self.index.len());
-                self.index
-                    .reserve(additional, |&l| key_hash(segs, geo, shared, l));
-                self.index_buckets = buckets;
+                self.resize_index(buckets, shared);
                 return Ok(());
             }
             let freed = self.evict_segment(now, shared);
@@ -512,8 +513,10 @@ impl Shard {
                 }
                 continue;
             }
+            // Below its share, a shard makes the one holding the most give a segment up,
+            // so shards stay the same size (their tables sized for as many items).
             let fair = shared.pool.stats().segments_in_use / shared.shards.len().max(1);
-            if self.owned() * 2 < fair && self.steal(now, shared, me) {
+            if self.owned() < fair && self.steal(now, shared, me) {
                 continue;
             }
             let freed = self.evict_segment(now, shared);
@@ -692,7 +695,7 @@ impl Shard {
                 shared.versions.observe(it.cas());
                 let (key, cas) = (it.key(), it.cas());
                 let segs = &self.segs;
-                let existing = self.index.find_mut(hash, |&l| {
+                let existing = self.index.find_mut(hash, |l| {
                     record(segs, geo, l).is_some_and(|o| o.key() == key)
                 });
                 let loser = match existing {
@@ -705,19 +708,16 @@ impl Shard {
                         }
                     }
                     None => {
-                        if self.index.capacity() == self.index.len() {
-                            let buckets = (self.index_buckets * 2).max(4);
+                        if !self.index.has_room() {
+                            let buckets = index::grown(self.index.buckets());
                             shared.pool.charge_index(
-                                table_bytes(buckets) - table_bytes(self.index_buckets),
+                                table_bytes(buckets) - table_bytes(self.index.buckets()),
                             );
-                            self.index_buckets = buckets;
-                            let additional =
-                                table_capacity(buckets).saturating_sub(self.index.len());
-                            self.index
-                                .reserve(additional, |&l| key_hash(segs, geo, shared, l));
+                            self.index = self
+                                .index
+                                .rebuilt(buckets, |l| key_hash(segs, geo, shared, l));
                         }
-                        self.index
-                            .insert_unique(hash, loc, |&l| key_hash(segs, geo, shared, l));
+                        self.index.insert_unique(hash, loc);
                         None
                     }
                 };
@@ -815,6 +815,15 @@ impl Shard {
             .range(..sealed.min(MERGE))
             .map(|&s| s as usize)
             .collect();
+        if !self.any_read(&group) {
+            // Nothing would survive a merge: evicting the oldest segment alone frees what
+            // is needed and keeps the other items a while longer.
+            let oldest = group[0];
+            self.drop_records(oldest, Drop::Evict(now), Drop::Reclaim, now, shared);
+            let buf = self.free_segment(oldest);
+            self.prune_buckets();
+            return vec![buf];
+        }
         let into = if group.len() >= 2 { group[0] } else { tail };
         let (kept, mut freed) = self.merge(&group, into, false, now, shared);
         if into == group[0] {
@@ -839,6 +848,17 @@ impl Shard {
         }
         self.prune_buckets();
         freed
+    }
+
+    /// Whether any live record of these segments has been read since it was written or
+    /// last kept by a merge (what a merge keeps).
+    fn any_read(&self, group: &[usize]) -> bool {
+        group.iter().any(|&slot| {
+            self.segs[slot].as_ref().is_some_and(|seg| {
+                seg.records(0)
+                    .any(|(_, it)| it.freq() > 0 && !it.has(bits::DEAD))
+            })
+        })
     }
 
     /// Without eviction (`-M`): frees memory by moving the live records of a bucket's oldest
@@ -1016,7 +1036,7 @@ impl Shard {
                     expire_at =
                         item::later_expiry(expire_at, ItemRef::new(bytes, layout).exptime());
                 }
-                if let Some(place) = self.index.find_mut(r.hash, |&l| l == old) {
+                if let Some(place) = self.index.find_mut(r.hash, |l| l == old) {
                     *place = geo.encode(into, write);
                 }
                 write += r.len;
@@ -1024,9 +1044,7 @@ impl Shard {
                 live_bytes += r.len;
                 kept += 1;
             } else {
-                if let Ok(entry) = self.index.find_entry(r.hash, |&l| l == old) {
-                    entry.remove();
-                }
+                self.index.remove(r.hash, |l| l == old);
                 let seg = sources[r.segment].as_ref().unwrap_or(&target);
                 if let Some(it) = seg.record_at(r.offset, r.len) {
                     self.counters.unlink(&it, Drop::Evict(now), shared);
@@ -1240,9 +1258,8 @@ impl Shard {
             *bucket = Bucket::default();
         }
         self.active_buckets.clear();
-        self.index = HashTable::new();
-        shared.pool.shrink_index(table_bytes(self.index_buckets));
-        self.index_buckets = 0;
+        shared.pool.shrink_index(table_bytes(self.index.buckets()));
+        self.index = PlaceTable::default();
         self.sweep_at = (0, 0);
         let c = &mut self.counters.items;
         c.curr_items = 0;
