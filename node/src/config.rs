@@ -436,7 +436,7 @@ pub struct ClusterArgs {
     /// Seconds a delete's tombstone is kept. A delete survives a partition (or a replica's
     /// absence) shorter than this less one anti-entropy interval; after that an older copy
     /// on the replica that missed it can bring the key back.
-    #[arg(long = "tombstone-ttl", default_value_t = crate::peer::DEFAULT_TOMBSTONE_TTL, value_parser = clap::value_parser!(u32).range(1..=30 * 24 * 3600))]
+    #[arg(long = "tombstone-ttl", default_value_t = crate::record::DEFAULT_TOMBSTONE_TTL, value_parser = clap::value_parser!(u32).range(1..=30 * 24 * 3600))]
     pub tombstone_ttl: u32,
 
     /// Seconds between anti-entropy rounds, in which the node compares what it holds with
@@ -452,8 +452,8 @@ pub struct ClusterArgs {
 
 impl ClusterArgs {
     /// The byte bounds of peer traffic these flags set.
-    pub fn peer_limits(&self) -> crate::engine::PeerLimits {
-        crate::engine::PeerLimits {
+    pub fn peer_limits(&self) -> crate::peer::PeerLimits {
+        crate::peer::PeerLimits {
             link: crate::peer::link::LinkConfig {
                 queue_bytes: self.peer_queue_bytes,
                 stall_timeout: std::time::Duration::from_millis(self.peer_timeout_ms),

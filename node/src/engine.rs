@@ -4,7 +4,7 @@
 //! corners (space-padded `decr` results, `noreply` silencing errors, meta flags echoed in
 //! request order); the differential tests hold it to that.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
@@ -13,16 +13,12 @@ use crate::admin_commands::watch::{EvictionLog, FetchStatus, StoreStatus};
 use crate::admin_commands::{stats as admin_stats, Admin, AdminNext};
 use crate::auth::AuthFile;
 use crate::cluster::Cluster;
-use crate::peer::handoff::HandoffState;
-use crate::peer::link::{LinkConfig, Links};
-use crate::peer::record_of;
-use crate::peer::replicate::Durability;
-use crate::peer::wire::{Op, Record};
 use crate::protocol::admin::{ClassSelection, WatchFlags};
 use crate::protocol::{
     exceeds_item_size, meta_set_mode, numbers, reply, GetCommand, KeyList, MetaCommand,
     MetaRequest, Request, StoreMode, StoreRequest,
 };
+use crate::record::{Record, DEFAULT_TOMBSTONE_TTL};
 use crate::stats::{Counters, PrefixOp, PrefixStats, Stats};
 use crate::store::classes::ClassOp;
 use crate::store::{
@@ -54,76 +50,23 @@ pub enum Next {
     Watch(WatchFlags),
 }
 
-/// The request executor shared by all connections.
+/// The request executor shared by all connections: the store and memcached's command
+/// semantics. Replication, hand-off and read-through live in `crate::node`, which wraps it.
 pub struct Engine {
-    pub store: Store,
+    pub store: Arc<Store>,
     pub stats: Stats,
     pub settings: Settings,
     /// The cluster this node belongs to, if any.
     pub cluster: Option<Arc<Cluster>>,
-    /// Outgoing peer links (replication, hand-off), in a cluster.
-    pub links: Option<Arc<Links>>,
-    /// Progress of hand-offs and refills.
-    pub handoff: HandoffState,
-    /// Peer-port counters.
-    pub peer_stats: PeerStats,
     /// `stats detail` per-prefix counters.
     pub prefixes: PrefixStats,
     /// Credentials clients must present first (`--auth-file`), if any.
     pub auth: Option<Arc<AuthFile>>,
-    /// The secret peers present on the peer port (`--peer-secret-file`); empty for none.
-    pub peer_secret: Arc<[u8]>,
-    /// Byte bounds of peer traffic.
-    pub peer_limits: PeerLimits,
-    /// Room for read-throughs in flight, one permit per largest item.
-    pub read_through_slots: Arc<tokio::sync::Semaphore>,
     /// `lru_crawler`, `watch`, `stats conns` and the other operations commands.
     pub admin: Arc<Admin>,
-    /// When a replicated write is acknowledged, and how long deletes are remembered.
-    pub durability: Durability,
-    /// Anti-entropy counters.
-    pub anti_entropy: crate::peer::anti_entropy::AntiEntropyStats,
+    /// Seconds a delete's tombstone is kept in a cluster (`--tombstone-ttl`).
+    tombstone_ttl: u32,
     verbosity: AtomicU32,
-}
-
-/// Byte bounds of node-to-node traffic.
-#[derive(Clone, Copy, Debug)]
-pub struct PeerLimits {
-    /// Each outgoing link's queue and stall timeout (`--peer-queue-bytes`, `--peer-timeout-ms`).
-    pub link: LinkConfig,
-    /// Records per hand-off or refill chunk, in bytes (`--handoff-batch-bytes`).
-    pub handoff_batch_bytes: usize,
-    /// Values being fetched by read-throughs at once, in bytes (`--read-through-bytes`): a
-    /// read-through takes room for one largest item, waiting a little for it; without room
-    /// the key is a miss.
-    pub read_through_bytes: usize,
-}
-
-impl Default for PeerLimits {
-    fn default() -> Self {
-        PeerLimits {
-            link: LinkConfig::default(),
-            handoff_batch_bytes: 4 * 1024 * 1024,
-            read_through_bytes: 16 * 1024 * 1024,
-        }
-    }
-}
-
-/// Counters of the peer port.
-#[derive(Debug, Default)]
-pub struct PeerStats {
-    /// Records applied from peers.
-    pub received: AtomicU64,
-    /// Peer connections closed for protocol errors.
-    pub rejected: AtomicU64,
-    /// Replicated writes whose acknowledgement did not arrive in time.
-    pub replication_timeouts: AtomicU64,
-    /// Writes answered `SERVER_ERROR` because too few owners acknowledged them.
-    pub write_ack_failures: AtomicU64,
-    /// Misses answered by fetching the key from its previous owner during a hand-off.
-    pub read_through_hits: AtomicU64,
-    /// Read-throughs not tried because `--read-through-bytes` stayed in flight too long.
-    pub read_through_skipped: AtomicU64,
 }
 
 /// Per-connection state the engine writes into: counters, and the changes to replicate.
@@ -155,34 +98,20 @@ impl Outbox {
     fn push_current(&mut self, e: &Entry<'_>) {
         if self.enabled {
             if let Some(item) = e.current() {
-                self.records.push(record_of(item));
+                self.records.push(Record::of(item));
             }
         }
     }
 
     fn push_touch(&mut self, key: &[u8], exptime: u32) {
         if self.enabled {
-            self.records.push(Record {
-                op: Op::Touch,
-                key: key.to_vec(),
-                version: 0,
-                flags: 0,
-                exptime,
-                value: Vec::new(),
-            });
+            self.records.push(Record::touch(key, exptime));
         }
     }
 
     fn push_flush(&mut self, at: u32) {
         if self.enabled {
-            self.records.push(Record {
-                op: Op::Flush,
-                key: Vec::new(),
-                version: 0,
-                flags: 0,
-                exptime: at,
-                value: Vec::new(),
-            });
+            self.records.push(Record::flush(at));
         }
     }
 }
@@ -216,17 +145,6 @@ impl Engine {
         verbosity: u32,
         cluster: Option<Arc<Cluster>>,
     ) -> Engine {
-        Self::with_peer_secret(store, settings, verbosity, cluster, Arc::from(Vec::new()))
-    }
-
-    /// An engine whose peer links present `peer_secret` (and whose peer port requires it).
-    pub fn with_peer_secret(
-        store: Store,
-        settings: Settings,
-        verbosity: u32,
-        cluster: Option<Arc<Cluster>>,
-        peer_secret: Arc<[u8]>,
-    ) -> Engine {
         let admin = Arc::new(Admin::new(&settings.memcached));
         admin.start(&store);
         store.observe_evictions(Some(Box::new(EvictionLog(admin.logger.clone()))));
@@ -235,39 +153,27 @@ impl Engine {
             prefixes.set_enabled(true);
         }
         Engine {
-            store,
+            store: Arc::new(store),
             stats: Stats::default(),
             settings,
-            // Opened by `with_peer_limits`, below.
-            links: None,
             cluster,
-            handoff: HandoffState::default(),
-            peer_stats: PeerStats::default(),
             prefixes,
             auth: None,
-            peer_secret,
-            peer_limits: PeerLimits::default(),
-            read_through_slots: Arc::new(tokio::sync::Semaphore::new(1)),
             admin,
-            durability: Durability::default(),
-            anti_entropy: Default::default(),
+            tombstone_ttl: DEFAULT_TOMBSTONE_TTL,
             verbosity: AtomicU32::new(verbosity),
         }
-        .with_peer_limits(PeerLimits::default())
     }
 
-    /// The engine with these bounds on peer traffic (links are opened afresh).
-    pub fn with_peer_limits(mut self, limits: PeerLimits) -> Engine {
-        if let Some(cluster) = &self.cluster {
-            self.links = Some(Arc::new(Links::with_config(
-                cluster.node_name(),
-                self.peer_secret.clone(),
-                limits.link,
-            )));
-        }
-        let slots = (limits.read_through_bytes / self.settings.max_item_size.max(1)).max(1);
-        self.read_through_slots = Arc::new(tokio::sync::Semaphore::new(slots));
-        self.peer_limits = limits;
+    /// The engine requiring clients to authenticate against `auth` first.
+    pub fn with_auth(mut self, auth: Option<Arc<AuthFile>>) -> Engine {
+        self.auth = auth;
+        self
+    }
+
+    /// The engine keeping a delete's tombstone `seconds` (in a cluster).
+    pub fn with_tombstone_ttl(mut self, seconds: u32) -> Engine {
+        self.tombstone_ttl = seconds;
         self
     }
 
@@ -470,40 +376,11 @@ impl Engine {
         Next::Continue
     }
 
-    /// Keys of `request` this node should fetch from their previous owners before answering:
-    /// keys it misses and has only just become an owner of, while a hand-off may still be
-    /// bringing them. Empty (and cheap) outside the window after a ring change.
-    pub fn read_through_candidates(
-        &self,
-        request: &Request<'_>,
-        now: u32,
-    ) -> Vec<(Vec<u8>, Vec<kache_cluster::Member>)> {
-        let Some(cluster) = &self.cluster else {
-            return Vec::new();
-        };
-        if !cluster.in_read_through_window() {
-            return Vec::new();
-        }
-        let keys: Vec<&[u8]> = match request {
-            Request::Get { keys, .. } => keys.iter().collect(),
-            Request::Meta(m) if m.command == MetaCommand::Get => vec![&m.key[..]],
-            _ => return Vec::new(),
-        };
-        keys.into_iter()
-            // A tombstone means deleted here: nothing to fetch.
-            .filter(|key| self.store.with_entry(key, now, |e| e.current().is_none()))
-            .filter_map(|key| {
-                let sources = cluster.read_through_sources(key);
-                (!sources.is_empty()).then(|| (key.to_vec(), sources))
-            })
-            .collect()
-    }
-
     /// Deletes the key's item. In a cluster the delete leaves a tombstone (and a record for
     /// the other owners) so older copies cannot come back. Returns whether there was one.
     fn delete_entry(&self, e: &mut Entry<'_>, key: &[u8], outbox: &mut Outbox) -> bool {
         if self.cluster.is_some() {
-            let ttl = self.durability.tombstone_ttl;
+            let ttl = self.tombstone_ttl;
             let deleted = e.delete_with_tombstone(key, ttl).is_some();
             if deleted {
                 outbox.push_current(e);

@@ -14,12 +14,12 @@ use crate::admin_commands::conns::{ConnInfo, ConnState};
 use crate::admin_commands::dump::Metadump;
 use crate::admin_commands::watch::Registration as WatchRegistration;
 use crate::engine::{Context, Engine, Next, Outbox};
+use crate::node::Node;
 use crate::protocol::auth::{parse_auth, AuthStep};
 use crate::protocol::{parse, reply, Limits, ParseOutcome};
 use crate::stats::Counters;
 use crate::store::now_secs;
 use crate::tls::Tls;
-use futures::future::join_all;
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -28,8 +28,6 @@ const READ_CHUNK: usize = 16 * 1024;
 const WRITE_HIGH_WATER: usize = 1024 * 1024;
 /// A metadump is written out in chunks of about this many bytes.
 const DUMP_CHUNK: usize = 64 * 1024;
-/// How long a read-through waits for one previous owner.
-const READ_THROUGH_TIMEOUT: Duration = Duration::from_millis(250);
 /// A client must finish its TLS handshake this soon.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// memcached counts idle time in whole seconds: a connection idle for exactly the timeout
@@ -50,13 +48,14 @@ const NOT_REPLICATED: &str = "SERVER_ERROR not enough replicas acknowledged the 
 /// connections to finish what they were doing.
 pub async fn serve(
     listener: TcpListener,
-    engine: Arc<Engine>,
+    node: Arc<Node>,
     limits: Limits,
     max_connections: usize,
     tls: Option<Arc<Tls>>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
+    let engine = &node.engine;
     let permits = Arc::new(Semaphore::new(max_connections));
     let _listed = listener
         .local_addr()
@@ -95,17 +94,18 @@ pub async fn serve(
             .stats
             .total_connections
             .fetch_add(1, Ordering::Relaxed);
-        let engine = engine.clone();
+        let node = node.clone();
         let shutdown = shutdown.clone();
         let tls = tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
+            let engine = &node.engine;
             let _ = stream.set_nodelay(true);
             let local = stream.local_addr().unwrap_or(peer);
             let listed = engine.admin.conns.client(peer, local, now_secs());
             let info = listed.info.clone();
             let result = match tls {
                 None => {
-                    Connection::new(stream, &engine, limits, info)
+                    Connection::new(stream, &node, limits, info)
                         .run(shutdown)
                         .await
                 }
@@ -113,7 +113,7 @@ pub async fn serve(
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
                     {
                         Ok(Ok(stream)) => {
-                            Connection::new(stream, &engine, limits, info)
+                            Connection::new(stream, &node, limits, info)
                                 .run(shutdown)
                                 .await
                         }
@@ -152,45 +152,6 @@ pub fn is_binary_protocol(first_bytes: &[u8]) -> bool {
     first_bytes.first() == Some(&0x80)
 }
 
-/// Fetches keys from their previous owners and stores what they return, so the request
-/// that missed them is answered with a hit. Bounded by `READ_THROUGH_TIMEOUT` per source.
-async fn read_through(engine: &Engine, candidates: Vec<(Vec<u8>, Vec<kache_cluster::Member>)>) {
-    let Some(links) = &engine.links else {
-        return;
-    };
-    let fetches = candidates.into_iter().map(|(key, sources)| async move {
-        // Room for the value it may bring (waiting for other fetches to finish); without
-        // room in time the key is simply a miss.
-        let room =
-            tokio::time::timeout(READ_THROUGH_TIMEOUT, engine.read_through_slots.acquire()).await;
-        let Ok(Ok(_room)) = room else {
-            engine
-                .peer_stats
-                .read_through_skipped
-                .fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        for source in sources {
-            // A peer known to be down cannot answer: asking it would only add the timeout
-            // to this miss (for every miss, while it stays down).
-            if links.is_down(&source) {
-                continue;
-            }
-            let reply =
-                tokio::time::timeout(READ_THROUGH_TIMEOUT, links.fetch(&source, &key)).await;
-            if let Ok(Ok(Some(record))) = reply {
-                crate::peer::apply(&engine.store, &record, now_secs());
-                engine
-                    .peer_stats
-                    .read_through_hits
-                    .fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        }
-    });
-    join_all(fetches).await;
-}
-
 /// Tells a client over the connection limit why it is being turned away, as memcached does.
 async fn reject(mut stream: TcpStream) {
     let _ = tokio::time::timeout(
@@ -203,16 +164,20 @@ async fn reject(mut stream: TcpStream) {
 /// Runs the crawler (the expiry sweeper, and `lru_crawler crawl`) on a thread of its own,
 /// not a request worker, until `stop`.
 pub fn spawn_sweeper(
-    engine: Arc<Engine>,
+    node: Arc<Node>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("kache-sweeper".into())
-        .spawn(move || engine.admin.crawler.run(&engine.store, &stop))
+        .spawn(move || {
+            let engine = &node.engine;
+            engine.admin.crawler.run(&engine.store, &stop)
+        })
 }
 
 struct Connection<'a, S> {
     stream: S,
+    node: &'a Node,
     engine: &'a Engine,
     limits: Limits,
     id: usize,
@@ -242,12 +207,14 @@ struct WriteReply {
 }
 
 impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
-    fn new(stream: S, engine: &'a Engine, limits: Limits, info: Arc<ConnInfo>) -> Self {
+    fn new(stream: S, node: &'a Node, limits: Limits, info: Arc<ConnInfo>) -> Self {
+        let engine = &node.engine;
         let m = &engine.settings.memcached;
         let idle = m.options.extended.idle_timeout;
         let id = info.id;
         Connection {
             stream,
+            node,
             engine,
             limits,
             id,
@@ -438,10 +405,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
                     swallow,
                 } => {
                     self.swallow = swallow;
-                    let candidates = self.engine.read_through_candidates(&request, now);
-                    if !candidates.is_empty() {
-                        read_through(self.engine, candidates).await;
-                    }
+                    self.node.read_through(&request, now).await;
                     let reply_start = self.write.len();
                     let first_record = self.ctx.outbox.records.len();
                     let silent = request.silences_errors();
@@ -494,7 +458,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
             return;
         }
         let records = std::mem::take(&mut self.ctx.outbox.records);
-        let acknowledged = crate::peer::replicate::replicate(self.engine, records).await;
+        let acknowledged = self.node.replicate(records).await;
         let write = &self.write;
         let short = |w: &&WriteReply| {
             // A request already answered with an error (a value too large) keeps its reply.
@@ -508,10 +472,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
         if failed.is_empty() {
             return;
         }
-        self.engine
-            .peer_stats
-            .write_ack_failures
-            .fetch_add(failed.len() as u64, Ordering::Relaxed);
+        self.node.count_write_ack_failures(failed.len());
         let mut patched = BytesMut::with_capacity(self.write.len());
         let mut at = 0;
         for w in failed {

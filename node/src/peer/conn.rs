@@ -212,16 +212,18 @@ mod tests {
     use tokio::net::TcpListener;
     use tokio::sync::{oneshot, watch};
 
-    use crate::engine::{Engine, Settings};
-    use crate::peer::link::Links;
+    use crate::cluster::Cluster;
+    use crate::peer::link::{LinkConfig, Links};
     use crate::peer::server;
-    use crate::peer::wire::{self, Frame, Op, Record};
+    use crate::peer::wire::{self, Frame};
+    use crate::peer::Replicator;
+    use crate::record::{Op, Record};
     use crate::store::{Store, StoreConfig};
     use crate::tls::test_pki;
 
     const WAIT: Duration = Duration::from_secs(5);
 
-    fn engine() -> Arc<Engine> {
+    fn replicator() -> Arc<Replicator> {
         let store = Store::new(StoreConfig {
             memory_limit: 4 << 20,
             max_item_size: 1024,
@@ -229,25 +231,22 @@ mod tests {
             node_id: 2,
             ..StoreConfig::default()
         });
-        let settings = Settings {
-            port: 0,
-            listen: "127.0.0.1".into(),
-            memory_limit: 4 << 20,
-            max_connections: 16,
-            threads: 1,
-            max_item_size: 1024,
-            memcached: Default::default(),
-        };
-        Arc::new(Engine::new(store, settings, 0, None))
+        let cluster = Arc::new(Cluster::new("b"));
+        Arc::new(Replicator::new(
+            Arc::new(store),
+            cluster,
+            1024,
+            Default::default(),
+        ))
     }
 
     /// A peer port on loopback, and the member that names it.
-    async fn peer_port(tls: Option<Arc<Tls>>) -> (Arc<Engine>, Member, watch::Sender<bool>) {
+    async fn peer_port(tls: Option<Arc<Tls>>) -> (Arc<Replicator>, Member, watch::Sender<bool>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let peer_port = listener.local_addr().unwrap().port();
-        let engine = engine();
+        let replicator = replicator();
         let (stop, stopped) = watch::channel(false);
-        tokio::spawn(server::serve(listener, engine.clone(), tls, stopped));
+        tokio::spawn(server::serve(listener, replicator.clone(), tls, stopped));
         let member = Member {
             name: "b".into(),
             host: "127.0.0.1".into(),
@@ -255,12 +254,18 @@ mod tests {
             port: 1,
             peer_port,
         };
-        (engine, member, stop)
+        (replicator, member, stop)
     }
 
     fn tls(dir: &std::path::Path) -> Arc<Tls> {
         // --tls-client-ca: mutual TLS, the CA verifying both directions.
         Arc::new(Tls::load(test_pki::files(dir, false, true, false)).unwrap())
+    }
+
+    /// Links from `a` over TLS.
+    fn tls_links(dir: &std::path::Path) -> Links {
+        let config = LinkConfig::default();
+        Links::with_config("a", Arc::from(Vec::new()), config, Some(tls(dir)))
     }
 
     fn record() -> Record {
@@ -274,9 +279,9 @@ mod tests {
         }
     }
 
-    async fn rejected_reaches(engine: &Engine, n: u64) {
+    async fn rejected_reaches(replicator: &Replicator, n: u64) {
         let deadline = tokio::time::Instant::now() + WAIT;
-        while engine.peer_stats.rejected.load(Relaxed) < n {
+        while replicator.stats.rejected.load(Relaxed) < n {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "rejections not counted"
@@ -288,13 +293,12 @@ mod tests {
     #[tokio::test]
     async fn links_replicate_and_fetch_over_mutual_tls() {
         let dir = tempfile::tempdir().unwrap();
-        let (engine, member, _stop) = peer_port(Some(tls(dir.path()))).await;
-        let links = Links::new("a", Arc::from(Vec::new()));
-        links.use_tls(tls(dir.path()));
+        let (replicator, member, _stop) = peer_port(Some(tls(dir.path()))).await;
+        let links = tls_links(dir.path());
         let (ack, acked) = oneshot::channel();
         assert!(links.send(&member, record(), Some(ack)));
         tokio::time::timeout(WAIT, acked).await.unwrap().unwrap();
-        let stored = engine
+        let stored = replicator
             .store
             .with_entry(b"k", crate::store::now_secs(), |e| {
                 e.item().map(|i| i.value().to_vec())
@@ -339,13 +343,13 @@ mod tests {
         // Hanging up without close_notify (a dropped connection) is no rejection.
         drop(stream);
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(engine.peer_stats.rejected.load(Relaxed), 0);
+        assert_eq!(replicator.stats.rejected.load(Relaxed), 0);
     }
 
     #[tokio::test]
     async fn a_tls_peer_port_refuses_plain_peers() {
         let dir = tempfile::tempdir().unwrap();
-        let (engine, member, _stop) = peer_port(Some(tls(dir.path()))).await;
+        let (replicator, member, _stop) = peer_port(Some(tls(dir.path()))).await;
         // A raw hello, as a node without TLS sends it: closed without an answer, counted.
         let mut plain = TcpStream::connect(("127.0.0.1", member.peer_port))
             .await
@@ -363,7 +367,7 @@ mod tests {
         let mut answer = Vec::new();
         let read = tokio::time::timeout(WAIT, plain.read_to_end(&mut answer)).await;
         assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
-        rejected_reaches(&engine, 1).await;
+        rejected_reaches(&replicator, 1).await;
         // A plain link gets no acknowledgement, is refused again, and is reported down.
         let links = Links::new("plain", Arc::from(Vec::new()));
         let (ack, acked) = oneshot::channel();
@@ -371,12 +375,12 @@ mod tests {
         assert!(tokio::time::timeout(Duration::from_secs(1), acked)
             .await
             .map_or(true, |r| r.is_err()));
-        rejected_reaches(&engine, 2).await;
+        rejected_reaches(&replicator, 2).await;
         assert!(links.is_down(&member));
         // Its retries stop with it.
         drop(links);
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let rejected = engine.peer_stats.rejected.load(Relaxed);
+        let rejected = replicator.stats.rejected.load(Relaxed);
         // A connection that closes without a word is not a rejection.
         drop(
             TcpStream::connect(("127.0.0.1", member.peer_port))
@@ -384,17 +388,16 @@ mod tests {
                 .unwrap(),
         );
         // The port still serves TLS peers.
-        let links = Links::new("a", Arc::from(Vec::new()));
-        links.use_tls(tls(dir.path()));
+        let links = tls_links(dir.path());
         let (ack, acked) = oneshot::channel();
         assert!(links.send(&member, record(), Some(ack)));
         tokio::time::timeout(WAIT, acked).await.unwrap().unwrap();
-        assert_eq!(engine.peer_stats.rejected.load(Relaxed), rejected);
+        assert_eq!(replicator.stats.rejected.load(Relaxed), rejected);
     }
 
     #[tokio::test]
     async fn a_link_whose_hello_is_refused_is_down_at_once() {
-        let (engine, member, _stop) = peer_port(None).await;
+        let (replicator, member, _stop) = peer_port(None).await;
         let wrong = Links::new("a", Arc::from(b"not the secret".to_vec()));
         let (ack, acked) = oneshot::channel();
         assert!(wrong.send(&member, record(), Some(ack)));
@@ -406,11 +409,11 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        rejected_reaches(&engine, 1).await;
+        rejected_reaches(&replicator, 1).await;
         assert!(tokio::time::timeout(Duration::from_millis(500), acked)
             .await
             .map_or(true, |r| r.is_err()));
-        let stored = engine
+        let stored = replicator
             .store
             .with_entry(b"k", crate::store::now_secs(), |e| e.item().is_some());
         assert!(!stored, "a refused peer's record was applied");
@@ -425,9 +428,8 @@ mod tests {
     #[tokio::test]
     async fn a_tls_link_to_a_plain_peer_port_is_down_not_stuck() {
         let dir = tempfile::tempdir().unwrap();
-        let (engine, member, _stop) = peer_port(None).await;
-        let links = Links::new("a", Arc::from(Vec::new()));
-        links.use_tls(tls(dir.path()));
+        let (replicator, member, _stop) = peer_port(None).await;
+        let links = tls_links(dir.path());
         let (ack, acked) = oneshot::channel();
         assert!(links.send(&member, record(), Some(ack)));
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -439,7 +441,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // The plain port saw a TLS hello as garbage and closed it.
-        rejected_reaches(&engine, 1).await;
+        rejected_reaches(&replicator, 1).await;
         drop(acked);
         let refused = connect(Some(&tls(dir.path())), "127.0.0.1", member.peer_port).await;
         assert!(

@@ -20,11 +20,10 @@ use tokio::io::AsyncWrite;
 use tokio::sync::{oneshot, watch};
 
 use super::conn::{self, send};
-use super::link::Links;
-use super::record_of;
-use super::wire::{self, Frame, Record};
-use crate::cluster::{Cluster, ClusterView};
-use crate::engine::Engine;
+use super::wire::{self, Frame};
+use super::Replicator;
+use crate::cluster::ClusterView;
+use crate::record::Record;
 use crate::store::{now_secs, ScanCursor};
 
 /// Items looked at per chunk (one shard lock each); a chunk also ends once its records
@@ -51,13 +50,9 @@ pub struct HandoffState {
 }
 
 /// Follows member-list changes until `shutdown`, handing items to their new owners.
-pub async fn run(
-    engine: Arc<Engine>,
-    cluster: Arc<Cluster>,
-    links: Arc<Links>,
-    rate: u64,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn run(replicator: Arc<Replicator>, rate: u64, mut shutdown: watch::Receiver<bool>) {
+    let cluster = &replicator.cluster;
+    let links = &replicator.links;
     let mut changes = cluster.subscribe();
     // The ring whose hand-off last completed. A hand-off cut short by a newer change does
     // not move it: the next one compares against what was really delivered, so owners
@@ -71,10 +66,10 @@ pub async fn run(
         let next = cluster.view();
         links.retain(&next.list.members);
         if delivered.list.members.is_empty() {
-            engine.handoff.version.store(next.list.version, Relaxed);
-            engine.handoff.done.store(true, Relaxed);
+            replicator.handoff.version.store(next.list.version, Relaxed);
+            replicator.handoff.done.store(true, Relaxed);
             delivered = next;
-        } else if hand_off(&engine, &cluster, &links, &delivered, &next, rate).await {
+        } else if hand_off(&replicator, &delivered, &next, rate).await {
             delivered = next;
         }
     }
@@ -83,14 +78,13 @@ pub async fn run(
 /// Sends every item to its owners under `next` that were not its owners under `previous`.
 /// Returns false when a newer member list cut it short.
 async fn hand_off(
-    engine: &Engine,
-    cluster: &Cluster,
-    links: &Links,
+    replicator: &Replicator,
     previous: &ClusterView,
     next: &ClusterView,
     rate: u64,
 ) -> bool {
-    let state = &engine.handoff;
+    let state = &replicator.handoff;
+    let (cluster, links) = (&replicator.cluster, &replicator.links);
     let started = std::time::Instant::now();
     let mut sent_here: u64 = 0;
     let version = next.list.version;
@@ -99,7 +93,7 @@ async fn hand_off(
     state.running.store(true, Relaxed);
     let me = cluster.node_name();
     tracing::info!(version, "hand-off started");
-    for shard in 0..engine.store.shard_count() {
+    for shard in 0..replicator.store.shard_count() {
         let mut cursor = Some(ScanCursor::default());
         while let Some(start) = cursor {
             if cluster.view().list.version != version {
@@ -109,22 +103,24 @@ async fn hand_off(
             }
             let mut batch: Vec<(kache_cluster::Member, Record)> = Vec::new();
             let mut batch_bytes = 0;
-            let budget = engine.peer_limits.handoff_batch_bytes;
-            cursor = engine.store.scan(shard, start, CHUNK, now_secs(), |item| {
-                let key = item.key();
-                let before = previous.owners(key);
-                for owner in next.owners(key) {
-                    if owner.name != me && !before.iter().any(|b| b.name == owner.name) {
-                        batch_bytes += key.len() + item.value().len();
-                        batch.push((owner.clone(), record_of(item)));
+            let budget = replicator.limits.handoff_batch_bytes;
+            cursor = replicator
+                .store
+                .scan(shard, start, CHUNK, now_secs(), |item| {
+                    let key = item.key();
+                    let before = previous.owners(key);
+                    for owner in next.owners(key) {
+                        if owner.name != me && !before.iter().any(|b| b.name == owner.name) {
+                            batch_bytes += key.len() + item.value().len();
+                            batch.push((owner.clone(), Record::of(item)));
+                        }
                     }
-                }
-                if batch_bytes >= budget {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
-                }
-            });
+                    if batch_bytes >= budget {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                });
             if batch.is_empty() {
                 continue;
             }
@@ -171,34 +167,33 @@ async fn hand_off(
 
 /// Answers a refill pull: streams every item the calling member owns, in batches.
 pub async fn stream_owned_by<W: AsyncWrite + Unpin>(
-    engine: &Engine,
+    replicator: &Replicator,
     stream: &mut W,
     seq: u64,
     caller: &str,
 ) -> Result<u64, String> {
-    let Some(cluster) = &engine.cluster else {
-        return Ok(0);
-    };
-    let view = cluster.view();
+    let view = replicator.cluster.view();
     let mut sent = 0u64;
     let mut out = BytesMut::new();
-    for shard in 0..engine.store.shard_count() {
+    for shard in 0..replicator.store.shard_count() {
         let mut cursor = Some(ScanCursor::default());
         while let Some(start) = cursor {
             let mut records = Vec::new();
             let mut bytes = 0;
-            let budget = engine.peer_limits.handoff_batch_bytes;
-            cursor = engine.store.scan(shard, start, CHUNK, now_secs(), |item| {
-                if view.owners(item.key()).iter().any(|m| m.name == caller) {
-                    bytes += item.key().len() + item.value().len();
-                    records.push(record_of(item));
-                }
-                if bytes >= budget {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
-                }
-            });
+            let budget = replicator.limits.handoff_batch_bytes;
+            cursor = replicator
+                .store
+                .scan(shard, start, CHUNK, now_secs(), |item| {
+                    if view.owners(item.key()).iter().any(|m| m.name == caller) {
+                        bytes += item.key().len() + item.value().len();
+                        records.push(Record::of(item));
+                    }
+                    if bytes >= budget {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                });
             if records.is_empty() {
                 continue;
             }
@@ -213,7 +208,8 @@ pub async fn stream_owned_by<W: AsyncWrite + Unpin>(
 
 /// Pulls back, from every other member, the items this node owns. Used when a node starts
 /// empty while the member list already names it.
-pub async fn refill(engine: &Engine, cluster: &Cluster) {
+pub async fn refill(replicator: &Replicator) {
+    let cluster = &replicator.cluster;
     let view = cluster.view();
     let me = cluster.node_name().to_string();
     let peers: Vec<_> = view
@@ -224,10 +220,10 @@ pub async fn refill(engine: &Engine, cluster: &Cluster) {
         .cloned()
         .collect();
     let pulls = peers.iter().map(|peer| async {
-        let result = tokio::time::timeout(REFILL_TIMEOUT, pull_from(engine, &me, peer)).await;
+        let result = tokio::time::timeout(REFILL_TIMEOUT, pull_from(replicator, &me, peer)).await;
         match result {
             Ok(Ok(n)) => {
-                engine.handoff.refilled.fetch_add(n, Relaxed);
+                replicator.handoff.refilled.fetch_add(n, Relaxed);
                 tracing::info!(peer = %peer.name, items = n, "refilled");
             }
             Ok(Err(error)) => tracing::warn!(peer = %peer.name, %error, "refill failed"),
@@ -237,10 +233,14 @@ pub async fn refill(engine: &Engine, cluster: &Cluster) {
     join_all(pulls).await;
 }
 
-async fn pull_from(engine: &Engine, me: &str, peer: &kache_cluster::Member) -> Result<u64, String> {
+async fn pull_from(
+    replicator: &Replicator,
+    me: &str,
+    peer: &kache_cluster::Member,
+) -> Result<u64, String> {
     // Over TLS when the node has it, like every connection to a peer.
-    let tls = engine.links.as_ref().and_then(|links| links.tls());
-    let mut stream = conn::open(tls.as_deref(), peer, me, &engine.peer_secret)
+    let tls = replicator.links.tls();
+    let mut stream = conn::open(tls.as_deref(), peer, me, &replicator.secret)
         .await
         .map_err(|e| e.to_string())?;
     let mut out = BytesMut::new();
@@ -253,7 +253,7 @@ async fn pull_from(engine: &Engine, me: &str, peer: &kache_cluster::Member) -> R
     );
     send(&mut stream, &out).await.map_err(|e| e.to_string())?;
     let mut buf = BytesMut::with_capacity(256 * 1024);
-    let received = super::apply_until_done(&engine.store, &mut stream, &mut buf).await?;
+    let received = super::apply_until_done(&replicator.store, &mut stream, &mut buf).await?;
     conn::close(&mut stream).await;
     Ok(received.records)
 }

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -25,7 +25,8 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::conn::{self, send, ConnectError, PeerStream};
-use super::wire::{self, Decoded, Frame, Record, BATCH_BYTES, BATCH_RECORDS};
+use super::wire::{self, Decoded, Frame, BATCH_BYTES, BATCH_RECORDS};
+use crate::record::Record;
 use crate::tls::Tls;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -74,7 +75,7 @@ pub struct LinkMetrics {
 const MESSAGE_OVERHEAD: usize = 128;
 
 /// Bytes a queued record accounts for.
-fn record_bytes(record: &Record) -> usize {
+fn queued_bytes(record: &Record) -> usize {
     record.key.len() + record.value.len() + MESSAGE_OVERHEAD
 }
 
@@ -86,7 +87,7 @@ enum Outgoing {
 impl Outgoing {
     fn bytes(&self) -> usize {
         match self {
-            Outgoing::Record(record, _) => record_bytes(record),
+            Outgoing::Record(record, _) => queued_bytes(record),
             Outgoing::Fetch(key, _) => key.len() + MESSAGE_OVERHEAD,
         }
     }
@@ -112,48 +113,45 @@ pub struct Links {
     node_name: String,
     /// The shared peer secret sent in every hello (empty for none).
     secret: Arc<[u8]>,
-    /// Set (once, at start-up) when peers are reached over TLS.
-    tls: Arc<OnceLock<Arc<Tls>>>,
+    /// Set when peers are reached over TLS.
+    tls: Option<Arc<Tls>>,
     links: Mutex<HashMap<String, Link>>,
     config: LinkConfig,
     pub metrics: Arc<LinkMetrics>,
 }
 
 impl Links {
+    /// Links over plain TCP with the default bounds.
     pub fn new(node_name: impl Into<String>, secret: Arc<[u8]>) -> Links {
-        Self::with_config(node_name, secret, LinkConfig::default())
+        Self::with_config(node_name, secret, LinkConfig::default(), None)
     }
 
+    /// Links within `config`'s bounds, over TLS when `tls` is given.
     pub fn with_config(
         node_name: impl Into<String>,
         secret: Arc<[u8]>,
         config: LinkConfig,
+        tls: Option<Arc<Tls>>,
     ) -> Links {
         Links {
             node_name: node_name.into(),
             secret,
-            tls: Arc::new(OnceLock::new()),
+            tls,
             links: Mutex::new(HashMap::new()),
             config,
             metrics: Arc::new(LinkMetrics::default()),
         }
     }
 
-    /// Makes every connection to a peer a TLS connection from now on. Called at start-up,
-    /// before any link is opened; a second call changes nothing.
-    pub fn use_tls(&self, tls: Arc<Tls>) {
-        let _ = self.tls.set(tls);
-    }
-
     /// The TLS configuration peers are reached with, if any.
     pub fn tls(&self) -> Option<Arc<Tls>> {
-        self.tls.get().cloned()
+        self.tls.clone()
     }
 
     /// Opens a connection to `member`'s peer port (TLS when configured), for exchanges
     /// outside the links (refill pulls).
     pub async fn connect(&self, member: &Member) -> Result<PeerStream, ConnectError> {
-        conn::connect(self.tls.get().map(|t| &**t), &member.host, member.peer_port).await
+        conn::connect(self.tls.as_deref(), &member.host, member.peer_port).await
     }
 
     fn queue(&self, member: &Member) -> Queue {
@@ -316,7 +314,7 @@ async fn run(
     queue: Queue,
     metrics: Arc<LinkMetrics>,
     secret: Arc<[u8]>,
-    tls: Arc<OnceLock<Arc<Tls>>>,
+    tls: Option<Arc<Tls>>,
     config: LinkConfig,
 ) {
     let down = queue.down.clone();
@@ -329,7 +327,7 @@ async fn run(
     // Whether a connection of this link has broken (records in flight may be lost).
     let mut broke = false;
     loop {
-        let connected = match conn::connect(tls.get().map(|t| &**t), &addr.0, addr.1).await {
+        let connected = match conn::connect(tls.as_deref(), &addr.0, addr.1).await {
             Ok(mut stream) => conn::greet(&mut stream, &node_name, &secret)
                 .await
                 .map(|()| stream),
@@ -487,7 +485,7 @@ async fn serve(
         while let Some(message) = next.take() {
             match message {
                 Outgoing::Record(record, ack) => {
-                    bytes += record_bytes(&record);
+                    bytes += queued_bytes(&record);
                     records.push(record);
                     acks.extend(ack);
                 }
