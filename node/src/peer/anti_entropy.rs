@@ -39,7 +39,7 @@ use tokio::sync::watch;
 
 use super::conn::{self, send};
 use super::wire::{self, Frame, BATCH_BYTES};
-use super::Replicator;
+use super::{PeerError, Replicator};
 use crate::cluster::ClusterView;
 use crate::record::Record;
 use crate::store::{now_secs, ItemRef, ScanCursor, Store};
@@ -225,13 +225,13 @@ pub async fn answer_digests(
     replicator: &Replicator,
     caller: &str,
     theirs: &[u64],
-) -> Result<Vec<u32>, String> {
+) -> Result<Vec<u32>, PeerError> {
     let cluster = &replicator.cluster;
     if theirs.len() != ARCS {
-        return Err(format!(
-            "anti-entropy digests over {} arcs, expected {ARCS}",
-            theirs.len()
-        ));
+        return Err(PeerError::DigestCount {
+            got: theirs.len(),
+            expected: ARCS,
+        });
     }
     let view = cluster.view();
     let mine = summarize(replicator, &view, cluster.node_name(), caller).await;
@@ -251,15 +251,14 @@ pub async fn answer_versions<W: AsyncWrite + Unpin + ?Sized>(
     max_bytes: usize,
     arcs: &[u32],
     entries: &[(u64, u64)],
-) -> Result<u64, String> {
+) -> Result<u64, PeerError> {
     let cluster = &replicator.cluster;
     // What this node's own rounds send; more is a confused or hostile peer.
     if entries.len() > MAX_ENTRIES || arcs.len() > ARCS {
-        return Err(format!(
-            "anti-entropy request over {} arcs with {} entries exceeds the limits",
-            arcs.len(),
-            entries.len()
-        ));
+        return Err(PeerError::OverLimits {
+            arcs: arcs.len(),
+            entries: entries.len(),
+        });
     }
     let view = cluster.view();
     let me = cluster.node_name();
@@ -308,7 +307,7 @@ async fn flush<W: AsyncWrite + Unpin + ?Sized>(
     seq: u64,
     batch: &mut Vec<Record>,
     out: &mut BytesMut,
-) -> Result<u64, String> {
+) -> Result<u64, PeerError> {
     if batch.is_empty() {
         return Ok(0);
     }
@@ -316,7 +315,7 @@ async fn flush<W: AsyncWrite + Unpin + ?Sized>(
     let count = records.len() as u64;
     out.clear();
     wire::encode(&Frame::Records { seq, records }, out);
-    send(stream, out).await.map_err(|e| e.to_string())?;
+    send(stream, out).await?;
     Ok(count)
 }
 
@@ -337,13 +336,11 @@ pub async fn round(
     peer: &Member,
     tls: Option<&Tls>,
     rate: usize,
-) -> Result<RoundReport, String> {
+) -> Result<RoundReport, PeerError> {
     let started = Instant::now();
     let stats = &replicator.anti_entropy;
     let mine = summarize(replicator, view, me, &peer.name).await;
-    let mut stream = conn::open(tls, peer, me, &replicator.secret)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut stream = conn::open(tls, peer, me, &replicator.secret).await?;
     let mut out = BytesMut::new();
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut seq = 1;
@@ -354,10 +351,10 @@ pub async fn round(
         },
         &mut out,
     );
-    send(&mut stream, &out).await.map_err(|e| e.to_string())?;
+    send(&mut stream, &out).await?;
     let differing = match conn::read_frame(&mut stream, &mut buf).await? {
         Frame::DigestDiff { arcs, .. } => arcs,
-        other => return Err(format!("unexpected answer to digests: {other:?}")),
+        other => return Err(PeerError::UnexpectedFrame(Box::new(other))),
     };
     let mut report = RoundReport {
         arcs_differing: differing.len(),
@@ -382,7 +379,7 @@ pub async fn round(
             },
             &mut out,
         );
-        send(&mut stream, &out).await.map_err(|e| e.to_string())?;
+        send(&mut stream, &out).await?;
         let received = super::apply_until_done(&replicator.store, &mut stream, &mut buf).await?;
         let answer_bytes = received.bytes;
         report.items_pulled += received.records;
@@ -428,6 +425,8 @@ pub async fn run(
         let me = cluster.node_name();
         let tls = links.tls();
         for peer in view.list.members.iter().filter(|m| m.name != me) {
+            // The link to every peer stays open, so a peer coming back up wakes a round.
+            links.open(peer);
             if links.is_down(peer) {
                 continue;
             }

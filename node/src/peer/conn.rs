@@ -10,6 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::wire::{self, Decoded, Frame};
+use super::PeerError;
 
 use crate::tls::{peer_server_name, Tls};
 
@@ -123,14 +124,14 @@ pub async fn open(
 pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(
     stream: &mut R,
     buf: &mut BytesMut,
-) -> Result<Frame, String> {
+) -> Result<Frame, PeerError> {
     loop {
-        if let Decoded::Frame(frame, used) = wire::decode(buf).map_err(|e| e.to_string())? {
+        if let Decoded::Frame(frame, used) = wire::decode(buf)? {
             bytes::Buf::advance(buf, used);
             return Ok(frame);
         }
-        if stream.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
-            return Err("peer closed the connection".into());
+        if stream.read_buf(buf).await? == 0 {
+            return Err(PeerError::Closed);
         }
     }
 }
@@ -157,7 +158,7 @@ pub async fn connect(tls: Option<&Tls>, host: &str, port: u16) -> Result<PeerStr
 /// Takes a connection accepted on the peer port: as it is, or, when `tls` is set, once its
 /// TLS handshake has completed. A caller that does not open with a TLS handshake (a node
 /// without TLS, or garbage) is refused at once. `Ok(None)`: closed before saying anything.
-pub async fn accept(tls: Option<&Tls>, stream: TcpStream) -> Result<Option<PeerStream>, String> {
+pub async fn accept(tls: Option<&Tls>, stream: TcpStream) -> Result<Option<PeerStream>, PeerError> {
     watch_liveness(&stream);
     let Some(tls) = tls else {
         return Ok(Some(Box::new(stream)));
@@ -165,25 +166,21 @@ pub async fn accept(tls: Option<&Tls>, stream: TcpStream) -> Result<Option<PeerS
     let acceptor = tls.acceptor();
     let handshake = async move {
         let mut first = [0u8; 1];
-        if stream.peek(&mut first).await.map_err(|e| e.to_string())? == 0 {
+        if stream.peek(&mut first).await? == 0 {
             return Ok(None);
         }
         if first[0] != TLS_HANDSHAKE_RECORD {
-            return Err(
-                "plain-TCP peer on the TLS peer port (it did not start a TLS \
-                        handshake: is TLS configured on every node?)"
-                    .to_string(),
-            );
+            return Err(PeerError::PlainOnTlsPort);
         }
         let stream = acceptor
             .accept(stream)
             .await
-            .map_err(|e| format!("peer TLS handshake failed: {e}"))?;
+            .map_err(PeerError::TlsHandshake)?;
         Ok(Some(Box::new(stream) as PeerStream))
     };
     tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
-        .map_err(|_| "peer TLS handshake timed out".to_string())?
+        .map_err(|_| PeerError::TlsHandshakeTimeout)?
 }
 
 /// Hangs up: over TLS, says so first (close_notify), for at most `CONNECT_TIMEOUT`.

@@ -21,7 +21,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::conn::{self, send};
 use super::wire::{self, Frame};
-use super::Replicator;
+use super::{PeerError, Replicator};
 use crate::cluster::ClusterView;
 use crate::record::Record;
 use crate::store::{now_secs, ScanCursor};
@@ -171,7 +171,7 @@ pub async fn stream_owned_by<W: AsyncWrite + Unpin>(
     stream: &mut W,
     seq: u64,
     caller: &str,
-) -> Result<u64, String> {
+) -> Result<u64, PeerError> {
     let view = replicator.cluster.view();
     let mut sent = 0u64;
     let mut out = BytesMut::new();
@@ -200,7 +200,7 @@ pub async fn stream_owned_by<W: AsyncWrite + Unpin>(
             sent += records.len() as u64;
             out.clear();
             wire::encode(&Frame::Records { seq, records }, &mut out);
-            send(stream, &out).await.map_err(|e| e.to_string())?;
+            send(stream, &out).await?;
         }
     }
     Ok(sent)
@@ -237,12 +237,10 @@ async fn pull_from(
     replicator: &Replicator,
     me: &str,
     peer: &kache_cluster::Member,
-) -> Result<u64, String> {
+) -> Result<u64, PeerError> {
     // Over TLS when the node has it, like every connection to a peer.
     let tls = replicator.links.tls();
-    let mut stream = conn::open(tls.as_deref(), peer, me, &replicator.secret)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut stream = conn::open(tls.as_deref(), peer, me, &replicator.secret).await?;
     let mut out = BytesMut::new();
     wire::encode(
         &Frame::Pull {
@@ -251,7 +249,7 @@ async fn pull_from(
         },
         &mut out,
     );
-    send(&mut stream, &out).await.map_err(|e| e.to_string())?;
+    send(&mut stream, &out).await?;
     let mut buf = BytesMut::with_capacity(256 * 1024);
     let received = super::apply_until_done(&replicator.store, &mut stream, &mut buf).await?;
     conn::close(&mut stream).await;

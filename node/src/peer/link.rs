@@ -186,10 +186,21 @@ impl Links {
         queue
     }
 
-    /// Whether the peer is down: the last attempt to reach it failed, or it stalled (a new
-    /// link is presumed up).
+    /// Opens the link to `member` (it connects in the background) unless one is open.
+    pub fn open(&self, member: &Member) {
+        self.queue(member);
+    }
+
+    /// Whether the peer is down: the last attempt to reach it failed, or it stalled. A peer
+    /// without an open link (none yet, or its address changed) is presumed up. Starts
+    /// nothing: `open`, `send` and `fetch` do.
     pub fn is_down(&self, member: &Member) -> bool {
-        self.queue(member).down.load(Relaxed)
+        let addr = (member.host.as_str(), member.peer_port);
+        self.links.lock().get(&member.name).is_some_and(|link| {
+            (link.addr.0.as_str(), link.addr.1) == addr
+                && !link.queue.tx.is_closed()
+                && link.queue.down.load(Relaxed)
+        })
     }
 
     /// Queues `message` unless that would take the peer's queue past its byte budget.

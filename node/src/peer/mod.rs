@@ -31,6 +31,38 @@ use handoff::HandoffState;
 use link::{LinkConfig, Links};
 use replicate::Durability;
 
+/// Why an exchange with a peer failed (the connection it was on is closed).
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Wire(#[from] wire::WireError),
+    #[error("{0}")]
+    Connect(#[from] conn::ConnectError),
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("no hello from peer")]
+    NoHello,
+    #[error("peer spoke before hello")]
+    SpokeBeforeHello,
+    #[error("peer {0:?} presented a wrong secret")]
+    WrongSecret(String),
+    #[error("unexpected peer frame {0:?}")]
+    UnexpectedFrame(Box<wire::Frame>),
+    /// A plain-TCP caller on a TLS peer port.
+    #[error("plain-TCP peer on the TLS peer port (it did not start a TLS handshake: is TLS configured on every node?)")]
+    PlainOnTlsPort,
+    #[error("peer TLS handshake failed: {0}")]
+    TlsHandshake(std::io::Error),
+    #[error("peer TLS handshake timed out")]
+    TlsHandshakeTimeout,
+    #[error("anti-entropy digests over {got} arcs, expected {expected}")]
+    DigestCount { got: usize, expected: usize },
+    #[error("anti-entropy request over {arcs} arcs with {entries} entries exceeds the limits")]
+    OverLimits { arcs: usize, entries: usize },
+}
+
 /// Byte bounds of node-to-node traffic.
 #[derive(Clone, Copy, Debug)]
 pub struct PeerLimits {
@@ -150,7 +182,7 @@ pub async fn apply_until_done<S: tokio::io::AsyncRead + Unpin + ?Sized>(
     store: &Store,
     stream: &mut S,
     buf: &mut bytes::BytesMut,
-) -> Result<Received, String> {
+) -> Result<Received, PeerError> {
     let mut received = Received::default();
     loop {
         match conn::read_frame(stream, buf).await? {
@@ -163,7 +195,7 @@ pub async fn apply_until_done<S: tokio::io::AsyncRead + Unpin + ?Sized>(
                 received.records += records.len() as u64;
             }
             wire::Frame::PullDone { .. } => return Ok(received),
-            other => return Err(format!("unexpected frame {other:?}")),
+            other => return Err(PeerError::UnexpectedFrame(Box::new(other))),
         }
     }
 }

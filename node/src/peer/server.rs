@@ -13,8 +13,8 @@ use tokio::sync::{watch, Semaphore};
 
 use super::conn::{self, send};
 use super::wire::{self, Decoded, Frame};
-use super::Replicator;
 use super::{anti_entropy, handoff};
+use super::{PeerError, Replicator};
 use crate::record::{apply, Record};
 use crate::store::now_secs;
 use crate::tls::Tls;
@@ -73,7 +73,7 @@ pub async fn serve(
 async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     replicator: &Replicator,
-) -> Result<(), String> {
+) -> Result<(), PeerError> {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut out = BytesMut::with_capacity(4096);
     let mut caller: Option<String> = None;
@@ -81,7 +81,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     let mut link = false;
     loop {
         loop {
-            let decoded = wire::decode(&buf).map_err(|e| e.to_string())?;
+            let decoded = wire::decode(&buf)?;
             let Decoded::Frame(frame, used) = decoded else {
                 break;
             };
@@ -97,12 +97,12 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             match frame {
                 Frame::Hello { node, secret, .. } => {
                     if !crate::auth::same_secret(&secret, &replicator.secret) {
-                        return Err(format!("peer {node:?} presented a wrong secret"));
+                        return Err(PeerError::WrongSecret(node));
                     }
                     caller = Some(node);
                     wire::encode(&Frame::Ack { seq: 0 }, &mut out);
                 }
-                _ if caller.is_none() => return Err("peer spoke before hello".into()),
+                _ if caller.is_none() => return Err(PeerError::SpokeBeforeHello),
                 Frame::Records { seq, records } => {
                     for record in &records {
                         apply(&replicator.store, record, now);
@@ -121,7 +121,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 Frame::Pull { seq, .. } => {
                     // Refill: stream what this node holds for the caller, then say done.
-                    send(&mut stream, &out).await.map_err(|e| e.to_string())?;
+                    send(&mut stream, &out).await?;
                     out.clear();
                     let name = caller.clone().unwrap_or_default();
                     let sent =
@@ -139,7 +139,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                     arcs,
                     entries,
                 } => {
-                    send(&mut stream, &out).await.map_err(|e| e.to_string())?;
+                    send(&mut stream, &out).await?;
                     out.clear();
                     let name = caller.clone().unwrap_or_default();
                     let budget = usize::try_from(max_bytes).unwrap_or(usize::MAX);
@@ -155,11 +155,11 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                     .await?;
                     wire::encode(&Frame::PullDone { seq, sent }, &mut out);
                 }
-                other => return Err(format!("unexpected peer frame {other:?}")),
+                other => return Err(PeerError::UnexpectedFrame(Box::new(other))),
             }
         }
         if !out.is_empty() {
-            send(&mut stream, &out).await.map_err(|e| e.to_string())?;
+            send(&mut stream, &out).await?;
             out.clear();
         }
         let read = if caller.is_some() {
@@ -167,7 +167,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         } else {
             tokio::time::timeout(HELLO_TIMEOUT, stream.read_buf(&mut buf))
                 .await
-                .map_err(|_| "no hello from peer".to_string())?
+                .map_err(|_| PeerError::NoHello)?
         };
         match read {
             Ok(0) => return Ok(()),
@@ -175,7 +175,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             // A TLS peer that hangs up without close_notify (a dropped link) has closed,
             // as a plain one whose read returns 0.
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         }
     }
 }
