@@ -288,7 +288,7 @@ async fn run(args: ServeArgs, options: MemcachedOptions, threads: usize) -> Resu
     };
     let auth = match &args.auth_file {
         Some(path) => {
-            let auth = Arc::new(AuthFile::load(path)?);
+            let auth = Arc::new(AuthFile::load(path).map_err(|e| e.to_string())?);
             tokio::spawn(auth.clone().follow(shutdown_rx.clone()));
             Some(auth)
         }
@@ -501,7 +501,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
     };
     let login = match &args.node_auth_file {
         Some(path) => {
-            let file = Arc::new(AuthFile::load(path)?);
+            let file = Arc::new(AuthFile::load(path).map_err(|e| e.to_string())?);
             tokio::spawn(file.clone().follow(shutdown_rx.clone()));
             Some(file)
         }

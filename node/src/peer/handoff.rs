@@ -255,3 +255,154 @@ async fn pull_from(
     conn::close(&mut stream).await;
     Ok(received.records)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::Cluster;
+    use crate::peer::server;
+    use crate::record::{apply, Op};
+    use crate::store::{Store, StoreConfig};
+    use kache_cluster::{Member, MemberList};
+    use tokio::net::TcpListener;
+
+    const WAIT: Duration = Duration::from_secs(10);
+    const KEYS: usize = 200;
+
+    /// Nodes `a` and `b` with their peer ports on loopback.
+    struct Pair {
+        nodes: Vec<Arc<Replicator>>,
+        members: Vec<Member>,
+        _stop: watch::Sender<bool>,
+    }
+
+    async fn pair() -> Pair {
+        let (stop, stopped) = watch::channel(false);
+        let mut nodes = Vec::new();
+        let mut members = Vec::new();
+        for (i, name) in ["a", "b"].into_iter().enumerate() {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            members.push(Member {
+                name: name.into(),
+                host: "127.0.0.1".into(),
+                ip: "127.0.0.1".into(),
+                // The ring places members by client address.
+                port: 20_000 + i as u16,
+                peer_port: listener.local_addr().unwrap().port(),
+            });
+            let store = Store::new(StoreConfig {
+                memory_limit: 8 << 20,
+                max_item_size: 1024,
+                max_shards: 4,
+                node_id: i as u64 + 1,
+                ..StoreConfig::default()
+            });
+            let cluster = Arc::new(Cluster::new(name));
+            let node = Arc::new(Replicator::new(
+                Arc::new(store),
+                cluster,
+                1024,
+                Default::default(),
+            ));
+            tokio::spawn(server::serve(listener, node.clone(), None, stopped.clone()));
+            nodes.push(node);
+        }
+        Pair {
+            nodes,
+            members,
+            _stop: stop,
+        }
+    }
+
+    fn list(version: u64, members: &[Member]) -> MemberList {
+        MemberList {
+            version,
+            replication_factor: 1,
+            members: members.to_vec(),
+        }
+    }
+
+    fn fill(node: &Replicator) {
+        for i in 0..KEYS {
+            let record = Record {
+                op: Op::Set,
+                key: format!("key-{i}").into_bytes(),
+                version: 10,
+                flags: 0,
+                exptime: 0,
+                value: b"value".to_vec(),
+            };
+            apply(&node.store, &record, now_secs());
+        }
+    }
+
+    /// The keys of `0..KEYS` that `name` owns under `members`.
+    fn owned_by(name: &str, members: &[Member]) -> Vec<String> {
+        let view = ClusterView::new(list(1, members), name);
+        (0..KEYS)
+            .map(|i| format!("key-{i}"))
+            .filter(|k| view.owners(k.as_bytes()).iter().any(|m| m.name == name))
+            .collect()
+    }
+
+    fn holds(node: &Replicator, key: &str) -> bool {
+        node.store
+            .with_entry(key.as_bytes(), now_secs(), |e| e.item().is_some())
+    }
+
+    #[tokio::test]
+    async fn a_ring_change_hands_each_item_to_its_new_owner() {
+        let pair = pair().await;
+        let (a, b) = (&pair.nodes[0], &pair.nodes[1]);
+        fill(a);
+        let before = ClusterView::new(list(1, &pair.members[..1]), "a");
+        // b joins: what it now owns moves to it.
+        a.cluster.update(list(2, &pair.members));
+        b.cluster.update(list(2, &pair.members));
+        let next = a.cluster.view();
+        let finished = tokio::time::timeout(WAIT, hand_off(a, &before, &next, 1_000_000)).await;
+        assert_eq!(finished, Ok(true));
+        assert!(a.handoff.done.load(Relaxed));
+        assert_eq!(a.handoff.version.load(Relaxed), 2);
+        let moved = owned_by("b", &pair.members);
+        assert!(!moved.is_empty() && moved.len() < KEYS, "{}", moved.len());
+        assert_eq!(a.handoff.sent.load(Relaxed), moved.len() as u64);
+        assert_eq!(a.handoff.acked.load(Relaxed), moved.len() as u64);
+        assert_eq!(a.handoff.failed.load(Relaxed), 0);
+        for i in 0..KEYS {
+            let key = format!("key-{i}");
+            assert_eq!(holds(b, &key), moved.contains(&key), "{key}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refill_pulls_back_exactly_what_the_node_owns() {
+        let pair = pair().await;
+        let (a, b) = (&pair.nodes[0], &pair.nodes[1]);
+        fill(a);
+        a.cluster.update(list(1, &pair.members));
+        b.cluster.update(list(1, &pair.members));
+        refill(b).await;
+        let mine = owned_by("b", &pair.members);
+        assert!(!mine.is_empty() && mine.len() < KEYS, "{}", mine.len());
+        assert_eq!(b.handoff.refilled.load(Relaxed), mine.len() as u64);
+        for i in 0..KEYS {
+            let key = format!("key-{i}");
+            assert_eq!(holds(b, &key), mine.contains(&key), "{key}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refill_from_an_unreachable_peer_brings_nothing() {
+        let pair = pair().await;
+        let b = &pair.nodes[1];
+        let mut members = pair.members.clone();
+        // a's peer port, bound and released: nothing listens there.
+        let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        members[0].peer_port = gone.local_addr().unwrap().port();
+        drop(gone);
+        b.cluster.update(list(1, &members));
+        tokio::time::timeout(WAIT, refill(b)).await.unwrap();
+        assert_eq!(b.handoff.refilled.load(Relaxed), 0);
+    }
+}

@@ -536,3 +536,115 @@ async fn serve(
     reader_task.abort();
     ended
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn member(name: &str, peer_port: u16) -> Member {
+        Member {
+            name: name.into(),
+            host: "127.0.0.1".into(),
+            ip: "127.0.0.1".into(),
+            port: 1,
+            peer_port,
+        }
+    }
+
+    fn record(value_bytes: usize) -> Record {
+        Record {
+            op: crate::record::Op::Set,
+            key: b"k".to_vec(),
+            version: 1,
+            flags: 0,
+            exptime: 0,
+            value: vec![b'v'; value_bytes],
+        }
+    }
+
+    /// A port where nothing listens (bound, then released).
+    async fn closed_port() -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    #[tokio::test]
+    async fn asking_whether_a_peer_is_down_opens_nothing() {
+        let links = Links::new("a", Arc::from(Vec::new()));
+        let b = member("b", closed_port().await);
+        assert!(!links.is_down(&b), "a peer without a link is presumed up");
+        assert!(links.links.lock().is_empty(), "is_down opened a link");
+        links.open(&b);
+        assert_eq!(links.links.lock().len(), 1);
+        // Opening twice keeps the one link.
+        links.open(&b);
+        assert_eq!(links.links.lock().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_peer_is_down_and_keeps_its_records_for_later() {
+        let links = Links::new("a", Arc::from(Vec::new()));
+        let b = member("b", closed_port().await);
+        assert!(links.send(&b, record(10), None));
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !links.is_down(&b) {
+            assert!(tokio::time::Instant::now() < deadline, "never marked down");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Down is not full: records wait (within the byte bound) for the peer to return.
+        assert!(links.send(&b, record(10), None));
+        assert_eq!(links.metrics.queued.load(Relaxed), 2);
+        assert_eq!(links.metrics.dropped.load(Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_peer_queue_is_bounded_in_bytes() {
+        // A peer that accepts and never answers the hello: everything stays queued.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let _hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let config = LinkConfig {
+            queue_bytes: 64 * 1024,
+            stall_timeout: Duration::from_secs(30),
+        };
+        let links = Links::with_config("a", Arc::from(Vec::new()), config, None);
+        let b = member("b", port);
+        let record_bytes = queued_bytes(&record(4096));
+        let accepted = (0..64)
+            .filter(|_| links.send(&b, record(4096), None))
+            .count();
+        assert!(accepted > 0);
+        // At most one record may be in flight (taken off the queue) beyond the bound.
+        assert!(
+            accepted * record_bytes <= config.queue_bytes + record_bytes,
+            "{accepted} records of {record_bytes} bytes queued"
+        );
+        assert_eq!(
+            links.metrics.dropped.load(Relaxed),
+            64 - accepted as u64,
+            "every refused record is counted"
+        );
+        // A fetch that does not fit is a miss at once.
+        let fetched = tokio::time::timeout(WAIT, links.fetch(&b, &vec![b'k'; 128 * 1024])).await;
+        assert!(matches!(fetched, Ok(Err(_))), "{fetched:?}");
+    }
+
+    #[tokio::test]
+    async fn links_to_members_that_left_are_closed() {
+        let links = Links::new("a", Arc::from(Vec::new()));
+        let port = closed_port().await;
+        let (b, c) = (member("b", port), member("c", port));
+        links.open(&b);
+        links.open(&c);
+        links.retain(std::slice::from_ref(&c));
+        let names: Vec<String> = links.links.lock().keys().cloned().collect();
+        assert_eq!(names, ["c"]);
+    }
+}
