@@ -9,6 +9,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod engine;
+pub mod listener;
 pub mod node;
 pub mod peer;
 pub mod protocol;

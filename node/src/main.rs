@@ -259,9 +259,9 @@ async fn run(args: ServeArgs, options: MemcachedOptions, threads: usize) -> Resu
     let cluster = if args.cluster.enabled() {
         Some(
             start_membership(
-                args.cluster.cluster.as_deref(),
-                &args.cluster.namespace,
-                args.cluster.members_file.as_deref(),
+                args.cluster.membership.cluster.as_deref(),
+                &args.cluster.membership.namespace,
+                args.cluster.membership.members_file.as_deref(),
                 args.cluster.node_name(),
                 &shutdown_rx,
             )
@@ -488,9 +488,9 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let cluster = start_membership(
-        args.cluster.as_deref(),
-        &args.namespace,
-        args.members_file.as_deref(),
+        args.membership.cluster.as_deref(),
+        &args.membership.namespace,
+        args.membership.members_file.as_deref(),
         "kache-proxy".to_string(),
         &shutdown_rx,
     )

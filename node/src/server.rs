@@ -1,6 +1,7 @@
 //! The client-facing TCP server: accepting under a connection limit, one task per
 //! connection, batched reads and writes, graceful shutdown.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,12 +9,13 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 use crate::admin_commands::conns::{ConnInfo, ConnState};
 use crate::admin_commands::dump::Metadump;
 use crate::admin_commands::watch::Registration as WatchRegistration;
 use crate::engine::{Context, Engine, Next, Outbox};
+use crate::listener::{Received, RequestReader, Service, READ_CHUNK};
 use crate::node::Node;
 use crate::protocol::auth::{parse_auth, AuthStep};
 use crate::protocol::{parse, reply, Limits, ParseOutcome};
@@ -21,8 +23,6 @@ use crate::stats::Counters;
 use crate::store::now_secs;
 use crate::tls::Tls;
 
-/// Bytes asked of the socket per read.
-const READ_CHUNK: usize = 16 * 1024;
 /// Replies buffered before they are written out mid-batch, so a long pipeline of large
 /// values cannot grow the write buffer without bound.
 const WRITE_HIGH_WATER: usize = 1024 * 1024;
@@ -34,13 +34,6 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// is kicked a moment later.
 const IDLE_GRANULARITY: Duration = Duration::from_millis(500);
 
-/// Sleeps until `deadline` (forever without one).
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
 /// The answer to a write that too few of the key's owners acknowledged (`--write-acks`).
 const NOT_REPLICATED: &str = "SERVER_ERROR not enough replicas acknowledged the write";
 
@@ -52,113 +45,82 @@ pub async fn serve(
     limits: Limits,
     max_connections: usize,
     tls: Option<Arc<Tls>>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
-    let engine = &node.engine;
-    let permits = Arc::new(Semaphore::new(max_connections));
+    let admin = node.engine.admin.clone();
     let _listed = listener
         .local_addr()
         .ok()
-        .map(|addr| engine.admin.conns.listener(addr, now_secs()));
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.changed() => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(conn) => conn,
-            Err(error) => {
-                // Typically EMFILE: back off briefly instead of spinning.
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            engine
-                .stats
-                .rejected_connections
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%peer, "connection limit reached");
-            tokio::spawn(reject(stream));
-            continue;
-        };
+        .map(|addr| admin.conns.listener(addr, now_secs()));
+    let service = Arc::new(ClientService { node, limits, tls });
+    crate::listener::serve(listener, service, max_connections, shutdown, drain).await;
+}
+
+/// The memcached protocol served from a node.
+struct ClientService {
+    node: Arc<Node>,
+    limits: Limits,
+    tls: Option<Arc<Tls>>,
+}
+
+impl Service for ClientService {
+    fn rejected(&self) {
+        let stats = &self.node.engine.stats;
+        stats.rejected_connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn opened(&self) -> u64 {
         // Counted here, in accept order, so `curr_connections` never shows a connection
         // whose slot is not taken; on the way out the slot is freed before the count drops.
-        engine
-            .stats
-            .curr_connections
-            .fetch_add(1, Ordering::Relaxed);
-        engine
-            .stats
-            .total_connections
-            .fetch_add(1, Ordering::Relaxed);
-        let node = node.clone();
-        let shutdown = shutdown.clone();
-        let tls = tls.as_ref().map(|t| t.acceptor());
-        tokio::spawn(async move {
-            let engine = &node.engine;
-            let _ = stream.set_nodelay(true);
-            let local = stream.local_addr().unwrap_or(peer);
-            let listed = engine.admin.conns.client(peer, local, now_secs());
-            let info = listed.info.clone();
-            let result = match tls {
-                None => {
-                    Connection::new(stream, &node, limits, info)
-                        .run(shutdown)
-                        .await
-                }
-                Some(acceptor) => {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-                    {
-                        Ok(Ok(stream)) => {
-                            Connection::new(stream, &node, limits, info)
-                                .run(shutdown)
-                                .await
-                        }
-                        Ok(Err(error)) => Err(error),
-                        Err(_) => Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "TLS handshake timed out",
-                        )),
-                    }
-                }
-            };
-            if let Err(error) = result {
-                tracing::debug!(%peer, %error, "connection ended with an error");
+        let stats = &self.node.engine.stats;
+        stats.curr_connections.fetch_add(1, Ordering::Relaxed);
+        stats.total_connections.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn closed(&self) {
+        let stats = &self.node.engine.stats;
+        stats.curr_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        _number: u64,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let node = &self.node;
+        let limits = self.limits;
+        let local = stream.local_addr().unwrap_or(peer);
+        let listed = node.engine.admin.conns.client(peer, local, now_secs());
+        let info = listed.info.clone();
+        let result = match self.tls.as_ref().map(|t| t.acceptor()) {
+            None => {
+                Connection::new(stream, node, limits, info)
+                    .run(shutdown)
+                    .await
             }
-            drop(listed);
-            drop(permit);
-            engine
-                .stats
-                .curr_connections
-                .fetch_sub(1, Ordering::Relaxed);
-        });
+            Some(acceptor) => {
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        Connection::new(stream, node, limits, info)
+                            .run(shutdown)
+                            .await
+                    }
+                    Ok(Err(error)) => Err(error),
+                    Err(_) => Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "TLS handshake timed out",
+                    )),
+                }
+            }
+        };
+        if let Err(error) = result {
+            tracing::debug!(%peer, %error, "connection ended with an error");
+        }
+        drop(listed);
     }
-    drop(listener);
-    // Every connection holds a permit: having them all back means every connection is done.
-    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(drain, permits.acquire_many(all))
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after the drain period; closing them");
-    }
-}
-
-/// Whether a connection opens with the binary protocol's request magic byte.
-pub fn is_binary_protocol(first_bytes: &[u8]) -> bool {
-    first_bytes.first() == Some(&0x80)
-}
-
-/// Tells a client over the connection limit why it is being turned away, as memcached does.
-async fn reject(mut stream: TcpStream) {
-    let _ = tokio::time::timeout(
-        Duration::from_secs(1),
-        stream.write_all(b"ERROR Too many open connections\r\n"),
-    )
-    .await;
 }
 
 /// Runs the crawler (the expiry sweeper, and `lru_crawler crawl`) on a thread of its own,
@@ -234,43 +196,39 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
         }
     }
 
-    async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
-        let mut draining = *shutdown.borrow();
+    async fn run(mut self, shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+        let mut reader = RequestReader::new(shutdown.clone());
         let mut last_command = tokio::time::Instant::now();
         loop {
-            if draining && self.read.is_empty() && self.swallow == 0 {
-                return Ok(());
-            }
-            if self.read.capacity() - self.read.len() < READ_CHUNK / 4 {
-                self.read.reserve(READ_CHUNK);
-            }
+            let between_requests = self.read.is_empty() && self.swallow == 0;
             // memcached kicks only connections waiting for a new command, not those in the
             // middle of one (a data block still to come).
             let idle_deadline = self
                 .idle_timeout
-                .filter(|_| self.read.is_empty() && self.swallow == 0)
+                .filter(|_| between_requests)
                 .map(|t| last_command + t + IDLE_GRANULARITY);
-            let n = tokio::select! {
-                n = self.stream.read_buf(&mut self.read) => n?,
-                _ = shutdown.changed(), if !draining => {
-                    draining = true;
-                    continue;
-                }
-                _ = sleep_until(idle_deadline), if idle_deadline.is_some() => {
-                    self.engine.admin.conns.idle_kicks.fetch_add(1, Ordering::Relaxed);
+            let n = match reader
+                .read(
+                    &mut self.stream,
+                    &mut self.read,
+                    between_requests,
+                    idle_deadline,
+                )
+                .await?
+            {
+                Received::Bytes(n) => n,
+                Received::Done => return Ok(()),
+                Received::Idle => {
+                    self.engine
+                        .admin
+                        .conns
+                        .idle_kicks
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(conn = self.id, "closing idle connection");
                     return Ok(());
                 }
             };
             last_command = tokio::time::Instant::now();
-            if n == 0 {
-                return Ok(());
-            }
-            if self.ctx.counters.bytes_read == 0 && is_binary_protocol(&self.read) {
-                // memcached's binary protocol is not served: hang up at once rather than
-                // leave a binary client waiting for its timeout.
-                return Ok(());
-            }
             self.ctx.counters.bytes_read += n as u64;
             self.info.set_state(ConnState::ParseCmd);
             self.info.touch(now_secs());

@@ -30,12 +30,13 @@ use arc_swap::ArcSwap;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::future::join_all;
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 use crate::cluster::{Cluster, ClusterView};
 use crate::engine::version_string;
+use crate::listener::{Received, RequestReader, Service, READ_CHUNK};
 use crate::protocol::admin::{AdminRequest, CrawlerCommand};
 use crate::protocol::forward::{
     encode_admin, encode_get, encode_keyed, value_blocks, Quiet, ReplyKind,
@@ -44,7 +45,6 @@ use crate::protocol::{parse, reply, Limits, MetaCommand, ParseOutcome, Request, 
 pub use backend::NodeAccess;
 use backend::{await_reply, Backend, ExchangeError};
 
-const READ_CHUNK: usize = 16 * 1024;
 /// Requests of one client run together at most: bounds the replies the proxy holds for a
 /// client that pipelines large reads.
 const MAX_BATCH: usize = 32;
@@ -241,82 +241,33 @@ impl Proxy {
         self: Arc<Self>,
         listener: TcpListener,
         max_connections: usize,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
         drain: Duration,
     ) {
-        let permits = Arc::new(Semaphore::new(max_connections));
-        loop {
-            let (stream, _) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(conn) => conn,
-                    Err(error) => {
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                },
-                _ = shutdown.changed() => break,
-            };
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                self.stats.rejected_connections.fetch_add(1, Relaxed);
-                tokio::spawn(async move {
-                    let mut stream = stream;
-                    let _ = stream
-                        .write_all(b"ERROR Too many open connections\r\n")
-                        .await;
-                });
-                continue;
-            };
-            self.stats.curr_connections.fetch_add(1, Relaxed);
-            let id = self.stats.total_connections.fetch_add(1, Relaxed) as usize;
-            let proxy = self.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                let _ = proxy.client(stream, id, shutdown).await;
-                drop(permit);
-                proxy.stats.curr_connections.fetch_sub(1, Relaxed);
-            });
-        }
-        drop(listener);
-        let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-        let _ = tokio::time::timeout(drain, permits.acquire_many(all)).await;
+        crate::listener::serve(listener, self, max_connections, shutdown, drain).await;
     }
 
     async fn client(
         &self,
         mut stream: TcpStream,
         id: usize,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<()> {
-        let _ = stream.set_nodelay(true);
         let mut read = BytesMut::with_capacity(READ_CHUNK);
         let mut write = BytesMut::with_capacity(READ_CHUNK);
         let mut jobs = Vec::new();
         let mut replies = Vec::new();
         let mut swallow = 0usize;
-        let mut draining = *shutdown.borrow();
-        let mut first_read = true;
+        let mut reader = RequestReader::new(shutdown);
         loop {
-            if draining && read.is_empty() && swallow == 0 {
-                return Ok(());
+            let between_requests = read.is_empty() && swallow == 0;
+            match reader
+                .read(&mut stream, &mut read, between_requests, None)
+                .await?
+            {
+                Received::Bytes(_) => {}
+                Received::Done | Received::Idle => return Ok(()),
             }
-            if read.capacity() - read.len() < READ_CHUNK / 4 {
-                read.reserve(READ_CHUNK);
-            }
-            let n = tokio::select! {
-                n = stream.read_buf(&mut read) => n?,
-                _ = shutdown.changed(), if !draining => {
-                    draining = true;
-                    continue;
-                }
-            };
-            if n == 0 {
-                return Ok(());
-            }
-            if first_read && crate::server::is_binary_protocol(&read) {
-                return Ok(());
-            }
-            first_read = false;
             loop {
                 let (close, more) = self
                     .batch(
@@ -515,19 +466,13 @@ impl Proxy {
             ))
             .await;
             for (i, outcome) in outcomes {
-                match outcome {
-                    Ok(reply) => results[i] = Some(reply),
-                    Err(ExchangeError::Unreachable)
-                        if calls[i].attempt + 1 < calls[i].candidates.len() =>
-                    {
-                        self.stats.failovers.fetch_add(1, Relaxed);
-                        calls[i].attempt += 1;
+                let call = &mut calls[i];
+                match self.settle(outcome, call.attempt, call.candidates.len()) {
+                    Some(reply) => results[i] = Some(reply),
+                    None => {
+                        call.attempt += 1;
                         pending.push(i);
                     }
-                    Err(ExchangeError::Unreachable) => {
-                        results[i] = Some(Bytes::from_static(UNAVAILABLE))
-                    }
-                    Err(ExchangeError::Broken) => results[i] = Some(Bytes::from_static(BROKEN)),
                 }
             }
         }
@@ -560,19 +505,59 @@ impl Proxy {
             else {
                 return Bytes::from_static(UNAVAILABLE);
             };
-            match backend
+            let outcome = backend
                 .exchange(lane, bytes.clone(), kind, retry_safe)
-                .await
-            {
-                Ok(reply) => return reply,
-                Err(ExchangeError::Unreachable) if attempt + 1 < candidates.len() => {
-                    self.stats.failovers.fetch_add(1, Relaxed);
-                    attempt += 1;
-                }
-                Err(ExchangeError::Unreachable) => return Bytes::from_static(UNAVAILABLE),
-                Err(ExchangeError::Broken) => return Bytes::from_static(BROKEN),
+                .await;
+            match self.settle(outcome, attempt, candidates.len()) {
+                Some(reply) => return reply,
+                None => attempt += 1,
             }
         }
+    }
+
+    /// The one failover rule, for a node's answer to a call at `attempt` of `candidates`
+    /// candidates: the reply to give, or `None` to try the next candidate (the next owner
+    /// on the ring, which holds a replica) when the node could not be reached.
+    fn settle(
+        &self,
+        outcome: Result<Bytes, ExchangeError>,
+        attempt: usize,
+        candidates: usize,
+    ) -> Option<Bytes> {
+        match outcome {
+            Ok(reply) => Some(reply),
+            Err(ExchangeError::Unreachable) if attempt + 1 < candidates => {
+                self.stats.failovers.fetch_add(1, Relaxed);
+                None
+            }
+            Err(ExchangeError::Unreachable) => Some(Bytes::from_static(UNAVAILABLE)),
+            Err(ExchangeError::Broken) => Some(Bytes::from_static(BROKEN)),
+        }
+    }
+}
+
+impl Service for Proxy {
+    fn rejected(&self) {
+        self.stats.rejected_connections.fetch_add(1, Relaxed);
+    }
+
+    fn opened(&self) -> u64 {
+        self.stats.curr_connections.fetch_add(1, Relaxed);
+        self.stats.total_connections.fetch_add(1, Relaxed)
+    }
+
+    fn closed(&self) {
+        self.stats.curr_connections.fetch_sub(1, Relaxed);
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        stream: TcpStream,
+        _peer: std::net::SocketAddr,
+        number: u64,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let _ = self.client(stream, number as usize, shutdown).await;
     }
 }
 
