@@ -14,6 +14,7 @@ use crate::admin_commands::{stats as admin_stats, Admin, AdminNext};
 use crate::auth::AuthFile;
 use crate::cluster::Cluster;
 use crate::protocol::admin::{ClassSelection, WatchFlags};
+use crate::protocol::reply::Response;
 use crate::protocol::{
     exceeds_item_size, meta_set_mode, numbers, reply, GetCommand, KeyList, MetaCommand,
     MetaRequest, Request, StoreMode, StoreRequest,
@@ -192,23 +193,25 @@ impl Engine {
         } = ctx;
         let conn_id = *conn_id;
         let mark = out.len();
-        let mut silent = false;
-        match request {
+        // Commands answered with one line decide it here; the composer honours `noreply`.
+        let (response, noreply) = match request {
             Request::Get {
                 command,
                 exptime,
                 keys,
-            } => self.get(command, exptime, keys, now, out, counters, outbox, conn_id),
-            Request::Store(req) => {
-                silent = req.noreply;
-                self.store_text(&req, now, out, counters, outbox, conn_id);
+            } => {
+                self.get(command, exptime, keys, now, out, counters, outbox, conn_id);
+                return Next::Continue;
             }
+            Request::Store(req) => (
+                self.store_text(&req, now, counters, outbox, conn_id),
+                req.noreply,
+            ),
             Request::TooLarge {
                 key,
                 drop_existing,
                 noreply,
             } => {
-                silent = noreply;
                 counters.store_too_large += 1;
                 self.admin
                     .logger
@@ -217,10 +220,9 @@ impl Engine {
                     self.store
                         .with_entry(&key, now, |e| self.delete_entry(e, &key, outbox));
                 }
-                reply::line(out, "SERVER_ERROR object too large for cache");
+                (Response::Line(reply::TOO_LARGE), noreply)
             }
             Request::Delete { key, noreply } => {
-                silent = noreply;
                 self.prefixes.record(key, PrefixOp::Delete);
                 let found = self.store.with_entry(key, now, |e| {
                     e.count(ClassOp::DeleteHit);
@@ -228,10 +230,10 @@ impl Engine {
                 });
                 if found {
                     counters.delete_hits += 1;
-                    reply::line(out, "DELETED");
+                    (Response::Deleted, noreply)
                 } else {
                     counters.delete_misses += 1;
-                    reply::line(out, "NOT_FOUND");
+                    (Response::NotFound, noreply)
                 }
             }
             Request::Arithmetic {
@@ -240,7 +242,6 @@ impl Engine {
                 delta,
                 noreply,
             } => {
-                silent = noreply;
                 let result = self.store.with_entry(key, now, |e| {
                     let result = apply_delta(e, incr, delta, None);
                     if matches!(result, Delta::Value(_)) {
@@ -253,29 +254,27 @@ impl Engine {
                     }
                     result
                 });
-                match result {
+                let response = match result {
                     Delta::Value(v) => {
                         count_delta_hit(counters, incr);
-                        reply::number(out, v);
-                        out.put_slice(b"\r\n");
+                        Response::Number(v)
                     }
-                    Delta::NonNumeric => reply::line(
-                        out,
+                    Delta::NonNumeric => Response::Line(
                         "CLIENT_ERROR cannot increment or decrement non-numeric value",
                     ),
                     Delta::NotFound | Delta::CasMismatch => {
                         count_delta_miss(counters, incr);
-                        reply::line(out, "NOT_FOUND");
+                        Response::NotFound
                     }
-                    Delta::NoMemory => reply::line(out, "SERVER_ERROR out of memory"),
-                }
+                    Delta::NoMemory => Response::Line("SERVER_ERROR out of memory"),
+                };
+                (response, noreply)
             }
             Request::Touch {
                 key,
                 exptime,
                 noreply,
             } => {
-                silent = noreply;
                 let exptime = absolute_expiry(i64::from(exptime), now);
                 let found = self.store.with_entry(key, now, |e| {
                     let found = e.item_mut().map(|mut it| it.set_exptime(exptime)).is_some();
@@ -289,90 +288,93 @@ impl Engine {
                 counters.cmd_touch += 1;
                 if found {
                     counters.touch_hits += 1;
-                    reply::line(out, "TOUCHED");
+                    (Response::Touched, noreply)
                 } else {
                     counters.touch_misses += 1;
-                    reply::line(out, "NOT_FOUND");
+                    (Response::NotFound, noreply)
                 }
             }
-            Request::FlushAll { noreply, .. } if !self.settings.memcached.flush_enabled => {
-                silent = noreply;
-                reply::line(out, "CLIENT_ERROR flush_all not allowed");
-            }
+            Request::FlushAll { noreply, .. } if !self.settings.memcached.flush_enabled => (
+                Response::Line("CLIENT_ERROR flush_all not allowed"),
+                noreply,
+            ),
             Request::FlushAll { delay, noreply } => {
-                silent = noreply;
                 counters.cmd_flush += 1;
                 let at = (delay > 0).then(|| absolute_expiry(i64::from(delay), now));
                 self.store.flush(at);
                 outbox.push_flush(at.unwrap_or(0));
-                reply::line(out, "OK");
+                (Response::Ok, noreply)
             }
             Request::Version => {
                 out.put_slice(b"VERSION ");
                 out.put_slice(version_string().as_bytes());
                 out.put_slice(b"\r\n");
+                return Next::Continue;
             }
             Request::Verbosity { level, noreply } => {
-                silent = noreply;
                 self.verbosity.store(level.min(2), Ordering::Relaxed);
-                reply::line(out, "OK");
+                (Response::Ok, noreply)
             }
             Request::Quit => return Next::Close,
-            Request::Stats { sub, arg } => self.stats_command(sub, arg, now, out),
+            Request::Stats { sub, arg } => {
+                self.stats_command(sub, arg, now, out);
+                return Next::Continue;
+            }
             Request::CacheMemlimit { megabytes, noreply } => {
-                silent = noreply;
                 if megabytes < 8 {
-                    reply::line(
-                        out,
-                        "MEMLIMIT_TOO_SMALL cannot set maxbytes to less than 8m",
-                    );
+                    (
+                        Response::Line("MEMLIMIT_TOO_SMALL cannot set maxbytes to less than 8m"),
+                        noreply,
+                    )
                 } else {
                     self.store.set_limit(megabytes as usize * 1024 * 1024);
-                    reply::line(out, "OK");
+                    (Response::Ok, noreply)
                 }
             }
             Request::ConfigGet { what } => match (&self.cluster, what) {
                 (Some(cluster), b"cluster") => {
                     out.put_slice(cluster.view().list.elasticache_config_reply().as_bytes());
+                    return Next::Continue;
                 }
                 // memcached has no `config` command; a node outside a cluster answers as it.
-                (None, _) => reply::line(out, "ERROR"),
-                (Some(_), _) => reply::line(out, "CLIENT_ERROR unknown config key"),
+                (None, _) => (Response::Line("ERROR"), false),
+                (Some(_), _) => (Response::Line(reply::UNKNOWN_CONFIG_KEY), false),
             },
-            Request::MetaNoop => reply::line(out, "MN"),
+            Request::MetaNoop => (Response::MetaNoop, false),
             Request::Admin(req) => {
                 let pending = mark > 0;
-                match self
+                return match self
                     .admin
                     .execute(req, &self.settings, &self.store, now, pending, out)
                 {
-                    AdminNext::Done => {}
-                    AdminNext::Metadump(selection) => return Next::Metadump(selection),
-                    AdminNext::Watch(flags) => return Next::Watch(flags),
-                    AdminNext::Close => return Next::Close,
-                }
+                    AdminNext::Done => Next::Continue,
+                    AdminNext::Metadump(selection) => Next::Metadump(selection),
+                    AdminNext::Watch(flags) => Next::Watch(flags),
+                    AdminNext::Close => Next::Close,
+                };
             }
-            Request::Meta(req) => match req.command {
-                MetaCommand::Get => self.meta_get(&req, now, out, counters, outbox, conn_id),
-                MetaCommand::Set => self.meta_set(&req, now, out, counters, outbox, conn_id),
-                MetaCommand::Delete => self.meta_delete(&req, now, out, counters, outbox),
-                MetaCommand::Arithmetic => self.meta_arithmetic(&req, now, out, counters, outbox),
-            },
+            Request::Meta(req) => {
+                match req.command {
+                    MetaCommand::Get => self.meta_get(&req, now, out, counters, outbox, conn_id),
+                    MetaCommand::Set => self.meta_set(&req, now, out, counters, outbox, conn_id),
+                    MetaCommand::Delete => self.meta_delete(&req, now, out, counters, outbox),
+                    MetaCommand::Arithmetic => {
+                        self.meta_arithmetic(&req, now, out, counters, outbox)
+                    }
+                }
+                return Next::Continue;
+            }
             Request::MetaDebug { key } => {
                 counters.cmd_meta += 1;
                 self.meta_debug(&key, now, out);
+                return Next::Continue;
             }
             Request::Error {
                 reply: text,
                 noreply,
-            } => {
-                silent = noreply;
-                reply::line(out, text);
-            }
-        }
-        if silent {
-            out.truncate(mark);
-        }
+            } => (Response::Line(text), noreply),
+        };
+        response.compose(noreply, out);
         Next::Continue
     }
 
@@ -452,18 +454,17 @@ impl Engine {
             );
             count_lookup(counters, lookup, touch);
         }
-        out.put_slice(b"END\r\n");
+        out.put_slice(reply::END);
     }
 
     fn store_text(
         &self,
         req: &StoreRequest<'_>,
         now: u32,
-        out: &mut BytesMut,
         counters: &mut Counters,
         outbox: &mut Outbox,
         conn_id: usize,
-    ) {
+    ) -> Response {
         counters.cmd_set += 1;
         self.prefixes.record(req.key, PrefixOp::Set);
         let meta = ItemMeta {
@@ -486,16 +487,13 @@ impl Engine {
             result
         });
         count_store(counters, req.mode, result);
-        reply::line(
-            out,
-            match result {
-                StoreResult::Stored => "STORED",
-                StoreResult::NotStored => "NOT_STORED",
-                StoreResult::Exists => "EXISTS",
-                StoreResult::NotFound => "NOT_FOUND",
-                StoreResult::NoMemory => "SERVER_ERROR out of memory storing object",
-            },
-        );
+        match result {
+            StoreResult::Stored => Response::Stored,
+            StoreResult::NotStored => Response::NotStored,
+            StoreResult::Exists => Response::Exists,
+            StoreResult::NotFound => Response::NotFound,
+            StoreResult::NoMemory => Response::Line("SERVER_ERROR out of memory storing object"),
+        }
     }
 
     fn meta_get(
@@ -923,7 +921,7 @@ impl Engine {
                 return;
             }
         }
-        out.put_slice(b"END\r\n");
+        out.put_slice(reply::END);
     }
 
     fn general_stats(&self, now: u32, out: &mut BytesMut) {

@@ -41,6 +41,7 @@ use crate::protocol::admin::{AdminRequest, CrawlerCommand};
 use crate::protocol::forward::{
     encode_admin, encode_get, encode_keyed, value_blocks, Quiet, ReplyKind,
 };
+use crate::protocol::reply::Response;
 use crate::protocol::{parse, reply, Limits, MetaCommand, ParseOutcome, Request, StoreMode};
 pub use backend::NodeAccess;
 use backend::{await_reply, Backend, ExchangeError};
@@ -618,7 +619,7 @@ fn assemble(job: &Job, results: &mut [Option<Bytes>]) -> Bytes {
                     out.put_slice(block);
                 }
             }
-            out.put_slice(b"END\r\n");
+            out.put_slice(reply::END);
             out.freeze()
         }
         Job::All { combine, quiet, .. } => {
@@ -681,7 +682,7 @@ fn sum_stats(replies: &[Bytes]) -> Bytes {
     for name in order {
         reply::stat(&mut out, &name, &values[&name]);
     }
-    out.put_slice(b"END\r\n");
+    out.put_slice(reply::END);
     out.freeze()
 }
 
@@ -768,7 +769,7 @@ fn sum_class_stats(replies: &[Bytes]) -> Bytes {
     for (prefix, [g, h, s, d]) in prefixes {
         out.put_slice(format!("PREFIX {prefix} get {g} hit {h} set {s} del {d}\r\n").as_bytes());
     }
-    out.put_slice(b"END\r\n");
+    out.put_slice(reply::END);
     out.freeze()
 }
 
@@ -789,7 +790,7 @@ fn concat_dumps(replies: &[Bytes], limit: u32) -> Bytes {
             lines += 1;
         }
     }
-    out.put_slice(b"END\r\n");
+    out.put_slice(reply::END);
     out.freeze()
 }
 
@@ -799,10 +800,15 @@ fn line_capacity(keys: &[&[u8]]) -> usize {
     keys.iter().map(|k| k.len() + 1).sum::<usize>() + 96
 }
 
-fn local_line(text: &str) -> Job {
+/// A reply the proxy gives itself, composed as a node would (`noreply` included).
+fn local(response: Response, noreply: bool) -> Job {
     let mut out = BytesMut::new();
-    reply::line(&mut out, text);
+    response.compose(noreply, &mut out);
     Job::Local(out.freeze())
+}
+
+fn local_line(text: &'static str) -> Job {
+    local(Response::Line(text), false)
 }
 
 /// Decides where a request goes. Pure: depends only on the request and the ring.
@@ -830,7 +836,7 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
                 }
             }
             if parts.is_empty() {
-                return Job::Local(Bytes::from_static(b"END\r\n"));
+                return Job::Local(Bytes::from_static(reply::END));
             }
             if parts.iter().any(|(o, _)| o.is_empty()) {
                 return Job::Local(Bytes::from_static(UNAVAILABLE));
@@ -900,13 +906,7 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
                 retry_safe,
             }
         }
-        Request::TooLarge { noreply, .. } => {
-            if *noreply {
-                Job::Local(Bytes::new())
-            } else {
-                local_line("SERVER_ERROR object too large for cache")
-            }
-        }
+        Request::TooLarge { noreply, .. } => local(Response::Line(reply::TOO_LARGE), *noreply),
         Request::FlushAll { delay, noreply } => {
             let text = if *delay > 0 {
                 format!("flush_all {delay}\r\n")
@@ -978,26 +978,24 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
             if *what == b"cluster" {
                 Job::Local(Bytes::from(view.list.elasticache_config_reply()))
             } else {
-                local_line("CLIENT_ERROR unknown config key")
+                local_line(reply::UNKNOWN_CONFIG_KEY)
             }
         }
-        Request::Version => local_line(&format!("VERSION {}", version_string())),
-        Request::Verbosity { noreply, .. } => {
-            if *noreply {
-                Job::Local(Bytes::new())
-            } else {
-                local_line("OK")
-            }
+        Request::Version => {
+            let mut out = BytesMut::new();
+            reply::line(&mut out, &format!("VERSION {}", version_string()));
+            Job::Local(out.freeze())
         }
+        Request::Verbosity { noreply, .. } => local(Response::Ok, *noreply),
         Request::Quit => Job::Close,
-        Request::MetaNoop => local_line("MN"),
+        Request::MetaNoop => local(Response::MetaNoop, false),
         Request::Admin(admin) => match admin {
             AdminRequest::Watch(_) => {
                 local_line("CLIENT_ERROR watch is per node: connect to a node to watch it")
             }
             // The proxy does not shut nodes down.
             AdminRequest::Shutdown { .. } | AdminRequest::ShutdownInvalid => {
-                local_line("ERROR: shutdown not enabled")
+                local_line(reply::SHUTDOWN_NOT_ENABLED)
             }
             AdminRequest::CacheDump(Err(error)) => local_line(error),
             _ => {
@@ -1026,13 +1024,7 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
         Request::Error {
             reply: text,
             noreply,
-        } => {
-            if *noreply {
-                Job::Local(Bytes::new())
-            } else {
-                local_line(text)
-            }
-        }
+        } => local(Response::Line(text), *noreply),
     }
 }
 
