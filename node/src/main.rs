@@ -296,12 +296,15 @@ async fn run(args: ServeArgs, options: MemcachedOptions, threads: usize) -> Resu
     };
     let tls = match (&tls_cert, &tls_key) {
         (Some(cert), Some(key)) => {
-            let tls = Arc::new(Tls::load(TlsFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-                client_ca: tls_client_ca.clone(),
-                peer_ca: args.peer_tls_ca.clone(),
-            })?);
+            let tls = Arc::new(
+                Tls::load(TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: tls_client_ca.clone(),
+                    peer_ca: args.peer_tls_ca.clone(),
+                })
+                .map_err(|e| e.to_string())?,
+            );
             tokio::spawn(tls.clone().follow(shutdown_rx.clone()));
             Some(tls)
         }
@@ -513,7 +516,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
     });
     if let Some(files) = &tls {
         // Bad files are a start-up error, not a string of failed connections.
-        files.connector()?;
+        files.connector().map_err(|e| e.to_string())?;
     }
     let proxy = Arc::new(Proxy::new(
         cluster.clone(),

@@ -468,7 +468,6 @@ mod tests {
     use crate::peer::server;
     use crate::peer::wire::Decoded;
     use crate::record::{apply, Op};
-    use crate::store::StoreConfig;
     use kache_cluster::MemberList;
     use tokio::net::TcpListener;
 
@@ -502,19 +501,7 @@ mod tests {
         for (i, listener) in listeners.into_iter().enumerate() {
             let cluster = Arc::new(Cluster::new(members[i].name.clone()));
             cluster.update(list.clone());
-            let store = Store::new(StoreConfig {
-                memory_limit: 8 << 20,
-                max_item_size: 1024,
-                max_shards: 4,
-                node_id: i as u64 + 1,
-                ..StoreConfig::default()
-            });
-            let replicator = Arc::new(Replicator::new(
-                Arc::new(store),
-                cluster,
-                1024,
-                Default::default(),
-            ));
+            let replicator = crate::peer::test_replicator(cluster, i as u64 + 1);
             tokio::spawn(server::serve(
                 listener,
                 replicator.clone(),

@@ -147,7 +147,7 @@ pub async fn connect(tls: Option<&Tls>, host: &str, port: u16) -> Result<PeerStr
     let Some(tls) = tls else {
         return Ok(Box::new(stream));
     };
-    let name = peer_server_name(host).map_err(ConnectError::Tls)?;
+    let name = peer_server_name(host).map_err(|e| ConnectError::Tls(e.to_string()))?;
     let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.connector().connect(name, stream))
         .await
         .map_err(|_| ConnectError::Tls(format!("TLS handshake with {host}:{port} timed out")))?

@@ -262,7 +262,6 @@ mod tests {
     use crate::cluster::Cluster;
     use crate::peer::server;
     use crate::record::{apply, Op};
-    use crate::store::{Store, StoreConfig};
     use kache_cluster::{Member, MemberList};
     use tokio::net::TcpListener;
 
@@ -290,20 +289,7 @@ mod tests {
                 port: 20_000 + i as u16,
                 peer_port: listener.local_addr().unwrap().port(),
             });
-            let store = Store::new(StoreConfig {
-                memory_limit: 8 << 20,
-                max_item_size: 1024,
-                max_shards: 4,
-                node_id: i as u64 + 1,
-                ..StoreConfig::default()
-            });
-            let cluster = Arc::new(Cluster::new(name));
-            let node = Arc::new(Replicator::new(
-                Arc::new(store),
-                cluster,
-                1024,
-                Default::default(),
-            ));
+            let node = crate::peer::test_replicator(Arc::new(Cluster::new(name)), i as u64 + 1);
             tokio::spawn(server::serve(listener, node.clone(), None, stopped.clone()));
             nodes.push(node);
         }

@@ -602,14 +602,7 @@ mod tests {
     #[tokio::test]
     async fn a_peer_queue_is_bounded_in_bytes() {
         // A peer that accepts and never answers the hello: everything stays queued.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let _hold = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((stream, _)) = listener.accept().await {
-                held.push(stream);
-            }
-        });
+        let port = crate::listener::silent_port().await;
         let config = LinkConfig {
             queue_bytes: 64 * 1024,
             stall_timeout: Duration::from_secs(30),

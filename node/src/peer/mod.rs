@@ -199,3 +199,21 @@ pub async fn apply_until_done<S: tokio::io::AsyncRead + Unpin + ?Sized>(
         }
     }
 }
+
+/// A replicator over a small empty store, for tests of the peer layer.
+#[cfg(test)]
+pub(crate) fn test_replicator(cluster: Arc<Cluster>, node_id: u64) -> Arc<Replicator> {
+    let store = Store::new(crate::store::StoreConfig {
+        memory_limit: 8 << 20,
+        max_item_size: 1024,
+        max_shards: 4,
+        node_id,
+        ..crate::store::StoreConfig::default()
+    });
+    Arc::new(Replicator::new(
+        Arc::new(store),
+        cluster,
+        1024,
+        PeerConfig::default(),
+    ))
+}

@@ -371,7 +371,7 @@ enum ConnectError {
     Timeout,
     /// The TLS files, or the node's name as a TLS server name.
     #[error("{0}")]
-    TlsSetup(String),
+    TlsSetup(#[from] crate::tls::TlsSetupError),
     #[error("TLS handshake failed: {0}")]
     TlsHandshake(std::io::Error),
     #[error("TLS handshake timed out")]
@@ -401,8 +401,8 @@ async fn connect(backend: &Backend) -> Result<NodeStream, ConnectError> {
     let mut stream = match &backend.access.tls {
         None => NodeStream::Plain(tcp),
         Some(files) => {
-            let connector = files.connector().map_err(ConnectError::TlsSetup)?;
-            let name = peer_server_name(&backend.host).map_err(ConnectError::TlsSetup)?;
+            let connector = files.connector()?;
+            let name = peer_server_name(&backend.host)?;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp)).await {
                 Ok(Ok(tls)) => NodeStream::Tls(Box::new(tls)),
                 Ok(Err(error)) => return Err(ConnectError::TlsHandshake(error)),
@@ -607,14 +607,7 @@ mod tests {
     #[tokio::test]
     async fn a_node_queue_is_bounded_in_bytes() {
         // A node that accepts and then never reads: what the proxy queues for it is bounded.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let _hold = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((stream, _)) = listener.accept().await {
-                held.push(stream);
-            }
-        });
+        let port = crate::listener::silent_port().await;
         let access = Arc::new(NodeAccess {
             queue_bytes: Some(4 * 1024 * 1024),
             reply_timeout: Some(Duration::from_secs(30)),
