@@ -72,7 +72,7 @@ def main():
               f"{total.stale_reads:>6} {settled:>8}")
     for result in results:
         print()
-        print(scenario.format_table(result))
+        print(scenario.format_table(result, examples=False))
     return 0
 
 

@@ -23,29 +23,31 @@ use crate::cluster::ClusterView;
 use crate::node::Node;
 use crate::peer::anti_entropy::AntiEntropyStats;
 use crate::peer::{PeerStats, Replicator};
+use kache_cluster::{HandoffReport, NodeReport};
 
-/// `GET /cluster`: this node's view of the ring.
-fn cluster_json(node: &str, view: &ClusterView, replicator: &Replicator) -> serde_json::Value {
+/// `GET /cluster`: this node's view of the ring (kache-cluster's [`NodeReport`], which the
+/// operator reads).
+fn cluster_report(node: &str, view: &ClusterView, replicator: &Replicator) -> NodeReport {
     let h = &replicator.handoff;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    serde_json::json!({
-        "node": node,
-        "member": view.me.is_some(),
-        "version": view.list.version,
-        "replicationFactor": view.list.replication_factor,
-        "members": view.list.members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
-        "handoff": {
-            "version": load(&h.version),
-            "running": h.running.load(Ordering::Relaxed),
-            "done": h.done.load(Ordering::Relaxed),
-            "sent": load(&h.sent),
-            "acked": load(&h.acked),
-            "failed": load(&h.failed),
-            "refilled": load(&h.refilled),
+    NodeReport {
+        node: node.to_string(),
+        member: view.me.is_some(),
+        version: view.list.version,
+        replication_factor: view.list.replication_factor,
+        members: view.list.members.iter().map(|m| m.name.clone()).collect(),
+        handoff: HandoffReport {
+            version: load(&h.version),
+            running: h.running.load(Ordering::Relaxed),
+            done: h.done.load(Ordering::Relaxed),
+            sent: load(&h.sent),
+            acked: load(&h.acked),
+            failed: load(&h.failed),
+            refilled: load(&h.refilled),
         },
-        "readThroughHits": load(&replicator.stats.read_through_hits),
-        "items": replicator.store.stats().curr_items,
-    })
+        read_through_hits: load(&replicator.stats.read_through_hits),
+        items: replicator.store.stats().curr_items,
+    }
 }
 
 /// The percent-decoded value of `name` in a query string.
@@ -590,16 +592,24 @@ fn route(
                     let view = cluster.view();
                     let query = req.uri().query().unwrap_or("");
                     let body = if req.uri().path() == "/cluster" {
-                        cluster_json(cluster.node_name(), &view, replicator)
+                        serde_json::to_value(cluster_report(cluster.node_name(), &view, replicator))
                     } else if req.uri().path() == "/cluster/items" {
-                        items_json(replicator, query)
+                        Ok(items_json(replicator, query))
                     } else {
                         let key = query_param(query, "key");
                         let owners: Vec<&str> =
                             view.owners(&key).iter().map(|m| m.name.as_str()).collect();
-                        serde_json::json!({ "key": String::from_utf8_lossy(&key), "owners": owners })
+                        Ok(
+                            serde_json::json!({ "key": String::from_utf8_lossy(&key), "owners": owners }),
+                        )
                     };
-                    text(StatusCode::OK, format!("{body}\n"))
+                    match body {
+                        Ok(body) => text(StatusCode::OK, format!("{body}\n")),
+                        Err(_) => text(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "encoding failed\n".into(),
+                        ),
+                    }
                 }
             }
         }

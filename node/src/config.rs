@@ -5,6 +5,7 @@
 pub mod extended;
 
 use clap::{Args, Parser, Subcommand};
+use kache_cluster::size::{self, SizeError};
 
 use crate::peer::replicate::WriteAcks;
 use crate::store::classes::{ClassConfig, PAGE_SIZE};
@@ -484,37 +485,17 @@ impl ClusterArgs {
 }
 
 /// Parses sizes like memcached's `-I`: bytes, or a number with a k/m/g suffix (range
-/// checked as memcached checks it, after the whole command line is read).
-fn parse_any_size(text: &str) -> Result<usize, String> {
-    let text = text.trim();
-    let (digits, unit) = match text.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => (&text[..i], c.to_ascii_lowercase()),
-        _ => (text, 'b'),
-    };
-    let n: usize = digits
-        .parse()
-        .map_err(|_| format!("invalid size {text:?}: expected a number with optional k, m or g"))?;
-    match unit {
-        'b' => Some(n),
-        'k' => n.checked_mul(1024),
-        'm' => n.checked_mul(1024 * 1024),
-        'g' => n.checked_mul(1024 * 1024 * 1024),
-        _ => return Err(format!("invalid size unit in {text:?}: use k, m or g")),
-    }
-    .ok_or_else(|| format!("size {text:?} is too large"))
+/// checked as memcached checks it, after the whole command line is read). The grammar is
+/// kache-cluster's, which the CacheCluster spec shares.
+fn parse_any_size(text: &str) -> Result<usize, SizeError> {
+    let bytes = size::parse_size(text.trim())?;
+    usize::try_from(bytes).map_err(|_| SizeError::TooLarge(text.trim().to_string()))
 }
 
-/// Parses sizes like memcached's `-I`: bytes, or a number with a k/m/g suffix, from 1k to
-/// 1g (the proxy's `-I`).
-pub fn parse_size(text: &str) -> Result<usize, String> {
-    let bytes = parse_any_size(text)?;
-    if !(1024..=1024 * 1024 * 1024).contains(&bytes) {
-        return Err(format!(
-            "item size {:?} must be between 1k and 1g",
-            text.trim()
-        ));
-    }
-    Ok(bytes)
+/// Parses the byte bounds (and the proxy's `-I`): a size from 1k to 1g.
+pub fn parse_size(text: &str) -> Result<usize, SizeError> {
+    let bytes = size::parse_byte_limit(text.trim())?;
+    usize::try_from(bytes).map_err(|_| SizeError::TooLarge(text.trim().to_string()))
 }
 
 fn parse_udp_port(text: &str) -> Result<u16, String> {
@@ -719,6 +700,8 @@ mod tests {
     #[test]
     fn sizes_accept_memcached_suffixes() {
         assert_eq!(parse_size("1m"), Ok(1024 * 1024));
+        assert_eq!(parse_size(" 1m "), Ok(1024 * 1024));
+        assert_eq!(parse_any_size("2g"), Ok(2 << 30));
         assert_eq!(parse_size("512k"), Ok(512 * 1024));
         assert_eq!(parse_size("2M"), Ok(2 * 1024 * 1024));
         assert_eq!(parse_size("4096"), Ok(4096));

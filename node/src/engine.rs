@@ -67,6 +67,9 @@ pub struct Engine {
     pub admin: Arc<Admin>,
     /// Seconds a delete's tombstone is kept in a cluster (`--tombstone-ttl`).
     tombstone_ttl: u32,
+    /// A delete that finds nothing leaves a tombstone too, so its `NOT_FOUND` replicates
+    /// and is confirmed by the other owners (`--write-acks quorum`/`all`).
+    tombstone_misses: bool,
     verbosity: AtomicU32,
 }
 
@@ -162,6 +165,7 @@ impl Engine {
             auth: None,
             admin,
             tombstone_ttl: DEFAULT_TOMBSTONE_TTL,
+            tombstone_misses: false,
             verbosity: AtomicU32::new(verbosity),
         }
     }
@@ -172,9 +176,11 @@ impl Engine {
         self
     }
 
-    /// The engine keeping a delete's tombstone `seconds` (in a cluster).
-    pub fn with_tombstone_ttl(mut self, seconds: u32) -> Engine {
+    /// The engine keeping a delete's tombstone `seconds` (in a cluster), and with
+    /// `misses`, leaving one for a delete that finds nothing (writes judged by quorum/all).
+    pub fn with_tombstones(mut self, seconds: u32, misses: bool) -> Engine {
         self.tombstone_ttl = seconds;
+        self.tombstone_misses = misses;
         self
     }
 
@@ -385,6 +391,12 @@ impl Engine {
             let ttl = self.tombstone_ttl;
             let deleted = e.delete_with_tombstone(key, ttl).is_some();
             if deleted {
+                outbox.push_current(e);
+            } else if self.tombstone_misses {
+                // A miss here does not say the key is gone from its other owners (a delete
+                // of this node whose outcome was unknown, a restart): under quorum/all the
+                // NOT_FOUND is a delete like any other, and holds only once they confirm.
+                e.leave_tombstone(key, ttl);
                 outbox.push_current(e);
             }
             deleted
@@ -709,6 +721,10 @@ impl Engine {
             let next_cas = e.next_cas();
             let Some(mut it) = e.item_mut() else {
                 counters.delete_misses += 1;
+                if flags.cas.is_none() {
+                    // Confirmed by the other owners as a text delete's NOT_FOUND is.
+                    self.delete_entry(e, &req.key, outbox);
+                }
                 return b"NF";
             };
             if flags.cas.is_some_and(|c| c != it.cas()) {

@@ -16,7 +16,7 @@ use kache_node::cluster::{membership, Cluster};
 use kache_node::config::{Cli, FlagError, MemcachedOptions, Mode, ProxyArgs, ServeArgs};
 use kache_node::engine::{Engine, Settings};
 use kache_node::node::Node;
-use kache_node::peer::replicate::Durability;
+use kache_node::peer::replicate::{Durability, WriteAcks};
 use kache_node::peer::{PeerConfig, Replicator};
 use kache_node::protocol::Limits;
 use kache_node::proxy::{NodeAccess, Proxy};
@@ -312,7 +312,10 @@ async fn run(args: ServeArgs, options: MemcachedOptions, threads: usize) -> Resu
     };
     let engine = Engine::new(store, settings, u32::from(args.verbose), cluster.clone())
         .with_auth(auth)
-        .with_tombstone_ttl(args.cluster.tombstone_ttl);
+        .with_tombstones(
+            args.cluster.tombstone_ttl,
+            args.cluster.write_acks != WriteAcks::One,
+        );
     let replicator = cluster.map(|cluster| {
         // The certificate covers the peer port too: links, refills and read-through use TLS.
         if let Some(tls) = &tls {

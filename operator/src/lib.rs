@@ -4,6 +4,7 @@
 //! Layout: pure core, I/O at the edges.
 //! * [`crd`]: the resource types, defaults and validation.
 //! * [`build`]: pure builders, spec → desired Kubernetes objects.
+//! * [`observe`]: what the pods and the StatefulSet say (ordinals, states, revisions).
 //! * [`status`]: pure functions, observed state → member list, status, conditions.
 //! * [`scale`]: pure decisions of a warm scale-in (hold the StatefulSet
 //!   until departing nodes have handed their data off).
@@ -16,8 +17,11 @@
 pub mod admin;
 pub mod build;
 pub mod crd;
+#[cfg(test)]
+mod fixtures;
 pub mod leader;
 pub mod metrics;
+pub mod observe;
 pub mod probe;
 pub mod reconcile;
 pub mod roll;

@@ -8,8 +8,9 @@ use futures::future::BoxFuture;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long one probe may take (connect, request and response).
@@ -17,61 +18,85 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest `/cluster` response read.
 const MAX_BODY: usize = 1 << 20;
 
-/// The `handoff` object of a node's `GET /cluster`.
-#[derive(Deserialize, Clone, Debug, Default, PartialEq, Eq)]
-#[serde(default)]
-pub struct HandoffReport {
-    /// Member-list version of the hand-off under way or last finished.
-    pub version: u64,
-    /// A hand-off is running.
-    pub running: bool,
-    /// The hand-off for `version` has finished.
-    pub done: bool,
-    /// Items sent to new owners.
-    pub sent: u64,
-    /// Items the new owners acknowledged.
-    pub acked: u64,
-    /// Items that could not be handed off.
-    pub failed: u64,
-    /// Items received by refills.
-    pub refilled: u64,
-}
+pub use kache_cluster::report::{HandoffReport, NodeReport};
 
-/// A node's `GET /cluster` document, the parts the operator reads.
-#[derive(Deserialize, Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeReport {
-    /// The node is in the member list it follows.
-    #[serde(default)]
-    pub member: bool,
-    /// Version of the member list the node follows.
-    #[serde(default)]
-    pub version: u64,
-    /// Items the node holds.
-    #[serde(default)]
-    pub items: u64,
-    /// Its hand-off progress.
-    pub handoff: HandoffReport,
-}
-
-impl NodeReport {
-    /// The node follows member list `version` (or a newer one) and moves no
-    /// data: nothing it should hold is still on its way.
-    pub fn settled_on(&self, version: u64) -> bool {
-        self.version >= version && !self.handoff.running
-    }
+/// Why a node's report could not be learnt. Cheap to clone (the sources are shared), as
+/// probe results are.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The pod's IP is not an IP address.
+    #[error("invalid pod IP {0:?}")]
+    InvalidIp(String),
+    /// Nothing accepted the connection.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The node's admin address.
+        addr: SocketAddr,
+        /// Why.
+        source: Arc<std::io::Error>,
+    },
+    /// The HTTP exchange failed (handshake, request or response).
+    #[error("GET http://{addr}/cluster: {source}")]
+    Http {
+        /// The node's admin address.
+        addr: SocketAddr,
+        /// Why.
+        source: Arc<hyper::Error>,
+    },
+    /// The request could not be built.
+    #[error("GET http://{addr}/cluster: {source}")]
+    Request {
+        /// The node's admin address.
+        addr: SocketAddr,
+        /// Why.
+        source: Arc<http::Error>,
+    },
+    /// The body could not be read, or is larger than [`MAX_BODY`].
+    #[error("GET http://{addr}/cluster: {source}")]
+    Body {
+        /// The node's admin address.
+        addr: SocketAddr,
+        /// Why.
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+    /// The node answered with an error status.
+    #[error("GET http://{addr}/cluster: HTTP {status}")]
+    Status {
+        /// The node's admin address.
+        addr: SocketAddr,
+        /// What it answered.
+        status: http::StatusCode,
+    },
+    /// The answer is not a `/cluster` document.
+    #[error("unexpected /cluster response: {0}")]
+    Document(Arc<serde_json::Error>),
+    /// No answer in time.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
 }
 
 /// Parses a node's `GET /cluster` document.
-pub fn parse_cluster_doc(body: &[u8]) -> Result<NodeReport, String> {
-    serde_json::from_slice::<NodeReport>(body)
-        .map_err(|e| format!("unexpected /cluster response: {e}"))
+pub fn parse_cluster_doc(body: &[u8]) -> Result<NodeReport, ProbeError> {
+    serde_json::from_slice::<NodeReport>(body).map_err(|e| ProbeError::Document(Arc::new(e)))
 }
+
+/// A pod whose node the operator asks for its report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeTarget {
+    /// Pod name.
+    pub name: String,
+    /// Pod IP.
+    pub ip: String,
+}
+
+/// Probe results by pod name: the node's report, or why there is none.
+pub type ProbeResults = BTreeMap<String, Result<NodeReport, ProbeError>>;
 
 /// Asks one node (by pod IP) for its report. An `Err` says why it could not
 /// be learnt; the operator then keeps waiting (until a timeout, if any).
 pub trait NodeProbe: Send + Sync {
     /// The node's `GET /cluster` report.
-    fn report<'a>(&'a self, pod_ip: &'a str) -> BoxFuture<'a, Result<NodeReport, String>>;
+    fn report<'a>(&'a self, pod_ip: &'a str) -> BoxFuture<'a, Result<NodeReport, ProbeError>>;
 }
 
 /// The real probe: plain HTTP to the node's admin port.
@@ -92,17 +117,25 @@ impl HttpProbe {
         }
     }
 
-    async fn get(&self, pod_ip: &str) -> Result<NodeReport, String> {
+    async fn get(&self, pod_ip: &str) -> Result<NodeReport, ProbeError> {
         let ip: IpAddr = pod_ip
             .parse()
-            .map_err(|_| format!("invalid pod IP {pod_ip:?}"))?;
+            .map_err(|_| ProbeError::InvalidIp(pod_ip.to_string()))?;
         let addr = SocketAddr::new(ip, self.port);
-        let stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let stream =
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| ProbeError::Connect {
+                    addr,
+                    source: Arc::new(e),
+                })?;
+        let http = |e| ProbeError::Http {
+            addr,
+            source: Arc::new(e),
+        };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| format!("{addr}: {e}"))?;
+            .map_err(http)?;
         let conn = tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -110,20 +143,23 @@ impl HttpProbe {
             .header(http::header::HOST, addr.to_string())
             .header(http::header::ACCEPT, "application/json")
             .body(Empty::<Bytes>::new())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ProbeError::Request {
+                addr,
+                source: Arc::new(e),
+            })?;
         let result = async {
-            let resp = sender
-                .send_request(req)
-                .await
-                .map_err(|e| format!("GET http://{addr}/cluster: {e}"))?;
+            let resp = sender.send_request(req).await.map_err(http)?;
             let status = resp.status();
             let body = Limited::new(resp.into_body(), MAX_BODY)
                 .collect()
                 .await
-                .map_err(|e| format!("GET http://{addr}/cluster: {e}"))?
+                .map_err(|e| ProbeError::Body {
+                    addr,
+                    source: Arc::from(e),
+                })?
                 .to_bytes();
             if !status.is_success() {
-                return Err(format!("GET http://{addr}/cluster: HTTP {status}"));
+                return Err(ProbeError::Status { addr, status });
             }
             parse_cluster_doc(&body)
         }
@@ -134,11 +170,11 @@ impl HttpProbe {
 }
 
 impl NodeProbe for HttpProbe {
-    fn report<'a>(&'a self, pod_ip: &'a str) -> BoxFuture<'a, Result<NodeReport, String>> {
+    fn report<'a>(&'a self, pod_ip: &'a str) -> BoxFuture<'a, Result<NodeReport, ProbeError>> {
         Box::pin(async move {
             tokio::time::timeout(self.timeout, self.get(pod_ip))
                 .await
-                .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.timeout)))
+                .unwrap_or(Err(ProbeError::Timeout(self.timeout)))
         })
     }
 }
@@ -148,30 +184,18 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// The document's fields are kache-cluster's (tested there); what is left here is
+    /// refusing what is not one.
     #[test]
-    fn parses_the_nodes_document() {
-        let body = br#"{"node":"c-2","member":false,"version":7,"replicationFactor":1,
-            "members":["c-0","c-1"],"handoff":{"version":7,"running":false,"done":true,
-            "sent":1234,"acked":1230,"failed":4,"refilled":0},"items":0}"#;
-        assert_eq!(
-            parse_cluster_doc(body).unwrap(),
-            NodeReport {
-                member: false,
-                version: 7,
-                items: 0,
-                handoff: HandoffReport {
-                    version: 7,
-                    running: false,
-                    done: true,
-                    sent: 1234,
-                    acked: 1230,
-                    failed: 4,
-                    refilled: 0
-                }
-            }
-        );
-        assert!(parse_cluster_doc(b"{}").is_err());
-        assert!(parse_cluster_doc(b"not json").is_err());
+    fn a_body_that_is_no_report_is_an_error() {
+        let body = br#"{"version":7,"handoff":{"version":7,"done":true,"sent":1234}}"#;
+        assert_eq!(parse_cluster_doc(body).unwrap().handoff.sent, 1234);
+        for bad in [&b"{}"[..], b"not json", b"{\"handoff\": 3}"] {
+            assert!(
+                matches!(parse_cluster_doc(bad), Err(ProbeError::Document(_))),
+                "{bad:?}"
+            );
+        }
     }
 
     /// One HTTP exchange on a real socket: the probe sends `GET /cluster`
@@ -205,7 +229,11 @@ mod tests {
         let port = closed.local_addr().unwrap().port();
         drop(closed);
         let err = HttpProbe::new(port).report("127.0.0.1").await.unwrap_err();
-        assert!(err.contains("cannot connect"), "{err}");
-        assert!(HttpProbe::new(port).report("nope").await.is_err());
+        assert!(matches!(err, ProbeError::Connect { .. }), "{err}");
+        assert!(err.to_string().contains("cannot connect"), "{err}");
+        assert!(matches!(
+            HttpProbe::new(port).report("nope").await,
+            Err(ProbeError::InvalidIp(_))
+        ));
     }
 }

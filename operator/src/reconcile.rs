@@ -5,11 +5,11 @@
 //! [`crate::status`]; this module only performs the I/O around them.
 
 use crate::build::{self, BuildError};
-use crate::crd::{CacheCluster, CacheClusterStatus};
+use crate::crd::{CacheCluster, CacheClusterStatus, SpecErrors};
 use crate::metrics::Metrics;
-use crate::probe::{HttpProbe, NodeProbe};
+use crate::probe::{HttpProbe, NodeProbe, ProbeResults, ProbeTarget};
 use crate::roll::{self, RestartReason, RollAction};
-use crate::scale::{self, ProbeResults, ScaleOutcome};
+use crate::scale::{self, ScaleOutcome};
 use crate::status::{self, CONDITION_DEGRADED, REASON_INVALID_SPEC};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -247,34 +247,10 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
     let client = &ctx.client;
     let now = (ctx.now)();
 
-    let errors = cc.spec.validate();
-    if !errors.is_empty() {
-        ctx.metrics.invalid_specs.inc();
-        let status = status::invalid_spec_status(cc, &errors, now);
-        let already_reported = cc.status.as_ref().is_some_and(|s| {
-            s.observed_generation == cc.metadata.generation
-                && status::find_condition(s, CONDITION_DEGRADED)
-                    .is_some_and(|c| c.reason == REASON_INVALID_SPEC)
-        });
-        tracing::warn!(%ns, %name, ?errors, "invalid CacheCluster spec");
-        if cc.status.as_ref() != Some(&status) {
-            patch_status(client, cc, &status).await?;
-        }
-        if !already_reported {
-            let note = format!("invalid spec, nothing changed: {}", errors.join("; "));
-            publish(
-                ctx,
-                cc,
-                EventType::Warning,
-                REASON_INVALID_SPEC,
-                "Validate",
-                note,
-            )
-            .await;
-        }
-        // No retry loop: the next spec change triggers a new reconcile.
-        return Ok(Action::await_change());
-    }
+    let valid = match cc.spec.validate() {
+        Ok(valid) => valid,
+        Err(errors) => return report_invalid_spec(ctx, cc, &errors, now).await,
+    };
 
     // Identity and networking first, so pods find them when they start.
     apply(client, &ns, &build::node_service_account(cc)?).await?;
@@ -312,7 +288,7 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
     let member_list = |drained: Option<&str>| {
         status::next_member_list(
             status::desired_members(cc, &pods, published.as_ref(), drained, &now),
-            status::replication_factor(cc),
+            valid.replication_factor,
             published.as_ref(),
             previous_version,
         )
@@ -643,8 +619,43 @@ async fn remove_network_policy(ctx: &Context, cc: &CacheCluster, ns: &str) -> Re
     Ok(())
 }
 
+/// Says why the spec is invalid (in the status, and in one Warning event per generation)
+/// and changes nothing else. No retry loop: the next spec change triggers a new reconcile.
+async fn report_invalid_spec(
+    ctx: &Context,
+    cc: &CacheCluster,
+    errors: &SpecErrors,
+    now: Time,
+) -> Result<Action, Error> {
+    let (ns, name) = (build::namespace(cc)?, cc.name_any());
+    ctx.metrics.invalid_specs.inc();
+    let status = status::invalid_spec_status(cc, errors, now);
+    let already_reported = cc.status.as_ref().is_some_and(|s| {
+        s.observed_generation == cc.metadata.generation
+            && status::find_condition(s, CONDITION_DEGRADED)
+                .is_some_and(|c| c.reason == REASON_INVALID_SPEC)
+    });
+    tracing::warn!(%ns, %name, %errors, "invalid CacheCluster spec");
+    if cc.status.as_ref() != Some(&status) {
+        patch_status(&ctx.client, cc, &status).await?;
+    }
+    if !already_reported {
+        let note = format!("invalid spec, nothing changed: {errors}");
+        publish(
+            ctx,
+            cc,
+            EventType::Warning,
+            REASON_INVALID_SPEC,
+            "Validate",
+            note,
+        )
+        .await;
+    }
+    Ok(Action::await_change())
+}
+
 /// Asks every target for its hand-off progress, all at once.
-async fn probe_all(probe: &dyn NodeProbe, targets: &[scale::ProbeTarget]) -> ProbeResults {
+async fn probe_all(probe: &dyn NodeProbe, targets: &[ProbeTarget]) -> ProbeResults {
     let answers = futures::future::join_all(targets.iter().map(|t| probe.report(&t.ip))).await;
     targets
         .iter()

@@ -27,9 +27,8 @@
 //! operator restarted half-way carries on. `status.rollout` only reports.
 
 use crate::crd::{CacheCluster, RolloutPhase, RolloutStatus};
-use crate::probe::NodeReport;
-use crate::scale::{ProbeResults, ProbeTarget};
-use crate::status::{member_state, pod_ordinal};
+use crate::observe::{member_state, pod_ordinal, pod_revision, update_revision};
+use crate::probe::{NodeReport, ProbeError, ProbeResults, ProbeTarget};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -37,29 +36,11 @@ use k8s_openapi::chrono::{DateTime, Duration as ChronoDuration, Utc};
 use kache_cluster::MemberList;
 use kube::ResourceExt;
 
-/// The StatefulSet controller's label naming a pod's revision.
-pub const REVISION_LABEL: &str = "controller-revision-hash";
 /// Pod annotation: the revision the pod is drained for (`replicationFactor`
 /// 1). A mark for another revision is stale and ignored.
 pub const DRAIN_REVISION_ANNOTATION: &str = "kache.dev/drain-revision";
 /// Pod annotation: when the drain started (RFC 3339), for its timeout.
 pub const DRAIN_SINCE_ANNOTATION: &str = "kache.dev/drain-since";
-
-/// The revision the StatefulSet's pods should run, once the StatefulSet
-/// controller has seen the current spec (before that, its revision is stale).
-pub fn update_revision(sts: Option<&StatefulSet>) -> Option<&str> {
-    let sts = sts?;
-    let status = sts.status.as_ref()?;
-    if status.observed_generation.unwrap_or(0) < sts.metadata.generation.unwrap_or(0) {
-        return None;
-    }
-    status.update_revision.as_deref().filter(|r| !r.is_empty())
-}
-
-/// The revision a pod runs (its template's), if labelled.
-pub fn pod_revision(pod: &Pod) -> Option<&str> {
-    pod.labels().get(REVISION_LABEL).map(String::as_str)
-}
 
 fn terminating(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_some()
@@ -201,35 +182,72 @@ impl RollDecision {
     }
 }
 
+/// What a rolling update still waits for before it restarts the next node.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum NotSettled {
+    /// A member's pod is not Ready.
+    #[error("{0} is not Ready")]
+    NotReady(String),
+    /// A member's pod runs at another IP than the list publishes.
+    #[error("{0} is not yet listed at its new IP")]
+    NewIp(String),
+    /// A member follows an older list, or still hands data off.
+    #[error(
+        "{member} follows member list version {follows} (published: {published}){}",
+        if *handing_off { ", hand-off under way" } else { "" }
+    )]
+    Behind {
+        /// The member.
+        member: String,
+        /// The list version it follows.
+        follows: u64,
+        /// The published version.
+        published: u64,
+        /// A hand-off is under way on it.
+        handing_off: bool,
+    },
+    /// A member's report could not be learnt.
+    #[error("{member}: {source}")]
+    Unanswered {
+        /// The member.
+        member: String,
+        /// Why.
+        source: ProbeError,
+    },
+    /// A member was not asked for its report.
+    #[error("{0} was not asked")]
+    NotAsked(String),
+}
+
 /// Whether every member of `list` is Ready at its published IP, follows the
 /// list and moves no data. `Err` says what is not there yet.
-pub fn settled(list: &MemberList, pods: &[Pod], reports: &ProbeResults) -> Result<(), String> {
+pub fn settled(list: &MemberList, pods: &[Pod], reports: &ProbeResults) -> Result<(), NotSettled> {
     for m in &list.members {
         let pod = pods.iter().find(|p| p.name_any() == m.name);
         let Some(pod) = pod.filter(|p| ready(p)) else {
-            return Err(format!("{} is not Ready", m.name));
+            return Err(NotSettled::NotReady(m.name.clone()));
         };
         let ip = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref());
         if ip != Some(m.ip.as_str()) {
-            return Err(format!("{} is not yet listed at its new IP", m.name));
+            return Err(NotSettled::NewIp(m.name.clone()));
         }
         match reports.get(&m.name) {
             Some(Ok(r)) if node_settled(r, list.version) => {}
             Some(Ok(r)) => {
-                return Err(format!(
-                    "{} follows member list version {} (published: {}){}",
-                    m.name,
-                    r.version,
-                    list.version,
-                    if r.handoff.running {
-                        ", hand-off under way"
-                    } else {
-                        ""
-                    }
-                ))
+                return Err(NotSettled::Behind {
+                    member: m.name.clone(),
+                    follows: r.version,
+                    published: list.version,
+                    handing_off: r.handoff.running,
+                })
             }
-            Some(Err(e)) => return Err(format!("{}: {e}", m.name)),
-            None => return Err(format!("{} was not asked", m.name)),
+            Some(Err(e)) => {
+                return Err(NotSettled::Unanswered {
+                    member: m.name.clone(),
+                    source: e.clone(),
+                })
+            }
+            None => return Err(NotSettled::NotAsked(m.name.clone())),
         }
     }
     Ok(())
@@ -378,7 +396,7 @@ pub fn decide(
                     "{} of {} items acked, hand-off version {} of {}",
                     r.handoff.acked, r.handoff.sent, r.handoff.version, list.version
                 ),
-                Some(Err(e)) => e.clone(),
+                Some(Err(e)) => e.to_string(),
                 None => "not asked".into(),
             };
             let why = RestartReason::DrainTimedOut(detail);

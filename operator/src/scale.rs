@@ -15,8 +15,8 @@
 //! Scaling out is unaffected: new pods join the list once Ready.
 
 use crate::crd::{CacheCluster, DepartingMember, RebalanceStatus};
-use crate::probe::NodeReport;
-use crate::status::{member_state, pod_ordinal};
+use crate::observe::{member_state, pod_ordinal};
+use crate::probe::{ProbeResults, ProbeTarget};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -24,18 +24,6 @@ use k8s_openapi::chrono::Duration as ChronoDuration;
 use kache_cluster::MemberList;
 use kube::ResourceExt;
 use std::collections::BTreeMap;
-
-/// Probe results by pod name: the node's report, or why there is none.
-pub type ProbeResults = BTreeMap<String, Result<NodeReport, String>>;
-
-/// A departing pod whose node may still hold data, to be asked for progress.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProbeTarget {
-    /// Pod name.
-    pub name: String,
-    /// Pod IP.
-    pub ip: String,
-}
 
 /// What happens to the StatefulSet's size in this reconcile.
 #[derive(Clone, Debug, PartialEq, Eq)]

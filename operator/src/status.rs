@@ -8,7 +8,9 @@
 
 use crate::crd::{
     CacheCluster, CacheClusterStatus, MemberState, MemberStatus, RebalanceStatus, RolloutStatus,
+    SpecErrors,
 };
+use crate::observe::{member_state, pod_ip, pod_ordinal, pod_revision, update_revision};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -36,6 +38,26 @@ pub const REASON_UNSCHEDULABLE: &str = "Unschedulable";
 
 /// Reason: the spec failed validation.
 pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
+/// Reason of a True `Ready`: `replicas` is 0.
+pub const REASON_SCALED_TO_ZERO: &str = "ScaledToZero";
+/// Reason of a True `Ready`: every node the spec asks for is Ready.
+pub const REASON_ALL_NODES_READY: &str = "AllNodesReady";
+/// Reason of a False `Ready`.
+pub const REASON_NODES_NOT_READY: &str = "NodesNotReady";
+/// Reason of a True `Progressing` while departing nodes hand off before a scale-in.
+pub const REASON_SCALING_IN: &str = "ScalingIn";
+/// Reason of a True `Progressing` while the StatefulSet controller rolls out a change.
+pub const REASON_ROLLING_OUT: &str = "RollingOut";
+/// Reason of a True `Progressing` while nodes start.
+pub const REASON_WAITING_FOR_NODES: &str = "WaitingForNodes";
+/// Reason of a False `Progressing`: every node runs the current spec.
+pub const REASON_ROLLOUT_COMPLETE: &str = "RolloutComplete";
+/// Reason of a True `Degraded` while nodes crash or cannot pull their image.
+pub const REASON_NODES_FAILING: &str = "NodesFailing";
+/// Reason of a False `Degraded`.
+pub const REASON_AS_EXPECTED: &str = "AsExpected";
+/// Reason of a False `Rebalancing`.
+pub const REASON_IDLE: &str = "Idle";
 
 /// Container waiting reasons that will not fix themselves.
 const FAILING_REASONS: &[&str] = &[
@@ -47,42 +69,6 @@ const FAILING_REASONS: &[&str] = &[
     "CreateContainerError",
     "RunContainerError",
 ];
-
-/// The StatefulSet ordinal of a pod named `<cluster>-<n>`.
-pub fn pod_ordinal(pod_name: &str, cluster: &str) -> Option<u32> {
-    pod_name
-        .strip_prefix(cluster)?
-        .strip_prefix('-')?
-        .parse()
-        .ok()
-}
-
-fn pod_is_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-fn pod_ip(pod: &Pod) -> Option<String> {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.pod_ip.clone())
-        .filter(|ip| !ip.is_empty())
-}
-
-/// The lifecycle state of one pod.
-pub fn member_state(pod: &Pod) -> MemberState {
-    if pod.metadata.deletion_timestamp.is_some() {
-        MemberState::Terminating
-    } else if pod_is_ready(pod) && pod_ip(pod).is_some() {
-        MemberState::Ready
-    } else if pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") {
-        MemberState::NotReady
-    } else {
-        MemberState::Pending
-    }
-}
 
 /// The cluster's pods (named `<cluster>-<ordinal>`), sorted by ordinal.
 fn ordered_pods<'a>(cc: &CacheCluster, pods: &'a [Pod]) -> Vec<(u32, &'a Pod)> {
@@ -346,14 +332,13 @@ fn unschedulable_pods(pods: &[(u32, &Pod)]) -> Vec<String> {
 
 /// Live pods that run the StatefulSet's current revision.
 fn updated_replicas(cc: &CacheCluster, pods: &[Pod], sts: Option<&StatefulSet>) -> i32 {
-    let Some(revision) = crate::roll::update_revision(sts) else {
+    let Some(revision) = update_revision(sts) else {
         return 0;
     };
     let n = ordered_pods(cc, pods)
         .iter()
         .filter(|(_, p)| {
-            p.metadata.deletion_timestamp.is_none()
-                && crate::roll::pod_revision(p) == Some(revision)
+            p.metadata.deletion_timestamp.is_none() && pod_revision(p) == Some(revision)
         })
         .count();
     i32::try_from(n).unwrap_or(i32::MAX)
@@ -382,6 +367,150 @@ pub fn compute_status(
     compute_status_underway(cc, pods, sts, published, Underway::default(), now)
 }
 
+/// How many nodes the spec asks for and how many there are.
+struct Counts {
+    /// `spec.replicas`.
+    desired: i32,
+    /// Ready nodes among those the spec asks for (departing ones do not count).
+    ready: i32,
+    /// Ready pods, departing ones included.
+    ready_total: i32,
+    /// Pods not being deleted.
+    live: i32,
+    /// The StatefulSet's size: `desired`, or more while departing nodes hand off.
+    held: i32,
+}
+
+impl Counts {
+    fn of(cc: &CacheCluster, pods: &[Pod], members: &[MemberStatus], underway: &Underway) -> Self {
+        let count = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
+        let desired = cc.spec.replicas.max(0);
+        let ready = ordered_pods(cc, pods)
+            .iter()
+            .filter(|(o, p)| {
+                i64::from(*o) < i64::from(desired) && member_state(p) == MemberState::Ready
+            })
+            .count();
+        let state_count =
+            |keep: fn(MemberState) -> bool| count(members.iter().filter(|m| keep(m.state)).count());
+        Counts {
+            desired,
+            ready: count(ready),
+            ready_total: state_count(|s| s == MemberState::Ready),
+            live: state_count(|s| s != MemberState::Terminating),
+            held: underway.rebalance.map_or(desired, |r| r.current_replicas),
+        }
+    }
+}
+
+/// A condition's status, reason and message, before it is stamped with the generation and
+/// the time.
+struct Verdict {
+    status: bool,
+    reason: &'static str,
+    message: String,
+}
+
+impl Verdict {
+    fn new(status: bool, reason: &'static str, message: String) -> Self {
+        Verdict {
+            status,
+            reason,
+            message,
+        }
+    }
+}
+
+/// `Ready`: every node the spec asks for is Ready and no rollout is under way.
+fn ready_verdict(n: &Counts, rollout: Option<&str>) -> Verdict {
+    let (desired, ready) = (n.desired, n.ready);
+    if desired == 0 && rollout.is_none() {
+        Verdict::new(
+            true,
+            REASON_SCALED_TO_ZERO,
+            "replicas is 0: no cache nodes".into(),
+        )
+    } else if ready >= desired && rollout.is_none() {
+        Verdict::new(
+            true,
+            REASON_ALL_NODES_READY,
+            format!("{ready}/{desired} nodes ready"),
+        )
+    } else {
+        Verdict::new(
+            false,
+            REASON_NODES_NOT_READY,
+            format!("{ready}/{desired} nodes ready"),
+        )
+    }
+}
+
+/// `Progressing`: a scale-in, a rollout, or nodes still starting.
+fn progressing_verdict(
+    n: &Counts,
+    underway: &Underway,
+    rollout: Option<&str>,
+    published: &MemberList,
+) -> Verdict {
+    let (desired, ready, held) = (n.desired, n.ready, n.held);
+    if let Some(r) = underway.rebalance {
+        let departing: Vec<&str> = r.departing.iter().map(|d| d.name.as_str()).collect();
+        return Verdict::new(
+            true,
+            REASON_SCALING_IN,
+            format!(
+                "waiting for {} to hand off before scaling from {held} to {desired} nodes",
+                departing.join(", ")
+            ),
+        );
+    }
+    match rollout {
+        Some(what) if underway.roll_progress.is_some() => {
+            Verdict::new(true, REASON_ROLLING_UPDATE, what.to_string())
+        }
+        Some(what) => Verdict::new(true, REASON_ROLLING_OUT, what.to_string()),
+        None if ready < desired => Verdict::new(
+            true,
+            REASON_WAITING_FOR_NODES,
+            format!(
+                "waiting for {} more node(s) to become ready",
+                desired - ready
+            ),
+        ),
+        None => Verdict::new(
+            false,
+            REASON_ROLLOUT_COMPLETE,
+            format!(
+                "all {desired} nodes run the current spec; member list version {}",
+                published.version
+            ),
+        ),
+    }
+}
+
+/// `Degraded`: pods the scheduler cannot place, or nodes that fail.
+fn degraded_verdict(cc: &CacheCluster, pods: &[Pod]) -> Verdict {
+    let ordered = ordered_pods(cc, pods);
+    let failing = failing_pods(&ordered);
+    let mut unschedulable = unschedulable_pods(&ordered);
+    if !unschedulable.is_empty() {
+        unschedulable.extend(failing);
+        Verdict::new(true, REASON_UNSCHEDULABLE, unschedulable.join("; "))
+    } else if !failing.is_empty() {
+        Verdict::new(true, REASON_NODES_FAILING, failing.join(", "))
+    } else {
+        Verdict::new(false, REASON_AS_EXPECTED, "no problems detected".into())
+    }
+}
+
+/// `Rebalancing`: a scale-in's hand-off.
+fn rebalancing_verdict(rebalance: Option<&RebalanceStatus>) -> Verdict {
+    match rebalance {
+        Some(r) => Verdict::new(true, REASON_HANDING_OFF, crate::scale::progress_message(r)),
+        None => Verdict::new(false, REASON_IDLE, "no scale-in under way".into()),
+    }
+}
+
 /// Status of a valid CacheCluster from what the operator observed and what
 /// it is in the middle of.
 pub fn compute_status_underway(
@@ -392,172 +521,29 @@ pub fn compute_status_underway(
     underway: Underway<'_>,
     now: Time,
 ) -> CacheClusterStatus {
-    let rebalance = underway.rebalance;
     let generation = cc.metadata.generation;
-    let desired = cc.spec.replicas.max(0);
     let members = member_statuses(cc, pods);
-    let live = members
-        .iter()
-        .filter(|m| m.state != MemberState::Terminating)
-        .count();
-    let ready_total = members
-        .iter()
-        .filter(|m| m.state == MemberState::Ready)
-        .count();
-    let ready_total = i32::try_from(ready_total).unwrap_or(i32::MAX);
-    // Readiness of the nodes the spec asks for (departing ones do not count).
-    let ready = ordered_pods(cc, pods)
-        .iter()
-        .filter(|(o, p)| {
-            i64::from(*o) < i64::from(desired) && member_state(p) == MemberState::Ready
-        })
-        .count();
-    let ready = i32::try_from(ready).unwrap_or(i32::MAX);
-    let live = i32::try_from(live).unwrap_or(i32::MAX);
-    // While departing nodes hand off, the StatefulSet is held at its size on purpose.
-    let held = rebalance.map_or(desired, |r| r.current_replicas);
+    let n = Counts::of(cc, pods, &members, &underway);
     let rollout = underway
         .roll_progress
         .map(str::to_string)
-        .or_else(|| rollout_in_progress(sts, held));
-    let failing = failing_pods(&ordered_pods(cc, pods));
-
-    let all_ready = ready >= desired && rollout.is_none();
-    let ready_cond = if desired == 0 && rollout.is_none() {
-        condition(
-            CONDITION_READY,
-            true,
-            "ScaledToZero",
-            "replicas is 0: no cache nodes".into(),
-            generation,
-            &now,
-        )
-    } else if all_ready {
-        condition(
-            CONDITION_READY,
-            true,
-            "AllNodesReady",
-            format!("{ready}/{desired} nodes ready"),
-            generation,
-            &now,
-        )
-    } else {
-        condition(
-            CONDITION_READY,
-            false,
-            "NodesNotReady",
-            format!("{ready}/{desired} nodes ready"),
-            generation,
-            &now,
-        )
-    };
-
-    let progressing = match (&rollout, ready < desired) {
-        _ if rebalance.is_some() => condition(
+        .or_else(|| rollout_in_progress(sts, n.held));
+    let verdicts = [
+        (CONDITION_READY, ready_verdict(&n, rollout.as_deref())),
+        (
             CONDITION_PROGRESSING,
-            true,
+            progressing_verdict(&n, &underway, rollout.as_deref(), published),
+        ),
+        (CONDITION_DEGRADED, degraded_verdict(cc, pods)),
+        (
             CONDITION_REBALANCING,
-            format!(
-                "waiting for {} to hand off before scaling from {held} to {desired} nodes",
-                rebalance
-                    .map(|r| r
-                        .departing
-                        .iter()
-                        .map(|d| d.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "))
-                    .unwrap_or_default()
-            ),
-            generation,
-            &now,
+            rebalancing_verdict(underway.rebalance),
         ),
-        (Some(what), _) => condition(
-            CONDITION_PROGRESSING,
-            true,
-            if underway.roll_progress.is_some() {
-                REASON_ROLLING_UPDATE
-            } else {
-                "RollingOut"
-            },
-            what.clone(),
-            generation,
-            &now,
-        ),
-        (None, true) => condition(
-            CONDITION_PROGRESSING,
-            true,
-            "WaitingForNodes",
-            format!(
-                "waiting for {} more node(s) to become ready",
-                desired - ready
-            ),
-            generation,
-            &now,
-        ),
-        (None, false) => condition(
-            CONDITION_PROGRESSING,
-            false,
-            "RolloutComplete",
-            format!(
-                "all {desired} nodes run the current spec; member list version {}",
-                published.version
-            ),
-            generation,
-            &now,
-        ),
-    };
-
-    let unschedulable = unschedulable_pods(&ordered_pods(cc, pods));
-    let degraded = if !unschedulable.is_empty() {
-        let mut problems = unschedulable;
-        problems.extend(failing);
-        condition(
-            CONDITION_DEGRADED,
-            true,
-            REASON_UNSCHEDULABLE,
-            problems.join("; "),
-            generation,
-            &now,
-        )
-    } else if !failing.is_empty() {
-        condition(
-            CONDITION_DEGRADED,
-            true,
-            "NodesFailing",
-            failing.join(", "),
-            generation,
-            &now,
-        )
-    } else {
-        condition(
-            CONDITION_DEGRADED,
-            false,
-            "AsExpected",
-            "no problems detected".into(),
-            generation,
-            &now,
-        )
-    };
-
-    let rebalancing = match rebalance {
-        Some(r) => condition(
-            CONDITION_REBALANCING,
-            true,
-            REASON_HANDING_OFF,
-            crate::scale::progress_message(r),
-            generation,
-            &now,
-        ),
-        None => condition(
-            CONDITION_REBALANCING,
-            false,
-            "Idle",
-            "no scale-in under way".into(),
-            generation,
-            &now,
-        ),
-    };
-
+    ];
+    let conditions = verdicts
+        .into_iter()
+        .map(|(type_, v)| condition(type_, v.status, v.reason, v.message, generation, &now))
+        .collect();
     let previous = cc
         .status
         .as_ref()
@@ -565,17 +551,14 @@ pub fn compute_status_underway(
         .unwrap_or(&[]);
     CacheClusterStatus {
         observed_generation: generation,
-        replicas: live,
-        ready_replicas: ready_total,
+        replicas: n.live,
+        ready_replicas: n.ready_total,
         selector: names::selector_string(&cc.name_any()),
         members,
         config_version: i64::try_from(published.version).unwrap_or(i64::MAX),
-        conditions: merge_conditions(
-            previous,
-            vec![ready_cond, progressing, degraded, rebalancing],
-        ),
-        rebalance: rebalance.cloned(),
-        revision: crate::roll::update_revision(sts).map(str::to_string),
+        conditions: merge_conditions(previous, conditions),
+        rebalance: underway.rebalance.cloned(),
+        revision: update_revision(sts).map(str::to_string),
         updated_replicas: updated_replicas(cc, pods, sts),
         rollout: underway.rollout.cloned(),
     }
@@ -583,10 +566,14 @@ pub fn compute_status_underway(
 
 /// Status of a CacheCluster whose spec failed validation: nothing is changed
 /// in the cluster; the conditions say why, the rest of the status is kept.
-pub fn invalid_spec_status(cc: &CacheCluster, errors: &[String], now: Time) -> CacheClusterStatus {
+pub fn invalid_spec_status(
+    cc: &CacheCluster,
+    errors: &SpecErrors,
+    now: Time,
+) -> CacheClusterStatus {
     let generation = cc.metadata.generation;
     let prev = cc.status.clone().unwrap_or_default();
-    let message = format!("invalid spec: {}", errors.join("; "));
+    let message = format!("invalid spec: {errors}");
     let mut conditions = vec![
         condition(
             CONDITION_READY,
@@ -634,60 +621,13 @@ pub fn find_condition<'a>(status: &'a CacheClusterStatus, type_: &str) -> Option
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use crate::build::testing::cluster;
     use crate::crd::CacheClusterSpec;
-    use k8s_openapi::api::apps::v1::StatefulSetStatus;
+    use crate::fixtures::{cluster, pod, settled_sts, t};
     use k8s_openapi::api::core::v1::{
-        ContainerState, ContainerStateWaiting, ContainerStatus, PodCondition, PodStatus,
+        ContainerState, ContainerStateWaiting, ContainerStatus, PodCondition,
     };
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-    use k8s_openapi::chrono::{TimeZone, Utc};
-
-    pub fn t(secs: i64) -> Time {
-        Time(Utc.timestamp_opt(1_700_000_000 + secs, 0).unwrap())
-    }
-
-    pub fn pod(name: &str, ip: Option<&str>, ready: bool) -> Pod {
-        Pod {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some("prod".into()),
-                ..Default::default()
-            },
-            spec: None,
-            status: Some(PodStatus {
-                phase: Some(if ip.is_some() { "Running" } else { "Pending" }.into()),
-                pod_ip: ip.map(Into::into),
-                conditions: Some(vec![PodCondition {
-                    type_: "Ready".into(),
-                    status: if ready { "True" } else { "False" }.into(),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-        }
-    }
-
-    pub fn settled_sts(replicas: i32) -> StatefulSet {
-        StatefulSet {
-            metadata: ObjectMeta {
-                generation: Some(1),
-                ..Default::default()
-            },
-            spec: None,
-            status: Some(StatefulSetStatus {
-                observed_generation: Some(1),
-                replicas,
-                ready_replicas: Some(replicas),
-                updated_replicas: Some(replicas),
-                current_revision: Some("r1".into()),
-                update_revision: Some("r1".into()),
-                ..Default::default()
-            }),
-        }
-    }
 
     fn three_ready() -> Vec<Pod> {
         vec![
@@ -695,31 +635,6 @@ pub(crate) mod tests {
             pod("web-0", Some("10.0.0.1"), true),
             pod("web-1", Some("10.0.0.2"), true),
         ]
-    }
-
-    #[test]
-    fn ordinals() {
-        assert_eq!(pod_ordinal("web-0", "web"), Some(0));
-        assert_eq!(pod_ordinal("web-12", "web"), Some(12));
-        assert_eq!(pod_ordinal("web-cache-0", "web"), None);
-        assert_eq!(pod_ordinal("webx-0", "web"), None);
-        assert_eq!(pod_ordinal("web", "web"), None);
-    }
-
-    #[test]
-    fn member_states() {
-        assert_eq!(
-            member_state(&pod("a", Some("1.1.1.1"), true)),
-            MemberState::Ready
-        );
-        assert_eq!(
-            member_state(&pod("a", Some("1.1.1.1"), false)),
-            MemberState::NotReady
-        );
-        assert_eq!(member_state(&pod("a", None, false)), MemberState::Pending);
-        let mut p = pod("a", Some("1.1.1.1"), true);
-        p.metadata.deletion_timestamp = Some(t(0));
-        assert_eq!(member_state(&p), MemberState::Terminating);
     }
 
     #[test]
@@ -1127,7 +1042,7 @@ pub(crate) mod tests {
             ready_replicas: 2,
             ..Default::default()
         });
-        let errors = cc.spec.validate();
+        let errors = cc.spec.validate().unwrap_err();
         let st = invalid_spec_status(&cc, &errors, t(0));
         assert_eq!(st.observed_generation, Some(4));
         assert_eq!(st.config_version, 5);

@@ -29,7 +29,7 @@ fn example() -> CacheCluster {
 fn example_is_a_valid_minimal_cachecluster() {
     let cc = example();
     assert_eq!(cc.metadata.name.as_deref(), Some("my-cache"));
-    assert!(cc.spec.validate().is_empty(), "{:?}", cc.spec.validate());
+    assert!(cc.spec.validate().is_ok(), "{:?}", cc.spec.validate());
     assert_eq!(cc.spec.replicas, 3);
     assert_eq!(cc.spec.memory_mib, 64);
 }
@@ -103,7 +103,7 @@ fn secure_example() -> (Vec<k8s_openapi::api::core::v1::Secret>, CacheCluster) {
 #[test]
 fn secure_example_uses_every_security_setting_and_its_secrets_fit() {
     let (secrets, cc) = secure_example();
-    assert!(cc.spec.validate().is_empty(), "{:?}", cc.spec.validate());
+    assert!(cc.spec.validate().is_ok(), "{:?}", cc.spec.validate());
     let s = &cc.spec;
     let tls = s.tls.as_ref().expect("tls");
     assert!(tls.client_auth);

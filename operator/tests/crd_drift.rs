@@ -22,7 +22,7 @@ fn check(rel: &str) {
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     assert!(
         committed == generated,
-        "{rel} is out of date with operator/src/crd.rs; regenerate it with\n  \
+        "{rel} is out of date with operator/src/crd/; regenerate it with\n  \
          cargo run -p kache-operator --bin crdgen > crds/cachecluster.yaml && \
          cp crds/cachecluster.yaml charts/kache/crds/cachecluster.yaml"
     );

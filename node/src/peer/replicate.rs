@@ -18,6 +18,8 @@
 //! owners that did apply it keep it, and anti-entropy spreads it once they can reach the
 //! others. Only value changes (sets, deletes) are judged; touches and `flush_all` are sent
 //! to the other owners without a verdict.
+//! Under `quorum`/`all` a delete that finds nothing here is a delete too (the engine leaves
+//! a tombstone for it), so its `NOT_FOUND` is judged like a `DELETED`.
 
 use std::str::FromStr;
 use std::sync::atomic::Ordering::Relaxed;

@@ -380,6 +380,18 @@ impl Entry<'_> {
     /// arriving later from peers cannot bring it back. Returns the tombstone's version.
     pub fn delete_with_tombstone(&mut self, key: &[u8], ttl: u32) -> Option<u64> {
         self.item()?;
+        self.leave_tombstone(key, ttl)
+    }
+
+    /// Makes sure the key holds a tombstone (for `ttl` seconds), whatever it held: the
+    /// tombstone already there is kept as it is (same version); otherwise a new one is
+    /// stored. Returns the tombstone's version (None: no memory for it).
+    pub fn leave_tombstone(&mut self, key: &[u8], ttl: u32) -> Option<u64> {
+        if !self.live {
+            if let Some(version) = self.version() {
+                return Some(version);
+            }
+        }
         let tombstone = NewItem::new(
             key,
             &[],

@@ -32,7 +32,7 @@ pub fn members_configmap(cc: &CacheCluster, list: &MemberList) -> Result<ConfigM
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::testing::cluster;
+    use crate::fixtures::cluster;
     use kache_cluster::Member;
 
     #[test]

@@ -6,6 +6,8 @@
 
 mod configmap;
 mod networkpolicy;
+#[cfg(test)]
+mod node_args;
 mod pdb;
 #[cfg(test)]
 pub(crate) mod pss;
@@ -68,28 +70,9 @@ pub fn object_meta(cc: &CacheCluster, name: String) -> Result<ObjectMeta, BuildE
 }
 
 #[cfg(test)]
-pub(crate) mod testing {
-    use crate::crd::{CacheCluster, CacheClusterSpec};
-    use kube::api::ObjectMeta;
-
-    /// A CacheCluster as the API server would return it.
-    pub fn cluster(name: &str, spec: CacheClusterSpec) -> CacheCluster {
-        let mut cc = CacheCluster::new(name, spec);
-        cc.metadata = ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some("prod".into()),
-            uid: Some("1b4e28ba-2fa1-11d2-883f-0016d3cca427".into()),
-            generation: Some(1),
-            ..ObjectMeta::default()
-        };
-        cc
-    }
-}
-
-#[cfg(test)]
 mod tests {
-    use super::testing::cluster;
     use super::*;
+    use crate::fixtures::cluster;
 
     #[test]
     fn owned_objects_point_at_the_cluster() {

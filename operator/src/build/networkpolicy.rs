@@ -106,8 +106,8 @@ pub fn network_policy(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::testing::cluster;
     use crate::crd::CacheClusterSpec;
+    use crate::fixtures::cluster;
     use serde_json::{json, Value};
 
     fn with(np: Option<NetworkPolicyConfig>) -> CacheCluster {

@@ -31,8 +31,8 @@ pub fn pod_disruption_budget(cc: &CacheCluster) -> Result<PodDisruptionBudget, B
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::testing::cluster;
     use crate::crd::{CacheClusterSpec, PodDisruptionBudgetConfig};
+    use crate::fixtures::cluster;
 
     #[test]
     fn default_allows_one_disruption() {

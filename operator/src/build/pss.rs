@@ -226,8 +226,8 @@ fn container_violations(c: &Container, pod_non_root: bool, pod_seccomp: bool, v:
 mod tests {
     use super::*;
     use crate::build::statefulset;
-    use crate::build::testing::cluster;
-    use crate::crd::{AuthConfig, CacheClusterSpec, PeerAuthConfig, TlsConfig};
+    use crate::crd::CacheClusterSpec;
+    use crate::fixtures::{cluster, secure_spec};
     use k8s_openapi::api::core::v1::{HostPathVolumeSource, Volume};
 
     fn template(spec: CacheClusterSpec) -> PodTemplateSpec {
@@ -238,25 +238,9 @@ mod tests {
             .template
     }
 
-    fn secure() -> CacheClusterSpec {
-        CacheClusterSpec {
-            tls: Some(TlsConfig {
-                secret_name: "web-tls".into(),
-                client_auth: true,
-            }),
-            auth: Some(AuthConfig {
-                secret_name: "web-auth".into(),
-            }),
-            peer_auth: Some(PeerAuthConfig {
-                secret_name: "web-peer".into(),
-            }),
-            ..Default::default()
-        }
-    }
-
     #[test]
     fn built_pods_meet_the_restricted_standard() {
-        for spec in [CacheClusterSpec::default(), secure()] {
+        for spec in [CacheClusterSpec::default(), secure_spec()] {
             let t = template(spec);
             assert_eq!(restricted_violations(&t), Vec::<String>::new());
         }
@@ -336,7 +320,7 @@ mod tests {
             ),
         ];
         for (mutate, rule) in cases {
-            let mut t = template(secure());
+            let mut t = template(secure_spec());
             mutate(&mut t);
             let v = restricted_violations(&t);
             assert!(v.iter().any(|m| m.contains(rule)), "{rule}: {v:?}");

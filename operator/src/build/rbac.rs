@@ -54,7 +54,7 @@ pub fn node_role_binding(cc: &CacheCluster) -> Result<RoleBinding, BuildError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::testing::cluster;
+    use crate::fixtures::cluster;
 
     #[test]
     fn nodes_may_only_read_their_member_list() {

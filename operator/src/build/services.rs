@@ -58,7 +58,7 @@ pub fn client_service(cc: &CacheCluster) -> Result<Service, BuildError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::testing::cluster;
+    use crate::fixtures::cluster;
 
     #[test]
     fn peers_service_is_headless_and_publishes_not_ready() {

@@ -207,6 +207,9 @@ pub fn container_args(cc: &CacheCluster) -> Vec<String> {
         args.push("--memory-file".into());
         args.push(MEMORY_FILE.into());
     }
+    for (flag, value) in s.replication.iter().flat_map(|r| r.node_flags()) {
+        args.extend([flag.to_string(), value]);
+    }
     args.extend(s.extra_args.iter().cloned());
     args
 }
@@ -433,8 +436,8 @@ pub fn statefulset(cc: &CacheCluster, default_image: &str) -> Result<StatefulSet
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::testing::cluster;
     use crate::crd::CacheClusterSpec;
+    use crate::fixtures::cluster;
 
     fn pod_spec(sts: &StatefulSet) -> &PodSpec {
         sts.spec.as_ref().unwrap().template.spec.as_ref().unwrap()

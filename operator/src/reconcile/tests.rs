@@ -3,10 +3,10 @@
 //! "API server" answers.
 
 use super::*;
-use crate::build::testing::cluster;
 use crate::crd::{CacheClusterSpec, CacheClusterStatus};
-use crate::probe::{HandoffReport, NodeReport};
-use crate::status::tests::{pod, settled_sts, t};
+use crate::fixtures::cluster;
+use crate::fixtures::{node_report, pod, settled_sts, t, unanswered};
+use crate::probe::{HandoffReport, NodeReport, ProbeError, ProbeResults};
 use http::{Method, Request, Response, StatusCode};
 use kache_cluster::MemberList;
 use kube::client::Body;
@@ -111,12 +111,12 @@ fn event(reason: &'static str, type_: &'static str) -> Exchange {
 /// Hand-off probe answers by pod IP; every call is logged.
 #[derive(Default)]
 struct ScriptedProbe {
-    answers: HashMap<String, Result<NodeReport, String>>,
+    answers: HashMap<String, Result<NodeReport, ProbeError>>,
     log: Arc<Mutex<Vec<String>>>,
 }
 
 impl ScriptedProbe {
-    fn answer(mut self, ip: &str, r: Result<NodeReport, String>) -> Self {
+    fn answer(mut self, ip: &str, r: Result<NodeReport, ProbeError>) -> Self {
         self.answers.insert(ip.into(), r);
         self
     }
@@ -126,7 +126,7 @@ impl NodeProbe for ScriptedProbe {
     fn report<'a>(
         &'a self,
         pod_ip: &'a str,
-    ) -> futures::future::BoxFuture<'a, Result<NodeReport, String>> {
+    ) -> futures::future::BoxFuture<'a, Result<NodeReport, ProbeError>> {
         self.log.lock().unwrap().push(format!("probe {pod_ip}"));
         let r = self
             .answers
@@ -651,7 +651,7 @@ async fn invalid_spec_sets_degraded_once_and_does_not_retry() {
     let mut reported = cc.clone();
     reported.status = Some(status::invalid_spec_status(
         &cc,
-        &cc.spec.validate(),
+        &cc.spec.validate().unwrap_err(),
         fixed_now(),
     ));
     let action = run(reported, vec![]).await.unwrap();
@@ -718,12 +718,12 @@ fn pods_map_to_their_cluster() {
 
 // ------------------------------------------------------------------ scale-in
 
-fn handoff(version: u64, done: bool, sent: u64) -> Result<NodeReport, String> {
-    Ok(NodeReport {
-        member: false,
+fn handoff(version: u64, done: bool, sent: u64) -> Result<NodeReport, ProbeError> {
+    Ok(node_report(
+        false,
         version,
-        items: 0,
-        handoff: HandoffReport {
+        0,
+        HandoffReport {
             version,
             running: !done,
             done,
@@ -732,7 +732,7 @@ fn handoff(version: u64, done: bool, sent: u64) -> Result<NodeReport, String> {
             failed: 0,
             refilled: 0,
         },
-    })
+    ))
 }
 
 /// `web` settled at 3 Ready nodes with member list version 4, then scaled
@@ -882,7 +882,7 @@ fn waiting_on_web_2(started: i64) -> (CacheCluster, Vec<Pod>, ConfigMap, Statefu
     let (mut cc, pods, _, sts) = scaled_in_to_two();
     let cm = members_cm(&cc, &pods, 5);
     let list = published(&cc, &pods, 5);
-    let probes: scale::ProbeResults = [("web-2".to_string(), handoff(5, false, 10))].into();
+    let probes: ProbeResults = [("web-2".to_string(), handoff(5, false, 10))].into();
     let d = scale::decide(&cc, Some(&sts), &pods, &list, &probes, &t(started));
     assert!(d.waiting());
     cc.status = Some(status::compute_status_underway(
@@ -974,7 +974,7 @@ async fn scale_in_timeout_warns_and_shrinks() {
                 .starts_with("hand-off timed out on web-2"));
         }),
     ]);
-    let probe = ScriptedProbe::default().answer("10.0.0.3", Err("no answer within 2s".into()));
+    let probe = ScriptedProbe::default().answer("10.0.0.3", Err(unanswered()));
     let (action, _) = run_probed(cc, script, probe).await;
     assert_eq!(action.unwrap(), Action::requeue(REQUEUE_CONVERGING));
 }

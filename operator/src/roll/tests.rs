@@ -1,10 +1,11 @@
 //! The rolling-update decision as a pure function of observed state.
 
 use super::*;
-use crate::build::testing::cluster;
 use crate::crd::CacheClusterSpec;
-use crate::probe::HandoffReport;
-use crate::status::tests::{pod, settled_sts, t};
+use crate::fixtures::cluster;
+use crate::fixtures::{node_report, pod, settled_sts, t, unanswered};
+use crate::observe::REVISION_LABEL;
+use crate::probe::{HandoffReport, ProbeError};
 use crate::status::{self, next_member_list};
 use std::collections::BTreeMap;
 
@@ -75,18 +76,18 @@ fn list_of(cc: &CacheCluster, pods: &[Pod], version: u64) -> MemberList {
 }
 
 /// A node's report: member, on `version`, hand-off for `handoff` done.
-fn report(version: u64, handoff: u64, running: bool) -> Result<NodeReport, String> {
-    Ok(NodeReport {
-        member: true,
+fn report(version: u64, handoff: u64, running: bool) -> Result<NodeReport, ProbeError> {
+    Ok(node_report(
+        true,
         version,
-        items: 100,
-        handoff: HandoffReport {
+        100,
+        HandoffReport {
             version: handoff,
             running,
             done: !running,
             ..Default::default()
         },
-    })
+    ))
 }
 
 fn all_settled(pods: &[Pod], version: u64) -> ProbeResults {
@@ -189,6 +190,36 @@ fn replicated_cluster_restarts_the_highest_ordinal_first_once_settled() {
 }
 
 #[test]
+fn settled_says_which_member_is_not_and_why() {
+    let cc = web(3, 2);
+    let mut pods: Vec<Pod> = (0..3).map(|i| node(i, "r1")).collect();
+    let list = list_of(&cc, &pods, 4);
+    let mut reports = all_settled(&pods, 4);
+    assert!(settled(&list, &pods, &reports).is_ok());
+    reports.insert("web-1".into(), report(4, 4, true));
+    assert!(matches!(
+        settled(&list, &pods, &reports),
+        Err(NotSettled::Behind { member, follows: 4, published: 4, handing_off: true })
+            if member == "web-1"
+    ));
+    reports.insert("web-1".into(), Err(unanswered()));
+    assert!(matches!(
+        settled(&list, &pods, &reports),
+        Err(NotSettled::Unanswered { member, source: ProbeError::Timeout(_) }) if member == "web-1"
+    ));
+    reports.remove("web-1");
+    assert!(matches!(
+        settled(&list, &pods, &reports),
+        Err(NotSettled::NotAsked(member)) if member == "web-1"
+    ));
+    pods[0] = pod("web-0", Some("10.0.0.1"), false);
+    assert!(matches!(
+        settled(&list, &pods, &reports),
+        Err(NotSettled::NotReady(member)) if member == "web-0"
+    ));
+}
+
+#[test]
 fn no_restart_until_every_member_is_settled() {
     let cc = web(3, 2);
     let pods: Vec<Pod> = (0..3).map(|i| node(i, "r1")).collect();
@@ -217,12 +248,12 @@ fn no_restart_until_every_member_is_settled() {
         // A node that cannot be asked.
         (
             [
-                ("web-0".to_string(), Err("cannot connect".to_string())),
+                ("web-0".to_string(), Err(unanswered())),
                 ("web-1".to_string(), report(4, 4, false)),
                 ("web-2".to_string(), report(4, 4, false)),
             ]
             .into(),
-            "web-0: cannot connect",
+            "web-0: no answer within 2s",
         ),
     ];
     for (reports, why) in cases {

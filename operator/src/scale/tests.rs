@@ -1,9 +1,10 @@
 //! The scale decision as a pure function of observed state.
 
 use super::*;
-use crate::build::testing::cluster;
 use crate::crd::{CacheClusterSpec, CacheClusterStatus};
-use crate::status::tests::{pod, settled_sts, t};
+use crate::fixtures::cluster;
+use crate::fixtures::{node_report, pod, settled_sts, t, unanswered};
+use crate::probe::{HandoffReport, NodeReport, ProbeError};
 use crate::status::{
     self, compute_status_underway, find_condition, CONDITION_PROGRESSING, CONDITION_READY,
     CONDITION_REBALANCING,
@@ -52,12 +53,12 @@ fn list(cc: &CacheCluster, pods: &[Pod], version: u64) -> MemberList {
     }
 }
 
-fn report(version: u64, done: bool, sent: u64) -> Result<NodeReport, String> {
-    Ok(NodeReport {
-        member: false,
+fn report(version: u64, done: bool, sent: u64) -> Result<NodeReport, ProbeError> {
+    Ok(node_report(
+        false,
         version,
-        items: 0,
-        handoff: crate::probe::HandoffReport {
+        0,
+        HandoffReport {
             version,
             running: !done,
             done,
@@ -66,10 +67,10 @@ fn report(version: u64, done: bool, sent: u64) -> Result<NodeReport, String> {
             failed: 0,
             refilled: 0,
         },
-    })
+    ))
 }
 
-fn probes(entries: &[(&str, Result<NodeReport, String>)]) -> ProbeResults {
+fn probes(entries: &[(&str, Result<NodeReport, ProbeError>)]) -> ProbeResults {
     entries
         .iter()
         .map(|(n, r)| ((*n).to_string(), r.clone()))
@@ -204,15 +205,12 @@ fn waiting_keeps_the_start_time_and_reports_progress() {
     );
 
     // An unreachable node is not done: keep waiting (until the deadline).
-    let p = probes(&[
-        ("web-3", report(8, true, 40)),
-        ("web-4", Err("cannot connect".into())),
-    ]);
+    let p = probes(&[("web-3", report(8, true, 40)), ("web-4", Err(unanswered()))]);
     let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(200));
     assert_eq!(d.outcome, ScaleOutcome::Waiting);
     assert_eq!(
         d.rebalance.unwrap().departing[1].message.as_deref(),
-        Some("cannot connect")
+        Some("no answer within 2s")
     );
     let d = decide(&cc, Some(&sts(5)), &pods, &l, &probes(&[]), &t(200));
     assert_eq!(d.outcome, ScaleOutcome::Waiting, "no answer is not done");
@@ -408,7 +406,7 @@ fn nothing_to_wait_for_when_no_member_remains_or_timeout_is_zero() {
     let pods = ready_pods(2);
     let l = list(&cc, &pods, 5);
     assert!(l.members.is_empty());
-    let p = probes(&[("web-0", report(4, true, 9)), ("web-1", Err("x".into()))]);
+    let p = probes(&[("web-0", report(4, true, 9)), ("web-1", Err(unanswered()))]);
     let d = decide(&cc, Some(&sts(2)), &pods, &l, &p, &t(0));
     assert_eq!(
         (d.statefulset_replicas, d.outcome),
@@ -468,7 +466,7 @@ fn status_shows_rebalancing_while_waiting() {
         ),
         (
             "True",
-            "Rebalancing",
+            "ScalingIn",
             "waiting for web-3, web-4 to hand off before scaling from 5 to 3 nodes"
         )
     );

@@ -337,7 +337,7 @@ def final_values(net, system, nodes_arg, keys):
     return final, disagreeing
 
 
-def format_table(result):
+def format_table(result, examples=True):
     rows, total = result.table()
     lines = [f"{result.system}: seed {result.seed}",
              f"{'phase':50} {'ops':>6} {'acked':>6} {'unknown':>7} {'lost':>5} "
@@ -357,4 +357,25 @@ def format_table(result):
                  f"{len(result.final_disagreeing)}")
     for node, counters in result.metrics.items():
         lines.append(f"  {node}: " + ", ".join(f"{k} {v}" for k, v in counters.items()))
+    if examples:
+        lines.extend(format_examples(result, total))
     return "\n".join(lines)
+
+
+def format_examples(result, total, window=2.0):
+    """Each lost, stale or unexplained operation the checker noted, with what happened to
+    its key around it (times in seconds from the start): what a failure needs to be
+    understood from a CI log alone."""
+    lines = []
+    for example in total.examples:
+        op = example["op"]
+        lines.append(f"  {example['kind']} ({example['detail']}) in phase "
+                     f"{result.phase_of(op['t0'])}: {op}")
+        for other in sorted((o for o in result.history if o["k"] == op["k"]),
+                            key=lambda o: o["t0"]):
+            if abs(other["t0"] - op["t0"]) <= window:
+                mark = ">" if other is op else " "
+                lines.append(f"   {mark} {other['t0'] - result.started:8.3f} "
+                             f"{other['t1'] - result.started:8.3f} client {other['client']} "
+                             f"{other['f']:6} {other.get('v')!s:10} {other['r']}")
+    return lines
