@@ -20,13 +20,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::cluster::ClusterView;
-use crate::engine::Engine;
+use crate::node::Node;
+use crate::peer::anti_entropy::AntiEntropyStats;
+use crate::peer::{PeerStats, Replicator};
 use kache_cluster::{HandoffReport, NodeReport};
 
 /// `GET /cluster`: this node's view of the ring (kache-cluster's [`NodeReport`], which the
 /// operator reads).
-fn cluster_report(node: &str, view: &ClusterView, engine: &Engine) -> NodeReport {
-    let h = &engine.handoff;
+fn cluster_report(node: &str, view: &ClusterView, replicator: &Replicator) -> NodeReport {
+    let h = &replicator.handoff;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     NodeReport {
         node: node.to_string(),
@@ -43,8 +45,8 @@ fn cluster_report(node: &str, view: &ClusterView, engine: &Engine) -> NodeReport
             failed: load(&h.failed),
             refilled: load(&h.refilled),
         },
-        read_through_hits: load(&engine.peer_stats.read_through_hits),
-        items: engine.store.stats().curr_items,
+        read_through_hits: load(&replicator.stats.read_through_hits),
+        items: replicator.store.stats().curr_items,
     }
 }
 
@@ -67,12 +69,12 @@ const MAX_ITEMS_PER_REQUEST: usize = 1000;
 /// `GET /cluster/items?key=K&key=...`: what this node's own store holds for each key (the
 /// value, its version, or a delete's tombstone), with no read-through from peers, so
 /// replicas can be compared. At most `MAX_ITEMS_PER_REQUEST` keys.
-fn items_json(engine: &Engine, query: &str) -> serde_json::Value {
+fn items_json(replicator: &Replicator, query: &str) -> serde_json::Value {
     let now = crate::store::now_secs();
     let items: Vec<serde_json::Value> = query_params(query, "key")
         .take(MAX_ITEMS_PER_REQUEST)
         .map(|key| {
-            let held = engine.store.with_entry(&key, now, |e| {
+            let held = replicator.store.with_entry(&key, now, |e| {
                 e.current().map(|item| {
                     let deleted = item.has(crate::store::bits::TOMBSTONE);
                     (deleted, item.cas(), item.value().to_vec())
@@ -129,8 +131,8 @@ impl Readiness {
     }
 }
 
-/// Exposes the engine's counters to Prometheus, read at scrape time.
-struct StatsCollector(Arc<Engine>);
+/// Exposes the node's counters to Prometheus, read at scrape time.
+struct StatsCollector(Arc<Node>);
 
 impl std::fmt::Debug for StatsCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -150,7 +152,8 @@ fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fm
 
 impl Collector for StatsCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let engine = &self.0;
+        let engine = &self.0.engine;
+        let replicator = self.0.replicator.as_deref();
         let mut result = Ok(());
         engine.stats.snapshot().for_each(|name, help, value| {
             if result.is_ok() {
@@ -263,7 +266,12 @@ impl Collector for StatsCollector {
             "Segments dropped whole because every item in them had expired.",
             items.expired_segments,
         )?;
-        let p = &engine.peer_stats;
+        // Outside a cluster the peer counters are there, at zero.
+        let idle = (PeerStats::default(), AntiEntropyStats::default());
+        let (p, ae) = match replicator {
+            Some(r) => (&r.stats, &r.anti_entropy),
+            None => (&idle.0, &idle.1),
+        };
         counter(
             &mut enc,
             "peer_received",
@@ -300,7 +308,6 @@ impl Collector for StatsCollector {
             "Writes answered SERVER_ERROR because too few owners acknowledged them (--write-acks).",
             p.write_ack_failures.load(Ordering::Relaxed),
         )?;
-        let ae = &engine.anti_entropy;
         for (name, help, value) in [
             (
                 "anti_entropy_rounds",
@@ -335,7 +342,7 @@ impl Collector for StatsCollector {
         ] {
             counter(&mut enc, name, help, value.load(Ordering::Relaxed))?;
         }
-        if let Some(links) = &engine.links {
+        if let Some(links) = replicator.map(|r| &r.links) {
             let m = &links.metrics;
             gauge(
                 &mut enc,
@@ -391,13 +398,13 @@ impl Collector for StatsCollector {
 /// Serves the admin endpoint until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
-    engine: Arc<Engine>,
+    node: Arc<Node>,
     readiness: Arc<Readiness>,
     shutdown: watch::Receiver<bool>,
 ) {
     let mut registry = Registry::with_prefix("kache");
-    registry.register_collector(Box::new(StatsCollector(engine.clone())));
-    serve_registry(listener, registry, Some(engine), readiness, shutdown).await;
+    registry.register_collector(Box::new(StatsCollector(node.clone())));
+    serve_registry(listener, registry, Some(node), readiness, shutdown).await;
 }
 
 /// Serves the admin endpoint of the proxy: `/metrics` with its counters, health, readiness.
@@ -506,7 +513,7 @@ impl Collector for ProxyCollector {
 async fn serve_registry(
     listener: TcpListener,
     registry: Registry,
-    engine: Option<Arc<Engine>>,
+    node: Option<Arc<Node>>,
     readiness: Arc<Readiness>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -525,13 +532,13 @@ async fn serve_registry(
         };
         let registry = registry.clone();
         let readiness = readiness.clone();
-        let engine = engine.clone();
+        let node = node.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let registry = registry.clone();
                 let readiness = readiness.clone();
-                let engine = engine.clone();
-                async move { Ok::<_, Infallible>(route(&req, &registry, &readiness, engine.as_deref())) }
+                let node = node.clone();
+                async move { Ok::<_, Infallible>(route(&req, &registry, &readiness, node.as_deref())) }
             });
             let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conn).await;
@@ -543,7 +550,7 @@ fn route(
     req: &Request<Incoming>,
     registry: &Registry,
     readiness: &Readiness,
-    engine: Option<&Engine>,
+    node: Option<&Node>,
 ) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: String| {
         let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -578,15 +585,16 @@ fn route(
             }
         }
         "/cluster" | "/cluster/owners" | "/cluster/items" => {
-            match engine.and_then(|e| e.cluster.as_ref().map(|c| (e, c))) {
+            match node.and_then(|n| n.replicator.as_deref()) {
                 None => text(StatusCode::NOT_FOUND, "not part of a cluster\n".into()),
-                Some((engine, cluster)) => {
+                Some(replicator) => {
+                    let cluster = &replicator.cluster;
                     let view = cluster.view();
                     let query = req.uri().query().unwrap_or("");
                     let body = if req.uri().path() == "/cluster" {
-                        serde_json::to_value(cluster_report(cluster.node_name(), &view, engine))
+                        serde_json::to_value(cluster_report(cluster.node_name(), &view, replicator))
                     } else if req.uri().path() == "/cluster/items" {
-                        Ok(items_json(engine, query))
+                        Ok(items_json(replicator, query))
                     } else {
                         let key = query_param(query, "key");
                         let owners: Vec<&str> =

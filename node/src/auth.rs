@@ -34,10 +34,32 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
+/// Why an auth file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthFileError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("line {0}: expected user:password")]
+    NoColon(usize),
+    #[error("more than {MAX_ENTRIES} entries")]
+    TooMany,
+    #[error("no user:password entries")]
+    Empty,
+    /// A malformed file, named.
+    #[error("{path}: {source}")]
+    In {
+        path: String,
+        source: Box<AuthFileError>,
+    },
+}
+
 impl Credentials {
     /// Parses an auth file: one `user:password` per line (the password runs to the end of
     /// the line); blank lines are skipped; a line without `:` is an error.
-    pub fn parse(text: &[u8]) -> Result<Credentials, String> {
+    pub fn parse(text: &[u8]) -> Result<Credentials, AuthFileError> {
         let mut entries = Vec::new();
         for (number, line) in text.split(|&b| b == b'\n').enumerate() {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -45,15 +67,15 @@ impl Credentials {
                 continue;
             }
             let Some(colon) = line.iter().position(|&b| b == b':') else {
-                return Err(format!("line {}: expected user:password", number + 1));
+                return Err(AuthFileError::NoColon(number + 1));
             };
             if entries.len() == MAX_ENTRIES {
-                return Err(format!("more than {MAX_ENTRIES} entries"));
+                return Err(AuthFileError::TooMany);
             }
             entries.push((line[..colon].to_vec(), line[colon + 1..].to_vec()));
         }
         if entries.is_empty() {
-            return Err("no user:password entries".into());
+            return Err(AuthFileError::Empty);
         }
         Ok(Credentials { entries })
     }
@@ -83,11 +105,16 @@ fn modified(path: &Path) -> Option<SystemTime> {
 
 impl AuthFile {
     /// Loads the file once; a missing or malformed file is a start-up error.
-    pub fn load(path: &Path) -> Result<AuthFile, String> {
-        let text =
-            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let credentials =
-            Credentials::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<AuthFile, AuthFileError> {
+        let named = || path.display().to_string();
+        let text = std::fs::read(path).map_err(|source| AuthFileError::Read {
+            path: named(),
+            source,
+        })?;
+        let credentials = Credentials::parse(&text).map_err(|e| AuthFileError::In {
+            path: named(),
+            source: Box::new(e),
+        })?;
         Ok(AuthFile {
             path: path.to_path_buf(),
             current: ArcSwap::from_pointee(credentials),
@@ -130,7 +157,10 @@ impl AuthFile {
             seen = now;
             match tokio::fs::read(&self.path)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|source| AuthFileError::Read {
+                    path: self.path.display().to_string(),
+                    source,
+                })
                 .and_then(|t| Credentials::parse(&t))
             {
                 Ok(credentials) => {

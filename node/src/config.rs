@@ -34,6 +34,7 @@ pub enum Command {
 
 /// Options of `kache-node proxy`.
 #[derive(Clone, Debug, Args)]
+#[command(group(clap::ArgGroup::new("member_source").required(true).args(["cluster", "members_file"])))]
 pub struct ProxyArgs {
     /// TCP port the application connects to.
     #[arg(short = 'p', long = "port", default_value_t = 11211)]
@@ -76,22 +77,9 @@ pub struct ProxyArgs {
     #[arg(long = "shutdown-grace", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
 
-    /// Name of the CacheCluster whose `<name>-members` ConfigMap lists the nodes.
-    #[arg(
-        long = "cluster",
-        env = "KACHE_CLUSTER",
-        conflicts_with = "members_file",
-        required_unless_present = "members_file"
-    )]
-    pub cluster: Option<String>,
-
-    /// Namespace of the cluster's ConfigMap.
-    #[arg(long = "namespace", env = "POD_NAMESPACE", default_value = "default")]
-    pub namespace: String,
-
-    /// Read the member-list document from this file and follow its changes.
-    #[arg(long = "members-file")]
-    pub members_file: Option<std::path::PathBuf>,
+    /// Where the member list comes from: one of `--cluster` and `--members-file` is required.
+    #[command(flatten)]
+    pub membership: MembershipArgs,
 
     /// Log in to nodes that require authentication (their `--auth-file`) with the first
     /// `user:password` line of this file: memcached's `-Y` format, so the CacheCluster's
@@ -368,11 +356,11 @@ impl Default for MemcachedOptions {
     }
 }
 
-/// How a node finds its cluster's member list.
+/// Where a node or a proxy reads its cluster's member list from.
 #[derive(Clone, Debug, Args)]
-pub struct ClusterArgs {
-    /// Name of the CacheCluster: the node follows the `<name>-members` ConfigMap in
-    /// `--namespace` through the Kubernetes API.
+pub struct MembershipArgs {
+    /// Name of the CacheCluster: follow the `<name>-members` ConfigMap in `--namespace`
+    /// through the Kubernetes API.
     #[arg(
         long = "cluster",
         env = "KACHE_CLUSTER",
@@ -388,6 +376,20 @@ pub struct ClusterArgs {
     /// (for runs without Kubernetes).
     #[arg(long = "members-file")]
     pub members_file: Option<std::path::PathBuf>,
+}
+
+impl MembershipArgs {
+    /// Whether a member list is configured.
+    pub fn enabled(&self) -> bool {
+        self.cluster.is_some() || self.members_file.is_some()
+    }
+}
+
+/// How a node takes part in its cluster.
+#[derive(Clone, Debug, Args)]
+pub struct ClusterArgs {
+    #[command(flatten)]
+    pub membership: MembershipArgs,
 
     /// Which member this node is (default: $POD_NAME, else the host name).
     #[arg(long = "node-name", env = "POD_NAME")]
@@ -437,7 +439,7 @@ pub struct ClusterArgs {
     /// Seconds a delete's tombstone is kept. A delete survives a partition (or a replica's
     /// absence) shorter than this less one anti-entropy interval; after that an older copy
     /// on the replica that missed it can bring the key back.
-    #[arg(long = "tombstone-ttl", default_value_t = crate::peer::DEFAULT_TOMBSTONE_TTL, value_parser = clap::value_parser!(u32).range(1..=30 * 24 * 3600))]
+    #[arg(long = "tombstone-ttl", default_value_t = crate::record::DEFAULT_TOMBSTONE_TTL, value_parser = clap::value_parser!(u32).range(1..=30 * 24 * 3600))]
     pub tombstone_ttl: u32,
 
     /// Seconds between anti-entropy rounds, in which the node compares what it holds with
@@ -453,8 +455,8 @@ pub struct ClusterArgs {
 
 impl ClusterArgs {
     /// The byte bounds of peer traffic these flags set.
-    pub fn peer_limits(&self) -> crate::engine::PeerLimits {
-        crate::engine::PeerLimits {
+    pub fn peer_limits(&self) -> crate::peer::PeerLimits {
+        crate::peer::PeerLimits {
             link: crate::peer::link::LinkConfig {
                 queue_bytes: self.peer_queue_bytes,
                 stall_timeout: std::time::Duration::from_millis(self.peer_timeout_ms),
@@ -466,7 +468,7 @@ impl ClusterArgs {
 
     /// Whether the node runs as part of a cluster.
     pub fn enabled(&self) -> bool {
-        self.cluster.is_some() || self.members_file.is_some()
+        self.membership.enabled()
     }
 
     /// This node's member name.

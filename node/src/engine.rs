@@ -4,7 +4,7 @@
 //! corners (space-padded `decr` results, `noreply` silencing errors, meta flags echoed in
 //! request order); the differential tests hold it to that.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
@@ -13,16 +13,13 @@ use crate::admin_commands::watch::{EvictionLog, FetchStatus, StoreStatus};
 use crate::admin_commands::{stats as admin_stats, Admin, AdminNext};
 use crate::auth::AuthFile;
 use crate::cluster::Cluster;
-use crate::peer::handoff::HandoffState;
-use crate::peer::link::{LinkConfig, Links};
-use crate::peer::record_of;
-use crate::peer::replicate::{Durability, WriteAcks};
-use crate::peer::wire::{Op, Record};
 use crate::protocol::admin::{ClassSelection, WatchFlags};
+use crate::protocol::reply::Response;
 use crate::protocol::{
     exceeds_item_size, meta_set_mode, numbers, reply, GetCommand, KeyList, MetaCommand,
     MetaRequest, Request, StoreMode, StoreRequest,
 };
+use crate::record::{Record, DEFAULT_TOMBSTONE_TTL};
 use crate::stats::{Counters, PrefixOp, PrefixStats, Stats};
 use crate::store::classes::ClassOp;
 use crate::store::{
@@ -54,76 +51,26 @@ pub enum Next {
     Watch(WatchFlags),
 }
 
-/// The request executor shared by all connections.
+/// The request executor shared by all connections: the store and memcached's command
+/// semantics. Replication, hand-off and read-through live in `crate::node`, which wraps it.
 pub struct Engine {
-    pub store: Store,
+    pub store: Arc<Store>,
     pub stats: Stats,
     pub settings: Settings,
     /// The cluster this node belongs to, if any.
     pub cluster: Option<Arc<Cluster>>,
-    /// Outgoing peer links (replication, hand-off), in a cluster.
-    pub links: Option<Arc<Links>>,
-    /// Progress of hand-offs and refills.
-    pub handoff: HandoffState,
-    /// Peer-port counters.
-    pub peer_stats: PeerStats,
     /// `stats detail` per-prefix counters.
     pub prefixes: PrefixStats,
     /// Credentials clients must present first (`--auth-file`), if any.
     pub auth: Option<Arc<AuthFile>>,
-    /// The secret peers present on the peer port (`--peer-secret-file`); empty for none.
-    pub peer_secret: Arc<[u8]>,
-    /// Byte bounds of peer traffic.
-    pub peer_limits: PeerLimits,
-    /// Room for read-throughs in flight, one permit per largest item.
-    pub read_through_slots: Arc<tokio::sync::Semaphore>,
     /// `lru_crawler`, `watch`, `stats conns` and the other operations commands.
     pub admin: Arc<Admin>,
-    /// When a replicated write is acknowledged, and how long deletes are remembered.
-    pub durability: Durability,
-    /// Anti-entropy counters.
-    pub anti_entropy: crate::peer::anti_entropy::AntiEntropyStats,
+    /// Seconds a delete's tombstone is kept in a cluster (`--tombstone-ttl`).
+    tombstone_ttl: u32,
+    /// A delete that finds nothing leaves a tombstone too, so its `NOT_FOUND` replicates
+    /// and is confirmed by the other owners (`--write-acks quorum`/`all`).
+    tombstone_misses: bool,
     verbosity: AtomicU32,
-}
-
-/// Byte bounds of node-to-node traffic.
-#[derive(Clone, Copy, Debug)]
-pub struct PeerLimits {
-    /// Each outgoing link's queue and stall timeout (`--peer-queue-bytes`, `--peer-timeout-ms`).
-    pub link: LinkConfig,
-    /// Records per hand-off or refill chunk, in bytes (`--handoff-batch-bytes`).
-    pub handoff_batch_bytes: usize,
-    /// Values being fetched by read-throughs at once, in bytes (`--read-through-bytes`): a
-    /// read-through takes room for one largest item, waiting a little for it; without room
-    /// the key is a miss.
-    pub read_through_bytes: usize,
-}
-
-impl Default for PeerLimits {
-    fn default() -> Self {
-        PeerLimits {
-            link: LinkConfig::default(),
-            handoff_batch_bytes: 4 * 1024 * 1024,
-            read_through_bytes: 16 * 1024 * 1024,
-        }
-    }
-}
-
-/// Counters of the peer port.
-#[derive(Debug, Default)]
-pub struct PeerStats {
-    /// Records applied from peers.
-    pub received: AtomicU64,
-    /// Peer connections closed for protocol errors.
-    pub rejected: AtomicU64,
-    /// Replicated writes whose acknowledgement did not arrive in time.
-    pub replication_timeouts: AtomicU64,
-    /// Writes answered `SERVER_ERROR` because too few owners acknowledged them.
-    pub write_ack_failures: AtomicU64,
-    /// Misses answered by fetching the key from its previous owner during a hand-off.
-    pub read_through_hits: AtomicU64,
-    /// Read-throughs not tried because `--read-through-bytes` stayed in flight too long.
-    pub read_through_skipped: AtomicU64,
 }
 
 /// Per-connection state the engine writes into: counters, and the changes to replicate.
@@ -155,34 +102,20 @@ impl Outbox {
     fn push_current(&mut self, e: &Entry<'_>) {
         if self.enabled {
             if let Some(item) = e.current() {
-                self.records.push(record_of(item));
+                self.records.push(Record::of(item));
             }
         }
     }
 
     fn push_touch(&mut self, key: &[u8], exptime: u32) {
         if self.enabled {
-            self.records.push(Record {
-                op: Op::Touch,
-                key: key.to_vec(),
-                version: 0,
-                flags: 0,
-                exptime,
-                value: Vec::new(),
-            });
+            self.records.push(Record::touch(key, exptime));
         }
     }
 
     fn push_flush(&mut self, at: u32) {
         if self.enabled {
-            self.records.push(Record {
-                op: Op::Flush,
-                key: Vec::new(),
-                version: 0,
-                flags: 0,
-                exptime: at,
-                value: Vec::new(),
-            });
+            self.records.push(Record::flush(at));
         }
     }
 }
@@ -216,17 +149,6 @@ impl Engine {
         verbosity: u32,
         cluster: Option<Arc<Cluster>>,
     ) -> Engine {
-        Self::with_peer_secret(store, settings, verbosity, cluster, Arc::from(Vec::new()))
-    }
-
-    /// An engine whose peer links present `peer_secret` (and whose peer port requires it).
-    pub fn with_peer_secret(
-        store: Store,
-        settings: Settings,
-        verbosity: u32,
-        cluster: Option<Arc<Cluster>>,
-        peer_secret: Arc<[u8]>,
-    ) -> Engine {
         let admin = Arc::new(Admin::new(&settings.memcached));
         admin.start(&store);
         store.observe_evictions(Some(Box::new(EvictionLog(admin.logger.clone()))));
@@ -235,39 +157,30 @@ impl Engine {
             prefixes.set_enabled(true);
         }
         Engine {
-            store,
+            store: Arc::new(store),
             stats: Stats::default(),
             settings,
-            // Opened by `with_peer_limits`, below.
-            links: None,
             cluster,
-            handoff: HandoffState::default(),
-            peer_stats: PeerStats::default(),
             prefixes,
             auth: None,
-            peer_secret,
-            peer_limits: PeerLimits::default(),
-            read_through_slots: Arc::new(tokio::sync::Semaphore::new(1)),
             admin,
-            durability: Durability::default(),
-            anti_entropy: Default::default(),
+            tombstone_ttl: DEFAULT_TOMBSTONE_TTL,
+            tombstone_misses: false,
             verbosity: AtomicU32::new(verbosity),
         }
-        .with_peer_limits(PeerLimits::default())
     }
 
-    /// The engine with these bounds on peer traffic (links are opened afresh).
-    pub fn with_peer_limits(mut self, limits: PeerLimits) -> Engine {
-        if let Some(cluster) = &self.cluster {
-            self.links = Some(Arc::new(Links::with_config(
-                cluster.node_name(),
-                self.peer_secret.clone(),
-                limits.link,
-            )));
-        }
-        let slots = (limits.read_through_bytes / self.settings.max_item_size.max(1)).max(1);
-        self.read_through_slots = Arc::new(tokio::sync::Semaphore::new(slots));
-        self.peer_limits = limits;
+    /// The engine requiring clients to authenticate against `auth` first.
+    pub fn with_auth(mut self, auth: Option<Arc<AuthFile>>) -> Engine {
+        self.auth = auth;
+        self
+    }
+
+    /// The engine keeping a delete's tombstone `seconds` (in a cluster), and with
+    /// `misses`, leaving one for a delete that finds nothing (writes judged by quorum/all).
+    pub fn with_tombstones(mut self, seconds: u32, misses: bool) -> Engine {
+        self.tombstone_ttl = seconds;
+        self.tombstone_misses = misses;
         self
     }
 
@@ -286,23 +199,25 @@ impl Engine {
         } = ctx;
         let conn_id = *conn_id;
         let mark = out.len();
-        let mut silent = false;
-        match request {
+        // Commands answered with one line decide it here; the composer honours `noreply`.
+        let (response, noreply) = match request {
             Request::Get {
                 command,
                 exptime,
                 keys,
-            } => self.get(command, exptime, keys, now, out, counters, outbox, conn_id),
-            Request::Store(req) => {
-                silent = req.noreply;
-                self.store_text(&req, now, out, counters, outbox, conn_id);
+            } => {
+                self.get(command, exptime, keys, now, out, counters, outbox, conn_id);
+                return Next::Continue;
             }
+            Request::Store(req) => (
+                self.store_text(&req, now, counters, outbox, conn_id),
+                req.noreply,
+            ),
             Request::TooLarge {
                 key,
                 drop_existing,
                 noreply,
             } => {
-                silent = noreply;
                 counters.store_too_large += 1;
                 self.admin
                     .logger
@@ -311,10 +226,9 @@ impl Engine {
                     self.store
                         .with_entry(&key, now, |e| self.delete_entry(e, &key, outbox));
                 }
-                reply::line(out, "SERVER_ERROR object too large for cache");
+                (Response::Line(reply::TOO_LARGE), noreply)
             }
             Request::Delete { key, noreply } => {
-                silent = noreply;
                 self.prefixes.record(key, PrefixOp::Delete);
                 let found = self.store.with_entry(key, now, |e| {
                     e.count(ClassOp::DeleteHit);
@@ -322,10 +236,10 @@ impl Engine {
                 });
                 if found {
                     counters.delete_hits += 1;
-                    reply::line(out, "DELETED");
+                    (Response::Deleted, noreply)
                 } else {
                     counters.delete_misses += 1;
-                    reply::line(out, "NOT_FOUND");
+                    (Response::NotFound, noreply)
                 }
             }
             Request::Arithmetic {
@@ -334,7 +248,6 @@ impl Engine {
                 delta,
                 noreply,
             } => {
-                silent = noreply;
                 let result = self.store.with_entry(key, now, |e| {
                     let result = apply_delta(e, incr, delta, None);
                     if matches!(result, Delta::Value(_)) {
@@ -347,29 +260,27 @@ impl Engine {
                     }
                     result
                 });
-                match result {
+                let response = match result {
                     Delta::Value(v) => {
                         count_delta_hit(counters, incr);
-                        reply::number(out, v);
-                        out.put_slice(b"\r\n");
+                        Response::Number(v)
                     }
-                    Delta::NonNumeric => reply::line(
-                        out,
+                    Delta::NonNumeric => Response::Line(
                         "CLIENT_ERROR cannot increment or decrement non-numeric value",
                     ),
                     Delta::NotFound | Delta::CasMismatch => {
                         count_delta_miss(counters, incr);
-                        reply::line(out, "NOT_FOUND");
+                        Response::NotFound
                     }
-                    Delta::NoMemory => reply::line(out, "SERVER_ERROR out of memory"),
-                }
+                    Delta::NoMemory => Response::Line("SERVER_ERROR out of memory"),
+                };
+                (response, noreply)
             }
             Request::Touch {
                 key,
                 exptime,
                 noreply,
             } => {
-                silent = noreply;
                 let exptime = absolute_expiry(i64::from(exptime), now);
                 let found = self.store.with_entry(key, now, |e| {
                     let found = e.item_mut().map(|mut it| it.set_exptime(exptime)).is_some();
@@ -383,131 +294,105 @@ impl Engine {
                 counters.cmd_touch += 1;
                 if found {
                     counters.touch_hits += 1;
-                    reply::line(out, "TOUCHED");
+                    (Response::Touched, noreply)
                 } else {
                     counters.touch_misses += 1;
-                    reply::line(out, "NOT_FOUND");
+                    (Response::NotFound, noreply)
                 }
             }
-            Request::FlushAll { noreply, .. } if !self.settings.memcached.flush_enabled => {
-                silent = noreply;
-                reply::line(out, "CLIENT_ERROR flush_all not allowed");
-            }
+            Request::FlushAll { noreply, .. } if !self.settings.memcached.flush_enabled => (
+                Response::Line("CLIENT_ERROR flush_all not allowed"),
+                noreply,
+            ),
             Request::FlushAll { delay, noreply } => {
-                silent = noreply;
                 counters.cmd_flush += 1;
                 let at = (delay > 0).then(|| absolute_expiry(i64::from(delay), now));
                 self.store.flush(at);
                 outbox.push_flush(at.unwrap_or(0));
-                reply::line(out, "OK");
+                (Response::Ok, noreply)
             }
             Request::Version => {
                 out.put_slice(b"VERSION ");
                 out.put_slice(version_string().as_bytes());
                 out.put_slice(b"\r\n");
+                return Next::Continue;
             }
             Request::Verbosity { level, noreply } => {
-                silent = noreply;
                 self.verbosity.store(level.min(2), Ordering::Relaxed);
-                reply::line(out, "OK");
+                (Response::Ok, noreply)
             }
             Request::Quit => return Next::Close,
-            Request::Stats { sub, arg } => self.stats_command(sub, arg, now, out),
+            Request::Stats { sub, arg } => {
+                self.stats_command(sub, arg, now, out);
+                return Next::Continue;
+            }
             Request::CacheMemlimit { megabytes, noreply } => {
-                silent = noreply;
                 if megabytes < 8 {
-                    reply::line(
-                        out,
-                        "MEMLIMIT_TOO_SMALL cannot set maxbytes to less than 8m",
-                    );
+                    (
+                        Response::Line("MEMLIMIT_TOO_SMALL cannot set maxbytes to less than 8m"),
+                        noreply,
+                    )
                 } else {
                     self.store.set_limit(megabytes as usize * 1024 * 1024);
-                    reply::line(out, "OK");
+                    (Response::Ok, noreply)
                 }
             }
             Request::ConfigGet { what } => match (&self.cluster, what) {
                 (Some(cluster), b"cluster") => {
                     out.put_slice(cluster.view().list.elasticache_config_reply().as_bytes());
+                    return Next::Continue;
                 }
                 // memcached has no `config` command; a node outside a cluster answers as it.
-                (None, _) => reply::line(out, "ERROR"),
-                (Some(_), _) => reply::line(out, "CLIENT_ERROR unknown config key"),
+                (None, _) => (Response::Line("ERROR"), false),
+                (Some(_), _) => (Response::Line(reply::UNKNOWN_CONFIG_KEY), false),
             },
-            Request::MetaNoop => reply::line(out, "MN"),
+            Request::MetaNoop => (Response::MetaNoop, false),
             Request::Admin(req) => {
                 let pending = mark > 0;
-                match self
+                return match self
                     .admin
                     .execute(req, &self.settings, &self.store, now, pending, out)
                 {
-                    AdminNext::Done => {}
-                    AdminNext::Metadump(selection) => return Next::Metadump(selection),
-                    AdminNext::Watch(flags) => return Next::Watch(flags),
-                    AdminNext::Close => return Next::Close,
-                }
+                    AdminNext::Done => Next::Continue,
+                    AdminNext::Metadump(selection) => Next::Metadump(selection),
+                    AdminNext::Watch(flags) => Next::Watch(flags),
+                    AdminNext::Close => Next::Close,
+                };
             }
-            Request::Meta(req) => match req.command {
-                MetaCommand::Get => self.meta_get(&req, now, out, counters, outbox, conn_id),
-                MetaCommand::Set => self.meta_set(&req, now, out, counters, outbox, conn_id),
-                MetaCommand::Delete => self.meta_delete(&req, now, out, counters, outbox),
-                MetaCommand::Arithmetic => self.meta_arithmetic(&req, now, out, counters, outbox),
-            },
+            Request::Meta(req) => {
+                match req.command {
+                    MetaCommand::Get => self.meta_get(&req, now, out, counters, outbox, conn_id),
+                    MetaCommand::Set => self.meta_set(&req, now, out, counters, outbox, conn_id),
+                    MetaCommand::Delete => self.meta_delete(&req, now, out, counters, outbox),
+                    MetaCommand::Arithmetic => {
+                        self.meta_arithmetic(&req, now, out, counters, outbox)
+                    }
+                }
+                return Next::Continue;
+            }
             Request::MetaDebug { key } => {
                 counters.cmd_meta += 1;
                 self.meta_debug(&key, now, out);
+                return Next::Continue;
             }
             Request::Error {
                 reply: text,
                 noreply,
-            } => {
-                silent = noreply;
-                reply::line(out, text);
-            }
-        }
-        if silent {
-            out.truncate(mark);
-        }
+            } => (Response::Line(text), noreply),
+        };
+        response.compose(noreply, out);
         Next::Continue
-    }
-
-    /// Keys of `request` this node should fetch from their previous owners before answering:
-    /// keys it misses and has only just become an owner of, while a hand-off may still be
-    /// bringing them. Empty (and cheap) outside the window after a ring change.
-    pub fn read_through_candidates(
-        &self,
-        request: &Request<'_>,
-        now: u32,
-    ) -> Vec<(Vec<u8>, Vec<kache_cluster::Member>)> {
-        let Some(cluster) = &self.cluster else {
-            return Vec::new();
-        };
-        if !cluster.in_read_through_window() {
-            return Vec::new();
-        }
-        let keys: Vec<&[u8]> = match request {
-            Request::Get { keys, .. } => keys.iter().collect(),
-            Request::Meta(m) if m.command == MetaCommand::Get => vec![&m.key[..]],
-            _ => return Vec::new(),
-        };
-        keys.into_iter()
-            // A tombstone means deleted here: nothing to fetch.
-            .filter(|key| self.store.with_entry(key, now, |e| e.current().is_none()))
-            .filter_map(|key| {
-                let sources = cluster.read_through_sources(key);
-                (!sources.is_empty()).then(|| (key.to_vec(), sources))
-            })
-            .collect()
     }
 
     /// Deletes the key's item. In a cluster the delete leaves a tombstone (and a record for
     /// the other owners) so older copies cannot come back. Returns whether there was one.
     fn delete_entry(&self, e: &mut Entry<'_>, key: &[u8], outbox: &mut Outbox) -> bool {
         if self.cluster.is_some() {
-            let ttl = self.durability.tombstone_ttl;
+            let ttl = self.tombstone_ttl;
             let deleted = e.delete_with_tombstone(key, ttl).is_some();
             if deleted {
                 outbox.push_current(e);
-            } else if self.durability.write_acks != WriteAcks::One {
+            } else if self.tombstone_misses {
                 // A miss here does not say the key is gone from its other owners (a delete
                 // of this node whose outcome was unknown, a restart): under quorum/all the
                 // NOT_FOUND is a delete like any other, and holds only once they confirm.
@@ -581,18 +466,17 @@ impl Engine {
             );
             count_lookup(counters, lookup, touch);
         }
-        out.put_slice(b"END\r\n");
+        out.put_slice(reply::END);
     }
 
     fn store_text(
         &self,
         req: &StoreRequest<'_>,
         now: u32,
-        out: &mut BytesMut,
         counters: &mut Counters,
         outbox: &mut Outbox,
         conn_id: usize,
-    ) {
+    ) -> Response {
         counters.cmd_set += 1;
         self.prefixes.record(req.key, PrefixOp::Set);
         let meta = ItemMeta {
@@ -615,16 +499,13 @@ impl Engine {
             result
         });
         count_store(counters, req.mode, result);
-        reply::line(
-            out,
-            match result {
-                StoreResult::Stored => "STORED",
-                StoreResult::NotStored => "NOT_STORED",
-                StoreResult::Exists => "EXISTS",
-                StoreResult::NotFound => "NOT_FOUND",
-                StoreResult::NoMemory => "SERVER_ERROR out of memory storing object",
-            },
-        );
+        match result {
+            StoreResult::Stored => Response::Stored,
+            StoreResult::NotStored => Response::NotStored,
+            StoreResult::Exists => Response::Exists,
+            StoreResult::NotFound => Response::NotFound,
+            StoreResult::NoMemory => Response::Line("SERVER_ERROR out of memory storing object"),
+        }
     }
 
     fn meta_get(
@@ -1056,7 +937,7 @@ impl Engine {
                 return;
             }
         }
-        out.put_slice(b"END\r\n");
+        out.put_slice(reply::END);
     }
 
     fn general_stats(&self, now: u32, out: &mut BytesMut) {

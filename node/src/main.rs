@@ -15,7 +15,9 @@ use kache_node::auth::AuthFile;
 use kache_node::cluster::{membership, Cluster};
 use kache_node::config::{Cli, FlagError, MemcachedOptions, Mode, ProxyArgs, ServeArgs};
 use kache_node::engine::{Engine, Settings};
-use kache_node::peer::replicate::Durability;
+use kache_node::node::Node;
+use kache_node::peer::replicate::{Durability, WriteAcks};
+use kache_node::peer::{PeerConfig, Replicator};
 use kache_node::protocol::Limits;
 use kache_node::proxy::{NodeAccess, Proxy};
 use kache_node::store::{Store, StoreConfig};
@@ -257,9 +259,9 @@ async fn run(args: ServeArgs, options: MemcachedOptions, threads: usize) -> Resu
     let cluster = if args.cluster.enabled() {
         Some(
             start_membership(
-                args.cluster.cluster.as_deref(),
-                &args.cluster.namespace,
-                args.cluster.members_file.as_deref(),
+                args.cluster.membership.cluster.as_deref(),
+                &args.cluster.membership.namespace,
+                args.cluster.membership.members_file.as_deref(),
                 args.cluster.node_name(),
                 &shutdown_rx,
             )
@@ -284,43 +286,54 @@ async fn run(args: ServeArgs, options: MemcachedOptions, threads: usize) -> Resu
         }
         None => Arc::from(Vec::new()),
     };
-    let mut engine = Engine::with_peer_secret(
-        store,
-        settings,
-        u32::from(args.verbose),
-        cluster,
-        peer_secret,
-    )
-    .with_peer_limits(args.cluster.peer_limits());
-    engine.durability = Durability {
-        write_acks: args.cluster.write_acks,
-        write_timeout: Duration::from_millis(args.cluster.write_timeout_ms),
-        tombstone_ttl: args.cluster.tombstone_ttl,
+    let auth = match &args.auth_file {
+        Some(path) => {
+            let auth = Arc::new(AuthFile::load(path).map_err(|e| e.to_string())?);
+            tokio::spawn(auth.clone().follow(shutdown_rx.clone()));
+            Some(auth)
+        }
+        None => None,
     };
-    if let Some(path) = &args.auth_file {
-        let auth = Arc::new(AuthFile::load(path)?);
-        tokio::spawn(auth.clone().follow(shutdown_rx.clone()));
-        engine.auth = Some(auth);
-    }
-    let engine = Arc::new(engine);
     let tls = match (&tls_cert, &tls_key) {
         (Some(cert), Some(key)) => {
-            let tls = Arc::new(Tls::load(TlsFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-                client_ca: tls_client_ca.clone(),
-                peer_ca: args.peer_tls_ca.clone(),
-            })?);
+            let tls = Arc::new(
+                Tls::load(TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: tls_client_ca.clone(),
+                    peer_ca: args.peer_tls_ca.clone(),
+                })
+                .map_err(|e| e.to_string())?,
+            );
             tokio::spawn(tls.clone().follow(shutdown_rx.clone()));
             Some(tls)
         }
         _ => None,
     };
-    // The certificate covers the peer port too: links, refills and read-through use TLS.
-    if let (Some(tls), Some(links)) = (&tls, &engine.links) {
-        links.use_tls(tls.clone());
-        tracing::info!(peer_trust = %tls.peer_trust(), "TLS on the peer port");
-    }
+    let engine = Engine::new(store, settings, u32::from(args.verbose), cluster.clone())
+        .with_auth(auth)
+        .with_tombstones(
+            args.cluster.tombstone_ttl,
+            args.cluster.write_acks != WriteAcks::One,
+        );
+    let replicator = cluster.map(|cluster| {
+        // The certificate covers the peer port too: links, refills and read-through use TLS.
+        if let Some(tls) = &tls {
+            tracing::info!(peer_trust = %tls.peer_trust(), "TLS on the peer port");
+        }
+        let config = PeerConfig {
+            secret: peer_secret,
+            limits: args.cluster.peer_limits(),
+            durability: Durability {
+                write_acks: args.cluster.write_acks,
+                write_timeout: Duration::from_millis(args.cluster.write_timeout_ms),
+            },
+            tls: tls.clone(),
+        };
+        let store = engine.store.clone();
+        Arc::new(Replicator::new(store, cluster, args.max_item_size, config))
+    });
+    let node = Arc::new(Node::new(engine, replicator));
     let limits = Limits {
         max_item_size: args.max_item_size,
         ..Limits::default()
@@ -330,17 +343,17 @@ async fn run(args: ServeArgs, options: MemcachedOptions, threads: usize) -> Resu
     if let Some(listener) = admin_listener {
         tokio::spawn(admin::serve(
             listener,
-            engine.clone(),
+            node.clone(),
             readiness.clone(),
             shutdown_rx.clone(),
         ));
     }
     let sweeper_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sweeper = server::spawn_sweeper(engine.clone(), sweeper_stop.clone())
+    let sweeper = server::spawn_sweeper(node.clone(), sweeper_stop.clone())
         .map_err(|e| format!("cannot start the expiry sweeper: {e}"))?;
     {
         let readiness = readiness.clone();
-        let mut requests = engine.admin.shutdown_requests();
+        let mut requests = node.engine.admin.shutdown_requests();
         tokio::spawn(async move {
             let kind = tokio::select! {
                 _ = wait_for_signal() => ShutdownKind::Graceful,
@@ -366,28 +379,24 @@ async fn run(args: ServeArgs, options: MemcachedOptions, threads: usize) -> Resu
         listen = %args.listen,
         memory_mib = args.memory_limit_mb,
         threads,
-        shards = engine.store.shard_count(),
+        shards = node.engine.store.shard_count(),
         "kache-node serving"
     );
-    match (peer_listener, engine.cluster.clone(), engine.links.clone()) {
-        (Some(peer_listener), Some(cluster), Some(links)) => {
+    match (peer_listener, node.replicator.clone()) {
+        (Some(peer_listener), Some(replicator)) => {
             tokio::spawn(peer::server::serve(
                 peer_listener,
-                engine.clone(),
+                replicator.clone(),
                 tls.clone(),
                 shutdown_rx.clone(),
             ));
             tokio::spawn(peer::handoff::run(
-                engine.clone(),
-                cluster.clone(),
-                links.clone(),
+                replicator.clone(),
                 args.cluster.handoff_rate,
                 shutdown_rx.clone(),
             ));
             tokio::spawn(peer::anti_entropy::run(
-                engine.clone(),
-                cluster.clone(),
-                links,
+                replicator.clone(),
                 peer::anti_entropy::Settings {
                     interval: Duration::from_secs(args.cluster.anti_entropy_interval_secs),
                     rate: args.cluster.anti_entropy_rate,
@@ -396,9 +405,9 @@ async fn run(args: ServeArgs, options: MemcachedOptions, threads: usize) -> Resu
             ));
             // Ready once the node holds what it owns: a node that restarts empty while
             // still listed pulls its share back from its peers first.
-            let engine = engine.clone();
             let readiness = readiness.clone();
             tokio::spawn(async move {
+                let cluster = &replicator.cluster;
                 // Subscribe before looking, so a list that arrives in between still wakes us;
                 // a list that arrived earlier must not make us wait for the next change
                 // (which, for a joining node, is the list that adds it: no refill is due).
@@ -407,17 +416,17 @@ async fn run(args: ServeArgs, options: MemcachedOptions, threads: usize) -> Resu
                     let _ = tokio::time::timeout(FIRST_LIST_WAIT, changes.changed()).await;
                 }
                 if cluster.view().me.is_some() {
-                    peer::handoff::refill(&engine, &cluster).await;
+                    peer::handoff::refill(&replicator).await;
                 }
                 readiness.set(true);
             });
         }
         _ => readiness.set(true),
     }
-    let store_owner = engine.clone();
+    let store = node.engine.store.clone();
     server::serve(
         listener,
-        engine,
+        node,
         limits,
         args.conn_limit as usize,
         tls,
@@ -427,10 +436,10 @@ async fn run(args: ServeArgs, options: MemcachedOptions, threads: usize) -> Resu
     .await;
     sweeper_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = sweeper.join();
-    if store_owner.store.is_persistent() {
+    if store.is_persistent() {
         // The file is sealed with every shard locked, and the process ends before anything
         // (a peer's record, a late task) could change it again.
-        store_owner.store.persist_then(|result| {
+        store.persist_then(|result| {
             match result {
                 Ok(_) => tracing::info!("memory file closed cleanly: a restart serves every item"),
                 Err(error) => tracing::error!(%error, "memory file could not be closed cleanly"),
@@ -485,9 +494,9 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let cluster = start_membership(
-        args.cluster.as_deref(),
-        &args.namespace,
-        args.members_file.as_deref(),
+        args.membership.cluster.as_deref(),
+        &args.membership.namespace,
+        args.membership.members_file.as_deref(),
         "kache-proxy".to_string(),
         &shutdown_rx,
     )
@@ -498,7 +507,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
     };
     let login = match &args.node_auth_file {
         Some(path) => {
-            let file = Arc::new(AuthFile::load(path)?);
+            let file = Arc::new(AuthFile::load(path).map_err(|e| e.to_string())?);
             tokio::spawn(file.clone().follow(shutdown_rx.clone()));
             Some(file)
         }
@@ -510,7 +519,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
     });
     if let Some(files) = &tls {
         // Bad files are a start-up error, not a string of failed connections.
-        files.connector()?;
+        files.connector().map_err(|e| e.to_string())?;
     }
     let proxy = Arc::new(Proxy::new(
         cluster.clone(),

@@ -1,6 +1,7 @@
 //! The client-facing TCP server: accepting under a connection limit, one task per
 //! connection, batched reads and writes, graceful shutdown.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,41 +9,31 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 use crate::admin_commands::conns::{ConnInfo, ConnState};
 use crate::admin_commands::dump::Metadump;
 use crate::admin_commands::watch::Registration as WatchRegistration;
 use crate::engine::{Context, Engine, Next, Outbox};
+use crate::listener::{Received, RequestReader, Service, READ_CHUNK};
+use crate::node::Node;
 use crate::protocol::auth::{parse_auth, AuthStep};
 use crate::protocol::{parse, reply, Limits, ParseOutcome};
 use crate::stats::Counters;
 use crate::store::now_secs;
 use crate::tls::Tls;
-use futures::future::join_all;
 
-/// Bytes asked of the socket per read.
-const READ_CHUNK: usize = 16 * 1024;
 /// Replies buffered before they are written out mid-batch, so a long pipeline of large
 /// values cannot grow the write buffer without bound.
 const WRITE_HIGH_WATER: usize = 1024 * 1024;
 /// A metadump is written out in chunks of about this many bytes.
 const DUMP_CHUNK: usize = 64 * 1024;
-/// How long a read-through waits for one previous owner.
-const READ_THROUGH_TIMEOUT: Duration = Duration::from_millis(250);
 /// A client must finish its TLS handshake this soon.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// memcached counts idle time in whole seconds: a connection idle for exactly the timeout
 /// is kicked a moment later.
 const IDLE_GRANULARITY: Duration = Duration::from_millis(500);
 
-/// Sleeps until `deadline` (forever without one).
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
 /// The answer to a write that too few of the key's owners acknowledged (`--write-acks`).
 const NOT_REPLICATED: &str = "SERVER_ERROR not enough replicas acknowledged the write";
 
@@ -50,169 +41,105 @@ const NOT_REPLICATED: &str = "SERVER_ERROR not enough replicas acknowledged the 
 /// connections to finish what they were doing.
 pub async fn serve(
     listener: TcpListener,
-    engine: Arc<Engine>,
+    node: Arc<Node>,
     limits: Limits,
     max_connections: usize,
     tls: Option<Arc<Tls>>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
-    let permits = Arc::new(Semaphore::new(max_connections));
+    let admin = node.engine.admin.clone();
     let _listed = listener
         .local_addr()
         .ok()
-        .map(|addr| engine.admin.conns.listener(addr, now_secs()));
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.changed() => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(conn) => conn,
-            Err(error) => {
-                // Typically EMFILE: back off briefly instead of spinning.
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            engine
-                .stats
-                .rejected_connections
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%peer, "connection limit reached");
-            tokio::spawn(reject(stream));
-            continue;
-        };
+        .map(|addr| admin.conns.listener(addr, now_secs()));
+    let service = Arc::new(ClientService { node, limits, tls });
+    crate::listener::serve(listener, service, max_connections, shutdown, drain).await;
+}
+
+/// The memcached protocol served from a node.
+struct ClientService {
+    node: Arc<Node>,
+    limits: Limits,
+    tls: Option<Arc<Tls>>,
+}
+
+impl Service for ClientService {
+    fn rejected(&self) {
+        let stats = &self.node.engine.stats;
+        stats.rejected_connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn opened(&self) -> u64 {
         // Counted here, in accept order, so `curr_connections` never shows a connection
         // whose slot is not taken; on the way out the slot is freed before the count drops.
-        engine
-            .stats
-            .curr_connections
-            .fetch_add(1, Ordering::Relaxed);
-        engine
-            .stats
-            .total_connections
-            .fetch_add(1, Ordering::Relaxed);
-        let engine = engine.clone();
-        let shutdown = shutdown.clone();
-        let tls = tls.as_ref().map(|t| t.acceptor());
-        tokio::spawn(async move {
-            let _ = stream.set_nodelay(true);
-            let local = stream.local_addr().unwrap_or(peer);
-            let listed = engine.admin.conns.client(peer, local, now_secs());
-            let info = listed.info.clone();
-            let result = match tls {
-                None => {
-                    Connection::new(stream, &engine, limits, info)
-                        .run(shutdown)
-                        .await
-                }
-                Some(acceptor) => {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-                    {
-                        Ok(Ok(stream)) => {
-                            Connection::new(stream, &engine, limits, info)
-                                .run(shutdown)
-                                .await
-                        }
-                        Ok(Err(error)) => Err(error),
-                        Err(_) => Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "TLS handshake timed out",
-                        )),
+        let stats = &self.node.engine.stats;
+        stats.curr_connections.fetch_add(1, Ordering::Relaxed);
+        stats.total_connections.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn closed(&self) {
+        let stats = &self.node.engine.stats;
+        stats.curr_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        _number: u64,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let node = &self.node;
+        let limits = self.limits;
+        let local = stream.local_addr().unwrap_or(peer);
+        let listed = node.engine.admin.conns.client(peer, local, now_secs());
+        let info = listed.info.clone();
+        let result = match self.tls.as_ref().map(|t| t.acceptor()) {
+            None => {
+                Connection::new(stream, node, limits, info)
+                    .run(shutdown)
+                    .await
+            }
+            Some(acceptor) => {
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        Connection::new(stream, node, limits, info)
+                            .run(shutdown)
+                            .await
                     }
+                    Ok(Err(error)) => Err(error),
+                    Err(_) => Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "TLS handshake timed out",
+                    )),
                 }
-            };
-            if let Err(error) = result {
-                tracing::debug!(%peer, %error, "connection ended with an error");
             }
-            drop(listed);
-            drop(permit);
-            engine
-                .stats
-                .curr_connections
-                .fetch_sub(1, Ordering::Relaxed);
-        });
-    }
-    drop(listener);
-    // Every connection holds a permit: having them all back means every connection is done.
-    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(drain, permits.acquire_many(all))
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after the drain period; closing them");
-    }
-}
-
-/// Whether a connection opens with the binary protocol's request magic byte.
-pub fn is_binary_protocol(first_bytes: &[u8]) -> bool {
-    first_bytes.first() == Some(&0x80)
-}
-
-/// Fetches keys from their previous owners and stores what they return, so the request
-/// that missed them is answered with a hit. Bounded by `READ_THROUGH_TIMEOUT` per source.
-async fn read_through(engine: &Engine, candidates: Vec<(Vec<u8>, Vec<kache_cluster::Member>)>) {
-    let Some(links) = &engine.links else {
-        return;
-    };
-    let fetches = candidates.into_iter().map(|(key, sources)| async move {
-        // Room for the value it may bring (waiting for other fetches to finish); without
-        // room in time the key is simply a miss.
-        let room =
-            tokio::time::timeout(READ_THROUGH_TIMEOUT, engine.read_through_slots.acquire()).await;
-        let Ok(Ok(_room)) = room else {
-            engine
-                .peer_stats
-                .read_through_skipped
-                .fetch_add(1, Ordering::Relaxed);
-            return;
         };
-        for source in sources {
-            // A peer known to be down cannot answer: asking it would only add the timeout
-            // to this miss (for every miss, while it stays down).
-            if links.is_down(&source) {
-                continue;
-            }
-            let reply =
-                tokio::time::timeout(READ_THROUGH_TIMEOUT, links.fetch(&source, &key)).await;
-            if let Ok(Ok(Some(record))) = reply {
-                crate::peer::apply(&engine.store, &record, now_secs());
-                engine
-                    .peer_stats
-                    .read_through_hits
-                    .fetch_add(1, Ordering::Relaxed);
-                return;
-            }
+        if let Err(error) = result {
+            tracing::debug!(%peer, %error, "connection ended with an error");
         }
-    });
-    join_all(fetches).await;
-}
-
-/// Tells a client over the connection limit why it is being turned away, as memcached does.
-async fn reject(mut stream: TcpStream) {
-    let _ = tokio::time::timeout(
-        Duration::from_secs(1),
-        stream.write_all(b"ERROR Too many open connections\r\n"),
-    )
-    .await;
+        drop(listed);
+    }
 }
 
 /// Runs the crawler (the expiry sweeper, and `lru_crawler crawl`) on a thread of its own,
 /// not a request worker, until `stop`.
 pub fn spawn_sweeper(
-    engine: Arc<Engine>,
+    node: Arc<Node>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("kache-sweeper".into())
-        .spawn(move || engine.admin.crawler.run(&engine.store, &stop))
+        .spawn(move || {
+            let engine = &node.engine;
+            engine.admin.crawler.run(&engine.store, &stop)
+        })
 }
 
 struct Connection<'a, S> {
     stream: S,
+    node: &'a Node,
     engine: &'a Engine,
     limits: Limits,
     id: usize,
@@ -242,12 +169,14 @@ struct WriteReply {
 }
 
 impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
-    fn new(stream: S, engine: &'a Engine, limits: Limits, info: Arc<ConnInfo>) -> Self {
+    fn new(stream: S, node: &'a Node, limits: Limits, info: Arc<ConnInfo>) -> Self {
+        let engine = &node.engine;
         let m = &engine.settings.memcached;
         let idle = m.options.extended.idle_timeout;
         let id = info.id;
         Connection {
             stream,
+            node,
             engine,
             limits,
             id,
@@ -267,43 +196,39 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
         }
     }
 
-    async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
-        let mut draining = *shutdown.borrow();
+    async fn run(mut self, shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+        let mut reader = RequestReader::new(shutdown.clone());
         let mut last_command = tokio::time::Instant::now();
         loop {
-            if draining && self.read.is_empty() && self.swallow == 0 {
-                return Ok(());
-            }
-            if self.read.capacity() - self.read.len() < READ_CHUNK / 4 {
-                self.read.reserve(READ_CHUNK);
-            }
+            let between_requests = self.read.is_empty() && self.swallow == 0;
             // memcached kicks only connections waiting for a new command, not those in the
             // middle of one (a data block still to come).
             let idle_deadline = self
                 .idle_timeout
-                .filter(|_| self.read.is_empty() && self.swallow == 0)
+                .filter(|_| between_requests)
                 .map(|t| last_command + t + IDLE_GRANULARITY);
-            let n = tokio::select! {
-                n = self.stream.read_buf(&mut self.read) => n?,
-                _ = shutdown.changed(), if !draining => {
-                    draining = true;
-                    continue;
-                }
-                _ = sleep_until(idle_deadline), if idle_deadline.is_some() => {
-                    self.engine.admin.conns.idle_kicks.fetch_add(1, Ordering::Relaxed);
+            let n = match reader
+                .read(
+                    &mut self.stream,
+                    &mut self.read,
+                    between_requests,
+                    idle_deadline,
+                )
+                .await?
+            {
+                Received::Bytes(n) => n,
+                Received::Done => return Ok(()),
+                Received::Idle => {
+                    self.engine
+                        .admin
+                        .conns
+                        .idle_kicks
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(conn = self.id, "closing idle connection");
                     return Ok(());
                 }
             };
             last_command = tokio::time::Instant::now();
-            if n == 0 {
-                return Ok(());
-            }
-            if self.ctx.counters.bytes_read == 0 && is_binary_protocol(&self.read) {
-                // memcached's binary protocol is not served: hang up at once rather than
-                // leave a binary client waiting for its timeout.
-                return Ok(());
-            }
             self.ctx.counters.bytes_read += n as u64;
             self.info.set_state(ConnState::ParseCmd);
             self.info.touch(now_secs());
@@ -438,10 +363,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
                     swallow,
                 } => {
                     self.swallow = swallow;
-                    let candidates = self.engine.read_through_candidates(&request, now);
-                    if !candidates.is_empty() {
-                        read_through(self.engine, candidates).await;
-                    }
+                    self.node.read_through(&request, now).await;
                     let reply_start = self.write.len();
                     let first_record = self.ctx.outbox.records.len();
                     let silent = request.silences_errors();
@@ -494,7 +416,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
             return;
         }
         let records = std::mem::take(&mut self.ctx.outbox.records);
-        let acknowledged = crate::peer::replicate::replicate(self.engine, records).await;
+        let acknowledged = self.node.replicate(records).await;
         let write = &self.write;
         let short = |w: &&WriteReply| {
             // A request already answered with an error (a value too large) keeps its reply.
@@ -508,10 +430,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
         if failed.is_empty() {
             return;
         }
-        self.engine
-            .peer_stats
-            .write_ack_failures
-            .fetch_add(failed.len() as u64, Ordering::Relaxed);
+        self.node.count_write_ack_failures(failed.len());
         let mut patched = BytesMut::with_capacity(self.write.len());
         let mut at = 0;
         for w in failed {

@@ -67,30 +67,67 @@ impl std::fmt::Display for PeerTrust {
     }
 }
 
-fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+/// Why TLS files could not be turned into a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    /// A file that cannot be read or parsed (`what` names its role: certificate, key, CA).
+    #[error("{what} {}: {detail}", path.display())]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        detail: String,
+    },
+    #[error("{what} {}: no certificate found", path.display())]
+    NoCertificate { what: &'static str, path: PathBuf },
+    #[error("certificate and key do not match: {0}")]
+    KeyMismatch(TlsError),
+    #[error("no certificate to trust")]
+    NoOwnCertificate,
+    #[error("peer host {host:?} is not a DNS name or IP address: {detail}")]
+    ServerName { host: String, detail: String },
+    #[error("{0}")]
+    Rustls(#[from] TlsError),
+}
+
+/// The error for `path` (in the role `what`) failing with `detail`.
+fn file_error(what: &'static str, path: &Path, detail: impl std::fmt::Display) -> TlsSetupError {
+    TlsSetupError::File {
+        what,
+        path: path.to_path_buf(),
+        detail: detail.to_string(),
+    }
+}
+
+fn read_certs(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect())
-        .map_err(|e| format!("{what} {}: {e}", path.display()))?;
+        .map_err(|e| file_error(what, path, e))?;
     if certs.is_empty() {
-        return Err(format!("{what} {}: no certificate found", path.display()));
+        return Err(TlsSetupError::NoCertificate {
+            what,
+            path: path.to_path_buf(),
+        });
     }
     Ok(certs)
 }
 
-fn read_roots(path: &Path, what: &str) -> Result<RootCertStore, String> {
+fn read_roots(path: &Path, what: &'static str) -> Result<RootCertStore, TlsSetupError> {
     let mut roots = RootCertStore::empty();
     for cert in read_certs(path, what)? {
-        roots
-            .add(cert)
-            .map_err(|e| format!("{what} {}: {e}", path.display()))?;
+        roots.add(cert).map_err(|e| file_error(what, path, e))?;
     }
     Ok(roots)
 }
 
 /// The name a peer's certificate must carry: the member's `host`, a DNS name or an IP.
-pub fn peer_server_name(host: &str) -> Result<ServerName<'static>, String> {
-    ServerName::try_from(host.to_string())
-        .map_err(|e| format!("peer host {host:?} is not a DNS name or IP address: {e}"))
+pub fn peer_server_name(host: &str) -> Result<ServerName<'static>, TlsSetupError> {
+    ServerName::try_from(host.to_string()).map_err(|e| TlsSetupError::ServerName {
+        host: host.to_string(),
+        detail: e.to_string(),
+    })
 }
 
 impl TlsFiles {
@@ -103,10 +140,12 @@ impl TlsFiles {
     }
 
     /// The certificate chain and key this node presents, on both ports.
-    fn identity(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    fn identity(
+        &self,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsSetupError> {
         let certs = read_certs(&self.cert, "certificate")?;
-        let key = PrivateKeyDer::from_pem_file(&self.key)
-            .map_err(|e| format!("key {}: {e}", self.key.display()))?;
+        let key =
+            PrivateKeyDer::from_pem_file(&self.key).map_err(|e| file_error("key", &self.key, e))?;
         Ok((certs, key))
     }
 
@@ -120,12 +159,11 @@ impl TlsFiles {
     }
 
     /// Builds a server configuration from the files (the client port and the peer port).
-    pub fn server_config(&self) -> Result<Arc<ServerConfig>, String> {
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsSetupError> {
         let (certs, key) = self.identity()?;
         let provider = Arc::new(default_provider());
         let builder = ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?;
+            .with_safe_default_protocol_versions()?;
         let builder = match &self.client_ca {
             None => builder.with_no_client_auth(),
             Some(ca) => {
@@ -133,31 +171,30 @@ impl TlsFiles {
                 let verifier =
                     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                         .build()
-                        .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
+                        .map_err(|e| file_error("client CA", ca, e))?;
                 builder.with_client_cert_verifier(verifier)
             }
         };
         let config = builder
             .with_single_cert(certs, key)
-            .map_err(|e| format!("certificate and key do not match: {e}"))?;
+            .map_err(TlsSetupError::KeyMismatch)?;
         Ok(Arc::new(config))
     }
 
     /// Builds the configuration this node uses to connect to its peers: their certificate
     /// verified as `peer_trust` says, this node's own certificate presented as the client's.
-    pub fn client_config(&self) -> Result<Arc<ClientConfig>, String> {
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsSetupError> {
         let (certs, key) = self.identity()?;
         let provider = Arc::new(default_provider());
         let builder = ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?;
+            .with_safe_default_protocol_versions()?;
         let builder = match self.peer_trust() {
             PeerTrust::Ca(ca) => builder.with_root_certificates(read_roots(&ca, "peer CA")?),
             PeerTrust::OwnCertificate => {
                 let own = certs
                     .first()
                     .cloned()
-                    .ok_or_else(|| "no certificate to trust".to_string())?;
+                    .ok_or(TlsSetupError::NoOwnCertificate)?;
                 builder
                     .dangerous()
                     .with_custom_certificate_verifier(Arc::new(SameCertificate { own, provider }))
@@ -165,7 +202,7 @@ impl TlsFiles {
         };
         let config = builder
             .with_client_auth_cert(certs, key)
-            .map_err(|e| format!("certificate and key do not match: {e}"))?;
+            .map_err(TlsSetupError::KeyMismatch)?;
         Ok(Arc::new(config))
     }
 }
@@ -182,20 +219,19 @@ pub struct NodeTlsFiles {
 impl NodeTlsFiles {
     /// A connector built from the files as they are now. The proxy builds one per new node
     /// connection (they are few and long-lived), so rotated files apply without a restart.
-    pub fn connector(&self) -> Result<TlsConnector, String> {
+    pub fn connector(&self) -> Result<TlsConnector, TlsSetupError> {
         let builder = ClientConfig::builder_with_provider(Arc::new(default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .with_safe_default_protocol_versions()?
             .with_root_certificates(read_roots(&self.ca, "node CA")?);
         let config = match &self.identity {
             None => builder.with_no_client_auth(),
             Some((cert, key)) => {
                 let certs = read_certs(cert, "certificate")?;
-                let key = PrivateKeyDer::from_pem_file(key)
-                    .map_err(|e| format!("key {}: {e}", key.display()))?;
+                let key =
+                    PrivateKeyDer::from_pem_file(key).map_err(|e| file_error("key", key, e))?;
                 builder
                     .with_client_auth_cert(certs, key)
-                    .map_err(|e| format!("certificate and key do not match: {e}"))?
+                    .map_err(TlsSetupError::KeyMismatch)?
             }
         };
         Ok(TlsConnector::from(Arc::new(config)))
@@ -272,7 +308,7 @@ pub struct Tls {
 
 impl Tls {
     /// Loads the files once; bad files are a start-up error.
-    pub fn load(files: TlsFiles) -> Result<Tls, String> {
+    pub fn load(files: TlsFiles) -> Result<Tls, TlsSetupError> {
         let server = files.server_config()?;
         let client = files.client_config()?;
         if let Some(ca) = &files.peer_ca {
@@ -444,7 +480,7 @@ mod tests {
             s.flush().await.map_err(|e| e.to_string())
         });
         let talked = async {
-            let name = peer_server_name(name)?;
+            let name = peer_server_name(name).map_err(|e| e.to_string())?;
             let mut c = client
                 .connector()
                 .connect(name, a)

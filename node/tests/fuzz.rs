@@ -18,11 +18,12 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 use kache_node::cluster::Cluster;
 use kache_node::engine::{Context, Engine, Outbox, Settings};
-use kache_node::peer::wire::{self, Decoded, Frame, Op, Record, WireError, MAX_FRAME};
+use kache_node::peer::wire::{self, Decoded, Frame, WireError, MAX_FRAME};
 use kache_node::protocol::forward::{reply_len, ReplyKind};
 use kache_node::protocol::{
     parse, Limits, MetaCommand, ParseOutcome, Request, MAX_LINE_WITHOUT_NEWLINE,
 };
+use kache_node::record::{Op, Record};
 use kache_node::stats::Counters;
 use kache_node::store::{Store, StoreConfig};
 
@@ -894,7 +895,7 @@ fn run_engine(pieces: &[Vec<u8>], steps: &[u8], cluster: bool) -> Result<u64, Te
             prop_assert_eq!(&decoded, &Decoded::Frame(frame.clone(), wire_bytes.len()));
             if let Frame::Records { records, .. } = frame {
                 for r in &records {
-                    kache_node::peer::apply(&replica, r, now);
+                    kache_node::record::apply(&replica, r, now);
                 }
             }
         }

@@ -175,7 +175,7 @@ impl Admin {
             AdminRequest::Shutdown { .. } | AdminRequest::ShutdownInvalid
                 if !m.shutdown_command =>
             {
-                reply::line(out, "ERROR: shutdown not enabled");
+                reply::line(out, reply::SHUTDOWN_NOT_ENABLED);
             }
             AdminRequest::ShutdownInvalid => reply::line(out, "CLIENT_ERROR invalid shutdown mode"),
             AdminRequest::Shutdown { graceful } => {

@@ -59,9 +59,11 @@ pub async fn follow_file(
 }
 
 /// Reads the member list from one of the ConfigMap's data keys.
-pub fn list_from_configmap(cm: &ConfigMap) -> Option<Result<MemberList, String>> {
+pub fn list_from_configmap(
+    cm: &ConfigMap,
+) -> Option<Result<MemberList, kache_cluster::MemberListError>> {
     let text = cm.data.as_ref()?.get(MEMBERS_JSON_KEY)?;
-    Some(MemberList::from_json(text).map_err(|e| e.to_string()))
+    Some(MemberList::from_json(text))
 }
 
 /// The API server ends each watch request after this long and the watcher starts the next
@@ -74,10 +76,19 @@ const API_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90)
 
 /// A Kubernetes client from the usual places (in-cluster service account, or `KUBECONFIG`),
 /// with a read timeout suited to `follow_configmap`.
-pub async fn api_client() -> Result<kube::Client, String> {
-    let mut config = kube::Config::infer().await.map_err(|e| e.to_string())?;
+pub async fn api_client() -> Result<kube::Client, ApiClientError> {
+    let mut config = kube::Config::infer().await?;
     config.read_timeout = Some(API_READ_TIMEOUT);
-    kube::Client::try_from(config).map_err(|e| e.to_string())
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// Why no Kubernetes client could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiClientError {
+    #[error("{0}")]
+    Config(#[from] kube::config::InferConfigError),
+    #[error("{0}")]
+    Client(#[from] kube::Error),
 }
 
 /// Watches the `name` ConfigMap in `namespace` until `shutdown`. The watch restarts with

@@ -9,6 +9,7 @@
 
 use super::*;
 use crate::protocol::{parse, Limits, ParseOutcome};
+use crate::record::Op;
 use crate::store::StoreConfig;
 
 /// The clock every test starts at (a Unix time, as the store keeps them).

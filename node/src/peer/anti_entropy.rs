@@ -38,11 +38,10 @@ use tokio::io::AsyncWrite;
 use tokio::sync::watch;
 
 use super::conn::{self, send};
-use super::link::Links;
-use super::wire::{self, Frame, Record, BATCH_BYTES};
-use super::{record_bytes, record_of};
-use crate::cluster::{Cluster, ClusterView};
-use crate::engine::Engine;
+use super::wire::{self, Frame, BATCH_BYTES};
+use super::{PeerError, Replicator};
+use crate::cluster::ClusterView;
+use crate::record::Record;
 use crate::store::{now_secs, ItemRef, ScanCursor, Store};
 use crate::tls::Tls;
 
@@ -160,13 +159,13 @@ struct Summary {
     counts: Vec<usize>,
 }
 
-async fn summarize(engine: &Engine, view: &ClusterView, me: &str, peer: &str) -> Summary {
+async fn summarize(replicator: &Replicator, view: &ClusterView, me: &str, peer: &str) -> Summary {
     let mut summary = Summary {
         digests: vec![0; ARCS],
         counts: vec![0; ARCS],
     };
     let mut walk = Walk::new();
-    while walk.step(&engine.store, |item| {
+    while walk.step(&replicator.store, |item| {
         if shared(view, me, peer, item.key()) {
             let hash = key_hash(item.key());
             summary.digests[arc(hash)] ^= fold(hash, item.cas());
@@ -199,7 +198,7 @@ fn group_arcs(arcs: &[u32], counts: &[usize]) -> Vec<Vec<u32>> {
 /// This node's (key hash, version) pairs in `arcs` for keys shared with `peer`, at most
 /// `MAX_ENTRIES` of them.
 async fn entries_in(
-    engine: &Engine,
+    replicator: &Replicator,
     view: &ClusterView,
     me: &str,
     peer: &str,
@@ -207,7 +206,7 @@ async fn entries_in(
 ) -> Vec<(u64, u64)> {
     let mut entries = Vec::new();
     let mut walk = Walk::new();
-    while walk.step(&engine.store, |item| {
+    while walk.step(&replicator.store, |item| {
         let hash = key_hash(item.key());
         if entries.len() < MAX_ENTRIES
             && arcs.contains(&arc(hash))
@@ -223,21 +222,19 @@ async fn entries_in(
 
 /// Peer side of step 1: the arcs whose digest differs from the caller's.
 pub async fn answer_digests(
-    engine: &Engine,
+    replicator: &Replicator,
     caller: &str,
     theirs: &[u64],
-) -> Result<Vec<u32>, String> {
-    let Some(cluster) = &engine.cluster else {
-        return Err("anti-entropy digests sent to a node outside a cluster".into());
-    };
+) -> Result<Vec<u32>, PeerError> {
+    let cluster = &replicator.cluster;
     if theirs.len() != ARCS {
-        return Err(format!(
-            "anti-entropy digests over {} arcs, expected {ARCS}",
-            theirs.len()
-        ));
+        return Err(PeerError::DigestCount {
+            got: theirs.len(),
+            expected: ARCS,
+        });
     }
     let view = cluster.view();
-    let mine = summarize(engine, &view, cluster.node_name(), caller).await;
+    let mine = summarize(replicator, &view, cluster.node_name(), caller).await;
     Ok((0..ARCS)
         .filter(|&a| mine.digests[a] != theirs[a])
         .map(|a| a as u32)
@@ -247,24 +244,21 @@ pub async fn answer_digests(
 /// Peer side of step 2: sends, as `Records` frames numbered `seq`, the items in `arcs` that
 /// the caller lacks or holds an older version of, up to `max_bytes`. Returns how many.
 pub async fn answer_versions<W: AsyncWrite + Unpin + ?Sized>(
-    engine: &Engine,
+    replicator: &Replicator,
     stream: &mut W,
     seq: u64,
     caller: &str,
     max_bytes: usize,
     arcs: &[u32],
     entries: &[(u64, u64)],
-) -> Result<u64, String> {
-    let Some(cluster) = &engine.cluster else {
-        return Err("anti-entropy versions sent to a node outside a cluster".into());
-    };
+) -> Result<u64, PeerError> {
+    let cluster = &replicator.cluster;
     // What this node's own rounds send; more is a confused or hostile peer.
     if entries.len() > MAX_ENTRIES || arcs.len() > ARCS {
-        return Err(format!(
-            "anti-entropy request over {} arcs with {} entries exceeds the limits",
-            arcs.len(),
-            entries.len()
-        ));
+        return Err(PeerError::OverLimits {
+            arcs: arcs.len(),
+            entries: entries.len(),
+        });
     }
     let view = cluster.view();
     let me = cluster.node_name();
@@ -278,7 +272,7 @@ pub async fn answer_versions<W: AsyncWrite + Unpin + ?Sized>(
     let mut out = BytesMut::new();
     let mut walk = Walk::new();
     while budget_left > 0
-        && walk.step(&engine.store, |item| {
+        && walk.step(&replicator.store, |item| {
             let hash = key_hash(item.key());
             let newer = theirs.get(&hash).is_none_or(|&v| v < item.cas());
             if budget_left > 0
@@ -286,8 +280,8 @@ pub async fn answer_versions<W: AsyncWrite + Unpin + ?Sized>(
                 && arcs.contains(&arc(hash))
                 && shared(&view, me, caller, item.key())
             {
-                let record = record_of(item);
-                let size = record_bytes(&record);
+                let record = Record::of(item);
+                let size = record.weight();
                 budget_left = budget_left.saturating_sub(size);
                 batch_bytes += size;
                 batch.push(record);
@@ -301,7 +295,10 @@ pub async fn answer_versions<W: AsyncWrite + Unpin + ?Sized>(
         tokio::task::yield_now().await;
     }
     sent += flush(stream, seq, &mut batch, &mut out).await?;
-    engine.anti_entropy.items_served.fetch_add(sent, Relaxed);
+    replicator
+        .anti_entropy
+        .items_served
+        .fetch_add(sent, Relaxed);
     Ok(sent)
 }
 
@@ -310,7 +307,7 @@ async fn flush<W: AsyncWrite + Unpin + ?Sized>(
     seq: u64,
     batch: &mut Vec<Record>,
     out: &mut BytesMut,
-) -> Result<u64, String> {
+) -> Result<u64, PeerError> {
     if batch.is_empty() {
         return Ok(0);
     }
@@ -318,7 +315,7 @@ async fn flush<W: AsyncWrite + Unpin + ?Sized>(
     let count = records.len() as u64;
     out.clear();
     wire::encode(&Frame::Records { seq, records }, out);
-    send(stream, out).await.map_err(|e| e.to_string())?;
+    send(stream, out).await?;
     Ok(count)
 }
 
@@ -333,19 +330,17 @@ pub struct RoundReport {
 
 /// One anti-entropy round with `peer`: pulls what this node misses of the keys both own.
 pub async fn round(
-    engine: &Engine,
+    replicator: &Replicator,
     view: &ClusterView,
     me: &str,
     peer: &Member,
     tls: Option<&Tls>,
     rate: usize,
-) -> Result<RoundReport, String> {
+) -> Result<RoundReport, PeerError> {
     let started = Instant::now();
-    let stats = &engine.anti_entropy;
-    let mine = summarize(engine, view, me, &peer.name).await;
-    let mut stream = conn::open(tls, peer, me, &engine.peer_secret)
-        .await
-        .map_err(|e| e.to_string())?;
+    let stats = &replicator.anti_entropy;
+    let mine = summarize(replicator, view, me, &peer.name).await;
+    let mut stream = conn::open(tls, peer, me, &replicator.secret).await?;
     let mut out = BytesMut::new();
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut seq = 1;
@@ -356,10 +351,10 @@ pub async fn round(
         },
         &mut out,
     );
-    send(&mut stream, &out).await.map_err(|e| e.to_string())?;
+    send(&mut stream, &out).await?;
     let differing = match conn::read_frame(&mut stream, &mut buf).await? {
         Frame::DigestDiff { arcs, .. } => arcs,
-        other => return Err(format!("unexpected answer to digests: {other:?}")),
+        other => return Err(PeerError::UnexpectedFrame(Box::new(other))),
     };
     let mut report = RoundReport {
         arcs_differing: differing.len(),
@@ -372,7 +367,7 @@ pub async fn round(
     let mut pulled_bytes = 0usize;
     for group in group_arcs(&differing, &mine.counts) {
         let arcs: HashSet<usize> = group.iter().map(|&a| a as usize).collect();
-        let entries = entries_in(engine, view, me, &peer.name, &arcs).await;
+        let entries = entries_in(replicator, view, me, &peer.name, &arcs).await;
         seq += 1;
         out.clear();
         wire::encode(
@@ -384,8 +379,8 @@ pub async fn round(
             },
             &mut out,
         );
-        send(&mut stream, &out).await.map_err(|e| e.to_string())?;
-        let received = super::apply_until_done(&engine.store, &mut stream, &mut buf).await?;
+        send(&mut stream, &out).await?;
+        let received = super::apply_until_done(&replicator.store, &mut stream, &mut buf).await?;
         let answer_bytes = received.bytes;
         report.items_pulled += received.records;
         stats.items_pulled.fetch_add(received.records, Relaxed);
@@ -405,12 +400,11 @@ pub async fn round(
 /// Runs rounds with every peer until `shutdown`: each interval, whenever a link comes back
 /// up, and at once again after a round whose answers were cut at their budget.
 pub async fn run(
-    engine: Arc<Engine>,
-    cluster: Arc<Cluster>,
-    links: Arc<Links>,
+    replicator: Arc<Replicator>,
     settings: Settings,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let (cluster, links) = (&replicator.cluster, &replicator.links);
     if settings.interval.is_zero() {
         return;
     }
@@ -431,17 +425,19 @@ pub async fn run(
         let me = cluster.node_name();
         let tls = links.tls();
         for peer in view.list.members.iter().filter(|m| m.name != me) {
+            // The link to every peer stays open, so a peer coming back up wakes a round.
+            links.open(peer);
             if links.is_down(peer) {
                 continue;
             }
             let result = tokio::time::timeout(
                 ROUND_TIMEOUT,
-                round(&engine, &view, me, peer, tls.as_deref(), settings.rate),
+                round(&replicator, &view, me, peer, tls.as_deref(), settings.rate),
             )
             .await;
             match result {
                 Ok(Ok(report)) => {
-                    engine.anti_entropy.rounds.fetch_add(1, Relaxed);
+                    replicator.anti_entropy.rounds.fetch_add(1, Relaxed);
                     if report.items_pulled > 0 {
                         tracing::info!(
                             peer = %peer.name,
@@ -453,11 +449,11 @@ pub async fn run(
                     again |= report.saturated;
                 }
                 Ok(Err(error)) => {
-                    engine.anti_entropy.failed_rounds.fetch_add(1, Relaxed);
+                    replicator.anti_entropy.failed_rounds.fetch_add(1, Relaxed);
                     tracing::debug!(peer = %peer.name, %error, "anti-entropy round failed");
                 }
                 Err(_) => {
-                    engine.anti_entropy.failed_rounds.fetch_add(1, Relaxed);
+                    replicator.anti_entropy.failed_rounds.fetch_add(1, Relaxed);
                     tracing::debug!(peer = %peer.name, "anti-entropy round timed out");
                 }
             }
@@ -468,10 +464,10 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Settings as EngineSettings;
-    use crate::peer::wire::{Decoded, Op};
-    use crate::peer::{apply, server};
-    use crate::store::StoreConfig;
+    use crate::cluster::Cluster;
+    use crate::peer::server;
+    use crate::peer::wire::Decoded;
+    use crate::record::{apply, Op};
     use kache_cluster::MemberList;
     use tokio::net::TcpListener;
 
@@ -486,7 +482,7 @@ mod tests {
     }
 
     /// Two nodes `a` and `b` owning every key (R = 2), their peer ports on loopback.
-    async fn pair() -> (Vec<Arc<Engine>>, Vec<Member>, watch::Sender<bool>) {
+    async fn pair() -> (Vec<Arc<Replicator>>, Vec<Member>, watch::Sender<bool>) {
         let (stop, stopped) = watch::channel(false);
         let mut listeners = Vec::new();
         let mut members = Vec::new();
@@ -501,39 +497,23 @@ mod tests {
             replication_factor: 2,
             members: members.clone(),
         };
-        let mut engines = Vec::new();
+        let mut nodes = Vec::new();
         for (i, listener) in listeners.into_iter().enumerate() {
             let cluster = Arc::new(Cluster::new(members[i].name.clone()));
             cluster.update(list.clone());
-            let store = Store::new(StoreConfig {
-                memory_limit: 8 << 20,
-                max_item_size: 1024,
-                max_shards: 4,
-                node_id: i as u64 + 1,
-                ..StoreConfig::default()
-            });
-            let settings = EngineSettings {
-                port: 0,
-                listen: "127.0.0.1".into(),
-                memory_limit: 8 << 20,
-                max_connections: 16,
-                threads: 1,
-                max_item_size: 1024,
-                memcached: Default::default(),
-            };
-            let engine = Arc::new(Engine::new(store, settings, 0, Some(cluster)));
+            let replicator = crate::peer::test_replicator(cluster, i as u64 + 1);
             tokio::spawn(server::serve(
                 listener,
-                engine.clone(),
+                replicator.clone(),
                 None,
                 stopped.clone(),
             ));
-            engines.push(engine);
+            nodes.push(replicator);
         }
-        (engines, members, stop)
+        (nodes, members, stop)
     }
 
-    fn put(engine: &Engine, key: &str, version: u64, value: &str) {
+    fn put(replicator: &Replicator, key: &str, version: u64, value: &str) {
         let record = Record {
             op: Op::Set,
             key: key.into(),
@@ -542,10 +522,10 @@ mod tests {
             exptime: 0,
             value: value.into(),
         };
-        apply(&engine.store, &record, now_secs());
+        apply(&replicator.store, &record, now_secs());
     }
 
-    fn delete(engine: &Engine, key: &str, version: u64) {
+    fn delete(replicator: &Replicator, key: &str, version: u64) {
         let record = Record {
             op: Op::Delete,
             key: key.into(),
@@ -554,24 +534,26 @@ mod tests {
             exptime: now_secs() + 100,
             value: Vec::new(),
         };
-        apply(&engine.store, &record, now_secs());
+        apply(&replicator.store, &record, now_secs());
     }
 
     /// What a node holds for `key`: (version, deleted, value).
-    fn held(engine: &Engine, key: &str) -> Option<(u64, bool, Vec<u8>)> {
-        engine.store.with_entry(key.as_bytes(), now_secs(), |e| {
-            e.current().map(|it| {
-                let deleted = it.has(crate::store::bits::TOMBSTONE);
-                (it.cas(), deleted, it.value().to_vec())
+    fn held(replicator: &Replicator, key: &str) -> Option<(u64, bool, Vec<u8>)> {
+        replicator
+            .store
+            .with_entry(key.as_bytes(), now_secs(), |e| {
+                e.current().map(|it| {
+                    let deleted = it.has(crate::store::bits::TOMBSTONE);
+                    (it.cas(), deleted, it.value().to_vec())
+                })
             })
-        })
     }
 
-    async fn pull(engines: &[Arc<Engine>], members: &[Member], from: usize) -> RoundReport {
+    async fn pull(nodes: &[Arc<Replicator>], members: &[Member], from: usize) -> RoundReport {
         let me = 1 - from;
-        let view = engines[me].cluster.as_ref().unwrap().view();
+        let view = nodes[me].cluster.view();
         round(
-            &engines[me],
+            &nodes[me],
             &view,
             &members[me].name,
             &members[from],
@@ -584,8 +566,8 @@ mod tests {
 
     #[tokio::test]
     async fn two_replicas_that_diverged_converge_in_one_round_each() {
-        let (engines, members, _stop) = pair().await;
-        let (a, b) = (&engines[0], &engines[1]);
+        let (nodes, members, _stop) = pair().await;
+        let (a, b) = (&nodes[0], &nodes[1]);
         for i in 0..200 {
             put(a, &format!("k{i}"), 100, "same");
             put(b, &format!("k{i}"), 100, "same");
@@ -598,10 +580,10 @@ mod tests {
         delete(a, "k30", 400);
         delete(b, "k31", 500);
         // b pulls from a, then a from b.
-        let report = pull(&engines, &members, 0).await;
+        let report = pull(&nodes, &members, 0).await;
         assert!(report.arcs_differing > 0);
         assert_eq!(report.items_pulled, 21);
-        let report = pull(&engines, &members, 1).await;
+        let report = pull(&nodes, &members, 1).await;
         assert_eq!(report.items_pulled, 11);
         let keys = (0..200)
             .map(|i| format!("k{i}"))
@@ -615,20 +597,20 @@ mod tests {
         // Deletes travel as tombstones, whichever side made them.
         assert!(held(b, "k30").unwrap().1 && held(a, "k31").unwrap().1);
         // Nothing differs any more.
-        assert_eq!(pull(&engines, &members, 0).await, RoundReport::default());
+        assert_eq!(pull(&nodes, &members, 0).await, RoundReport::default());
         assert_eq!(a.anti_entropy.items_pulled.load(Relaxed), 11);
         assert_eq!(b.anti_entropy.items_served.load(Relaxed), 11);
     }
 
     #[tokio::test]
     async fn an_answer_stops_at_its_byte_budget() {
-        let (engines, members, _stop) = pair().await;
+        let (nodes, members, _stop) = pair().await;
         for i in 0..50 {
-            put(&engines[1], &format!("key-{i:02}"), 10, "0123456789");
+            put(&nodes[1], &format!("key-{i:02}"), 10, "0123456789");
         }
         let arcs: Vec<u32> = (0..ARCS as u32).collect();
         let mut out: Vec<u8> = Vec::new();
-        let sent = answer_versions(&engines[1], &mut out, 7, &members[0].name, 300, &arcs, &[])
+        let sent = answer_versions(&nodes[1], &mut out, 7, &members[0].name, 300, &arcs, &[])
             .await
             .unwrap();
         // Each record counts 5 + 10 + 32 bytes: the one that crosses 300 is the last.
@@ -649,7 +631,7 @@ mod tests {
             .collect();
         let mut out: Vec<u8> = Vec::new();
         let sent = answer_versions(
-            &engines[1],
+            &nodes[1],
             &mut out,
             8,
             &members[0].name,
@@ -662,7 +644,7 @@ mod tests {
         assert_eq!(sent, 0);
         // A request larger than any node sends is refused, not served.
         let flood = vec![(0u64, 0u64); MAX_ENTRIES + 1];
-        let refused = answer_versions(&engines[1], &mut out, 9, "a", 1, &arcs, &flood).await;
+        let refused = answer_versions(&nodes[1], &mut out, 9, "a", 1, &arcs, &flood).await;
         assert!(refused.is_err());
     }
 

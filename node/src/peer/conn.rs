@@ -10,6 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::wire::{self, Decoded, Frame};
+use super::PeerError;
 
 use crate::tls::{peer_server_name, Tls};
 
@@ -123,14 +124,14 @@ pub async fn open(
 pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(
     stream: &mut R,
     buf: &mut BytesMut,
-) -> Result<Frame, String> {
+) -> Result<Frame, PeerError> {
     loop {
-        if let Decoded::Frame(frame, used) = wire::decode(buf).map_err(|e| e.to_string())? {
+        if let Decoded::Frame(frame, used) = wire::decode(buf)? {
             bytes::Buf::advance(buf, used);
             return Ok(frame);
         }
-        if stream.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
-            return Err("peer closed the connection".into());
+        if stream.read_buf(buf).await? == 0 {
+            return Err(PeerError::Closed);
         }
     }
 }
@@ -146,7 +147,7 @@ pub async fn connect(tls: Option<&Tls>, host: &str, port: u16) -> Result<PeerStr
     let Some(tls) = tls else {
         return Ok(Box::new(stream));
     };
-    let name = peer_server_name(host).map_err(ConnectError::Tls)?;
+    let name = peer_server_name(host).map_err(|e| ConnectError::Tls(e.to_string()))?;
     let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.connector().connect(name, stream))
         .await
         .map_err(|_| ConnectError::Tls(format!("TLS handshake with {host}:{port} timed out")))?
@@ -157,7 +158,7 @@ pub async fn connect(tls: Option<&Tls>, host: &str, port: u16) -> Result<PeerStr
 /// Takes a connection accepted on the peer port: as it is, or, when `tls` is set, once its
 /// TLS handshake has completed. A caller that does not open with a TLS handshake (a node
 /// without TLS, or garbage) is refused at once. `Ok(None)`: closed before saying anything.
-pub async fn accept(tls: Option<&Tls>, stream: TcpStream) -> Result<Option<PeerStream>, String> {
+pub async fn accept(tls: Option<&Tls>, stream: TcpStream) -> Result<Option<PeerStream>, PeerError> {
     watch_liveness(&stream);
     let Some(tls) = tls else {
         return Ok(Some(Box::new(stream)));
@@ -165,25 +166,21 @@ pub async fn accept(tls: Option<&Tls>, stream: TcpStream) -> Result<Option<PeerS
     let acceptor = tls.acceptor();
     let handshake = async move {
         let mut first = [0u8; 1];
-        if stream.peek(&mut first).await.map_err(|e| e.to_string())? == 0 {
+        if stream.peek(&mut first).await? == 0 {
             return Ok(None);
         }
         if first[0] != TLS_HANDSHAKE_RECORD {
-            return Err(
-                "plain-TCP peer on the TLS peer port (it did not start a TLS \
-                        handshake: is TLS configured on every node?)"
-                    .to_string(),
-            );
+            return Err(PeerError::PlainOnTlsPort);
         }
         let stream = acceptor
             .accept(stream)
             .await
-            .map_err(|e| format!("peer TLS handshake failed: {e}"))?;
+            .map_err(PeerError::TlsHandshake)?;
         Ok(Some(Box::new(stream) as PeerStream))
     };
     tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
-        .map_err(|_| "peer TLS handshake timed out".to_string())?
+        .map_err(|_| PeerError::TlsHandshakeTimeout)?
 }
 
 /// Hangs up: over TLS, says so first (close_notify), for at most `CONNECT_TIMEOUT`.
@@ -212,16 +209,18 @@ mod tests {
     use tokio::net::TcpListener;
     use tokio::sync::{oneshot, watch};
 
-    use crate::engine::{Engine, Settings};
-    use crate::peer::link::Links;
+    use crate::cluster::Cluster;
+    use crate::peer::link::{LinkConfig, Links};
     use crate::peer::server;
-    use crate::peer::wire::{self, Frame, Op, Record};
+    use crate::peer::wire::{self, Frame};
+    use crate::peer::Replicator;
+    use crate::record::{Op, Record};
     use crate::store::{Store, StoreConfig};
     use crate::tls::test_pki;
 
     const WAIT: Duration = Duration::from_secs(5);
 
-    fn engine() -> Arc<Engine> {
+    fn replicator() -> Arc<Replicator> {
         let store = Store::new(StoreConfig {
             memory_limit: 4 << 20,
             max_item_size: 1024,
@@ -229,25 +228,22 @@ mod tests {
             node_id: 2,
             ..StoreConfig::default()
         });
-        let settings = Settings {
-            port: 0,
-            listen: "127.0.0.1".into(),
-            memory_limit: 4 << 20,
-            max_connections: 16,
-            threads: 1,
-            max_item_size: 1024,
-            memcached: Default::default(),
-        };
-        Arc::new(Engine::new(store, settings, 0, None))
+        let cluster = Arc::new(Cluster::new("b"));
+        Arc::new(Replicator::new(
+            Arc::new(store),
+            cluster,
+            1024,
+            Default::default(),
+        ))
     }
 
     /// A peer port on loopback, and the member that names it.
-    async fn peer_port(tls: Option<Arc<Tls>>) -> (Arc<Engine>, Member, watch::Sender<bool>) {
+    async fn peer_port(tls: Option<Arc<Tls>>) -> (Arc<Replicator>, Member, watch::Sender<bool>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let peer_port = listener.local_addr().unwrap().port();
-        let engine = engine();
+        let replicator = replicator();
         let (stop, stopped) = watch::channel(false);
-        tokio::spawn(server::serve(listener, engine.clone(), tls, stopped));
+        tokio::spawn(server::serve(listener, replicator.clone(), tls, stopped));
         let member = Member {
             name: "b".into(),
             host: "127.0.0.1".into(),
@@ -255,12 +251,18 @@ mod tests {
             port: 1,
             peer_port,
         };
-        (engine, member, stop)
+        (replicator, member, stop)
     }
 
     fn tls(dir: &std::path::Path) -> Arc<Tls> {
         // --tls-client-ca: mutual TLS, the CA verifying both directions.
         Arc::new(Tls::load(test_pki::files(dir, false, true, false)).unwrap())
+    }
+
+    /// Links from `a` over TLS.
+    fn tls_links(dir: &std::path::Path) -> Links {
+        let config = LinkConfig::default();
+        Links::with_config("a", Arc::from(Vec::new()), config, Some(tls(dir)))
     }
 
     fn record() -> Record {
@@ -274,9 +276,9 @@ mod tests {
         }
     }
 
-    async fn rejected_reaches(engine: &Engine, n: u64) {
+    async fn rejected_reaches(replicator: &Replicator, n: u64) {
         let deadline = tokio::time::Instant::now() + WAIT;
-        while engine.peer_stats.rejected.load(Relaxed) < n {
+        while replicator.stats.rejected.load(Relaxed) < n {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "rejections not counted"
@@ -288,13 +290,12 @@ mod tests {
     #[tokio::test]
     async fn links_replicate_and_fetch_over_mutual_tls() {
         let dir = tempfile::tempdir().unwrap();
-        let (engine, member, _stop) = peer_port(Some(tls(dir.path()))).await;
-        let links = Links::new("a", Arc::from(Vec::new()));
-        links.use_tls(tls(dir.path()));
+        let (replicator, member, _stop) = peer_port(Some(tls(dir.path()))).await;
+        let links = tls_links(dir.path());
         let (ack, acked) = oneshot::channel();
         assert!(links.send(&member, record(), Some(ack)));
         tokio::time::timeout(WAIT, acked).await.unwrap().unwrap();
-        let stored = engine
+        let stored = replicator
             .store
             .with_entry(b"k", crate::store::now_secs(), |e| {
                 e.item().map(|i| i.value().to_vec())
@@ -339,13 +340,13 @@ mod tests {
         // Hanging up without close_notify (a dropped connection) is no rejection.
         drop(stream);
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(engine.peer_stats.rejected.load(Relaxed), 0);
+        assert_eq!(replicator.stats.rejected.load(Relaxed), 0);
     }
 
     #[tokio::test]
     async fn a_tls_peer_port_refuses_plain_peers() {
         let dir = tempfile::tempdir().unwrap();
-        let (engine, member, _stop) = peer_port(Some(tls(dir.path()))).await;
+        let (replicator, member, _stop) = peer_port(Some(tls(dir.path()))).await;
         // A raw hello, as a node without TLS sends it: closed without an answer, counted.
         let mut plain = TcpStream::connect(("127.0.0.1", member.peer_port))
             .await
@@ -363,7 +364,7 @@ mod tests {
         let mut answer = Vec::new();
         let read = tokio::time::timeout(WAIT, plain.read_to_end(&mut answer)).await;
         assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
-        rejected_reaches(&engine, 1).await;
+        rejected_reaches(&replicator, 1).await;
         // A plain link gets no acknowledgement, is refused again, and is reported down.
         let links = Links::new("plain", Arc::from(Vec::new()));
         let (ack, acked) = oneshot::channel();
@@ -371,12 +372,12 @@ mod tests {
         assert!(tokio::time::timeout(Duration::from_secs(1), acked)
             .await
             .map_or(true, |r| r.is_err()));
-        rejected_reaches(&engine, 2).await;
+        rejected_reaches(&replicator, 2).await;
         assert!(links.is_down(&member));
         // Its retries stop with it.
         drop(links);
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let rejected = engine.peer_stats.rejected.load(Relaxed);
+        let rejected = replicator.stats.rejected.load(Relaxed);
         // A connection that closes without a word is not a rejection.
         drop(
             TcpStream::connect(("127.0.0.1", member.peer_port))
@@ -384,17 +385,16 @@ mod tests {
                 .unwrap(),
         );
         // The port still serves TLS peers.
-        let links = Links::new("a", Arc::from(Vec::new()));
-        links.use_tls(tls(dir.path()));
+        let links = tls_links(dir.path());
         let (ack, acked) = oneshot::channel();
         assert!(links.send(&member, record(), Some(ack)));
         tokio::time::timeout(WAIT, acked).await.unwrap().unwrap();
-        assert_eq!(engine.peer_stats.rejected.load(Relaxed), rejected);
+        assert_eq!(replicator.stats.rejected.load(Relaxed), rejected);
     }
 
     #[tokio::test]
     async fn a_link_whose_hello_is_refused_is_down_at_once() {
-        let (engine, member, _stop) = peer_port(None).await;
+        let (replicator, member, _stop) = peer_port(None).await;
         let wrong = Links::new("a", Arc::from(b"not the secret".to_vec()));
         let (ack, acked) = oneshot::channel();
         assert!(wrong.send(&member, record(), Some(ack)));
@@ -406,11 +406,11 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        rejected_reaches(&engine, 1).await;
+        rejected_reaches(&replicator, 1).await;
         assert!(tokio::time::timeout(Duration::from_millis(500), acked)
             .await
             .map_or(true, |r| r.is_err()));
-        let stored = engine
+        let stored = replicator
             .store
             .with_entry(b"k", crate::store::now_secs(), |e| e.item().is_some());
         assert!(!stored, "a refused peer's record was applied");
@@ -425,9 +425,8 @@ mod tests {
     #[tokio::test]
     async fn a_tls_link_to_a_plain_peer_port_is_down_not_stuck() {
         let dir = tempfile::tempdir().unwrap();
-        let (engine, member, _stop) = peer_port(None).await;
-        let links = Links::new("a", Arc::from(Vec::new()));
-        links.use_tls(tls(dir.path()));
+        let (replicator, member, _stop) = peer_port(None).await;
+        let links = tls_links(dir.path());
         let (ack, acked) = oneshot::channel();
         assert!(links.send(&member, record(), Some(ack)));
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -439,7 +438,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // The plain port saw a TLS hello as garbage and closed it.
-        rejected_reaches(&engine, 1).await;
+        rejected_reaches(&replicator, 1).await;
         drop(acked);
         let refused = connect(Some(&tls(dir.path())), "127.0.0.1", member.peer_port).await;
         assert!(

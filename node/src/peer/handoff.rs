@@ -20,11 +20,10 @@ use tokio::io::AsyncWrite;
 use tokio::sync::{oneshot, watch};
 
 use super::conn::{self, send};
-use super::link::Links;
-use super::record_of;
-use super::wire::{self, Frame, Record};
-use crate::cluster::{Cluster, ClusterView};
-use crate::engine::Engine;
+use super::wire::{self, Frame};
+use super::{PeerError, Replicator};
+use crate::cluster::ClusterView;
+use crate::record::Record;
 use crate::store::{now_secs, ScanCursor};
 
 /// Items looked at per chunk (one shard lock each); a chunk also ends once its records
@@ -51,13 +50,9 @@ pub struct HandoffState {
 }
 
 /// Follows member-list changes until `shutdown`, handing items to their new owners.
-pub async fn run(
-    engine: Arc<Engine>,
-    cluster: Arc<Cluster>,
-    links: Arc<Links>,
-    rate: u64,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn run(replicator: Arc<Replicator>, rate: u64, mut shutdown: watch::Receiver<bool>) {
+    let cluster = &replicator.cluster;
+    let links = &replicator.links;
     let mut changes = cluster.subscribe();
     // The ring whose hand-off last completed. A hand-off cut short by a newer change does
     // not move it: the next one compares against what was really delivered, so owners
@@ -71,10 +66,10 @@ pub async fn run(
         let next = cluster.view();
         links.retain(&next.list.members);
         if delivered.list.members.is_empty() {
-            engine.handoff.version.store(next.list.version, Relaxed);
-            engine.handoff.done.store(true, Relaxed);
+            replicator.handoff.version.store(next.list.version, Relaxed);
+            replicator.handoff.done.store(true, Relaxed);
             delivered = next;
-        } else if hand_off(&engine, &cluster, &links, &delivered, &next, rate).await {
+        } else if hand_off(&replicator, &delivered, &next, rate).await {
             delivered = next;
         }
     }
@@ -83,14 +78,13 @@ pub async fn run(
 /// Sends every item to its owners under `next` that were not its owners under `previous`.
 /// Returns false when a newer member list cut it short.
 async fn hand_off(
-    engine: &Engine,
-    cluster: &Cluster,
-    links: &Links,
+    replicator: &Replicator,
     previous: &ClusterView,
     next: &ClusterView,
     rate: u64,
 ) -> bool {
-    let state = &engine.handoff;
+    let state = &replicator.handoff;
+    let (cluster, links) = (&replicator.cluster, &replicator.links);
     let started = std::time::Instant::now();
     let mut sent_here: u64 = 0;
     let version = next.list.version;
@@ -99,7 +93,7 @@ async fn hand_off(
     state.running.store(true, Relaxed);
     let me = cluster.node_name();
     tracing::info!(version, "hand-off started");
-    for shard in 0..engine.store.shard_count() {
+    for shard in 0..replicator.store.shard_count() {
         let mut cursor = Some(ScanCursor::default());
         while let Some(start) = cursor {
             if cluster.view().list.version != version {
@@ -109,22 +103,24 @@ async fn hand_off(
             }
             let mut batch: Vec<(kache_cluster::Member, Record)> = Vec::new();
             let mut batch_bytes = 0;
-            let budget = engine.peer_limits.handoff_batch_bytes;
-            cursor = engine.store.scan(shard, start, CHUNK, now_secs(), |item| {
-                let key = item.key();
-                let before = previous.owners(key);
-                for owner in next.owners(key) {
-                    if owner.name != me && !before.iter().any(|b| b.name == owner.name) {
-                        batch_bytes += key.len() + item.value().len();
-                        batch.push((owner.clone(), record_of(item)));
+            let budget = replicator.limits.handoff_batch_bytes;
+            cursor = replicator
+                .store
+                .scan(shard, start, CHUNK, now_secs(), |item| {
+                    let key = item.key();
+                    let before = previous.owners(key);
+                    for owner in next.owners(key) {
+                        if owner.name != me && !before.iter().any(|b| b.name == owner.name) {
+                            batch_bytes += key.len() + item.value().len();
+                            batch.push((owner.clone(), Record::of(item)));
+                        }
                     }
-                }
-                if batch_bytes >= budget {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
-                }
-            });
+                    if batch_bytes >= budget {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                });
             if batch.is_empty() {
                 continue;
             }
@@ -171,41 +167,40 @@ async fn hand_off(
 
 /// Answers a refill pull: streams every item the calling member owns, in batches.
 pub async fn stream_owned_by<W: AsyncWrite + Unpin>(
-    engine: &Engine,
+    replicator: &Replicator,
     stream: &mut W,
     seq: u64,
     caller: &str,
-) -> Result<u64, String> {
-    let Some(cluster) = &engine.cluster else {
-        return Ok(0);
-    };
-    let view = cluster.view();
+) -> Result<u64, PeerError> {
+    let view = replicator.cluster.view();
     let mut sent = 0u64;
     let mut out = BytesMut::new();
-    for shard in 0..engine.store.shard_count() {
+    for shard in 0..replicator.store.shard_count() {
         let mut cursor = Some(ScanCursor::default());
         while let Some(start) = cursor {
             let mut records = Vec::new();
             let mut bytes = 0;
-            let budget = engine.peer_limits.handoff_batch_bytes;
-            cursor = engine.store.scan(shard, start, CHUNK, now_secs(), |item| {
-                if view.owners(item.key()).iter().any(|m| m.name == caller) {
-                    bytes += item.key().len() + item.value().len();
-                    records.push(record_of(item));
-                }
-                if bytes >= budget {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
-                }
-            });
+            let budget = replicator.limits.handoff_batch_bytes;
+            cursor = replicator
+                .store
+                .scan(shard, start, CHUNK, now_secs(), |item| {
+                    if view.owners(item.key()).iter().any(|m| m.name == caller) {
+                        bytes += item.key().len() + item.value().len();
+                        records.push(Record::of(item));
+                    }
+                    if bytes >= budget {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                });
             if records.is_empty() {
                 continue;
             }
             sent += records.len() as u64;
             out.clear();
             wire::encode(&Frame::Records { seq, records }, &mut out);
-            send(stream, &out).await.map_err(|e| e.to_string())?;
+            send(stream, &out).await?;
         }
     }
     Ok(sent)
@@ -213,7 +208,8 @@ pub async fn stream_owned_by<W: AsyncWrite + Unpin>(
 
 /// Pulls back, from every other member, the items this node owns. Used when a node starts
 /// empty while the member list already names it.
-pub async fn refill(engine: &Engine, cluster: &Cluster) {
+pub async fn refill(replicator: &Replicator) {
+    let cluster = &replicator.cluster;
     let view = cluster.view();
     let me = cluster.node_name().to_string();
     let peers: Vec<_> = view
@@ -224,10 +220,10 @@ pub async fn refill(engine: &Engine, cluster: &Cluster) {
         .cloned()
         .collect();
     let pulls = peers.iter().map(|peer| async {
-        let result = tokio::time::timeout(REFILL_TIMEOUT, pull_from(engine, &me, peer)).await;
+        let result = tokio::time::timeout(REFILL_TIMEOUT, pull_from(replicator, &me, peer)).await;
         match result {
             Ok(Ok(n)) => {
-                engine.handoff.refilled.fetch_add(n, Relaxed);
+                replicator.handoff.refilled.fetch_add(n, Relaxed);
                 tracing::info!(peer = %peer.name, items = n, "refilled");
             }
             Ok(Err(error)) => tracing::warn!(peer = %peer.name, %error, "refill failed"),
@@ -237,12 +233,14 @@ pub async fn refill(engine: &Engine, cluster: &Cluster) {
     join_all(pulls).await;
 }
 
-async fn pull_from(engine: &Engine, me: &str, peer: &kache_cluster::Member) -> Result<u64, String> {
+async fn pull_from(
+    replicator: &Replicator,
+    me: &str,
+    peer: &kache_cluster::Member,
+) -> Result<u64, PeerError> {
     // Over TLS when the node has it, like every connection to a peer.
-    let tls = engine.links.as_ref().and_then(|links| links.tls());
-    let mut stream = conn::open(tls.as_deref(), peer, me, &engine.peer_secret)
-        .await
-        .map_err(|e| e.to_string())?;
+    let tls = replicator.links.tls();
+    let mut stream = conn::open(tls.as_deref(), peer, me, &replicator.secret).await?;
     let mut out = BytesMut::new();
     wire::encode(
         &Frame::Pull {
@@ -251,9 +249,146 @@ async fn pull_from(engine: &Engine, me: &str, peer: &kache_cluster::Member) -> R
         },
         &mut out,
     );
-    send(&mut stream, &out).await.map_err(|e| e.to_string())?;
+    send(&mut stream, &out).await?;
     let mut buf = BytesMut::with_capacity(256 * 1024);
-    let received = super::apply_until_done(&engine.store, &mut stream, &mut buf).await?;
+    let received = super::apply_until_done(&replicator.store, &mut stream, &mut buf).await?;
     conn::close(&mut stream).await;
     Ok(received.records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::Cluster;
+    use crate::peer::server;
+    use crate::record::{apply, Op};
+    use kache_cluster::{Member, MemberList};
+    use tokio::net::TcpListener;
+
+    const WAIT: Duration = Duration::from_secs(10);
+    const KEYS: usize = 200;
+
+    /// Nodes `a` and `b` with their peer ports on loopback.
+    struct Pair {
+        nodes: Vec<Arc<Replicator>>,
+        members: Vec<Member>,
+        _stop: watch::Sender<bool>,
+    }
+
+    async fn pair() -> Pair {
+        let (stop, stopped) = watch::channel(false);
+        let mut nodes = Vec::new();
+        let mut members = Vec::new();
+        for (i, name) in ["a", "b"].into_iter().enumerate() {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            members.push(Member {
+                name: name.into(),
+                host: "127.0.0.1".into(),
+                ip: "127.0.0.1".into(),
+                // The ring places members by client address.
+                port: 20_000 + i as u16,
+                peer_port: listener.local_addr().unwrap().port(),
+            });
+            let node = crate::peer::test_replicator(Arc::new(Cluster::new(name)), i as u64 + 1);
+            tokio::spawn(server::serve(listener, node.clone(), None, stopped.clone()));
+            nodes.push(node);
+        }
+        Pair {
+            nodes,
+            members,
+            _stop: stop,
+        }
+    }
+
+    fn list(version: u64, members: &[Member]) -> MemberList {
+        MemberList {
+            version,
+            replication_factor: 1,
+            members: members.to_vec(),
+        }
+    }
+
+    fn fill(node: &Replicator) {
+        for i in 0..KEYS {
+            let record = Record {
+                op: Op::Set,
+                key: format!("key-{i}").into_bytes(),
+                version: 10,
+                flags: 0,
+                exptime: 0,
+                value: b"value".to_vec(),
+            };
+            apply(&node.store, &record, now_secs());
+        }
+    }
+
+    /// The keys of `0..KEYS` that `name` owns under `members`.
+    fn owned_by(name: &str, members: &[Member]) -> Vec<String> {
+        let view = ClusterView::new(list(1, members), name);
+        (0..KEYS)
+            .map(|i| format!("key-{i}"))
+            .filter(|k| view.owners(k.as_bytes()).iter().any(|m| m.name == name))
+            .collect()
+    }
+
+    fn holds(node: &Replicator, key: &str) -> bool {
+        node.store
+            .with_entry(key.as_bytes(), now_secs(), |e| e.item().is_some())
+    }
+
+    #[tokio::test]
+    async fn a_ring_change_hands_each_item_to_its_new_owner() {
+        let pair = pair().await;
+        let (a, b) = (&pair.nodes[0], &pair.nodes[1]);
+        fill(a);
+        let before = ClusterView::new(list(1, &pair.members[..1]), "a");
+        // b joins: what it now owns moves to it.
+        a.cluster.update(list(2, &pair.members));
+        b.cluster.update(list(2, &pair.members));
+        let next = a.cluster.view();
+        let finished = tokio::time::timeout(WAIT, hand_off(a, &before, &next, 1_000_000)).await;
+        assert_eq!(finished, Ok(true));
+        assert!(a.handoff.done.load(Relaxed));
+        assert_eq!(a.handoff.version.load(Relaxed), 2);
+        let moved = owned_by("b", &pair.members);
+        assert!(!moved.is_empty() && moved.len() < KEYS, "{}", moved.len());
+        assert_eq!(a.handoff.sent.load(Relaxed), moved.len() as u64);
+        assert_eq!(a.handoff.acked.load(Relaxed), moved.len() as u64);
+        assert_eq!(a.handoff.failed.load(Relaxed), 0);
+        for i in 0..KEYS {
+            let key = format!("key-{i}");
+            assert_eq!(holds(b, &key), moved.contains(&key), "{key}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refill_pulls_back_exactly_what_the_node_owns() {
+        let pair = pair().await;
+        let (a, b) = (&pair.nodes[0], &pair.nodes[1]);
+        fill(a);
+        a.cluster.update(list(1, &pair.members));
+        b.cluster.update(list(1, &pair.members));
+        refill(b).await;
+        let mine = owned_by("b", &pair.members);
+        assert!(!mine.is_empty() && mine.len() < KEYS, "{}", mine.len());
+        assert_eq!(b.handoff.refilled.load(Relaxed), mine.len() as u64);
+        for i in 0..KEYS {
+            let key = format!("key-{i}");
+            assert_eq!(holds(b, &key), mine.contains(&key), "{key}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refill_from_an_unreachable_peer_brings_nothing() {
+        let pair = pair().await;
+        let b = &pair.nodes[1];
+        let mut members = pair.members.clone();
+        // a's peer port, bound and released: nothing listens there.
+        let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        members[0].peer_port = gone.local_addr().unwrap().port();
+        drop(gone);
+        b.cluster.update(list(1, &members));
+        tokio::time::timeout(WAIT, refill(b)).await.unwrap();
+        assert_eq!(b.handoff.refilled.load(Relaxed), 0);
+    }
 }

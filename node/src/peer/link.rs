@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -25,7 +25,8 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::conn::{self, send, ConnectError, PeerStream};
-use super::wire::{self, Decoded, Frame, Record, BATCH_BYTES, BATCH_RECORDS};
+use super::wire::{self, Decoded, Frame, BATCH_BYTES, BATCH_RECORDS};
+use crate::record::Record;
 use crate::tls::Tls;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -74,7 +75,7 @@ pub struct LinkMetrics {
 const MESSAGE_OVERHEAD: usize = 128;
 
 /// Bytes a queued record accounts for.
-fn record_bytes(record: &Record) -> usize {
+fn queued_bytes(record: &Record) -> usize {
     record.key.len() + record.value.len() + MESSAGE_OVERHEAD
 }
 
@@ -86,7 +87,7 @@ enum Outgoing {
 impl Outgoing {
     fn bytes(&self) -> usize {
         match self {
-            Outgoing::Record(record, _) => record_bytes(record),
+            Outgoing::Record(record, _) => queued_bytes(record),
             Outgoing::Fetch(key, _) => key.len() + MESSAGE_OVERHEAD,
         }
     }
@@ -112,48 +113,45 @@ pub struct Links {
     node_name: String,
     /// The shared peer secret sent in every hello (empty for none).
     secret: Arc<[u8]>,
-    /// Set (once, at start-up) when peers are reached over TLS.
-    tls: Arc<OnceLock<Arc<Tls>>>,
+    /// Set when peers are reached over TLS.
+    tls: Option<Arc<Tls>>,
     links: Mutex<HashMap<String, Link>>,
     config: LinkConfig,
     pub metrics: Arc<LinkMetrics>,
 }
 
 impl Links {
+    /// Links over plain TCP with the default bounds.
     pub fn new(node_name: impl Into<String>, secret: Arc<[u8]>) -> Links {
-        Self::with_config(node_name, secret, LinkConfig::default())
+        Self::with_config(node_name, secret, LinkConfig::default(), None)
     }
 
+    /// Links within `config`'s bounds, over TLS when `tls` is given.
     pub fn with_config(
         node_name: impl Into<String>,
         secret: Arc<[u8]>,
         config: LinkConfig,
+        tls: Option<Arc<Tls>>,
     ) -> Links {
         Links {
             node_name: node_name.into(),
             secret,
-            tls: Arc::new(OnceLock::new()),
+            tls,
             links: Mutex::new(HashMap::new()),
             config,
             metrics: Arc::new(LinkMetrics::default()),
         }
     }
 
-    /// Makes every connection to a peer a TLS connection from now on. Called at start-up,
-    /// before any link is opened; a second call changes nothing.
-    pub fn use_tls(&self, tls: Arc<Tls>) {
-        let _ = self.tls.set(tls);
-    }
-
     /// The TLS configuration peers are reached with, if any.
     pub fn tls(&self) -> Option<Arc<Tls>> {
-        self.tls.get().cloned()
+        self.tls.clone()
     }
 
     /// Opens a connection to `member`'s peer port (TLS when configured), for exchanges
     /// outside the links (refill pulls).
     pub async fn connect(&self, member: &Member) -> Result<PeerStream, ConnectError> {
-        conn::connect(self.tls.get().map(|t| &**t), &member.host, member.peer_port).await
+        conn::connect(self.tls.as_deref(), &member.host, member.peer_port).await
     }
 
     fn queue(&self, member: &Member) -> Queue {
@@ -188,10 +186,21 @@ impl Links {
         queue
     }
 
-    /// Whether the peer is down: the last attempt to reach it failed, or it stalled (a new
-    /// link is presumed up).
+    /// Opens the link to `member` (it connects in the background) unless one is open.
+    pub fn open(&self, member: &Member) {
+        self.queue(member);
+    }
+
+    /// Whether the peer is down: the last attempt to reach it failed, or it stalled. A peer
+    /// without an open link (none yet, or its address changed) is presumed up. Starts
+    /// nothing: `open`, `send` and `fetch` do.
     pub fn is_down(&self, member: &Member) -> bool {
-        self.queue(member).down.load(Relaxed)
+        let addr = (member.host.as_str(), member.peer_port);
+        self.links.lock().get(&member.name).is_some_and(|link| {
+            (link.addr.0.as_str(), link.addr.1) == addr
+                && !link.queue.tx.is_closed()
+                && link.queue.down.load(Relaxed)
+        })
     }
 
     /// Queues `message` unless that would take the peer's queue past its byte budget.
@@ -316,7 +325,7 @@ async fn run(
     queue: Queue,
     metrics: Arc<LinkMetrics>,
     secret: Arc<[u8]>,
-    tls: Arc<OnceLock<Arc<Tls>>>,
+    tls: Option<Arc<Tls>>,
     config: LinkConfig,
 ) {
     let down = queue.down.clone();
@@ -329,7 +338,7 @@ async fn run(
     // Whether a connection of this link has broken (records in flight may be lost).
     let mut broke = false;
     loop {
-        let connected = match conn::connect(tls.get().map(|t| &**t), &addr.0, addr.1).await {
+        let connected = match conn::connect(tls.as_deref(), &addr.0, addr.1).await {
             Ok(mut stream) => conn::greet(&mut stream, &node_name, &secret)
                 .await
                 .map(|()| stream),
@@ -487,7 +496,7 @@ async fn serve(
         while let Some(message) = next.take() {
             match message {
                 Outgoing::Record(record, ack) => {
-                    bytes += record_bytes(&record);
+                    bytes += queued_bytes(&record);
                     records.push(record);
                     acks.extend(ack);
                 }
@@ -526,4 +535,109 @@ async fn serve(
     };
     reader_task.abort();
     ended
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn member(name: &str, peer_port: u16) -> Member {
+        Member {
+            name: name.into(),
+            host: "127.0.0.1".into(),
+            ip: "127.0.0.1".into(),
+            port: 1,
+            peer_port,
+        }
+    }
+
+    fn record(value_bytes: usize) -> Record {
+        Record {
+            op: crate::record::Op::Set,
+            key: b"k".to_vec(),
+            version: 1,
+            flags: 0,
+            exptime: 0,
+            value: vec![b'v'; value_bytes],
+        }
+    }
+
+    /// A port where nothing listens (bound, then released).
+    async fn closed_port() -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    #[tokio::test]
+    async fn asking_whether_a_peer_is_down_opens_nothing() {
+        let links = Links::new("a", Arc::from(Vec::new()));
+        let b = member("b", closed_port().await);
+        assert!(!links.is_down(&b), "a peer without a link is presumed up");
+        assert!(links.links.lock().is_empty(), "is_down opened a link");
+        links.open(&b);
+        assert_eq!(links.links.lock().len(), 1);
+        // Opening twice keeps the one link.
+        links.open(&b);
+        assert_eq!(links.links.lock().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_peer_is_down_and_keeps_its_records_for_later() {
+        let links = Links::new("a", Arc::from(Vec::new()));
+        let b = member("b", closed_port().await);
+        assert!(links.send(&b, record(10), None));
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !links.is_down(&b) {
+            assert!(tokio::time::Instant::now() < deadline, "never marked down");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Down is not full: records wait (within the byte bound) for the peer to return.
+        assert!(links.send(&b, record(10), None));
+        assert_eq!(links.metrics.queued.load(Relaxed), 2);
+        assert_eq!(links.metrics.dropped.load(Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_peer_queue_is_bounded_in_bytes() {
+        // A peer that accepts and never answers the hello: everything stays queued.
+        let port = crate::listener::silent_port().await;
+        let config = LinkConfig {
+            queue_bytes: 64 * 1024,
+            stall_timeout: Duration::from_secs(30),
+        };
+        let links = Links::with_config("a", Arc::from(Vec::new()), config, None);
+        let b = member("b", port);
+        let record_bytes = queued_bytes(&record(4096));
+        let accepted = (0..64)
+            .filter(|_| links.send(&b, record(4096), None))
+            .count();
+        assert!(accepted > 0);
+        // At most one record may be in flight (taken off the queue) beyond the bound.
+        assert!(
+            accepted * record_bytes <= config.queue_bytes + record_bytes,
+            "{accepted} records of {record_bytes} bytes queued"
+        );
+        assert_eq!(
+            links.metrics.dropped.load(Relaxed),
+            64 - accepted as u64,
+            "every refused record is counted"
+        );
+        // A fetch that does not fit is a miss at once.
+        let fetched = tokio::time::timeout(WAIT, links.fetch(&b, &vec![b'k'; 128 * 1024])).await;
+        assert!(matches!(fetched, Ok(Err(_))), "{fetched:?}");
+    }
+
+    #[tokio::test]
+    async fn links_to_members_that_left_are_closed() {
+        let links = Links::new("a", Arc::from(Vec::new()));
+        let port = closed_port().await;
+        let (b, c) = (member("b", port), member("c", port));
+        links.open(&b);
+        links.open(&c);
+        links.retain(std::slice::from_ref(&c));
+        let names: Vec<String> = links.links.lock().keys().cloned().collect();
+        assert_eq!(names, ["c"]);
+    }
 }

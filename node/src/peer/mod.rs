@@ -19,42 +19,160 @@ pub mod replicate;
 pub mod server;
 pub mod wire;
 
-use crate::store::{bits, ItemMeta, ItemRef, NewItem, Store, StoreError};
-use wire::{Op, Record};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
-/// Default of `--tombstone-ttl`, in seconds: how long a delete's tombstone outlives the
-/// item, so that an older copy arriving later (a late replication, a hand-off, a replica
-/// that was cut off and comes back through anti-entropy) cannot bring the key back. A delete
-/// survives a partition shorter than this (less one anti-entropy interval).
-pub const DEFAULT_TOMBSTONE_TTL: u32 = 300;
+use crate::cluster::Cluster;
+use crate::record::apply;
+use crate::store::Store;
+use crate::tls::Tls;
+use anti_entropy::AntiEntropyStats;
+use handoff::HandoffState;
+use link::{LinkConfig, Links};
+use replicate::Durability;
 
-/// The record that reproduces `item` (a value, or a tombstone) on a peer.
-pub fn record_of(item: ItemRef<'_>) -> Record {
-    let tombstone = item.has(bits::TOMBSTONE);
-    Record {
-        op: if tombstone { Op::Delete } else { Op::Set },
-        key: item.key().to_vec(),
-        version: item.cas(),
-        flags: item.client_flags(),
-        exptime: item.exptime(),
-        value: if tombstone {
-            Vec::new()
-        } else {
-            item.value().to_vec()
-        },
+/// Why an exchange with a peer failed (the connection it was on is closed).
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Wire(#[from] wire::WireError),
+    #[error("{0}")]
+    Connect(#[from] conn::ConnectError),
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("no hello from peer")]
+    NoHello,
+    #[error("peer spoke before hello")]
+    SpokeBeforeHello,
+    #[error("peer {0:?} presented a wrong secret")]
+    WrongSecret(String),
+    #[error("unexpected peer frame {0:?}")]
+    UnexpectedFrame(Box<wire::Frame>),
+    /// A plain-TCP caller on a TLS peer port.
+    #[error("plain-TCP peer on the TLS peer port (it did not start a TLS handshake: is TLS configured on every node?)")]
+    PlainOnTlsPort,
+    #[error("peer TLS handshake failed: {0}")]
+    TlsHandshake(std::io::Error),
+    #[error("peer TLS handshake timed out")]
+    TlsHandshakeTimeout,
+    #[error("anti-entropy digests over {got} arcs, expected {expected}")]
+    DigestCount { got: usize, expected: usize },
+    #[error("anti-entropy request over {arcs} arcs with {entries} entries exceeds the limits")]
+    OverLimits { arcs: usize, entries: usize },
+}
+
+/// Byte bounds of node-to-node traffic.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerLimits {
+    /// Each outgoing link's queue and stall timeout (`--peer-queue-bytes`, `--peer-timeout-ms`).
+    pub link: LinkConfig,
+    /// Records per hand-off or refill chunk, in bytes (`--handoff-batch-bytes`).
+    pub handoff_batch_bytes: usize,
+    /// Values being fetched by read-throughs at once, in bytes (`--read-through-bytes`): a
+    /// read-through takes room for one largest item, waiting a little for it; without room
+    /// the key is a miss.
+    pub read_through_bytes: usize,
+}
+
+impl Default for PeerLimits {
+    fn default() -> Self {
+        PeerLimits {
+            link: LinkConfig::default(),
+            handoff_batch_bytes: 4 * 1024 * 1024,
+            read_through_bytes: 16 * 1024 * 1024,
+        }
     }
 }
 
-/// What a record weighs against a byte budget: its key and value plus 32 for the rest.
-pub fn record_bytes(record: &Record) -> usize {
-    record.key.len() + record.value.len() + 32
+/// Counters of the peer port.
+#[derive(Debug, Default)]
+pub struct PeerStats {
+    /// Records applied from peers.
+    pub received: AtomicU64,
+    /// Peer connections closed for protocol errors.
+    pub rejected: AtomicU64,
+    /// Replicated writes whose acknowledgement did not arrive in time.
+    pub replication_timeouts: AtomicU64,
+    /// Writes answered `SERVER_ERROR` because too few owners acknowledged them.
+    pub write_ack_failures: AtomicU64,
+    /// Misses answered by fetching the key from its previous owner during a hand-off.
+    pub read_through_hits: AtomicU64,
+    /// Read-throughs not tried because `--read-through-bytes` stayed in flight too long.
+    pub read_through_skipped: AtomicU64,
+}
+
+/// How a node talks to its peers: what `Replicator::new` needs besides the store and cluster.
+#[derive(Clone, Default)]
+pub struct PeerConfig {
+    /// The secret peers present on the peer port (`--peer-secret-file`); empty for none.
+    pub secret: Arc<[u8]>,
+    pub limits: PeerLimits,
+    pub durability: Durability,
+    /// Peers are reached over TLS (the client port's certificate) when set.
+    pub tls: Option<Arc<Tls>>,
+}
+
+/// A cluster node's side of node-to-node traffic: its links to the peers, and the state
+/// and counters of replication, hand-off, read-through and anti-entropy. Shared by the
+/// peer port, the background tasks and the client server; it needs only the store and the
+/// member list, never the command engine.
+pub struct Replicator {
+    pub store: Arc<Store>,
+    pub cluster: Arc<Cluster>,
+    /// Outgoing peer links (replication, hand-off, read-through).
+    pub links: Links,
+    /// Progress of hand-offs and refills.
+    pub handoff: HandoffState,
+    /// Peer-port counters.
+    pub stats: PeerStats,
+    /// The secret peers present on the peer port; empty for none.
+    pub secret: Arc<[u8]>,
+    pub limits: PeerLimits,
+    /// Room for read-throughs in flight, one permit per largest item.
+    pub read_through_slots: tokio::sync::Semaphore,
+    /// When a replicated write is acknowledged.
+    pub durability: Durability,
+    pub anti_entropy: AntiEntropyStats,
+}
+
+impl Replicator {
+    /// Opens no connection yet: links connect when first used.
+    pub fn new(
+        store: Arc<Store>,
+        cluster: Arc<Cluster>,
+        max_item_size: usize,
+        config: PeerConfig,
+    ) -> Replicator {
+        let PeerConfig {
+            secret,
+            limits,
+            durability,
+            tls,
+        } = config;
+        let links = Links::with_config(cluster.node_name(), secret.clone(), limits.link, tls);
+        let slots = (limits.read_through_bytes / max_item_size.max(1)).max(1);
+        Replicator {
+            store,
+            cluster,
+            links,
+            handoff: HandoffState::default(),
+            stats: PeerStats::default(),
+            secret,
+            limits,
+            read_through_slots: tokio::sync::Semaphore::new(slots),
+            durability,
+            anti_entropy: AntiEntropyStats::default(),
+        }
+    }
 }
 
 /// What a peer streamed back and this node applied.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Received {
     pub records: u64,
-    /// Their `record_bytes`.
+    /// Their `Record::weight`.
     pub bytes: usize,
 }
 
@@ -64,7 +182,7 @@ pub async fn apply_until_done<S: tokio::io::AsyncRead + Unpin + ?Sized>(
     store: &Store,
     stream: &mut S,
     buf: &mut bytes::BytesMut,
-) -> Result<Received, String> {
+) -> Result<Received, PeerError> {
     let mut received = Received::default();
     loop {
         match conn::read_frame(stream, buf).await? {
@@ -72,159 +190,30 @@ pub async fn apply_until_done<S: tokio::io::AsyncRead + Unpin + ?Sized>(
                 let now = crate::store::now_secs();
                 for record in &records {
                     apply(store, record, now);
-                    received.bytes += record_bytes(record);
+                    received.bytes += record.weight();
                 }
                 received.records += records.len() as u64;
             }
             wire::Frame::PullDone { .. } => return Ok(received),
-            other => return Err(format!("unexpected frame {other:?}")),
+            other => return Err(PeerError::UnexpectedFrame(Box::new(other))),
         }
     }
 }
 
-/// What applying a record did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Applied {
-    Stored,
-    /// The key already holds this version or a newer one (last writer wins).
-    Stale,
-    /// Touch of a key that is not here, or an already-expired value.
-    Ignored,
-    NoMemory,
-}
-
-/// Applies a peer's record to the local store, keeping whichever version is newer.
-pub fn apply(store: &Store, record: &Record, now: u32) -> Applied {
-    match record.op {
-        Op::Flush => {
-            store.flush((record.exptime != 0).then_some(record.exptime));
-            Applied::Stored
-        }
-        Op::Touch => store.with_entry(&record.key, now, |e| match e.item_mut() {
-            Some(mut item) => {
-                item.set_exptime(record.exptime);
-                Applied::Stored
-            }
-            None => Applied::Ignored,
-        }),
-        Op::Set | Op::Delete => {
-            let delete = record.op == Op::Delete;
-            // An expired value, or a tombstone past its time (a delete carries its
-            // tombstone's expiry, so copying it around never prolongs it).
-            if record.exptime != 0 && record.exptime <= now {
-                return Applied::Ignored;
-            }
-            store.with_entry(&record.key, now, |e| {
-                if e.version().is_some_and(|v| v >= record.version) {
-                    return Applied::Stale;
-                }
-                let meta = ItemMeta {
-                    cas: record.version,
-                    exptime: if delete && record.exptime == 0 {
-                        now.saturating_add(DEFAULT_TOMBSTONE_TTL)
-                    } else {
-                        record.exptime
-                    },
-                    client_flags: record.flags,
-                    bits: if delete { bits::TOMBSTONE } else { 0 },
-                    ..ItemMeta::default()
-                };
-                match e.store_versioned(NewItem::new(&record.key, &[&record.value], meta)) {
-                    Ok(_) => Applied::Stored,
-                    Err(StoreError::OutOfMemory) => Applied::NoMemory,
-                }
-            })
-        }
-    }
-}
-
+/// A replicator over a small empty store, for tests of the peer layer.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::StoreConfig;
-
-    fn store() -> Store {
-        Store::new(StoreConfig {
-            memory_limit: 1 << 20,
-            max_item_size: 1024,
-            max_shards: 2,
-            node_id: 1,
-            ..StoreConfig::default()
-        })
-    }
-
-    fn set(key: &str, version: u64, value: &str) -> Record {
-        Record {
-            op: Op::Set,
-            key: key.into(),
-            version,
-            flags: 3,
-            exptime: 0,
-            value: value.into(),
-        }
-    }
-
-    fn get(s: &Store, key: &str) -> Option<(Vec<u8>, u64)> {
-        s.with_entry(key.as_bytes(), 100, |e| {
-            e.item().map(|it| (it.value().to_vec(), it.cas()))
-        })
-    }
-
-    #[test]
-    fn last_writer_wins_whatever_the_arrival_order() {
-        let orders = [[1, 2, 3], [3, 1, 2], [2, 3, 1]];
-        for order in orders {
-            let s = store();
-            for v in order {
-                apply(&s, &set("k", v, &format!("v{v}")), 100);
-            }
-            assert_eq!(get(&s, "k"), Some((b"v3".to_vec(), 3)));
-        }
-    }
-
-    #[test]
-    fn tombstones_keep_older_copies_from_coming_back() {
-        let s = store();
-        apply(&s, &set("k", 5, "old"), 100);
-        let delete = Record {
-            op: Op::Delete,
-            ..set("k", 6, "")
-        };
-        assert_eq!(apply(&s, &delete, 100), Applied::Stored);
-        assert_eq!(get(&s, "k"), None);
-        assert_eq!(apply(&s, &set("k", 5, "old"), 100), Applied::Stale);
-        assert_eq!(get(&s, "k"), None);
-        // A newer write after the delete is accepted.
-        assert_eq!(apply(&s, &set("k", 7, "new"), 100), Applied::Stored);
-        assert_eq!(get(&s, "k"), Some((b"new".to_vec(), 7)));
-    }
-
-    #[test]
-    fn a_tombstone_keeps_its_expiry_wherever_it_is_copied() {
-        let s = store();
-        let delete = Record {
-            op: Op::Delete,
-            exptime: 130,
-            ..set("k", 6, "")
-        };
-        assert_eq!(apply(&s, &delete, 100), Applied::Stored);
-        let copied = s
-            .with_entry(b"k", 100, |e| e.current().map(record_of))
-            .unwrap();
-        assert_eq!(copied.exptime, 130);
-        // Past its time a tombstone is nothing: it neither lands nor hides an older value.
-        let other = store();
-        assert_eq!(apply(&other, &delete, 130), Applied::Ignored);
-        assert_eq!(apply(&other, &set("k", 5, "old"), 130), Applied::Stored);
-    }
-
-    #[test]
-    fn records_round_trip_items() {
-        let s = store();
-        apply(&s, &set("k", 9, "value"), 100);
-        let record = s
-            .with_entry(b"k", 100, |e| e.item().map(record_of))
-            .unwrap();
-        assert_eq!(record, set("k", 9, "value"));
-    }
+pub(crate) fn test_replicator(cluster: Arc<Cluster>, node_id: u64) -> Arc<Replicator> {
+    let store = Store::new(crate::store::StoreConfig {
+        memory_limit: 8 << 20,
+        max_item_size: 1024,
+        max_shards: 4,
+        node_id,
+        ..crate::store::StoreConfig::default()
+    });
+    Arc::new(Replicator::new(
+        Arc::new(store),
+        cluster,
+        1024,
+        PeerConfig::default(),
+    ))
 }

@@ -30,8 +30,8 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::wire::{Op, Record};
-use crate::engine::Engine;
+use super::Replicator;
+use crate::record::{Op, Record};
 
 /// How many of a key's owners must have a write before it is acknowledged.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -72,14 +72,12 @@ impl WriteAcks {
     }
 }
 
-/// When a replicated write is acknowledged, and how long deletes are remembered.
+/// When a replicated write is acknowledged.
 #[derive(Clone, Debug)]
 pub struct Durability {
     pub write_acks: WriteAcks,
     /// Longest wait for the other owners' acknowledgements.
     pub write_timeout: Duration,
-    /// Seconds a delete's tombstone is kept (`--tombstone-ttl`).
-    pub tombstone_ttl: u32,
 }
 
 impl Default for Durability {
@@ -87,7 +85,6 @@ impl Default for Durability {
         Durability {
             write_acks: WriteAcks::One,
             write_timeout: Duration::from_secs(1),
-            tombstone_ttl: super::DEFAULT_TOMBSTONE_TTL,
         }
     }
 }
@@ -102,11 +99,9 @@ struct Wait {
 /// Sends `records` (one batch of a client's changes) to their keys' other owners and waits,
 /// bounded by the write timeout. Returns, per record, whether it was acknowledged as
 /// `--write-acks` requires.
-pub async fn replicate(engine: &Engine, records: Vec<Record>) -> Vec<bool> {
-    let (Some(cluster), Some(links)) = (&engine.cluster, &engine.links) else {
-        return vec![true; records.len()];
-    };
-    let policy = &engine.durability;
+pub async fn replicate(replicator: &Replicator, records: Vec<Record>) -> Vec<bool> {
+    let (cluster, links) = (&replicator.cluster, &replicator.links);
+    let policy = &replicator.durability;
     let view = cluster.view();
     let me = cluster.node_name();
     let mut waits = Vec::with_capacity(records.len());
@@ -139,7 +134,7 @@ pub async fn replicate(engine: &Engine, records: Vec<Record>) -> Vec<bool> {
     let deadline = Instant::now() + policy.write_timeout;
     let outcomes = join_all(waits.into_iter().map(|w| wait(w, deadline))).await;
     if outcomes.iter().any(|o| o.timed_out) {
-        engine.peer_stats.replication_timeouts.fetch_add(1, Relaxed);
+        replicator.stats.replication_timeouts.fetch_add(1, Relaxed);
     }
     outcomes.into_iter().map(|o| o.acknowledged).collect()
 }

@@ -13,8 +13,9 @@ use tokio::sync::{watch, Semaphore};
 
 use super::conn::{self, send};
 use super::wire::{self, Decoded, Frame};
-use super::{anti_entropy, apply, handoff, record_of};
-use crate::engine::Engine;
+use super::{anti_entropy, handoff};
+use super::{PeerError, Replicator};
+use crate::record::{apply, Record};
 use crate::store::now_secs;
 use crate::tls::Tls;
 
@@ -27,7 +28,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// and its client-certificate requirement when `--tls-client-ca` is set).
 pub async fn serve(
     listener: TcpListener,
-    engine: Arc<Engine>,
+    replicator: Arc<Replicator>,
     tls: Option<Arc<Tls>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -48,17 +49,17 @@ pub async fn serve(
             tracing::warn!(%peer, "too many peer connections");
             continue;
         };
-        let engine = engine.clone();
+        let replicator = replicator.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
             let result = match conn::accept(tls.as_deref(), stream).await {
-                Ok(Some(stream)) => handle(stream, &engine).await,
+                Ok(Some(stream)) => handle(stream, &replicator).await,
                 Ok(None) => Ok(()),
                 Err(error) => Err(error),
             };
             if let Err(error) = result {
-                engine
-                    .peer_stats
+                replicator
+                    .stats
                     .rejected
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(%peer, %error, "peer connection closed");
@@ -71,8 +72,8 @@ pub async fn serve(
 /// Serves one peer connection, plain or TLS.
 async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
-    engine: &Engine,
-) -> Result<(), String> {
+    replicator: &Replicator,
+) -> Result<(), PeerError> {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut out = BytesMut::with_capacity(4096);
     let mut caller: Option<String> = None;
@@ -80,7 +81,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     let mut link = false;
     loop {
         loop {
-            let decoded = wire::decode(&buf).map_err(|e| e.to_string())?;
+            let decoded = wire::decode(&buf)?;
             let Decoded::Frame(frame, used) = decoded else {
                 break;
             };
@@ -91,46 +92,45 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                 // A peer's link (re)connected: it may have dropped records for this node
                 // while it could not reach it, and only this node's anti-entropy pulls them.
                 link = true;
-                if let Some(links) = &engine.links {
-                    links.metrics.came_up.notify_one();
-                }
+                replicator.links.metrics.came_up.notify_one();
             }
             match frame {
                 Frame::Hello { node, secret, .. } => {
-                    if !crate::auth::same_secret(&secret, &engine.peer_secret) {
-                        return Err(format!("peer {node:?} presented a wrong secret"));
+                    if !crate::auth::same_secret(&secret, &replicator.secret) {
+                        return Err(PeerError::WrongSecret(node));
                     }
                     caller = Some(node);
                     wire::encode(&Frame::Ack { seq: 0 }, &mut out);
                 }
-                _ if caller.is_none() => return Err("peer spoke before hello".into()),
+                _ if caller.is_none() => return Err(PeerError::SpokeBeforeHello),
                 Frame::Records { seq, records } => {
                     for record in &records {
-                        apply(&engine.store, record, now);
+                        apply(&replicator.store, record, now);
                     }
-                    engine
-                        .peer_stats
+                    replicator
+                        .stats
                         .received
                         .fetch_add(records.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     wire::encode(&Frame::Ack { seq }, &mut out);
                 }
                 Frame::Fetch { seq, key } => {
-                    let record = engine
+                    let record = replicator
                         .store
-                        .with_entry(&key, now, |e| e.item().map(record_of));
+                        .with_entry(&key, now, |e| e.item().map(Record::of));
                     wire::encode(&Frame::Fetched { seq, record }, &mut out);
                 }
                 Frame::Pull { seq, .. } => {
                     // Refill: stream what this node holds for the caller, then say done.
-                    send(&mut stream, &out).await.map_err(|e| e.to_string())?;
+                    send(&mut stream, &out).await?;
                     out.clear();
                     let name = caller.clone().unwrap_or_default();
-                    let sent = handoff::stream_owned_by(engine, &mut stream, seq, &name).await?;
+                    let sent =
+                        handoff::stream_owned_by(replicator, &mut stream, seq, &name).await?;
                     wire::encode(&Frame::PullDone { seq, sent }, &mut out);
                 }
                 Frame::Digests { seq, digests } => {
                     let name = caller.as_deref().unwrap_or_default();
-                    let arcs = anti_entropy::answer_digests(engine, name, &digests).await?;
+                    let arcs = anti_entropy::answer_digests(replicator, name, &digests).await?;
                     wire::encode(&Frame::DigestDiff { seq, arcs }, &mut out);
                 }
                 Frame::Versions {
@@ -139,12 +139,12 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                     arcs,
                     entries,
                 } => {
-                    send(&mut stream, &out).await.map_err(|e| e.to_string())?;
+                    send(&mut stream, &out).await?;
                     out.clear();
                     let name = caller.clone().unwrap_or_default();
                     let budget = usize::try_from(max_bytes).unwrap_or(usize::MAX);
                     let sent = anti_entropy::answer_versions(
-                        engine,
+                        replicator,
                         &mut stream,
                         seq,
                         &name,
@@ -155,11 +155,11 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                     .await?;
                     wire::encode(&Frame::PullDone { seq, sent }, &mut out);
                 }
-                other => return Err(format!("unexpected peer frame {other:?}")),
+                other => return Err(PeerError::UnexpectedFrame(Box::new(other))),
             }
         }
         if !out.is_empty() {
-            send(&mut stream, &out).await.map_err(|e| e.to_string())?;
+            send(&mut stream, &out).await?;
             out.clear();
         }
         let read = if caller.is_some() {
@@ -167,7 +167,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         } else {
             tokio::time::timeout(HELLO_TIMEOUT, stream.read_buf(&mut buf))
                 .await
-                .map_err(|_| "no hello from peer".to_string())?
+                .map_err(|_| PeerError::NoHello)?
         };
         match read {
             Ok(0) => return Ok(()),
@@ -175,7 +175,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             // A TLS peer that hangs up without close_notify (a dropped link) has closed,
             // as a plain one whose read returns 0.
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         }
     }
 }

@@ -22,6 +22,8 @@
 
 use bytes::{Buf, BufMut, BytesMut};
 
+use crate::record::{Op, Record};
+
 /// Largest frame accepted: a batch, or one item of the largest allowed size plus headers.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Largest item a cluster node accepts (`-I`): a full batch plus one such item fits a frame.
@@ -34,47 +36,9 @@ const HEADER: usize = 5;
 /// Longest peer secret carried in a hello.
 pub const MAX_SECRET: usize = 1024;
 
-/// What a record does to its key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Op {
-    /// Store this value (set, add, replace, append, prepend, cas, incr/decr results).
-    Set = 1,
-    /// The key was deleted at this version (a tombstone).
-    Delete = 2,
-    /// New expiry for the key (touch, gat).
-    Touch = 3,
-    /// `flush_all`: drop everything at `exptime` (0 = now). The key is empty.
-    Flush = 4,
-}
-
-impl Op {
-    fn from_u8(b: u8) -> Option<Op> {
-        Some(match b {
-            1 => Op::Set,
-            2 => Op::Delete,
-            3 => Op::Touch,
-            4 => Op::Flush,
-            _ => return None,
-        })
-    }
-}
-
-/// One change to one key, stamped with the version that orders it (last writer wins).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Record {
-    pub op: Op,
-    pub key: Vec<u8>,
-    pub version: u64,
-    pub flags: u32,
-    /// Absolute expiry in Unix seconds, 0 for never.
-    pub exptime: u32,
-    pub value: Vec<u8>,
-}
-
-impl Record {
-    fn encoded_len(&self) -> usize {
-        1 + 1 + self.key.len() + 8 + 4 + 4 + 4 + self.value.len()
-    }
+/// Bytes `put_record` writes for `r`.
+fn encoded_len(r: &Record) -> usize {
+    1 + 1 + r.key.len() + 8 + 4 + 4 + 4 + r.value.len()
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -196,7 +160,7 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
             out.put_u8(KIND_RECORDS);
             out.put_u64(*seq);
             out.put_u32(records.len() as u32);
-            out.reserve(records.iter().map(Record::encoded_len).sum());
+            out.reserve(records.iter().map(encoded_len).sum());
             for r in records {
                 put_record(out, r);
             }

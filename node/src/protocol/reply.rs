@@ -3,6 +3,68 @@
 use base64::Engine as _;
 use bytes::{BufMut, BytesMut};
 
+/// `shutdown` where it is not allowed (memcached without `-A`; always, through the proxy).
+pub const SHUTDOWN_NOT_ENABLED: &str = "ERROR: shutdown not enabled";
+/// A value over the item size limit (`-I`).
+pub const TOO_LARGE: &str = "SERVER_ERROR object too large for cache";
+/// `config get` of anything but `cluster`, in a cluster.
+pub const UNKNOWN_CONFIG_KEY: &str = "CLIENT_ERROR unknown config key";
+/// The end of a retrieval or stats reply.
+pub const END: &[u8] = b"END\r\n";
+
+/// A one-line reply of the text protocol, as the engine (or the proxy) decides it; what it
+/// looks like on the wire is `compose`'s business, and `noreply` is the composer's to honour.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Response {
+    Stored,
+    NotStored,
+    Exists,
+    NotFound,
+    Deleted,
+    Touched,
+    Ok,
+    /// `mn`'s answer.
+    MetaNoop,
+    /// `incr`/`decr`'s new value.
+    Number(u64),
+    /// An error, or another fixed line (`CLIENT_ERROR ...`, `MEMLIMIT_TOO_SMALL ...`).
+    Line(&'static str),
+}
+
+impl Response {
+    /// The reply's text, without CRLF (`None` for a number).
+    fn text(self) -> Option<&'static str> {
+        Some(match self {
+            Response::Stored => "STORED",
+            Response::NotStored => "NOT_STORED",
+            Response::Exists => "EXISTS",
+            Response::NotFound => "NOT_FOUND",
+            Response::Deleted => "DELETED",
+            Response::Touched => "TOUCHED",
+            Response::Ok => "OK",
+            Response::MetaNoop => "MN",
+            Response::Line(text) => text,
+            Response::Number(_) => return None,
+        })
+    }
+
+    /// Appends the reply unless the request asked for none (`noreply`, which silences
+    /// errors too, as in memcached).
+    pub fn compose(self, noreply: bool, out: &mut BytesMut) {
+        if noreply {
+            return;
+        }
+        match (self, self.text()) {
+            (Response::Number(n), _) => {
+                number(out, n);
+                out.put_slice(b"\r\n");
+            }
+            (_, Some(text)) => line(out, text),
+            (_, None) => {}
+        }
+    }
+}
+
 /// Appends `line` and CRLF.
 pub fn line(out: &mut BytesMut, line: &str) {
     out.reserve(line.len() + 2);
@@ -82,6 +144,32 @@ mod tests {
         assert_eq!(
             &out[..],
             b"VALUE k 5 3 9\r\nabc\r\nSTAT curr_items 3\r\n kAAE= b"
+        );
+    }
+
+    #[test]
+    fn responses_compose_as_memcached_lines_and_noreply_silences_them() {
+        let mut out = BytesMut::new();
+        for response in [
+            Response::Stored,
+            Response::NotStored,
+            Response::Exists,
+            Response::NotFound,
+            Response::Deleted,
+            Response::Touched,
+            Response::Ok,
+            Response::MetaNoop,
+            Response::Number(18446744073709551615),
+            Response::Line(TOO_LARGE),
+        ] {
+            response.compose(false, &mut out);
+            // noreply silences successes and errors alike.
+            response.compose(true, &mut out);
+        }
+        assert_eq!(
+            &out[..],
+            &b"STORED\r\nNOT_STORED\r\nEXISTS\r\nNOT_FOUND\r\nDELETED\r\nTOUCHED\r\nOK\r\n\
+               MN\r\n18446744073709551615\r\nSERVER_ERROR object too large for cache\r\n"[..]
         );
     }
 }

@@ -301,7 +301,7 @@ async fn lane(backend: std::sync::Weak<Backend>, mut rx: LaneRx) {
         // Connecting (TCP, TLS, login) is bounded by the reply timeout too.
         let connected = match tokio::time::timeout(timeout, connect(&b)).await {
             Ok(result) => result,
-            Err(_) => Err("connecting timed out".to_string()),
+            Err(_) => Err(ConnectError::Timeout),
         };
         let stream = match connected {
             Ok(stream) => {
@@ -360,9 +360,33 @@ impl NodeStream {
     }
 }
 
+/// Why the proxy could not open a usable connection to a node.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("{0}")]
+    Tcp(std::io::Error),
+    #[error("connect timed out")]
+    TcpTimeout,
+    #[error("connecting timed out")]
+    Timeout,
+    /// The TLS files, or the node's name as a TLS server name.
+    #[error("{0}")]
+    TlsSetup(#[from] crate::tls::TlsSetupError),
+    #[error("TLS handshake failed: {0}")]
+    TlsHandshake(std::io::Error),
+    #[error("TLS handshake timed out")]
+    TlsHandshakeTimeout,
+    #[error("login refused: {0}")]
+    LoginRefused(String),
+    #[error("login failed: {0}")]
+    Login(std::io::Error),
+    #[error("login timed out")]
+    LoginTimeout,
+}
+
 /// Opens a connection to the node (over TLS when configured) and, when the node requires
 /// authentication, logs in.
-async fn connect(backend: &Backend) -> Result<NodeStream, String> {
+async fn connect(backend: &Backend) -> Result<NodeStream, ConnectError> {
     let tcp = match tokio::time::timeout(
         CONNECT_TIMEOUT,
         TcpStream::connect((backend.host.as_str(), backend.port)),
@@ -370,8 +394,8 @@ async fn connect(backend: &Backend) -> Result<NodeStream, String> {
     .await
     {
         Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => return Err(error.to_string()),
-        Err(_) => return Err("connect timed out".into()),
+        Ok(Err(error)) => return Err(ConnectError::Tcp(error)),
+        Err(_) => return Err(ConnectError::TcpTimeout),
     };
     let _ = tcp.set_nodelay(true);
     let mut stream = match &backend.access.tls {
@@ -381,8 +405,8 @@ async fn connect(backend: &Backend) -> Result<NodeStream, String> {
             let name = peer_server_name(&backend.host)?;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp)).await {
                 Ok(Ok(tls)) => NodeStream::Tls(Box::new(tls)),
-                Ok(Err(error)) => return Err(format!("TLS handshake failed: {error}")),
-                Err(_) => return Err("TLS handshake timed out".into()),
+                Ok(Err(error)) => return Err(ConnectError::TlsHandshake(error)),
+                Err(_) => return Err(ConnectError::TlsHandshakeTimeout),
             }
         }
     };
@@ -404,13 +428,12 @@ async fn connect(backend: &Backend) -> Result<NodeStream, String> {
         match reply {
             Ok(Ok(line)) if line == b"STORED\r\n" => {}
             Ok(Ok(line)) => {
-                return Err(format!(
-                    "login refused: {}",
-                    String::from_utf8_lossy(&line).trim_end()
+                return Err(ConnectError::LoginRefused(
+                    String::from_utf8_lossy(&line).trim_end().to_string(),
                 ))
             }
-            Ok(Err(error)) => return Err(format!("login failed: {error}")),
-            Err(_) => return Err("login timed out".into()),
+            Ok(Err(error)) => return Err(ConnectError::Login(error)),
+            Err(_) => return Err(ConnectError::LoginTimeout),
         }
     }
     Ok(stream)
@@ -584,14 +607,7 @@ mod tests {
     #[tokio::test]
     async fn a_node_queue_is_bounded_in_bytes() {
         // A node that accepts and then never reads: what the proxy queues for it is bounded.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let _hold = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((stream, _)) = listener.accept().await {
-                held.push(stream);
-            }
-        });
+        let port = crate::listener::silent_port().await;
         let access = Arc::new(NodeAccess {
             queue_bytes: Some(4 * 1024 * 1024),
             reply_timeout: Some(Duration::from_secs(30)),
@@ -613,5 +629,110 @@ mod tests {
         assert!(refused >= 12, "only {refused} of 16 refused");
         assert_eq!(access.queue_full.load(Relaxed), refused);
         assert!(access.queued_bytes.load(Relaxed) <= 4 * 1024 * 1024 + 2 * REQUEST_OVERHEAD as u64);
+    }
+
+    /// A node on loopback that answers each request line with `reply(line)`, or, when that
+    /// gives `None`, reads on and never answers.
+    async fn fake_node(reply: fn(&[u8]) -> Option<Vec<u8>>) -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let n = match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+                            let line: Vec<u8> = buf.drain(..=end).collect();
+                            if let Some(answer) = reply(&line) {
+                                if stream.write_all(&answer).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    fn access(reply_timeout: Duration) -> Arc<NodeAccess> {
+        Arc::new(NodeAccess {
+            reply_timeout: Some(reply_timeout),
+            ..NodeAccess::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_get_their_own_replies_in_order() {
+        let port = fake_node(|line| {
+            let mut answer = b"ECHO ".to_vec();
+            answer.extend_from_slice(line);
+            Some(answer)
+        })
+        .await;
+        let access = access(Duration::from_secs(5));
+        let backend = Backend::new("127.0.0.1", port, 1, access.clone());
+        let requests = ["get a\r\n", "get b\r\n", "get c\r\n"];
+        let replies: Vec<_> = requests
+            .iter()
+            .map(|r| {
+                let bytes = Bytes::from_static(r.as_bytes());
+                backend.enqueue(0, bytes, ReplyKind::Line, true).unwrap()
+            })
+            .collect();
+        for (request, reply) in requests.iter().zip(replies) {
+            let answer = await_reply(reply, true).await.unwrap();
+            assert_eq!(answer, format!("ECHO {request}").as_bytes());
+        }
+        assert_eq!(
+            access.connects.load(Relaxed),
+            1,
+            "one connection for the batch"
+        );
+        assert!(!backend.is_down());
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_node_is_down_and_its_requests_may_go_elsewhere() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let access = access(Duration::from_secs(5));
+        let backend = Backend::new("127.0.0.1", port, 1, access.clone());
+        // Even a request unsafe to repeat: it was never written.
+        let bytes = Bytes::from_static(b"incr n 1\r\n");
+        let outcome = backend.exchange(0, bytes, ReplyKind::Line, false).await;
+        assert_eq!(outcome, Err(ExchangeError::Unreachable));
+        assert!(backend.is_down());
+        assert!(access.errors.load(Relaxed) >= 1);
+        assert_eq!(access.connects.load(Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_node_that_stops_answering_fails_requests_by_whether_they_may_be_repeated() {
+        let port = fake_node(|_| None).await;
+        let backend = Backend::new("127.0.0.1", port, 1, access(Duration::from_millis(200)));
+        let incr = Bytes::from_static(b"incr n 1\r\n");
+        let outcome = backend.exchange(0, incr, ReplyKind::Line, false).await;
+        assert_eq!(
+            outcome,
+            Err(ExchangeError::Broken),
+            "its outcome is unknown"
+        );
+        assert!(backend.is_down(), "a stalled node counts as down");
+        let get = Bytes::from_static(b"get k\r\n");
+        let outcome = backend.exchange(0, get, ReplyKind::Retrieval, true).await;
+        assert_eq!(
+            outcome,
+            Err(ExchangeError::Unreachable),
+            "a read may go to a replica"
+        );
     }
 }

@@ -30,21 +30,22 @@ use arc_swap::ArcSwap;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::future::join_all;
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 use crate::cluster::{Cluster, ClusterView};
 use crate::engine::version_string;
+use crate::listener::{Received, RequestReader, Service, READ_CHUNK};
 use crate::protocol::admin::{AdminRequest, CrawlerCommand};
 use crate::protocol::forward::{
     encode_admin, encode_get, encode_keyed, value_blocks, Quiet, ReplyKind,
 };
+use crate::protocol::reply::Response;
 use crate::protocol::{parse, reply, Limits, MetaCommand, ParseOutcome, Request, StoreMode};
 pub use backend::NodeAccess;
 use backend::{await_reply, Backend, ExchangeError};
 
-const READ_CHUNK: usize = 16 * 1024;
 /// Requests of one client run together at most: bounds the replies the proxy holds for a
 /// client that pipelines large reads.
 const MAX_BATCH: usize = 32;
@@ -241,82 +242,33 @@ impl Proxy {
         self: Arc<Self>,
         listener: TcpListener,
         max_connections: usize,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
         drain: Duration,
     ) {
-        let permits = Arc::new(Semaphore::new(max_connections));
-        loop {
-            let (stream, _) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(conn) => conn,
-                    Err(error) => {
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                },
-                _ = shutdown.changed() => break,
-            };
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                self.stats.rejected_connections.fetch_add(1, Relaxed);
-                tokio::spawn(async move {
-                    let mut stream = stream;
-                    let _ = stream
-                        .write_all(b"ERROR Too many open connections\r\n")
-                        .await;
-                });
-                continue;
-            };
-            self.stats.curr_connections.fetch_add(1, Relaxed);
-            let id = self.stats.total_connections.fetch_add(1, Relaxed) as usize;
-            let proxy = self.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                let _ = proxy.client(stream, id, shutdown).await;
-                drop(permit);
-                proxy.stats.curr_connections.fetch_sub(1, Relaxed);
-            });
-        }
-        drop(listener);
-        let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-        let _ = tokio::time::timeout(drain, permits.acquire_many(all)).await;
+        crate::listener::serve(listener, self, max_connections, shutdown, drain).await;
     }
 
     async fn client(
         &self,
         mut stream: TcpStream,
         id: usize,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<()> {
-        let _ = stream.set_nodelay(true);
         let mut read = BytesMut::with_capacity(READ_CHUNK);
         let mut write = BytesMut::with_capacity(READ_CHUNK);
         let mut jobs = Vec::new();
         let mut replies = Vec::new();
         let mut swallow = 0usize;
-        let mut draining = *shutdown.borrow();
-        let mut first_read = true;
+        let mut reader = RequestReader::new(shutdown);
         loop {
-            if draining && read.is_empty() && swallow == 0 {
-                return Ok(());
+            let between_requests = read.is_empty() && swallow == 0;
+            match reader
+                .read(&mut stream, &mut read, between_requests, None)
+                .await?
+            {
+                Received::Bytes(_) => {}
+                Received::Done | Received::Idle => return Ok(()),
             }
-            if read.capacity() - read.len() < READ_CHUNK / 4 {
-                read.reserve(READ_CHUNK);
-            }
-            let n = tokio::select! {
-                n = stream.read_buf(&mut read) => n?,
-                _ = shutdown.changed(), if !draining => {
-                    draining = true;
-                    continue;
-                }
-            };
-            if n == 0 {
-                return Ok(());
-            }
-            if first_read && crate::server::is_binary_protocol(&read) {
-                return Ok(());
-            }
-            first_read = false;
             loop {
                 let (close, more) = self
                     .batch(
@@ -515,19 +467,13 @@ impl Proxy {
             ))
             .await;
             for (i, outcome) in outcomes {
-                match outcome {
-                    Ok(reply) => results[i] = Some(reply),
-                    Err(ExchangeError::Unreachable)
-                        if calls[i].attempt + 1 < calls[i].candidates.len() =>
-                    {
-                        self.stats.failovers.fetch_add(1, Relaxed);
-                        calls[i].attempt += 1;
+                let call = &mut calls[i];
+                match self.settle(outcome, call.attempt, call.candidates.len()) {
+                    Some(reply) => results[i] = Some(reply),
+                    None => {
+                        call.attempt += 1;
                         pending.push(i);
                     }
-                    Err(ExchangeError::Unreachable) => {
-                        results[i] = Some(Bytes::from_static(UNAVAILABLE))
-                    }
-                    Err(ExchangeError::Broken) => results[i] = Some(Bytes::from_static(BROKEN)),
                 }
             }
         }
@@ -560,19 +506,59 @@ impl Proxy {
             else {
                 return Bytes::from_static(UNAVAILABLE);
             };
-            match backend
+            let outcome = backend
                 .exchange(lane, bytes.clone(), kind, retry_safe)
-                .await
-            {
-                Ok(reply) => return reply,
-                Err(ExchangeError::Unreachable) if attempt + 1 < candidates.len() => {
-                    self.stats.failovers.fetch_add(1, Relaxed);
-                    attempt += 1;
-                }
-                Err(ExchangeError::Unreachable) => return Bytes::from_static(UNAVAILABLE),
-                Err(ExchangeError::Broken) => return Bytes::from_static(BROKEN),
+                .await;
+            match self.settle(outcome, attempt, candidates.len()) {
+                Some(reply) => return reply,
+                None => attempt += 1,
             }
         }
+    }
+
+    /// The one failover rule, for a node's answer to a call at `attempt` of `candidates`
+    /// candidates: the reply to give, or `None` to try the next candidate (the next owner
+    /// on the ring, which holds a replica) when the node could not be reached.
+    fn settle(
+        &self,
+        outcome: Result<Bytes, ExchangeError>,
+        attempt: usize,
+        candidates: usize,
+    ) -> Option<Bytes> {
+        match outcome {
+            Ok(reply) => Some(reply),
+            Err(ExchangeError::Unreachable) if attempt + 1 < candidates => {
+                self.stats.failovers.fetch_add(1, Relaxed);
+                None
+            }
+            Err(ExchangeError::Unreachable) => Some(Bytes::from_static(UNAVAILABLE)),
+            Err(ExchangeError::Broken) => Some(Bytes::from_static(BROKEN)),
+        }
+    }
+}
+
+impl Service for Proxy {
+    fn rejected(&self) {
+        self.stats.rejected_connections.fetch_add(1, Relaxed);
+    }
+
+    fn opened(&self) -> u64 {
+        self.stats.curr_connections.fetch_add(1, Relaxed);
+        self.stats.total_connections.fetch_add(1, Relaxed)
+    }
+
+    fn closed(&self) {
+        self.stats.curr_connections.fetch_sub(1, Relaxed);
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        stream: TcpStream,
+        _peer: std::net::SocketAddr,
+        number: u64,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let _ = self.client(stream, number as usize, shutdown).await;
     }
 }
 
@@ -633,7 +619,7 @@ fn assemble(job: &Job, results: &mut [Option<Bytes>]) -> Bytes {
                     out.put_slice(block);
                 }
             }
-            out.put_slice(b"END\r\n");
+            out.put_slice(reply::END);
             out.freeze()
         }
         Job::All { combine, quiet, .. } => {
@@ -696,7 +682,7 @@ fn sum_stats(replies: &[Bytes]) -> Bytes {
     for name in order {
         reply::stat(&mut out, &name, &values[&name]);
     }
-    out.put_slice(b"END\r\n");
+    out.put_slice(reply::END);
     out.freeze()
 }
 
@@ -783,7 +769,7 @@ fn sum_class_stats(replies: &[Bytes]) -> Bytes {
     for (prefix, [g, h, s, d]) in prefixes {
         out.put_slice(format!("PREFIX {prefix} get {g} hit {h} set {s} del {d}\r\n").as_bytes());
     }
-    out.put_slice(b"END\r\n");
+    out.put_slice(reply::END);
     out.freeze()
 }
 
@@ -804,7 +790,7 @@ fn concat_dumps(replies: &[Bytes], limit: u32) -> Bytes {
             lines += 1;
         }
     }
-    out.put_slice(b"END\r\n");
+    out.put_slice(reply::END);
     out.freeze()
 }
 
@@ -814,10 +800,15 @@ fn line_capacity(keys: &[&[u8]]) -> usize {
     keys.iter().map(|k| k.len() + 1).sum::<usize>() + 96
 }
 
-fn local_line(text: &str) -> Job {
+/// A reply the proxy gives itself, composed as a node would (`noreply` included).
+fn local(response: Response, noreply: bool) -> Job {
     let mut out = BytesMut::new();
-    reply::line(&mut out, text);
+    response.compose(noreply, &mut out);
     Job::Local(out.freeze())
+}
+
+fn local_line(text: &'static str) -> Job {
+    local(Response::Line(text), false)
 }
 
 /// Decides where a request goes. Pure: depends only on the request and the ring.
@@ -845,7 +836,7 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
                 }
             }
             if parts.is_empty() {
-                return Job::Local(Bytes::from_static(b"END\r\n"));
+                return Job::Local(Bytes::from_static(reply::END));
             }
             if parts.iter().any(|(o, _)| o.is_empty()) {
                 return Job::Local(Bytes::from_static(UNAVAILABLE));
@@ -915,13 +906,7 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
                 retry_safe,
             }
         }
-        Request::TooLarge { noreply, .. } => {
-            if *noreply {
-                Job::Local(Bytes::new())
-            } else {
-                local_line("SERVER_ERROR object too large for cache")
-            }
-        }
+        Request::TooLarge { noreply, .. } => local(Response::Line(reply::TOO_LARGE), *noreply),
         Request::FlushAll { delay, noreply } => {
             let text = if *delay > 0 {
                 format!("flush_all {delay}\r\n")
@@ -993,26 +978,24 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
             if *what == b"cluster" {
                 Job::Local(Bytes::from(view.list.elasticache_config_reply()))
             } else {
-                local_line("CLIENT_ERROR unknown config key")
+                local_line(reply::UNKNOWN_CONFIG_KEY)
             }
         }
-        Request::Version => local_line(&format!("VERSION {}", version_string())),
-        Request::Verbosity { noreply, .. } => {
-            if *noreply {
-                Job::Local(Bytes::new())
-            } else {
-                local_line("OK")
-            }
+        Request::Version => {
+            let mut out = BytesMut::new();
+            reply::line(&mut out, &format!("VERSION {}", version_string()));
+            Job::Local(out.freeze())
         }
+        Request::Verbosity { noreply, .. } => local(Response::Ok, *noreply),
         Request::Quit => Job::Close,
-        Request::MetaNoop => local_line("MN"),
+        Request::MetaNoop => local(Response::MetaNoop, false),
         Request::Admin(admin) => match admin {
             AdminRequest::Watch(_) => {
                 local_line("CLIENT_ERROR watch is per node: connect to a node to watch it")
             }
             // The proxy does not shut nodes down.
             AdminRequest::Shutdown { .. } | AdminRequest::ShutdownInvalid => {
-                local_line("ERROR: shutdown not enabled")
+                local_line(reply::SHUTDOWN_NOT_ENABLED)
             }
             AdminRequest::CacheDump(Err(error)) => local_line(error),
             _ => {
@@ -1041,13 +1024,7 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
         Request::Error {
             reply: text,
             noreply,
-        } => {
-            if *noreply {
-                Job::Local(Bytes::new())
-            } else {
-                local_line(text)
-            }
-        }
+        } => local(Response::Line(text), *noreply),
     }
 }
 

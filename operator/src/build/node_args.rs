@@ -49,7 +49,7 @@ fn managed_values(serve: &ServeArgs) -> String {
         (
             (serve.port, &serve.listen, serve.memory_limit_mb),
             (serve.conn_limit, serve.threads, serve.max_item_size),
-            (serve.admin_port, c.peer_port, &c.cluster),
+            (serve.admin_port, c.peer_port, &c.membership.cluster),
             (&serve.tls_cert, &serve.tls_key, &serve.tls_client_ca),
             (&serve.peer_tls_ca, &serve.auth_file, &c.peer_secret_file),
             &serve.memcached.memory_file,
@@ -89,7 +89,11 @@ fn every_built_command_line_is_one_kache_node_takes() {
         );
         assert_eq!(serve.threads, Some(u64::try_from(spec.threads).unwrap()));
         assert_eq!(serve.max_item_size as u64, valid.max_item_size, "{name}");
-        assert_eq!(serve.cluster.cluster.as_deref(), Some("web"), "{name}");
+        assert_eq!(
+            serve.cluster.membership.cluster.as_deref(),
+            Some("web"),
+            "{name}"
+        );
         assert_eq!(serve.tls_client_ca.is_some(), spec.tls.is_some(), "{name}");
         assert_eq!(serve.auth_file.is_some(), spec.auth.is_some(), "{name}");
         assert_eq!(
