@@ -617,7 +617,7 @@ mod tests {
         };
         // 5 s delay + the node's default 10 s grace + exit fit in the 60 s floor.
         assert_eq!(with(&[]), Some(60));
-        assert!(SHUTDOWN_DELAY_SECONDS + NODE_SHUTDOWN_GRACE_SECONDS + EXIT_SECONDS <= 60);
+        const { assert!(SHUTDOWN_DELAY_SECONDS + NODE_SHUTDOWN_GRACE_SECONDS + EXIT_SECONDS <= 60) };
         // A longer --shutdown-grace in extraArgs, in either spelling, extends it.
         assert_eq!(with(&["-v", "--shutdown-grace", "100"]), Some(110));
         assert_eq!(with(&["--shutdown-grace=70"]), Some(80));
