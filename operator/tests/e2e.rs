@@ -410,14 +410,7 @@ impl Life {
     }
 
     async fn patch_scale(&self, replicas: u32) {
-        self.ccs
-            .patch_scale(
-                "e2e",
-                &PatchParams::default(),
-                &Patch::Merge(&json!({"spec": {"replicas": replicas}})),
-            )
-            .await
-            .expect("patch /scale");
+        scale_to(&self.ccs, replicas).await;
     }
 
     async fn patch_spec(&self, spec: Value) {
@@ -1204,13 +1197,7 @@ async fn warm_scale_in(l: &Life, m0: &Member, m1: &Member) {
     l.patch_scale(1).await;
     let o = wait_members(&l.ccs, &l.cms, std::slice::from_ref(m0), 7).await;
     let st = eventually("Rebalancing True with status.rebalance", || async move {
-        let st = l
-            .ccs
-            .get("e2e")
-            .await
-            .map_err(|e| e.to_string())?
-            .status
-            .unwrap_or_default();
+        let st = status_of(&l.ccs).await?;
         let reb = st.conditions.iter().find(|c| c.type_ == "Rebalancing");
         if reb.is_some_and(|c| c.status == "True") && st.rebalance.is_some() {
             Ok(st)
@@ -1336,13 +1323,7 @@ async fn invalid_spec(l: &Life) {
     l.patch_spec(json!({"extraArgs": ["--port=1"]})).await;
     let bad_generation = l.ccs.get("e2e").await.unwrap().metadata.generation;
     let st = eventually("Degraded InvalidSpec", || async move {
-        let st = l
-            .ccs
-            .get("e2e")
-            .await
-            .map_err(|e| e.to_string())?
-            .status
-            .unwrap_or_default();
+        let st = status_of(&l.ccs).await?;
         let d = st.conditions.iter().find(|c| c.type_ == "Degraded");
         if d.is_some_and(|c| c.status == "True" && c.reason == "InvalidSpec")
             && st.observed_generation == bad_generation

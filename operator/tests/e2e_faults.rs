@@ -64,7 +64,16 @@ fn rebalance_of(cc: &CacheCluster) -> Option<RebalanceStatus> {
 }
 
 async fn sts_replicas(sts: &Api<StatefulSet>) -> Option<i32> {
-    sts.get("e2e").await.unwrap().spec.and_then(|s| s.replicas)
+    try_sts_replicas(sts).await.unwrap()
+}
+
+async fn try_sts_replicas(sts: &Api<StatefulSet>) -> Result<Option<i32>, String> {
+    Ok(sts
+        .get("e2e")
+        .await
+        .map_err(|e| e.to_string())?
+        .spec
+        .and_then(|s| s.replicas))
 }
 
 /// How many of the operator's events about `e2e` have this reason.
@@ -159,13 +168,7 @@ async fn ready_cluster(
     let mut last = None;
     for ordinal in 0..replicas {
         if ordinal > 0 {
-            ccs.patch_scale(
-                "e2e",
-                &PatchParams::default(),
-                &Patch::Merge(&json!({"spec": {"replicas": ordinal + 1}})),
-            )
-            .await
-            .unwrap();
+            scale_to(ccs, ordinal + 1).await;
         }
         let pod = pods::wait_ready(pods, &format!("e2e-{ordinal}")).await;
         want.push(member(ns, ordinal, &pods::ip_of(&pod).unwrap()));
@@ -283,13 +286,7 @@ async fn restart_mid_scale_in(client: Client, path: String, ns: String) {
         ns,
         "scale in to 1: v5 without e2e-1/e2e-2, StatefulSet held at 3",
         async {
-            ccs.patch_scale(
-                "e2e",
-                &PatchParams::default(),
-                &Patch::Merge(&json!({"spec": {"replicas": 1}})),
-            )
-            .await
-            .unwrap();
+            scale_to(&ccs, 1).await;
             wait_members(&ccs, &cms, std::slice::from_ref(&m0), 5).await;
             let (_, before) = wait_rebalance(&ccs, "a waits for the departing nodes", |r| {
                 r.departing.len() == 2 && r.departing.iter().all(|d| !d.done)
@@ -386,18 +383,8 @@ async fn restart_mid_scale_in(client: Client, path: String, ns: String) {
         eventually("b scales down to 1 after the hand-off", || {
             let (sts_api, ccs) = (sts_api.clone(), ccs.clone());
             async move {
-                let replicas = sts_api
-                    .get("e2e")
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .spec
-                    .and_then(|s| s.replicas);
-                let st = ccs
-                    .get("e2e")
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .status
-                    .unwrap_or_default();
+                let replicas = try_sts_replicas(&sts_api).await?;
+                let st = status_of(&ccs).await?;
                 let idle = st
                     .conditions
                     .iter()
@@ -522,13 +509,7 @@ async fn restart_keeps_deadline(client: Client, path: String, ns: String) {
     // e2e-1 stops (SIGSTOP): it never finishes the hand-off for v4.
     let frozen = pods::Frozen::freeze(&pods.get("e2e-1").await.unwrap());
     let (started, deadline) = step(ns, "scale 2 -> 1: a waits for e2e-1", async {
-        ccs.patch_scale(
-            "e2e",
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"spec": {"replicas": 1}})),
-        )
-        .await
-        .unwrap();
+        scale_to(&ccs, 1).await;
         wait_members(&ccs, &cms, std::slice::from_ref(&m0), 4).await;
         let (_, before) = wait_rebalance(&ccs, "a waits for e2e-1", |r| {
             r.departing.len() == 1 && !r.departing[0].done
@@ -592,12 +573,7 @@ async fn restart_keeps_deadline(client: Client, path: String, ns: String) {
         let shrunk_at = eventually("b scales down to 1 at the deadline", || {
             let sts_api = sts_api.clone();
             async move {
-                let replicas = sts_api
-                    .get("e2e")
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .spec
-                    .and_then(|s| s.replicas);
+                let replicas = try_sts_replicas(&sts_api).await?;
                 if replicas == Some(1) {
                     Ok(Utc::now())
                 } else {

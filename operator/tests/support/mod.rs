@@ -26,7 +26,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize as _, Serialize};
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::fmt::Debug;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -546,6 +546,28 @@ pub async fn allowed(
         .await
         .expect("SubjectAccessReview");
     r.status.is_some_and(|s| s.allowed)
+}
+
+/// Sets the replicas of CacheCluster `e2e` through its scale subresource, as
+/// `kubectl scale` does.
+pub async fn scale_to(ccs: &Api<CacheCluster>, replicas: u32) {
+    ccs.patch_scale(
+        "e2e",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"replicas": replicas}})),
+    )
+    .await
+    .expect("patch /scale");
+}
+
+/// The status of CacheCluster `e2e` (empty before the operator wrote one).
+pub async fn status_of(ccs: &Api<CacheCluster>) -> Result<crd::CacheClusterStatus, String> {
+    Ok(ccs
+        .get("e2e")
+        .await
+        .map_err(|e| e.to_string())?
+        .status
+        .unwrap_or_default())
 }
 
 pub fn condition<'a>(conds: &'a [Condition], type_: &str) -> &'a Condition {
