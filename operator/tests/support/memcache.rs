@@ -41,14 +41,6 @@ pub async fn http_get(ip: &str, port: u16, path: &str) -> Result<(u16, String), 
         .map_err(|_| format!("GET {path} on {ip}:{port} timed out"))?
 }
 
-/// A node's `GET /cluster` document (admin port).
-pub async fn node_report(ip: &str) -> Result<Value, String> {
-    match http_get(ip, names::ADMIN_PORT, "/cluster").await? {
-        (200, body) => serde_json::from_str(&body).map_err(|e| format!("{e}: {body}")),
-        (status, body) => Err(format!("/cluster: {status} {body}")),
-    }
-}
-
 /// The owners of `key` in the member list the node at `ip` follows.
 pub async fn owners(ip: &str, key: &str) -> Result<Vec<String>, String> {
     let (status, body) =

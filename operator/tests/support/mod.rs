@@ -1,7 +1,7 @@
 //! Helpers shared by the end-to-end suites (`e2e.rs`, `e2e_faults.rs`) that
 //! run against a real Kubernetes cluster named by `KACHE_E2E_KUBECONFIG`: its
 //! API server, and its node's kubelet running the cache pods (`pods`), whose
-//! processes and network namespaces the fault tests reach on this machine.
+//! processes the fault tests reach on this machine.
 //! Each test binary uses a different subset of them.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 

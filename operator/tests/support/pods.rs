@@ -1,13 +1,12 @@
 //! Real pods on the cluster's real node, and the faults a test causes them with real
 //! means: scheduling held back by a node label, a container's process stopped with
-//! SIGSTOP, the API server cut off inside a pod's network namespace.
+//! SIGSTOP.
 //!
-//! The processes and network namespaces are reached on this machine (`/proc`,
-//! `kill`, `nsenter`, `iptables`, `ss`): the cluster's node must be this machine,
-//! as the k8s kit's is. Elsewhere these helpers fail, saying so.
+//! The processes are reached on this machine (`/proc`, `kill`): the cluster's node
+//! must be this machine, as the k8s kit's is. Elsewhere these helpers fail, saying so.
 
 use super::eventually;
-use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{json, Value};
@@ -262,120 +261,5 @@ impl Drop for Frozen {
             Ok(_) => println!("{} continued (SIGCONT)", self.what),
             Err(e) => println!("{}: {e}", self.what),
         }
-    }
-}
-
-// ------------------------------------------------------------------ API server cut
-
-/// Where pods reach the API server: the `default/kubernetes` Service (what
-/// in-cluster clients connect to) and its endpoints.
-pub async fn api_server_addresses(client: &Client) -> Vec<(String, u16)> {
-    let svc = Api::<Service>::namespaced(client.clone(), "default")
-        .get("kubernetes")
-        .await
-        .unwrap();
-    let spec = svc.spec.unwrap();
-    let mut out = Vec::new();
-    let port = spec.ports.iter().flatten().next().map_or(443, |p| p.port);
-    if let Some(ip) = spec.cluster_ip {
-        out.push((ip, u16::try_from(port).unwrap()));
-    }
-    let ep = Api::<Endpoints>::namespaced(client.clone(), "default")
-        .get("kubernetes")
-        .await
-        .unwrap();
-    for subset in ep.subsets.iter().flatten() {
-        for port in subset.ports.iter().flatten() {
-            for addr in subset.addresses.iter().flatten() {
-                out.push((addr.ip.clone(), u16::try_from(port.port).unwrap()));
-            }
-        }
-    }
-    out
-}
-
-/// The API server cut off from one pod, inside the pod's own network namespace:
-/// connections to it are refused (an iptables REJECT with a TCP reset) and those
-/// open are torn down (`ss -K`), as when the API server goes away. The rest of the
-/// cluster (the kubelet, the controllers, the test itself) still reaches it. Undone
-/// by [`ApiCut::restore`] or on drop; the namespace, and the rules, go with the pod.
-pub struct ApiCut {
-    pid: u32,
-    addresses: Vec<(String, u16)>,
-    what: String,
-}
-
-impl ApiCut {
-    fn rule(op: &str, ip: &str, port: u16) -> Vec<String> {
-        let port = port.to_string();
-        [
-            "iptables",
-            "-w",
-            op,
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            ip,
-            "--dport",
-            &port,
-            "-j",
-            "REJECT",
-            "--reject-with",
-            "tcp-reset",
-        ]
-        .iter()
-        .map(ToString::to_string)
-        .collect()
-    }
-
-    fn in_pod_netns(pid: u32, args: &[String]) -> Result<String, String> {
-        run(Command::new("nsenter")
-            .args(["-t", &pid.to_string(), "-n", "--"])
-            .args(args))
-    }
-
-    /// Cuts `pod` off from `addresses` (see [`api_server_addresses`]).
-    pub fn cut(pod: &Pod, addresses: &[(String, u16)]) -> Self {
-        let pid = container_pid(pod);
-        let mut cut = Self {
-            pid,
-            addresses: Vec::new(),
-            what: format!("pod {}", pod.name_any()),
-        };
-        for (ip, port) in addresses {
-            Self::in_pod_netns(pid, &Self::rule("-I", ip, *port)).unwrap();
-            cut.addresses.push((ip.clone(), *port));
-        }
-        for (ip, port) in addresses {
-            let filter = [
-                "ss",
-                "-K",
-                "-t",
-                "dst",
-                ip,
-                "dport",
-                "=",
-                &format!(":{port}"),
-            ];
-            let args: Vec<String> = filter.iter().map(ToString::to_string).collect();
-            Self::in_pod_netns(pid, &args).unwrap();
-        }
-        println!("{}: API server cut off ({addresses:?})", cut.what);
-        cut
-    }
-
-    /// Lets the pod reach the API server again.
-    pub fn restore(self) {}
-}
-
-impl Drop for ApiCut {
-    fn drop(&mut self) {
-        for (ip, port) in &self.addresses {
-            if let Err(e) = Self::in_pod_netns(self.pid, &Self::rule("-D", ip, *port)) {
-                println!("{}: {e}", self.what);
-            }
-        }
-        println!("{}: API server reachable again", self.what);
     }
 }
