@@ -644,7 +644,7 @@ async fn crd_rejects_invalid_specs(l: &Life) {
     // The schema rejects out-of-range values and bad sizes.
     for (spec, needle) in [
         (json!({"replicas": -1}), "spec.replicas"),
-        (json!({"maxItemSize": "1g"}), "spec.maxItemSize"),
+        (json!({"maxItemSize": "4 MiB"}), "spec.maxItemSize"),
         (json!({"replicationFactor": 4}), "spec.replicationFactor"),
     ] {
         let bad: CacheCluster = serde_json::from_value(json!({
