@@ -190,6 +190,13 @@ pub struct ServeArgs {
     #[arg(long = "shutdown-grace", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
 
+    /// Seconds between SIGTERM and the end of accepting: the node reports not ready at once
+    /// but keeps accepting and serving meanwhile, so that load balancers (kube-proxy) stop
+    /// sending it new connections before it refuses them. 0 (memcached's behaviour): stop
+    /// accepting at once.
+    #[arg(long = "shutdown-delay", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub shutdown_delay_secs: u64,
+
     /// Require clients to authenticate with memcached's text-protocol auth; the file holds
     /// `user:password` lines and is re-read when it changes.
     #[arg(short = 'Y', long = "auth-file")]
@@ -720,6 +727,20 @@ mod tests {
         );
         let cli = Cli::try_parse_from(["kache-node", "serve", "-I", "2m"]).unwrap();
         assert_eq!(cli.into_serve_args().max_item_size, 2 * 1024 * 1024);
+    }
+
+    #[test]
+    fn shutdown_delay_is_off_unless_asked_for() {
+        let args = Cli::try_parse_from(["kache-node"])
+            .unwrap()
+            .into_serve_args();
+        assert_eq!(
+            args.shutdown_delay_secs, 0,
+            "memcached stops accepting at once"
+        );
+        let cli = Cli::try_parse_from(["kache-node", "--shutdown-delay", "5"]).unwrap();
+        assert_eq!(cli.into_serve_args().shutdown_delay_secs, 5);
+        assert!(Cli::try_parse_from(["kache-node", "--shutdown-delay", "3601"]).is_err());
     }
 
     #[test]

@@ -353,6 +353,7 @@ async fn run(args: ServeArgs, options: MemcachedOptions, threads: usize) -> Resu
         .map_err(|e| format!("cannot start the expiry sweeper: {e}"))?;
     {
         let readiness = readiness.clone();
+        let shutdown_delay = Duration::from_secs(args.shutdown_delay_secs);
         let mut requests = node.engine.admin.shutdown_requests();
         tokio::spawn(async move {
             let kind = tokio::select! {
@@ -361,8 +362,17 @@ async fn run(args: ServeArgs, options: MemcachedOptions, threads: usize) -> Resu
                     kind.ok().and_then(|k| *k).unwrap_or(ShutdownKind::Graceful)
                 }
             };
-            tracing::info!("shutting down: no new connections, finishing open ones");
             readiness.set(false);
+            if kind == ShutdownKind::Graceful && shutdown_delay > Duration::ZERO {
+                // Not ready, still accepting: kube-proxy drops the endpoint meanwhile, so
+                // clients going through a Service are not refused in the gap.
+                tracing::info!(
+                    delay_secs = shutdown_delay.as_secs(),
+                    "shutting down: not ready, still serving for the shutdown delay"
+                );
+                tokio::time::sleep(shutdown_delay).await;
+            }
+            tracing::info!("shutting down: no new connections, finishing open ones");
             let _ = shutdown_tx.send(true);
             if kind == ShutdownKind::Now {
                 // memcached's `shutdown` exits at once, without waiting for connections.

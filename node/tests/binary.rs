@@ -98,6 +98,62 @@ fn sigterm_finishes_the_request_in_flight_and_exits_zero() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// `--shutdown-delay`: after SIGTERM the node reports not ready at once, but accepts and
+/// serves new connections for the delay (so kube-proxy can drop its endpoint first), and
+/// refuses them only once the delay is over.
+#[test]
+fn sigterm_with_a_shutdown_delay_serves_new_connections_until_the_delay_ends() {
+    const DELAY: Duration = Duration::from_secs(4);
+    let mut node = Node::start(&["--shutdown-delay", "4"]);
+    let mut open = node.connect();
+    assert_eq!(http_get(node.admin_port, "/readyz").0, 200);
+    let signalled = Instant::now();
+    node.terminate();
+    // The signal is handled asynchronously: wait until it was taken (readiness drops).
+    while http_get(node.admin_port, "/readyz").0 == 200 {
+        assert!(
+            signalled.elapsed() < Duration::from_secs(10),
+            "/readyz still 200 10 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Within the delay: a new connection is accepted and served, so is an open one, and
+    // the node stays live.
+    let mut late = node.connect();
+    late.write_all(b"set late 0 0 2\r\nok\r\nget late\r\n")
+        .unwrap();
+    let expected = b"STORED\r\nVALUE late 0 2\r\nok\r\nEND\r\n";
+    assert_eq!(read_exact_len(&mut late, expected.len()), expected);
+    open.write_all(b"get late\r\n").unwrap();
+    let expected = b"VALUE late 0 2\r\nok\r\nEND\r\n";
+    assert_eq!(read_exact_len(&mut open, expected.len()), expected);
+    assert_eq!(http_get(node.admin_port, "/healthz").0, 200);
+    assert_eq!(http_get(node.admin_port, "/readyz").0, 503);
+    let served = signalled.elapsed();
+    assert!(
+        served < DELAY,
+        "the checks above took {served:?}, past the {DELAY:?} delay: they prove nothing"
+    );
+    drop((late, open));
+    // Then new connections are refused, not before the delay is over.
+    while TcpStream::connect(("127.0.0.1", node.port)).is_ok() {
+        assert!(
+            signalled.elapsed() < DELAY + Duration::from_secs(10),
+            "new connections still accepted 10 s after the delay"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let refused = signalled.elapsed();
+    assert!(
+        refused >= DELAY,
+        "new connections refused {refused:?} after SIGTERM, within the {DELAY:?} delay"
+    );
+    let status = node
+        .wait_exit(Duration::from_secs(10))
+        .expect("kache-node did not exit after the delay");
+    assert!(status.success(), "exit status {status:?}");
+}
+
 #[test]
 fn admin_endpoint_reports_health_readiness_and_metrics() {
     let node = Node::start(&[]);

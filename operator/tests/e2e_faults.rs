@@ -1,7 +1,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
-//! Fault tests against a real Kubernetes API server (1.28+): the operator
-//! restarted in the middle of a scale-in, and the API server going away
-//! under running nodes and a proxy.
+//! Fault tests against a real Kubernetes cluster (1.28+): the operator
+//! restarted in the middle of a scale-in of real pods, and the API server
+//! going away under running nodes and a proxy.
+//!
+//! The scale-in tests run real cache pods (the `kache-node:e2e` image
+//! `tests/k8s/run.sh` loads); a departing node whose hand-off must not finish
+//! yet has its process stopped with SIGSTOP on the cluster's node, which must
+//! be this machine (as the k8s kit's is).
 //!
 //! Like `e2e.rs` (whose helpers live in `support/`), every test runs only
 //! when `KACHE_E2E_KUBECONFIG` names the kubeconfig of a cluster-admin, and
@@ -29,6 +34,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::chrono::{Duration as ChronoDuration, Utc};
 use kache_cluster::{names, Member, MemberList};
 use kache_operator::crd::{CacheCluster, RebalanceStatus};
+use kache_operator::probe::PROBE_TIMEOUT;
+use kache_operator::reconcile::REQUEUE_REBALANCING;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::config::Kubeconfig;
 use kube::runtime::watcher;
@@ -39,8 +46,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::diagnostics::step;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Lease timing of the operators here: short, so a crashed leader's Lease
@@ -57,7 +64,16 @@ fn rebalance_of(cc: &CacheCluster) -> Option<RebalanceStatus> {
 }
 
 async fn sts_replicas(sts: &Api<StatefulSet>) -> Option<i32> {
-    sts.get("e2e").await.unwrap().spec.and_then(|s| s.replicas)
+    try_sts_replicas(sts).await.unwrap()
+}
+
+async fn try_sts_replicas(sts: &Api<StatefulSet>) -> Result<Option<i32>, String> {
+    Ok(sts
+        .get("e2e")
+        .await
+        .map_err(|e| e.to_string())?
+        .spec
+        .and_then(|s| s.replicas))
 }
 
 /// How many of the operator's events about `e2e` have this reason.
@@ -128,11 +144,11 @@ impl MembersLog {
     }
 }
 
-/// A CacheCluster `e2e` of `replicas` nodes, all Ready and published, with
-/// the given scale-down timeout. `e2e-0` gets a pod IP nobody answers on (it
-/// never departs); every other pod gets 127.0.0.1, so the operator asks this
-/// test's fake admin endpoint for their hand-off progress. Returns the
-/// published member list (version `replicas + 1`).
+/// A CacheCluster `e2e` of `replicas` real nodes, all Ready and published,
+/// with the given scale-down timeout. It grows one pod at a time (created
+/// with 1 replica, then scaled by one each time the newest pod is published),
+/// so the version rises by exactly one per node. Returns the published member
+/// list (version `replicas + 1`).
 async fn ready_cluster(
     ccs: &Api<CacheCluster>,
     cms: &Api<ConfigMap>,
@@ -144,36 +160,46 @@ async fn ready_cluster(
     let cc: CacheCluster = serde_json::from_value(json!({
         "apiVersion": "kache.dev/v1alpha1", "kind": "CacheCluster",
         "metadata": {"name": "e2e"},
-        "spec": on_virtual_node(json!({"replicas": replicas, "scaleDownTimeoutSeconds": timeout_seconds}))
+        "spec": {"replicas": 1, "scaleDownTimeoutSeconds": timeout_seconds, "threads": 1}
     }))
     .unwrap();
     ccs.create(&PostParams::default(), &cc).await.unwrap();
     let mut want = Vec::new();
     let mut last = None;
     for ordinal in 0..replicas {
-        let name = format!("e2e-{ordinal}");
-        eventually(&format!("pod {name} created"), || {
-            let (pods, name) = (pods.clone(), name.clone());
-            async move {
-                pods.get_opt(&name)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map(|_| ())
-                    .ok_or_else(|| "not yet".to_string())
-            }
-        })
-        .await;
-        let ip = if ordinal == 0 {
-            "10.244.0.10"
-        } else {
-            "127.0.0.1"
-        };
-        set_pod_ready(pods, &name, ip, true).await;
-        want.push(member(ns, ordinal, ip));
-        // One Ready pod at a time: the version rises by exactly one each.
+        if ordinal > 0 {
+            scale_to(ccs, ordinal + 1).await;
+        }
+        let pod = pods::wait_ready(pods, &format!("e2e-{ordinal}")).await;
+        want.push(member(ns, ordinal, &pods::ip_of(&pod).unwrap()));
         last = Some(wait_members(ccs, cms, &want, u64::from(ordinal) + 2).await);
     }
     last.unwrap().list
+}
+
+/// Pods `names`, as they are now.
+async fn pods_named(pods: &Api<Pod>, names: &[&str]) -> Vec<Pod> {
+    let mut out = Vec::new();
+    for name in names {
+        out.push(pods.get(name).await.unwrap());
+    }
+    out
+}
+
+/// What a restarted operator must keep of a scale-in: when it started, its
+/// deadline, its target, and which nodes depart (with whether they are done).
+fn scale_in_identity(r: &RebalanceStatus) -> impl PartialEq + std::fmt::Debug {
+    (
+        r.started_at.clone(),
+        r.deadline.clone(),
+        r.config_version,
+        r.target_replicas,
+        r.current_replicas,
+        r.departing
+            .iter()
+            .map(|d| (d.name.clone(), d.done))
+            .collect::<Vec<_>>(),
+    )
 }
 
 /// Waits until the status shows the scale-in to `target` with every
@@ -199,29 +225,16 @@ async fn wait_rebalance(
     .await
 }
 
-/// Waits until `what` has been reconciled at least `n` more times than
-/// `before` (its reconcile counter).
-async fn wait_reconciles(op: &OperatorProcess, before: u64, n: u64) {
-    eventually(&format!("{} reconciles {n} times", op.identity), || {
-        let now = op.metrics.reconciles.get();
-        async move {
-            if now >= before + n {
-                Ok(())
-            } else {
-                Err(format!("{} reconciles", now - before))
-            }
-        }
-    })
-    .await;
-}
-
 // ------------------------------------------------------------------ restart mid scale-in
 
 /// An operator killed (no clean shutdown, Lease not released) while the
 /// departing nodes of a 3 → 1 scale-in are still handing off: a new
 /// instance takes the Lease once it expires, carries on with the scale-in
 /// from the cluster's state without republishing anything, and shrinks the
-/// StatefulSet when the nodes report their hand-off done.
+/// StatefulSet when the nodes report their hand-off done. The departing
+/// nodes are real pods holding data; their processes are stopped (SIGSTOP)
+/// across the restart, so their hand-off cannot finish before the new
+/// operator has taken over, and continued afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_operator_restart_mid_scale_in() {
     with_operator_namespace(
@@ -243,224 +256,211 @@ async fn restart_mid_scale_in(client: Client, path: String, ns: String) {
     let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
     let lease_name = operator_name(ns);
 
-    let fake_node = FakeNode::start().await;
-    let a = OperatorProcess::start(
-        operator_client.clone(),
+    let a = OperatorProcess::start(operator_client.clone(), ns, "e2e-operator-a", LEASE).await;
+    let (m0, written, members_log) =
+        step(ns, "3 Ready nodes, data on the two that depart", async {
+            // A long timeout: only the hand-off may end this scale-in.
+            let list = ready_cluster(&ccs, &cms, &pods, ns, 3, 600).await;
+            assert_eq!(list.version, 4);
+            let ip = |i: usize| list.members[i].ip.as_str();
+            let written = memcache::write_owned_keys(
+                ip(0),
+                &[("e2e-1", ip(1)), ("e2e-2", ip(2))],
+                30,
+                "restart",
+            )
+            .await;
+            let members_log = MembersLog::start(cms.clone()).await;
+            log("3 Ready nodes, member list v4, 60 keys on e2e-1 and e2e-2; operator a leads");
+            (list.members[0].clone(), written, members_log)
+        })
+        .await;
+
+    // The departing nodes stop (SIGSTOP): their hand-off waits for the test.
+    let frozen: Vec<_> = pods_named(&pods, &["e2e-1", "e2e-2"])
+        .await
+        .iter()
+        .map(pods::Frozen::freeze)
+        .collect();
+    let (before, cm_rv, members_changed) = step(
         ns,
-        "e2e-operator-a",
-        LEASE,
-        fake_node.port,
+        "scale in to 1: v5 without e2e-1/e2e-2, StatefulSet held at 3",
+        async {
+            scale_to(&ccs, 1).await;
+            wait_members(&ccs, &cms, std::slice::from_ref(&m0), 5).await;
+            let (_, before) = wait_rebalance(&ccs, "a waits for the departing nodes", |r| {
+                r.departing.len() == 2 && r.departing.iter().all(|d| !d.done)
+            })
+            .await;
+            assert_eq!((before.target_replicas, before.current_replicas), (1, 3));
+            assert_eq!(before.config_version, 5);
+            assert_eq!(sts_replicas(&sts_api).await, Some(3));
+            assert_eq!(count_events(&client, ns, "RebalanceStarted").await, 1);
+            let cm_rv = cms.get("e2e-members").await.unwrap().resource_version();
+            let members_changed = count_events(&client, ns, "MembersChanged").await;
+            assert_eq!(
+                reconcile_errors(&a.metrics),
+                0,
+                "{}",
+                a.metrics.encode().unwrap()
+            );
+            log(&format!(
+                "scale to 1: v5 published, StatefulSet held at 3; started at {}",
+                before.started_at.0.to_rfc3339()
+            ));
+            (before, cm_rv, members_changed)
+        },
     )
     .await;
-    // A long timeout: only the hand-off may end this scale-in.
-    let list = ready_cluster(&ccs, &cms, &pods, ns, 3, 600).await;
-    assert_eq!(list.version, 4);
-    let m0 = list.members[0].clone();
-    fake_node.set(json!({"version": 4, "running": false, "done": true}));
-    let members_log = MembersLog::start(cms.clone()).await;
-    log("3 Ready nodes, member list v4; operator a leads");
 
-    // ---- Scale in to 1: v5 without e2e-1/e2e-2, StatefulSet held at 3.
-    ccs.patch_scale(
-        "e2e",
-        &PatchParams::default(),
-        &Patch::Merge(&json!({"spec": {"replicas": 1}})),
-    )
-    .await
-    .unwrap();
-    wait_members(&ccs, &cms, std::slice::from_ref(&m0), 5).await;
-    // The departing nodes are half-way through their hand-off for v5.
-    fake_node.set(json!({"version": 5, "running": true, "done": false,
-        "sent": 30, "acked": 10, "failed": 0}));
-    let (_, before) = wait_rebalance(&ccs, "a sees the hand-off in progress", |r| {
-        r.departing.len() == 2 && r.departing.iter().all(|d| d.sent == 30 && !d.done)
-    })
-    .await;
-    assert_eq!((before.target_replicas, before.current_replicas), (1, 3));
-    assert_eq!(before.config_version, 5);
-    assert_eq!(sts_replicas(&sts_api).await, Some(3));
-    assert_eq!(count_events(&client, ns, "RebalanceStarted").await, 1);
-    let cm_rv = cms.get("e2e-members").await.unwrap().resource_version();
-    let members_changed = count_events(&client, ns, "MembersChanged").await;
-    assert_eq!(
-        reconcile_errors(&a.metrics),
-        0,
-        "{}",
-        a.metrics.encode().unwrap()
-    );
-    log(&format!(
-        "scale to 1: v5 published, StatefulSet held at 3, hand-off 10/30 acked; started at {}",
-        before.started_at.0.to_rfc3339()
-    ));
-
-    // ---- Operator a dies: nothing stops cleanly, the Lease stays held.
     let held = leases.get(&lease_name).await.unwrap().spec.unwrap();
     assert_eq!(held.holder_identity.as_deref(), Some("e2e-operator-a"));
     let transitions = held.lease_transitions.unwrap_or(0);
+    // Operator a dies: nothing stops cleanly, the Lease stays held.
     a.crash();
     let crashed_at = Instant::now();
     log("operator a killed (Lease not released)");
 
-    // ---- Operator b: waits for the Lease to expire, then takes over.
-    let b = OperatorProcess::start(
-        operator_client.clone(),
-        ns,
-        "e2e-operator-b",
-        LEASE,
-        fake_node.port,
-    )
-    .await;
-    let took = crashed_at.elapsed();
-    let lease = leases.get(&lease_name).await.unwrap().spec.unwrap();
-    assert_eq!(lease.holder_identity.as_deref(), Some("e2e-operator-b"));
-    assert_eq!(lease.lease_transitions, Some(transitions + 1));
-    // a renewed at most one renew interval before it died.
-    assert!(
-        took + LEASE.renew >= LEASE.duration - Duration::from_millis(500),
-        "b took a Lease that had not expired yet ({took:?} after a died)"
-    );
-    // Nobody touched the StatefulSet meanwhile.
-    assert_eq!(sts_replicas(&sts_api).await, Some(3));
-    log(&format!(
-        "operator b took the expired Lease {:.1}s after a died",
-        took.as_secs_f64()
-    ));
-
-    // ---- b carries on: same scale-in, same start, nothing republished.
-    let probes = fake_node.hits();
-    wait_reconciles(&b, 0, 3).await;
-    eventually("b probes the departing nodes", || {
-        let hits = fake_node.hits();
-        async move {
-            if hits >= probes + 4 {
-                Ok(())
-            } else {
-                Err(format!("{} probes", hits - probes))
-            }
-        }
-    })
-    .await;
-    let cc = ccs.get("e2e").await.unwrap();
-    let after = rebalance_of(&cc).expect("still rebalancing after the restart");
-    assert_eq!(
-        after, before,
-        "the new operator keeps the scale-in exactly as it was (start, deadline, progress)"
-    );
-    assert_eq!(cc.status.as_ref().unwrap().config_version, 5);
-    assert_eq!(
-        cms.get("e2e-members").await.unwrap().resource_version(),
-        cm_rv,
-        "the restart must not rewrite the member list"
-    );
-    assert_eq!(sts_replicas(&sts_api).await, Some(3));
-    for name in ["e2e-1", "e2e-2"] {
-        assert_eq!(
-            pods.get(name).await.unwrap().metadata.deletion_timestamp,
-            None,
-            "{name} keeps running while it hands off"
+    let b = step(ns, "operator b takes the expired Lease", async {
+        let b = OperatorProcess::start(operator_client.clone(), ns, "e2e-operator-b", LEASE).await;
+        let took = crashed_at.elapsed();
+        let lease = leases.get(&lease_name).await.unwrap().spec.unwrap();
+        assert_eq!(lease.holder_identity.as_deref(), Some("e2e-operator-b"));
+        assert_eq!(lease.lease_transitions, Some(transitions + 1));
+        // a renewed at most one renew interval before it died.
+        assert!(
+            took + LEASE.renew >= LEASE.duration - Duration::from_millis(500),
+            "b took a Lease that had not expired yet ({took:?} after a died)"
         );
-    }
-    assert_eq!(count_events(&client, ns, "RebalanceStarted").await, 1);
-    assert_eq!(
-        count_events(&client, ns, "MembersChanged").await,
-        members_changed
-    );
-    log(&format!(
-        "b: {} reconciles, {} probes; same rebalance status, ConfigMap untouched, v5",
-        b.metrics.reconciles.get(),
-        fake_node.hits() - probes
-    ));
-
-    // ---- The hand-off completes: b shrinks the StatefulSet.
-    fake_node.set(json!({"version": 5, "running": false, "done": true,
-        "sent": 30, "acked": 30, "failed": 0}));
-    eventually("b scales down to 1 after the hand-off", || {
-        let (sts_api, ccs) = (sts_api.clone(), ccs.clone());
-        async move {
-            let replicas = sts_api
-                .get("e2e")
-                .await
-                .map_err(|e| e.to_string())?
-                .spec
-                .and_then(|s| s.replicas);
-            let st = ccs
-                .get("e2e")
-                .await
-                .map_err(|e| e.to_string())?
-                .status
-                .unwrap_or_default();
-            let idle = st
-                .conditions
-                .iter()
-                .any(|c| c.type_ == "Rebalancing" && c.status == "False");
-            if replicas == Some(1) && idle && st.rebalance.is_none() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "StatefulSet replicas {replicas:?}, rebalance {:?}",
-                    st.rebalance
-                ))
-            }
-        }
+        // Nobody touched the StatefulSet meanwhile.
+        assert_eq!(sts_replicas(&sts_api).await, Some(3));
+        log(&format!(
+            "operator b took the expired Lease {:.1}s after a died",
+            took.as_secs_f64()
+        ));
+        b
     })
     .await;
-    wait_event(
-        &client,
-        ns,
-        "Normal",
-        "RebalanceFinished",
-        "hand-off done (60 items sent, 60 acked, 0 failed); scaling StatefulSet from 3 to 1 nodes",
-    )
+
+    step(ns, "b carries on: same scale-in, nothing republished", async {
+        b.wait_finished_reconciles(0, 3).await;
+        let cc = ccs.get("e2e").await.unwrap();
+        let after = rebalance_of(&cc).expect("still rebalancing after the restart");
+        assert_eq!(
+            scale_in_identity(&after),
+            scale_in_identity(&before),
+            "the new operator keeps the scale-in exactly as it was (start, deadline, departing nodes)"
+        );
+        assert_eq!(cc.status.as_ref().unwrap().config_version, 5);
+        assert_eq!(
+            cms.get("e2e-members").await.unwrap().resource_version(),
+            cm_rv,
+            "the restart must not rewrite the member list"
+        );
+        assert_eq!(sts_replicas(&sts_api).await, Some(3));
+        for name in ["e2e-1", "e2e-2"] {
+            assert_eq!(
+                pods.get(name).await.unwrap().metadata.deletion_timestamp,
+                None,
+                "{name} keeps running while it hands off"
+            );
+        }
+        assert_eq!(count_events(&client, ns, "RebalanceStarted").await, 1);
+        assert_eq!(
+            count_events(&client, ns, "MembersChanged").await,
+            members_changed
+        );
+        log(&format!(
+            "b: {} reconciles; same scale-in, ConfigMap untouched, v5",
+            b.metrics.reconciles.get()
+        ));
+    })
     .await;
-    // The departed pods go; what follows must not bring them back.
-    for name in ["e2e-1", "e2e-2"] {
-        eventually(&format!("pod {name} deleted"), || {
-            let pods = pods.clone();
+
+    // The departing nodes go on: they see v5 and hand their data to e2e-0.
+    drop(frozen);
+    step(ns, "the hand-off completes: b shrinks the StatefulSet", async {
+        eventually("b scales down to 1 after the hand-off", || {
+            let (sts_api, ccs) = (sts_api.clone(), ccs.clone());
             async move {
-                match pods.get_opt(name).await.map_err(|e| e.to_string())? {
-                    None => Ok(()),
-                    Some(_) => Err("still there".into()),
+                let replicas = try_sts_replicas(&sts_api).await?;
+                let st = status_of(&ccs).await?;
+                let idle = st
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Rebalancing" && c.status == "False");
+                if replicas == Some(1) && idle && st.rebalance.is_none() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "StatefulSet replicas {replicas:?}, rebalance {:?}",
+                        st.rebalance
+                    ))
                 }
             }
         })
         .await;
-    }
-    // Make b look again at the settled cluster (a metadata-only change of
-    // the CacheCluster triggers a reconcile that has nothing to do).
-    let settled = b.metrics.reconciles.get();
-    let poke = json!({"metadata": {"annotations": {"e2e.kache.dev/poke": "1"}}});
-    ccs.patch("e2e", &PatchParams::default(), &Patch::Merge(&poke))
-        .await
-        .unwrap();
-    wait_reconciles(&b, settled, 1).await;
-    let o = wait_members(&ccs, &cms, std::slice::from_ref(&m0), 5).await;
-    let st = o.cc.status.unwrap();
-    assert_eq!(st.members.len(), 1, "{:?}", st.members);
-    assert_eq!(st.ready_replicas, 1);
-    assert_eq!(count_events(&client, ns, "RebalanceStarted").await, 1);
-    assert_eq!(count_events(&client, ns, "RebalanceFinished").await, 1);
-    assert_eq!(count_events(&client, ns, "HandoffTimeout").await, 0);
-    assert_eq!(
-        count_events(&client, ns, "MembersChanged").await,
-        members_changed
-    );
-    // Every state the member list went through, as a watch saw it.
-    let m = |n: &[&str]| n.iter().map(ToString::to_string).collect::<Vec<_>>();
-    assert_eq!(
-        members_log.versions(),
-        [
-            (4, m(&["e2e-0", "e2e-1", "e2e-2"])),
-            (5, m(&["e2e-0"]))
-        ],
-        "the member list is written once for the scale-in, never again, and the departed nodes never come back"
-    );
-    assert_eq!(
-        reconcile_errors(&b.metrics),
-        0,
-        "{}",
-        b.metrics.encode().unwrap()
-    );
-    log("hand-off done: b scaled the StatefulSet to 1; member list written once (v4 -> v5)");
+        wait_event(
+            &client,
+            ns,
+            "Normal",
+            "RebalanceFinished",
+            "hand-off done (60 items sent, 60 acked, 0 failed); scaling StatefulSet from 3 to 1 nodes",
+        )
+        .await;
+        for (key, value, _) in &written {
+            assert_eq!(
+                memcache::get(&m0.ip, m0.port, key).await.unwrap().as_deref(),
+                Some(value.as_str()),
+                "{key} handed off to e2e-0"
+            );
+        }
+        // The departed pods go; what follows must not bring them back.
+        for name in ["e2e-1", "e2e-2"] {
+            pods::wait_gone(&pods, name).await;
+        }
+    })
+    .await;
+
+    step(ns, "the settled cluster stays as it is", async {
+        // Make b look again at the settled cluster (a metadata-only change of
+        // the CacheCluster triggers a reconcile that has nothing to do).
+        let settled = b.finished_reconciles();
+        let poke = json!({"metadata": {"annotations": {"e2e.kache.dev/poke": "1"}}});
+        ccs.patch("e2e", &PatchParams::default(), &Patch::Merge(&poke))
+            .await
+            .unwrap();
+        b.wait_finished_reconciles(settled, 1).await;
+        let o = wait_members(&ccs, &cms, std::slice::from_ref(&m0), 5).await;
+        let st = o.cc.status.unwrap();
+        assert_eq!(st.members.len(), 1, "{:?}", st.members);
+        assert_eq!(st.ready_replicas, 1);
+        assert_eq!(count_events(&client, ns, "RebalanceStarted").await, 1);
+        assert_eq!(count_events(&client, ns, "RebalanceFinished").await, 1);
+        assert_eq!(count_events(&client, ns, "HandoffTimeout").await, 0);
+        assert_eq!(
+            count_events(&client, ns, "MembersChanged").await,
+            members_changed
+        );
+        // Every state the member list went through, as a watch saw it.
+        let m = |n: &[&str]| n.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            members_log.versions(),
+            [
+                (4, m(&["e2e-0", "e2e-1", "e2e-2"])),
+                (5, m(&["e2e-0"]))
+            ],
+            "the member list is written once for the scale-in, never again, and the departed nodes never come back"
+        );
+        assert_eq!(
+            reconcile_errors(&b.metrics),
+            0,
+            "{}",
+            b.metrics.encode().unwrap()
+        );
+        log("hand-off done: b scaled the StatefulSet to 1; member list written once (v4 -> v5); 60 keys on e2e-0");
+    })
+    .await;
 
     b.stop().await;
     let lease = leases.get(&lease_name).await.unwrap().spec.unwrap();
@@ -470,7 +470,9 @@ async fn restart_mid_scale_in(client: Client, path: String, ns: String) {
 /// The scale-down timeout counts from when the scale-in started, as
 /// recorded in `status.rebalance`, not from when the current operator
 /// instance started: an operator stopped for a while during a scale-in whose
-/// node never finishes removes the node at the original deadline.
+/// node never finishes removes the node at the original deadline. The node
+/// that never finishes is a real pod whose process is stopped (SIGSTOP)
+/// until the StatefulSet has shrunk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_operator_restart_keeps_scale_in_deadline() {
     with_operator_namespace(
@@ -482,8 +484,11 @@ async fn e2e_operator_restart_keeps_scale_in_deadline() {
 }
 
 async fn restart_keeps_deadline(client: Client, path: String, ns: String) {
-    const TIMEOUT_SECONDS: u32 = 20;
-    const DOWN: Duration = Duration::from_secs(10);
+    // The node stays stopped for about TIMEOUT_SECONDS and a few reconciles: within
+    // the kubelet's liveness budget (3 failed probes 10 s apart), so it is not restarted
+    // before the operator has given up on it.
+    const TIMEOUT_SECONDS: u32 = 15;
+    const DOWN: Duration = Duration::from_secs(6);
     let ns = ns.as_str();
     let log = |msg: &str| println!("[{ns}] {msg}");
     let operator_client = chart_operator_client(&client, &path, ns).await;
@@ -493,145 +498,145 @@ async fn restart_keeps_deadline(client: Client, path: String, ns: String) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
 
-    let fake_node = FakeNode::start().await;
-    let a = OperatorProcess::start(
-        operator_client.clone(),
-        ns,
-        "e2e-operator-a",
-        LEASE,
-        fake_node.port,
-    )
-    .await;
-    let list = ready_cluster(&ccs, &cms, &pods, ns, 2, TIMEOUT_SECONDS).await;
-    assert_eq!(list.version, 3);
-    let m0 = list.members[0].clone();
-    // e2e-1 finished v3 and never starts the hand-off for v4.
-    fake_node.set(json!({"version": 3, "running": false, "done": true}));
-
-    ccs.patch_scale(
-        "e2e",
-        &PatchParams::default(),
-        &Patch::Merge(&json!({"spec": {"replicas": 1}})),
-    )
-    .await
-    .unwrap();
-    wait_members(&ccs, &cms, std::slice::from_ref(&m0), 4).await;
-    let (_, before) = wait_rebalance(&ccs, "a waits for e2e-1", |r| {
-        r.departing.len() == 1 && !r.departing[0].done
+    let a = OperatorProcess::start(operator_client.clone(), ns, "e2e-operator-a", LEASE).await;
+    let m0 = step(ns, "2 Ready nodes", async {
+        let list = ready_cluster(&ccs, &cms, &pods, ns, 2, TIMEOUT_SECONDS).await;
+        assert_eq!(list.version, 3);
+        list.members[0].clone()
     })
     .await;
-    let (started, deadline) = (before.started_at.0, before.deadline.0);
-    assert_eq!(
-        deadline - started,
-        ChronoDuration::seconds(i64::from(TIMEOUT_SECONDS))
-    );
-    log(&format!(
-        "scale 2 -> 1 started at {}, deadline {}",
-        started.to_rfc3339(),
-        deadline.to_rfc3339()
-    ));
 
-    // ---- a stops cleanly (as on SIGTERM), releasing the Lease.
-    a.stop().await;
-    let lease = leases.get(&operator_name(ns)).await.unwrap().spec.unwrap();
-    assert_eq!(lease.holder_identity, None, "a released the Lease");
-    let stopped_at = Instant::now();
-    tokio::time::sleep(DOWN).await;
-    assert_eq!(sts_replicas(&sts_api).await, Some(2));
+    // e2e-1 stops (SIGSTOP): it never finishes the hand-off for v4.
+    let frozen = pods::Frozen::freeze(&pods.get("e2e-1").await.unwrap());
+    let (started, deadline) = step(ns, "scale 2 -> 1: a waits for e2e-1", async {
+        scale_to(&ccs, 1).await;
+        wait_members(&ccs, &cms, std::slice::from_ref(&m0), 4).await;
+        let (_, before) = wait_rebalance(&ccs, "a waits for e2e-1", |r| {
+            r.departing.len() == 1 && !r.departing[0].done
+        })
+        .await;
+        let (started, deadline) = (before.started_at.0, before.deadline.0);
+        assert_eq!(
+            deadline - started,
+            ChronoDuration::seconds(i64::from(TIMEOUT_SECONDS))
+        );
+        log(&format!(
+            "scale 2 -> 1 started at {}, deadline {}",
+            started.to_rfc3339(),
+            deadline.to_rfc3339()
+        ));
+        (started, deadline)
+    })
+    .await;
 
-    // ---- b starts DOWN later; it takes the released Lease at once.
-    let b = OperatorProcess::start(
-        operator_client.clone(),
+    let (b, stopped_at, restarted) = step(
         ns,
-        "e2e-operator-b",
-        LEASE,
-        fake_node.port,
+        "a stops cleanly; b starts later and keeps the deadline",
+        async {
+            a.stop().await;
+            let lease = leases.get(&operator_name(ns)).await.unwrap().spec.unwrap();
+            assert_eq!(lease.holder_identity, None, "a released the Lease");
+            let stopped_at = Instant::now();
+            tokio::time::sleep(DOWN).await;
+            assert_eq!(sts_replicas(&sts_api).await, Some(2));
+            // b starts DOWN later; it takes the released Lease without waiting for it to expire.
+            let starting = Instant::now();
+            let b =
+                OperatorProcess::start(operator_client.clone(), ns, "e2e-operator-b", LEASE).await;
+            let restarted = Utc::now();
+            assert!(
+                starting.elapsed() < LEASE.duration,
+                "b took {:?} to take a released Lease",
+                starting.elapsed()
+            );
+            b.wait_finished_reconciles(0, 1).await;
+            // Well before the deadline: b still waits, with a's start and deadline.
+            let after = rebalance_of(&ccs.get("e2e").await.unwrap())
+                .expect("b still waits for e2e-1 after the restart");
+            assert_eq!(
+                (after.started_at.0, after.deadline.0),
+                (started, deadline),
+                "b keeps the scale-in's start and deadline"
+            );
+            assert_eq!(sts_replicas(&sts_api).await, Some(2));
+            (b, stopped_at, restarted)
+        },
     )
     .await;
-    let restarted = Utc::now();
-    assert!(
-        stopped_at.elapsed() < DOWN + Duration::from_secs(3),
-        "a released Lease is taken at once"
-    );
-    wait_reconciles(&b, 0, 1).await;
-    // Well before the deadline: b still waits, with a's start and deadline.
-    let after = rebalance_of(&ccs.get("e2e").await.unwrap())
-        .expect("b still waits for e2e-1 after the restart");
-    assert_eq!(
-        (after.started_at.0, after.deadline.0),
-        (started, deadline),
-        "b keeps the scale-in's start and deadline"
-    );
-    assert_eq!(sts_replicas(&sts_api).await, Some(2));
     log(&format!(
         "operator b started {:.1}s after a stopped ({:.1}s after the scale-in started)",
         stopped_at.elapsed().as_secs_f64(),
         (restarted - started).num_milliseconds() as f64 / 1000.0
     ));
 
-    // ---- The StatefulSet shrinks at the original deadline, not at
-    // restart + timeout.
-    let shrunk_at = eventually("b scales down to 1 at the deadline", || {
-        let sts_api = sts_api.clone();
-        async move {
-            let replicas = sts_api
-                .get("e2e")
-                .await
-                .map_err(|e| e.to_string())?
-                .spec
-                .and_then(|s| s.replicas);
-            if replicas == Some(1) {
-                Ok(Utc::now())
-            } else {
-                Err(format!("StatefulSet replicas {replicas:?}"))
+    step(ns, "the StatefulSet shrinks at the original deadline", async {
+        let shrunk_at = eventually("b scales down to 1 at the deadline", || {
+            let sts_api = sts_api.clone();
+            async move {
+                let replicas = try_sts_replicas(&sts_api).await?;
+                if replicas == Some(1) {
+                    Ok(Utc::now())
+                } else {
+                    Err(format!("StatefulSet replicas {replicas:?}"))
+                }
             }
-        }
+        })
+        .await;
+        let late = shrunk_at - deadline;
+        let from_restart = restarted + ChronoDuration::seconds(i64::from(TIMEOUT_SECONDS));
+        assert!(
+            late >= ChronoDuration::zero(),
+            "shrunk {}ms before the deadline",
+            -late.num_milliseconds()
+        );
+        // The operator notices the deadline at its next reconcile: it requeues every
+        // REQUEUE_REBALANCING and asks the stopped node first (PROBE_TIMEOUT).
+        let notice = 2 * PROBE_TIMEOUT + REQUEUE_REBALANCING + Duration::from_secs(2);
+        assert!(
+            late < ChronoDuration::from_std(notice).unwrap() && shrunk_at < from_restart,
+            "shrunk {}ms after the original deadline: the timeout restarted with the operator \
+             (restart + timeout = {})",
+            late.num_milliseconds(),
+            from_restart.to_rfc3339()
+        );
+        log(&format!(
+            "StatefulSet shrunk {:.1}s after the original deadline ({:.1}s before restart + timeout)",
+            late.num_milliseconds() as f64 / 1000.0,
+            (from_restart - shrunk_at).num_milliseconds() as f64 / 1000.0
+        ));
     })
     .await;
-    let late = shrunk_at - deadline;
-    let from_restart = restarted + ChronoDuration::seconds(i64::from(TIMEOUT_SECONDS));
-    assert!(
-        late >= ChronoDuration::zero(),
-        "shrunk {}ms before the deadline",
-        -late.num_milliseconds()
-    );
-    assert!(
-        late < ChronoDuration::seconds(6) && shrunk_at < from_restart,
-        "shrunk {}ms after the original deadline: the timeout restarted with the operator \
-         (restart + timeout = {})",
-        late.num_milliseconds(),
-        from_restart.to_rfc3339()
-    );
-    wait_event(
-        &client,
-        ns,
-        "Warning",
-        "HandoffTimeout",
-        &format!("e2e-1 did not finish handing off within {TIMEOUT_SECONDS}s"),
-    )
+    // Continued, e2e-1 takes the kubelet's SIGTERM and goes.
+    frozen.thaw();
+    step(ns, "the timeout is reported and the node removed", async {
+        wait_event(
+            &client,
+            ns,
+            "Warning",
+            "HandoffTimeout",
+            &format!("e2e-1 did not finish handing off within {TIMEOUT_SECONDS}s"),
+        )
+        .await;
+        wait_event(
+            &client,
+            ns,
+            "Normal",
+            "RebalanceFinished",
+            "hand-off timed out on e2e-1",
+        )
+        .await;
+        assert_eq!(count_events(&client, ns, "RebalanceStarted").await, 1);
+        let o = wait_members(&ccs, &cms, std::slice::from_ref(&m0), 4).await;
+        assert_eq!(o.cc.status.unwrap().rebalance, None);
+        pods::wait_gone(&pods, "e2e-1").await;
+        assert_eq!(
+            reconcile_errors(&b.metrics),
+            0,
+            "{}",
+            b.metrics.encode().unwrap()
+        );
+    })
     .await;
-    wait_event(
-        &client,
-        ns,
-        "Normal",
-        "RebalanceFinished",
-        "hand-off timed out on e2e-1",
-    )
-    .await;
-    assert_eq!(count_events(&client, ns, "RebalanceStarted").await, 1);
-    let o = wait_members(&ccs, &cms, std::slice::from_ref(&m0), 4).await;
-    assert_eq!(o.cc.status.unwrap().rebalance, None);
-    assert_eq!(
-        reconcile_errors(&b.metrics),
-        0,
-        "{}",
-        b.metrics.encode().unwrap()
-    );
-    log(&format!(
-        "StatefulSet shrunk {:.1}s after the original deadline ({:.1}s before restart + timeout)",
-        late.num_milliseconds() as f64 / 1000.0,
-        (from_restart - shrunk_at).num_milliseconds() as f64 / 1000.0
-    ));
     b.stop().await;
 }
 
@@ -885,108 +890,21 @@ impl Process {
     }
 }
 
-/// One HTTP/1.1 GET on 127.0.0.1: (status, body).
+/// One HTTP/1.1 GET of a process's admin port on loopback: (status, body).
 async fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
-    let exchange = async {
-        let mut s = TcpStream::connect(("127.0.0.1", port))
-            .await
-            .map_err(|e| e.to_string())?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&buf).to_string();
-        let status = text
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| format!("bad response {text:?}"))?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .map_err(|_| format!("GET {path} on port {port} timed out"))?
-}
-
-/// Sends one memcached request on a new connection and reads the reply up
-/// to and including a line that is one of `ends` (or an error line).
-async fn memcache(port: u16, request: &str, ends: &[&str]) -> Result<String, String> {
-    let exchange = async {
-        let mut s = TcpStream::connect(("127.0.0.1", port))
-            .await
-            .map_err(|e| e.to_string())?;
-        s.write_all(request.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
-            if n == 0 {
-                return Err(format!(
-                    "connection closed after {:?}",
-                    String::from_utf8_lossy(&buf)
-                ));
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            let text = String::from_utf8_lossy(&buf);
-            let last_line = text
-                .strip_suffix("\r\n")
-                .map(|t| t.rsplit("\r\n").next().unwrap_or(t));
-            if let Some(line) = last_line {
-                if ends.contains(&line)
-                    || line.starts_with("SERVER_ERROR")
-                    || line.starts_with("CLIENT_ERROR")
-                    || line == "ERROR"
-                {
-                    return Ok(text.to_string());
-                }
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .map_err(|_| format!("{request:?} on port {port} timed out"))?
+    memcache::http_get("127.0.0.1", port, path).await
 }
 
 async fn config_get_cluster(port: u16) -> Result<String, String> {
-    memcache(port, "config get cluster\r\n", &["END"]).await
+    memcache::config_get_cluster("127.0.0.1", port).await
 }
 
 async fn set(port: u16, key: &str, value: &str) -> Result<(), String> {
-    let reply = memcache(
-        port,
-        &format!("set {key} 0 0 {}\r\n{value}\r\n", value.len()),
-        &["STORED"],
-    )
-    .await?;
-    if reply == "STORED\r\n" {
-        Ok(())
-    } else {
-        Err(format!("set {key}: {reply:?}"))
-    }
+    memcache::set("127.0.0.1", port, key, value).await
 }
 
 async fn get(port: u16, key: &str) -> Result<Option<String>, String> {
-    let reply = memcache(port, &format!("get {key}\r\n"), &["END"]).await?;
-    if reply == "END\r\n" {
-        return Ok(None);
-    }
-    let mut lines = reply.split("\r\n");
-    match (lines.next(), lines.next(), lines.next()) {
-        (Some(header), Some(value), Some("END")) if header.starts_with("VALUE ") => {
-            Ok(Some(value.to_string()))
-        }
-        _ => Err(format!("get {key}: {reply:?}")),
-    }
+    memcache::get("127.0.0.1", port, key).await
 }
 
 /// The members ConfigMap as the operator writes it (`members.json`,

@@ -49,7 +49,12 @@ fn managed_values(serve: &ServeArgs) -> String {
         (
             (serve.port, &serve.listen, serve.memory_limit_mb),
             (serve.conn_limit, serve.threads, serve.max_item_size),
-            (serve.admin_port, c.peer_port, &c.membership.cluster),
+            (
+                serve.admin_port,
+                c.peer_port,
+                &c.membership.cluster,
+                serve.shutdown_delay_secs
+            ),
             (&serve.tls_cert, &serve.tls_key, &serve.tls_client_ca),
             (&serve.peer_tls_ca, &serve.auth_file, &c.peer_secret_file),
             &serve.memcached.memory_file,

@@ -20,8 +20,17 @@ use std::collections::BTreeMap;
 pub const CONTAINER_NAME: &str = "kache-node";
 /// UID and GID the nodes run as (distroless `nonroot`).
 pub const RUN_AS_USER: i64 = 65532;
-/// Long enough for a node to leave the member list and drain its connections.
-pub const TERMINATION_GRACE_PERIOD_SECONDS: i64 = 60;
+/// Seconds a node keeps accepting after SIGTERM while it reports not ready (kache-node
+/// `--shutdown-delay`): kube-proxy drops its endpoint meanwhile, so clients reaching the
+/// cluster through its Service are not refused while a pod stops (rolls, scale-ins).
+pub const SHUTDOWN_DELAY_SECONDS: i64 = 5;
+/// kache-node's `--shutdown-grace` default: what open connections get after the delay.
+pub const NODE_SHUTDOWN_GRACE_SECONDS: i64 = 10;
+/// Time, after the grace, to seal the memory file and exit.
+const EXIT_SECONDS: i64 = 5;
+/// The least `terminationGracePeriodSeconds`: long enough for a node to leave the member
+/// list and drain its connections.
+pub const MIN_TERMINATION_GRACE_PERIOD_SECONDS: i64 = 60;
 /// Smallest memory headroom on top of the cache memory, in MiB.
 pub const MIN_HEADROOM_MIB: i64 = 64;
 /// CPU request per worker thread, in millicores.
@@ -199,6 +208,8 @@ pub fn container_args(cc: &CacheCluster) -> Vec<String> {
         names::ADMIN_PORT.to_string(),
         "--peer-port".into(),
         names::PEER_PORT.to_string(),
+        "--shutdown-delay".into(),
+        SHUTDOWN_DELAY_SECONDS.to_string(),
         "--cluster".into(),
         cc.name_any(),
     ];
@@ -212,6 +223,26 @@ pub fn container_args(cc: &CacheCluster) -> Vec<String> {
     }
     args.extend(s.extra_args.iter().cloned());
     args
+}
+
+/// The pods' `terminationGracePeriodSeconds`: the kubelet's SIGKILL must not cut short the
+/// shutdown delay plus the `--shutdown-grace` (kache-node's default unless `extraArgs`
+/// sets it) and the exit; never less than [`MIN_TERMINATION_GRACE_PERIOD_SECONDS`].
+pub fn termination_grace_period_seconds(cc: &CacheCluster) -> i64 {
+    let args = &cc.spec.extra_args;
+    let grace = args
+        .iter()
+        .enumerate()
+        .find_map(|(i, arg)| match arg.strip_prefix("--shutdown-grace") {
+            Some("") => args.get(i + 1).and_then(|v| v.parse::<i64>().ok()),
+            Some(rest) => rest.strip_prefix('=').and_then(|v| v.parse::<i64>().ok()),
+            None => None,
+        })
+        .unwrap_or(NODE_SHUTDOWN_GRACE_SECONDS);
+    SHUTDOWN_DELAY_SECONDS
+        .saturating_add(grace.max(0))
+        .saturating_add(EXIT_SECONDS)
+        .max(MIN_TERMINATION_GRACE_PERIOD_SECONDS)
 }
 
 /// Size of the memory file for `memory_mib` of cache, in MiB, rounded up: the segments,
@@ -369,7 +400,7 @@ pub fn statefulset(cc: &CacheCluster, default_image: &str) -> Result<StatefulSet
     let pod_spec = PodSpec {
         service_account_name: Some(names::node_service_account_name(&name)),
         automount_service_account_token: Some(true),
-        termination_grace_period_seconds: Some(TERMINATION_GRACE_PERIOD_SECONDS),
+        termination_grace_period_seconds: Some(termination_grace_period_seconds(cc)),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(RUN_AS_USER),
@@ -567,9 +598,29 @@ mod tests {
         assert_eq!(
             container_args(&cc).join(" "),
             "serve --listen 0.0.0.0 --port 11300 --memory-limit 1024 --conn-limit 4096 \
-             --threads 8 --max-item-size 4m --admin-port 11280 --peer-port 11212 --cluster web \
-             --memory-file /var/lib/kache/memory -v"
+             --threads 8 --max-item-size 4m --admin-port 11280 --peer-port 11212 \
+             --shutdown-delay 5 --cluster web --memory-file /var/lib/kache/memory -v"
         );
+    }
+
+    #[test]
+    fn the_grace_period_covers_the_shutdown_delay_and_grace() {
+        let with = |extra: &[&str]| {
+            let cc = cluster(
+                "web",
+                CacheClusterSpec {
+                    extra_args: extra.iter().map(ToString::to_string).collect(),
+                    ..Default::default()
+                },
+            );
+            pod_spec(&statefulset(&cc, "img:1").unwrap()).termination_grace_period_seconds
+        };
+        // 5 s delay + the node's default 10 s grace + exit fit in the 60 s floor.
+        assert_eq!(with(&[]), Some(60));
+        const { assert!(SHUTDOWN_DELAY_SECONDS + NODE_SHUTDOWN_GRACE_SECONDS + EXIT_SECONDS <= 60) };
+        // A longer --shutdown-grace in extraArgs, in either spelling, extends it.
+        assert_eq!(with(&["-v", "--shutdown-grace", "100"]), Some(110));
+        assert_eq!(with(&["--shutdown-grace=70"]), Some(80));
     }
 
     fn secure(client_auth: bool) -> CacheClusterSpec {

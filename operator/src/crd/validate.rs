@@ -23,6 +23,7 @@ pub const MANAGED_FLAGS: &[(&str, &str)] = &[
     ("--max-item-size", "-I"),
     ("--admin-port", ""),
     ("--peer-port", ""),
+    ("--shutdown-delay", ""),
     ("--cluster", ""),
     ("--tls-cert", ""),
     ("--tls-key", ""),

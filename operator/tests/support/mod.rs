@@ -1,13 +1,19 @@
 //! Helpers shared by the end-to-end suites (`e2e.rs`, `e2e_faults.rs`) that
-//! run against a real Kubernetes API server named by `KACHE_E2E_KUBECONFIG`.
+//! run against a real Kubernetes cluster named by `KACHE_E2E_KUBECONFIG`: its
+//! API server, and its node's kubelet running the cache pods (`pods`), whose
+//! processes the fault tests reach on this machine.
 //! Each test binary uses a different subset of them.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod diagnostics;
+pub mod memcache;
+pub mod pods;
 
 use futures::FutureExt;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -32,8 +38,9 @@ pub const ENV: &str = "KACHE_E2E_KUBECONFIG";
 pub const HELM_ENV: &str = "KACHE_E2E_HELM";
 /// Longest wait for any one condition.
 pub const TIMEOUT: Duration = Duration::from_secs(60);
-/// Longest a whole test may run (cleanup not included).
-pub const TEST_BUDGET: Duration = Duration::from_secs(300);
+/// Longest a whole test may run (cleanup not included): real pods start, stop
+/// (after their shutdown delay) and hand off at a crawl where a test needs it.
+pub const TEST_BUDGET: Duration = Duration::from_secs(420);
 /// Longest the cleanup may wait for the namespace to disappear.
 pub const CLEANUP_TIMEOUT: Duration = Duration::from_secs(90);
 /// Image the in-process operator gives CacheClusters that set none.
@@ -191,13 +198,14 @@ where
     let client = admin_client(&path).await;
     install_crd(&client).await;
     let _one_operator = ONE_OPERATOR.lock().await;
-    let _node = virtual_node(&client).await;
     in_namespace(&client, prefix, |ns| body(client.clone(), path.clone(), ns)).await;
 }
 
 /// Runs `body` in a fresh namespace `<prefix>-<pid>` within `TEST_BUDGET`,
 /// then deletes the namespace and the chart's cluster-scoped objects named
-/// after it, whether `body` passed, failed or timed out.
+/// after it, whether `body` passed, failed or timed out. On a failure the
+/// namespace's state (objects, descriptions, events, pod logs) is printed
+/// first, and the step that was running is named.
 pub async fn in_namespace<F, Fut>(client: &Client, prefix: &str, body: F)
 where
     F: FnOnce(String) -> Fut,
@@ -229,9 +237,15 @@ where
         AssertUnwindSafe(body(ns.clone())).catch_unwind(),
     )
     .await;
+    if !matches!(outcome, Ok(Ok(()))) {
+        diagnostics::print(&ns);
+    }
     let gone = cleanup(client, &ns).await;
     match outcome {
-        Err(_) => panic!("test in namespace {ns} exceeded its budget of {TEST_BUDGET:?}"),
+        Err(_) => panic!(
+            "test in namespace {ns} exceeded its budget of {TEST_BUDGET:?} in step {:?}",
+            diagnostics::current_step()
+        ),
         Ok(Err(panic)) => std::panic::resume_unwind(panic),
         Ok(Ok(())) => assert!(
             gone,
@@ -243,6 +257,7 @@ where
 /// Deletes the namespace and the chart's cluster-scoped objects; returns
 /// whether the namespace was gone within `CLEANUP_TIMEOUT`.
 pub async fn cleanup(client: &Client, ns: &str) -> bool {
+    pods::release_scheduling(client, ns).await;
     let name = operator_name(ns);
     let dp = DeleteParams::default();
     let crbs: Api<ClusterRoleBinding> = Api::all(client.clone());
@@ -276,147 +291,6 @@ pub async fn cleanup(client: &Client, ns: &str) -> bool {
     }
     println!("[{ns}] cleanup: namespace still there after {CLEANUP_TIMEOUT:?}");
     false
-}
-
-// ------------------------------------------------------------------ the virtual node
-
-/// The node these suites' cache pods run on: a Node object that no kubelet runs (as
-/// kwok does). The suites play its kubelet: they write their pods' status (Ready or not,
-/// the IP, 127.0.0.1 for a node whose admin port a test scripts), which a real kubelet
-/// would overwrite. Real pods on the real node are `tests/k8s`'s: this keeps the
-/// operator's API-level behaviour (exact member-list versions, a hand-off that never
-/// finishes, a crashed operator) deterministic on the same cluster.
-pub const VIRTUAL_NODE: &str = "kache-e2e-virtual";
-/// Its taint: nothing but the suites' pods (which tolerate it) is scheduled there.
-pub const VIRTUAL_TAINT: &str = "kache.dev/e2e-virtual";
-
-/// The spec fields that schedule a CacheCluster's pods on [`VIRTUAL_NODE`].
-pub fn on_virtual_node(mut spec: Value) -> Value {
-    spec["nodeSelector"] = json!({"kubernetes.io/hostname": VIRTUAL_NODE});
-    spec["tolerations"] = json!([{"key": VIRTUAL_TAINT, "operator": "Exists"}]);
-    spec
-}
-
-/// [`on_virtual_node`]'s fields as the typed spec holds them.
-pub fn virtual_node_spec(spec: crd::CacheClusterSpec) -> crd::CacheClusterSpec {
-    let fields = on_virtual_node(json!({}));
-    crd::CacheClusterSpec {
-        node_selector: serde_json::from_value(fields["nodeSelector"].clone()).unwrap(),
-        tolerations: serde_json::from_value(fields["tolerations"].clone()).unwrap(),
-        ..spec
-    }
-}
-
-fn node_ready_status() -> Value {
-    let now = k8s_openapi::chrono::Utc::now().to_rfc3339();
-    json!({"status": {
-        "capacity": {"cpu": "64", "memory": "256Gi", "pods": "250"},
-        "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "250"},
-        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-                        "message": "kache e2e virtual node", "lastHeartbeatTime": now,
-                        "lastTransitionTime": now}],
-    }})
-}
-
-/// Creates [`VIRTUAL_NODE`] if missing and plays its kubelet while the returned guard
-/// lives: keeps it Ready (heartbeats every 5 s, else the node lifecycle controller marks
-/// it, and its pods, not ready after 40 s) and completes the deletion of its pods (as a
-/// kubelet does once their containers stopped; they would stay Terminating otherwise).
-pub async fn virtual_node(client: &Client) -> AbortOnDrop<()> {
-    use k8s_openapi::api::core::v1::Node;
-    let nodes: Api<Node> = Api::all(client.clone());
-    if nodes.get_opt(VIRTUAL_NODE).await.unwrap().is_none() {
-        let node: Node = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": VIRTUAL_NODE, "labels": {
-                "kubernetes.io/hostname": VIRTUAL_NODE, "kache.dev/e2e": "true"}},
-            "spec": {"taints": [{"key": VIRTUAL_TAINT, "value": "true", "effect": "NoSchedule"}]},
-        }))
-        .unwrap();
-        match nodes.create(&PostParams::default(), &node).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => panic!("create node {VIRTUAL_NODE}: {e}"),
-        }
-    }
-    let beat = |nodes: Api<Node>| async move {
-        nodes
-            .patch_status(
-                VIRTUAL_NODE,
-                &PatchParams::default(),
-                &Patch::Merge(&node_ready_status()),
-            )
-            .await
-            .map(|_| ())
-    };
-    beat(nodes.clone())
-        .await
-        .unwrap_or_else(|e| panic!("write status of node {VIRTUAL_NODE}: {e}"));
-    wait_schedulable(client).await;
-    let pods: Api<Pod> = Api::all(client.clone());
-    AbortOnDrop(Some(tokio::spawn(async move {
-        let on_node =
-            kube::api::ListParams::default().fields(&format!("spec.nodeName={VIRTUAL_NODE}"));
-        for tick in 1u64.. {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            if tick % 10 == 0 {
-                if let Err(e) = beat(nodes.clone()).await {
-                    println!("virtual node heartbeat failed: {e}");
-                }
-            }
-            let Ok(list) = pods.list(&on_node).await else {
-                continue;
-            };
-            for p in list
-                .items
-                .iter()
-                .filter(|p| p.metadata.deletion_timestamp.is_some())
-            {
-                let api: Api<Pod> = Api::namespaced(
-                    pods.clone().into_client(),
-                    &p.namespace().unwrap_or_default(),
-                );
-                let _ = api
-                    .delete(&p.name_any(), &DeleteParams::default().grace_period(0))
-                    .await;
-            }
-        }
-    })))
-}
-
-/// Waits until the scheduler places a pod on [`VIRTUAL_NODE`]: a node it has not seen
-/// yet (just created) would make the first cache pods unschedulable for a moment.
-async fn wait_schedulable(client: &Client) {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let name = format!("kache-e2e-canary-{}", std::process::id());
-    let canary: Pod = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
-        "spec": {
-            "nodeSelector": {"kubernetes.io/hostname": VIRTUAL_NODE},
-            "tolerations": [{"key": VIRTUAL_TAINT, "operator": "Exists"}],
-            "containers": [{"name": "c", "image": "none.invalid/canary:0"}],
-        },
-    }))
-    .unwrap();
-    match pods.create(&PostParams::default(), &canary).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => panic!("create pod {name}: {e}"),
-    }
-    eventually(&format!("pod {name} scheduled to {VIRTUAL_NODE}"), || {
-        let (pods, name) = (pods.clone(), name.clone());
-        async move {
-            let p = pods.get(&name).await.map_err(|e| e.to_string())?;
-            match p.spec.as_ref().and_then(|s| s.node_name.clone()) {
-                Some(n) if n == VIRTUAL_NODE => Ok(()),
-                other => Err(format!("nodeName {other:?}")),
-            }
-        }
-    })
-    .await;
-    let _ = pods
-        .delete(&name, &DeleteParams::default().grace_period(0))
-        .await;
 }
 
 // ------------------------------------------------------------------ CRD
@@ -674,6 +548,28 @@ pub async fn allowed(
     r.status.is_some_and(|s| s.allowed)
 }
 
+/// Sets the replicas of CacheCluster `e2e` through its scale subresource, as
+/// `kubectl scale` does.
+pub async fn scale_to(ccs: &Api<CacheCluster>, replicas: u32) {
+    ccs.patch_scale(
+        "e2e",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"replicas": replicas}})),
+    )
+    .await
+    .expect("patch /scale");
+}
+
+/// The status of CacheCluster `e2e` (empty before the operator wrote one).
+pub async fn status_of(ccs: &Api<CacheCluster>) -> Result<crd::CacheClusterStatus, String> {
+    Ok(ccs
+        .get("e2e")
+        .await
+        .map_err(|e| e.to_string())?
+        .status
+        .unwrap_or_default())
+}
+
 pub fn condition<'a>(conds: &'a [Condition], type_: &str) -> &'a Condition {
     conds
         .iter()
@@ -739,20 +635,15 @@ pub async fn wait_event(client: &Client, ns: &str, type_: &str, reason: &str, no
     .await;
 }
 
-/// Writes pod status as a kubelet would: Running, an IP, Ready or not.
-pub async fn set_pod_ready(pods: &Api<Pod>, name: &str, ip: &str, ready: bool) {
-    let status = json!({"status": {
-        "phase": "Running",
-        "podIP": ip,
-        "podIPs": [{"ip": ip}],
-        "conditions": [
-            {"type": "Ready", "status": if ready { "True" } else { "False" }},
-            {"type": "ContainersReady", "status": if ready { "True" } else { "False" }},
-        ],
-    }});
-    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .unwrap_or_else(|e| panic!("write status of pod {name}: {e}"));
+/// Reconciles that finished, from `/metrics` (the duration histogram's count).
+pub fn finished_reconciles(metrics: &Metrics) -> u64 {
+    let text = metrics.encode().unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("kache_operator_reconcile_duration_seconds_count "))
+        .unwrap_or_else(|| panic!("no reconcile duration count in {text}"))
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 pub fn reconcile_errors(metrics: &Metrics) -> u64 {
@@ -767,73 +658,6 @@ pub fn reconcile_errors(metrics: &Metrics) -> u64 {
                 .get()
         })
         .sum()
-}
-
-/// A fake kache node admin endpoint on 127.0.0.1: answers every
-/// `GET /cluster` with the hand-off state the test sets, and counts requests.
-#[derive(Clone)]
-pub struct FakeNode {
-    pub port: u16,
-    handoff: Arc<std::sync::Mutex<Value>>,
-    hits: Arc<std::sync::atomic::AtomicU64>,
-    _task: Arc<AbortOnDrop<()>>,
-}
-
-impl FakeNode {
-    pub async fn start() -> Self {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let handoff = Arc::new(std::sync::Mutex::new(
-            json!({"version": 0, "running": false, "done": false}),
-        ));
-        let hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (h, n) = (handoff.clone(), hits.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut s, _)) = listener.accept().await else {
-                    return;
-                };
-                let (h, n) = (h.clone(), n.clone());
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 1024];
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
-                        }
-                    }
-                    let ok = buf.starts_with(b"GET /cluster ");
-                    n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let body = json!({"node": "fake", "member": false, "version": 0,
-                        "handoff": h.lock().unwrap().clone(), "items": 0})
-                    .to_string();
-                    let status = if ok { "200 OK" } else { "404 Not Found" };
-                    let resp = format!(
-                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = s.write_all(resp.as_bytes()).await;
-                    let _ = s.shutdown().await;
-                });
-            }
-        });
-        Self {
-            port,
-            handoff,
-            hits,
-            _task: Arc::new(AbortOnDrop(Some(task))),
-        }
-    }
-
-    pub fn set(&self, handoff: Value) {
-        *self.handoff.lock().unwrap() = handoff;
-    }
-
-    pub fn hits(&self) -> u64 {
-        self.hits.load(std::sync::atomic::Ordering::Relaxed)
-    }
 }
 
 pub struct Observed {
@@ -942,17 +766,33 @@ pub struct LeaseTiming {
     pub renew: Duration,
 }
 
+/// Which CacheClusters an [`OperatorProcess`] watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Watch {
+    /// Those of the test's namespace only, so an operator of another suite
+    /// running against the same API server cannot be disturbed by this one.
+    Namespace,
+    /// All namespaces, as the chart deploys it by default (hold [`ONE_OPERATOR`]).
+    AllNamespaces,
+}
+
 impl OperatorProcess {
     /// Campaigns for the Lease with `client` (the chart's ServiceAccount)
-    /// and returns once this instance leads and its controller runs. The
-    /// controller watches `ns` only, so an operator of another suite running
-    /// against the same API server cannot be disturbed by this one.
-    pub async fn start(
+    /// and returns once this instance leads and its controller runs,
+    /// watching `ns` only. It reaches the nodes' admin port at their pod IPs.
+    pub async fn start(client: Client, ns: &str, identity: &str, lease: LeaseTiming) -> Self {
+        Self::start_with(client, ns, identity, lease, Watch::Namespace, ns).await
+    }
+
+    /// [`OperatorProcess::start`], watching `watch`, as if deployed in
+    /// `operator_namespace` (which the NetworkPolicy lets reach the admin port).
+    pub async fn start_with(
         client: Client,
         ns: &str,
         identity: &str,
         lease: LeaseTiming,
-        admin_port: u16,
+        watch: Watch,
+        operator_namespace: &str,
     ) -> Self {
         use kache_operator::leader::{LeaderElector, LeaseConfig};
         use kache_operator::reconcile::{run_controller, Context, Settings};
@@ -978,8 +818,8 @@ impl OperatorProcess {
             client,
             Settings {
                 node_image: NODE_IMAGE.into(),
-                node_admin_port: admin_port,
-                operator_namespace: ns.to_string(),
+                node_admin_port: names::ADMIN_PORT,
+                operator_namespace: operator_namespace.to_string(),
             },
             metrics.clone(),
             kube::runtime::events::Reporter {
@@ -995,11 +835,8 @@ impl OperatorProcess {
                 _ = leader_rx.wait_for(|l| !*l) => {}
             }
         };
-        let controller = AbortOnDrop(Some(tokio::spawn(run_controller(
-            ctx,
-            Some(ns.to_string()),
-            stop,
-        ))));
+        let scope = (watch == Watch::Namespace).then(|| ns.to_string());
+        let controller = AbortOnDrop(Some(tokio::spawn(run_controller(ctx, scope, stop))));
         Self {
             identity: identity.to_string(),
             metrics,
@@ -1008,6 +845,30 @@ impl OperatorProcess {
             elector: Some(elector),
             controller: Some(controller),
         }
+    }
+
+    /// Reconciles that finished (the duration histogram's count; the
+    /// `reconciles` counter counts them as they start).
+    pub fn finished_reconciles(&self) -> u64 {
+        finished_reconciles(&self.metrics)
+    }
+
+    /// Waits until `n` more reconciles than `before` have finished.
+    pub async fn wait_finished_reconciles(&self, before: u64, n: u64) {
+        eventually(
+            &format!("{} finishes {n} more reconciles", self.identity),
+            || {
+                let now = self.finished_reconciles();
+                async move {
+                    if now >= before + n {
+                        Ok(())
+                    } else {
+                        Err(format!("{} finished", now - before))
+                    }
+                }
+            },
+        )
+        .await;
     }
 
     /// A clean shutdown (SIGTERM): in-flight reconciles finish, the
