@@ -1,7 +1,11 @@
-//! The top-level modules of `node/src` depend on each other without cycles: the graph of
-//! `crate::<module>` paths (in `use` lines and inline) read from the sources is acyclic.
-//! Layering, bottom up: store, record, cluster, protocol, ... engine, peer, node, server,
-//! proxy, admin; `main.rs` is the binary and may use anything.
+//! The top-level modules of each crate of the workspace (`node/src`, `operator/src`,
+//! `cluster/src`) depend on each other without cycles: the graph of `crate::<module>` paths
+//! (in `use` lines and inline, outside comments and test-only code) read from the sources is
+//! acyclic. One check for every crate, kept with what the crates share.
+//!
+//! node, bottom up: store, record, cluster, protocol, ... engine, peer, node, server, proxy,
+//! admin. operator: crd, build, observe, probe, status, scale, roll, reconcile. `main.rs`
+//! and `bin/` are binaries and may use anything.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -26,6 +30,42 @@ fn module_of(src: &Path, file: &Path) -> String {
     let first = relative.components().next().unwrap();
     let name = first.as_os_str().to_string_lossy();
     name.trim_end_matches(".rs").to_string()
+}
+
+/// `source` without its test-only part: what follows the first `#[cfg(test)]` that opens
+/// an inline module (test modules close their files).
+fn non_test(source: &str) -> &str {
+    let inline_tests =
+        regex::Regex::new(r"#\[cfg\(test\)\]\s*(pub(\(crate\))?\s+)?mod\s+\w+\s*\{").unwrap();
+    inline_tests
+        .find(source)
+        .map_or(source, |m| &source[..m.start()])
+}
+
+/// Files that `#[cfg(test)] mod name;` declarations make test-only (`name.rs` or
+/// `name/mod.rs` in the declaring module's folder).
+fn test_only_files(files: &[PathBuf]) -> BTreeSet<PathBuf> {
+    let declared =
+        regex::Regex::new(r"#\[cfg\(test\)\]\s*(pub(\(crate\))?\s+)?mod\s+(\w+)\s*;").unwrap();
+    let mut out = BTreeSet::new();
+    for file in files {
+        let text = std::fs::read_to_string(file).unwrap();
+        let stem = file.file_stem().unwrap().to_string_lossy();
+        let parent = file.parent().unwrap();
+        // `a.rs` declares its children in `a/`; `lib.rs`, `main.rs` and `mod.rs` in their
+        // own folder.
+        let dir = if matches!(stem.as_ref(), "lib" | "main" | "mod") {
+            parent.to_path_buf()
+        } else {
+            parent.join(stem.as_ref())
+        };
+        for capture in declared.captures_iter(&text) {
+            let name = &capture[3];
+            out.insert(dir.join(format!("{name}.rs")));
+            out.insert(dir.join(name).join("mod.rs"));
+        }
+    }
+    out
 }
 
 /// Whether `b` can start an identifier.
@@ -93,19 +133,21 @@ fn referenced(source: &str) -> BTreeSet<String> {
     found
 }
 
-/// Module -> the other top-level modules it refers to.
-fn graph() -> BTreeMap<String, BTreeSet<String>> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+/// Module -> the other top-level modules it refers to, for the crate whose sources are in
+/// `src` (a folder of the workspace).
+fn graph(src: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(src);
     let mut files = Vec::new();
     sources(&src, &mut files);
+    let test_only = test_only_files(&files);
     let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for file in files {
-        let module = module_of(&src, &file);
-        if module == "main" || module == "lib" {
+    for file in &files {
+        let module = module_of(&src, file);
+        if matches!(module.as_str(), "main" | "lib" | "bin") || test_only.contains(file) {
             continue;
         }
-        let text = std::fs::read_to_string(&file).unwrap();
-        let uses = referenced(&text)
+        let text = std::fs::read_to_string(file).unwrap();
+        let uses = referenced(non_test(&text))
             .into_iter()
             .filter(|m| *m != module && m != "self")
             .collect::<BTreeSet<_>>();
@@ -166,12 +208,39 @@ fn the_cycle_finder_finds_a_cycle() {
 }
 
 #[test]
-fn top_level_modules_form_no_cycle() {
-    let graph = graph();
+fn test_only_code_is_left_out() {
+    let text = "use crate::a::X;\n#[cfg(test)]\nmod tests {\n    use crate::b::Y;\n}\n";
+    let found: Vec<String> = referenced(non_test(text)).into_iter().collect();
+    assert_eq!(found, ["a"]);
+}
+
+fn assert_acyclic(src: &str, graph: &BTreeMap<String, BTreeSet<String>>) {
+    if let Some(cycle) = find_cycle(graph) {
+        panic!("module cycle in {src}: {}\n{graph:#?}", cycle.join(" -> "));
+    }
+}
+
+#[test]
+fn the_nodes_modules_form_no_cycle() {
+    let graph = graph("node/src");
     // The graph is really read: the engine uses the store, the peer layer the records.
     assert!(graph["engine"].contains("store"), "{graph:?}");
     assert!(graph["peer"].contains("record"), "{graph:?}");
-    if let Some(cycle) = find_cycle(&graph) {
-        panic!("module cycle: {}\n{graph:#?}", cycle.join(" -> "));
-    }
+    assert_acyclic("node/src", &graph);
+}
+
+#[test]
+fn the_operators_modules_form_no_cycle() {
+    let graph = graph("operator/src");
+    assert!(graph["status"].contains("crd"), "{graph:?}");
+    // Test fixtures are no module of the library's graph.
+    assert!(!graph.contains_key("fixtures"), "{graph:?}");
+    assert_acyclic("operator/src", &graph);
+}
+
+#[test]
+fn the_shared_crates_modules_form_no_cycle() {
+    let graph = graph("cluster/src");
+    assert!(graph.len() > 2, "{graph:?}");
+    assert_acyclic("cluster/src", &graph);
 }
