@@ -286,14 +286,7 @@ async fn run(args: ServeArgs, options: MemcachedOptions, threads: usize) -> Resu
         }
         None => Arc::from(Vec::new()),
     };
-    let auth = match &args.auth_file {
-        Some(path) => {
-            let auth = Arc::new(AuthFile::load(path).map_err(|e| e.to_string())?);
-            tokio::spawn(auth.clone().follow(shutdown_rx.clone()));
-            Some(auth)
-        }
-        None => None,
-    };
+    let auth = followed_auth_file(args.auth_file.as_deref(), &shutdown_rx)?;
     let tls = match (&tls_cert, &tls_key) {
         (Some(cert), Some(key)) => {
             let tls = Arc::new(
@@ -515,14 +508,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
         max_item_size: args.max_item_size,
         ..Limits::default()
     };
-    let login = match &args.node_auth_file {
-        Some(path) => {
-            let file = Arc::new(AuthFile::load(path).map_err(|e| e.to_string())?);
-            tokio::spawn(file.clone().follow(shutdown_rx.clone()));
-            Some(file)
-        }
-        None => None,
-    };
+    let login = followed_auth_file(args.node_auth_file.as_deref(), &shutdown_rx)?;
     let tls = args.node_tls_ca.clone().map(|ca| NodeTlsFiles {
         ca,
         identity: args.node_tls_cert.clone().zip(args.node_tls_key.clone()),
@@ -587,6 +573,19 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
 }
 
 /// memcached's `save_pid`: written through a temporary file once the sockets are bound.
+/// The auth file at `path`, if any, loaded and re-read when it changes until shutdown.
+fn followed_auth_file(
+    path: Option<&std::path::Path>,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<Option<Arc<AuthFile>>, String> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let file = Arc::new(AuthFile::load(path).map_err(|e| e.to_string())?);
+    tokio::spawn(file.clone().follow(shutdown.clone()));
+    Ok(Some(file))
+}
+
 fn write_pidfile(path: &std::path::Path) -> Result<(), String> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");

@@ -428,7 +428,7 @@ impl Life {
     /// returns it and the member it must be published as.
     async fn ready_member(&self, ordinal: u32) -> (Pod, Member) {
         let pod = pods::wait_ready(&self.pods, &format!("e2e-{ordinal}")).await;
-        let ip = pods::ip_of(&pod).unwrap();
+        let ip = kache_operator::observe::pod_ip(&pod).unwrap();
         (pod, member(&self.ns, ordinal, &ip))
     }
 

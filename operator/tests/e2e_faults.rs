@@ -171,7 +171,11 @@ async fn ready_cluster(
             scale_to(ccs, ordinal + 1).await;
         }
         let pod = pods::wait_ready(pods, &format!("e2e-{ordinal}")).await;
-        want.push(member(ns, ordinal, &pods::ip_of(&pod).unwrap()));
+        want.push(member(
+            ns,
+            ordinal,
+            &kache_operator::observe::pod_ip(&pod).unwrap(),
+        ));
         last = Some(wait_members(ccs, cms, &want, u64::from(ordinal) + 2).await);
     }
     last.unwrap().list

@@ -134,8 +134,8 @@ pub async fn get(ip: &str, port: u16, key: &str) -> Result<Option<String>, Strin
     }
 }
 
-/// Writes `per_node` keys owned by each of `nodes` (member names) straight to
-/// their owner (`ip_of` maps a member name to its pod IP), as a ketama client
+/// Writes `per_node` keys owned by each of `nodes` (member name, pod IP) straight
+/// to their owner, as a ketama client
 /// would, and returns them: (key, value, owner). `ask` is a node that follows
 /// the current member list (it answers who owns a key).
 pub async fn write_owned_keys(

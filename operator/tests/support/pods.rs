@@ -7,6 +7,7 @@
 
 use super::eventually;
 use k8s_openapi::api::core::v1::{Node, Pod};
+use kache_operator::observe::pod_ip;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{json, Value};
@@ -90,14 +91,6 @@ pub fn is_ready(pod: &Pod) -> bool {
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// The pod's IP, once it has one.
-pub fn ip_of(pod: &Pod) -> Option<String> {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.pod_ip.clone())
-        .filter(|ip| !ip.is_empty())
-}
-
 /// How often the pod's first container was restarted.
 pub fn restarts(pod: &Pod) -> i32 {
     pod.status
@@ -144,7 +137,7 @@ pub async fn wait_pod(pods: &Api<Pod>, name: &str, what: &str, pred: impl Fn(&Po
 
 /// Waits until pod `name` is Ready through the kubelet's probe, with an IP.
 pub async fn wait_ready(pods: &Api<Pod>, name: &str) -> Pod {
-    wait_pod(pods, name, "Ready", |p| is_ready(p) && ip_of(p).is_some()).await
+    wait_pod(pods, name, "Ready", |p| is_ready(p) && pod_ip(p).is_some()).await
 }
 
 /// Waits until pod `name` is gone.
