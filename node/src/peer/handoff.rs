@@ -5,7 +5,11 @@
 //! chunk waits for its acknowledgements before the next starts, which bounds the data in
 //! flight and keeps hand-off traffic from crowding out clients. A departing member (no
 //! longer in the list) owns nothing, so it hands everything over; the operator waits for
-//! its `GET /cluster` to report the hand-off done before removing its pod.
+//! its `GET /cluster` to report the hand-off done before removing its pod. A chunk with a
+//! send that was not acknowledged (an owner restarting, a partition, a full link) is sent
+//! again after a pause, until every item is acknowledged or a newer list supersedes it: a
+//! hand-off is done only when nothing is left behind, so the operator never removes a
+//! node whose data did not arrive (its hand-off deadline bounds the wait).
 //!
 //! A node that restarts empty while still listed pulls back what it owns (`refill`).
 
@@ -31,6 +35,10 @@ use crate::store::{now_secs, ScanCursor};
 const CHUNK: usize = 256;
 /// How long a chunk waits for its acknowledgements before counting them failed.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pauses before a chunk is sent again: the first, and the longest (short enough that a
+/// newer member list is noticed soon).
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(2);
 /// Bound on a refill from one peer.
 const REFILL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -44,6 +52,7 @@ pub struct HandoffState {
     pub done: AtomicBool,
     pub sent: AtomicU64,
     pub acked: AtomicU64,
+    /// Sends not acknowledged; their chunk is sent again.
     pub failed: AtomicU64,
     /// Items received by refills.
     pub refilled: AtomicU64,
@@ -93,6 +102,7 @@ async fn hand_off(
     state.running.store(true, Relaxed);
     let me = cluster.node_name();
     tracing::info!(version, "hand-off started");
+    let mut retry = RETRY_FIRST;
     for shard in 0..replicator.store.shard_count() {
         let mut cursor = Some(ScanCursor::default());
         while let Some(start) = cursor {
@@ -125,27 +135,42 @@ async fn hand_off(
                 continue;
             }
             let mut acks = Vec::with_capacity(batch.len());
+            let mut failed = 0;
             for (owner, record) in batch {
                 let (tx, rx) = oneshot::channel();
                 if links.send(&owner, record, Some(tx)) {
                     acks.push(rx);
                 } else {
-                    state.failed.fetch_add(1, Relaxed);
+                    failed += 1;
                 }
             }
             state.sent.fetch_add(acks.len() as u64, Relaxed);
             sent_here += acks.len() as u64;
-            let results = tokio::time::timeout(ACK_TIMEOUT, join_all(acks)).await;
-            match results {
+            let waited = acks.len() as u64;
+            match tokio::time::timeout(ACK_TIMEOUT, join_all(acks)).await {
                 Ok(results) => {
                     let ok = results.iter().filter(|r| r.is_ok()).count() as u64;
                     state.acked.fetch_add(ok, Relaxed);
-                    state.failed.fetch_add(results.len() as u64 - ok, Relaxed);
+                    failed += waited - ok;
                 }
-                Err(_) => {
-                    state.failed.fetch_add(1, Relaxed);
-                }
+                Err(_) => failed += waited.max(1),
             }
+            if failed > 0 {
+                // The same chunk again, read afresh from the store (so a newer write is what
+                // goes): records carry their versions, so a copy that did arrive is kept.
+                state.failed.fetch_add(failed, Relaxed);
+                tracing::debug!(
+                    version,
+                    shard,
+                    failed,
+                    "hand-off chunk not acknowledged; again"
+                );
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(RETRY_MAX);
+                cursor = Some(start);
+                continue;
+            }
+            retry = RETRY_FIRST;
             // Throttle to `rate` items per second.
             let due = Duration::from_secs_f64(sent_here as f64 / rate.max(1) as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
@@ -276,11 +301,19 @@ mod tests {
     }
 
     async fn pair() -> Pair {
+        pair_serving(true).await.0
+    }
+
+    /// Nodes `a` and `b`; unless `b_serves`, nothing listens on b's peer port until the
+    /// function returned is called.
+    async fn pair_serving(b_serves: bool) -> (Pair, impl FnOnce()) {
         let (stop, stopped) = watch::channel(false);
         let mut nodes = Vec::new();
         let mut members = Vec::new();
+        let mut b_port = 0;
         for (i, name) in ["a", "b"].into_iter().enumerate() {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            b_port = listener.local_addr().unwrap().port();
             members.push(Member {
                 name: name.into(),
                 host: "127.0.0.1".into(),
@@ -290,14 +323,27 @@ mod tests {
                 peer_port: listener.local_addr().unwrap().port(),
             });
             let node = crate::peer::test_replicator(Arc::new(Cluster::new(name)), i as u64 + 1);
-            tokio::spawn(server::serve(listener, node.clone(), None, stopped.clone()));
+            if b_serves || name == "a" {
+                tokio::spawn(server::serve(listener, node.clone(), None, stopped.clone()));
+            }
             nodes.push(node);
         }
-        Pair {
-            nodes,
-            members,
-            _stop: stop,
-        }
+        let b = nodes[1].clone();
+        // b's port was bound and released: it is free again for b's server.
+        let start_b = move || {
+            let listener = std::net::TcpListener::bind(("127.0.0.1", b_port)).unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let listener = TcpListener::from_std(listener).unwrap();
+            tokio::spawn(server::serve(listener, b, None, stopped));
+        };
+        (
+            Pair {
+                nodes,
+                members,
+                _stop: stop,
+            },
+            start_b,
+        )
     }
 
     fn list(version: u64, members: &[Member]) -> MemberList {
@@ -359,6 +405,41 @@ mod tests {
             let key = format!("key-{i}");
             assert_eq!(holds(b, &key), moved.contains(&key), "{key}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_hand_off_to_an_unreachable_owner_waits_and_delivers_everything_once_it_answers() {
+        let (pair, start_b) = pair_serving(false).await;
+        let (a, b) = (pair.nodes[0].clone(), pair.nodes[1].clone());
+        fill(&a);
+        let before = ClusterView::new(list(1, &pair.members[..1]), "a");
+        a.cluster.update(list(2, &pair.members));
+        b.cluster.update(list(2, &pair.members));
+        let next = a.cluster.view();
+        let running = {
+            let a = a.clone();
+            tokio::spawn(async move { hand_off(&a, &before, &next, 1_000_000).await })
+        };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while a.handoff.failed.load(Relaxed) < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "no send failed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Sends failed twice: the hand-off is still under way, not done with a loss.
+        assert!(a.handoff.running.load(Relaxed) && !a.handoff.done.load(Relaxed));
+        start_b();
+        let finished = tokio::time::timeout(WAIT * 2, running)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(finished);
+        assert!(a.handoff.done.load(Relaxed) && !a.handoff.running.load(Relaxed));
+        let moved = owned_by("b", &pair.members);
+        assert!(!moved.is_empty());
+        for key in &moved {
+            assert!(holds(&b, key), "{key} was not delivered");
+        }
+        assert!(a.handoff.acked.load(Relaxed) >= moved.len() as u64);
     }
 
     #[tokio::test]
