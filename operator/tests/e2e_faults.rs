@@ -475,8 +475,9 @@ async fn restart_mid_scale_in(client: Client, path: String, ns: String) {
 /// recorded in `status.rebalance`, not from when the current operator
 /// instance started: an operator stopped for a while during a scale-in whose
 /// node never finishes removes the node at the original deadline. The node
-/// that never finishes is a real pod whose process is stopped (SIGSTOP)
-/// until the StatefulSet has shrunk.
+/// that never finishes is a real pod whose connections to peer ports are
+/// refused (iptables in its network namespace): its hand-off sends again and
+/// again, never done, while the pod stays alive and Ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_operator_restart_keeps_scale_in_deadline() {
     with_operator_namespace(
@@ -488,9 +489,6 @@ async fn e2e_operator_restart_keeps_scale_in_deadline() {
 }
 
 async fn restart_keeps_deadline(client: Client, path: String, ns: String) {
-    // The node stays stopped for about TIMEOUT_SECONDS and a few reconciles: within
-    // the kubelet's liveness budget (3 failed probes 10 s apart), so it is not restarted
-    // before the operator has given up on it.
     const TIMEOUT_SECONDS: u32 = 15;
     const DOWN: Duration = Duration::from_secs(6);
     let ns = ns.as_str();
@@ -503,15 +501,17 @@ async fn restart_keeps_deadline(client: Client, path: String, ns: String) {
     let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
 
     let a = OperatorProcess::start(operator_client.clone(), ns, "e2e-operator-a", LEASE).await;
-    let m0 = step(ns, "2 Ready nodes", async {
+    let m0 = step(ns, "2 Ready nodes, data on e2e-1", async {
         let list = ready_cluster(&ccs, &cms, &pods, ns, 2, TIMEOUT_SECONDS).await;
         assert_eq!(list.version, 3);
+        let ip = |i: usize| list.members[i].ip.as_str();
+        memcache::write_owned_keys(ip(0), &[("e2e-1", ip(1))], 20, "deadline").await;
         list.members[0].clone()
     })
     .await;
 
-    // e2e-1 stops (SIGSTOP): it never finishes the hand-off for v4.
-    let frozen = pods::Frozen::freeze(&pods.get("e2e-1").await.unwrap());
+    // e2e-1 cannot reach its peers: it never finishes the hand-off for v4 (its 20 items).
+    let blocked = pods::PeerTrafficBlocked::block(&pods.get("e2e-1").await.unwrap());
     let (started, deadline) = step(ns, "scale 2 -> 1: a waits for e2e-1", async {
         scale_to(&ccs, 1).await;
         wait_members(&ccs, &cms, std::slice::from_ref(&m0), 4).await;
@@ -610,8 +610,8 @@ async fn restart_keeps_deadline(client: Client, path: String, ns: String) {
         ));
     })
     .await;
-    // Continued, e2e-1 takes the kubelet's SIGTERM and goes.
-    frozen.thaw();
+    // e2e-1, still trying, takes the kubelet's SIGTERM and goes.
+    blocked.unblock();
     step(ns, "the timeout is reported and the node removed", async {
         wait_event(
             &client,

@@ -1,6 +1,6 @@
 //! Real pods on the cluster's real node, and the faults a test causes them with real
 //! means: scheduling held back by a node label, a container's process stopped with
-//! SIGSTOP.
+//! SIGSTOP, a pod's peer traffic refused by iptables in its network namespace.
 //!
 //! The processes are reached on this machine (`/proc`, `kill`): the cluster's node
 //! must be this machine, as the k8s kit's is. Elsewhere these helpers fail, saying so.
@@ -252,6 +252,54 @@ impl Drop for Frozen {
     fn drop(&mut self) {
         match run(Command::new("kill").args(["-CONT", &self.pid.to_string()])) {
             Ok(_) => println!("{} continued (SIGCONT)", self.what),
+            Err(e) => println!("{}: {e}", self.what),
+        }
+    }
+}
+
+/// A pod whose connections to peer ports are refused (an iptables rule in the pod's network
+/// namespace): its hand-off cannot deliver, while it stays alive, serves clients and answers
+/// its probes (unlike [`Frozen`], the kubelet never restarts it). Removed when dropped,
+/// unless the pod is gone by then (its namespace goes with it).
+pub struct PeerTrafficBlocked {
+    pid: u32,
+    what: String,
+}
+
+fn peer_block_rule(action: &str) -> Vec<String> {
+    let port = kache_cluster::names::PEER_PORT.to_string();
+    [
+        action, "OUTPUT", "-p", "tcp", "--dport", &port, "-j", "REJECT",
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain(["--reject-with".into(), "tcp-reset".into()])
+    .collect()
+}
+
+fn iptables_in(pid: u32, rule: &[String]) -> Result<String, String> {
+    run(Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-n", "iptables", "-w"])
+        .args(rule))
+}
+
+impl PeerTrafficBlocked {
+    pub fn block(pod: &Pod) -> Self {
+        let pid = container_pid(pod);
+        let what = format!("pod {} (pid {pid})", pod.name_any());
+        iptables_in(pid, &peer_block_rule("-I")).unwrap();
+        println!("{what}: connections to peer ports refused");
+        Self { pid, what }
+    }
+
+    /// Lets its peer traffic through again.
+    pub fn unblock(self) {}
+}
+
+impl Drop for PeerTrafficBlocked {
+    fn drop(&mut self) {
+        match iptables_in(self.pid, &peer_block_rule("-D")) {
+            Ok(_) => println!("{}: peer traffic allowed again", self.what),
             Err(e) => println!("{}: {e}", self.what),
         }
     }
