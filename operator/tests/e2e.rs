@@ -747,11 +747,16 @@ async fn new_cluster_status(l: &Life, generation: Option<i64>) -> CacheCluster {
     cc
 }
 
+/// What the builders take for `cc`, which must be valid.
+fn desired(cc: &CacheCluster) -> build::ValidCluster {
+    build::ValidCluster::new(cc, cc.spec.validate().unwrap()).unwrap()
+}
+
 async fn children_as_built(l: &Life, cc: &CacheCluster) {
     let s = l.sts.get("e2e").await.expect("StatefulSet");
     assert_owned(&s.metadata, cc, "StatefulSet");
     assert_built(
-        &build::statefulset(cc, NODE_IMAGE).unwrap(),
+        &build::statefulset(&desired(cc), NODE_IMAGE),
         &s,
         "StatefulSet",
     );
@@ -873,7 +878,7 @@ async fn children_as_built(l: &Life, cc: &CacheCluster) {
     let peers = l.svcs.get("e2e-peers").await.expect("peers Service");
     assert_owned(&peers.metadata, cc, "Service e2e-peers");
     assert_built(
-        &build::peers_service(cc).unwrap(),
+        &build::peers_service(&desired(cc)),
         &peers,
         "Service e2e-peers",
     );
@@ -898,7 +903,7 @@ async fn children_as_built(l: &Life, cc: &CacheCluster) {
     let client_svc = l.svcs.get("e2e").await.expect("client Service");
     assert_owned(&client_svc.metadata, cc, "Service e2e");
     assert_built(
-        &build::client_service(cc).unwrap(),
+        &build::client_service(&desired(cc)),
         &client_svc,
         "Service e2e",
     );
@@ -930,7 +935,7 @@ async fn children_as_built(l: &Life, cc: &CacheCluster) {
     let pdb = l.pdbs.get("e2e").await.expect("PodDisruptionBudget");
     assert_owned(&pdb.metadata, cc, "PodDisruptionBudget");
     assert_built(
-        &build::pod_disruption_budget(cc).unwrap(),
+        &build::pod_disruption_budget(&desired(cc)),
         &pdb,
         "PodDisruptionBudget",
     );
@@ -943,10 +948,14 @@ async fn children_as_built(l: &Life, cc: &CacheCluster) {
     assert_owned(&sa.metadata, cc, "ServiceAccount");
     let role = l.roles.get("e2e-node").await.expect("Role");
     assert_owned(&role.metadata, cc, "Role");
-    assert_built(&build::node_role(cc).unwrap(), &role, "Role");
+    assert_built(&build::node_role(&desired(cc).cluster), &role, "Role");
     let rb = l.rbs.get("e2e-node").await.expect("RoleBinding");
     assert_owned(&rb.metadata, cc, "RoleBinding");
-    assert_built(&build::node_role_binding(cc).unwrap(), &rb, "RoleBinding");
+    assert_built(
+        &build::node_role_binding(&desired(cc).cluster),
+        &rb,
+        "RoleBinding",
+    );
     assert_eq!(rb.role_ref.name, "e2e-node");
     // The nodes may read their own member list, and nothing else.
     let node = service_account_user(&l.ns, "e2e-node");
@@ -1582,7 +1591,7 @@ async fn security(client: Client, path: String, ns: String) {
     let cc = ccs.get("e2e").await.unwrap();
     assert_owned(&np.metadata, &cc, "NetworkPolicy");
     assert_built(
-        &build::network_policy(&cc, OPERATOR_NS).unwrap().unwrap(),
+        &build::network_policy(&desired(&cc), OPERATOR_NS).unwrap(),
         &np,
         "NetworkPolicy",
     );

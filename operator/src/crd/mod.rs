@@ -2,15 +2,17 @@
 //!
 //! * [`types`]: the resource's Rust types, their defaults and OpenAPI schema (the doc
 //!   comments become what `kubectl explain cachecluster.spec` shows).
+//! * [`defaults`]: what unset fields resolve to.
 //! * [`validate`]: every rule, including those the schema cannot express, turning a spec
 //!   into the [`ValidSpec`] the reconciler acts on, or typed [`SpecError`]s.
 //! * [`crd`]/[`crd_yaml`]: the CustomResourceDefinition that `crdgen` prints.
 
+pub mod defaults;
 pub mod types;
 pub mod validate;
 
 pub use types::*;
-pub use validate::{SpecError, SpecErrors, ValidSpec};
+pub use validate::{Scheduling, SpecError, SpecErrors, ValidSpec};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, ValidationRule,

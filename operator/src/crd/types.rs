@@ -671,13 +671,6 @@ fn conditions_schema(gen: &mut SchemaGenerator) -> Schema {
     Schema::Object(schema)
 }
 
-impl CacheCluster {
-    /// The node image: the spec's, else the operator's default.
-    pub fn node_image<'a>(&'a self, default: &'a str) -> &'a str {
-        self.spec.image.as_deref().unwrap_or(default)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
