@@ -641,11 +641,16 @@ async fn crd_rejects_invalid_specs(l: &Life) {
                 .contains("replicationFactor must not exceed replicas"),
         "CEL rule must reject it: {err}"
     );
-    // The schema rejects out-of-range values and bad sizes.
+    // The schema rejects out-of-range values and bad sizes, and the CEL rule an item larger
+    // than half the memory.
     for (spec, needle) in [
         (json!({"replicas": -1}), "spec.replicas"),
         (json!({"maxItemSize": "4 MiB"}), "spec.maxItemSize"),
         (json!({"replicationFactor": 4}), "spec.replicationFactor"),
+        (
+            json!({"memoryMiB": 3, "maxItemSize": "2m"}),
+            "maxItemSize must not exceed half of memoryMiB",
+        ),
     ] {
         let bad: CacheCluster = serde_json::from_value(json!({
             "apiVersion": "kache.dev/v1alpha1", "kind": "CacheCluster",
