@@ -505,11 +505,21 @@ pub fn parse_size(text: &str) -> Result<usize, SizeError> {
     usize::try_from(bytes).map_err(|_| SizeError::TooLarge(text.trim().to_string()))
 }
 
-fn parse_udp_port(text: &str) -> Result<u16, String> {
-    match text.parse::<u16>() {
-        Ok(0) => Ok(0),
-        Ok(_) => Err("UDP is not supported by kache; use -U 0 (the default)".into()),
-        Err(e) => Err(e.to_string()),
+/// Why `-U` was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum UdpPortError {
+    /// Not a port number.
+    #[error(transparent)]
+    NotAPort(#[from] std::num::ParseIntError),
+    /// A UDP port: kache serves TCP only.
+    #[error("UDP is not supported by kache; use -U 0 (the default)")]
+    Unsupported,
+}
+
+fn parse_udp_port(text: &str) -> Result<u16, UdpPortError> {
+    match text.parse::<u16>()? {
+        0 => Ok(0),
+        _ => Err(UdpPortError::Unsupported),
     }
 }
 
@@ -803,8 +813,18 @@ mod tests {
     #[test]
     fn unknown_and_unsupported_flags_are_errors() {
         assert!(Cli::try_parse_from(["kache-node", "-Q"]).is_err());
-        assert!(Cli::try_parse_from(["kache-node", "-U", "11211"]).is_err());
         assert!(Cli::try_parse_from(["kache-node", "-U", "0"]).is_ok());
+        let refusal = |port: &str| match Cli::try_parse_from(["kache-node", "-U", port]) {
+            Ok(_) => panic!("-U {port} accepted"),
+            Err(e) => e.to_string(),
+        };
+        let udp = refusal("11211");
+        assert!(
+            udp.contains("UDP is not supported by kache; use -U 0 (the default)"),
+            "{udp}"
+        );
+        let junk = refusal("x");
+        assert!(junk.contains("invalid digit found in string"), "{junk}");
     }
 
     fn serve(args: &[&str]) -> ServeArgs {

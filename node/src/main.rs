@@ -24,6 +24,9 @@ use kache_node::store::{Store, StoreConfig};
 use kache_node::tls::{NodeTlsFiles, Tls, TlsFiles};
 use kache_node::{peer, server};
 
+mod startup;
+use startup::StartupError;
+
 fn main() -> ExitCode {
     let mode = Cli::parse().into_mode();
     let mut options = None;
@@ -160,12 +163,16 @@ fn process_flags(args: &ServeArgs) -> Result<(), FlagError> {
     Ok(())
 }
 
-async fn bind(host: &str, port: u16) -> Result<TcpListener, String> {
+async fn bind(host: &str, port: u16) -> Result<TcpListener, StartupError> {
     bind_with_backlog(host, port, 1024).await
 }
 
 /// Listens on `host:port` with the given backlog (memcached's `-b`).
-async fn bind_with_backlog(host: &str, port: u16, backlog: i32) -> Result<TcpListener, String> {
+async fn bind_with_backlog(
+    host: &str,
+    port: u16,
+    backlog: i32,
+) -> Result<TcpListener, StartupError> {
     let addr = format!("{host}:{port}");
     let resolved = match addr.parse::<SocketAddr>() {
         Ok(sa) => Ok(sa),
@@ -188,7 +195,7 @@ async fn bind_with_backlog(host: &str, port: u16, backlog: i32) -> Result<TcpLis
     };
     resolved
         .and_then(listen)
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))
+        .map_err(|source| StartupError::Listen { addr, source })
 }
 
 /// What `stats settings` reports of memcached's flags, from the command line.
@@ -217,7 +224,11 @@ fn memcached_settings(args: &ServeArgs, options: MemcachedOptions) -> MemcachedS
     }
 }
 
-async fn run(args: ServeArgs, options: MemcachedOptions, threads: usize) -> Result<(), String> {
+async fn run(
+    args: ServeArgs,
+    options: MemcachedOptions,
+    threads: usize,
+) -> Result<(), StartupError> {
     let listener = bind_with_backlog(&args.listen, args.port, args.memcached.backlog).await?;
     let admin_listener = if args.admin_port != 0 {
         Some(bind(&args.listen, args.admin_port).await?)
@@ -238,7 +249,7 @@ async fn run(args: ServeArgs, options: MemcachedOptions, threads: usize) -> Resu
         classes: options.classes.clone(),
     };
     let store = match &args.memcached.memory_file {
-        Some(path) => Store::open(store_config, path).map_err(|e| e.to_string())?,
+        Some(path) => Store::open(store_config, path)?,
         None => Store::new(store_config),
     };
     let hashpower = options.extended.hashpower_init;
@@ -272,15 +283,17 @@ async fn run(args: ServeArgs, options: MemcachedOptions, threads: usize) -> Resu
     };
     let peer_secret: Arc<[u8]> = match &args.cluster.peer_secret_file {
         Some(path) => {
-            let text =
-                std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let text = std::fs::read(path).map_err(|source| StartupError::PeerSecretRead {
+                path: path.clone(),
+                source,
+            })?;
             let secret = text.trim_ascii().to_vec();
-            if secret.is_empty() || secret.len() > kache_node::peer::wire::MAX_SECRET {
-                return Err(format!(
-                    "{}: the peer secret must be 1 to {} bytes",
-                    path.display(),
-                    kache_node::peer::wire::MAX_SECRET
-                ));
+            let max = kache_node::peer::wire::MAX_SECRET;
+            if secret.is_empty() || secret.len() > max {
+                return Err(StartupError::PeerSecretSize {
+                    path: path.clone(),
+                    max,
+                });
             }
             Arc::from(secret)
         }
@@ -289,15 +302,12 @@ async fn run(args: ServeArgs, options: MemcachedOptions, threads: usize) -> Resu
     let auth = followed_auth_file(args.auth_file.as_deref(), &shutdown_rx)?;
     let tls = match (&tls_cert, &tls_key) {
         (Some(cert), Some(key)) => {
-            let tls = Arc::new(
-                Tls::load(TlsFiles {
-                    cert: cert.clone(),
-                    key: key.clone(),
-                    client_ca: tls_client_ca.clone(),
-                    peer_ca: args.peer_tls_ca.clone(),
-                })
-                .map_err(|e| e.to_string())?,
-            );
+            let tls = Arc::new(Tls::load(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: tls_client_ca.clone(),
+                peer_ca: args.peer_tls_ca.clone(),
+            })?);
             tokio::spawn(tls.clone().follow(shutdown_rx.clone()));
             Some(tls)
         }
@@ -342,8 +352,8 @@ async fn run(args: ServeArgs, options: MemcachedOptions, threads: usize) -> Resu
         ));
     }
     let sweeper_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sweeper = server::spawn_sweeper(node.clone(), sweeper_stop.clone())
-        .map_err(|e| format!("cannot start the expiry sweeper: {e}"))?;
+    let sweeper =
+        server::spawn_sweeper(node.clone(), sweeper_stop.clone()).map_err(StartupError::Sweeper)?;
     {
         let readiness = readiness.clone();
         let shutdown_delay = Duration::from_secs(args.shutdown_delay_secs);
@@ -460,7 +470,7 @@ async fn start_membership(
     members_file: Option<&std::path::Path>,
     node_name: String,
     shutdown: &watch::Receiver<bool>,
-) -> Result<Arc<Cluster>, String> {
+) -> Result<Arc<Cluster>, StartupError> {
     let cluster = Arc::new(Cluster::new(node_name));
     if let Some(path) = members_file {
         tokio::spawn(membership::follow_file(
@@ -469,9 +479,13 @@ async fn start_membership(
             shutdown.clone(),
         ));
     } else if let Some(name) = cluster_name {
-        let client = membership::api_client()
-            .await
-            .map_err(|e| format!("cannot reach the Kubernetes API for --cluster {name}: {e}"))?;
+        let client =
+            membership::api_client()
+                .await
+                .map_err(|source| StartupError::KubernetesApi {
+                    cluster: name.to_string(),
+                    source: Box::new(source),
+                })?;
         tokio::spawn(membership::follow_configmap(
             cluster.clone(),
             client,
@@ -488,7 +502,7 @@ async fn start_membership(
 }
 
 /// `kache-node proxy`: route a local endpoint over the cluster's ring.
-async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
+async fn run_proxy(args: ProxyArgs) -> Result<(), StartupError> {
     let listener = bind(&args.listen, args.port).await?;
     let admin_listener = if args.admin_port != 0 {
         Some(bind(&args.admin_listen, args.admin_port).await?)
@@ -515,7 +529,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
     });
     if let Some(files) = &tls {
         // Bad files are a start-up error, not a string of failed connections.
-        files.connector().map_err(|e| e.to_string())?;
+        files.connector()?;
     }
     let proxy = Arc::new(Proxy::new(
         cluster.clone(),
@@ -572,26 +586,29 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// memcached's `save_pid`: written through a temporary file once the sockets are bound.
 /// The auth file at `path`, if any, loaded and re-read when it changes until shutdown.
 fn followed_auth_file(
     path: Option<&std::path::Path>,
     shutdown: &watch::Receiver<bool>,
-) -> Result<Option<Arc<AuthFile>>, String> {
+) -> Result<Option<Arc<AuthFile>>, StartupError> {
     let Some(path) = path else {
         return Ok(None);
     };
-    let file = Arc::new(AuthFile::load(path).map_err(|e| e.to_string())?);
+    let file = Arc::new(AuthFile::load(path)?);
     tokio::spawn(file.clone().follow(shutdown.clone()));
     Ok(Some(file))
 }
 
-fn write_pidfile(path: &std::path::Path) -> Result<(), String> {
+/// memcached's `save_pid`: written through a temporary file once the sockets are bound.
+fn write_pidfile(path: &std::path::Path) -> Result<(), StartupError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     std::fs::write(&tmp, format!("{}\n", std::process::id()))
         .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| format!("Could not write the pid file {}: {e}", path.display()))
+        .map_err(|source| StartupError::PidFile {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// How long a cluster node waits for its first member list before declaring itself ready.

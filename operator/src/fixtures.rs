@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use crate::build::{ClusterRef, ValidCluster};
 use crate::crd::{CacheCluster, CacheClusterSpec};
 use crate::probe::{HandoffReport, NodeReport, ProbeError};
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetStatus};
@@ -22,6 +23,32 @@ pub fn cluster(name: &str, spec: CacheClusterSpec) -> CacheCluster {
         ..ObjectMeta::default()
     };
     cc
+}
+
+/// The CacheCluster [`cluster`] `name` as its objects refer to it.
+pub fn owner(name: &str) -> ClusterRef {
+    ClusterRef::of(&cluster(name, CacheClusterSpec::default())).unwrap()
+}
+
+/// What the builders take for `cc`: it must be valid.
+pub fn validated(cc: &CacheCluster) -> ValidCluster {
+    let spec = cc.spec.validate().unwrap_or_else(|e| panic!("{e}"));
+    ValidCluster::new(cc, spec).unwrap()
+}
+
+/// What the builders take for the CacheCluster [`cluster`] `name` with `spec`: it must be
+/// valid.
+pub fn valid_cluster(name: &str, spec: CacheClusterSpec) -> ValidCluster {
+    validated(&cluster(name, spec))
+}
+
+/// What the builders would take for the CacheCluster `name` with `spec` were it valid
+/// (see [`CacheClusterSpec::unchecked`]).
+pub fn unchecked_cluster(name: &str, spec: &CacheClusterSpec) -> ValidCluster {
+    ValidCluster {
+        cluster: owner(name),
+        spec: spec.unchecked(),
+    }
 }
 
 /// `secs` seconds after a fixed instant.

@@ -3,7 +3,7 @@
 //!
 //! Layout: pure core, I/O at the edges.
 //! * [`crd`]: the resource types, defaults and validation.
-//! * [`build`]: pure builders, spec → desired Kubernetes objects.
+//! * [`build`]: pure builders, validated spec → desired Kubernetes objects.
 //! * [`observe`]: what the pods and the StatefulSet say (ordinals, states, revisions).
 //! * [`status`]: pure functions, observed state → member list, status, conditions.
 //! * [`scale`]: pure decisions of a warm scale-in (hold the StatefulSet

@@ -1,4 +1,4 @@
-//! The reconciler: read → build desired objects → apply (server-side apply,
+//! The reconciler: read → validate → build desired objects → apply (server-side apply,
 //! one field manager) → compute status → patch status → record events.
 //!
 //! All decisions are made by the pure functions in [`crate::build`] and
@@ -247,18 +247,21 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
     let client = &ctx.client;
     let now = (ctx.now)();
 
-    let valid = match cc.spec.validate() {
+    // Validate once; everything desired is built from the validated spec.
+    let spec = match cc.spec.validate() {
         Ok(valid) => valid,
         Err(errors) => return report_invalid_spec(ctx, cc, &errors, now).await,
     };
+    let desired = build::ValidCluster::new(cc, spec)?;
+    let owner = &desired.cluster;
 
     // Identity and networking first, so pods find them when they start.
-    apply(client, &ns, &build::node_service_account(cc)?).await?;
-    apply(client, &ns, &build::node_role(cc)?).await?;
-    apply(client, &ns, &build::node_role_binding(cc)?).await?;
-    apply(client, &ns, &build::peers_service(cc)?).await?;
-    apply(client, &ns, &build::client_service(cc)?).await?;
-    match build::network_policy(cc, &ctx.settings.operator_namespace)? {
+    apply(client, &ns, &build::node_service_account(owner)).await?;
+    apply(client, &ns, &build::node_role(owner)).await?;
+    apply(client, &ns, &build::node_role_binding(owner)).await?;
+    apply(client, &ns, &build::peers_service(&desired)).await?;
+    apply(client, &ns, &build::client_service(&desired)).await?;
+    match build::network_policy(&desired, &ctx.settings.operator_namespace) {
         Some(np) => {
             apply(client, &ns, &np).await?;
         }
@@ -288,7 +291,7 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
     let member_list = |drained: Option<&str>| {
         status::next_member_list(
             status::desired_members(cc, &pods, published.as_ref(), drained, &now),
-            valid.replication_factor,
+            desired.spec.replication_factor,
             published.as_ref(),
             previous_version,
         )
@@ -299,14 +302,14 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
     // departing nodes, which start handing their data off. Just before it,
     // the scale-in's start goes into the status, so an operator restarted in
     // between keeps its deadline.
-    let cm_changed = cm_differs(current_cm.as_ref(), cc, &list)?;
+    let cm_changed = cm_differs(current_cm.as_ref(), owner, &list)?;
     if cm_changed {
         if let Some(start) = scale::unrecorded_start(cc, current_sts.as_ref(), &list, &now) {
             let mut recorded = cc.status.clone().unwrap_or_default();
             recorded.rebalance = Some(start);
             patch_status(client, cc, &recorded).await?;
         }
-        apply(client, &ns, &build::members_configmap(cc, &list)?).await?;
+        apply(client, &ns, &build::members_configmap(owner, &list)?).await?;
     }
 
     // Ask the nodes what a scale-in (the departing ones) or a rolling update
@@ -336,17 +339,17 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
     if let RollAction::Drain { pod, revision } = &roll.action {
         apply(client, &ns, &roll_drain_mark(&ns, pod, revision, &now)).await?;
         list = member_list(Some(pod));
-        apply(client, &ns, &build::members_configmap(cc, &list)?).await?;
+        apply(client, &ns, &build::members_configmap(owner, &list)?).await?;
     }
 
     // Scale-in: the StatefulSet keeps the departing pods until they report
     // their hand-off done (or the timeout passes).
-    let mut desired_sts = build::statefulset(cc, &ctx.settings.node_image)?;
+    let mut desired_sts = build::statefulset(&desired, &ctx.settings.node_image);
     if let Some(spec) = desired_sts.spec.as_mut() {
         spec.replicas = Some(decision.statefulset_replicas);
     }
     let sts = apply(client, &ns, &desired_sts).await?;
-    apply(client, &ns, &build::pod_disruption_budget(cc)?).await?;
+    apply(client, &ns, &build::pod_disruption_budget(&desired)).await?;
 
     // Rolling update: one node restarts.
     if let RollAction::Restart { pod, uid, .. } = &roll.action {
@@ -376,14 +379,14 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
         .and_then(|s| s.observed_generation)
         .is_none();
     if first {
-        let np = if crate::crd::NetworkPolicyConfig::enabled(&cc.spec).is_some() {
+        let np = if desired.spec.network_policy.is_some() {
             ", NetworkPolicy"
         } else {
             ""
         };
         let note = format!(
             "created StatefulSet {name} ({} nodes), Services {name} and {}, ConfigMap {}, PodDisruptionBudget{np} and RBAC",
-            cc.spec.replicas,
+            desired.spec.replicas,
             names::peers_service_name(&name),
             names::members_configmap_name(&name)
         );
@@ -392,7 +395,7 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
         let note = format!(
             "applied generation {} to StatefulSet {name} ({} nodes)",
             cc.metadata.generation.unwrap_or_default(),
-            cc.spec.replicas
+            desired.spec.replicas
         );
         publish(ctx, cc, EventType::Normal, "SpecApplied", "Reconcile", note).await;
     }
@@ -431,10 +434,10 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
 /// Whether the members ConfigMap differs from what `list` renders to.
 fn cm_differs(
     current: Option<&ConfigMap>,
-    cc: &CacheCluster,
+    cluster: &build::ClusterRef,
     list: &MemberList,
 ) -> Result<bool, Error> {
-    let desired = build::members_configmap(cc, list)?;
+    let desired = build::members_configmap(cluster, list)?;
     Ok(current.map(|c| &c.data) != Some(&desired.data)
         || current.map(|c| &c.metadata.annotations) != Some(&desired.metadata.annotations))
 }

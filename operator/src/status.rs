@@ -858,7 +858,7 @@ mod tests {
     fn published_list_is_read_from_configmap() {
         let cc = cluster("web", CacheClusterSpec::default());
         let list = next_member_list(ready_members(&cc, &three_ready()), 1, None, 0);
-        let cm = crate::build::members_configmap(&cc, &list).unwrap();
+        let cm = crate::build::members_configmap(&crate::fixtures::owner("web"), &list).unwrap();
         assert_eq!(published_member_list(Some(&cm)), Some(list));
         assert_eq!(published_member_list(None), None);
         let mut broken = cm.clone();

@@ -11,6 +11,11 @@ use kache_operator::build;
 use kache_operator::crd::CacheCluster;
 use std::path::PathBuf;
 
+/// What the builders take for `cc`, which must be valid.
+fn desired(cc: &CacheCluster) -> build::ValidCluster {
+    build::ValidCluster::new(cc, cc.spec.validate().unwrap()).unwrap()
+}
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -49,17 +54,19 @@ fn built_objects_match_fixture() {
         }],
     };
     let docs = [
-        serde_yaml::to_string(&build::node_service_account(&cc).unwrap()).unwrap(),
-        serde_yaml::to_string(&build::node_role(&cc).unwrap()).unwrap(),
-        serde_yaml::to_string(&build::node_role_binding(&cc).unwrap()).unwrap(),
-        serde_yaml::to_string(&build::peers_service(&cc).unwrap()).unwrap(),
-        serde_yaml::to_string(&build::client_service(&cc).unwrap()).unwrap(),
-        serde_yaml::to_string(&build::members_configmap(&cc, &list).unwrap()).unwrap(),
-        serde_yaml::to_string(
-            &build::statefulset(&cc, "ghcr.io/kache-dev/kache-node:0.1.0").unwrap(),
-        )
+        serde_yaml::to_string(&build::node_service_account(&desired(&cc).cluster)).unwrap(),
+        serde_yaml::to_string(&build::node_role(&desired(&cc).cluster)).unwrap(),
+        serde_yaml::to_string(&build::node_role_binding(&desired(&cc).cluster)).unwrap(),
+        serde_yaml::to_string(&build::peers_service(&desired(&cc))).unwrap(),
+        serde_yaml::to_string(&build::client_service(&desired(&cc))).unwrap(),
+        serde_yaml::to_string(&build::members_configmap(&desired(&cc).cluster, &list).unwrap())
+            .unwrap(),
+        serde_yaml::to_string(&build::statefulset(
+            &desired(&cc),
+            "ghcr.io/kache-dev/kache-node:0.1.0",
+        ))
         .unwrap(),
-        serde_yaml::to_string(&build::pod_disruption_budget(&cc).unwrap()).unwrap(),
+        serde_yaml::to_string(&build::pod_disruption_budget(&desired(&cc))).unwrap(),
     ];
     let rendered = format!(
         "# Objects the operator applies for examples/cachecluster.yaml (golden file).\n\
@@ -134,11 +141,12 @@ fn secure_example_uses_every_security_setting_and_its_secrets_fit() {
 fn secure_example_objects_match_fixture() {
     let (_, cc) = secure_example();
     let docs = [
-        serde_yaml::to_string(
-            &build::statefulset(&cc, "ghcr.io/kache-dev/kache-node:0.1.0").unwrap(),
-        )
+        serde_yaml::to_string(&build::statefulset(
+            &desired(&cc),
+            "ghcr.io/kache-dev/kache-node:0.1.0",
+        ))
         .unwrap(),
-        serde_yaml::to_string(&build::network_policy(&cc, "kache-system").unwrap().unwrap())
+        serde_yaml::to_string(&build::network_policy(&desired(&cc), "kache-system").unwrap())
             .unwrap(),
     ];
     let rendered = format!(
@@ -164,7 +172,7 @@ fn secure_example_objects_match_fixture() {
 fn without_client_auth_the_ca_is_mounted_optionally_for_peer_tls() {
     let (secrets, mut cc) = secure_example();
     cc.spec.tls.as_mut().unwrap().client_auth = false;
-    let sts = build::statefulset(&cc, "ghcr.io/kache-dev/kache-node:0.1.0").unwrap();
+    let sts = build::statefulset(&desired(&cc), "ghcr.io/kache-dev/kache-node:0.1.0");
     let pod = sts.spec.unwrap().template.spec.unwrap();
     let args = pod.containers[0].args.clone().unwrap().join(" ");
     assert!(!args.contains("--tls-client-ca"), "{args}");

@@ -641,11 +641,16 @@ async fn crd_rejects_invalid_specs(l: &Life) {
                 .contains("replicationFactor must not exceed replicas"),
         "CEL rule must reject it: {err}"
     );
-    // The schema rejects out-of-range values and bad sizes.
+    // The schema rejects out-of-range values and bad sizes, and the CEL rule an item larger
+    // than half the memory.
     for (spec, needle) in [
         (json!({"replicas": -1}), "spec.replicas"),
         (json!({"maxItemSize": "4 MiB"}), "spec.maxItemSize"),
         (json!({"replicationFactor": 4}), "spec.replicationFactor"),
+        (
+            json!({"memoryMiB": 3, "maxItemSize": "2m"}),
+            "maxItemSize must not exceed half of memoryMiB",
+        ),
     ] {
         let bad: CacheCluster = serde_json::from_value(json!({
             "apiVersion": "kache.dev/v1alpha1", "kind": "CacheCluster",
@@ -747,11 +752,16 @@ async fn new_cluster_status(l: &Life, generation: Option<i64>) -> CacheCluster {
     cc
 }
 
+/// What the builders take for `cc`, which must be valid.
+fn desired(cc: &CacheCluster) -> build::ValidCluster {
+    build::ValidCluster::new(cc, cc.spec.validate().unwrap()).unwrap()
+}
+
 async fn children_as_built(l: &Life, cc: &CacheCluster) {
     let s = l.sts.get("e2e").await.expect("StatefulSet");
     assert_owned(&s.metadata, cc, "StatefulSet");
     assert_built(
-        &build::statefulset(cc, NODE_IMAGE).unwrap(),
+        &build::statefulset(&desired(cc), NODE_IMAGE),
         &s,
         "StatefulSet",
     );
@@ -873,7 +883,7 @@ async fn children_as_built(l: &Life, cc: &CacheCluster) {
     let peers = l.svcs.get("e2e-peers").await.expect("peers Service");
     assert_owned(&peers.metadata, cc, "Service e2e-peers");
     assert_built(
-        &build::peers_service(cc).unwrap(),
+        &build::peers_service(&desired(cc)),
         &peers,
         "Service e2e-peers",
     );
@@ -898,7 +908,7 @@ async fn children_as_built(l: &Life, cc: &CacheCluster) {
     let client_svc = l.svcs.get("e2e").await.expect("client Service");
     assert_owned(&client_svc.metadata, cc, "Service e2e");
     assert_built(
-        &build::client_service(cc).unwrap(),
+        &build::client_service(&desired(cc)),
         &client_svc,
         "Service e2e",
     );
@@ -930,7 +940,7 @@ async fn children_as_built(l: &Life, cc: &CacheCluster) {
     let pdb = l.pdbs.get("e2e").await.expect("PodDisruptionBudget");
     assert_owned(&pdb.metadata, cc, "PodDisruptionBudget");
     assert_built(
-        &build::pod_disruption_budget(cc).unwrap(),
+        &build::pod_disruption_budget(&desired(cc)),
         &pdb,
         "PodDisruptionBudget",
     );
@@ -943,10 +953,14 @@ async fn children_as_built(l: &Life, cc: &CacheCluster) {
     assert_owned(&sa.metadata, cc, "ServiceAccount");
     let role = l.roles.get("e2e-node").await.expect("Role");
     assert_owned(&role.metadata, cc, "Role");
-    assert_built(&build::node_role(cc).unwrap(), &role, "Role");
+    assert_built(&build::node_role(&desired(cc).cluster), &role, "Role");
     let rb = l.rbs.get("e2e-node").await.expect("RoleBinding");
     assert_owned(&rb.metadata, cc, "RoleBinding");
-    assert_built(&build::node_role_binding(cc).unwrap(), &rb, "RoleBinding");
+    assert_built(
+        &build::node_role_binding(&desired(cc).cluster),
+        &rb,
+        "RoleBinding",
+    );
     assert_eq!(rb.role_ref.name, "e2e-node");
     // The nodes may read their own member list, and nothing else.
     let node = service_account_user(&l.ns, "e2e-node");
@@ -1582,7 +1596,7 @@ async fn security(client: Client, path: String, ns: String) {
     let cc = ccs.get("e2e").await.unwrap();
     assert_owned(&np.metadata, &cc, "NetworkPolicy");
     assert_built(
-        &build::network_policy(&cc, OPERATOR_NS).unwrap().unwrap(),
+        &build::network_policy(&desired(&cc), OPERATOR_NS).unwrap(),
         &np,
         "NetworkPolicy",
     );

@@ -1,17 +1,15 @@
 //! The ConfigMap `<name>-members`: the published member list.
 
-use super::{object_meta, BuildError};
-use crate::crd::CacheCluster;
+use super::{object_meta, BuildError, ClusterRef};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kache_cluster::{names, MemberList};
-use kube::ResourceExt;
 use std::collections::BTreeMap;
 
 /// The member list in both forms: JSON under `members.json` and the
 /// ElastiCache `config get cluster` payload under `cluster-config`. The
 /// version is also an annotation, so `kubectl get -o yaml` shows it at a glance.
-pub fn members_configmap(cc: &CacheCluster, list: &MemberList) -> Result<ConfigMap, BuildError> {
-    let mut metadata = object_meta(cc, names::members_configmap_name(&cc.name_any()))?;
+pub fn members_configmap(cluster: &ClusterRef, list: &MemberList) -> Result<ConfigMap, BuildError> {
+    let mut metadata = object_meta(cluster, names::members_configmap_name(&cluster.name));
     metadata.annotations = Some(BTreeMap::from([(
         names::CONFIG_VERSION_ANNOTATION.to_string(),
         list.version.to_string(),
@@ -32,12 +30,11 @@ pub fn members_configmap(cc: &CacheCluster, list: &MemberList) -> Result<ConfigM
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::cluster;
+    use crate::fixtures::owner;
     use kache_cluster::Member;
 
     #[test]
     fn both_forms_carry_the_same_list() {
-        let cc = cluster("web", Default::default());
         let list = MemberList {
             version: 4,
             replication_factor: 1,
@@ -49,7 +46,7 @@ mod tests {
                 peer_port: 11212,
             }],
         };
-        let cm = members_configmap(&cc, &list).unwrap();
+        let cm = members_configmap(&owner("web"), &list).unwrap();
         assert_eq!(cm.metadata.name.as_deref(), Some("web-members"));
         assert_eq!(
             cm.metadata.annotations.as_ref().unwrap()[names::CONFIG_VERSION_ANNOTATION],

@@ -1,8 +1,10 @@
-//! Pure builders: a `CacheCluster` spec in, the desired Kubernetes objects out.
+//! Pure builders: a [`ValidCluster`] (the CacheCluster's identity and its validated spec)
+//! in, the desired Kubernetes objects out.
 //!
-//! Nothing here performs I/O; every function is a deterministic function of its
-//! arguments, so each one is unit-tested directly. The reconciler applies the
-//! results with server-side apply under a single field manager.
+//! Nothing here performs I/O or reads the raw spec; every function is a deterministic
+//! function of its arguments, so each one is unit-tested directly. The reconciler
+//! validates once, builds, and applies the results with server-side apply under a single
+//! field manager.
 
 mod configmap;
 mod networkpolicy;
@@ -21,11 +23,10 @@ pub use pdb::pod_disruption_budget;
 pub use rbac::{node_role, node_role_binding, node_service_account};
 pub use services::{client_service, peers_service};
 pub use statefulset::{
-    container_args, default_resources, statefulset, AUTH_DIR, PEER_SECRET_DIR, SECRET_FILE_MODE,
-    TLS_DIR,
+    container_args, statefulset, AUTH_DIR, PEER_SECRET_DIR, SECRET_FILE_MODE, TLS_DIR,
 };
 
-use crate::crd::CacheCluster;
+use crate::crd::{CacheCluster, ValidSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kache_cluster::names;
 use kube::{Resource, ResourceExt};
@@ -45,11 +46,48 @@ pub enum BuildError {
     MemberList(#[from] kache_cluster::MemberListError),
 }
 
-/// The controller owner reference every created object carries, so that
-/// deleting the CacheCluster garbage-collects them.
-pub fn owner_reference(cc: &CacheCluster) -> Result<OwnerReference, BuildError> {
-    cc.controller_owner_ref(&())
-        .ok_or_else(|| BuildError::MissingMeta(cc.name_any(), "uid"))
+/// The CacheCluster the objects belong to: what they need of it besides its spec.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterRef {
+    /// The CacheCluster's name, which names its objects.
+    pub name: String,
+    /// Its namespace, which holds them.
+    pub namespace: String,
+    /// The controller owner reference every created object carries, so that deleting the
+    /// CacheCluster garbage-collects them.
+    pub owner: OwnerReference,
+}
+
+impl ClusterRef {
+    /// `cc`'s name, namespace and owner reference; they exist once the API server stored it.
+    pub fn of(cc: &CacheCluster) -> Result<Self, BuildError> {
+        let missing = |what| BuildError::MissingMeta(cc.name_any(), what);
+        Ok(Self {
+            name: cc.name_any(),
+            namespace: cc.namespace().ok_or_else(|| missing("namespace"))?,
+            owner: cc.controller_owner_ref(&()).ok_or_else(|| missing("uid"))?,
+        })
+    }
+}
+
+/// What the builders make a cluster's objects of: the CacheCluster they belong to and its
+/// validated spec.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidCluster {
+    /// The CacheCluster.
+    pub cluster: ClusterRef,
+    /// Its spec, validated.
+    pub spec: ValidSpec,
+}
+
+impl ValidCluster {
+    /// `cc` with `spec`, what its spec validated to.
+    pub fn new(cc: &CacheCluster, spec: ValidSpec) -> Result<Self, BuildError> {
+        Ok(Self {
+            cluster: ClusterRef::of(cc)?,
+            spec,
+        })
+    }
 }
 
 /// Namespace of the CacheCluster.
@@ -59,14 +97,14 @@ pub fn namespace(cc: &CacheCluster) -> Result<String, BuildError> {
 }
 
 /// Metadata of an owned object: name, namespace, common labels, owner reference.
-pub fn object_meta(cc: &CacheCluster, name: String) -> Result<ObjectMeta, BuildError> {
-    Ok(ObjectMeta {
+pub fn object_meta(cluster: &ClusterRef, name: String) -> ObjectMeta {
+    ObjectMeta {
         name: Some(name),
-        namespace: Some(namespace(cc)?),
-        labels: Some(names::common_labels(&cc.name_any())),
-        owner_references: Some(vec![owner_reference(cc)?]),
+        namespace: Some(cluster.namespace.clone()),
+        labels: Some(names::common_labels(&cluster.name)),
+        owner_references: Some(vec![cluster.owner.clone()]),
         ..ObjectMeta::default()
-    })
+    }
 }
 
 #[cfg(test)]
@@ -77,7 +115,7 @@ mod tests {
     #[test]
     fn owned_objects_point_at_the_cluster() {
         let cc = cluster("web", Default::default());
-        let meta = object_meta(&cc, "web-peers".into()).unwrap();
+        let meta = object_meta(&ClusterRef::of(&cc).unwrap(), "web-peers".into());
         let owner = &meta.owner_references.unwrap()[0];
         assert_eq!(owner.kind, "CacheCluster");
         assert_eq!(owner.api_version, "kache.dev/v1alpha1");
@@ -97,8 +135,8 @@ mod tests {
     fn objects_need_uid_and_namespace() {
         let cc = CacheCluster::new("web", Default::default());
         assert!(matches!(
-            object_meta(&cc, "x".into()),
-            Err(BuildError::MissingMeta(_, _))
+            ClusterRef::of(&cc),
+            Err(BuildError::MissingMeta(_, "namespace"))
         ));
     }
 

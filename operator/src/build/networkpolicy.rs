@@ -1,7 +1,7 @@
 //! The NetworkPolicy `<name>` (when `spec.networkPolicy.enabled`).
 
-use super::{object_meta, BuildError};
-use crate::crd::{CacheCluster, NetworkPolicyConfig};
+use super::{object_meta, ValidCluster};
+use crate::crd::NetworkPolicyConfig;
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
     NetworkPolicySpec,
@@ -9,7 +9,6 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kache_cluster::names;
-use kube::ResourceExt;
 use std::collections::BTreeMap;
 
 /// Label every namespace carries with its own name (Kubernetes 1.21+).
@@ -60,21 +59,16 @@ fn client_peer(np: &NetworkPolicyConfig) -> NetworkPolicyPeer {
 ///   Prometheus when it runs there.
 ///
 /// Every other ingress to the pods is denied; egress is not restricted.
-pub fn network_policy(
-    cc: &CacheCluster,
-    operator_namespace: &str,
-) -> Result<Option<NetworkPolicy>, BuildError> {
-    let Some(np) = NetworkPolicyConfig::enabled(&cc.spec) else {
-        return Ok(None);
-    };
-    let name = cc.name_any();
-    let own_pods = match_labels(names::selector_labels(&name));
+pub fn network_policy(vc: &ValidCluster, operator_namespace: &str) -> Option<NetworkPolicy> {
+    let np = vc.spec.network_policy.as_ref()?;
+    let name = &vc.cluster.name;
+    let own_pods = match_labels(names::selector_labels(name));
     let operator = match_labels(BTreeMap::from([(
         NAMESPACE_NAME_LABEL.to_string(),
         operator_namespace.to_string(),
     )]));
-    Ok(Some(NetworkPolicy {
-        metadata: object_meta(cc, name.clone())?,
+    Some(NetworkPolicy {
+        metadata: object_meta(&vc.cluster, name.clone()),
         spec: Some(NetworkPolicySpec {
             pod_selector: own_pods.clone(),
             policy_types: Some(vec!["Ingress".into()]),
@@ -88,7 +82,7 @@ pub fn network_policy(
                 },
                 NetworkPolicyIngressRule {
                     from: Some(vec![client_peer(np)]),
-                    ports: tcp(cc.spec.port),
+                    ports: tcp(i32::from(vc.spec.port)),
                 },
                 NetworkPolicyIngressRule {
                     from: Some(vec![NetworkPolicyPeer {
@@ -100,18 +94,18 @@ pub fn network_policy(
             ]),
             egress: None,
         }),
-    }))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::crd::CacheClusterSpec;
-    use crate::fixtures::cluster;
+    use crate::fixtures::valid_cluster;
     use serde_json::{json, Value};
 
-    fn with(np: Option<NetworkPolicyConfig>) -> CacheCluster {
-        cluster(
+    fn with(np: Option<NetworkPolicyConfig>) -> ValidCluster {
+        valid_cluster(
             "web",
             CacheClusterSpec {
                 port: 11300,
@@ -125,20 +119,20 @@ mod tests {
         Some(match_labels(BTreeMap::from([(key.into(), value.into())])))
     }
 
-    fn rules(cc: &CacheCluster) -> Value {
-        let np = network_policy(cc, "kache-system").unwrap().unwrap();
+    fn rules(cc: &ValidCluster) -> Value {
+        let np = network_policy(cc, "kache-system").unwrap();
         serde_json::to_value(np.spec.unwrap().ingress.unwrap()).unwrap()
     }
 
     #[test]
     fn disabled_or_unset_builds_none() {
-        assert!(network_policy(&with(None), "ops").unwrap().is_none());
+        assert!(network_policy(&with(None), "ops").is_none());
         let off = NetworkPolicyConfig {
             enabled: false,
             client_pod_selector: selector("app", "shop"),
             ..Default::default()
         };
-        assert!(network_policy(&with(Some(off)), "ops").unwrap().is_none());
+        assert!(network_policy(&with(Some(off)), "ops").is_none());
     }
 
     #[test]
@@ -147,7 +141,7 @@ mod tests {
             enabled: true,
             ..Default::default()
         }));
-        let np = network_policy(&cc, "kache-system").unwrap().unwrap();
+        let np = network_policy(&cc, "kache-system").unwrap();
         assert_eq!(np.metadata.name.as_deref(), Some("web"));
         assert_eq!(np.metadata.namespace.as_deref(), Some("prod"));
         assert_eq!(

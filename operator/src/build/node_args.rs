@@ -6,7 +6,7 @@
 use super::{container_args, statefulset};
 use crate::crd::validate::{managed_flags, MANAGED_FLAGS, NODE_SWITCHES};
 use crate::crd::{CacheClusterSpec, SpecError};
-use crate::fixtures::{cluster, representative_specs};
+use crate::fixtures::{representative_specs, unchecked_cluster, valid_cluster};
 use clap::{CommandFactory, Parser};
 use kache_cluster::size::MIB;
 use kache_node::config::{Cli, Command, ServeArgs};
@@ -78,7 +78,7 @@ fn serve_command() -> clap::Command {
 fn every_built_command_line_is_one_kache_node_takes() {
     for (name, spec) in representative_specs() {
         let valid = spec.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
-        let args = container_args(&cluster("web", spec.clone()));
+        let args = container_args(&valid_cluster("web", spec.clone()));
         let serve = node_parse(&args).unwrap_or_else(|e| panic!("{name}: {args:?}: {e}"));
         if let Err(e) = serve.validate() {
             panic!("{name}: kache-node refuses {args:?}: {e}");
@@ -115,7 +115,7 @@ fn the_replication_fields_reach_kache_node() {
         .into_iter()
         .find(|(name, _)| *name == "replication")
         .unwrap();
-    let serve = node_parse(&container_args(&cluster("web", spec))).unwrap();
+    let serve = node_parse(&container_args(&valid_cluster("web", spec))).unwrap();
     let c = &serve.cluster;
     assert_eq!(
         c.write_acks,
@@ -134,7 +134,7 @@ fn the_replication_fields_reach_kache_node() {
     assert_eq!(c.peer_queue_bytes as u64, 1024 * MIB);
     assert_eq!(c.peer_timeout_ms, 10);
     // Unset, kache-node keeps its defaults: the operator passes nothing.
-    let default_args = container_args(&cluster("web", CacheClusterSpec::default()));
+    let default_args = container_args(&valid_cluster("web", CacheClusterSpec::default()));
     let defaults = node_parse(&default_args).unwrap();
     let bare = node_parse(&["serve".to_string()]).unwrap();
     assert_eq!(
@@ -150,7 +150,7 @@ fn the_statefulset_passes_the_replication_fields() {
         .into_iter()
         .find(|(name, _)| *name == "replication")
         .unwrap();
-    let sts = statefulset(&cluster("web", spec), "img:1").unwrap();
+    let sts = statefulset(&valid_cluster("web", spec), "img:1");
     let pod = sts.spec.unwrap().template.spec.unwrap();
     let args = pod.containers[0].args.clone().unwrap().join(" ");
     assert!(
@@ -167,7 +167,7 @@ fn the_statefulset_passes_the_replication_fields() {
 fn the_operator_sets_no_flag_it_does_not_manage() {
     for (name, spec) in representative_specs() {
         let managed: BTreeSet<&str> = managed_flags(&spec).iter().map(|m| m.0).collect();
-        let args = container_args(&cluster("web", spec.clone()));
+        let args = container_args(&valid_cluster("web", spec.clone()));
         let own = &args[..args.len() - spec.extra_args.len()];
         for flag in own.iter().filter(|a| a.starts_with('-')) {
             assert!(
@@ -275,8 +275,9 @@ fn extra_args_that_pass_leave_the_managed_flags_as_the_spec_says() {
         .into_iter()
         .filter(|(_, s)| s.replication.is_none());
     for (name, spec) in without_replication {
-        let expected =
-            managed_values(&node_parse(&container_args(&cluster("web", spec.clone()))).unwrap());
+        let expected = managed_values(
+            &node_parse(&container_args(&valid_cluster("web", spec.clone()))).unwrap(),
+        );
         let mut extras: Vec<Vec<String>> = harmless
             .iter()
             .map(|a| a.iter().map(|s| (*s).to_string()).collect())
@@ -288,7 +289,7 @@ fn extra_args_that_pass_leave_the_managed_flags_as_the_spec_says() {
             let mut with = spec.clone();
             with.extra_args.extend(extra.iter().cloned());
             assert!(with.validate().is_ok(), "{name}: {extra:?}");
-            let serve = node_parse(&container_args(&cluster("web", with)))
+            let serve = node_parse(&container_args(&valid_cluster("web", with)))
                 .unwrap_or_else(|e| panic!("{name}: {extra:?}: {e}"));
             let is_replication = extra[0].starts_with("--write") || extra[0].starts_with("--peer");
             if !is_replication {
@@ -313,7 +314,7 @@ fn max_item_size_is_accepted_exactly_when_kache_node_accepts_it() {
                 ..Default::default()
             };
             let operator = spec.validate();
-            let args = container_args(&cluster("web", spec));
+            let args = container_args(&unchecked_cluster("web", &spec));
             let node = node_starts(&args);
             assert_eq!(
                 operator.is_ok(),
@@ -387,7 +388,7 @@ fn replication_ranges_are_kache_nodes() {
 /// The operator validates `spec` exactly when kache-node takes the command line built of it.
 fn agree(spec: &CacheClusterSpec, what: &str) {
     let operator = spec.validate();
-    let node = node_starts(&container_args(&cluster("web", spec.clone())));
+    let node = node_starts(&container_args(&unchecked_cluster("web", spec)));
     assert_eq!(
         operator.is_ok(),
         node.is_ok(),

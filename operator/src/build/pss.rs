@@ -227,12 +227,11 @@ mod tests {
     use super::*;
     use crate::build::statefulset;
     use crate::crd::CacheClusterSpec;
-    use crate::fixtures::{cluster, secure_spec};
+    use crate::fixtures::{secure_spec, valid_cluster};
     use k8s_openapi::api::core::v1::{HostPathVolumeSource, Volume};
 
     fn template(spec: CacheClusterSpec) -> PodTemplateSpec {
-        statefulset(&cluster("web", spec), "img:1")
-            .unwrap()
+        statefulset(&valid_cluster("web", spec), "img:1")
             .spec
             .unwrap()
             .template

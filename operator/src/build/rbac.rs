@@ -1,41 +1,39 @@
 //! The nodes' identity: ServiceAccount, Role and RoleBinding `<name>-node`,
 //! allowing exactly one thing: reading the cluster's own member-list ConfigMap.
 
-use super::{object_meta, BuildError};
-use crate::crd::CacheCluster;
+use super::{object_meta, ClusterRef};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use kache_cluster::names;
-use kube::ResourceExt;
 
 /// ServiceAccount `<name>-node` the cache pods run as.
-pub fn node_service_account(cc: &CacheCluster) -> Result<ServiceAccount, BuildError> {
-    Ok(ServiceAccount {
-        metadata: object_meta(cc, names::node_service_account_name(&cc.name_any()))?,
+pub fn node_service_account(cluster: &ClusterRef) -> ServiceAccount {
+    ServiceAccount {
+        metadata: object_meta(cluster, names::node_service_account_name(&cluster.name)),
         ..ServiceAccount::default()
-    })
+    }
 }
 
 /// Role `<name>-node`: get/list/watch on the `<name>-members` ConfigMap only.
-pub fn node_role(cc: &CacheCluster) -> Result<Role, BuildError> {
-    let name = cc.name_any();
-    Ok(Role {
-        metadata: object_meta(cc, names::node_service_account_name(&name))?,
+pub fn node_role(cluster: &ClusterRef) -> Role {
+    let name = &cluster.name;
+    Role {
+        metadata: object_meta(cluster, names::node_service_account_name(name)),
         rules: Some(vec![PolicyRule {
             api_groups: Some(vec![String::new()]),
             resources: Some(vec!["configmaps".into()]),
-            resource_names: Some(vec![names::members_configmap_name(&name)]),
+            resource_names: Some(vec![names::members_configmap_name(name)]),
             verbs: vec!["get".into(), "list".into(), "watch".into()],
             ..PolicyRule::default()
         }]),
-    })
+    }
 }
 
 /// RoleBinding `<name>-node`: binds the Role to the ServiceAccount.
-pub fn node_role_binding(cc: &CacheCluster) -> Result<RoleBinding, BuildError> {
-    let sa = names::node_service_account_name(&cc.name_any());
-    let meta = object_meta(cc, sa.clone())?;
-    Ok(RoleBinding {
+pub fn node_role_binding(cluster: &ClusterRef) -> RoleBinding {
+    let sa = names::node_service_account_name(&cluster.name);
+    let meta = object_meta(cluster, sa.clone());
+    RoleBinding {
         subjects: Some(vec![Subject {
             kind: "ServiceAccount".into(),
             name: sa.clone(),
@@ -48,18 +46,17 @@ pub fn node_role_binding(cc: &CacheCluster) -> Result<RoleBinding, BuildError> {
             name: sa,
         },
         metadata: meta,
-    })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::cluster;
+    use crate::fixtures::owner;
 
     #[test]
     fn nodes_may_only_read_their_member_list() {
-        let cc = cluster("web", Default::default());
-        let role = node_role(&cc).unwrap();
+        let role = node_role(&owner("web"));
         let rules = role.rules.unwrap();
         assert_eq!(rules.len(), 1);
         let r = &rules[0];
@@ -71,9 +68,8 @@ mod tests {
 
     #[test]
     fn binding_ties_role_to_service_account() {
-        let cc = cluster("web", Default::default());
-        let sa = node_service_account(&cc).unwrap();
-        let rb = node_role_binding(&cc).unwrap();
+        let sa = node_service_account(&owner("web"));
+        let rb = node_role_binding(&owner("web"));
         assert_eq!(sa.metadata.name.as_deref(), Some("web-node"));
         assert_eq!(rb.role_ref.kind, "Role");
         assert_eq!(rb.role_ref.name, "web-node");

@@ -1,40 +1,24 @@
 //! The StatefulSet `<name>` of kache-node pods.
 
-use super::{object_meta, BuildError};
-use crate::crd::CacheCluster;
+use super::{object_meta, ValidCluster};
+use crate::crd::defaults::{memory_file_mib, SHUTDOWN_DELAY_SECONDS};
+use crate::crd::ValidSpec;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
     HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
-    Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext,
-    TopologySpreadConstraint, Volume, VolumeMount,
+    Probe, SeccompProfile, SecretVolumeSource, SecurityContext, TopologySpreadConstraint, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kache_cluster::names;
-use kube::ResourceExt;
-use std::collections::BTreeMap;
 
 /// Name of the cache container in every pod.
 pub const CONTAINER_NAME: &str = "kache-node";
 /// UID and GID the nodes run as (distroless `nonroot`).
 pub const RUN_AS_USER: i64 = 65532;
-/// Seconds a node keeps accepting after SIGTERM while it reports not ready (kache-node
-/// `--shutdown-delay`): kube-proxy drops its endpoint meanwhile, so clients reaching the
-/// cluster through its Service are not refused while a pod stops (rolls, scale-ins).
-pub const SHUTDOWN_DELAY_SECONDS: i64 = 5;
-/// kache-node's `--shutdown-grace` default: what open connections get after the delay.
-pub const NODE_SHUTDOWN_GRACE_SECONDS: i64 = 10;
-/// Time, after the grace, to seal the memory file and exit.
-const EXIT_SECONDS: i64 = 5;
-/// The least `terminationGracePeriodSeconds`: long enough for a node to leave the member
-/// list and drain its connections.
-pub const MIN_TERMINATION_GRACE_PERIOD_SECONDS: i64 = 60;
-/// Smallest memory headroom on top of the cache memory, in MiB.
-pub const MIN_HEADROOM_MIB: i64 = 64;
-/// CPU request per worker thread, in millicores.
-pub const CPU_MILLIS_PER_THREAD: i64 = 100;
 
 /// Where the `spec.tls` Secret is mounted.
 pub const TLS_DIR: &str = "/etc/kache/tls";
@@ -124,8 +108,7 @@ impl SecretMount {
 
 /// The Secrets `spec.tls`, `spec.auth` and `spec.peerAuth` name, mounted by
 /// name: the operator never reads them.
-fn secret_mounts(cc: &CacheCluster) -> Vec<SecretMount> {
-    let s = &cc.spec;
+fn secret_mounts(s: &ValidSpec) -> Vec<SecretMount> {
     let mut mounts = Vec::new();
     if let Some(tls) = &s.tls {
         // The certificate serves the memcache port and the peer port, and
@@ -154,19 +137,19 @@ fn secret_mounts(cc: &CacheCluster) -> Vec<SecretMount> {
             });
         }
     }
-    if let Some(auth) = &s.auth {
+    if let Some(auth) = &s.auth_secret {
         mounts.push(SecretMount {
             volume: "auth",
-            secret: auth.secret_name.clone(),
+            secret: auth.clone(),
             dir: AUTH_DIR,
             keys: vec![(AUTH_FILE_KEY, "--auth-file")],
             optional: false,
         });
     }
-    if let Some(peer) = &s.peer_auth {
+    if let Some(peer) = &s.peer_secret {
         mounts.push(SecretMount {
             volume: "peer-secret",
-            secret: peer.secret_name.clone(),
+            secret: peer.clone(),
             dir: PEER_SECRET_DIR,
             keys: vec![(PEER_SECRET_KEY, "--peer-secret-file")],
             optional: false,
@@ -176,9 +159,9 @@ fn secret_mounts(cc: &CacheCluster) -> Vec<SecretMount> {
 }
 
 /// The security flags: the files of the mounted Secrets.
-fn security_args(cc: &CacheCluster) -> Vec<String> {
+fn security_args(s: &ValidSpec) -> Vec<String> {
     let mut args = Vec::new();
-    for m in secret_mounts(cc) {
+    for m in secret_mounts(s) {
         for (key, flag) in &m.keys {
             args.push((*flag).to_string());
             args.push(m.path(key));
@@ -188,8 +171,8 @@ fn security_args(cc: &CacheCluster) -> Vec<String> {
 }
 
 /// kache-node's command line, derived from the spec; `extraArgs` come last.
-pub fn container_args(cc: &CacheCluster) -> Vec<String> {
-    let s = &cc.spec;
+pub fn container_args(vc: &ValidCluster) -> Vec<String> {
+    let s = &vc.spec;
     let mut args = vec![
         "serve".to_string(),
         "--listen".into(),
@@ -203,7 +186,7 @@ pub fn container_args(cc: &CacheCluster) -> Vec<String> {
         "--threads".into(),
         s.threads.to_string(),
         "--max-item-size".into(),
-        s.max_item_size.clone(),
+        s.max_item_size_text.clone(),
         "--admin-port".into(),
         names::ADMIN_PORT.to_string(),
         "--peer-port".into(),
@@ -211,50 +194,22 @@ pub fn container_args(cc: &CacheCluster) -> Vec<String> {
         "--shutdown-delay".into(),
         SHUTDOWN_DELAY_SECONDS.to_string(),
         "--cluster".into(),
-        cc.name_any(),
+        vc.cluster.name.clone(),
     ];
-    args.extend(security_args(cc));
-    if s.persistence.enabled {
+    args.extend(security_args(s));
+    if s.memory_file {
         args.push("--memory-file".into());
         args.push(MEMORY_FILE.into());
     }
-    for (flag, value) in s.replication.iter().flat_map(|r| r.node_flags()) {
-        args.extend([flag.to_string(), value]);
+    for (flag, value) in &s.replication_flags {
+        args.extend([flag.to_string(), value.clone()]);
     }
     args.extend(s.extra_args.iter().cloned());
     args
 }
 
-/// The pods' `terminationGracePeriodSeconds`: the kubelet's SIGKILL must not cut short the
-/// shutdown delay plus the `--shutdown-grace` (kache-node's default unless `extraArgs`
-/// sets it) and the exit; never less than [`MIN_TERMINATION_GRACE_PERIOD_SECONDS`].
-pub fn termination_grace_period_seconds(cc: &CacheCluster) -> i64 {
-    let args = &cc.spec.extra_args;
-    let grace = args
-        .iter()
-        .enumerate()
-        .find_map(|(i, arg)| match arg.strip_prefix("--shutdown-grace") {
-            Some("") => args.get(i + 1).and_then(|v| v.parse::<i64>().ok()),
-            Some(rest) => rest.strip_prefix('=').and_then(|v| v.parse::<i64>().ok()),
-            None => None,
-        })
-        .unwrap_or(NODE_SHUTDOWN_GRACE_SECONDS);
-    SHUTDOWN_DELAY_SECONDS
-        .saturating_add(grace.max(0))
-        .saturating_add(EXIT_SECONDS)
-        .max(MIN_TERMINATION_GRACE_PERIOD_SECONDS)
-}
-
-/// Size of the memory file for `memory_mib` of cache, in MiB, rounded up: the segments,
-/// plus a 64-byte table entry per segment (segments are at least 1 MiB for large caches)
-/// and a header page.
-pub fn memory_file_mib(memory_mib: i32) -> i64 {
-    let mem = i64::from(memory_mib.max(0));
-    mem + mem / 16384 + 1
-}
-
 /// The in-memory `emptyDir` for the memory file (its pages count as the pod's memory).
-fn memory_file_volume(memory_mib: i32) -> Volume {
+fn memory_file_volume(memory_mib: u32) -> Volume {
     Volume {
         name: MEMORY_FILE_VOLUME.into(),
         empty_dir: Some(EmptyDirVolumeSource {
@@ -262,35 +217,6 @@ fn memory_file_volume(memory_mib: i32) -> Volume {
             size_limit: Some(Quantity(format!("{}Mi", memory_file_mib(memory_mib)))),
         }),
         ..Volume::default()
-    }
-}
-
-/// Resources when the spec sets none: memory request = limit = `memoryMiB`
-/// plus 25% (at least 64 MiB) headroom for connections and allocator
-/// overhead; a CPU request of 100m per thread and no CPU limit (throttling
-/// hurts tail latency more than it protects neighbours). With the memory file
-/// (`persistent`), its tmpfs pages count against the container's memory: they
-/// are the cache memory itself, plus the file's segment table.
-pub fn default_resources(memory_mib: i32, threads: i32, persistent: bool) -> ResourceRequirements {
-    let mem = i64::from(memory_mib.max(0));
-    let cache = if persistent {
-        memory_file_mib(memory_mib)
-    } else {
-        mem
-    };
-    let total = cache + (mem / 4).max(MIN_HEADROOM_MIB);
-    let memory = Quantity(format!("{total}Mi"));
-    let cpu = Quantity(format!(
-        "{}m",
-        i64::from(threads.max(1)) * CPU_MILLIS_PER_THREAD
-    ));
-    ResourceRequirements {
-        requests: Some(BTreeMap::from([
-            ("cpu".to_string(), cpu),
-            ("memory".to_string(), memory.clone()),
-        ])),
-        limits: Some(BTreeMap::from([("memory".to_string(), memory)])),
-        ..ResourceRequirements::default()
     }
 }
 
@@ -346,21 +272,21 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
 
 /// The StatefulSet `<name>`: one kache-node pod per replica, each with a
 /// stable DNS name behind the `<name>-peers` headless Service.
-pub fn statefulset(cc: &CacheCluster, default_image: &str) -> Result<StatefulSet, BuildError> {
-    let name = cc.name_any();
-    let spec = &cc.spec;
-    let selector = names::selector_labels(&name);
-    let mounts = secret_mounts(cc);
+pub fn statefulset(vc: &ValidCluster, default_image: &str) -> StatefulSet {
+    let name = &vc.cluster.name;
+    let spec = &vc.spec;
+    let selector = names::selector_labels(name);
+    let mounts = secret_mounts(spec);
     let container = Container {
         name: CONTAINER_NAME.into(),
-        image: Some(cc.node_image(default_image).to_string()),
-        args: Some(container_args(cc)),
+        image: Some(spec.image.as_deref().unwrap_or(default_image).to_string()),
+        args: Some(container_args(vc)),
         env: Some(vec![
             field_env(names::ENV_POD_NAME, "metadata.name"),
             field_env(names::ENV_POD_NAMESPACE, "metadata.namespace"),
         ]),
         ports: Some(vec![
-            port(names::PORT_NAME_MEMCACHE, spec.port),
+            port(names::PORT_NAME_MEMCACHE, i32::from(spec.port)),
             port(names::PORT_NAME_PEER, i32::from(names::PEER_PORT)),
             port(names::PORT_NAME_ADMIN, i32::from(names::ADMIN_PORT)),
         ]),
@@ -369,9 +295,7 @@ pub fn statefulset(cc: &CacheCluster, default_image: &str) -> Result<StatefulSet
             initial_delay_seconds: Some(5),
             ..http_probe("/healthz", 10, 3)
         }),
-        resources: Some(spec.resources.clone().unwrap_or_else(|| {
-            default_resources(spec.memory_mib, spec.threads, spec.persistence.enabled)
-        })),
+        resources: Some(spec.resources.clone()),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -386,7 +310,7 @@ pub fn statefulset(cc: &CacheCluster, default_image: &str) -> Result<StatefulSet
         }),
         volume_mounts: {
             let mut all: Vec<VolumeMount> = mounts.iter().map(SecretMount::mount).collect();
-            if spec.persistence.enabled {
+            if spec.memory_file {
                 all.push(VolumeMount {
                     name: MEMORY_FILE_VOLUME.into(),
                     mount_path: MEMORY_FILE_DIR.into(),
@@ -398,9 +322,9 @@ pub fn statefulset(cc: &CacheCluster, default_image: &str) -> Result<StatefulSet
         ..Container::default()
     };
     let pod_spec = PodSpec {
-        service_account_name: Some(names::node_service_account_name(&name)),
+        service_account_name: Some(names::node_service_account_name(name)),
         automount_service_account_token: Some(true),
-        termination_grace_period_seconds: Some(termination_grace_period_seconds(cc)),
+        termination_grace_period_seconds: Some(spec.termination_grace_period_seconds),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(RUN_AS_USER),
@@ -415,28 +339,30 @@ pub fn statefulset(cc: &CacheCluster, default_image: &str) -> Result<StatefulSet
         containers: vec![container],
         volumes: {
             let mut all: Vec<Volume> = mounts.iter().map(SecretMount::volume).collect();
-            if spec.persistence.enabled {
+            if spec.memory_file {
                 all.push(memory_file_volume(spec.memory_mib));
             }
             (!all.is_empty()).then_some(all)
         },
-        node_selector: spec.node_selector.clone(),
-        tolerations: spec.tolerations.clone(),
-        affinity: spec.affinity.clone(),
+        node_selector: spec.scheduling.node_selector.clone(),
+        tolerations: spec.scheduling.tolerations.clone(),
+        affinity: spec.scheduling.affinity.clone(),
         topology_spread_constraints: Some(
-            spec.topology_spread_constraints
+            spec.scheduling
+                .topology_spread_constraints
                 .clone()
-                .unwrap_or_else(|| default_topology_spread(&name)),
+                .unwrap_or_else(|| default_topology_spread(name)),
         ),
-        priority_class_name: spec.priority_class_name.clone(),
+        priority_class_name: spec.scheduling.priority_class_name.clone(),
         ..PodSpec::default()
     };
-    let template_labels = names::common_labels(&name);
-    Ok(StatefulSet {
-        metadata: object_meta(cc, name.clone())?,
+    let template_labels = names::common_labels(name);
+    StatefulSet {
+        metadata: object_meta(&vc.cluster, name.clone()),
         spec: Some(StatefulSetSpec {
-            replicas: Some(spec.replicas),
-            service_name: names::peers_service_name(&name),
+            // Within i32: validation holds replicas to MAX_REPLICAS.
+            replicas: Some(i32::try_from(spec.replicas).unwrap_or(i32::MAX)),
+            service_name: names::peers_service_name(name),
             // Cache nodes are independent: start and stop them all at once.
             pod_management_policy: Some("Parallel".into()),
             // The operator restarts the pods itself, one at a time and only
@@ -453,7 +379,7 @@ pub fn statefulset(cc: &CacheCluster, default_image: &str) -> Result<StatefulSet
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(template_labels),
-                    annotations: spec.pod_annotations.clone(),
+                    annotations: spec.scheduling.pod_annotations.clone(),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(pod_spec),
@@ -461,14 +387,18 @@ pub fn statefulset(cc: &CacheCluster, default_image: &str) -> Result<StatefulSet
             ..StatefulSetSpec::default()
         }),
         status: None,
-    })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crd::defaults::default_resources;
+    use crate::crd::defaults::{EXIT_SECONDS, NODE_SHUTDOWN_GRACE_SECONDS};
     use crate::crd::CacheClusterSpec;
-    use crate::fixtures::cluster;
+    use crate::fixtures::valid_cluster;
+    use k8s_openapi::api::core::v1::ResourceRequirements;
+    use std::collections::BTreeMap;
 
     fn pod_spec(sts: &StatefulSet) -> &PodSpec {
         sts.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
@@ -476,8 +406,8 @@ mod tests {
 
     #[test]
     fn defaults_give_three_hardened_nodes() {
-        let cc = cluster("web", CacheClusterSpec::default());
-        let sts = statefulset(&cc, "img:1").unwrap();
+        let cc = valid_cluster("web", CacheClusterSpec::default());
+        let sts = statefulset(&cc, "img:1");
         let spec = sts.spec.as_ref().unwrap();
         assert_eq!(sts.metadata.name.as_deref(), Some("web"));
         assert_eq!(spec.replicas, Some(3));
@@ -583,7 +513,7 @@ mod tests {
 
     #[test]
     fn args_come_from_the_spec() {
-        let cc = cluster(
+        let cc = valid_cluster(
             "web",
             CacheClusterSpec {
                 memory_mib: 1024,
@@ -606,14 +536,14 @@ mod tests {
     #[test]
     fn the_grace_period_covers_the_shutdown_delay_and_grace() {
         let with = |extra: &[&str]| {
-            let cc = cluster(
+            let cc = valid_cluster(
                 "web",
                 CacheClusterSpec {
                     extra_args: extra.iter().map(ToString::to_string).collect(),
                     ..Default::default()
                 },
             );
-            pod_spec(&statefulset(&cc, "img:1").unwrap()).termination_grace_period_seconds
+            pod_spec(&statefulset(&cc, "img:1")).termination_grace_period_seconds
         };
         // 5 s delay + the node's default 10 s grace + exit fit in the 60 s floor.
         assert_eq!(with(&[]), Some(60));
@@ -654,7 +584,7 @@ mod tests {
 
     #[test]
     fn the_memory_file_is_on_an_in_memory_empty_dir_unless_switched_off() {
-        let sts = statefulset(&cluster("web", Default::default()), "img:1").unwrap();
+        let sts = statefulset(&valid_cluster("web", Default::default()), "img:1");
         let pod = pod_spec(&sts);
         let volumes = serde_json::to_value(pod.volumes.as_ref().unwrap()).unwrap();
         assert_eq!(
@@ -672,15 +602,15 @@ mod tests {
             ),
             ("memory-file", MEMORY_FILE_DIR, None)
         );
-        let args = container_args(&cluster("web", Default::default())).join(" ");
+        let args = container_args(&valid_cluster("web", Default::default())).join(" ");
         assert!(
             args.ends_with("--memory-file /var/lib/kache/memory"),
             "{args}"
         );
         // Switched off: no flag, no volume, and the limit counts no file.
-        let off = cluster("web", without_memory_file());
+        let off = valid_cluster("web", without_memory_file());
         assert!(!container_args(&off).join(" ").contains("--memory-file"));
-        let pod = pod_spec(&statefulset(&off, "img:1").unwrap()).clone();
+        let pod = pod_spec(&statefulset(&off, "img:1")).clone();
         assert_eq!(pod.volumes, None);
         let limit = &pod.containers[0]
             .resources
@@ -695,7 +625,7 @@ mod tests {
 
     #[test]
     fn security_flags_name_the_mounted_files() {
-        let args = container_args(&cluster("web", secure(true))).join(" ");
+        let args = container_args(&valid_cluster("web", secure(true))).join(" ");
         assert!(
             args.ends_with(
                 "--cluster web --tls-cert /etc/kache/tls/tls.crt --tls-key /etc/kache/tls/tls.key \
@@ -708,7 +638,7 @@ mod tests {
         assert!(!args.contains("--peer-tls-ca"), "{args}");
         // Without clientAuth no client CA, but the optional CA verifies peers;
         // without the sections no flags at all.
-        let args = container_args(&cluster("web", secure(false))).join(" ");
+        let args = container_args(&valid_cluster("web", secure(false))).join(" ");
         assert!(!args.contains("--tls-client-ca"), "{args}");
         assert!(
             args.contains(
@@ -717,7 +647,7 @@ mod tests {
             ),
             "{args}"
         );
-        let plain = container_args(&cluster("web", without_memory_file())).join(" ");
+        let plain = container_args(&valid_cluster("web", without_memory_file())).join(" ");
         for flag in ["--tls", "--auth-file", "--peer-secret-file"] {
             assert!(!plain.contains(flag), "{plain}");
         }
@@ -725,7 +655,7 @@ mod tests {
             peer_auth: secure(false).peer_auth,
             ..without_memory_file()
         };
-        let args = container_args(&cluster("web", only_peer)).join(" ");
+        let args = container_args(&valid_cluster("web", only_peer)).join(" ");
         assert!(
             args.ends_with("--cluster web --peer-secret-file /etc/kache/peer/secret"),
             "{args}"
@@ -734,7 +664,7 @@ mod tests {
 
     #[test]
     fn secrets_are_mounted_read_only_by_name() {
-        let sts = statefulset(&cluster("web", secure(true)), "img:1").unwrap();
+        let sts = statefulset(&valid_cluster("web", secure(true)), "img:1");
         let pod = pod_spec(&sts);
         let volumes = serde_json::to_value(pod.volumes.as_ref().unwrap()).unwrap();
         assert_eq!(
@@ -777,7 +707,7 @@ mod tests {
         );
         // Without clientAuth the Secret need not have the CA: it is not in the
         // required volume but in an optional one of its own, for the peers.
-        let sts = statefulset(&cluster("web", secure(false)), "img:1").unwrap();
+        let sts = statefulset(&valid_cluster("web", secure(false)), "img:1");
         let pod = pod_spec(&sts);
         let volumes = serde_json::to_value(&pod.volumes.as_ref().unwrap()[..2]).unwrap();
         assert_eq!(
@@ -802,17 +732,17 @@ mod tests {
         );
         assert_eq!(mount.sub_path, None);
         // No security settings: no volumes, no mounts.
-        let sts = statefulset(&cluster("web", without_memory_file()), "img:1").unwrap();
+        let sts = statefulset(&valid_cluster("web", without_memory_file()), "img:1");
         assert_eq!(pod_spec(&sts).volumes, None);
         assert_eq!(pod_spec(&sts).containers[0].volume_mounts, None);
     }
 
     #[test]
     fn changing_a_secret_name_rolls_the_pods() {
-        let a = statefulset(&cluster("web", secure(false)), "img:1").unwrap();
+        let a = statefulset(&valid_cluster("web", secure(false)), "img:1");
         let mut spec = secure(false);
         spec.auth.as_mut().unwrap().secret_name = "web-auth-2".into();
-        let b = statefulset(&cluster("web", spec), "img:1").unwrap();
+        let b = statefulset(&valid_cluster("web", spec), "img:1");
         assert_ne!(a.spec.unwrap().template, b.spec.unwrap().template);
     }
 
@@ -835,7 +765,7 @@ mod tests {
             limits: Some(BTreeMap::from([("memory".into(), Quantity("1Gi".into()))])),
             ..Default::default()
         };
-        let cc = cluster(
+        let cc = valid_cluster(
             "web",
             CacheClusterSpec {
                 image: Some("mine:2".into()),
@@ -847,7 +777,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let sts = statefulset(&cc, "img:1").unwrap();
+        let sts = statefulset(&cc, "img:1");
         let tmpl = &sts.spec.as_ref().unwrap().template;
         assert_eq!(
             tmpl.metadata
@@ -868,9 +798,9 @@ mod tests {
 
     #[test]
     fn spec_change_changes_the_pod_template() {
-        let a = statefulset(&cluster("web", Default::default()), "img:1").unwrap();
+        let a = statefulset(&valid_cluster("web", Default::default()), "img:1");
         let b = statefulset(
-            &cluster(
+            &valid_cluster(
                 "web",
                 CacheClusterSpec {
                     memory_mib: 128,
@@ -878,8 +808,7 @@ mod tests {
                 },
             ),
             "img:1",
-        )
-        .unwrap();
+        );
         assert_ne!(
             a.spec.as_ref().unwrap().template,
             b.spec.as_ref().unwrap().template,
@@ -887,7 +816,7 @@ mod tests {
         );
         // Only replicas changing must not roll the pods.
         let c = statefulset(
-            &cluster(
+            &valid_cluster(
                 "web",
                 CacheClusterSpec {
                     replicas: 5,
@@ -895,8 +824,7 @@ mod tests {
                 },
             ),
             "img:1",
-        )
-        .unwrap();
+        );
         assert_eq!(
             a.spec.as_ref().unwrap().template,
             c.spec.as_ref().unwrap().template

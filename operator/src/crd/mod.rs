@@ -2,22 +2,53 @@
 //!
 //! * [`types`]: the resource's Rust types, their defaults and OpenAPI schema (the doc
 //!   comments become what `kubectl explain cachecluster.spec` shows).
+//! * [`defaults`]: what unset fields resolve to.
 //! * [`validate`]: every rule, including those the schema cannot express, turning a spec
 //!   into the [`ValidSpec`] the reconciler acts on, or typed [`SpecError`]s.
 //! * [`crd`]/[`crd_yaml`]: the CustomResourceDefinition that `crdgen` prints.
 
+pub mod defaults;
 pub mod types;
 pub mod validate;
 
 pub use types::*;
-pub use validate::{SpecError, SpecErrors, ValidSpec};
+pub use validate::{Scheduling, SpecError, SpecErrors, ValidSpec};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, ValidationRule,
 };
 use kube::CustomResourceExt;
 
-/// The CustomResourceDefinition, including the cross-field CEL rule that
+/// The CEL rule "`maxItemSize` at most half of `memoryMiB`" (memcached's rule, which
+/// kache-node keeps). CEL on Kubernetes 1.28 has no size parser (its `quantity` reads `1m` as
+/// a thousandth and new rules cannot use it there), so the rule parses the size itself: the
+/// digits with the Kubernetes regex library's `find`, the unit with `matches`. Each unit is
+/// compared with its own scaled inequality so no product overflows; more than 13 digits
+/// exceed half of any memory the schema allows. A string off the size pattern is left to the
+/// pattern's message; the schema's `maxLength` (32) keeps the API server's cost estimate of
+/// the rule small.
+fn max_item_size_rule() -> ValidationRule {
+    let size = "self.maxItemSize";
+    let memory = "self.memoryMiB";
+    let digits = format!("{size}.find('[1-9][0-9]*')");
+    let n = format!("({digits} == '' ? 0 : int({digits}))");
+    let pattern = kache_cluster::size::SIZE_PATTERN;
+    // bytes * 2 <= memoryMiB * 2^20, for bytes = n * unit.
+    let rule = format!(
+        "!{size}.matches(r'{pattern}') || (size({digits}) <= 13 && (\
+         {size}.matches('[gG]$') ? {n} * 2048 <= {memory} : \
+         {size}.matches('[mM]$') ? {n} * 2 <= {memory} : \
+         {size}.matches('[kK]$') ? {n} <= {memory} * 512 : \
+         {n} <= {memory} * 524288))"
+    );
+    ValidationRule {
+        rule,
+        message: Some("maxItemSize must not exceed half of memoryMiB".into()),
+        ..ValidationRule::default()
+    }
+}
+
+/// The CustomResourceDefinition, including the cross-field CEL rules that
 /// schemars cannot express. This is what `crdgen` prints.
 pub fn crd() -> CustomResourceDefinition {
     let mut crd = CacheCluster::crd();
@@ -30,11 +61,14 @@ pub fn crd() -> CustomResourceDefinition {
         .filter_map(|s| s.properties.as_mut())
         .filter_map(|p| p.get_mut("spec"));
     for spec in spec_schema {
-        spec.x_kubernetes_validations = Some(vec![ValidationRule {
-            rule: "self.replicas == 0 || self.replicationFactor <= self.replicas".into(),
-            message: Some("replicationFactor must not exceed replicas".into()),
-            ..ValidationRule::default()
-        }]);
+        spec.x_kubernetes_validations = Some(vec![
+            ValidationRule {
+                rule: "self.replicas == 0 || self.replicationFactor <= self.replicas".into(),
+                message: Some("replicationFactor must not exceed replicas".into()),
+                ..ValidationRule::default()
+            },
+            max_item_size_rule(),
+        ]);
     }
     crd
 }
@@ -51,6 +85,88 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kache_cluster::size::{self, MIB};
+    use kube_cel::{ErrorKind, Validator};
+
+    /// The messages of the CRD's CEL rules that `spec` breaks, evaluated with Kubernetes' CEL
+    /// libraries on the object as the API server holds it (schema defaults applied).
+    fn broken_rules(spec: &CacheClusterSpec) -> Vec<String> {
+        let crd = serde_json::to_value(crd()).unwrap();
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        let object = serde_json::to_value(CacheCluster::new("web", spec.clone())).unwrap();
+        match Validator::new().validate(schema, &object, None) {
+            Ok(()) => vec![],
+            Err(errors) => errors
+                .into_vec()
+                .into_iter()
+                .map(|e| {
+                    assert_eq!(e.kind, ErrorKind::ValidationFailure, "{spec:?}: {e:?}");
+                    e.message
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_cel_rule_holds_max_item_size_to_half_the_memory() {
+        let sizes = [
+            "0",
+            "1",
+            "1k",
+            "512k",
+            "1m",
+            "1M",
+            "1536k",
+            "2m",
+            "2048k",
+            "2097152",
+            "2097153",
+            "+2m",
+            "0002m",
+            "4m",
+            "8m",
+            "8193k",
+            "1g",
+            "1G",
+            "2g",
+            "512g",
+            "513g",
+            "1024b",
+            "99999999999999",
+            "9999999999999",
+            "18446744073709551616",
+            "1.5m",
+            "lots",
+            "",
+        ];
+        for memory_mib in [1, 2, 3, 4, 5, 16, 1024, 1_048_576] {
+            for text in sizes {
+                let spec = CacheClusterSpec {
+                    memory_mib,
+                    max_item_size: text.into(),
+                    ..Default::default()
+                };
+                let half = u64::try_from(memory_mib).unwrap() * MIB / 2;
+                // The pattern takes what the parser parses, and numbers too large for it; off
+                // the pattern, the rule leaves the refusal to the pattern's message.
+                let expected = match size::parse_size(text) {
+                    Ok(bytes) => bytes <= half,
+                    Err(size::SizeError::TooLarge(_)) => false,
+                    Err(_) => true,
+                };
+                let broken = broken_rules(&spec);
+                let cel = broken.is_empty();
+                assert!(
+                    cel || broken == ["maxItemSize must not exceed half of memoryMiB"],
+                    "{broken:?}"
+                );
+                assert_eq!(cel, expected, "-m {memory_mib} -I {text:?}");
+                if !cel {
+                    assert!(spec.validate().is_err(), "the operator refuses it too");
+                }
+            }
+        }
+    }
 
     #[test]
     fn crd_has_scale_printer_columns_and_rule() {

@@ -127,7 +127,7 @@ pub struct CacheClusterSpec {
     /// (kache-node's `slab_chunk_max`, as memcached's; with `-o
     /// slab_chunk_max=...` in `extraArgs`, a multiple of that, at least 1k).
     #[serde(default = "default_max_item_size")]
-    #[schemars(regex = "kache_cluster::size::SIZE_PATTERN")]
+    #[schemars(regex = "kache_cluster::size::SIZE_PATTERN", length(max = 32))]
     pub max_item_size: String,
 
     /// Worker threads per node, passed as `-t`.
@@ -669,13 +669,6 @@ fn conditions_schema(gen: &mut SchemaGenerator) -> Schema {
         serde_json::json!(["type"]),
     );
     Schema::Object(schema)
-}
-
-impl CacheCluster {
-    /// The node image: the spec's, else the operator's default.
-    pub fn node_image<'a>(&'a self, default: &'a str) -> &'a str {
-        self.spec.image.as_deref().unwrap_or(default)
-    }
 }
 
 #[cfg(test)]

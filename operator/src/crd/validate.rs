@@ -7,10 +7,15 @@
 //! accepts: sizes use kache-cluster's grammar, and the ranges are the node's (a test feeds
 //! the built command lines to kache-node's own parser).
 
+use super::defaults::{default_resources, termination_grace_period_seconds};
 use super::types::*;
+use k8s_openapi::api::core::v1::{
+    Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kache_cluster::names;
 use kache_cluster::size::{self, SizeError};
+use std::collections::BTreeMap;
 
 /// Flags the operator derives from the spec, long and short (`""`: none); `extraArgs`
 /// must not repeat them.
@@ -34,9 +39,10 @@ pub const MANAGED_FLAGS: &[(&str, &str)] = &[
     ("--memory-file", "-e"),
 ];
 
-/// A spec that passed [`CacheClusterSpec::validate`], with the values it was checked for
-/// in the types kache-node and the member list take.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A spec that passed [`CacheClusterSpec::validate`]: what the builders make the cluster's
+/// objects of, with every default resolved and the values it was checked for in the types
+/// kache-node, the member list and the Kubernetes objects take.
+#[derive(Clone, Debug, PartialEq)]
 pub struct ValidSpec {
     /// Cache nodes wanted.
     pub replicas: u32,
@@ -44,8 +50,59 @@ pub struct ValidSpec {
     pub replication_factor: u8,
     /// The memcache port.
     pub port: u16,
+    /// Cache memory per node, in MiB (`-m`).
+    pub memory_mib: u32,
     /// Largest item, in bytes.
     pub max_item_size: u64,
+    /// `maxItemSize` as written, which is what `-I` gets (rewriting it would change the pod
+    /// template, and so restart every node, on an operator upgrade).
+    pub max_item_size_text: String,
+    /// Worker threads per node (`-t`).
+    pub threads: u32,
+    /// Client connections per node (`-c`).
+    pub max_connections: u32,
+    /// The node image the spec names (`None`: the operator's).
+    pub image: Option<String>,
+    /// The cache container's resources: the spec's, else [`default_resources`].
+    pub resources: ResourceRequirements,
+    /// The pods' `terminationGracePeriodSeconds`: [`termination_grace_period_seconds`].
+    pub termination_grace_period_seconds: i64,
+    /// Where and how the pods are scheduled, as the spec says (a topology spread unset here
+    /// gets the default, which names the cluster).
+    pub scheduling: Scheduling,
+    /// `podDisruptionBudget.maxUnavailable`.
+    pub pdb_max_unavailable: i32,
+    /// TLS on the memcache and peer ports.
+    pub tls: Option<TlsConfig>,
+    /// The Secret of the client credentials (`auth.secretName`).
+    pub auth_secret: Option<String>,
+    /// The Secret of the peer secret (`peerAuth.secretName`).
+    pub peer_secret: Option<String>,
+    /// The NetworkPolicy's settings, when it is enabled.
+    pub network_policy: Option<NetworkPolicyConfig>,
+    /// Whether the nodes keep their items in a memory file.
+    pub memory_file: bool,
+    /// The replication flags the spec sets, with their values.
+    pub replication_flags: Vec<(&'static str, String)>,
+    /// `extraArgs`.
+    pub extra_args: Vec<String>,
+}
+
+/// The pods' scheduling settings, passed through from the spec.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Scheduling {
+    /// `nodeSelector`.
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// `tolerations`.
+    pub tolerations: Option<Vec<Toleration>>,
+    /// `affinity`.
+    pub affinity: Option<Affinity>,
+    /// `topologySpreadConstraints`.
+    pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
+    /// `podAnnotations`.
+    pub pod_annotations: Option<BTreeMap<String, String>>,
+    /// `priorityClassName`.
+    pub priority_class_name: Option<String>,
 }
 
 /// One way a spec is invalid. The messages name the spec's fields as `kubectl` shows them.
@@ -386,24 +443,62 @@ impl CacheClusterSpec {
                 .filter_map(|a| managed_flag(a, &managed))
                 .map(SpecError::ManagedFlag),
         );
-        let (Some(max_item_size), true) = (max_item_size, errs.is_empty()) else {
-            return Err(SpecErrors(errs));
-        };
-        // The ranges above make these conversions exact.
-        let typed = (
-            u32::try_from(self.replicas),
-            u8::try_from(self.replication_factor),
-            u16::try_from(self.port),
-        );
-        match typed {
-            (Ok(replicas), Ok(replication_factor), Ok(port)) => Ok(ValidSpec {
-                replicas,
-                replication_factor,
-                port,
-                max_item_size,
-            }),
+        match (max_item_size, errs.is_empty()) {
+            (Some(max_item_size), true) => self.resolve(max_item_size).ok_or(SpecErrors(errs)),
             _ => Err(SpecErrors(errs)),
         }
+    }
+
+    /// The spec as the builders take it, with `max_item_size` bytes; `None` when a number
+    /// is out of its type (which the ranges [`Self::validate`] checks rule out).
+    fn resolve(&self, max_item_size: u64) -> Option<ValidSpec> {
+        let memory_mib = u32::try_from(self.memory_mib).ok()?;
+        let threads = u32::try_from(self.threads).ok()?;
+        Some(ValidSpec {
+            replicas: u32::try_from(self.replicas).ok()?,
+            replication_factor: u8::try_from(self.replication_factor).ok()?,
+            port: u16::try_from(self.port).ok()?,
+            memory_mib,
+            max_item_size,
+            max_item_size_text: self.max_item_size.clone(),
+            threads,
+            max_connections: u32::try_from(self.max_connections).ok()?,
+            image: self.image.clone(),
+            resources: self.resources.clone().unwrap_or_else(|| {
+                default_resources(memory_mib, threads, self.persistence.enabled)
+            }),
+            termination_grace_period_seconds: termination_grace_period_seconds(&self.extra_args),
+            scheduling: Scheduling {
+                node_selector: self.node_selector.clone(),
+                tolerations: self.tolerations.clone(),
+                affinity: self.affinity.clone(),
+                topology_spread_constraints: self.topology_spread_constraints.clone(),
+                pod_annotations: self.pod_annotations.clone(),
+                priority_class_name: self.priority_class_name.clone(),
+            },
+            pdb_max_unavailable: self.pod_disruption_budget.max_unavailable,
+            tls: self.tls.clone(),
+            auth_secret: self.auth.as_ref().map(|a| a.secret_name.clone()),
+            peer_secret: self.peer_auth.as_ref().map(|p| p.secret_name.clone()),
+            network_policy: NetworkPolicyConfig::enabled(self).cloned(),
+            memory_file: self.persistence.enabled,
+            replication_flags: self
+                .replication
+                .iter()
+                .flat_map(ReplicationConfig::node_flags)
+                .collect(),
+            extra_args: self.extra_args.clone(),
+        })
+    }
+
+    /// The spec as the builders would take it were it valid: for tests that hold what
+    /// the operator refuses to what kache-node refuses (an unparsable `maxItemSize` counts
+    /// as 0 bytes; `-I` still gets it as written).
+    #[cfg(test)]
+    pub(crate) fn unchecked(&self) -> ValidSpec {
+        let bytes = size::parse_size(&self.max_item_size).unwrap_or(0);
+        self.resolve(bytes)
+            .unwrap_or_else(|| panic!("a number of {self:?} is out of its type"))
     }
 
     /// Whether `extraArgs` set kache-node's slab chunk size (which then checks `-I`
@@ -469,9 +564,58 @@ mod tests {
                 replicas: 3,
                 replication_factor: 1,
                 port: 11211,
+                memory_mib: 64,
                 max_item_size: size::MIB,
+                max_item_size_text: "1m".into(),
+                threads: 4,
+                max_connections: 1024,
+                image: None,
+                resources: default_resources(64, 4, true),
+                termination_grace_period_seconds: 60,
+                scheduling: Scheduling::default(),
+                pdb_max_unavailable: 1,
+                tls: None,
+                auth_secret: None,
+                peer_secret: None,
+                network_policy: None,
+                memory_file: true,
+                replication_flags: vec![],
+                extra_args: vec![],
             })
         );
+    }
+
+    #[test]
+    fn defaults_are_resolved_once_here() {
+        let spec = CacheClusterSpec {
+            memory_mib: 4096,
+            threads: 2,
+            persistence: PersistenceConfig { enabled: false },
+            extra_args: vec!["--shutdown-grace=70".into()],
+            network_policy: Some(NetworkPolicyConfig::default()),
+            replication: Some(ReplicationConfig {
+                write_acks: Some(WriteAcks::All),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let valid = spec.validate().unwrap();
+        assert_eq!(valid.resources, default_resources(4096, 2, false));
+        assert_eq!(valid.termination_grace_period_seconds, 80);
+        assert_eq!(
+            valid.network_policy, None,
+            "a disabled NetworkPolicy is none"
+        );
+        assert_eq!(
+            valid.replication_flags,
+            [("--write-acks", "all".to_string())]
+        );
+        let own = ResourceRequirements::default();
+        let with_own = CacheClusterSpec {
+            resources: Some(own.clone()),
+            ..spec
+        };
+        assert_eq!(with_own.validate().unwrap().resources, own);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::crd::{CacheClusterSpec, CacheClusterStatus};
-use crate::fixtures::cluster;
+use crate::fixtures::{cluster, validated};
 use crate::fixtures::{node_report, pod, settled_sts, t, unanswered};
 use crate::probe::{HandoffReport, NodeReport, ProbeError, ProbeResults};
 use http::{Method, Request, Response, StatusCode};
@@ -214,7 +214,7 @@ fn np_list(np: Option<&NetworkPolicy>) -> Value {
 
 /// The NetworkPolicy step: applied when enabled, else looked for (none there).
 fn network_policy_step(cc: &CacheCluster) -> Exchange {
-    match build::network_policy(cc, DEFAULT_OPERATOR_NAMESPACE).unwrap() {
+    match build::network_policy(&validated(cc), DEFAULT_OPERATOR_NAMESPACE) {
         Some(np) => apply_of(NP, &np),
         None => expect(Method::GET, NP_LIST).respond(StatusCode::OK, np_list(None)),
     }
@@ -237,23 +237,23 @@ fn preamble(
     vec![
         apply_of(
             &format!("{NS}/serviceaccounts/web-node"),
-            &build::node_service_account(cc).unwrap(),
+            &build::node_service_account(&validated(cc).cluster),
         ),
         apply_of(
             &format!("{RBAC}/roles/web-node"),
-            &build::node_role(cc).unwrap(),
+            &build::node_role(&validated(cc).cluster),
         ),
         apply_of(
             &format!("{RBAC}/rolebindings/web-node"),
-            &build::node_role_binding(cc).unwrap(),
+            &build::node_role_binding(&validated(cc).cluster),
         ),
         apply_of(
             &format!("{NS}/services/web-peers"),
-            &build::peers_service(cc).unwrap(),
+            &build::peers_service(&validated(cc)),
         ),
         apply_of(
             &format!("{NS}/services/web"),
-            &build::client_service(cc).unwrap(),
+            &build::client_service(&validated(cc)),
         ),
         network_policy_step(cc),
         expect(Method::GET, PODS).respond(StatusCode::OK, pod_list(pods)),
@@ -312,15 +312,15 @@ async fn first_reconcile_creates_everything_and_publishes_version_one() {
         replication_factor: 1,
         members: vec![],
     };
-    let sts = build::statefulset(&cc, "kache-node:test").unwrap();
+    let sts = build::statefulset(&validated(&cc), "kache-node:test");
     let mut script = preamble(&cc, &[], None, None);
     script.extend([
         apply_of(
             &format!("{NS}/configmaps/web-members"),
-            &build::members_configmap(&cc, &empty).unwrap(),
+            &build::members_configmap(&validated(&cc).cluster, &empty).unwrap(),
         ),
         apply_of(STS, &sts),
-        apply_of(PDB, &build::pod_disruption_budget(&cc).unwrap()),
+        apply_of(PDB, &build::pod_disruption_budget(&validated(&cc))),
         status_patch(&cc, |s| {
             assert_eq!(s.observed_generation, Some(1));
             assert_eq!(s.config_version, 1);
@@ -346,8 +346,8 @@ async fn settled_cluster_reconcile_is_a_no_op() {
     let mut cc = cluster("web", CacheClusterSpec::default());
     let pods = three_ready();
     let list = published(&cc, &pods, 4);
-    let cm = build::members_configmap(&cc, &list).unwrap();
-    let mut sts = build::statefulset(&cc, "kache-node:test").unwrap();
+    let cm = build::members_configmap(&validated(&cc).cluster, &list).unwrap();
+    let mut sts = build::statefulset(&validated(&cc), "kache-node:test");
     sts.metadata.generation = Some(1);
     sts.status = settled_sts(3).status;
     cc.status = Some(status::compute_status(
@@ -361,9 +361,9 @@ async fn settled_cluster_reconcile_is_a_no_op() {
     let mut script = preamble(&cc, &pods, Some(&cm), Some(&sts));
     script.extend([
         // No ConfigMap write: the published list is unchanged.
-        apply_of(STS, &build::statefulset(&cc, "kache-node:test").unwrap())
+        apply_of(STS, &build::statefulset(&validated(&cc), "kache-node:test"))
             .respond(StatusCode::OK, serde_json::to_value(&sts).unwrap()),
-        apply_of(PDB, &build::pod_disruption_budget(&cc).unwrap()),
+        apply_of(PDB, &build::pod_disruption_budget(&validated(&cc))),
         // No status patch, no events.
     ]);
     let action = run(cc, script).await.unwrap();
@@ -375,8 +375,8 @@ fn settled(spec: CacheClusterSpec) -> (CacheCluster, Vec<Pod>, ConfigMap, Statef
     let mut cc = cluster("web", spec);
     let pods = three_ready();
     let list = published(&cc, &pods, 4);
-    let cm = build::members_configmap(&cc, &list).unwrap();
-    let mut sts = build::statefulset(&cc, "kache-node:test").unwrap();
+    let cm = build::members_configmap(&validated(&cc).cluster, &list).unwrap();
+    let mut sts = build::statefulset(&validated(&cc), "kache-node:test");
     sts.metadata.generation = Some(1);
     sts.status = settled_sts(3).status;
     cc.status = Some(status::compute_status(
@@ -402,9 +402,9 @@ fn np_enabled(enabled: bool) -> CacheClusterSpec {
 /// The rest of a settled reconcile after the preamble: StatefulSet and PDB.
 fn settled_tail(cc: &CacheCluster, sts: &StatefulSet) -> [Exchange; 2] {
     [
-        apply_of(STS, &build::statefulset(cc, "kache-node:test").unwrap())
+        apply_of(STS, &build::statefulset(&validated(cc), "kache-node:test"))
             .respond(StatusCode::OK, serde_json::to_value(sts).unwrap()),
-        apply_of(PDB, &build::pod_disruption_budget(cc).unwrap()),
+        apply_of(PDB, &build::pod_disruption_budget(&validated(cc))),
     ]
 }
 
@@ -419,9 +419,7 @@ async fn enabled_network_policy_is_applied_before_the_pods() {
         .expect("NetworkPolicy applied");
     assert_eq!(script[np_at].method, Method::PATCH);
     assert_eq!(np_at, 5);
-    let np = build::network_policy(&cc, DEFAULT_OPERATOR_NAMESPACE)
-        .unwrap()
-        .unwrap();
+    let np = build::network_policy(&validated(&cc), DEFAULT_OPERATOR_NAMESPACE).unwrap();
     let admin_from = &np.spec.as_ref().unwrap().ingress.as_ref().unwrap()[2]
         .from
         .as_ref()
@@ -446,9 +444,7 @@ async fn enabled_network_policy_is_applied_before_the_pods() {
 /// A NetworkPolicy `web` as the API server holds it, controlled by `owner_uid`.
 fn existing_np(owner_uid: &str) -> NetworkPolicy {
     let owned = cluster("web", np_enabled(true));
-    let mut np = build::network_policy(&owned, "kache-system")
-        .unwrap()
-        .unwrap();
+    let mut np = build::network_policy(&validated(&owned), "kache-system").unwrap();
     np.metadata.uid = Some("np-uid-1".into());
     np.metadata.owner_references.as_mut().unwrap()[0].uid = owner_uid.into();
     np
@@ -519,8 +515,8 @@ async fn pod_becoming_ready_bumps_config_version_by_one() {
     let mut pods = three_ready();
     pods[2] = pod("web-2", Some("10.0.0.3"), false);
     let old = published(&cc, &pods, 4);
-    let old_cm = build::members_configmap(&cc, &old).unwrap();
-    let mut sts = build::statefulset(&cc, "kache-node:test").unwrap();
+    let old_cm = build::members_configmap(&validated(&cc).cluster, &old).unwrap();
+    let mut sts = build::statefulset(&validated(&cc), "kache-node:test");
     sts.metadata.generation = Some(1);
     sts.status = settled_sts(3).status;
     cc.status = Some(status::compute_status(
@@ -540,11 +536,11 @@ async fn pod_becoming_ready_bumps_config_version_by_one() {
     script.extend([
         apply_of(
             &format!("{NS}/configmaps/web-members"),
-            &build::members_configmap(&cc, &new).unwrap(),
+            &build::members_configmap(&validated(&cc).cluster, &new).unwrap(),
         ),
-        apply_of(STS, &build::statefulset(&cc, "kache-node:test").unwrap())
+        apply_of(STS, &build::statefulset(&validated(&cc), "kache-node:test"))
             .respond(StatusCode::OK, serde_json::to_value(&sts).unwrap()),
-        apply_of(PDB, &build::pod_disruption_budget(&cc).unwrap()),
+        apply_of(PDB, &build::pod_disruption_budget(&validated(&cc))),
         status_patch(&cc, |s| {
             assert_eq!(s.config_version, 5);
             assert_eq!(s.ready_replicas, 3);
@@ -571,8 +567,8 @@ async fn spec_change_rolls_statefulset_and_records_event() {
     let mut cc = cluster("web", CacheClusterSpec::default());
     let pods = three_ready();
     let list = published(&cc, &pods, 2);
-    let cm = build::members_configmap(&cc, &list).unwrap();
-    let mut sts = build::statefulset(&cc, "kache-node:test").unwrap();
+    let cm = build::members_configmap(&validated(&cc).cluster, &list).unwrap();
+    let mut sts = build::statefulset(&validated(&cc), "kache-node:test");
     sts.status = settled_sts(3).status;
     cc.status = Some(status::compute_status(
         &cc,
@@ -584,7 +580,7 @@ async fn spec_change_rolls_statefulset_and_records_event() {
     // The user raises memory: generation 2.
     cc.spec.memory_mib = 256;
     cc.metadata.generation = Some(2);
-    let desired = build::statefulset(&cc, "kache-node:test").unwrap();
+    let desired = build::statefulset(&validated(&cc), "kache-node:test");
     let mut rolled = desired.clone();
     rolled.metadata.generation = Some(2);
     rolled.status = settled_sts(3).status; // controller has not observed generation 2 yet
@@ -600,7 +596,7 @@ async fn spec_change_rolls_statefulset_and_records_event() {
                 );
             })
             .respond(StatusCode::OK, serde_json::to_value(&rolled).unwrap()),
-        apply_of(PDB, &build::pod_disruption_budget(&cc).unwrap()),
+        apply_of(PDB, &build::pod_disruption_budget(&validated(&cc))),
         status_patch(&cc, |s| {
             assert_eq!(s.observed_generation, Some(2));
             assert_eq!(s.config_version, 2, "no membership change, no version bump");
@@ -742,8 +738,8 @@ fn scaled_in_to_two() -> (CacheCluster, Vec<Pod>, ConfigMap, StatefulSet) {
     let mut cc = cluster("web", CacheClusterSpec::default());
     let pods = three_ready();
     let list = published(&cc, &pods, 4);
-    let cm = build::members_configmap(&cc, &list).unwrap();
-    let mut sts = build::statefulset(&cc, "kache-node:test").unwrap();
+    let cm = build::members_configmap(&validated(&cc).cluster, &list).unwrap();
+    let mut sts = build::statefulset(&validated(&cc), "kache-node:test");
     sts.metadata.generation = Some(1);
     sts.status = settled_sts(3).status;
     cc.status = Some(status::compute_status(
@@ -761,13 +757,13 @@ fn scaled_in_to_two() -> (CacheCluster, Vec<Pod>, ConfigMap, StatefulSet) {
 
 /// The StatefulSet the operator applies for `cc`, with `replicas`.
 fn sts_with(cc: &CacheCluster, replicas: i32) -> StatefulSet {
-    let mut s = build::statefulset(cc, "kache-node:test").unwrap();
+    let mut s = build::statefulset(&validated(cc), "kache-node:test");
     s.spec.as_mut().unwrap().replicas = Some(replicas);
     s
 }
 
 fn members_cm(cc: &CacheCluster, pods: &[Pod], version: u64) -> ConfigMap {
-    build::members_configmap(cc, &published(cc, pods, version)).unwrap()
+    build::members_configmap(&validated(cc).cluster, &published(cc, pods, version)).unwrap()
 }
 
 #[tokio::test]
@@ -798,7 +794,7 @@ async fn scale_in_publishes_members_first_and_holds_the_statefulset() {
         apply_of(STS, &sts_with(&cc, 3))
             .check(|body| assert_eq!(body["spec"]["replicas"], 3))
             .respond(StatusCode::OK, serde_json::to_value(&sts).unwrap()),
-        apply_of(PDB, &build::pod_disruption_budget(&cc).unwrap()),
+        apply_of(PDB, &build::pod_disruption_budget(&validated(&cc))),
         status_patch(&cc, |s| {
             assert_eq!(s.config_version, 5);
             let r = s.rebalance.as_ref().expect("status.rebalance");
@@ -858,7 +854,7 @@ async fn restarted_between_recording_the_start_and_publishing_keeps_the_deadline
         apply_of(STS, &sts_with(&cc, 3))
             .check(|body| assert_eq!(body["spec"]["replicas"], 3))
             .respond(StatusCode::OK, serde_json::to_value(&sts).unwrap()),
-        apply_of(PDB, &build::pod_disruption_budget(&cc).unwrap()),
+        apply_of(PDB, &build::pod_disruption_budget(&validated(&cc))),
         status_patch(&cc, |s| {
             let r = s.rebalance.as_ref().expect("status.rebalance");
             assert_eq!(
@@ -909,7 +905,7 @@ async fn restarted_mid_scale_in_keeps_waiting_without_writes() {
         // No ConfigMap write; the StatefulSet stays at 3.
         apply_of(STS, &sts_with(&cc, 3))
             .respond(StatusCode::OK, serde_json::to_value(&sts).unwrap()),
-        apply_of(PDB, &build::pod_disruption_budget(&cc).unwrap()),
+        apply_of(PDB, &build::pod_disruption_budget(&validated(&cc))),
         // Same progress: no status patch, no event.
     ]);
     let probe = ScriptedProbe::default().answer("10.0.0.3", handoff(5, false, 10));
@@ -926,7 +922,7 @@ async fn scale_in_shrinks_the_statefulset_once_the_handoff_is_done() {
         apply_of(STS, &sts_with(&cc, 2))
             .check(|body| assert_eq!(body["spec"]["replicas"], 2))
             .respond(StatusCode::OK, serde_json::to_value(&sts).unwrap()),
-        apply_of(PDB, &build::pod_disruption_budget(&cc).unwrap()),
+        apply_of(PDB, &build::pod_disruption_budget(&validated(&cc))),
         status_patch(&cc, |s| {
             assert!(s.rebalance.is_none());
             let reb = status::find_condition(s, "Rebalancing").unwrap();
@@ -958,7 +954,7 @@ async fn scale_in_timeout_warns_and_shrinks() {
     script.extend([
         apply_of(STS, &sts_with(&cc, 2))
             .respond(StatusCode::OK, serde_json::to_value(&sts).unwrap()),
-        apply_of(PDB, &build::pod_disruption_budget(&cc).unwrap()),
+        apply_of(PDB, &build::pod_disruption_budget(&validated(&cc))),
         status_patch(&cc, |s| assert!(s.rebalance.is_none())),
         event("HandoffTimeout", "Warning").check(|body| {
             assert_eq!(
