@@ -1,4 +1,5 @@
-//! Executes parsed requests against the store and composes memcached's replies.
+//! Executes parsed requests against the store and decides memcached's replies: typed
+//! responses (`protocol::reply`, `protocol::meta_reply`) that the protocol module composes.
 //!
 //! Every branch here mirrors what memcached 1.6 answers for the same request, including its
 //! corners (space-padded `decr` results, `noreply` silencing errors, meta flags echoed in
