@@ -1,4 +1,5 @@
-//! Executes parsed requests against the store and composes memcached's replies.
+//! Executes parsed requests against the store and decides memcached's replies: typed
+//! responses (`protocol::reply`, `protocol::meta_reply`) that the protocol module composes.
 //!
 //! Every branch here mirrors what memcached 1.6 answers for the same request, including its
 //! corners (space-padded `decr` results, `noreply` silencing errors, meta flags echoed in
@@ -14,7 +15,8 @@ use crate::admin_commands::{stats as admin_stats, Admin, AdminNext};
 use crate::auth::AuthFile;
 use crate::cluster::Cluster;
 use crate::protocol::admin::{ClassSelection, WatchFlags};
-use crate::protocol::reply::Response;
+use crate::protocol::meta_reply::{Markers, MetaDebug, MetaReply, MetaStatus, ReturnField};
+use crate::protocol::reply::{Response, Value, NON_NUMERIC, OUT_OF_MEMORY, OUT_OF_MEMORY_STORING};
 use crate::protocol::{
     exceeds_item_size, meta_set_mode, numbers, reply, GetCommand, KeyList, MetaCommand,
     MetaRequest, Request, StoreMode, StoreRequest,
@@ -265,14 +267,12 @@ impl Engine {
                         count_delta_hit(counters, incr);
                         Response::Number(v)
                     }
-                    Delta::NonNumeric => Response::Line(
-                        "CLIENT_ERROR cannot increment or decrement non-numeric value",
-                    ),
+                    Delta::NonNumeric => Response::Line(NON_NUMERIC),
                     Delta::NotFound | Delta::CasMismatch => {
                         count_delta_miss(counters, incr);
                         Response::NotFound
                     }
-                    Delta::NoMemory => Response::Line("SERVER_ERROR out of memory"),
+                    Delta::NoMemory => Response::Line(OUT_OF_MEMORY),
                 };
                 (response, noreply)
             }
@@ -312,9 +312,7 @@ impl Engine {
                 (Response::Ok, noreply)
             }
             Request::Version => {
-                out.put_slice(b"VERSION ");
-                out.put_slice(version_string().as_bytes());
-                out.put_slice(b"\r\n");
+                reply::version(out, &version_string());
                 return Next::Continue;
             }
             Request::Verbosity { level, noreply } => {
@@ -429,7 +427,13 @@ impl Engine {
             if key == ELASTICACHE_CLUSTER_KEY {
                 if let Some(cluster) = &self.cluster {
                     let payload = cluster.view().list.elasticache_payload();
-                    reply::value(out, key, 0, payload.as_bytes(), with_cas.then_some(0));
+                    let value = Value {
+                        key,
+                        client_flags: 0,
+                        data: payload.as_bytes(),
+                        cas: with_cas.then_some(0),
+                    };
+                    value.compose(out);
                     continue;
                 }
             }
@@ -443,13 +447,13 @@ impl Engine {
                 e.bump();
                 self.log_fetch(e, key, conn_id);
                 if let Some(it) = e.item() {
-                    reply::value(
-                        out,
+                    let value = Value {
                         key,
-                        it.client_flags(),
-                        it.value(),
-                        with_cas.then(|| it.cas()),
-                    );
+                        client_flags: it.client_flags(),
+                        data: it.value(),
+                        cas: with_cas.then(|| it.cas()),
+                    };
+                    value.compose(out);
                 }
                 e.count(if touch {
                     ClassOp::TouchHit
@@ -466,7 +470,7 @@ impl Engine {
             );
             count_lookup(counters, lookup, touch);
         }
-        out.put_slice(reply::END);
+        Response::End.compose(false, out);
     }
 
     fn store_text(
@@ -504,7 +508,7 @@ impl Engine {
             StoreResult::NotStored => Response::NotStored,
             StoreResult::Exists => Response::Exists,
             StoreResult::NotFound => Response::NotFound,
-            StoreResult::NoMemory => Response::Line("SERVER_ERROR out of memory storing object"),
+            StoreResult::NoMemory => Response::Line(OUT_OF_MEMORY_STORING),
         }
     }
 
@@ -554,20 +558,20 @@ impl Engine {
             let Some(mut it) = e.item_mut() else {
                 return false;
             };
+            let mut reply = MetaReply::new(MetaStatus::Done);
             let mut won = false;
-            if flags.value {
-                out.put_slice(b"VA ");
-                reply::number(out, it.value().len());
-            } else {
-                out.put_slice(b"HD");
-            }
-            for token in &flags.tokens {
-                match token.first() {
+            // In request order: a `t` before `T` reports the TTL the `T` replaces.
+            for &token in &flags.tokens {
+                let field = match token.first() {
                     Some(b'T') => {
                         ttl_set = true;
                         it.set_exptime(absolute_expiry(i64::from(flags.ttl.unwrap_or(0)), now));
+                        continue;
                     }
-                    Some(b'N') if created => won = true,
+                    Some(b'N') if created => {
+                        won = true;
+                        continue;
+                    }
                     Some(b'R') => {
                         let recache = absolute_expiry(i64::from(flags.recache.unwrap_or(0)), now);
                         if !it.has(bits::TOKEN_SENT)
@@ -577,41 +581,42 @@ impl Engine {
                         {
                             won = true;
                         }
+                        continue;
                     }
-                    Some(b's') => reply::meta_number(out, b's', it.value().len()),
-                    Some(b't') => meta_ttl(out, it.exptime(), next_now),
-                    Some(b'c') => reply::meta_number(out, b'c', it.cas()),
-                    Some(b'f') => reply::meta_number(out, b'f', it.client_flags()),
-                    Some(b'l') => reply::meta_number(out, b'l', next_now.saturating_sub(it.time())),
-                    Some(b'h') => {
-                        reply::meta_number(out, b'h', u8::from(it.has(bits::FETCHED)));
-                    }
-                    Some(b'O') => {
-                        out.put_u8(b' ');
-                        out.put_slice(token);
-                    }
-                    Some(b'k') => reply::meta_key(out, it.key(), it.has(bits::KEY_BINARY)),
-                    _ => {}
-                }
+                    Some(b's') => ReturnField::Size(it.value().len()),
+                    Some(b't') => remaining_ttl(it.exptime(), next_now),
+                    Some(b'c') => ReturnField::Cas(it.cas()),
+                    Some(b'f') => ReturnField::ClientFlags(it.client_flags()),
+                    Some(b'l') => ReturnField::LastAccess(next_now.saturating_sub(it.time())),
+                    Some(b'h') => ReturnField::Fetched(it.has(bits::FETCHED)),
+                    Some(b'O') => ReturnField::Opaque(token),
+                    // The item's key is the request's; whether it is binary is the item's.
+                    Some(b'k') => ReturnField::Key {
+                        key,
+                        binary: it.has(bits::KEY_BINARY),
+                    },
+                    _ => continue,
+                };
+                reply.fields.push(field);
             }
-            if it.has(bits::TOKEN_SENT) {
-                out.put_slice(b" Z");
-            }
-            if it.has(bits::STALE) {
-                out.put_slice(b" X");
-                if !it.has(bits::TOKEN_SENT) {
-                    won = true;
-                }
-            }
+            let token_sent = it.has(bits::TOKEN_SENT);
+            let stale = it.has(bits::STALE);
+            // A stale item's first reader wins the recache.
+            won |= stale && !token_sent;
             if won {
-                out.put_slice(b" W");
                 it.set_bits(bits::TOKEN_SENT);
             }
-            out.put_slice(b"\r\n");
+            reply.markers = Markers {
+                token_sent,
+                stale,
+                won,
+            };
             if flags.value {
-                out.put_slice(it.value());
-                out.put_slice(b"\r\n");
+                reply.status = MetaStatus::Value(it.value());
             }
+            reply.compose(req.command, flags.quiet, out);
+            // The reply borrows the item; end that before the entry is used again.
+            drop(reply);
             if created {
                 outbox.push_current(e);
             } else if ttl_set {
@@ -639,8 +644,8 @@ impl Engine {
                 counters.get_misses += 1;
             }
         }
-        if !hit && !flags.quiet {
-            meta_status(out, b"EN", req);
+        if !hit {
+            status_reply(req, MetaStatus::Miss, out);
         }
     }
 
@@ -681,31 +686,29 @@ impl Engine {
             result
         });
         count_store(counters, mode, result);
-        if result == StoreResult::Stored && flags.quiet {
-            return;
-        }
-        out.put_slice(match result {
-            StoreResult::Stored => b"HD",
-            StoreResult::NotStored => b"NS",
-            StoreResult::Exists => b"EX",
-            StoreResult::NotFound => b"NF",
+        let status = match result {
+            StoreResult::Stored => MetaStatus::Done,
+            StoreResult::NotStored => MetaStatus::NotStored,
+            StoreResult::Exists => MetaStatus::Exists,
+            StoreResult::NotFound => MetaStatus::NotFound,
             StoreResult::NoMemory => {
-                reply::line(out, "SERVER_ERROR out of memory storing object");
+                Response::Line(OUT_OF_MEMORY_STORING).compose(false, out);
                 return;
             }
-        });
-        for token in &flags.tokens {
+        };
+        let mut reply = MetaReply::new(status);
+        for &token in &flags.tokens {
             match token.first() {
-                Some(b'O') => {
-                    out.put_u8(b' ');
-                    out.put_slice(token);
-                }
-                Some(b'k') => reply::meta_key(out, &req.key, flags.base64_key),
-                Some(b'c') => reply::meta_number(out, b'c', cas),
+                Some(b'O') => reply.fields.push(ReturnField::Opaque(token)),
+                Some(b'k') => reply.fields.push(ReturnField::Key {
+                    key: &req.key,
+                    binary: flags.base64_key,
+                }),
+                Some(b'c') => reply.fields.push(ReturnField::Cas(cas)),
                 _ => {}
             }
         }
-        out.put_slice(b"\r\n");
+        reply.compose(req.command, flags.quiet, out);
     }
 
     fn meta_delete(
@@ -717,7 +720,7 @@ impl Engine {
         outbox: &mut Outbox,
     ) {
         let flags = &req.flags;
-        let code: &[u8] = self.store.with_entry(&req.key, now, |e| {
+        let status = self.store.with_entry(&req.key, now, |e| {
             let next_cas = e.next_cas();
             let Some(mut it) = e.item_mut() else {
                 counters.delete_misses += 1;
@@ -725,11 +728,11 @@ impl Engine {
                     // Confirmed by the other owners as a text delete's NOT_FOUND is.
                     self.delete_entry(e, &req.key, outbox);
                 }
-                return b"NF";
+                return MetaStatus::NotFound;
             };
             if flags.cas.is_some_and(|c| c != it.cas()) {
                 counters.delete_misses += 1;
-                return b"EX";
+                return MetaStatus::Exists;
             }
             if flags.invalidate {
                 if let Some(ttl) = flags.ttl {
@@ -744,12 +747,9 @@ impl Engine {
                 e.count(ClassOp::DeleteHit);
                 self.delete_entry(e, &req.key, outbox);
             }
-            b"HD"
+            MetaStatus::Done
         });
-        if code == b"HD" && flags.quiet {
-            return;
-        }
-        meta_status(out, code, req);
+        status_reply(req, status, out);
     }
 
     fn meta_arithmetic(
@@ -764,7 +764,8 @@ impl Engine {
         let incr = !matches!(flags.mode, Some(b'D' | b'-'));
         let delta = flags.delta.unwrap_or(1);
         let key: &[u8] = &req.key;
-        let mark = out.len();
+        // The new value's digits, which `VA` returns; declared first as the reply borrows them.
+        let mut digits = itoa::Buffer::new();
         let outcome = self.store.with_entry(key, now, |e| {
             let mut created = false;
             let value = match apply_delta(e, incr, delta, flags.cas) {
@@ -777,79 +778,64 @@ impl Engine {
                     });
                     v
                 }
-                Delta::NonNumeric => {
-                    return Err("CLIENT_ERROR cannot increment or decrement non-numeric value")
-                }
-                Delta::NoMemory => return Err("SERVER_ERROR out of memory"),
-                Delta::CasMismatch => return Ok(Some(&b"EX"[..])),
+                Delta::NonNumeric => return MetaCount::Error(NON_NUMERIC),
+                Delta::NoMemory => return MetaCount::Error(OUT_OF_MEMORY),
+                Delta::CasMismatch => return MetaCount::Failed(MetaStatus::Exists),
                 Delta::NotFound => {
-                    let Some(vivify) = flags.vivify else {
+                    if flags.vivify.is_none() {
                         count_delta_miss(counters, incr);
-                        return Ok(Some(&b"NF"[..]));
-                    };
+                        return MetaCount::Failed(MetaStatus::NotFound);
+                    }
                     let mut digits = itoa::Buffer::new();
                     let text = digits.format(flags.initial).as_bytes();
                     let parts = [text];
                     if e.store(NewItem::new(key, &parts, ItemMeta::default()))
                         .is_err()
                     {
-                        return Err("SERVER_ERROR Out of memory allocating new item");
+                        return MetaCount::Error("SERVER_ERROR Out of memory allocating new item");
                     }
-                    let _ = vivify;
                     created = true;
                     flags.initial
                 }
             };
             let next_now = e.now();
             let Some(mut it) = e.item_mut() else {
-                return Ok(Some(&b"NF"[..]));
+                return MetaCount::Failed(MetaStatus::NotFound);
             };
-            let mut digits = itoa::Buffer::new();
-            let text = digits.format(value).as_bytes();
-            if flags.value {
-                out.put_slice(b"VA ");
-                reply::number(out, text.len());
-            } else {
-                out.put_slice(b"HD");
-            }
-            for token in &flags.tokens {
-                match token.first() {
-                    Some(b'c') => reply::meta_number(out, b'c', it.cas()),
-                    Some(b't') => meta_ttl(out, it.exptime(), next_now),
+            let mut reply = MetaReply::new(MetaStatus::Done);
+            // In request order: a `t` before `T` reports the TTL the `T` replaces.
+            for &token in &flags.tokens {
+                let field = match token.first() {
+                    Some(b'c') => ReturnField::Cas(it.cas()),
+                    Some(b't') => remaining_ttl(it.exptime(), next_now),
                     Some(b'T') => {
                         it.set_exptime(absolute_expiry(i64::from(flags.ttl.unwrap_or(0)), now));
+                        continue;
                     }
                     Some(b'N') if created => {
                         it.set_exptime(absolute_expiry(i64::from(flags.vivify.unwrap_or(0)), now));
+                        continue;
                     }
-                    Some(b'O') => {
-                        out.put_u8(b' ');
-                        out.put_slice(token);
-                    }
-                    Some(b'k') => reply::meta_key(out, key, flags.base64_key),
-                    _ => {}
-                }
+                    Some(b'O') => ReturnField::Opaque(token),
+                    Some(b'k') => ReturnField::Key {
+                        key,
+                        binary: flags.base64_key,
+                    },
+                    _ => continue,
+                };
+                reply.fields.push(field);
             }
-            if flags.value {
-                out.put_slice(b"\r\n");
-                out.put_slice(text);
-            }
-            out.put_slice(b"\r\n");
             outbox.push_current(e);
-            Ok(None)
+            MetaCount::Counted(value, reply)
         });
         match outcome {
-            Err(error) => {
-                out.truncate(mark);
-                reply::line(out, error);
-            }
-            Ok(Some(code)) => {
-                meta_status(out, code, req);
-            }
-            Ok(None) => {
-                if flags.quiet {
-                    out.truncate(mark);
+            MetaCount::Error(error) => Response::Line(error).compose(false, out),
+            MetaCount::Failed(status) => status_reply(req, status, out),
+            MetaCount::Counted(value, mut reply) => {
+                if flags.value {
+                    reply.status = MetaStatus::Value(digits.format(value).as_bytes());
                 }
+                reply.compose(req.command, flags.quiet, out);
             }
         }
     }
@@ -857,39 +843,28 @@ impl Engine {
     fn meta_debug(&self, key: &[u8], now: u32, out: &mut BytesMut) {
         self.store.with_entry(key, now, |e| {
             let Some(it) = e.item() else {
-                reply::line(out, "EN");
+                MetaReply::new(MetaStatus::Miss).compose(MetaCommand::Get, false, out);
                 return;
             };
-            out.put_slice(b"ME ");
-            if it.has(bits::KEY_BINARY) {
-                use base64::Engine as _;
-                let encoded = base64::engine::general_purpose::STANDARD.encode(it.key());
-                out.put_slice(encoded.as_bytes());
-            } else {
-                out.put_slice(it.key());
-            }
-            // memcached 1.6.18 prints "exp" as now minus the expiry time (1.6.24 turned it
-            // round); kept as the reference prints it.
-            let exp = if it.exptime() == 0 {
-                -1
-            } else {
-                i64::from(now) - i64::from(it.exptime())
+            let debug = MetaDebug {
+                key: it.key(),
+                binary_key: it.has(bits::KEY_BINARY),
+                exp: if it.exptime() == 0 {
+                    -1
+                } else {
+                    i64::from(now) - i64::from(it.exptime())
+                },
+                last_access: now.saturating_sub(it.time()),
+                cas: it.cas(),
+                fetched: it.has(bits::FETCHED),
+                class: self.class_of(it),
+                size: self.store.classes().item_size(
+                    it.key().len(),
+                    it.client_flags(),
+                    it.value().len(),
+                ),
             };
-            // memcached's class and size of the item, as `stats slabs` and metadump report.
-            let size =
-                self.store
-                    .classes()
-                    .item_size(it.key().len(), it.client_flags(), it.value().len());
-            let text = format!(
-                " exp={} la={} cas={} fetch={} cls={} size={}\r\n",
-                exp,
-                now.saturating_sub(it.time()),
-                it.cas(),
-                if it.has(bits::FETCHED) { "yes" } else { "no" },
-                self.class_of(it),
-                size,
-            );
-            out.put_slice(text.as_bytes());
+            debug.compose(out);
         });
     }
 
@@ -900,7 +875,7 @@ impl Engine {
                 self.stats.reset();
                 self.store.reset_stats();
                 self.prefixes.clear();
-                reply::line(out, "RESET");
+                Response::Line("RESET").compose(false, out);
                 return;
             }
             b"settings" => {
@@ -923,21 +898,22 @@ impl Engine {
             b"detail" => match arg {
                 b"on" | b"off" => {
                     self.prefixes.set_enabled(arg == b"on");
-                    reply::line(out, "OK");
+                    Response::Ok.compose(false, out);
                     return;
                 }
                 b"dump" => self.prefixes.dump(out),
                 _ => {
-                    reply::line(out, "CLIENT_ERROR usage: stats detail on|off|dump");
+                    Response::Line("CLIENT_ERROR usage: stats detail on|off|dump")
+                        .compose(false, out);
                     return;
                 }
             },
             _ => {
-                reply::line(out, "ERROR");
+                Response::Line("ERROR").compose(false, out);
                 return;
             }
         }
-        out.put_slice(reply::END);
+        Response::End.compose(false, out);
     }
 
     fn general_stats(&self, now: u32, out: &mut BytesMut) {
@@ -1052,34 +1028,30 @@ impl Engine {
     }
 }
 
-/// `t` flag: remaining TTL in seconds, -1 for none.
-fn meta_ttl(out: &mut BytesMut, exptime: u32, now: u32) {
-    if exptime == 0 {
-        out.put_slice(b" t-1");
-    } else {
-        reply::meta_number(out, b't', exptime.saturating_sub(now));
-    }
+/// `t`'s field: the seconds an item expiring at `exptime` has left at `now` (none: never).
+fn remaining_ttl(exptime: u32, now: u32) -> ReturnField<'static> {
+    ReturnField::Ttl((exptime != 0).then(|| exptime.saturating_sub(now)))
 }
 
-/// A meta status line without an item: the code, the echoed `O` and `k` flags, CRLF.
-fn meta_status(out: &mut BytesMut, code: &[u8], req: &MetaRequest<'_>) {
-    out.put_slice(code);
-    echo_opaque_and_key(out, req);
-    out.put_slice(b"\r\n");
+/// A meta reply without an item: the status with the request's `O` and `k` echoed.
+fn status_reply(req: &MetaRequest<'_>, status: MetaStatus<'_>, out: &mut BytesMut) {
+    let flags = &req.flags;
+    MetaReply::echoing(status, &flags.tokens, &req.key, flags.base64_key).compose(
+        req.command,
+        flags.quiet,
+        out,
+    );
 }
 
-/// Echoes the `O` and `k` flags of a meta request that did not find an item.
-fn echo_opaque_and_key(out: &mut BytesMut, req: &MetaRequest<'_>) {
-    for token in &req.flags.tokens {
-        match token.first() {
-            Some(b'O') => {
-                out.put_u8(b' ');
-                out.put_slice(token);
-            }
-            Some(b'k') => reply::meta_key(out, &req.key, req.flags.base64_key),
-            _ => {}
-        }
-    }
+/// What `ma` did, decided under the shard lock and composed after it.
+// Returned once per `ma`, never stored: boxing the reply would allocate for each.
+#[allow(clippy::large_enum_variant)]
+enum MetaCount<'a> {
+    /// The new value, and the reply's fields.
+    Counted(u64, MetaReply<'a>),
+    /// `NF` or `EX`.
+    Failed(MetaStatus<'static>),
+    Error(&'static str),
 }
 
 fn count_lookup(counters: &mut Counters, lookup: Lookup, touch: bool) {

@@ -116,6 +116,40 @@ def test_bad_input_gets_the_replies_a_node_gives(proxied):
     assert request(proxy.port, b"config get cluster\r\n") == request(nodes[1].port, b"config get cluster\r\n")
 
 
+def test_meta_replies_through_the_proxy(proxied):
+    """Values, returned fields, opaque and base64 key echoes and the q rules of each meta
+    command, over keys spread across the nodes: the proxy frames each reply (a VA's data
+    included) and drops what q hides, as memcached 1.6.18 answers (the differential suite
+    holds the node to it), except `ma` creating with N under q, which answers nothing as
+    memcached does since 1.6.40 (test_differential.py `ma_autocreate_quiet`)."""
+    cluster, nodes, proxy = proxied()
+    batch = (b"ms pk1 2 T0 F5 q Oa1\r\nhi\r\n"      # stored: hidden
+             b"mg pk1 v f s k q Oa2\r\n"              # a hit is not hidden
+             b"mg pmiss v q\r\n"                      # a miss is
+             b"mg pmiss v Oa3 k\r\n"
+             b"ma pn N0 J41 v q\r\n"                  # created: hidden (1.6.40)
+             b"ma pn v Oa5 k\r\n"
+             b"ma pk1 q\r\n"                          # errors are never hidden
+             b"md pk1 q\r\n"
+             b"md pk1 q Oa4\r\n"
+             b"ms cGtiaW4= 2 b\r\nxy\r\n"           # key "pkbin", sent in base64
+             b"mg cGtiaW4= b k v\r\n"
+             b"mg Zm9vYmFy b k v\r\n"                 # "foobar": a miss
+             b"mn\r\n")
+    assert request(proxy.port, batch, until=b"MN\r\n") == (
+        b"VA 2 f5 s2 kpk1 Oa2\r\nhi\r\n"
+        b"EN Oa3 kpmiss\r\n"
+        b"VA 2 Oa5 kpn\r\n42\r\n"
+        b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"
+        b"NF Oa4\r\n"
+        b"HD\r\n"
+        b"VA 2 kcGtiaW4= b\r\nxy\r\n"
+        b"EN kZm9vYmFy b\r\n"
+        b"MN\r\n")
+    # The keys did spread: not every one is on the same node.
+    assert len({owner(nodes[0], k) for k in ("pk1", "pmiss", "pn", "pkbin")}) > 1
+
+
 def run_traffic(proxy, keys, stop, errors, misses):
     client = proxy.client()
     i = 0

@@ -357,6 +357,10 @@ CASES = [
     Case("mg_hit_and_last_access", SET(b"k", b"v") + b"mg k h l\r\nmg k h l\r\nmg k h l v\r\n"),
     Case("mg_no_bump_u", SET(b"k", b"v") + b"mg k u h\r\nmg k h\r\nmg k h\r\n"),
     Case("mg_touch_T", SET(b"k", b"v") + b"mg k T100 t\r\nmg k t\r\nmg k T-1 v\r\nmg k v\r\n"),
+    # Flags are handled in request order: a `t` before `T` (or `ma`'s creating `N`) reports
+    # the TTL before it.
+    Case("meta_t_before_T_or_N", SET(b"k", b"v") + SET(b"n", b"5") + b"mg k t T100 v\r\nmg k t\r\n"
+         b"ma n t T100 v\r\nma n t\r\nma m N50 t J3 v\r\nma m2 t N50 J3 v\r\n"),
     Case("mg_vivify_N", b"mg k N30 s v c t\r\nmg k N30 s v t\r\nmg k v\r\n"),
     Case("mg_vivify_then_set", b"mg k N30 v\r\n" + SET(b"k", b"data") + b"mg k v\r\n"),
     Case("mg_recache_R", SET(b"k", b"v", exp=100) + b"mg k R30 v t\r\nmg k R200 v\r\nmg k R200 v\r\n"),

@@ -8,9 +8,9 @@ use base64::Engine as _;
 use bytes::{BufMut, BytesMut};
 
 use super::admin::{AdminRequest, ClassSelection, CrawlerCommand};
-use super::reply;
 use super::request::{GetCommand, MetaCommand, MetaRequest, Request, StoreMode, StoreRequest};
 use super::tokens::memchr;
+use super::{meta_reply, reply};
 
 /// How a node's reply to a forwarded request ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,11 +198,7 @@ fn encode_meta(meta: &MetaRequest<'_>, out: &mut BytesMut) -> (ReplyKind, Quiet)
     let quiet = if !meta.flags.quiet {
         Quiet::None
     } else {
-        Quiet::Codes(match meta.command {
-            MetaCommand::Get => &[b"EN"],
-            MetaCommand::Set | MetaCommand::Delete => &[b"HD"],
-            MetaCommand::Arithmetic => &[b"HD", b"VA"],
-        })
+        Quiet::Codes(meta_reply::quiet_hides(meta.command))
     };
     (ReplyKind::Meta, quiet)
 }
@@ -221,10 +217,13 @@ pub fn reply_len(buf: &[u8], kind: ReplyKind) -> Result<Option<usize>, Malformed
             let Some(end) = line_end(0) else {
                 return Ok(None);
             };
-            if !buf.starts_with(b"VA ") {
+            let Some(size_and_fields) = buf[..end]
+                .strip_prefix(meta_reply::VA)
+                .and_then(|rest| rest.strip_prefix(b" "))
+            else {
                 return Ok(Some(end));
-            }
-            let size = data_size(&buf[3..end]).ok_or(MalformedReply)?;
+            };
+            let size = data_size(size_and_fields).ok_or(MalformedReply)?;
             // Sizes come from the node: never trust them not to overflow.
             let total = end
                 .checked_add(size)
@@ -239,7 +238,7 @@ pub fn reply_len(buf: &[u8], kind: ReplyKind) -> Result<Option<usize>, Malformed
                     return Ok(None);
                 };
                 let line = &buf[at..end];
-                if line == b"END\r\n" || (at == 0 && !is_dump_line(line)) {
+                if line == reply::END || (at == 0 && !is_dump_line(line)) {
                     return Ok(Some(end));
                 }
                 if !is_dump_line(line) {
@@ -255,10 +254,10 @@ pub fn reply_len(buf: &[u8], kind: ReplyKind) -> Result<Option<usize>, Malformed
                     return Ok(None);
                 };
                 let line = &buf[at..end];
-                if line == b"END\r\n" {
+                if line == reply::END {
                     return Ok(Some(end));
                 }
-                if kind == ReplyKind::Retrieval && line.starts_with(b"VALUE ") {
+                if kind == ReplyKind::Retrieval && line.starts_with(reply::VALUE) {
                     let size = value_size(line).ok_or(MalformedReply)?;
                     let next = end
                         .checked_add(size)
@@ -365,7 +364,7 @@ pub fn value_blocks(reply: &[u8]) -> Vec<(&[u8], &[u8])> {
             break;
         };
         let line = &reply[at..end];
-        if !line.starts_with(b"VALUE ") {
+        if !line.starts_with(reply::VALUE) {
             break;
         }
         let Some(size) = value_size(line) else { break };

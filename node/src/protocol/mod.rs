@@ -1,12 +1,13 @@
 //! The memcached text and meta protocols: one definition used by the node and the proxy.
 //!
 //! Parsing is pure (bytes in, `Request` out); replies are composed into a write buffer by
-//! `reply`. Nothing here does I/O.
+//! `reply` and `meta_reply`. Nothing here does I/O.
 
 pub mod admin;
 pub mod auth;
 pub mod forward;
 pub mod meta;
+pub mod meta_reply;
 pub mod numbers;
 mod parse;
 pub mod reply;

@@ -1,6 +1,5 @@
 //! Composing replies into a connection's write buffer.
 
-use base64::Engine as _;
 use bytes::{BufMut, BytesMut};
 
 /// `shutdown` where it is not allowed (memcached without `-A`; always, through the proxy).
@@ -9,8 +8,16 @@ pub const SHUTDOWN_NOT_ENABLED: &str = "ERROR: shutdown not enabled";
 pub const TOO_LARGE: &str = "SERVER_ERROR object too large for cache";
 /// `config get` of anything but `cluster`, in a cluster.
 pub const UNKNOWN_CONFIG_KEY: &str = "CLIENT_ERROR unknown config key";
+/// A store that found no memory for the item.
+pub const OUT_OF_MEMORY_STORING: &str = "SERVER_ERROR out of memory storing object";
+/// An incr/decr that found no memory for its result.
+pub const OUT_OF_MEMORY: &str = "SERVER_ERROR out of memory";
+/// An incr/decr of a value that is not a number.
+pub const NON_NUMERIC: &str = "CLIENT_ERROR cannot increment or decrement non-numeric value";
 /// The end of a retrieval or stats reply.
 pub const END: &[u8] = b"END\r\n";
+/// How each value of a retrieval reply starts.
+pub const VALUE: &[u8] = b"VALUE ";
 
 /// A one-line reply of the text protocol, as the engine (or the proxy) decides it; what it
 /// looks like on the wire is `compose`'s business, and `noreply` is the composer's to honour.
@@ -23,6 +30,8 @@ pub enum Response {
     Deleted,
     Touched,
     Ok,
+    /// The end of a retrieval or stats reply.
+    End,
     /// `mn`'s answer.
     MetaNoop,
     /// `incr`/`decr`'s new value.
@@ -42,6 +51,7 @@ impl Response {
             Response::Deleted => "DELETED",
             Response::Touched => "TOUCHED",
             Response::Ok => "OK",
+            Response::End => "END",
             Response::MetaNoop => "MN",
             Response::Line(text) => text,
             Response::Number(_) => return None,
@@ -78,41 +88,41 @@ pub fn number(out: &mut BytesMut, n: impl itoa::Integer) {
     out.put_slice(buf.format(n).as_bytes());
 }
 
-/// Appends ` <flag><number>`, as meta replies return flags.
-pub fn meta_number(out: &mut BytesMut, flag: u8, n: impl itoa::Integer) {
-    out.put_u8(b' ');
-    out.put_u8(flag);
-    number(out, n);
+/// One `VALUE` block of a text retrieval (`get`, `gets`, `gat`, `gats`), the data borrowed
+/// from the item it was read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Value<'a> {
+    pub key: &'a [u8],
+    pub client_flags: u32,
+    pub data: &'a [u8],
+    /// Returned by `gets` and `gats`.
+    pub cas: Option<u64>,
 }
 
-/// Appends ` k<key>`, base64-encoded with a trailing ` b` when the key is binary.
-pub fn meta_key(out: &mut BytesMut, key: &[u8], binary: bool) {
-    out.put_slice(b" k");
-    if binary {
-        let encoded = base64::engine::general_purpose::STANDARD.encode(key);
-        out.put_slice(encoded.as_bytes());
-        out.put_slice(b" b");
-    } else {
-        out.put_slice(key);
-    }
-}
-
-/// Appends `VALUE <key> <flags> <bytes>[ <cas>]\r\n<data>\r\n`.
-pub fn value(out: &mut BytesMut, key: &[u8], flags: u32, data: &[u8], cas: Option<u64>) {
-    out.reserve(key.len() + data.len() + 48);
-    out.put_slice(b"VALUE ");
-    out.put_slice(key);
-    out.put_u8(b' ');
-    number(out, flags);
-    out.put_u8(b' ');
-    number(out, data.len());
-    if let Some(cas) = cas {
+impl Value<'_> {
+    /// Appends `VALUE <key> <flags> <bytes>[ <cas>]\r\n<data>\r\n`.
+    pub fn compose(&self, out: &mut BytesMut) {
+        out.reserve(self.key.len() + self.data.len() + 48);
+        out.put_slice(VALUE);
+        out.put_slice(self.key);
         out.put_u8(b' ');
-        number(out, cas);
+        number(out, self.client_flags);
+        out.put_u8(b' ');
+        number(out, self.data.len());
+        if let Some(cas) = self.cas {
+            out.put_u8(b' ');
+            number(out, cas);
+        }
+        out.put_slice(b"\r\n");
+        out.put_slice(self.data);
+        out.put_slice(b"\r\n");
     }
-    out.put_slice(b"\r\n");
-    out.put_slice(data);
-    out.put_slice(b"\r\n");
+}
+
+/// Appends `VERSION <version>`.
+pub fn version(out: &mut BytesMut, version: &str) {
+    out.put_slice(b"VERSION ");
+    line(out, version);
 }
 
 /// Appends one `STAT <name> <value>` line.
@@ -138,12 +148,21 @@ mod tests {
     #[test]
     fn formats_values_and_stats() {
         let mut out = BytesMut::new();
-        value(&mut out, b"k", 5, b"abc", Some(9));
+        let value = Value {
+            key: b"k",
+            client_flags: 5,
+            data: b"abc",
+            cas: Some(9),
+        };
+        value.compose(&mut out);
+        Value { cas: None, ..value }.compose(&mut out);
+        Value { data: b"", ..value }.compose(&mut out);
         stat(&mut out, "curr_items", 3);
-        meta_key(&mut out, b"\x00\x01", true);
+        version(&mut out, "1.6.18-kache-0.1.0");
         assert_eq!(
             &out[..],
-            b"VALUE k 5 3 9\r\nabc\r\nSTAT curr_items 3\r\n kAAE= b"
+            &b"VALUE k 5 3 9\r\nabc\r\nVALUE k 5 3\r\nabc\r\nVALUE k 5 0 9\r\n\r\n\
+               STAT curr_items 3\r\nVERSION 1.6.18-kache-0.1.0\r\n"[..]
         );
     }
 
@@ -158,6 +177,7 @@ mod tests {
             Response::Deleted,
             Response::Touched,
             Response::Ok,
+            Response::End,
             Response::MetaNoop,
             Response::Number(18446744073709551615),
             Response::Line(TOO_LARGE),
@@ -168,7 +188,7 @@ mod tests {
         }
         assert_eq!(
             &out[..],
-            &b"STORED\r\nNOT_STORED\r\nEXISTS\r\nNOT_FOUND\r\nDELETED\r\nTOUCHED\r\nOK\r\n\
+            &b"STORED\r\nNOT_STORED\r\nEXISTS\r\nNOT_FOUND\r\nDELETED\r\nTOUCHED\r\nOK\r\nEND\r\n\
                MN\r\n18446744073709551615\r\nSERVER_ERROR object too large for cache\r\n"[..]
         );
     }

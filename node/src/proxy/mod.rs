@@ -603,7 +603,7 @@ fn assemble(job: &Job, results: &mut [Option<Bytes>]) -> Bytes {
             // An error from any part answers the whole request, as one node would.
             if let Some(err) = replies
                 .iter()
-                .find(|r| !r.starts_with(b"VALUE ") && !r.starts_with(b"END"))
+                .find(|r| !r.starts_with(reply::VALUE) && !r.starts_with(reply::END))
             {
                 return err.clone();
             }
@@ -702,7 +702,7 @@ fn sum_class_stats(replies: &[Bytes]) -> Bytes {
     use std::collections::BTreeMap;
     if let Some(first) = replies.first() {
         // A single line (an error, `sizes_status`) is answered as the first member gave it.
-        if !first.ends_with(b"END\r\n") {
+        if !first.ends_with(reply::END) {
             return first.clone();
         }
     }
@@ -778,9 +778,9 @@ fn sum_class_stats(replies: &[Bytes]) -> Bytes {
 fn concat_dumps(replies: &[Bytes], limit: u32) -> Bytes {
     let mut out = BytesMut::new();
     let mut lines = 0u32;
-    for reply in replies {
-        let Some(body) = reply.strip_suffix(b"END\r\n") else {
-            return reply.clone();
+    for dump in replies {
+        let Some(body) = dump.strip_suffix(reply::END) else {
+            return dump.clone();
         };
         for line in body.split_inclusive(|&b| b == b'\n') {
             if limit != 0 && lines >= limit {
@@ -983,7 +983,7 @@ fn plan(request: &Request<'_>, view: &ClusterView) -> Job {
         }
         Request::Version => {
             let mut out = BytesMut::new();
-            reply::line(&mut out, &format!("VERSION {}", version_string()));
+            reply::version(&mut out, &version_string());
             Job::Local(out.freeze())
         }
         Request::Verbosity { noreply, .. } => local(Response::Ok, *noreply),
