@@ -321,6 +321,12 @@ def make_targets(args, workdir: str) -> list[Target]:
                     args.kache_style == "auto" and looks_like_memcached(binary)):
                 cls = MemcachedTarget  # development stand-in
             targets.append(cls(name, binary, args, workdir))
+        elif "=" in name:
+            # NAME=PATH: another kache-node binary, e.g. main's build for an A/B in one run.
+            label, path = (part.strip() for part in name.split("=", 1))
+            if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+                raise BenchError(f"target {label}: no executable at {path}")
+            targets.append(KacheTarget(label, os.path.abspath(path), args, workdir))
         elif name in TARGET_KINDS:
             raise BenchError(f"target {name}: no binary option for it yet")
         else:
@@ -818,7 +824,9 @@ def parse_args(argv=None):
                         "--version says 'memcached ...' as memcached (for developing this script)")
     p.add_argument("--memcached-bin", default="memcached")
     p.add_argument("--targets", default="memcached,kache",
-                   help="comma-separated, the first is the baseline for ratios")
+                   help="comma-separated, the first is the baseline for ratios; NAME=PATH "
+                        "adds another kache-node binary (memcached,kache,main=/tmp/kache-node.main "
+                        "compares a change with main's build in the same run)")
     p.add_argument("--quick", action="store_true", help="smoke test: 3 s runs, 1 round, 100k items")
     p.add_argument("--duration", type=float, help="seconds per measured run (default 15, quick 3)")
     p.add_argument("--warmup", type=float, help="loadgen warm-up seconds (default 2, quick 1)")
