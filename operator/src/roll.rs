@@ -117,7 +117,9 @@ pub fn rolling(cc: &CacheCluster, sts: Option<&StatefulSet>, pods: &[Pod]) -> bo
 /// ordinal order.
 pub fn report_targets(cc: &CacheCluster, pods: &[Pod]) -> Vec<ProbeTarget> {
     let replicas = u32::try_from(cc.spec.replicas.max(0)).unwrap_or(0);
-    crate::scale::probe_targets(cc, pods, |ordinal, p| ordinal < replicas && !terminating(p))
+    crate::scale::probe_targets(&cc.name_any(), pods, |ordinal, p| {
+        ordinal < replicas && !terminating(p)
+    })
 }
 
 /// What the reconcile does for the rolling update.

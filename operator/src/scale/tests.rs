@@ -1,8 +1,8 @@
 //! The scale decision as a pure function of observed state.
 
 use super::*;
-use crate::crd::{CacheClusterSpec, CacheClusterStatus};
-use crate::fixtures::cluster;
+use crate::crd::{CacheCluster, CacheClusterSpec, CacheClusterStatus};
+use crate::fixtures::{cluster, observed};
 use crate::fixtures::{node_report, pod, settled_sts, t, unanswered};
 use crate::probe::{HandoffReport, NodeReport, ProbeError};
 use crate::status::{
@@ -83,7 +83,14 @@ fn scale_out_and_steady_state_are_unaffected() {
     let cc = web(3);
     let pods = ready_pods(3);
     let l = list(&cc, &pods, 4);
-    let d = decide(&cc, Some(&sts(3)), &pods, &l, &ProbeResults::new(), &t(0));
+    let d = decide(
+        &observed(&cc),
+        Some(&sts(3)),
+        &pods,
+        &l,
+        &ProbeResults::new(),
+        &t(0),
+    );
     assert_eq!(
         d,
         ScaleDecision {
@@ -92,15 +99,22 @@ fn scale_out_and_steady_state_are_unaffected() {
             outcome: ScaleOutcome::Steady
         }
     );
-    assert!(pods_to_probe(&cc, Some(&sts(3)), &pods).is_empty());
+    assert!(pods_to_probe(&observed(&cc), Some(&sts(3)), &pods).is_empty());
     // Scale-out: 5 wanted, 3 now: grow at once; new pods join when Ready.
     let cc = web(5);
-    let d = decide(&cc, Some(&sts(3)), &pods, &l, &ProbeResults::new(), &t(0));
+    let d = decide(
+        &observed(&cc),
+        Some(&sts(3)),
+        &pods,
+        &l,
+        &ProbeResults::new(),
+        &t(0),
+    );
     assert_eq!(d.statefulset_replicas, 5);
     assert_eq!(d.outcome, ScaleOutcome::Steady);
     assert!(!d.waiting());
     // First reconcile: no StatefulSet yet.
-    let d = decide(&cc, None, &[], &l, &ProbeResults::new(), &t(0));
+    let d = decide(&observed(&cc), None, &[], &l, &ProbeResults::new(), &t(0));
     assert_eq!(
         (d.statefulset_replicas, d.outcome),
         (5, ScaleOutcome::Steady)
@@ -120,8 +134,8 @@ fn scale_in_start_holds_the_statefulset_and_probes_the_departing_pods() {
             .collect::<Vec<_>>(),
         ["web-0", "web-1", "web-2"]
     );
-    assert_eq!(departing_ordinals(&cc, Some(&sts(5))), 3..5);
-    let targets = pods_to_probe(&cc, Some(&sts(5)), &pods);
+    assert_eq!(departing_ordinals(&observed(&cc), Some(&sts(5))), 3..5);
+    let targets = pods_to_probe(&observed(&cc), Some(&sts(5)), &pods);
     assert_eq!(
         targets,
         [
@@ -137,7 +151,7 @@ fn scale_in_start_holds_the_statefulset_and_probes_the_departing_pods() {
     );
     // The nodes still report the previous version's hand-off.
     let p = probes(&[("web-3", report(7, true, 0)), ("web-4", report(7, true, 0))]);
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(0));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(0));
     assert_eq!(d.outcome, ScaleOutcome::Waiting);
     assert!(d.waiting());
     assert_eq!(d.statefulset_replicas, 5, "the StatefulSet keeps its pods");
@@ -166,7 +180,7 @@ fn waiting_keeps_the_start_time_and_reports_progress() {
     let pods = ready_pods(5);
     let l = list(&cc, &pods, 8);
     let first = decide(
-        &cc,
+        &observed(&cc),
         Some(&sts(5)),
         &pods,
         &l,
@@ -182,7 +196,7 @@ fn waiting_keeps_the_start_time_and_reports_progress() {
         ("web-3", report(8, true, 40)),
         ("web-4", report(8, false, 60)),
     ]);
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(100));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(100));
     assert_eq!(
         (d.statefulset_replicas, &d.outcome),
         (5, &ScaleOutcome::Waiting)
@@ -206,13 +220,20 @@ fn waiting_keeps_the_start_time_and_reports_progress() {
 
     // An unreachable node is not done: keep waiting (until the deadline).
     let p = probes(&[("web-3", report(8, true, 40)), ("web-4", Err(unanswered()))]);
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(200));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(200));
     assert_eq!(d.outcome, ScaleOutcome::Waiting);
     assert_eq!(
         d.rebalance.unwrap().departing[1].message.as_deref(),
         Some("no answer within 2s")
     );
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &probes(&[]), &t(200));
+    let d = decide(
+        &observed(&cc),
+        Some(&sts(5)),
+        &pods,
+        &l,
+        &probes(&[]),
+        &t(200),
+    );
     assert_eq!(d.outcome, ScaleOutcome::Waiting, "no answer is not done");
 }
 
@@ -226,7 +247,7 @@ fn all_departing_done_shrinks_the_statefulset() {
         ("web-3", report(8, true, 40)),
         ("web-4", report(9, true, 60)),
     ]);
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(10));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(10));
     assert_eq!(d.outcome, ScaleOutcome::HandedOff);
     assert_eq!(d.statefulset_replicas, 3);
     assert!(d.status_rebalance().is_none(), "nothing left to show");
@@ -240,7 +261,7 @@ fn all_departing_done_shrinks_the_statefulset() {
         ("web-3", report(8, true, 40)),
         ("web-4", report(7, true, 60)),
     ]);
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(10));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(10));
     assert_eq!(d.outcome, ScaleOutcome::Waiting);
 }
 
@@ -254,15 +275,15 @@ fn timeout_shrinks_anyway_and_names_the_unfinished() {
         ("web-3", report(8, true, 40)),
         ("web-4", report(8, false, 60)),
     ]);
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(0));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(0));
     assert_eq!(d.rebalance.as_ref().unwrap().deadline, t(30));
     cc.status = Some(CacheClusterStatus {
         rebalance: d.status_rebalance().cloned(),
         ..Default::default()
     });
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(29));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(29));
     assert_eq!(d.outcome, ScaleOutcome::Waiting);
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(30));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(30));
     assert_eq!(
         d.outcome,
         ScaleOutcome::TimedOut {
@@ -281,7 +302,7 @@ fn timeout_shrinks_anyway_and_names_the_unfinished() {
         ("web-3", report(8, true, 40)),
         ("web-4", report(8, true, 60)),
     ]);
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(1000));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(1000));
     assert_eq!(d.outcome, ScaleOutcome::HandedOff);
 }
 
@@ -294,7 +315,7 @@ fn restart_mid_scale_in_carries_on_from_the_cluster() {
     let mut cc = web(3);
     let l = list(&cc, &pods, 8);
     let before = decide(
-        &cc,
+        &observed(&cc),
         Some(&sts(5)),
         &pods,
         &l,
@@ -316,13 +337,13 @@ fn restart_mid_scale_in_carries_on_from_the_cluster() {
         ("web-3", report(8, false, 5)),
         ("web-4", report(8, false, 5)),
     ]);
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(120));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(120));
     assert_eq!(d.outcome, ScaleOutcome::Waiting);
     assert_eq!(d.statefulset_replicas, 5);
     assert_eq!(d.status_rebalance().unwrap().started_at, t(0));
     // Without the status (e.g. it was lost) the clock restarts: never shorter.
     cc.status = None;
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(120));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(120));
     assert_eq!(d.status_rebalance().unwrap().started_at, t(120));
     // A different scale-in (now to 4) restarts the clock as well.
     let mut cc4 = web(4);
@@ -330,7 +351,7 @@ fn restart_mid_scale_in_carries_on_from_the_cluster() {
         rebalance: before.status_rebalance().cloned(),
         ..Default::default()
     });
-    let d = decide(&cc4, Some(&sts(5)), &pods, &l, &p, &t(120));
+    let d = decide(&observed(&cc4), Some(&sts(5)), &pods, &l, &p, &t(120));
     let r = d.status_rebalance().unwrap();
     assert_eq!((r.target_replicas, r.started_at.clone()), (4, t(120)));
     assert_eq!(r.departing.len(), 1);
@@ -359,8 +380,15 @@ fn departing_pods_without_a_running_node_hold_nothing() {
     pods.push(leaving);
     // web-4 has no pod at all.
     let l = list(&cc, &pods, 3);
-    assert!(pods_to_probe(&cc, Some(&sts(5)), &pods).is_empty());
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &ProbeResults::new(), &t(0));
+    assert!(pods_to_probe(&observed(&cc), Some(&sts(5)), &pods).is_empty());
+    let d = decide(
+        &observed(&cc),
+        Some(&sts(5)),
+        &pods,
+        &l,
+        &ProbeResults::new(),
+        &t(0),
+    );
     assert_eq!(d.outcome, ScaleOutcome::HandedOff);
     assert_eq!(d.statefulset_replicas, 1);
     let msgs: Vec<_> = d
@@ -396,7 +424,7 @@ fn departing_pods_without_a_running_node_hold_nothing() {
         pod("web-0", Some("10.0.0.1"), true),
         pod("web-1", Some("10.0.0.2"), false),
     ];
-    assert_eq!(pods_to_probe(&cc, Some(&sts(2)), &pods).len(), 1);
+    assert_eq!(pods_to_probe(&observed(&cc), Some(&sts(2)), &pods).len(), 1);
 }
 
 #[test]
@@ -407,7 +435,7 @@ fn nothing_to_wait_for_when_no_member_remains_or_timeout_is_zero() {
     let l = list(&cc, &pods, 5);
     assert!(l.members.is_empty());
     let p = probes(&[("web-0", report(4, true, 9)), ("web-1", Err(unanswered()))]);
-    let d = decide(&cc, Some(&sts(2)), &pods, &l, &p, &t(0));
+    let d = decide(&observed(&cc), Some(&sts(2)), &pods, &l, &p, &t(0));
     assert_eq!(
         (d.statefulset_replicas, d.outcome),
         (0, ScaleOutcome::HandedOff)
@@ -417,7 +445,7 @@ fn nothing_to_wait_for_when_no_member_remains_or_timeout_is_zero() {
     cc.spec.scale_down_timeout_seconds = 0;
     let l = list(&cc, &pods, 5);
     let p = probes(&[("web-1", report(4, false, 9))]);
-    let d = decide(&cc, Some(&sts(2)), &pods, &l, &p, &t(0));
+    let d = decide(&observed(&cc), Some(&sts(2)), &pods, &l, &p, &t(0));
     assert_eq!(
         (d.statefulset_replicas, d.outcome),
         (1, ScaleOutcome::HandedOff)
@@ -433,7 +461,7 @@ fn status_shows_rebalancing_while_waiting() {
         ("web-3", report(8, false, 10)),
         ("web-4", report(8, true, 5)),
     ]);
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(0));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(0));
     let underway = status::Underway {
         rebalance: d.status_rebalance(),
         ..Default::default()
