@@ -298,7 +298,7 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
             previous_version,
         )
     };
-    let drained = roll::drained_pod(cc, current_sts.as_ref(), &pods).map(|p| p.name_any());
+    let drained = roll::drained_pod(&observed, current_sts.as_ref(), &pods).map(|p| p.name_any());
     let mut list = member_list(drained.as_deref());
     // The member list goes first: on a scale-in it no longer lists the
     // departing nodes, which start handing their data off. Just before it,
@@ -317,8 +317,8 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
     // Ask the nodes what a scale-in (the departing ones) or a rolling update
     // (all of them) waits on.
     let mut targets = scale::pods_to_probe(&observed, current_sts.as_ref(), &pods);
-    if roll::rolling(cc, current_sts.as_ref(), &pods) || drained.is_some() {
-        for t in roll::report_targets(cc, &pods) {
+    if roll::rolling(&observed, current_sts.as_ref(), &pods) || drained.is_some() {
+        for t in roll::report_targets(&observed, &pods) {
             if !targets.iter().any(|x| x.name == t.name) {
                 targets.push(t);
             }
@@ -327,7 +327,7 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
     let probes = probe_all(ctx.probe.as_ref(), &targets).await;
     let decision = scale::decide(&observed, current_sts.as_ref(), &pods, &list, &probes, &now);
     let roll = roll::decide(
-        cc,
+        &observed,
         current_sts.as_ref(),
         &pods,
         &list,
@@ -418,7 +418,7 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
         .await;
     }
     rebalance_events(ctx, cc, &decision, desired.spec.scale_down_timeout_seconds).await;
-    roll_events(ctx, cc, &roll).await;
+    roll_events(ctx, cc, &roll, desired.spec.scale_down_timeout_seconds).await;
     unschedulable_events(ctx, cc, &new_status).await;
     if decision.waiting() || roll.waiting() {
         return Ok(Action::requeue(REQUEUE_REBALANCING));
@@ -488,8 +488,8 @@ async fn delete_pod(api: &Api<Pod>, name: &str, uid: &str) -> Result<(), Error> 
 }
 
 /// Events of a rolling update: a node drained, a node restarted (and why),
-/// the roll finished.
-async fn roll_events(ctx: &Context, cc: &CacheCluster, roll: &roll::RollDecision) {
+/// the roll finished (`timeout`: `scaleDownTimeoutSeconds`).
+async fn roll_events(ctx: &Context, cc: &CacheCluster, roll: &roll::RollDecision, timeout: u32) {
     let previous = cc.status.as_ref().and_then(|s| s.rollout.as_ref());
     match &roll.action {
         RollAction::Drain { pod, revision } => {
@@ -502,8 +502,7 @@ async fn roll_events(ctx: &Context, cc: &CacheCluster, roll: &roll::RollDecision
             let revision = roll.rollout.as_ref().map_or("", |r| r.revision.as_str());
             if let RestartReason::DrainTimedOut(detail) = why {
                 let note = format!(
-                    "{pod} did not finish handing off within {}s ({detail}); restarting it anyway, items not yet moved are lost",
-                    cc.spec.scale_down_timeout_seconds
+                    "{pod} did not finish handing off within {timeout}s ({detail}); restarting it anyway, items not yet moved are lost"
                 );
                 publish(
                     ctx,
