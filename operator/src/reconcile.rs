@@ -292,7 +292,7 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
     let previous_version = cc.status.as_ref().map_or(0, |s| s.config_version);
     let member_list = |drained: Option<&str>| {
         status::next_member_list(
-            status::desired_members(cc, &pods, published.as_ref(), drained, &now),
+            status::desired_members(&observed, &pods, published.as_ref(), drained, &now),
             desired.spec.replication_factor,
             published.as_ref(),
             previous_version,
@@ -359,7 +359,7 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
     }
 
     let new_status = status::compute_status_underway(
-        cc,
+        &observed,
         &pods,
         Some(&sts),
         &list,

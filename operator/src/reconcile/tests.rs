@@ -300,7 +300,7 @@ fn three_ready() -> Vec<Pod> {
 fn published(cc: &CacheCluster, pods: &[Pod], version: u64) -> MemberList {
     MemberList {
         version,
-        ..status::next_member_list(status::ready_members(cc, pods), 1, None, 0)
+        ..status::next_member_list(status::ready_members(&observed(cc), pods), 1, None, 0)
     }
 }
 
@@ -351,7 +351,7 @@ async fn settled_cluster_reconcile_is_a_no_op() {
     sts.metadata.generation = Some(1);
     sts.status = settled_sts(3).status;
     cc.status = Some(status::compute_status(
-        &cc,
+        &observed(&cc),
         &pods,
         Some(&sts),
         &list,
@@ -380,7 +380,7 @@ fn settled(spec: CacheClusterSpec) -> (CacheCluster, Vec<Pod>, ConfigMap, Statef
     sts.metadata.generation = Some(1);
     sts.status = settled_sts(3).status;
     cc.status = Some(status::compute_status(
-        &cc,
+        &observed(&cc),
         &pods,
         Some(&sts),
         &list,
@@ -520,7 +520,7 @@ async fn pod_becoming_ready_bumps_config_version_by_one() {
     sts.metadata.generation = Some(1);
     sts.status = settled_sts(3).status;
     cc.status = Some(status::compute_status(
-        &cc,
+        &observed(&cc),
         &pods,
         Some(&sts),
         &old,
@@ -571,7 +571,7 @@ async fn spec_change_rolls_statefulset_and_records_event() {
     let mut sts = build::statefulset(&validated(&cc), "kache-node:test");
     sts.status = settled_sts(3).status;
     cc.status = Some(status::compute_status(
-        &cc,
+        &observed(&cc),
         &pods,
         Some(&sts),
         &list,
@@ -743,7 +743,7 @@ fn scaled_in_to_two() -> (CacheCluster, Vec<Pod>, ConfigMap, StatefulSet) {
     sts.metadata.generation = Some(1);
     sts.status = settled_sts(3).status;
     cc.status = Some(status::compute_status(
-        &cc,
+        &observed(&cc),
         &pods,
         Some(&sts),
         &list,
@@ -894,7 +894,7 @@ fn waiting_on_web_2(started: i64) -> (CacheCluster, Vec<Pod>, ConfigMap, Statefu
     );
     assert!(d.waiting());
     cc.status = Some(status::compute_status_underway(
-        &cc,
+        &observed(&cc),
         &pods,
         Some(&sts),
         &list,

@@ -67,7 +67,7 @@ fn list_of(cc: &CacheCluster, pods: &[Pod], version: u64) -> MemberList {
     MemberList {
         version,
         ..next_member_list(
-            status::desired_members(cc, pods, None, drained.as_deref(), &t(0)),
+            status::desired_members(&observed(cc), pods, None, drained.as_deref(), &t(0)),
             observed(cc).spec().replication_factor,
             None,
             0,

@@ -49,7 +49,7 @@ fn ready_pods(n: u32) -> Vec<Pod> {
 fn list(cc: &CacheCluster, pods: &[Pod], version: u64) -> MemberList {
     MemberList {
         version,
-        ..status::next_member_list(status::ready_members(cc, pods), 1, None, 0)
+        ..status::next_member_list(status::ready_members(&observed(cc), pods), 1, None, 0)
     }
 }
 
@@ -331,7 +331,8 @@ fn restart_mid_scale_in_carries_on_from_the_cluster() {
         ..Default::default()
     });
     // The ConfigMap says 8 already: recomputing gives the same list, no bump.
-    let again = status::next_member_list(status::ready_members(&cc, &pods), 1, Some(&l), 8);
+    let again =
+        status::next_member_list(status::ready_members(&observed(&cc), &pods), 1, Some(&l), 8);
     assert_eq!(again, l);
     let p = probes(&[
         ("web-3", report(8, false, 5)),
@@ -466,7 +467,7 @@ fn status_shows_rebalancing_while_waiting() {
         rebalance: d.status_rebalance(),
         ..Default::default()
     };
-    let st = compute_status_underway(&cc, &pods, Some(&sts(5)), &l, underway, t(0));
+    let st = compute_status_underway(&observed(&cc), &pods, Some(&sts(5)), &l, underway, t(0));
     let reb = find_condition(&st, CONDITION_REBALANCING).unwrap();
     assert_eq!(
         (reb.status.as_str(), reb.reason.as_str()),
@@ -502,7 +503,14 @@ fn status_shows_rebalancing_while_waiting() {
     assert_eq!(st.ready_replicas, 5);
 
     // Once done: the condition turns False and status.rebalance goes away.
-    let st = compute_status_underway(&cc, &pods[..3], Some(&sts(3)), &l, Default::default(), t(9));
+    let st = compute_status_underway(
+        &observed(&cc),
+        &pods[..3],
+        Some(&sts(3)),
+        &l,
+        Default::default(),
+        t(9),
+    );
     let reb = find_condition(&st, CONDITION_REBALANCING).unwrap();
     assert_eq!(
         (reb.status.as_str(), reb.reason.as_str()),
