@@ -83,14 +83,8 @@ fn scale_out_and_steady_state_are_unaffected() {
     let cc = web(3);
     let pods = ready_pods(3);
     let l = list(&cc, &pods, 4);
-    let d = decide(
-        &observed(&cc),
-        Some(&sts(3)),
-        &pods,
-        &l,
-        &ProbeResults::new(),
-        &t(0),
-    );
+    let none = ProbeResults::new();
+    let d = decide(&observed(&cc), Some(&sts(3)), &pods, &l, &none, &t(0));
     assert_eq!(
         d,
         ScaleDecision {
@@ -102,19 +96,12 @@ fn scale_out_and_steady_state_are_unaffected() {
     assert!(pods_to_probe(&observed(&cc), Some(&sts(3)), &pods).is_empty());
     // Scale-out: 5 wanted, 3 now: grow at once; new pods join when Ready.
     let cc = web(5);
-    let d = decide(
-        &observed(&cc),
-        Some(&sts(3)),
-        &pods,
-        &l,
-        &ProbeResults::new(),
-        &t(0),
-    );
+    let d = decide(&observed(&cc), Some(&sts(3)), &pods, &l, &none, &t(0));
     assert_eq!(d.statefulset_replicas, 5);
     assert_eq!(d.outcome, ScaleOutcome::Steady);
     assert!(!d.waiting());
     // First reconcile: no StatefulSet yet.
-    let d = decide(&observed(&cc), None, &[], &l, &ProbeResults::new(), &t(0));
+    let d = decide(&observed(&cc), None, &[], &l, &none, &t(0));
     assert_eq!(
         (d.statefulset_replicas, d.outcome),
         (5, ScaleOutcome::Steady)
