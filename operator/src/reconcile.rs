@@ -248,7 +248,8 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
     let client = &ctx.client;
     let now = (ctx.now)();
 
-    // Validate once; everything desired is built from the validated spec.
+    // Validate once; everything desired is built, and every decision made, from the
+    // validated spec.
     let spec = match cc.spec.validate() {
         Ok(valid) => valid,
         Err(errors) => return report_invalid_spec(ctx, cc, &errors, now).await,
