@@ -5,6 +5,7 @@
 
 use crate::build::{ClusterRef, ValidCluster};
 use crate::crd::{CacheCluster, CacheClusterSpec};
+use crate::observe::ObservedCluster;
 use crate::probe::{HandoffReport, NodeReport, ProbeError};
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetStatus};
 use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
@@ -32,8 +33,13 @@ pub fn owner(name: &str) -> ClusterRef {
 
 /// What the builders take for `cc`: it must be valid.
 pub fn validated(cc: &CacheCluster) -> ValidCluster {
+    observed(cc).valid
+}
+
+/// What the decisions take for `cc`: it must be valid.
+pub fn observed(cc: &CacheCluster) -> ObservedCluster {
     let spec = cc.spec.validate().unwrap_or_else(|e| panic!("{e}"));
-    ValidCluster::new(cc, spec).unwrap()
+    ObservedCluster::new(cc, spec).unwrap()
 }
 
 /// What the builders take for the CacheCluster [`cluster`] `name` with `spec`: it must be

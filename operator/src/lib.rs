@@ -4,7 +4,9 @@
 //! Layout: pure core, I/O at the edges.
 //! * [`crd`]: the resource types, defaults and validation.
 //! * [`build`]: pure builders, validated spec → desired Kubernetes objects.
-//! * [`observe`]: what the pods and the StatefulSet say (ordinals, states, revisions).
+//! * [`observe`]: the CacheCluster as the decisions below take it (its validated spec,
+//!   never the raw one, and its last status), and what the pods and the StatefulSet say
+//!   (ordinals, states, revisions).
 //! * [`status`]: pure functions, observed state → member list, status, conditions.
 //! * [`scale`]: pure decisions of a warm scale-in (hold the StatefulSet
 //!   until departing nodes have handed their data off).

@@ -1,14 +1,52 @@
-//! What the operator reads off the pods and the StatefulSet it observes: ordinals, states
-//! and revisions. Pure functions, shared by [`crate::status`], [`crate::scale`] and
-//! [`crate::roll`] (which depend on this module, not on each other).
+//! What the operator reads off the CacheCluster, the pods and the StatefulSet it observes:
+//! the cluster as the decisions take it, ordinals, states and revisions. Pure functions,
+//! shared by [`crate::status`], [`crate::scale`] and [`crate::roll`] (which depend on this
+//! module, not on each other).
 
-use crate::crd::MemberState;
+use crate::build::{BuildError, ValidCluster};
+use crate::crd::{CacheCluster, CacheClusterStatus, MemberState, ValidSpec};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
 /// The StatefulSet controller's label naming a pod's revision.
 pub const REVISION_LABEL: &str = "controller-revision-hash";
+
+/// A CacheCluster whose spec validated, as the decisions of [`crate::status`],
+/// [`crate::scale`] and [`crate::roll`] take it: who it is and its [`ValidSpec`] (they never
+/// read the raw spec, so every default and range is validation's), the generation it was
+/// read at, and the status the operator last wrote (which holds the start of the steps
+/// under way).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObservedCluster {
+    /// Its identity and validated spec, what its objects are built of.
+    pub valid: ValidCluster,
+    /// `metadata.generation`.
+    pub generation: Option<i64>,
+    /// `status`, as last written.
+    pub status: Option<CacheClusterStatus>,
+}
+
+impl ObservedCluster {
+    /// `cc`, whose spec validated to `spec`.
+    pub fn new(cc: &CacheCluster, spec: ValidSpec) -> Result<Self, BuildError> {
+        Ok(Self {
+            valid: ValidCluster::new(cc, spec)?,
+            generation: cc.metadata.generation,
+            status: cc.status.clone(),
+        })
+    }
+
+    /// The CacheCluster's name, which prefixes its pods'.
+    pub fn name(&self) -> &str {
+        &self.valid.cluster.name
+    }
+
+    /// Its validated spec.
+    pub fn spec(&self) -> &ValidSpec {
+        &self.valid.spec
+    }
+}
 
 /// The StatefulSet ordinal of a pod named `<cluster>-<n>`.
 pub fn pod_ordinal(pod_name: &str, cluster: &str) -> Option<u32> {

@@ -7,6 +7,7 @@
 use crate::build::{self, BuildError};
 use crate::crd::{CacheCluster, CacheClusterStatus, SpecErrors};
 use crate::metrics::Metrics;
+use crate::observe::ObservedCluster;
 use crate::probe::{HttpProbe, NodeProbe, ProbeResults, ProbeTarget};
 use crate::roll::{self, RestartReason, RollAction};
 use crate::scale::{self, ScaleOutcome};
@@ -247,21 +248,23 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
     let client = &ctx.client;
     let now = (ctx.now)();
 
-    // Validate once; everything desired is built from the validated spec.
+    // Validate once; everything desired is built, and every decision made, from the
+    // validated spec.
     let spec = match cc.spec.validate() {
         Ok(valid) => valid,
         Err(errors) => return report_invalid_spec(ctx, cc, &errors, now).await,
     };
-    let desired = build::ValidCluster::new(cc, spec)?;
+    let observed = ObservedCluster::new(cc, spec)?;
+    let desired = &observed.valid;
     let owner = &desired.cluster;
 
     // Identity and networking first, so pods find them when they start.
     apply(client, &ns, &build::node_service_account(owner)).await?;
     apply(client, &ns, &build::node_role(owner)).await?;
     apply(client, &ns, &build::node_role_binding(owner)).await?;
-    apply(client, &ns, &build::peers_service(&desired)).await?;
-    apply(client, &ns, &build::client_service(&desired)).await?;
-    match build::network_policy(&desired, &ctx.settings.operator_namespace) {
+    apply(client, &ns, &build::peers_service(desired)).await?;
+    apply(client, &ns, &build::client_service(desired)).await?;
+    match build::network_policy(desired, &ctx.settings.operator_namespace) {
         Some(np) => {
             apply(client, &ns, &np).await?;
         }
@@ -290,13 +293,13 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
     let previous_version = cc.status.as_ref().map_or(0, |s| s.config_version);
     let member_list = |drained: Option<&str>| {
         status::next_member_list(
-            status::desired_members(cc, &pods, published.as_ref(), drained, &now),
+            status::desired_members(&observed, &pods, published.as_ref(), drained, &now),
             desired.spec.replication_factor,
             published.as_ref(),
             previous_version,
         )
     };
-    let drained = roll::drained_pod(cc, current_sts.as_ref(), &pods).map(|p| p.name_any());
+    let drained = roll::drained_pod(&observed, current_sts.as_ref(), &pods).map(|p| p.name_any());
     let mut list = member_list(drained.as_deref());
     // The member list goes first: on a scale-in it no longer lists the
     // departing nodes, which start handing their data off. Just before it,
@@ -304,7 +307,7 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
     // between keeps its deadline.
     let cm_changed = cm_differs(current_cm.as_ref(), owner, &list)?;
     if cm_changed {
-        if let Some(start) = scale::unrecorded_start(cc, current_sts.as_ref(), &list, &now) {
+        if let Some(start) = scale::unrecorded_start(&observed, current_sts.as_ref(), &list, &now) {
             let mut recorded = cc.status.clone().unwrap_or_default();
             recorded.rebalance = Some(start);
             patch_status(client, cc, &recorded).await?;
@@ -314,18 +317,18 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
 
     // Ask the nodes what a scale-in (the departing ones) or a rolling update
     // (all of them) waits on.
-    let mut targets = scale::pods_to_probe(cc, current_sts.as_ref(), &pods);
-    if roll::rolling(cc, current_sts.as_ref(), &pods) || drained.is_some() {
-        for t in roll::report_targets(cc, &pods) {
+    let mut targets = scale::pods_to_probe(&observed, current_sts.as_ref(), &pods);
+    if roll::rolling(&observed, current_sts.as_ref(), &pods) || drained.is_some() {
+        for t in roll::report_targets(&observed, &pods) {
             if !targets.iter().any(|x| x.name == t.name) {
                 targets.push(t);
             }
         }
     }
     let probes = probe_all(ctx.probe.as_ref(), &targets).await;
-    let decision = scale::decide(cc, current_sts.as_ref(), &pods, &list, &probes, &now);
+    let decision = scale::decide(&observed, current_sts.as_ref(), &pods, &list, &probes, &now);
     let roll = roll::decide(
-        cc,
+        &observed,
         current_sts.as_ref(),
         &pods,
         &list,
@@ -344,12 +347,12 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
 
     // Scale-in: the StatefulSet keeps the departing pods until they report
     // their hand-off done (or the timeout passes).
-    let mut desired_sts = build::statefulset(&desired, &ctx.settings.node_image);
+    let mut desired_sts = build::statefulset(desired, &ctx.settings.node_image);
     if let Some(spec) = desired_sts.spec.as_mut() {
         spec.replicas = Some(decision.statefulset_replicas);
     }
     let sts = apply(client, &ns, &desired_sts).await?;
-    apply(client, &ns, &build::pod_disruption_budget(&desired)).await?;
+    apply(client, &ns, &build::pod_disruption_budget(desired)).await?;
 
     // Rolling update: one node restarts.
     if let RollAction::Restart { pod, uid, .. } = &roll.action {
@@ -357,7 +360,7 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
     }
 
     let new_status = status::compute_status_underway(
-        cc,
+        &observed,
         &pods,
         Some(&sts),
         &list,
@@ -415,8 +418,8 @@ async fn reconcile_inner(cc: &CacheCluster, ctx: &Context) -> Result<Action, Err
         )
         .await;
     }
-    rebalance_events(ctx, cc, &decision).await;
-    roll_events(ctx, cc, &roll).await;
+    rebalance_events(ctx, cc, &decision, desired.spec.scale_down_timeout_seconds).await;
+    roll_events(ctx, cc, &roll, desired.spec.scale_down_timeout_seconds).await;
     unschedulable_events(ctx, cc, &new_status).await;
     if decision.waiting() || roll.waiting() {
         return Ok(Action::requeue(REQUEUE_REBALANCING));
@@ -486,8 +489,8 @@ async fn delete_pod(api: &Api<Pod>, name: &str, uid: &str) -> Result<(), Error> 
 }
 
 /// Events of a rolling update: a node drained, a node restarted (and why),
-/// the roll finished.
-async fn roll_events(ctx: &Context, cc: &CacheCluster, roll: &roll::RollDecision) {
+/// the roll finished (`timeout`: `scaleDownTimeoutSeconds`).
+async fn roll_events(ctx: &Context, cc: &CacheCluster, roll: &roll::RollDecision, timeout: u32) {
     let previous = cc.status.as_ref().and_then(|s| s.rollout.as_ref());
     match &roll.action {
         RollAction::Drain { pod, revision } => {
@@ -500,8 +503,7 @@ async fn roll_events(ctx: &Context, cc: &CacheCluster, roll: &roll::RollDecision
             let revision = roll.rollout.as_ref().map_or("", |r| r.revision.as_str());
             if let RestartReason::DrainTimedOut(detail) = why {
                 let note = format!(
-                    "{pod} did not finish handing off within {}s ({detail}); restarting it anyway, items not yet moved are lost",
-                    cc.spec.scale_down_timeout_seconds
+                    "{pod} did not finish handing off within {timeout}s ({detail}); restarting it anyway, items not yet moved are lost"
                 );
                 publish(
                     ctx,
@@ -667,12 +669,16 @@ async fn probe_all(probe: &dyn NodeProbe, targets: &[ProbeTarget]) -> ProbeResul
         .collect()
 }
 
-/// Events of a scale-in: started, timed out, finished.
-async fn rebalance_events(ctx: &Context, cc: &CacheCluster, decision: &scale::ScaleDecision) {
+/// Events of a scale-in: started, timed out, finished (`timeout`: `scaleDownTimeoutSeconds`).
+async fn rebalance_events(
+    ctx: &Context,
+    cc: &CacheCluster,
+    decision: &scale::ScaleDecision,
+    timeout: u32,
+) {
     let Some(r) = decision.rebalance.as_ref() else {
         return;
     };
-    let timeout = cc.spec.scale_down_timeout_seconds;
     let previous = cc.status.as_ref().and_then(|s| s.rebalance.as_ref());
     // A record without departing nodes is only the start, written before the member list
     // went out: the scale-in has not been announced yet.

@@ -26,13 +26,13 @@
 //! pods' revisions, deletion and drain marks, and the nodes' reports, so an
 //! operator restarted half-way carries on. `status.rollout` only reports.
 
-use crate::crd::{CacheCluster, RolloutPhase, RolloutStatus};
-use crate::observe::{member_state, pod_ordinal, pod_revision, update_revision};
+use crate::crd::{RolloutPhase, RolloutStatus};
+use crate::observe::{member_state, pod_ordinal, pod_revision, update_revision, ObservedCluster};
 use crate::probe::{NodeReport, ProbeError, ProbeResults, ProbeTarget};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::chrono::{DateTime, Duration as ChronoDuration, Utc};
+use k8s_openapi::chrono::{DateTime, Utc};
 use kache_cluster::MemberList;
 use kube::ResourceExt;
 
@@ -57,12 +57,11 @@ fn outdated(pod: &Pod, revision: &str) -> bool {
 }
 
 /// The pods of ordinals below `spec.replicas`, highest ordinal first.
-fn pods_in_range<'a>(cc: &CacheCluster, pods: &'a [Pod]) -> Vec<(u32, &'a Pod)> {
-    let name = cc.name_any();
-    let replicas = u32::try_from(cc.spec.replicas.max(0)).unwrap_or(0);
+fn pods_in_range<'a>(cluster: &ObservedCluster, pods: &'a [Pod]) -> Vec<(u32, &'a Pod)> {
+    let replicas = cluster.spec().replicas;
     let mut out: Vec<(u32, &Pod)> = pods
         .iter()
-        .filter_map(|p| pod_ordinal(&p.name_any(), &name).map(|o| (o, p)))
+        .filter_map(|p| pod_ordinal(&p.name_any(), cluster.name()).map(|o| (o, p)))
         .filter(|(o, _)| *o < replicas)
         .collect();
     out.sort_by_key(|(o, _)| std::cmp::Reverse(*o));
@@ -70,8 +69,8 @@ fn pods_in_range<'a>(cc: &CacheCluster, pods: &'a [Pod]) -> Vec<(u32, &'a Pod)> 
 }
 
 /// The pods still to restart for `revision`, highest ordinal first.
-fn outdated_pods<'a>(cc: &CacheCluster, pods: &'a [Pod], revision: &str) -> Vec<&'a Pod> {
-    pods_in_range(cc, pods)
+fn outdated_pods<'a>(cluster: &ObservedCluster, pods: &'a [Pod], revision: &str) -> Vec<&'a Pod> {
+    pods_in_range(cluster, pods)
         .into_iter()
         .map(|(_, p)| p)
         .filter(|p| !terminating(p) && outdated(p, revision))
@@ -96,28 +95,30 @@ fn drain_since(pod: &Pod, revision: &str) -> Option<Time> {
 /// The pod a rolling update drains (`replicationFactor` 1): outdated, marked
 /// for the current revision, not yet deleted. The member list leaves it out.
 pub fn drained_pod<'a>(
-    cc: &CacheCluster,
+    cluster: &ObservedCluster,
     sts: Option<&StatefulSet>,
     pods: &'a [Pod],
 ) -> Option<&'a Pod> {
     let revision = update_revision(sts)?;
-    outdated_pods(cc, pods, revision)
+    outdated_pods(cluster, pods, revision)
         .into_iter()
         .find(|p| drain_since(p, revision).is_some())
 }
 
 /// Whether a rolling update is under way (some pod runs an old revision), so
 /// the nodes' reports are needed.
-pub fn rolling(cc: &CacheCluster, sts: Option<&StatefulSet>, pods: &[Pod]) -> bool {
-    update_revision(sts).is_some_and(|rev| !outdated_pods(cc, pods, rev).is_empty())
+pub fn rolling(cluster: &ObservedCluster, sts: Option<&StatefulSet>, pods: &[Pod]) -> bool {
+    update_revision(sts).is_some_and(|rev| !outdated_pods(cluster, pods, rev).is_empty())
 }
 
 /// The nodes whose reports a rolling update needs: every pod of the cluster
 /// with an IP that is not being deleted (members and the drained one), in
 /// ordinal order.
-pub fn report_targets(cc: &CacheCluster, pods: &[Pod]) -> Vec<ProbeTarget> {
-    let replicas = u32::try_from(cc.spec.replicas.max(0)).unwrap_or(0);
-    crate::scale::probe_targets(cc, pods, |ordinal, p| ordinal < replicas && !terminating(p))
+pub fn report_targets(cluster: &ObservedCluster, pods: &[Pod]) -> Vec<ProbeTarget> {
+    let replicas = cluster.spec().replicas;
+    crate::scale::probe_targets(cluster.name(), pods, |ordinal, p| {
+        ordinal < replicas && !terminating(p)
+    })
 }
 
 /// What the reconcile does for the rolling update.
@@ -262,20 +263,15 @@ fn node_settled(r: &NodeReport, version: u64) -> bool {
     r.member && r.version >= version && !r.handoff.running && (handed_off || fresh)
 }
 
-fn deadline(cc: &CacheCluster, since: &Time) -> Time {
-    let timeout = ChronoDuration::seconds(i64::from(cc.spec.scale_down_timeout_seconds.max(0)));
-    Time(since.0 + timeout)
-}
-
 fn step(
-    cc: &CacheCluster,
+    cluster: &ObservedCluster,
     revision: &str,
     pod: &str,
     phase: RolloutPhase,
     started_at: Time,
 ) -> Option<RolloutStatus> {
     // The same step as the one in the status keeps its start time.
-    let started_at = cc
+    let started_at = cluster
         .status
         .as_ref()
         .and_then(|s| s.rollout.as_ref())
@@ -291,7 +287,7 @@ fn step(
 
 /// The decision to restart `pod` now, as the step of the status.
 fn restart_now(
-    cc: &CacheCluster,
+    cluster: &ObservedCluster,
     revision: &str,
     pod: &Pod,
     why: RestartReason,
@@ -300,7 +296,13 @@ fn restart_now(
 ) -> RollDecision {
     let name = pod.name_any();
     RollDecision {
-        rollout: step(cc, revision, &name, RolloutPhase::Restarting, now.clone()),
+        rollout: step(
+            cluster,
+            revision,
+            &name,
+            RolloutPhase::Restarting,
+            now.clone(),
+        ),
         action: RollAction::Restart {
             pod: name,
             uid: pod.metadata.uid.clone().unwrap_or_default(),
@@ -316,7 +318,7 @@ fn restart_now(
 /// [`report_targets`]; `scaling_in` says a scale-in is under way.
 #[allow(clippy::too_many_arguments)]
 pub fn decide(
-    cc: &CacheCluster,
+    cluster: &ObservedCluster,
     sts: Option<&StatefulSet>,
     pods: &[Pod],
     list: &MemberList,
@@ -328,8 +330,8 @@ pub fn decide(
     let Some(revision) = update_revision(sts) else {
         return RollDecision::idle();
     };
-    let name = cc.name_any();
-    let in_range = pods_in_range(cc, pods);
+    let spec = cluster.spec();
+    let in_range = pods_in_range(cluster, pods);
     let total = in_range.len();
     let updated = in_range
         .iter()
@@ -342,12 +344,12 @@ pub fn decide(
         .iter()
         .map(|(_, p)| *p)
         .find(|p| terminating(p) || (!outdated(p, revision) && !ready(p)));
-    let outdated = outdated_pods(cc, pods, revision);
+    let outdated = outdated_pods(cluster, pods, revision);
     if outdated.is_empty() {
         // Every node runs the revision: the roll is over once the node restarted last
         // (the step in the status) is back. Other starting nodes (a scale-out, a crash)
         // are no rolling update.
-        let previous = cc.status.as_ref().and_then(|s| s.rollout.as_ref());
+        let previous = cluster.status.as_ref().and_then(|s| s.rollout.as_ref());
         let tail = restarting
             .filter(|p| previous.is_some_and(|r| r.revision == revision && r.pod == p.name_any()));
         let Some(pod) = tail else {
@@ -356,7 +358,7 @@ pub fn decide(
         return RollDecision {
             action: RollAction::None,
             rollout: step(
-                cc,
+                cluster,
                 revision,
                 &pod.name_any(),
                 RolloutPhase::Restarting,
@@ -370,12 +372,12 @@ pub fn decide(
     }
     let waiting = |pod: &str, phase: RolloutPhase, message: String| RollDecision {
         action: RollAction::None,
-        rollout: step(cc, revision, pod, phase, now.clone()),
+        rollout: step(cluster, revision, pod, phase, now.clone()),
         progress: Some(format!("rolling update: {counts}; {message}")),
     };
 
     // 1. A drained node: restart it once it has handed its data off.
-    if let Some(pod) = drained_pod(cc, sts, pods) {
+    if let Some(pod) = drained_pod(cluster, sts, pods) {
         let pod_name = pod.name_any();
         let since = drain_since(pod, revision).unwrap_or_else(|| now.clone());
         let report = reports.get(&pod_name);
@@ -388,9 +390,17 @@ pub fn decide(
             });
         let restarting = format!("rolling update: {counts}; restarting {pod_name}");
         if handed_off || !ready(pod) {
-            return restart_now(cc, revision, pod, RestartReason::Drained, restarting, now);
+            return restart_now(
+                cluster,
+                revision,
+                pod,
+                RestartReason::Drained,
+                restarting,
+                now,
+            );
         }
-        if now.0 >= deadline(cc, &since).0 {
+        let deadline = spec.handoff_deadline(&since);
+        if now.0 >= deadline.0 {
             let detail = match report {
                 Some(Ok(r)) => format!(
                     "{} of {} items acked, hand-off version {} of {}",
@@ -400,14 +410,14 @@ pub fn decide(
                 None => "not asked".into(),
             };
             let why = RestartReason::DrainTimedOut(detail);
-            return restart_now(cc, revision, pod, why, restarting, now);
+            return restart_now(cluster, revision, pod, why, restarting, now);
         }
         return waiting(
             &pod_name,
             RolloutPhase::Draining,
             format!(
                 "{pod_name} hands its data to the other nodes before it restarts (at the latest at {})",
-                deadline(cc, &since).0.to_rfc3339()
+                deadline.0.to_rfc3339()
             ),
         );
     }
@@ -423,9 +433,8 @@ pub fn decide(
         return waiting(&pod_name, RolloutPhase::Restarting, message);
     }
     // Ordinals the StatefulSet has not recreated yet.
-    let replicas = u32::try_from(cc.spec.replicas.max(0)).unwrap_or(0);
-    if let Some(missing) = (0..replicas).find(|o| !in_range.iter().any(|(x, _)| x == o)) {
-        let pod_name = format!("{name}-{missing}");
+    if let Some(missing) = (0..spec.replicas).find(|o| !in_range.iter().any(|(x, _)| x == o)) {
+        let pod_name = format!("{}-{missing}", cluster.name());
         return waiting(
             &pod_name,
             RolloutPhase::Restarting,
@@ -439,7 +448,14 @@ pub fn decide(
             "rolling update: {counts}; restarting {} (not Ready)",
             pod.name_any()
         );
-        return restart_now(cc, revision, pod, RestartReason::NotReady, progress, now);
+        return restart_now(
+            cluster,
+            revision,
+            pod,
+            RestartReason::NotReady,
+            progress,
+            now,
+        );
     }
 
     // 4. The next one, highest ordinal first, once the cluster is settled.
@@ -469,20 +485,20 @@ pub fn decide(
         );
     }
     let others = list.members.iter().any(|m| m.name != next_name);
-    if cc.spec.replication_factor < 2 && others {
+    if spec.replication_factor < 2 && others {
         return RollDecision {
             action: RollAction::Drain {
                 pod: next_name.clone(),
                 revision: revision.to_string(),
             },
-            rollout: step(cc, revision, &next_name, RolloutPhase::Draining, now.clone()),
+            rollout: step(cluster, revision, &next_name, RolloutPhase::Draining, now.clone()),
             progress: Some(format!(
                 "rolling update: {counts}; {next_name} hands its data to the other nodes before it restarts"
             )),
         };
     }
     let progress = format!("rolling update: {counts}; restarting {next_name}");
-    restart_now(cc, revision, next, RestartReason::Turn, progress, now)
+    restart_now(cluster, revision, next, RestartReason::Turn, progress, now)
 }
 
 #[cfg(test)]

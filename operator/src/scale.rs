@@ -14,13 +14,12 @@
 //! time in `status.rebalance`, so an operator restarted half-way carries on.
 //! Scaling out is unaffected: new pods join the list once Ready.
 
-use crate::crd::{CacheCluster, DepartingMember, RebalanceStatus};
-use crate::observe::{member_state, pod_ordinal};
+use crate::crd::{DepartingMember, RebalanceStatus};
+use crate::observe::{member_state, pod_ordinal, ObservedCluster};
 use crate::probe::{ProbeResults, ProbeTarget};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::chrono::Duration as ChronoDuration;
 use kache_cluster::MemberList;
 use kube::ResourceExt;
 use std::collections::BTreeMap;
@@ -74,8 +73,11 @@ pub fn statefulset_replicas(sts: Option<&StatefulSet>) -> Option<i32> {
 
 /// Ordinals leaving in a scale-in under way: `spec.replicas` up to the
 /// StatefulSet's replicas. Empty when not scaling in.
-pub fn departing_ordinals(cc: &CacheCluster, sts: Option<&StatefulSet>) -> std::ops::Range<u32> {
-    let target = u32::try_from(cc.spec.replicas.max(0)).unwrap_or(0);
+pub fn departing_ordinals(
+    cluster: &ObservedCluster,
+    sts: Option<&StatefulSet>,
+) -> std::ops::Range<u32> {
+    let target = cluster.spec().replicas;
     let current = statefulset_replicas(sts)
         .and_then(|r| u32::try_from(r).ok())
         .unwrap_or(0);
@@ -101,18 +103,17 @@ fn may_hold_data(pod: &Pod) -> bool {
         && !container_down
 }
 
-/// The pods chosen by `keep` (given each pod's ordinal) that have an IP, as
-/// probe targets in ordinal order.
+/// The pods of the cluster `name` chosen by `keep` (given each pod's ordinal) that have an
+/// IP, as probe targets in ordinal order.
 pub fn probe_targets(
-    cc: &CacheCluster,
+    name: &str,
     pods: &[Pod],
     keep: impl Fn(u32, &Pod) -> bool,
 ) -> Vec<ProbeTarget> {
-    let name = cc.name_any();
     let mut out: Vec<(u32, ProbeTarget)> = pods
         .iter()
         .filter_map(|p| {
-            let ordinal = pod_ordinal(&p.name_any(), &name)?;
+            let ordinal = pod_ordinal(&p.name_any(), name)?;
             let ip = p
                 .status
                 .as_ref()?
@@ -137,12 +138,12 @@ pub fn probe_targets(
 /// The departing pods to ask for hand-off progress, in ordinal order. Pods
 /// without a running node (pending, no IP, deleted, crashed) hold nothing.
 pub fn pods_to_probe(
-    cc: &CacheCluster,
+    cluster: &ObservedCluster,
     sts: Option<&StatefulSet>,
     pods: &[Pod],
 ) -> Vec<ProbeTarget> {
-    let departing = departing_ordinals(cc, sts);
-    probe_targets(cc, pods, |ordinal, p| {
+    let departing = departing_ordinals(cluster, sts);
+    probe_targets(cluster.name(), pods, |ordinal, p| {
         departing.contains(&ordinal) && may_hold_data(p)
     })
 }
@@ -155,15 +156,16 @@ fn to_i64(v: u64) -> i64 {
 /// this reconcile (it never lists departing pods); `probes` holds the answers
 /// of [`pods_to_probe`]'s pods (a missing entry counts as no answer).
 pub fn decide(
-    cc: &CacheCluster,
+    cluster: &ObservedCluster,
     sts: Option<&StatefulSet>,
     pods: &[Pod],
     published: &MemberList,
     probes: &ProbeResults,
     now: &Time,
 ) -> ScaleDecision {
-    let target = cc.spec.replicas.max(0);
-    let departing = departing_ordinals(cc, sts);
+    let spec = cluster.spec();
+    let target = spec.replicas_i32();
+    let departing = departing_ordinals(cluster, sts);
     if departing.is_empty() {
         return ScaleDecision {
             statefulset_replicas: target,
@@ -172,16 +174,15 @@ pub fn decide(
         };
     }
     let current = i32::try_from(departing.end).unwrap_or(i32::MAX);
-    let name = cc.name_any();
-    let probed: BTreeMap<String, ProbeTarget> = pods_to_probe(cc, sts, pods)
+    let name = cluster.name();
+    let probed: BTreeMap<String, ProbeTarget> = pods_to_probe(cluster, sts, pods)
         .into_iter()
         .map(|t| (t.name.clone(), t))
         .collect();
     let version = published.version;
     // With no member left there is nobody to hand off to; with a timeout of
     // 0 the user asked not to wait.
-    let nothing_to_wait_for =
-        published.members.is_empty() || cc.spec.scale_down_timeout_seconds <= 0;
+    let nothing_to_wait_for = published.members.is_empty() || spec.scale_down_timeout_seconds == 0;
 
     let departing_members: Vec<DepartingMember> = departing
         .clone()
@@ -239,8 +240,8 @@ pub fn decide(
         .collect();
 
     // The same scale-in as the one in the status keeps its start time.
-    let started_at = recorded_start(cc, target, current).unwrap_or_else(|| now.clone());
-    let deadline = deadline_from(cc, &started_at);
+    let started_at = recorded_start(cluster, target, current).unwrap_or_else(|| now.clone());
+    let deadline = spec.handoff_deadline(&started_at);
     let rebalance = RebalanceStatus {
         target_replicas: target,
         current_replicas: current,
@@ -270,18 +271,13 @@ pub fn decide(
 }
 
 /// When the scale-in from `current` to `target` replicas started, if the status records it.
-fn recorded_start(cc: &CacheCluster, target: i32, current: i32) -> Option<Time> {
-    cc.status
+fn recorded_start(cluster: &ObservedCluster, target: i32, current: i32) -> Option<Time> {
+    cluster
+        .status
         .as_ref()
         .and_then(|s| s.rebalance.as_ref())
         .filter(|r| r.target_replicas == target && r.current_replicas == current)
         .map(|r| r.started_at.clone())
-}
-
-/// `started_at` + `spec.scaleDownTimeoutSeconds`.
-fn deadline_from(cc: &CacheCluster, started_at: &Time) -> Time {
-    let timeout = ChronoDuration::seconds(i64::from(cc.spec.scale_down_timeout_seconds.max(0)));
-    Time(started_at.0 + timeout)
 }
 
 /// A scale-in that is starting and that the status does not record yet, as a first
@@ -289,18 +285,18 @@ fn deadline_from(cc: &CacheCluster, started_at: &Time) -> Time {
 /// publishes the member list without the departing nodes, so an operator restarted between
 /// the two keeps the start time, and so the deadline, instead of starting the clock again.
 pub fn unrecorded_start(
-    cc: &CacheCluster,
+    cluster: &ObservedCluster,
     sts: Option<&StatefulSet>,
     published: &MemberList,
     now: &Time,
 ) -> Option<RebalanceStatus> {
-    let departing = departing_ordinals(cc, sts);
+    let departing = departing_ordinals(cluster, sts);
     if departing.is_empty() {
         return None;
     }
-    let target = cc.spec.replicas.max(0);
+    let target = cluster.spec().replicas_i32();
     let current = i32::try_from(departing.end).unwrap_or(i32::MAX);
-    if recorded_start(cc, target, current).is_some() {
+    if recorded_start(cluster, target, current).is_some() {
         return None;
     }
     Some(RebalanceStatus {
@@ -308,7 +304,7 @@ pub fn unrecorded_start(
         current_replicas: current,
         config_version: to_i64(published.version),
         started_at: now.clone(),
-        deadline: deadline_from(cc, now),
+        deadline: cluster.spec().handoff_deadline(now),
         departing: Vec::new(),
     })
 }
@@ -350,7 +346,7 @@ pub fn progress_message(r: &RebalanceStatus) -> String {
 }
 
 /// Note of the `RebalanceStarted` event.
-pub fn started_note(r: &RebalanceStatus, timeout_seconds: i32) -> String {
+pub fn started_note(r: &RebalanceStatus, timeout_seconds: u32) -> String {
     format!(
         "scaling in from {} to {} nodes: published member list version {} without {}; \
          they keep running and hand their data to the remaining nodes (waiting at most {timeout_seconds}s)",
@@ -379,7 +375,7 @@ pub fn finished_note(r: &RebalanceStatus, outcome: &ScaleOutcome) -> String {
 }
 
 /// Note of the `HandoffTimeout` warning.
-pub fn timeout_note(r: &RebalanceStatus, unfinished: &[String], timeout_seconds: i32) -> String {
+pub fn timeout_note(r: &RebalanceStatus, unfinished: &[String], timeout_seconds: u32) -> String {
     let detail: Vec<String> = r
         .departing
         .iter()

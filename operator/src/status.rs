@@ -10,7 +10,9 @@ use crate::crd::{
     CacheCluster, CacheClusterStatus, MemberState, MemberStatus, RebalanceStatus, RolloutStatus,
     SpecErrors,
 };
-use crate::observe::{member_state, pod_ip, pod_ordinal, pod_revision, update_revision};
+use crate::observe::{
+    member_state, pod_ip, pod_ordinal, pod_revision, update_revision, ObservedCluster,
+};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -70,28 +72,26 @@ const FAILING_REASONS: &[&str] = &[
     "RunContainerError",
 ];
 
-/// The cluster's pods (named `<cluster>-<ordinal>`), sorted by ordinal.
-fn ordered_pods<'a>(cc: &CacheCluster, pods: &'a [Pod]) -> Vec<(u32, &'a Pod)> {
-    let name = cc.name_any();
+/// The pods of the cluster `name` (named `<name>-<ordinal>`), sorted by ordinal.
+fn ordered_pods<'a>(name: &str, pods: &'a [Pod]) -> Vec<(u32, &'a Pod)> {
     let mut out: Vec<_> = pods
         .iter()
-        .filter_map(|p| pod_ordinal(&p.name_any(), &name).map(|o| (o, p)))
+        .filter_map(|p| pod_ordinal(&p.name_any(), name).map(|o| (o, p)))
         .collect();
     out.sort_by_key(|(o, _)| *o);
     out
 }
 
 /// Every pod of the cluster with its state, in ordinal order.
-pub fn member_statuses(cc: &CacheCluster, pods: &[Pod]) -> Vec<MemberStatus> {
-    let name = cc.name_any();
-    let ns = cc.namespace().unwrap_or_default();
-    ordered_pods(cc, pods)
+pub fn member_statuses(cluster: &ObservedCluster, pods: &[Pod]) -> Vec<MemberStatus> {
+    let (name, ns) = (cluster.name(), &cluster.valid.cluster.namespace);
+    ordered_pods(name, pods)
         .into_iter()
         .map(|(_, p)| MemberStatus {
             name: p.name_any(),
-            host: names::pod_host(&p.name_any(), &name, &ns),
+            host: names::pod_host(&p.name_any(), name, ns),
             ip: pod_ip(p),
-            port: cc.spec.port,
+            port: i32::from(cluster.spec().port),
             state: member_state(p),
         })
         .collect()
@@ -165,28 +165,27 @@ fn restarting(pod: Option<&Pod>, now: &Time) -> bool {
 ///   share back from the replicas before it reports Ready, and the ring does
 ///   not change twice.
 pub fn desired_members(
-    cc: &CacheCluster,
+    cluster: &ObservedCluster,
     pods: &[Pod],
     published: Option<&MemberList>,
     drained: Option<&str>,
     now: &Time,
 ) -> Vec<Member> {
-    let name = cc.name_any();
-    let replicas = u32::try_from(cc.spec.replicas.max(0)).unwrap_or(0);
-    let mut members: Vec<(u32, Member)> = ready_members(cc, pods)
+    let (name, spec) = (cluster.name(), cluster.spec());
+    let mut members: Vec<(u32, Member)> = ready_members(cluster, pods)
         .into_iter()
         .filter(|m| Some(m.name.as_str()) != drained)
-        .filter_map(|m| Some((pod_ordinal(&m.name, &name)?, m)))
+        .filter_map(|m| Some((pod_ordinal(&m.name, name)?, m)))
         .collect();
-    if cc.spec.replication_factor >= 2 {
+    if spec.replication_factor >= 2 {
         for m in published.map_or(&[][..], |p| p.members.as_slice()) {
-            let Some(ordinal) = pod_ordinal(&m.name, &name) else {
+            let Some(ordinal) = pod_ordinal(&m.name, name) else {
                 continue;
             };
             let listed = members.iter().any(|(_, x)| x.name == m.name);
             let pod = pods.iter().find(|p| p.name_any() == m.name);
             let ready = pod.is_some_and(|p| member_state(p) == MemberState::Ready);
-            if ordinal < replicas && !listed && !ready && restarting(pod, now) {
+            if ordinal < spec.replicas && !listed && !ready && restarting(pod, now) {
                 members.push((ordinal, m.clone()));
             }
         }
@@ -197,20 +196,18 @@ pub fn desired_members(
 
 /// Ready pods in ordinal order, as members. Pods whose ordinal is at or above
 /// `spec.replicas` are left out.
-pub fn ready_members(cc: &CacheCluster, pods: &[Pod]) -> Vec<Member> {
-    let name = cc.name_any();
-    let ns = cc.namespace().unwrap_or_default();
-    let replicas = u32::try_from(cc.spec.replicas.max(0)).unwrap_or(0);
-    let port = u16::try_from(cc.spec.port).unwrap_or(names::MEMCACHE_PORT);
-    ordered_pods(cc, pods)
+pub fn ready_members(cluster: &ObservedCluster, pods: &[Pod]) -> Vec<Member> {
+    let (name, ns) = (cluster.name(), &cluster.valid.cluster.namespace);
+    let spec = cluster.spec();
+    ordered_pods(name, pods)
         .into_iter()
-        .filter(|(ordinal, p)| *ordinal < replicas && member_state(p) == MemberState::Ready)
+        .filter(|(ordinal, p)| *ordinal < spec.replicas && member_state(p) == MemberState::Ready)
         .filter_map(|(_, p)| {
             Some(Member {
                 name: p.name_any(),
-                host: names::pod_host(&p.name_any(), &name, &ns),
+                host: names::pod_host(&p.name_any(), name, ns),
                 ip: pod_ip(p)?,
-                port,
+                port: spec.port,
                 peer_port: names::PEER_PORT,
             })
         })
@@ -249,11 +246,6 @@ pub fn next_member_list(
             }
         }
     }
-}
-
-/// The replication factor of a validated spec as the member list carries it.
-pub fn replication_factor(cc: &CacheCluster) -> u8 {
-    u8::try_from(cc.spec.replication_factor).unwrap_or(1)
 }
 
 fn condition(
@@ -331,11 +323,11 @@ fn unschedulable_pods(pods: &[(u32, &Pod)]) -> Vec<String> {
 }
 
 /// Live pods that run the StatefulSet's current revision.
-fn updated_replicas(cc: &CacheCluster, pods: &[Pod], sts: Option<&StatefulSet>) -> i32 {
+fn updated_replicas(name: &str, pods: &[Pod], sts: Option<&StatefulSet>) -> i32 {
     let Some(revision) = update_revision(sts) else {
         return 0;
     };
-    let n = ordered_pods(cc, pods)
+    let n = ordered_pods(name, pods)
         .iter()
         .filter(|(_, p)| {
             p.metadata.deletion_timestamp.is_none() && pod_revision(p) == Some(revision)
@@ -358,13 +350,13 @@ pub struct Underway<'a> {
 /// Status of a valid CacheCluster from what the operator observed, with
 /// nothing under way.
 pub fn compute_status(
-    cc: &CacheCluster,
+    cluster: &ObservedCluster,
     pods: &[Pod],
     sts: Option<&StatefulSet>,
     published: &MemberList,
     now: Time,
 ) -> CacheClusterStatus {
-    compute_status_underway(cc, pods, sts, published, Underway::default(), now)
+    compute_status_underway(cluster, pods, sts, published, Underway::default(), now)
 }
 
 /// How many nodes the spec asks for and how many there are.
@@ -382,14 +374,18 @@ struct Counts {
 }
 
 impl Counts {
-    fn of(cc: &CacheCluster, pods: &[Pod], members: &[MemberStatus], underway: &Underway) -> Self {
+    fn of(
+        cluster: &ObservedCluster,
+        pods: &[Pod],
+        members: &[MemberStatus],
+        underway: &Underway,
+    ) -> Self {
         let count = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
-        let desired = cc.spec.replicas.max(0);
-        let ready = ordered_pods(cc, pods)
+        let spec = cluster.spec();
+        let desired = spec.replicas_i32();
+        let ready = ordered_pods(cluster.name(), pods)
             .iter()
-            .filter(|(o, p)| {
-                i64::from(*o) < i64::from(desired) && member_state(p) == MemberState::Ready
-            })
+            .filter(|(o, p)| *o < spec.replicas && member_state(p) == MemberState::Ready)
             .count();
         let state_count =
             |keep: fn(MemberState) -> bool| count(members.iter().filter(|m| keep(m.state)).count());
@@ -489,8 +485,8 @@ fn progressing_verdict(
 }
 
 /// `Degraded`: pods the scheduler cannot place, or nodes that fail.
-fn degraded_verdict(cc: &CacheCluster, pods: &[Pod]) -> Verdict {
-    let ordered = ordered_pods(cc, pods);
+fn degraded_verdict(name: &str, pods: &[Pod]) -> Verdict {
+    let ordered = ordered_pods(name, pods);
     let failing = failing_pods(&ordered);
     let mut unschedulable = unschedulable_pods(&ordered);
     if !unschedulable.is_empty() {
@@ -514,16 +510,16 @@ fn rebalancing_verdict(rebalance: Option<&RebalanceStatus>) -> Verdict {
 /// Status of a valid CacheCluster from what the operator observed and what
 /// it is in the middle of.
 pub fn compute_status_underway(
-    cc: &CacheCluster,
+    cluster: &ObservedCluster,
     pods: &[Pod],
     sts: Option<&StatefulSet>,
     published: &MemberList,
     underway: Underway<'_>,
     now: Time,
 ) -> CacheClusterStatus {
-    let generation = cc.metadata.generation;
-    let members = member_statuses(cc, pods);
-    let n = Counts::of(cc, pods, &members, &underway);
+    let generation = cluster.generation;
+    let members = member_statuses(cluster, pods);
+    let n = Counts::of(cluster, pods, &members, &underway);
     let rollout = underway
         .roll_progress
         .map(str::to_string)
@@ -534,7 +530,7 @@ pub fn compute_status_underway(
             CONDITION_PROGRESSING,
             progressing_verdict(&n, &underway, rollout.as_deref(), published),
         ),
-        (CONDITION_DEGRADED, degraded_verdict(cc, pods)),
+        (CONDITION_DEGRADED, degraded_verdict(cluster.name(), pods)),
         (
             CONDITION_REBALANCING,
             rebalancing_verdict(underway.rebalance),
@@ -544,7 +540,7 @@ pub fn compute_status_underway(
         .into_iter()
         .map(|(type_, v)| condition(type_, v.status, v.reason, v.message, generation, &now))
         .collect();
-    let previous = cc
+    let previous = cluster
         .status
         .as_ref()
         .map(|s| s.conditions.as_slice())
@@ -553,19 +549,21 @@ pub fn compute_status_underway(
         observed_generation: generation,
         replicas: n.live,
         ready_replicas: n.ready_total,
-        selector: names::selector_string(&cc.name_any()),
+        selector: names::selector_string(cluster.name()),
         members,
         config_version: i64::try_from(published.version).unwrap_or(i64::MAX),
         conditions: merge_conditions(previous, conditions),
         rebalance: underway.rebalance.cloned(),
         revision: update_revision(sts).map(str::to_string),
-        updated_replicas: updated_replicas(cc, pods, sts),
+        updated_replicas: updated_replicas(cluster.name(), pods, sts),
         rollout: underway.rollout.cloned(),
     }
 }
 
 /// Status of a CacheCluster whose spec failed validation: nothing is changed
-/// in the cluster; the conditions say why, the rest of the status is kept.
+/// in the cluster; the conditions say why, the rest of the status is kept. Only the
+/// CacheCluster's metadata and last status are read (there is no [`ObservedCluster`]
+/// without a valid spec, and the raw one is not read).
 pub fn invalid_spec_status(
     cc: &CacheCluster,
     errors: &SpecErrors,
@@ -624,7 +622,7 @@ pub fn find_condition<'a>(status: &'a CacheClusterStatus, type_: &str) -> Option
 mod tests {
     use super::*;
     use crate::crd::CacheClusterSpec;
-    use crate::fixtures::{cluster, pod, settled_sts, t};
+    use crate::fixtures::{cluster, observed, pod, settled_sts, t};
     use k8s_openapi::api::core::v1::{
         ContainerState, ContainerStateWaiting, ContainerStatus, PodCondition,
     };
@@ -643,7 +641,7 @@ mod tests {
         let mut pods = three_ready();
         pods[0] = pod("web-2", Some("10.0.0.3"), false);
         pods.push(pod("other-0", Some("10.0.0.9"), true));
-        let members = ready_members(&cc, &pods);
+        let members = ready_members(&observed(&cc), &pods);
         let names: Vec<_> = members.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(names, ["web-0", "web-1"]);
         assert_eq!(members[0].host, "web-0.web-peers.prod.svc");
@@ -669,7 +667,7 @@ mod tests {
     #[test]
     fn a_restarting_member_stays_listed_with_replicas() {
         let cc = replicated(2);
-        let v1 = next_member_list(ready_members(&cc, &three_ready()), 2, None, 0);
+        let v1 = next_member_list(ready_members(&observed(&cc), &three_ready()), 2, None, 0);
         // web-1 deleted (gone, terminating) or restarted (not Ready, new IP).
         let mut terminating = pod("web-1", Some("10.0.0.2"), false);
         terminating.metadata.deletion_timestamp = Some(t(0));
@@ -686,7 +684,7 @@ mod tests {
                 pod("web-2", Some("10.0.0.3"), true),
             ];
             pods.extend(web1);
-            let members = desired_members(&cc, &pods, Some(&v1), None, &t(30));
+            let members = desired_members(&observed(&cc), &pods, Some(&v1), None, &t(30));
             assert_eq!(members, v1.members, "{what}: kept as published");
         }
         // Longer than the grace: dropped.
@@ -695,7 +693,13 @@ mod tests {
             starting.clone(),
             pod("web-2", Some("10.0.0.3"), true),
         ];
-        let late = desired_members(&cc, &pods, Some(&v1), None, &t(RESTART_GRACE_SECONDS));
+        let late = desired_members(
+            &observed(&cc),
+            &pods,
+            Some(&v1),
+            None,
+            &t(RESTART_GRACE_SECONDS),
+        );
         assert_eq!(names_of(&late), ["web-0", "web-2"]);
         // Ready again: listed with its new IP.
         let back = vec![
@@ -703,20 +707,20 @@ mod tests {
             pod("web-1", Some("10.0.0.22"), true),
             pod("web-2", Some("10.0.0.3"), true),
         ];
-        let members = desired_members(&cc, &back, Some(&v1), None, &t(30));
+        let members = desired_members(&observed(&cc), &back, Some(&v1), None, &t(30));
         assert_eq!(names_of(&members), ["web-0", "web-1", "web-2"]);
         assert_eq!(members[1].ip, "10.0.0.22");
         // Without replicas it has no copy to refill from: dropped at once.
         let cc1 = replicated(1);
         let pods = vec![pod("web-0", Some("10.0.0.1"), true), starting];
-        let members = desired_members(&cc1, &pods, Some(&v1), None, &t(30));
+        let members = desired_members(&observed(&cc1), &pods, Some(&v1), None, &t(30));
         assert_eq!(names_of(&members), ["web-0"]);
     }
 
     #[test]
     fn an_unschedulable_or_departing_member_is_not_kept() {
         let cc = replicated(2);
-        let v1 = next_member_list(ready_members(&cc, &three_ready()), 2, None, 0);
+        let v1 = next_member_list(ready_members(&observed(&cc), &three_ready()), 2, None, 0);
         let mut stuck = pod("web-1", None, false);
         stuck.status.as_mut().unwrap().conditions = Some(vec![PodCondition {
             type_: "PodScheduled".into(),
@@ -734,7 +738,7 @@ mod tests {
             stuck,
             pod("web-2", Some("10.0.0.3"), true),
         ];
-        let members = desired_members(&cc, &pods, Some(&v1), None, &t(1));
+        let members = desired_members(&observed(&cc), &pods, Some(&v1), None, &t(1));
         assert_eq!(names_of(&members), ["web-0", "web-2"]);
         // Scaled to 2: web-2 departs even though it restarts.
         let mut two = replicated(2);
@@ -743,14 +747,14 @@ mod tests {
             pod("web-0", Some("10.0.0.1"), true),
             pod("web-1", Some("10.0.0.2"), true),
         ];
-        let members = desired_members(&two, &pods, Some(&v1), None, &t(1));
+        let members = desired_members(&observed(&two), &pods, Some(&v1), None, &t(1));
         assert_eq!(names_of(&members), ["web-0", "web-1"]);
     }
 
     #[test]
     fn a_drained_pod_is_left_out() {
         let cc = replicated(1);
-        let members = desired_members(&cc, &three_ready(), None, Some("web-2"), &t(0));
+        let members = desired_members(&observed(&cc), &three_ready(), None, Some("web-2"), &t(0));
         assert_eq!(names_of(&members), ["web-0", "web-1"]);
     }
 
@@ -776,9 +780,9 @@ mod tests {
             ..Default::default()
         }]);
         pods.push(stuck);
-        let list = next_member_list(ready_members(&cc, &pods), 1, None, 0);
+        let list = next_member_list(ready_members(&observed(&cc), &pods), 1, None, 0);
         assert_eq!(list.members.len(), 3, "the pending pod is not published");
-        let st = compute_status(&cc, &pods, Some(&settled_sts(4)), &list, t(0));
+        let st = compute_status(&observed(&cc), &pods, Some(&settled_sts(4)), &list, t(0));
         let deg = find_condition(&st, CONDITION_DEGRADED).unwrap();
         assert_eq!(
             (deg.status.as_str(), deg.reason.as_str()),
@@ -806,7 +810,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let names: Vec<_> = ready_members(&cc, &three_ready())
+        let names: Vec<_> = ready_members(&observed(&cc), &three_ready())
             .into_iter()
             .map(|m| m.name)
             .collect();
@@ -816,24 +820,29 @@ mod tests {
     #[test]
     fn config_version_starts_at_one_and_never_bumps_on_no_op() {
         let cc = cluster("web", CacheClusterSpec::default());
-        let first = next_member_list(ready_members(&cc, &three_ready()), 1, None, 0);
+        let first = next_member_list(ready_members(&observed(&cc), &three_ready()), 1, None, 0);
         assert_eq!(first.version, 1);
-        let again = next_member_list(ready_members(&cc, &three_ready()), 1, Some(&first), 1);
+        let again = next_member_list(
+            ready_members(&observed(&cc), &three_ready()),
+            1,
+            Some(&first),
+            1,
+        );
         assert_eq!(again, first, "a no-op reconcile keeps the version");
     }
 
     #[test]
     fn config_version_rises_by_one_per_change() {
         let cc = cluster("web", CacheClusterSpec::default());
-        let v1 = next_member_list(ready_members(&cc, &three_ready()), 1, None, 0);
+        let v1 = next_member_list(ready_members(&observed(&cc), &three_ready()), 1, None, 0);
         let mut pods = three_ready();
         pods[0] = pod("web-2", Some("10.0.0.3"), false);
-        let v2 = next_member_list(ready_members(&cc, &pods), 1, Some(&v1), 1);
+        let v2 = next_member_list(ready_members(&observed(&cc), &pods), 1, Some(&v1), 1);
         assert_eq!(v2.version, 2);
         assert_eq!(v2.members.len(), 2);
         // IP change of a member is a change.
         pods[1] = pod("web-0", Some("10.0.0.42"), true);
-        let v3 = next_member_list(ready_members(&cc, &pods), 1, Some(&v2), 2);
+        let v3 = next_member_list(ready_members(&observed(&cc), &pods), 1, Some(&v2), 2);
         assert_eq!(v3.version, 3);
         // Replication factor change is a change.
         let v4 = next_member_list(v3.members.clone(), 2, Some(&v3), 3);
@@ -857,7 +866,7 @@ mod tests {
     #[test]
     fn published_list_is_read_from_configmap() {
         let cc = cluster("web", CacheClusterSpec::default());
-        let list = next_member_list(ready_members(&cc, &three_ready()), 1, None, 0);
+        let list = next_member_list(ready_members(&observed(&cc), &three_ready()), 1, None, 0);
         let cm = crate::build::members_configmap(&crate::fixtures::owner("web"), &list).unwrap();
         assert_eq!(published_member_list(Some(&cm)), Some(list));
         assert_eq!(published_member_list(None), None);
@@ -870,8 +879,8 @@ mod tests {
     fn all_ready_cluster_is_ready_and_settled() {
         let cc = cluster("web", CacheClusterSpec::default());
         let pods = three_ready();
-        let list = next_member_list(ready_members(&cc, &pods), 1, None, 0);
-        let st = compute_status(&cc, &pods, Some(&settled_sts(3)), &list, t(0));
+        let list = next_member_list(ready_members(&observed(&cc), &pods), 1, None, 0);
+        let st = compute_status(&observed(&cc), &pods, Some(&settled_sts(3)), &list, t(0));
         assert_eq!(st.observed_generation, Some(1));
         assert_eq!(st.replicas, 3);
         assert_eq!(st.ready_replicas, 3);
@@ -915,8 +924,8 @@ mod tests {
             pod("web-0", Some("10.0.0.1"), true),
             pod("web-1", None, false),
         ];
-        let list = next_member_list(ready_members(&cc, &pods), 1, None, 0);
-        let st = compute_status(&cc, &pods, None, &list, t(0));
+        let list = next_member_list(ready_members(&observed(&cc), &pods), 1, None, 0);
+        let st = compute_status(&observed(&cc), &pods, None, &list, t(0));
         assert_eq!(st.ready_replicas, 1);
         let ready = find_condition(&st, CONDITION_READY).unwrap();
         assert_eq!(
@@ -931,7 +940,7 @@ mod tests {
 
         let mut scaling = settled_sts(3);
         scaling.status.as_mut().unwrap().replicas = 2;
-        let st = compute_status(&cc, &pods, Some(&scaling), &list, t(0));
+        let st = compute_status(&observed(&cc), &pods, Some(&scaling), &list, t(0));
         let prog = find_condition(&st, CONDITION_PROGRESSING).unwrap();
         assert_eq!(prog.message, "scaling from 2 to 3 nodes");
 
@@ -941,7 +950,7 @@ mod tests {
             ..Underway::default()
         };
         let st = compute_status_underway(
-            &cc,
+            &observed(&cc),
             &three_ready(),
             Some(&settled_sts(3)),
             &list,
@@ -979,8 +988,8 @@ mod tests {
             }),
             ..Default::default()
         }]);
-        let list = next_member_list(ready_members(&cc, &pods), 1, None, 0);
-        let st = compute_status(&cc, &pods, Some(&settled_sts(3)), &list, t(0));
+        let list = next_member_list(ready_members(&observed(&cc), &pods), 1, None, 0);
+        let st = compute_status(&observed(&cc), &pods, Some(&settled_sts(3)), &list, t(0));
         let deg = find_condition(&st, CONDITION_DEGRADED).unwrap();
         assert_eq!(
             (deg.status.as_str(), deg.reason.as_str()),
@@ -1000,7 +1009,7 @@ mod tests {
             },
         );
         let list = next_member_list(vec![], 1, None, 0);
-        let st = compute_status(&cc, &[], Some(&settled_sts(0)), &list, t(0));
+        let st = compute_status(&observed(&cc), &[], Some(&settled_sts(0)), &list, t(0));
         let ready = find_condition(&st, CONDITION_READY).unwrap();
         assert_eq!(
             (ready.status.as_str(), ready.reason.as_str()),
@@ -1012,14 +1021,14 @@ mod tests {
     fn transition_time_only_moves_when_status_flips() {
         let mut cc = cluster("web", CacheClusterSpec::default());
         let pods = three_ready();
-        let list = next_member_list(ready_members(&cc, &pods), 1, None, 0);
-        let first = compute_status(&cc, &pods, Some(&settled_sts(3)), &list, t(0));
+        let list = next_member_list(ready_members(&observed(&cc), &pods), 1, None, 0);
+        let first = compute_status(&observed(&cc), &pods, Some(&settled_sts(3)), &list, t(0));
         cc.status = Some(first.clone());
-        let second = compute_status(&cc, &pods, Some(&settled_sts(3)), &list, t(60));
+        let second = compute_status(&observed(&cc), &pods, Some(&settled_sts(3)), &list, t(60));
         assert_eq!(first, second, "nothing changed: status is identical");
         cc.status = Some(second);
         let fewer = &pods[1..];
-        let third = compute_status(&cc, fewer, Some(&settled_sts(3)), &list, t(120));
+        let third = compute_status(&observed(&cc), fewer, Some(&settled_sts(3)), &list, t(120));
         let ready = find_condition(&third, CONDITION_READY).unwrap();
         assert_eq!(ready.last_transition_time, t(120));
         let degraded = find_condition(&third, CONDITION_DEGRADED).unwrap();

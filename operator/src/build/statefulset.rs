@@ -360,8 +360,7 @@ pub fn statefulset(vc: &ValidCluster, default_image: &str) -> StatefulSet {
     StatefulSet {
         metadata: object_meta(&vc.cluster, name.clone()),
         spec: Some(StatefulSetSpec {
-            // Within i32: validation holds replicas to MAX_REPLICAS.
-            replicas: Some(i32::try_from(spec.replicas).unwrap_or(i32::MAX)),
+            replicas: Some(spec.replicas_i32()),
             service_name: names::peers_service_name(name),
             // Cache nodes are independent: start and stop them all at once.
             pod_management_policy: Some("Parallel".into()),

@@ -12,7 +12,8 @@ use super::types::*;
 use k8s_openapi::api::core::v1::{
     Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
+use k8s_openapi::chrono::Duration as ChronoDuration;
 use kache_cluster::names;
 use kache_cluster::size::{self, SizeError};
 use std::collections::BTreeMap;
@@ -48,6 +49,9 @@ pub struct ValidSpec {
     pub replicas: u32,
     /// How many nodes hold each key.
     pub replication_factor: u8,
+    /// How long departing nodes (a scale-in) or a drained node (a rolling update) may hand
+    /// their data off before their pods go anyway, in seconds; 0: do not wait.
+    pub scale_down_timeout_seconds: u32,
     /// The memcache port.
     pub port: u16,
     /// Cache memory per node, in MiB (`-m`).
@@ -86,6 +90,20 @@ pub struct ValidSpec {
     pub replication_flags: Vec<(&'static str, String)>,
     /// `extraArgs`.
     pub extra_args: Vec<String>,
+}
+
+impl ValidSpec {
+    /// `replicas` as the Kubernetes objects count them: [`CacheClusterSpec::validate`] holds
+    /// it to [`MAX_REPLICAS`], which an `i32` holds.
+    pub fn replicas_i32(&self) -> i32 {
+        i32::try_from(self.replicas).unwrap_or(i32::MAX)
+    }
+
+    /// When a hand-off that started at `since` stops being waited for:
+    /// `scaleDownTimeoutSeconds` later.
+    pub fn handoff_deadline(&self, since: &Time) -> Time {
+        Time(since.0 + ChronoDuration::seconds(i64::from(self.scale_down_timeout_seconds)))
+    }
 }
 
 /// The pods' scheduling settings, passed through from the spec.
@@ -457,6 +475,7 @@ impl CacheClusterSpec {
         Some(ValidSpec {
             replicas: u32::try_from(self.replicas).ok()?,
             replication_factor: u8::try_from(self.replication_factor).ok()?,
+            scale_down_timeout_seconds: u32::try_from(self.scale_down_timeout_seconds).ok()?,
             port: u16::try_from(self.port).ok()?,
             memory_mib,
             max_item_size,
@@ -563,6 +582,7 @@ mod tests {
             Ok(ValidSpec {
                 replicas: 3,
                 replication_factor: 1,
+                scale_down_timeout_seconds: 300,
                 port: 11211,
                 memory_mib: 64,
                 max_item_size: size::MIB,
@@ -616,6 +636,59 @@ mod tests {
             ..spec
         };
         assert_eq!(with_own.validate().unwrap().resources, own);
+    }
+
+    /// `status`, `scale` and `roll` read these fields off the [`ValidSpec`] with no clamp
+    /// of their own (they once clamped the raw spec: `replicas.max(0)`, a port falling back
+    /// to 11211, ...): the values a clamp would have changed never get past validation, and
+    /// the edges of the ranges reach them unchanged.
+    #[test]
+    fn the_decisions_get_no_value_a_clamp_would_change() {
+        type Set = fn(&mut CacheClusterSpec, i32);
+        type Get = fn(&ValidSpec) -> i64;
+        let fields: [(&str, Set, Get, [i32; 2], i32); 4] = [
+            (
+                "replicas",
+                |s, v| s.replicas = v,
+                |v| v.replicas.into(),
+                [-1, i32::MIN],
+                0,
+            ),
+            (
+                "scaleDownTimeoutSeconds",
+                |s, v| s.scale_down_timeout_seconds = v,
+                |v| v.scale_down_timeout_seconds.into(),
+                [-1, i32::MIN],
+                0,
+            ),
+            (
+                "port",
+                |s, v| s.port = v,
+                |v| v.port.into(),
+                [0, 65536],
+                65535,
+            ),
+            (
+                "replicationFactor",
+                |s, v| s.replication_factor = v,
+                |v| v.replication_factor.into(),
+                [0, 256],
+                1,
+            ),
+        ];
+        for (field, set, get, rejected, edge) in fields {
+            let with = |v| {
+                let mut spec = CacheClusterSpec::default();
+                set(&mut spec, v);
+                spec
+            };
+            for v in rejected {
+                let errs = errors(&with(v));
+                assert!(errs.mention(&format!("{field} must be between")), "{errs}");
+            }
+            let valid = with(edge).validate().unwrap();
+            assert_eq!(get(&valid), i64::from(edge), "{field}");
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::crd::{CacheClusterSpec, CacheClusterStatus};
-use crate::fixtures::{cluster, validated};
+use crate::fixtures::{cluster, observed, validated};
 use crate::fixtures::{node_report, pod, settled_sts, t, unanswered};
 use crate::probe::{HandoffReport, NodeReport, ProbeError, ProbeResults};
 use http::{Method, Request, Response, StatusCode};
@@ -300,7 +300,7 @@ fn three_ready() -> Vec<Pod> {
 fn published(cc: &CacheCluster, pods: &[Pod], version: u64) -> MemberList {
     MemberList {
         version,
-        ..status::next_member_list(status::ready_members(cc, pods), 1, None, 0)
+        ..status::next_member_list(status::ready_members(&observed(cc), pods), 1, None, 0)
     }
 }
 
@@ -351,7 +351,7 @@ async fn settled_cluster_reconcile_is_a_no_op() {
     sts.metadata.generation = Some(1);
     sts.status = settled_sts(3).status;
     cc.status = Some(status::compute_status(
-        &cc,
+        &observed(&cc),
         &pods,
         Some(&sts),
         &list,
@@ -380,7 +380,7 @@ fn settled(spec: CacheClusterSpec) -> (CacheCluster, Vec<Pod>, ConfigMap, Statef
     sts.metadata.generation = Some(1);
     sts.status = settled_sts(3).status;
     cc.status = Some(status::compute_status(
-        &cc,
+        &observed(&cc),
         &pods,
         Some(&sts),
         &list,
@@ -520,7 +520,7 @@ async fn pod_becoming_ready_bumps_config_version_by_one() {
     sts.metadata.generation = Some(1);
     sts.status = settled_sts(3).status;
     cc.status = Some(status::compute_status(
-        &cc,
+        &observed(&cc),
         &pods,
         Some(&sts),
         &old,
@@ -571,7 +571,7 @@ async fn spec_change_rolls_statefulset_and_records_event() {
     let mut sts = build::statefulset(&validated(&cc), "kache-node:test");
     sts.status = settled_sts(3).status;
     cc.status = Some(status::compute_status(
-        &cc,
+        &observed(&cc),
         &pods,
         Some(&sts),
         &list,
@@ -743,7 +743,7 @@ fn scaled_in_to_two() -> (CacheCluster, Vec<Pod>, ConfigMap, StatefulSet) {
     sts.metadata.generation = Some(1);
     sts.status = settled_sts(3).status;
     cc.status = Some(status::compute_status(
-        &cc,
+        &observed(&cc),
         &pods,
         Some(&sts),
         &list,
@@ -843,8 +843,13 @@ async fn restarted_between_recording_the_start_and_publishing_keeps_the_deadline
     // The previous operator recorded the start 100 s ago and stopped before it published
     // the member list without web-2.
     let (mut cc, pods, old_cm, sts) = scaled_in_to_two();
-    let start = scale::unrecorded_start(&cc, Some(&sts), &published(&cc, &pods, 5), &t(-100))
-        .expect("a scale-in is starting");
+    let start = scale::unrecorded_start(
+        &observed(&cc),
+        Some(&sts),
+        &published(&cc, &pods, 5),
+        &t(-100),
+    )
+    .expect("a scale-in is starting");
     cc.status.as_mut().unwrap().rebalance = Some(start);
     let new_cm = members_cm(&cc, &pods, 5);
     let mut script = preamble(&cc, &pods, Some(&old_cm), Some(&sts));
@@ -879,10 +884,17 @@ fn waiting_on_web_2(started: i64) -> (CacheCluster, Vec<Pod>, ConfigMap, Statefu
     let cm = members_cm(&cc, &pods, 5);
     let list = published(&cc, &pods, 5);
     let probes: ProbeResults = [("web-2".to_string(), handoff(5, false, 10))].into();
-    let d = scale::decide(&cc, Some(&sts), &pods, &list, &probes, &t(started));
+    let d = scale::decide(
+        &observed(&cc),
+        Some(&sts),
+        &pods,
+        &list,
+        &probes,
+        &t(started),
+    );
     assert!(d.waiting());
     cc.status = Some(status::compute_status_underway(
-        &cc,
+        &observed(&cc),
         &pods,
         Some(&sts),
         &list,

@@ -1,8 +1,8 @@
 //! The rolling-update decision as a pure function of observed state.
 
 use super::*;
-use crate::crd::CacheClusterSpec;
-use crate::fixtures::cluster;
+use crate::crd::{CacheCluster, CacheClusterSpec};
+use crate::fixtures::{cluster, observed};
 use crate::fixtures::{node_report, pod, settled_sts, t, unanswered};
 use crate::observe::REVISION_LABEL;
 use crate::probe::{HandoffReport, ProbeError};
@@ -63,12 +63,12 @@ fn drain_marked(mut p: Pod, revision: &str, since: i64) -> Pod {
 
 /// The list of the Ready, undrained pods at `version`.
 fn list_of(cc: &CacheCluster, pods: &[Pod], version: u64) -> MemberList {
-    let drained = drained_pod(cc, Some(&sts_at("r2")), pods).map(|p| p.name_any());
+    let drained = drained_pod(&observed(cc), Some(&sts_at("r2")), pods).map(|p| p.name_any());
     MemberList {
         version,
         ..next_member_list(
-            status::desired_members(cc, pods, None, drained.as_deref(), &t(0)),
-            u8::try_from(cc.spec.replication_factor).unwrap(),
+            status::desired_members(&observed(cc), pods, None, drained.as_deref(), &t(0)),
+            observed(cc).spec().replication_factor,
             None,
             0,
         )
@@ -108,7 +108,7 @@ fn decide_as(
 ) -> RollDecision {
     let sts = sts_at("r2");
     decide(
-        cc,
+        &observed(cc),
         Some(&sts),
         pods,
         list,
@@ -136,10 +136,10 @@ fn nothing_to_roll_is_idle() {
     let list = list_of(&cc, &pods, 4);
     let d = decide_now(&cc, &pods, &list, &ProbeResults::new());
     assert_eq!(d, RollDecision::idle());
-    assert!(!rolling(&cc, Some(&sts_at("r2")), &pods));
+    assert!(!rolling(&observed(&cc), Some(&sts_at("r2")), &pods));
     // Pods without a revision label are not known to be outdated.
     let unlabelled = vec![pod("web-0", Some("10.0.0.1"), true)];
-    assert!(!rolling(&cc, Some(&sts_at("r2")), &unlabelled));
+    assert!(!rolling(&observed(&cc), Some(&sts_at("r2")), &unlabelled));
 }
 
 #[test]
@@ -151,7 +151,7 @@ fn a_stale_statefulset_revision_is_not_acted_on() {
     assert_eq!(update_revision(Some(&sts)), None);
     let list = list_of(&cc, &pods, 4);
     let d = decide(
-        &cc,
+        &observed(&cc),
         Some(&sts),
         &pods,
         &list,
@@ -380,7 +380,7 @@ fn an_outdated_pod_that_is_not_ready_is_restarted_at_once() {
 fn departing_pods_of_a_scale_in_are_not_rolled() {
     let cc = web(2, 2);
     let pods = vec![node(0, "r2"), node(1, "r2"), node(2, "r1")];
-    assert!(!rolling(&cc, Some(&sts_at("r2")), &pods));
+    assert!(!rolling(&observed(&cc), Some(&sts_at("r2")), &pods));
 }
 
 #[test]
@@ -405,7 +405,7 @@ fn unreplicated_cluster_drains_before_restarting() {
         drain_marked(node(2, "r1"), "r2", 10),
     ];
     assert_eq!(
-        drained_pod(&cc, Some(&sts_at("r2")), &pods).map(|p| p.name_any()),
+        drained_pod(&observed(&cc), Some(&sts_at("r2")), &pods).map(|p| p.name_any()),
         Some("web-2".into())
     );
     let list = list_of(&cc, &pods, 5);
@@ -461,14 +461,14 @@ fn a_drain_mark_for_another_revision_is_stale() {
         node(1, "r1"),
         drain_marked(node(2, "r1"), "r0", 10),
     ];
-    assert!(drained_pod(&cc, Some(&sts_at("r2")), &pods).is_none());
+    assert!(drained_pod(&observed(&cc), Some(&sts_at("r2")), &pods).is_none());
     // An up-to-date pod with a mark is not drained either.
     let pods = vec![
         node(0, "r1"),
         node(1, "r1"),
         drain_marked(node(2, "r2"), "r2", 10),
     ];
-    assert!(drained_pod(&cc, Some(&sts_at("r2")), &pods).is_none());
+    assert!(drained_pod(&observed(&cc), Some(&sts_at("r2")), &pods).is_none());
 }
 
 #[test]
@@ -516,7 +516,7 @@ fn report_targets_are_the_live_pods_with_an_ip() {
     let mut pending = node(1, "r2");
     pending.status.as_mut().unwrap().pod_ip = None;
     let pods = vec![node(2, "r1"), pending, deleting(node(0, "r1"))];
-    let targets = report_targets(&cc, &pods);
+    let targets = report_targets(&observed(&cc), &pods);
     assert_eq!(
         targets,
         [ProbeTarget {

@@ -1,8 +1,8 @@
 //! The scale decision as a pure function of observed state.
 
 use super::*;
-use crate::crd::{CacheClusterSpec, CacheClusterStatus};
-use crate::fixtures::cluster;
+use crate::crd::{CacheCluster, CacheClusterSpec, CacheClusterStatus};
+use crate::fixtures::{cluster, observed};
 use crate::fixtures::{node_report, pod, settled_sts, t, unanswered};
 use crate::probe::{HandoffReport, NodeReport, ProbeError};
 use crate::status::{
@@ -49,7 +49,7 @@ fn ready_pods(n: u32) -> Vec<Pod> {
 fn list(cc: &CacheCluster, pods: &[Pod], version: u64) -> MemberList {
     MemberList {
         version,
-        ..status::next_member_list(status::ready_members(cc, pods), 1, None, 0)
+        ..status::next_member_list(status::ready_members(&observed(cc), pods), 1, None, 0)
     }
 }
 
@@ -83,7 +83,8 @@ fn scale_out_and_steady_state_are_unaffected() {
     let cc = web(3);
     let pods = ready_pods(3);
     let l = list(&cc, &pods, 4);
-    let d = decide(&cc, Some(&sts(3)), &pods, &l, &ProbeResults::new(), &t(0));
+    let none = ProbeResults::new();
+    let d = decide(&observed(&cc), Some(&sts(3)), &pods, &l, &none, &t(0));
     assert_eq!(
         d,
         ScaleDecision {
@@ -92,15 +93,15 @@ fn scale_out_and_steady_state_are_unaffected() {
             outcome: ScaleOutcome::Steady
         }
     );
-    assert!(pods_to_probe(&cc, Some(&sts(3)), &pods).is_empty());
+    assert!(pods_to_probe(&observed(&cc), Some(&sts(3)), &pods).is_empty());
     // Scale-out: 5 wanted, 3 now: grow at once; new pods join when Ready.
     let cc = web(5);
-    let d = decide(&cc, Some(&sts(3)), &pods, &l, &ProbeResults::new(), &t(0));
+    let d = decide(&observed(&cc), Some(&sts(3)), &pods, &l, &none, &t(0));
     assert_eq!(d.statefulset_replicas, 5);
     assert_eq!(d.outcome, ScaleOutcome::Steady);
     assert!(!d.waiting());
     // First reconcile: no StatefulSet yet.
-    let d = decide(&cc, None, &[], &l, &ProbeResults::new(), &t(0));
+    let d = decide(&observed(&cc), None, &[], &l, &none, &t(0));
     assert_eq!(
         (d.statefulset_replicas, d.outcome),
         (5, ScaleOutcome::Steady)
@@ -120,8 +121,8 @@ fn scale_in_start_holds_the_statefulset_and_probes_the_departing_pods() {
             .collect::<Vec<_>>(),
         ["web-0", "web-1", "web-2"]
     );
-    assert_eq!(departing_ordinals(&cc, Some(&sts(5))), 3..5);
-    let targets = pods_to_probe(&cc, Some(&sts(5)), &pods);
+    assert_eq!(departing_ordinals(&observed(&cc), Some(&sts(5))), 3..5);
+    let targets = pods_to_probe(&observed(&cc), Some(&sts(5)), &pods);
     assert_eq!(
         targets,
         [
@@ -137,7 +138,7 @@ fn scale_in_start_holds_the_statefulset_and_probes_the_departing_pods() {
     );
     // The nodes still report the previous version's hand-off.
     let p = probes(&[("web-3", report(7, true, 0)), ("web-4", report(7, true, 0))]);
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(0));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(0));
     assert_eq!(d.outcome, ScaleOutcome::Waiting);
     assert!(d.waiting());
     assert_eq!(d.statefulset_replicas, 5, "the StatefulSet keeps its pods");
@@ -166,7 +167,7 @@ fn waiting_keeps_the_start_time_and_reports_progress() {
     let pods = ready_pods(5);
     let l = list(&cc, &pods, 8);
     let first = decide(
-        &cc,
+        &observed(&cc),
         Some(&sts(5)),
         &pods,
         &l,
@@ -182,7 +183,7 @@ fn waiting_keeps_the_start_time_and_reports_progress() {
         ("web-3", report(8, true, 40)),
         ("web-4", report(8, false, 60)),
     ]);
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(100));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(100));
     assert_eq!(
         (d.statefulset_replicas, &d.outcome),
         (5, &ScaleOutcome::Waiting)
@@ -206,13 +207,20 @@ fn waiting_keeps_the_start_time_and_reports_progress() {
 
     // An unreachable node is not done: keep waiting (until the deadline).
     let p = probes(&[("web-3", report(8, true, 40)), ("web-4", Err(unanswered()))]);
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(200));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(200));
     assert_eq!(d.outcome, ScaleOutcome::Waiting);
     assert_eq!(
         d.rebalance.unwrap().departing[1].message.as_deref(),
         Some("no answer within 2s")
     );
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &probes(&[]), &t(200));
+    let d = decide(
+        &observed(&cc),
+        Some(&sts(5)),
+        &pods,
+        &l,
+        &probes(&[]),
+        &t(200),
+    );
     assert_eq!(d.outcome, ScaleOutcome::Waiting, "no answer is not done");
 }
 
@@ -226,7 +234,7 @@ fn all_departing_done_shrinks_the_statefulset() {
         ("web-3", report(8, true, 40)),
         ("web-4", report(9, true, 60)),
     ]);
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(10));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(10));
     assert_eq!(d.outcome, ScaleOutcome::HandedOff);
     assert_eq!(d.statefulset_replicas, 3);
     assert!(d.status_rebalance().is_none(), "nothing left to show");
@@ -240,7 +248,7 @@ fn all_departing_done_shrinks_the_statefulset() {
         ("web-3", report(8, true, 40)),
         ("web-4", report(7, true, 60)),
     ]);
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(10));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(10));
     assert_eq!(d.outcome, ScaleOutcome::Waiting);
 }
 
@@ -254,15 +262,15 @@ fn timeout_shrinks_anyway_and_names_the_unfinished() {
         ("web-3", report(8, true, 40)),
         ("web-4", report(8, false, 60)),
     ]);
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(0));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(0));
     assert_eq!(d.rebalance.as_ref().unwrap().deadline, t(30));
     cc.status = Some(CacheClusterStatus {
         rebalance: d.status_rebalance().cloned(),
         ..Default::default()
     });
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(29));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(29));
     assert_eq!(d.outcome, ScaleOutcome::Waiting);
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(30));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(30));
     assert_eq!(
         d.outcome,
         ScaleOutcome::TimedOut {
@@ -281,7 +289,7 @@ fn timeout_shrinks_anyway_and_names_the_unfinished() {
         ("web-3", report(8, true, 40)),
         ("web-4", report(8, true, 60)),
     ]);
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(1000));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(1000));
     assert_eq!(d.outcome, ScaleOutcome::HandedOff);
 }
 
@@ -294,7 +302,7 @@ fn restart_mid_scale_in_carries_on_from_the_cluster() {
     let mut cc = web(3);
     let l = list(&cc, &pods, 8);
     let before = decide(
-        &cc,
+        &observed(&cc),
         Some(&sts(5)),
         &pods,
         &l,
@@ -310,19 +318,20 @@ fn restart_mid_scale_in_carries_on_from_the_cluster() {
         ..Default::default()
     });
     // The ConfigMap says 8 already: recomputing gives the same list, no bump.
-    let again = status::next_member_list(status::ready_members(&cc, &pods), 1, Some(&l), 8);
+    let again =
+        status::next_member_list(status::ready_members(&observed(&cc), &pods), 1, Some(&l), 8);
     assert_eq!(again, l);
     let p = probes(&[
         ("web-3", report(8, false, 5)),
         ("web-4", report(8, false, 5)),
     ]);
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(120));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(120));
     assert_eq!(d.outcome, ScaleOutcome::Waiting);
     assert_eq!(d.statefulset_replicas, 5);
     assert_eq!(d.status_rebalance().unwrap().started_at, t(0));
     // Without the status (e.g. it was lost) the clock restarts: never shorter.
     cc.status = None;
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(120));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(120));
     assert_eq!(d.status_rebalance().unwrap().started_at, t(120));
     // A different scale-in (now to 4) restarts the clock as well.
     let mut cc4 = web(4);
@@ -330,7 +339,7 @@ fn restart_mid_scale_in_carries_on_from_the_cluster() {
         rebalance: before.status_rebalance().cloned(),
         ..Default::default()
     });
-    let d = decide(&cc4, Some(&sts(5)), &pods, &l, &p, &t(120));
+    let d = decide(&observed(&cc4), Some(&sts(5)), &pods, &l, &p, &t(120));
     let r = d.status_rebalance().unwrap();
     assert_eq!((r.target_replicas, r.started_at.clone()), (4, t(120)));
     assert_eq!(r.departing.len(), 1);
@@ -359,8 +368,15 @@ fn departing_pods_without_a_running_node_hold_nothing() {
     pods.push(leaving);
     // web-4 has no pod at all.
     let l = list(&cc, &pods, 3);
-    assert!(pods_to_probe(&cc, Some(&sts(5)), &pods).is_empty());
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &ProbeResults::new(), &t(0));
+    assert!(pods_to_probe(&observed(&cc), Some(&sts(5)), &pods).is_empty());
+    let d = decide(
+        &observed(&cc),
+        Some(&sts(5)),
+        &pods,
+        &l,
+        &ProbeResults::new(),
+        &t(0),
+    );
     assert_eq!(d.outcome, ScaleOutcome::HandedOff);
     assert_eq!(d.statefulset_replicas, 1);
     let msgs: Vec<_> = d
@@ -396,7 +412,7 @@ fn departing_pods_without_a_running_node_hold_nothing() {
         pod("web-0", Some("10.0.0.1"), true),
         pod("web-1", Some("10.0.0.2"), false),
     ];
-    assert_eq!(pods_to_probe(&cc, Some(&sts(2)), &pods).len(), 1);
+    assert_eq!(pods_to_probe(&observed(&cc), Some(&sts(2)), &pods).len(), 1);
 }
 
 #[test]
@@ -407,7 +423,7 @@ fn nothing_to_wait_for_when_no_member_remains_or_timeout_is_zero() {
     let l = list(&cc, &pods, 5);
     assert!(l.members.is_empty());
     let p = probes(&[("web-0", report(4, true, 9)), ("web-1", Err(unanswered()))]);
-    let d = decide(&cc, Some(&sts(2)), &pods, &l, &p, &t(0));
+    let d = decide(&observed(&cc), Some(&sts(2)), &pods, &l, &p, &t(0));
     assert_eq!(
         (d.statefulset_replicas, d.outcome),
         (0, ScaleOutcome::HandedOff)
@@ -417,7 +433,7 @@ fn nothing_to_wait_for_when_no_member_remains_or_timeout_is_zero() {
     cc.spec.scale_down_timeout_seconds = 0;
     let l = list(&cc, &pods, 5);
     let p = probes(&[("web-1", report(4, false, 9))]);
-    let d = decide(&cc, Some(&sts(2)), &pods, &l, &p, &t(0));
+    let d = decide(&observed(&cc), Some(&sts(2)), &pods, &l, &p, &t(0));
     assert_eq!(
         (d.statefulset_replicas, d.outcome),
         (1, ScaleOutcome::HandedOff)
@@ -433,12 +449,12 @@ fn status_shows_rebalancing_while_waiting() {
         ("web-3", report(8, false, 10)),
         ("web-4", report(8, true, 5)),
     ]);
-    let d = decide(&cc, Some(&sts(5)), &pods, &l, &p, &t(0));
+    let d = decide(&observed(&cc), Some(&sts(5)), &pods, &l, &p, &t(0));
     let underway = status::Underway {
         rebalance: d.status_rebalance(),
         ..Default::default()
     };
-    let st = compute_status_underway(&cc, &pods, Some(&sts(5)), &l, underway, t(0));
+    let st = compute_status_underway(&observed(&cc), &pods, Some(&sts(5)), &l, underway, t(0));
     let reb = find_condition(&st, CONDITION_REBALANCING).unwrap();
     assert_eq!(
         (reb.status.as_str(), reb.reason.as_str()),
@@ -474,7 +490,14 @@ fn status_shows_rebalancing_while_waiting() {
     assert_eq!(st.ready_replicas, 5);
 
     // Once done: the condition turns False and status.rebalance goes away.
-    let st = compute_status_underway(&cc, &pods[..3], Some(&sts(3)), &l, Default::default(), t(9));
+    let st = compute_status_underway(
+        &observed(&cc),
+        &pods[..3],
+        Some(&sts(3)),
+        &l,
+        Default::default(),
+        t(9),
+    );
     let reb = find_condition(&st, CONDITION_REBALANCING).unwrap();
     assert_eq!(
         (reb.status.as_str(), reb.reason.as_str()),
