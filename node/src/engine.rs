@@ -875,7 +875,7 @@ impl Engine {
                 self.stats.reset();
                 self.store.reset_stats();
                 self.prefixes.clear();
-                Response::Line("RESET").compose(false, out);
+                Response::Reset.compose(false, out);
                 return;
             }
             b"settings" => {

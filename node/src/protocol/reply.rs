@@ -30,6 +30,8 @@ pub enum Response {
     Deleted,
     Touched,
     Ok,
+    /// `stats reset`'s answer.
+    Reset,
     /// The end of a retrieval or stats reply.
     End,
     /// `mn`'s answer.
@@ -51,11 +53,24 @@ impl Response {
             Response::Deleted => "DELETED",
             Response::Touched => "TOUCHED",
             Response::Ok => "OK",
+            Response::Reset => "RESET",
             Response::End => "END",
             Response::MetaNoop => "MN",
             Response::Line(text) => text,
             Response::Number(_) => return None,
         })
+    }
+
+    /// Whether `reply` (one line with its CRLF) is this reply.
+    pub fn is(self, reply: &[u8]) -> bool {
+        match (self, self.text()) {
+            (Response::Number(n), _) => {
+                let mut buf = itoa::Buffer::new();
+                reply.strip_suffix(b"\r\n") == Some(buf.format(n).as_bytes())
+            }
+            (_, Some(text)) => reply.strip_suffix(b"\r\n") == Some(text.as_bytes()),
+            (_, None) => false,
+        }
     }
 
     /// Appends the reply unless the request asked for none (`noreply`, which silences
@@ -177,19 +192,25 @@ mod tests {
             Response::Deleted,
             Response::Touched,
             Response::Ok,
+            Response::Reset,
             Response::End,
             Response::MetaNoop,
             Response::Number(18446744073709551615),
             Response::Line(TOO_LARGE),
         ] {
+            let mut one = BytesMut::new();
+            response.compose(false, &mut one);
+            assert!(response.is(&one), "{response:?} is what it composes");
             response.compose(false, &mut out);
             // noreply silences successes and errors alike.
             response.compose(true, &mut out);
         }
         assert_eq!(
             &out[..],
-            &b"STORED\r\nNOT_STORED\r\nEXISTS\r\nNOT_FOUND\r\nDELETED\r\nTOUCHED\r\nOK\r\nEND\r\n\
-               MN\r\n18446744073709551615\r\nSERVER_ERROR object too large for cache\r\n"[..]
+            &b"STORED\r\nNOT_STORED\r\nEXISTS\r\nNOT_FOUND\r\nDELETED\r\nTOUCHED\r\nOK\r\nRESET\r\n\
+               END\r\nMN\r\n18446744073709551615\r\nSERVER_ERROR object too large for cache\r\n"[..]
         );
+        assert!(!Response::Ok.is(b"OK") && !Response::Ok.is(b"OKAY\r\n"));
+        assert!(!Response::Number(1).is(b"10\r\n") && !Response::Reset.is(b"OK\r\n"));
     }
 }

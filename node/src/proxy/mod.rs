@@ -627,7 +627,7 @@ fn assemble(job: &Job, results: &mut [Option<Bytes>]) -> Bytes {
             let combined = match combine {
                 Combine::Agree => replies
                     .iter()
-                    .find(|r| r.as_ref() != b"OK\r\n" && r.as_ref() != b"RESET\r\n")
+                    .find(|r| !Response::Ok.is(r) && !Response::Reset.is(r))
                     .or_else(|| replies.first())
                     .cloned()
                     .unwrap_or_else(|| Bytes::from_static(UNAVAILABLE)),
