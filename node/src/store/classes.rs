@@ -81,7 +81,7 @@ impl Classes {
             } else if size as f64 >= config.chunk_max as f64 / config.factor {
                 break;
             }
-            if size % CHUNK_ALIGN != 0 {
+            if !size.is_multiple_of(CHUNK_ALIGN) {
                 size += CHUNK_ALIGN - size % CHUNK_ALIGN;
             }
             sizes.push(size);
@@ -390,7 +390,7 @@ impl ClassConfig {
                 chunk_max,
             });
         }
-        if PAGE_SIZE % chunk_max != 0 {
+        if !PAGE_SIZE.is_multiple_of(chunk_max) {
             return Err(ClassConfigError::ChunkMaxNotDivisor { chunk_max });
         }
         Ok(())

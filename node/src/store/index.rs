@@ -185,7 +185,7 @@ mod tests {
             rng = rng
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            let insert = t.has_room() && (rng >> 33) % 2 == 0;
+            let insert = t.has_room() && (rng >> 33).is_multiple_of(2);
             if insert {
                 t.insert_unique(h(next), next);
                 model.insert(next, ());

@@ -93,7 +93,7 @@ impl Region {
     /// For regions at page boundaries; others are left as they are.
     pub fn discard(&mut self) {
         let page = 4096;
-        if self.offset % page != 0 || self.len % page != 0 {
+        if !self.offset.is_multiple_of(page) || !self.len.is_multiple_of(page) {
             return;
         }
         // SAFETY: MADV_REMOVE only changes the contents of this region (to zeros), and
