@@ -3,24 +3,19 @@
 //! restarted in the middle of a scale-in of real pods, and the API server
 //! going away under running nodes and a proxy.
 //!
-//! The scale-in tests run real cache pods (the `kache-node:e2e` image
-//! `tests/k8s/run.sh` loads); a departing node whose hand-off must not finish
-//! yet has its process stopped with SIGSTOP on the cluster's node, which must
-//! be this machine (as the k8s kit's is).
+//! Every test runs real cache pods (the `kache-node:e2e` image
+//! `tests/k8s/run.sh` loads). Faults are caused on the cluster's node, which
+//! must be this machine (as the k8s kit's is): a departing node whose hand-off
+//! must not finish yet has its process stopped with SIGSTOP, or its
+//! connections to peers refused by iptables in its network namespace; the API
+//! server is cut off from pods the same way.
 //!
 //! Like `e2e.rs` (whose helpers live in `support/`), every test runs only
 //! when `KACHE_E2E_KUBECONFIG` names the kubeconfig of a cluster-admin, and
 //! otherwise prints why it skipped and passes. Every test works in its own
 //! namespace, deleted at the end whatever happens.
 //!
-//! The outage test runs the real `kache-node` binary (`$KACHE_NODE_BIN`, else
-//! `$CARGO_TARGET_DIR/release/kache-node`, else `target/release/kache-node`;
-//! build it with `cargo build --release -p kache-node`): two nodes and a proxy
-//! reach the API server through a TCP relay this test owns, which it kills
-//! and brings back.
-//!
 //! ```sh
-//! cargo build --release -p kache-node
 //! KACHE_E2E_KUBECONFIG=$HOME/.kube/config cargo test -p kache-operator --test e2e_faults -- --nocapture --test-threads 1
 //! ```
 
@@ -29,26 +24,23 @@ mod support;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::chrono::{Duration as ChronoDuration, Utc};
 use kache_cluster::{names, Member, MemberList};
 use kache_operator::crd::{CacheCluster, RebalanceStatus};
+use kache_operator::observe::pod_ip;
 use kache_operator::probe::PROBE_TIMEOUT;
 use kache_operator::reconcile::REQUEUE_REBALANCING;
-use kube::api::{Patch, PatchParams, PostParams};
-use kube::config::Kubeconfig;
+use kube::api::{LogParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::diagnostics::step;
 use support::*;
-use tokio::net::{TcpListener, TcpStream};
 
 /// Lease timing of the operators here: short, so a crashed leader's Lease
 /// expires within seconds.
@@ -511,7 +503,7 @@ async fn restart_keeps_deadline(client: Client, path: String, ns: String) {
     .await;
 
     // e2e-1 cannot reach its peers: it never finishes the hand-off for v4 (its 20 items).
-    let blocked = pods::PeerTrafficBlocked::block(&pods.get("e2e-1").await.unwrap());
+    let blocked = pods::Refused::peer_ports(&pods.get("e2e-1").await.unwrap());
     let (started, deadline) = step(ns, "scale 2 -> 1: a waits for e2e-1", async {
         scale_to(&ccs, 1).await;
         wait_members(&ccs, &cms, std::slice::from_ref(&m0), 4).await;
@@ -611,7 +603,7 @@ async fn restart_keeps_deadline(client: Client, path: String, ns: String) {
     })
     .await;
     // e2e-1, still trying, takes the kubelet's SIGTERM and goes.
-    blocked.unblock();
+    blocked.lift();
     step(ns, "the timeout is reported and the node removed", async {
         wait_event(
             &client,
@@ -646,269 +638,125 @@ async fn restart_keeps_deadline(client: Client, path: String, ns: String) {
 
 // ------------------------------------------------------------------ API server outage
 
-/// A TCP relay between the nodes and the API server that the test can cut:
-/// [`Relay::kill`] closes the listening port and every forwarded connection.
-struct Relay {
-    port: u16,
-    accepted: Arc<AtomicU64>,
-    stop: tokio::sync::watch::Sender<bool>,
-    _accept: AbortOnDrop<()>,
-}
-
-impl Relay {
-    /// Listens on 127.0.0.1:`port` (0: any) and forwards to `upstream`.
-    async fn start(port: u16, upstream: String) -> Self {
-        let mut tries = 0;
-        let listener = loop {
-            match TcpListener::bind(("127.0.0.1", port)).await {
-                Ok(l) => break l,
-                Err(e) => {
-                    tries += 1;
-                    assert!(tries < 50, "cannot listen on 127.0.0.1:{port}: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        };
-        let port = listener.local_addr().unwrap().port();
-        let accepted = Arc::new(AtomicU64::new(0));
-        let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let count = accepted.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::Relaxed);
-                let mut stop = stop_rx.clone();
-                let upstream = upstream.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
-                        return;
-                    };
-                    // Ends when either side closes, or when the relay is
-                    // killed (or dropped): both sockets close then.
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = stop.wait_for(|s| *s) => {}
-                    }
-                });
-            }
-        });
-        Self {
-            port,
-            accepted,
-            stop,
-            _accept: AbortOnDrop(Some(task)),
-        }
-    }
-
-    fn accepted(&self) -> u64 {
-        self.accepted.load(Ordering::Relaxed)
-    }
-
-    /// The API server "goes away": the port refuses connections and every
-    /// open connection is closed.
-    fn kill(self) {
-        self.stop.send_replace(true);
-        // Dropping the accept task drops the listener.
-    }
-}
-
-/// `host:port` of the API server in the kubeconfig's current context, and
-/// the name of that context's cluster entry.
-fn api_server(kubeconfig: &Kubeconfig) -> (String, String, String) {
-    let context = kubeconfig
-        .current_context
-        .as_deref()
-        .expect("kubeconfig has a current context");
-    let cluster = kubeconfig
-        .contexts
-        .iter()
-        .find(|c| c.name == context)
-        .and_then(|c| c.context.as_ref())
-        .map(|c| c.cluster.clone())
-        .expect("current context");
-    let server = kubeconfig
-        .clusters
-        .iter()
-        .find(|c| c.name == cluster)
-        .and_then(|c| c.cluster.as_ref())
-        .and_then(|c| c.server.clone())
-        .expect("server of the current cluster");
-    let uri: http::Uri = server.parse().expect("server URL");
-    let host = uri.host().expect("server host").to_string();
-    let port = uri.port_u16().unwrap_or(443);
-    (cluster, host, port.to_string())
-}
-
-/// A copy of the kubeconfig at `path` whose current cluster is reached
-/// through 127.0.0.1:`relay_port`; TLS still verifies the API server's
-/// certificate (for its original host name). Returns the upstream address.
-fn relay_kubeconfig(path: &str, relay_port: u16, out: &Path) -> String {
-    let mut kubeconfig = Kubeconfig::read_from(path).unwrap();
-    let (cluster, host, port) = api_server(&kubeconfig);
-    for named in &mut kubeconfig.clusters {
-        if named.name != cluster {
-            continue;
-        }
-        let c = named.cluster.as_mut().unwrap();
-        c.server = Some(format!("https://127.0.0.1:{relay_port}"));
-        if host != "127.0.0.1" && c.tls_server_name.is_none() {
-            c.tls_server_name = Some(host.trim_matches(['[', ']']).to_string());
-        }
-    }
-    std::fs::write(out, serde_yaml::to_string(&kubeconfig).unwrap()).unwrap();
-    format!("{host}:{port}")
-}
-
-/// The `kache-node` binary to run, or a panic saying how to get one.
-fn node_binary() -> PathBuf {
-    let path = std::env::var_os("KACHE_NODE_BIN")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("CARGO_TARGET_DIR")
-                .map(|d| PathBuf::from(d).join("release/kache-node"))
-        })
-        .unwrap_or_else(|| repo_root().join("target/release/kache-node"));
-    assert!(
-        path.is_file(),
-        "the e2e outage test runs the real kache-node binary and found none at {}: build it with \
-         `cargo build --release -p kache-node`, or point KACHE_NODE_BIN at one",
-        path.display()
-    );
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `kache-node` process (node or proxy), killed when dropped; its log
-/// (stderr, `-v`) goes to a file.
-struct Process {
+/// A kache-node pod of cluster "outage" (a node, or a proxy), following the members
+/// ConfigMap through the API server with its ServiceAccount, as in a real cluster.
+struct OutagePod {
     name: String,
-    child: std::process::Child,
+    ip: String,
     port: u16,
     admin_port: u16,
-    peer_port: u16,
-    log: PathBuf,
+    pod: Pod,
 }
 
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Process {
-    /// Starts a node (`--node-name name`) or a proxy on free ports,
-    /// following the members ConfigMap of cluster "outage" in `ns` through
-    /// the API server of `kubeconfig` (the `KUBECONFIG` variable), and waits
-    /// until its admin port answers. A process that lost its "free" port to
-    /// someone else exits at once: then it tries other ports.
-    async fn start(
-        bin: &Path,
-        name: &str,
-        proxy: bool,
-        kubeconfig: &Path,
-        dir: &Path,
-        ns: &str,
-    ) -> Self {
-        for _ in 0..5 {
-            let (port, admin_port, peer_port) = (free_port(), free_port(), free_port());
-            let log = dir.join(format!("{name}.log"));
-            let mut cmd = std::process::Command::new(bin);
-            if proxy {
-                cmd.arg("proxy");
-            } else {
-                cmd.args(["serve", "--node-name", name, "-m", "16"])
-                    .args(["--peer-port", &peer_port.to_string()]);
-            }
-            cmd.args(["--cluster", "outage", "--namespace", ns])
-                .args(["-l", "127.0.0.1", "-t", "1", "-v"])
-                .args(["-p", &port.to_string()])
-                .args(["--admin-port", &admin_port.to_string()])
-                .env("KUBECONFIG", kubeconfig)
-                .env_remove("POD_NAME")
-                .env_remove("POD_NAMESPACE")
-                .env_remove("KACHE_CLUSTER")
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap());
-            let child = cmd.spawn().expect("start kache-node");
-            let mut p = Self {
-                name: name.to_string(),
-                child,
-                port,
-                admin_port,
-                peer_port,
-                log,
-            };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if p.child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                if http_get(admin_port, "/healthz")
-                    .await
-                    .is_ok_and(|(s, _)| s == 200)
-                {
-                    return p;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "{name} did not answer on its admin port; log:\n{}",
-                    p.log_text()
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            println!(
-                "{name} exited at start, retrying on other ports:\n{}",
-                p.log_text()
-            );
-            p.log = PathBuf::new();
-        }
-        panic!("could not start {name} on free ports");
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
+impl OutagePod {
     fn member(&self) -> Member {
         Member {
             name: self.name.clone(),
-            host: "127.0.0.1".into(),
-            ip: "127.0.0.1".into(),
+            host: self.ip.clone(),
+            ip: self.ip.clone(),
             port: self.port,
-            peer_port: self.peer_port,
+            peer_port: names::PEER_PORT,
         }
     }
 
-    fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!("{} exited ({status}); log:\n{}", self.name, self.log_text());
-        }
+    async fn log_text(&self, pods: &Api<Pod>) -> String {
+        pods.logs(&self.name, &LogParams::default())
+            .await
+            .unwrap_or_else(|e| format!("(no log: {e})"))
     }
 }
 
-/// One HTTP/1.1 GET of a process's admin port on loopback: (status, body).
-async fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
-    memcache::http_get("127.0.0.1", port, path).await
+/// The ServiceAccount `outage` and what a node needs of the API: the member list.
+async fn outage_rbac(client: &Client, ns: &str) {
+    let objects = [
+        json!({"apiVersion": "v1", "kind": "ServiceAccount",
+               "metadata": {"name": "outage"}}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+               "metadata": {"name": "outage"},
+               "rules": [{"apiGroups": [""], "resources": ["configmaps"],
+                          "verbs": ["get", "list", "watch"]}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": "outage"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                           "name": "outage"},
+               "subjects": [{"kind": "ServiceAccount", "name": "outage", "namespace": ns}]}),
+    ];
+    for doc in objects {
+        let kind = doc["kind"].as_str().unwrap();
+        let (group, version) = match doc["apiVersion"].as_str().unwrap().split_once('/') {
+            Some((g, v)) => (g.to_string(), v.to_string()),
+            None => (String::new(), "v1".to_string()),
+        };
+        let gvk = kube::api::GroupVersionKind::gvk(&group, &version, kind);
+        let resource = kube::api::ApiResource::from_gvk(&gvk);
+        let api: Api<kube::api::DynamicObject> =
+            Api::namespaced_with(client.clone(), ns, &resource);
+        let name = doc["metadata"]["name"].as_str().unwrap().to_string();
+        api.patch(
+            &name,
+            &PatchParams::apply(E2E_MANAGER).force(),
+            &Patch::Apply(&doc),
+        )
+        .await
+        .unwrap();
+    }
 }
 
-async fn config_get_cluster(port: u16) -> Result<String, String> {
-    memcache::config_get_cluster("127.0.0.1", port).await
-}
-
-async fn set(port: u16, key: &str, value: &str) -> Result<(), String> {
-    memcache::set("127.0.0.1", port, key, value).await
-}
-
-async fn get(port: u16, key: &str) -> Result<Option<String>, String> {
-    memcache::get("127.0.0.1", port, key).await
+/// Starts pod `name` running `kache-node <args>` (restricted Pod Security Standard) and
+/// waits until it runs with an IP and its admin port answers.
+async fn outage_pod(
+    pods: &Api<Pod>,
+    name: &str,
+    args: &[&str],
+    port: u16,
+    admin: u16,
+) -> OutagePod {
+    let doc = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": "kache-e2e-outage"}},
+        "spec": {
+            "serviceAccountName": "outage",
+            "restartPolicy": "Never",
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 65532,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "kache-node", "image": NODE_IMAGE, "imagePullPolicy": "IfNotPresent",
+                "args": args,
+                "securityContext": {"allowPrivilegeEscalation": false,
+                                    "readOnlyRootFilesystem": true,
+                                    "capabilities": {"drop": ["ALL"]}},
+            }],
+        },
+    });
+    let pod: Pod = serde_json::from_value(doc).unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let pod = pods::wait_pod(pods, name, "running with an IP", |p| {
+        pod_ip(p).is_some()
+            && p.status
+                .as_ref()
+                .and_then(|s| s.phase.as_deref())
+                .is_some_and(|phase| phase == "Running")
+    })
+    .await;
+    let ip = pod_ip(&pod).unwrap().to_string();
+    let ip = ip.as_str();
+    eventually(
+        &format!("{name} answers on its admin port"),
+        || async move {
+            match memcache::http_get(ip, admin, "/healthz").await? {
+                (200, _) => Ok(()),
+                (s, b) => Err(format!("{s} {b}")),
+            }
+        },
+    )
+    .await;
+    OutagePod {
+        name: name.to_string(),
+        ip: ip.to_string(),
+        port,
+        admin_port: admin,
+        pod,
+    }
 }
 
 /// The members ConfigMap as the operator writes it (`members.json`,
@@ -945,17 +793,17 @@ async fn publish_members(cms: &Api<ConfigMap>, list: &MemberList) {
     .unwrap();
 }
 
-/// Every process answers `config get cluster` with `list`.
-async fn wait_all_on(procs: &[&Process], list: &MemberList, what: &str) {
+/// Every pod answers `config get cluster` with `list`.
+async fn wait_all_on(all: &[&OutagePod], list: &MemberList, what: &str) {
     let want = list.elasticache_config_reply();
-    for p in procs {
+    for p in all {
         let want = want.clone();
         eventually(
             &format!("{} serves member list v{} ({what})", p.name, list.version),
             || {
                 let want = want.clone();
                 async move {
-                    let got = config_get_cluster(p.port).await?;
+                    let got = memcache::config_get_cluster(&p.ip, p.port).await?;
                     if got == want {
                         Ok(())
                     } else {
@@ -968,61 +816,78 @@ async fn wait_all_on(procs: &[&Process], list: &MemberList, what: &str) {
     }
 }
 
-/// Removes a directory when dropped, unless the test failed (its logs help).
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            println!("kept {} (node logs)", self.0.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-/// Two nodes and a proxy follow the member list through a relay to the API
-/// server. The relay is killed for a while (port closed, connections cut):
-/// they keep answering `config get cluster` with the list they had, keep
-/// serving gets and sets, and their admin endpoints stay healthy; a list
-/// written meanwhile does not reach them. The relay comes back on the same
-/// port: they reconnect on their own and pick up the list written during the
+/// Two node pods and a proxy pod follow the member list through the API server (the
+/// `kubernetes` Service, with their ServiceAccount's token). Then the API server is cut off
+/// from them for a while (iptables in each pod's network namespace refuses new
+/// connections and `ss -K` aborts the open ones): they keep answering `config get
+/// cluster` with the list they had, keep serving gets and sets, and their admin endpoints
+/// stay healthy; a list written meanwhile does not reach them. Once the API server is
+/// reachable again they reconnect on their own and pick up the list written during the
 /// outage, then follow the next change live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_api_server_outage_nodes_keep_serving() {
     let Some(path) = kubeconfig_path("e2e_api_server_outage_nodes_keep_serving") else {
         return;
     };
-    let bin = node_binary();
     init_tracing();
     let client = admin_client(&path).await;
     in_namespace(&client, "kache-e2e-outage", |ns| {
-        api_server_outage(client.clone(), path.clone(), bin.clone(), ns)
+        api_server_outage(client.clone(), ns)
     })
     .await;
 }
 
-async fn api_server_outage(client: Client, path: String, bin: PathBuf, ns: String) {
+async fn api_server_outage(client: Client, ns: String) {
     const OUTAGE: Duration = Duration::from_secs(10);
     let ns = ns.as_str();
     let log = |msg: &str| println!("[{ns}] {msg}");
-    let dir =
-        TempDir(std::env::temp_dir().join(format!("kache-e2e-outage-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
 
-    // ---- The relay, and a kubeconfig that goes through it.
-    let (_, host, port) = api_server(&Kubeconfig::read_from(&path).unwrap());
-    let relay = Relay::start(0, format!("{host}:{port}")).await;
-    let relay_port = relay.port;
-    let kubeconfig = dir.0.join("kubeconfig");
-    let upstream = relay_kubeconfig(&path, relay_port, &kubeconfig);
-    log(&format!("relay 127.0.0.1:{relay_port} -> {upstream}"));
+    // ---- Where the pods reach the API server: the `kubernetes` Service.
+    let kubernetes = Api::<Service>::namespaced(client.clone(), "default")
+        .get("kubernetes")
+        .await
+        .unwrap();
+    let spec = kubernetes.spec.unwrap();
+    let api_ip = spec.cluster_ip.unwrap();
+    let api_port = u16::try_from(spec.ports.unwrap()[0].port).unwrap();
+    let api_ip = api_ip.as_str();
 
     // ---- Two nodes and a proxy of cluster "outage"; the list names node 0.
-    let n0 = Process::start(&bin, "outage-0", false, &kubeconfig, &dir.0, ns).await;
-    let n1 = Process::start(&bin, "outage-1", false, &kubeconfig, &dir.0, ns).await;
-    let proxy = Process::start(&bin, "proxy", true, &kubeconfig, &dir.0, ns).await;
+    outage_rbac(&client, ns).await;
+    let node_args = |name: &'static str| {
+        [
+            "serve",
+            "--node-name",
+            name,
+            "--cluster",
+            "outage",
+            "--namespace",
+            ns,
+            "-m",
+            "16",
+            "-t",
+            "1",
+            "-v",
+        ]
+    };
+    let admin = names::ADMIN_PORT;
+    let n0 = outage_pod(&pods, "outage-0", &node_args("outage-0"), 11211, admin).await;
+    let n1 = outage_pod(&pods, "outage-1", &node_args("outage-1"), 11211, admin).await;
+    let proxy_args = [
+        "proxy",
+        "--cluster",
+        "outage",
+        "--namespace",
+        ns,
+        "-l",
+        "0.0.0.0",
+        "-t",
+        "1",
+        "-v",
+    ];
+    let proxy = outage_pod(&pods, "proxy", &proxy_args, 11211, 11290).await;
     let v1 = MemberList {
         version: 1,
         replication_factor: 1,
@@ -1031,10 +896,10 @@ async fn api_server_outage(client: Client, path: String, bin: PathBuf, ns: Strin
     v1.validate().unwrap();
     publish_members(&cms, &v1).await;
     let all = [&n0, &n1, &proxy];
-    wait_all_on(&all, &v1, "through the relay").await;
+    wait_all_on(&all, &v1, "through the API server").await;
     for p in &all {
         eventually(&format!("{} ready", p.name), || async move {
-            match http_get(p.admin_port, "/readyz").await? {
+            match memcache::http_get(&p.ip, p.admin_port, "/readyz").await? {
                 (200, _) => Ok(()),
                 (s, b) => Err(format!("{s} {b}")),
             }
@@ -1044,35 +909,36 @@ async fn api_server_outage(client: Client, path: String, bin: PathBuf, ns: Strin
     let mut keys = Vec::new();
     for i in 0..20 {
         let key = format!("before-{i}");
-        set(proxy.port, &key, &format!("value-{i}")).await.unwrap();
+        memcache::set(&proxy.ip, proxy.port, &key, &format!("value-{i}"))
+            .await
+            .unwrap();
         keys.push((key, format!("value-{i}")));
     }
     for (k, v) in &keys {
-        assert_eq!(
-            get(proxy.port, k).await.unwrap().as_deref(),
-            Some(v.as_str())
-        );
-        assert_eq!(get(n0.port, k).await.unwrap().as_deref(), Some(v.as_str()));
+        let through_proxy = memcache::get(&proxy.ip, proxy.port, k).await.unwrap();
+        assert_eq!(through_proxy.as_deref(), Some(v.as_str()));
+        let on_n0 = memcache::get(&n0.ip, n0.port, k).await.unwrap();
+        assert_eq!(on_n0.as_deref(), Some(v.as_str()));
     }
-    let connections = relay.accepted();
-    assert!(
-        connections >= 3,
-        "the nodes and the proxy reach the API server through the relay ({connections} connections)"
-    );
+    for p in &all {
+        let open = pods::Refused::established(&p.pod, api_ip, api_port);
+        assert!(
+            open > 0,
+            "{} has no connection to the API server at {api_ip}:{api_port}",
+            p.name
+        );
+    }
     log(&format!(
-        "outage-0, outage-1 and proxy serve member list v1 ({connections} connections through the relay)"
+        "outage-0, outage-1 and proxy serve member list v1, each connected to the API server at \
+         {api_ip}:{api_port}"
     ));
 
-    // ---- The API server goes away.
-    relay.kill();
+    // ---- The API server goes away (for these pods).
+    let cut: Vec<pods::Refused> = all
+        .iter()
+        .map(|p| pods::Refused::api_server(&p.pod, api_ip, api_port))
+        .collect();
     let outage_started = Instant::now();
-    eventually("the relay port refuses connections", || async move {
-        match TcpStream::connect(("127.0.0.1", relay_port)).await {
-            Err(_) => Ok(()),
-            Ok(_) => Err("still accepting".into()),
-        }
-    })
-    .await;
     let v2 = MemberList {
         version: 2,
         replication_factor: 1,
@@ -1084,70 +950,76 @@ async fn api_server_outage(client: Client, path: String, bin: PathBuf, ns: Strin
     let mut written_during = false;
     while outage_started.elapsed() < OUTAGE {
         if !written_during && outage_started.elapsed() >= OUTAGE / 2 {
-            // Written while the nodes cannot see it (the test's own client
-            // goes to the API server directly).
+            // Written while the pods cannot see it (the test's own client reaches the
+            // API server from the host).
             publish_members(&cms, &v2).await;
             written_during = true;
         }
         for p in &all {
             assert_eq!(
-                config_get_cluster(p.port).await.unwrap(),
+                memcache::config_get_cluster(&p.ip, p.port).await.unwrap(),
                 v1_reply,
                 "{} keeps the last member list during the outage",
                 p.name
             );
-            let (status, body) = http_get(p.admin_port, "/readyz").await.unwrap();
+            let (status, body) = memcache::http_get(&p.ip, p.admin_port, "/readyz")
+                .await
+                .unwrap();
             assert_eq!(status, 200, "{} /readyz during the outage: {body}", p.name);
         }
         for n in [&n0, &n1] {
-            let (status, body) = http_get(n.admin_port, "/cluster").await.unwrap();
+            let (status, body) = memcache::http_get(&n.ip, n.admin_port, "/cluster")
+                .await
+                .unwrap();
             assert_eq!(status, 200, "{} /cluster: {body}", n.name);
             let cluster: serde_json::Value = serde_json::from_str(&body).unwrap();
             assert_eq!(cluster["version"], 1, "{} /cluster: {body}", n.name);
         }
         let (key, value) = (format!("during-{rounds}"), format!("value-{rounds}"));
-        set(proxy.port, &key, &value).await.unwrap();
-        assert_eq!(get(proxy.port, &key).await.unwrap(), Some(value.clone()));
-        assert_eq!(get(n0.port, &key).await.unwrap(), Some(value.clone()));
+        memcache::set(&proxy.ip, proxy.port, &key, &value)
+            .await
+            .unwrap();
+        let got = memcache::get(&proxy.ip, proxy.port, &key).await.unwrap();
+        assert_eq!(got, Some(value.clone()));
+        let got = memcache::get(&n0.ip, n0.port, &key).await.unwrap();
+        assert_eq!(got, Some(value.clone()));
         // A node also serves clients that reach it directly.
         let direct = format!("direct-{rounds}");
-        set(n1.port, &direct, "x").await.unwrap();
-        assert_eq!(get(n1.port, &direct).await.unwrap().as_deref(), Some("x"));
+        memcache::set(&n1.ip, n1.port, &direct, "x").await.unwrap();
+        let got = memcache::get(&n1.ip, n1.port, &direct).await.unwrap();
+        assert_eq!(got.as_deref(), Some("x"));
         keys.push((key, value));
         rounds += 1;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    // Each noticed: its watch failed (and was retried) while the relay was gone.
-    let mut procs = [n0, n1, proxy];
+    // Each noticed: its watch failed (and was retried) while the API server was away.
     let mut failures = Vec::new();
-    for p in &mut procs {
-        p.assert_running();
-        let n = p.log_text().matches("member list watch failed").count();
-        assert!(
-            n > 0,
-            "{} did not notice the outage; log:\n{}",
-            p.name,
-            p.log_text()
-        );
+    for p in &all {
+        let text = p.log_text(&pods).await;
+        let n = text.matches("member list watch failed").count();
+        assert!(n > 0, "{} did not notice the outage; log:\n{text}", p.name);
         failures.push(format!("{} {n}", p.name));
+        assert_eq!(
+            pods::restarts(&pods.get(&p.name).await.unwrap()),
+            0,
+            "{}",
+            p.name
+        );
     }
-    let [n0, n1, proxy] = procs;
-    let all = [&n0, &n1, &proxy];
     log(&format!(
-        "API server unreachable for {:.1}s: {rounds} rounds of config get, get/set, /readyz and /cluster \
-         on every process, all on v1; v2 written meanwhile; failed watch attempts: {}",
+        "API server unreachable for {:.1}s: {rounds} rounds of config get, get/set, /readyz and \
+         /cluster on every pod, all on v1; v2 written meanwhile; failed watch attempts: {}",
         outage_started.elapsed().as_secs_f64(),
         failures.join(", ")
     ));
 
-    // ---- The relay comes back on the same port: they reconnect by themselves.
-    let relay = Relay::start(relay_port, upstream).await;
+    // ---- The API server is reachable again: they reconnect by themselves.
+    drop(cut);
     let restored = Instant::now();
-    wait_all_on(&all, &v2, "after the relay came back").await;
+    wait_all_on(&all, &v2, "after the API server came back").await;
     let reconnect = restored.elapsed();
-    assert!(relay.accepted() >= 3, "they reconnected through the relay");
     log(&format!(
-        "relay back: all three picked up v2 (written during the outage) within {:.1}s",
+        "API server back: all three picked up v2 (written during the outage) within {:.1}s",
         reconnect.as_secs_f64()
     ));
 
@@ -1164,9 +1036,10 @@ async fn api_server_outage(client: Client, path: String, bin: PathBuf, ns: Strin
         "v3 (replicationFactor 2) picked up within {:.1}s",
         changed.elapsed().as_secs_f64()
     ));
+    let proxy = &proxy;
     for (k, v) in &keys {
         eventually(&format!("{k} readable through the proxy"), || async move {
-            match get(proxy.port, k).await? {
+            match memcache::get(&proxy.ip, proxy.port, k).await? {
                 Some(got) if got == *v => Ok(()),
                 other => Err(format!("{other:?}")),
             }
@@ -1175,11 +1048,16 @@ async fn api_server_outage(client: Client, path: String, bin: PathBuf, ns: Strin
     }
     for i in 0..20 {
         let (key, value) = (format!("after-{i}"), format!("value-{i}"));
-        set(proxy.port, &key, &value).await.unwrap();
-        assert_eq!(get(proxy.port, &key).await.unwrap(), Some(value));
+        memcache::set(&proxy.ip, proxy.port, &key, &value)
+            .await
+            .unwrap();
+        let got = memcache::get(&proxy.ip, proxy.port, &key).await.unwrap();
+        assert_eq!(got, Some(value));
     }
     for n in [&n0, &n1] {
-        let (status, body) = http_get(n.admin_port, "/cluster").await.unwrap();
+        let (status, body) = memcache::http_get(&n.ip, n.admin_port, "/cluster")
+            .await
+            .unwrap();
         assert_eq!(status, 200);
         let cluster: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(cluster["version"], 3, "{} /cluster: {body}", n.name);

@@ -1,6 +1,6 @@
 //! Real pods on the cluster's real node, and the faults a test causes them with real
 //! means: scheduling held back by a node label, a container's process stopped with
-//! SIGSTOP, a pod's peer traffic refused by iptables in its network namespace.
+//! SIGSTOP, a pod's connections refused by iptables in its network namespace.
 //!
 //! The processes are reached on this machine (`/proc`, `kill`): the cluster's node
 //! must be this machine, as the k8s kit's is. Elsewhere these helpers fail, saying so.
@@ -257,49 +257,100 @@ impl Drop for Frozen {
     }
 }
 
-/// A pod whose connections to peer ports are refused (an iptables rule in the pod's network
-/// namespace): its hand-off cannot deliver, while it stays alive, serves clients and answers
-/// its probes (unlike [`Frozen`], the kubelet never restarts it). Removed when dropped,
-/// unless the pod is gone by then (its namespace goes with it).
-pub struct PeerTrafficBlocked {
+/// Connections a pod opens refused by an iptables rule in its network namespace (REJECT
+/// with a TCP reset, so the process sees "connection refused" at once); with
+/// [`Refused::api_server`] its open connections there are aborted too. The process stays
+/// alive, serves clients and answers its probes (unlike [`Frozen`], the kubelet never
+/// restarts it). The rule is removed when dropped, unless the pod is gone by then (its
+/// namespace goes with it).
+pub struct Refused {
     pid: u32,
     what: String,
+    rule: Vec<String>,
 }
 
-fn peer_block_rule(action: &str) -> Vec<String> {
-    let port = kache_cluster::names::PEER_PORT.to_string();
-    [
-        action, "OUTPUT", "-p", "tcp", "--dport", &port, "-j", "REJECT",
-    ]
-    .into_iter()
-    .map(String::from)
-    .chain(["--reject-with".into(), "tcp-reset".into()])
-    .collect()
-}
-
-fn iptables_in(pid: u32, rule: &[String]) -> Result<String, String> {
+fn iptables_in(pid: u32, action: &str, rule: &[String]) -> Result<String, String> {
     run(Command::new("nsenter")
-        .args(["-t", &pid.to_string(), "-n", "iptables", "-w"])
+        .args(["-t", &pid.to_string(), "-n", "iptables", "-w", action])
         .args(rule))
 }
 
-impl PeerTrafficBlocked {
-    pub fn block(pod: &Pod) -> Self {
-        let pid = container_pid(pod);
-        let what = format!("pod {} (pid {pid})", pod.name_any());
-        iptables_in(pid, &peer_block_rule("-I")).unwrap();
-        println!("{what}: connections to peer ports refused");
-        Self { pid, what }
+impl Refused {
+    /// Connections to peer ports (the hand-off, replication, refill).
+    pub fn peer_ports(pod: &Pod) -> Self {
+        Self::insert(pod, None, kache_cluster::names::PEER_PORT, "peer ports")
     }
 
-    /// Lets its peer traffic through again.
-    pub fn unblock(self) {}
+    /// Connections to the API server at `ip:port` as the pod sees it (the `kubernetes`
+    /// Service), and those already open aborted (`ss -K`): as if it went away.
+    pub fn api_server(pod: &Pod, ip: &str, port: u16) -> Self {
+        let refused = Self::insert(pod, Some(ip), port, "the API server");
+        let filter = format!("dst {ip} dport = :{port}");
+        let aborted = run(Command::new("nsenter")
+            .args(["-t", &refused.pid.to_string(), "-n", "ss", "-K", "-t"])
+            .args(filter.split(' ')))
+        .unwrap();
+        let open = aborted.lines().skip(1).count();
+        println!(
+            "{}: {open} open connection(s) to the API server aborted",
+            refused.what
+        );
+        refused
+    }
+
+    fn insert(pod: &Pod, dst: Option<&str>, port: u16, to: &str) -> Self {
+        let pid = container_pid(pod);
+        let mut rule: Vec<String> = vec!["OUTPUT".into(), "-p".into(), "tcp".into()];
+        if let Some(ip) = dst {
+            rule.extend(["-d".into(), ip.into()]);
+        }
+        let port = port.to_string();
+        rule.extend(
+            [
+                "--dport",
+                &port,
+                "-j",
+                "REJECT",
+                "--reject-with",
+                "tcp-reset",
+            ]
+            .map(String::from),
+        );
+        iptables_in(pid, "-I", &rule).unwrap();
+        let what = format!("pod {} (pid {pid})", pod.name_any());
+        println!("{what}: connections to {to} refused");
+        Self { pid, what, rule }
+    }
+
+    /// Established connections of the pod to `ip:port` (`ss`), e.g. its API server watch.
+    pub fn established(pod: &Pod, ip: &str, port: u16) -> usize {
+        let pid = container_pid(pod);
+        let filter = format!("dst {ip} dport = :{port}");
+        run(Command::new("nsenter")
+            .args([
+                "-t",
+                &pid.to_string(),
+                "-n",
+                "ss",
+                "-H",
+                "-t",
+                "state",
+                "established",
+            ])
+            .args(filter.split(' ')))
+        .unwrap()
+        .lines()
+        .count()
+    }
+
+    /// Lets those connections through again.
+    pub fn lift(self) {}
 }
 
-impl Drop for PeerTrafficBlocked {
+impl Drop for Refused {
     fn drop(&mut self) {
-        match iptables_in(self.pid, &peer_block_rule("-D")) {
-            Ok(_) => println!("{}: peer traffic allowed again", self.what),
+        match iptables_in(self.pid, "-D", &self.rule) {
+            Ok(_) => println!("{}: connections allowed again", self.what),
             Err(e) => println!("{}: {e}", self.what),
         }
     }
