@@ -159,12 +159,15 @@ async fn hand_off(
                 // The same chunk again, read afresh from the store (so a newer write is what
                 // goes): records carry their versions, so a copy that did arrive is kept.
                 state.failed.fetch_add(failed, Relaxed);
-                tracing::debug!(
-                    version,
-                    shard,
-                    failed,
-                    "hand-off chunk not acknowledged; again"
-                );
+                if retry == RETRY_FIRST {
+                    // Once per stall, not per attempt: a long outage retries every RETRY_MAX.
+                    tracing::warn!(
+                        version,
+                        shard,
+                        failed,
+                        "hand-off chunk not acknowledged; sending it again until it is"
+                    );
+                }
                 tokio::time::sleep(retry).await;
                 retry = (retry * 2).min(RETRY_MAX);
                 cursor = Some(start);
