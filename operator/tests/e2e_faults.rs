@@ -666,40 +666,42 @@ impl OutagePod {
     }
 }
 
-/// The ServiceAccount `outage` and what a node needs of the API: the member list.
+/// The cluster the outage pods belong to (no CacheCluster: the test writes its member list).
+const OUTAGE_CLUSTER: &str = "outage";
+
+/// The nodes' identity exactly as the operator builds it (ServiceAccount `outage-node`,
+/// allowed only to read the `outage-members` ConfigMap), without the owner reference: there
+/// is no CacheCluster to own it, and the garbage collector would delete it.
 async fn outage_rbac(client: &Client, ns: &str) {
-    let objects = [
-        json!({"apiVersion": "v1", "kind": "ServiceAccount",
-               "metadata": {"name": "outage"}}),
-        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-               "metadata": {"name": "outage"},
-               "rules": [{"apiGroups": [""], "resources": ["configmaps"],
-                          "verbs": ["get", "list", "watch"]}]}),
-        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-               "metadata": {"name": "outage"},
-               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                           "name": "outage"},
-               "subjects": [{"kind": "ServiceAccount", "name": "outage", "namespace": ns}]}),
-    ];
-    for doc in objects {
-        let kind = doc["kind"].as_str().unwrap();
-        let (group, version) = match doc["apiVersion"].as_str().unwrap().split_once('/') {
-            Some((g, v)) => (g.to_string(), v.to_string()),
-            None => (String::new(), "v1".to_string()),
-        };
-        let gvk = kube::api::GroupVersionKind::gvk(&group, &version, kind);
-        let resource = kube::api::ApiResource::from_gvk(&gvk);
-        let api: Api<kube::api::DynamicObject> =
-            Api::namespaced_with(client.clone(), ns, &resource);
-        let name = doc["metadata"]["name"].as_str().unwrap().to_string();
-        api.patch(
-            &name,
-            &PatchParams::apply(E2E_MANAGER).force(),
-            &Patch::Apply(&doc),
-        )
+    use kache_operator::build::{node_role, node_role_binding, node_service_account, ClusterRef};
+    use kube::api::ObjectMeta;
+    let cluster = ClusterRef {
+        name: OUTAGE_CLUSTER.into(),
+        namespace: ns.into(),
+        owner: Default::default(),
+    };
+    fn unowned(meta: &mut ObjectMeta) {
+        meta.owner_references = None;
+    }
+    let mut sa = node_service_account(&cluster);
+    unowned(&mut sa.metadata);
+    let mut role = node_role(&cluster);
+    unowned(&mut role.metadata);
+    let mut binding = node_role_binding(&cluster);
+    unowned(&mut binding.metadata);
+    let pp = PostParams::default();
+    Api::namespaced(client.clone(), ns)
+        .create(&pp, &sa)
         .await
         .unwrap();
-    }
+    Api::namespaced(client.clone(), ns)
+        .create(&pp, &role)
+        .await
+        .unwrap();
+    Api::namespaced(client.clone(), ns)
+        .create(&pp, &binding)
+        .await
+        .unwrap();
 }
 
 /// Starts pod `name` running `kache-node <args>` (restricted Pod Security Standard) and
@@ -715,7 +717,7 @@ async fn outage_pod(
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "labels": {"app": "kache-e2e-outage"}},
         "spec": {
-            "serviceAccountName": "outage",
+            "serviceAccountName": names::node_service_account_name(OUTAGE_CLUSTER),
             "restartPolicy": "Never",
             "securityContext": {"runAsNonRoot": true, "runAsUser": 65532,
                                 "seccompProfile": {"type": "RuntimeDefault"}},
@@ -764,7 +766,7 @@ async fn outage_pod(
 async fn publish_members(cms: &Api<ConfigMap>, list: &MemberList) {
     let cm = ConfigMap {
         metadata: ObjectMeta {
-            name: Some(names::members_configmap_name("outage")),
+            name: Some(names::members_configmap_name(OUTAGE_CLUSTER)),
             annotations: Some(BTreeMap::from([(
                 names::CONFIG_VERSION_ANNOTATION.to_string(),
                 list.version.to_string(),
@@ -785,7 +787,7 @@ async fn publish_members(cms: &Api<ConfigMap>, list: &MemberList) {
     doc.insert("apiVersion".into(), json!("v1"));
     doc.insert("kind".into(), json!("ConfigMap"));
     cms.patch(
-        &names::members_configmap_name("outage"),
+        &names::members_configmap_name(OUTAGE_CLUSTER),
         &PatchParams::apply(E2E_MANAGER).force(),
         &Patch::Apply(&serde_json::Value::Object(doc)),
     )
@@ -862,7 +864,7 @@ async fn api_server_outage(client: Client, ns: String) {
             "--node-name",
             name,
             "--cluster",
-            "outage",
+            OUTAGE_CLUSTER,
             "--namespace",
             ns,
             "-m",
@@ -878,7 +880,7 @@ async fn api_server_outage(client: Client, ns: String) {
     let proxy_args = [
         "proxy",
         "--cluster",
-        "outage",
+        OUTAGE_CLUSTER,
         "--namespace",
         ns,
         "-l",

@@ -269,10 +269,24 @@ pub struct Refused {
     rule: Vec<String>,
 }
 
-fn iptables_in(pid: u32, action: &str, rule: &[String]) -> Result<String, String> {
+/// Runs `args` (a program and its arguments) in the network namespace of process `pid`.
+fn in_netns<S: AsRef<std::ffi::OsStr>>(pid: u32, args: &[S]) -> Result<String, String> {
     run(Command::new("nsenter")
-        .args(["-t", &pid.to_string(), "-n", "iptables", "-w", action])
-        .args(rule))
+        .args(["-t", &pid.to_string(), "-n"])
+        .args(args))
+}
+
+fn iptables_in(pid: u32, action: &str, rule: &[String]) -> Result<String, String> {
+    let head = ["iptables", "-w", action].map(String::from);
+    in_netns(pid, &[&head[..], rule].concat())
+}
+
+/// `ss` arguments selecting TCP connections to `ip:port`.
+fn ss_filter(ip: &str, port: u16) -> Vec<String> {
+    format!("dst {ip} dport = :{port}")
+        .split(' ')
+        .map(String::from)
+        .collect()
 }
 
 impl Refused {
@@ -285,11 +299,8 @@ impl Refused {
     /// Service), and those already open aborted (`ss -K`): as if it went away.
     pub fn api_server(pod: &Pod, ip: &str, port: u16) -> Self {
         let refused = Self::insert(pod, Some(ip), port, "the API server");
-        let filter = format!("dst {ip} dport = :{port}");
-        let aborted = run(Command::new("nsenter")
-            .args(["-t", &refused.pid.to_string(), "-n", "ss", "-K", "-t"])
-            .args(filter.split(' ')))
-        .unwrap();
+        let kill = ["ss", "-K", "-t"].map(String::from);
+        let aborted = in_netns(refused.pid, &[&kill[..], &ss_filter(ip, port)].concat()).unwrap();
         let open = aborted.lines().skip(1).count();
         println!(
             "{}: {open} open connection(s) to the API server aborted",
@@ -324,20 +335,11 @@ impl Refused {
 
     /// Established connections of the pod to `ip:port` (`ss`), e.g. its API server watch.
     pub fn established(pod: &Pod, ip: &str, port: u16) -> usize {
-        let pid = container_pid(pod);
-        let filter = format!("dst {ip} dport = :{port}");
-        run(Command::new("nsenter")
-            .args([
-                "-t",
-                &pid.to_string(),
-                "-n",
-                "ss",
-                "-H",
-                "-t",
-                "state",
-                "established",
-            ])
-            .args(filter.split(' ')))
+        let list = ["ss", "-H", "-t", "state", "established"].map(String::from);
+        in_netns(
+            container_pid(pod),
+            &[&list[..], &ss_filter(ip, port)].concat(),
+        )
         .unwrap()
         .lines()
         .count()
