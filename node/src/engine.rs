@@ -696,18 +696,10 @@ impl Engine {
                 return;
             }
         };
-        let mut reply = MetaReply::new(status);
-        for &token in &flags.tokens {
-            match token.first() {
-                Some(b'O') => reply.fields.push(ReturnField::Opaque(token)),
-                Some(b'k') => reply.fields.push(ReturnField::Key {
-                    key: &req.key,
-                    binary: flags.base64_key,
-                }),
-                Some(b'c') => reply.fields.push(ReturnField::Cas(cas)),
-                _ => {}
-            }
-        }
+        let reply =
+            MetaReply::echoing_with(status, &flags.tokens, &req.key, flags.base64_key, |token| {
+                (token.first() == Some(&b'c')).then_some(ReturnField::Cas(cas))
+            });
         reply.compose(req.command, flags.quiet, out);
     }
 

@@ -140,16 +140,29 @@ impl<'a> MetaReply<'a> {
         key: &'a [u8],
         binary_key: bool,
     ) -> MetaReply<'a> {
+        MetaReply::echoing_with(status, tokens, key, binary_key, |_| None)
+    }
+
+    /// As [`MetaReply::echoing`], with the fields `other` returns for the other flags, in
+    /// request order too (`ms` returns its new `c` so).
+    pub fn echoing_with(
+        status: MetaStatus<'a>,
+        tokens: &[&'a [u8]],
+        key: &'a [u8],
+        binary_key: bool,
+        mut other: impl FnMut(&'a [u8]) -> Option<ReturnField<'a>>,
+    ) -> MetaReply<'a> {
         let mut reply = MetaReply::new(status);
-        for token in tokens {
-            match token.first() {
-                Some(b'O') => reply.fields.push(ReturnField::Opaque(token)),
-                Some(b'k') => reply.fields.push(ReturnField::Key {
+        for &token in tokens {
+            let field = match token.first() {
+                Some(b'O') => Some(ReturnField::Opaque(token)),
+                Some(b'k') => Some(ReturnField::Key {
                     key,
                     binary: binary_key,
                 }),
-                _ => {}
-            }
+                _ => other(token),
+            };
+            reply.fields.extend(field);
         }
         reply
     }
